@@ -1,0 +1,444 @@
+//! Help texts and argument parsing: raw values first, then validation
+//! into one options struct per command. Leftover arguments are errors.
+
+use crate::client::AreaUrl;
+use crate::error::{Error, Result};
+use crate::fetch::FetchOpts;
+use crate::server::ServeOpts;
+use crate::store::StoreOpts;
+use crate::ui::{Ui, parse_size};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Default `--jobs`: enough parallel transfers to hide per-file latency on
+/// a LAN without thrashing a disk.
+pub(crate) const DEFAULT_JOBS: usize = 4;
+/// Default `--threads` for `serve`.
+pub(crate) const DEFAULT_THREADS: usize = 16;
+
+pub(crate) const USAGE: &str = "\
+bitfog: move terabytes between sites on a carried disk, verified with SHA-256
+
+usage: bitfog <command> [options] [args]
+
+commands:
+  serve    [--conf FILE] [--addr ADDR] [--threads N]   run the HTTP server
+  builddb  URL DB                                       snapshot an area into a DB
+  emptydb  DB                                           write a DB of an empty area
+  plan     DESTDB SRCURL                                show what fetch would carry
+  fetch    DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N]
+                                                        fill COURIER with what DESTDB lacks
+  store    SRCDB DESTURL COURIER [--delete] [--jobs N]  empty COURIER into DESTURL
+
+global options:
+  -q, --quiet        errors only on stderr
+  -v, --verbose      more detail (plan lists files, fetch names each file)
+      --json         print the final summary as one JSON object
+      --token TOKEN  send Authorization: Bearer TOKEN (or set BITFOG_TOKEN)
+  -h, --help         this help; 'bitfog <command> --help' for a command
+  -V, --version      print the version
+
+exit status: 0 done, 1 something failed, 2 bad usage or unusable input
+";
+
+fn command_help(cmd: &str) -> Option<&'static str> {
+    Some(match cmd {
+        "serve" => {
+            "\
+usage: bitfog serve [--conf FILE] [--addr ADDR] [--threads N]
+
+Serves the areas of FILE over HTTP until SIGINT or SIGTERM.
+
+options:
+      --conf FILE    configuration (default: bitfog.json)
+      --addr ADDR    :PORT, HOST:PORT or [V6]:PORT (default: :8675)
+      --threads N    worker threads (default: 16)
+  -q, --quiet        no request log
+"
+        }
+        "builddb" => {
+            "\
+usage: bitfog builddb URL DB
+
+Reads the listing of the area at URL and writes it to DB as a manifest.
+An interrupted or failed run leaves an existing DB untouched.
+
+options:
+      --json         print {\"files\":N,\"bytes\":B}
+      --token TOKEN  bearer token for the area
+"
+        }
+        "emptydb" => {
+            "\
+usage: bitfog emptydb DB
+
+Writes a manifest that says the area holds nothing.
+
+options:
+      --json         print {\"files\":0,\"bytes\":0}
+"
+        }
+        "plan" => {
+            "\
+usage: bitfog plan DESTDB SRCURL
+
+Prints what fetch would carry (file count and bytes); downloads nothing.
+
+options:
+  -v, --verbose      list each file with its size
+      --json         print remaining_files and remaining_bytes
+      --token TOKEN  bearer token for the source area
+"
+        }
+        "fetch" => {
+            "\
+usage: bitfog fetch DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N]
+
+Downloads into COURIER what the destination (described by DESTDB) lacks
+from SRCURL, largest files first, each verified before it appears.
+Resumable: rerun after any interruption.
+
+options:
+      --max-bytes SIZE  cap on bytes held in COURIER (e.g. 200G, 1.5T, 512MiB)
+      --jobs N          parallel downloads (default: 4)
+  -v, --verbose         name each fetched file
+      --json            print the summary as JSON
+      --token TOKEN     bearer token for the source area
+"
+        }
+        "store" => {
+            "\
+usage: bitfog store SRCDB DESTURL COURIER [--delete] [--jobs N]
+
+Uploads from COURIER to DESTURL what DESTURL lacks according to SRCDB,
+checking each file's SHA-256 first. Recreates symlinks from SRCDB.
+
+options:
+      --delete       remove from DESTURL the files SRCDB does not have
+      --jobs N       parallel uploads (default: 4)
+      --json         print the summary as JSON
+      --token TOKEN  bearer token for the destination area
+"
+        }
+        _ => return None,
+    })
+}
+
+/// What to run.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Help(&'static str),
+    Version,
+    Serve(ServeOpts),
+    Builddb { url: AreaUrl, db: PathBuf },
+    Emptydb { db: PathBuf },
+    Plan { destdb: PathBuf, src: AreaUrl },
+    Fetch(FetchOpts),
+    Store(StoreOpts),
+}
+
+#[derive(Debug)]
+pub(crate) struct Cli {
+    pub(crate) ui: Ui,
+    pub(crate) token: Option<String>,
+    pub(crate) command: Command,
+}
+
+/// Raw values, before validation.
+struct Raw {
+    help: bool,
+    version: bool,
+    ui: Ui,
+    token: Option<String>,
+    conf: Option<OsString>,
+    addr: Option<String>,
+    threads: Option<String>,
+    max_bytes: Option<String>,
+    jobs: Option<String>,
+    delete: bool,
+    free: Vec<OsString>,
+}
+
+fn pico(e: pico_args::Error) -> Error {
+    Error::usage(format!("{e}"))
+}
+
+fn raw(args: Vec<OsString>) -> Result<Raw> {
+    // Everything after `--` is positional.
+    let (args, after) = match args.iter().position(|a| a == "--") {
+        Some(i) => (args[..i].to_vec(), args[i + 1..].to_vec()),
+        None => (args, Vec::new()),
+    };
+    let mut p = pico_args::Arguments::from_vec(args);
+    let mut r = Raw {
+        help: p.contains(["-h", "--help"]),
+        version: p.contains(["-V", "--version"]),
+        ui: Ui {
+            quiet: p.contains(["-q", "--quiet"]),
+            json: p.contains("--json"),
+            verbose: p.contains(["-v", "--verbose"]),
+        },
+        token: p.opt_value_from_str("--token").map_err(pico)?,
+        conf: p
+            .opt_value_from_os_str("--conf", |s| Ok::<_, String>(s.to_os_string()))
+            .map_err(pico)?,
+        addr: p.opt_value_from_str("--addr").map_err(pico)?,
+        threads: p.opt_value_from_str("--threads").map_err(pico)?,
+        max_bytes: p.opt_value_from_str("--max-bytes").map_err(pico)?,
+        jobs: p.opt_value_from_str("--jobs").map_err(pico)?,
+        delete: p.contains("--delete"),
+        free: Vec::new(),
+    };
+    for a in p.finish() {
+        let s = a.to_string_lossy();
+        if s.starts_with('-') && s.len() > 1 {
+            let known = [
+                "--token",
+                "--conf",
+                "--addr",
+                "--threads",
+                "--max-bytes",
+                "--jobs",
+                "-q",
+                "--quiet",
+                "--json",
+                "-v",
+                "--verbose",
+                "--delete",
+                "-h",
+                "--help",
+                "-V",
+                "--version",
+            ];
+            let key = s.split('=').next().unwrap_or(&s);
+            return Err(Error::usage(if known.contains(&key) {
+                format!("option '{key}' given twice")
+            } else {
+                format!("unknown option '{s}' (see 'bitfog --help')")
+            }));
+        }
+        r.free.push(a);
+    }
+    r.free.extend(after);
+    Ok(r)
+}
+
+fn count(name: &str, value: &str, max: usize) -> Result<usize> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(Error::usage(format!(
+            "{name} takes a whole number from 1 to {max}, not '{value}'"
+        ))),
+    }
+}
+
+/// Parses the command line (without the program name).
+pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
+    let r = raw(args)?;
+    let token = r
+        .token
+        .clone()
+        .or_else(|| std::env::var("BITFOG_TOKEN").ok().filter(|t| !t.is_empty()));
+    let cli = |command| {
+        Ok(Cli {
+            ui: r.ui,
+            token: token.clone(),
+            command,
+        })
+    };
+    let Some(name) = r.free.first().map(|s| s.to_string_lossy().into_owned()) else {
+        if r.version {
+            return cli(Command::Version);
+        }
+        if r.help {
+            return cli(Command::Help(USAGE));
+        }
+        return Err(Error::usage("no command given (see 'bitfog --help')"));
+    };
+    let Some(help) = command_help(&name) else {
+        return Err(Error::usage(format!(
+            "unknown command '{name}' (see 'bitfog --help')"
+        )));
+    };
+    if r.help {
+        return cli(Command::Help(help));
+    }
+    if r.version {
+        return cli(Command::Version);
+    }
+    // Options that belong to other commands are errors here.
+    let given = [
+        ("--conf", r.conf.is_some(), &["serve"][..]),
+        ("--addr", r.addr.is_some(), &["serve"]),
+        ("--threads", r.threads.is_some(), &["serve"]),
+        ("--max-bytes", r.max_bytes.is_some(), &["fetch"]),
+        ("--jobs", r.jobs.is_some(), &["fetch", "store"]),
+        ("--delete", r.delete, &["store"]),
+    ];
+    for (opt, present, allowed) in given {
+        if present && !allowed.contains(&name.as_str()) {
+            return Err(Error::usage(format!(
+                "option '{opt}' does not apply to '{name}'"
+            )));
+        }
+    }
+    let args = &r.free[1..];
+    let want = |n: usize, names: &str| -> Result<Vec<PathBuf>> {
+        if args.len() != n {
+            let what = if args.len() < n {
+                "missing argument"
+            } else {
+                "too many arguments"
+            };
+            return Err(Error::usage(format!(
+                "{what}: usage: bitfog {name} {names}"
+            )));
+        }
+        Ok(args.iter().map(PathBuf::from).collect())
+    };
+    let url = |p: &PathBuf| AreaUrl::parse(&p.to_string_lossy());
+    let jobs = r
+        .jobs
+        .as_deref()
+        .map_or(Ok(DEFAULT_JOBS), |j| count("--jobs", j, 64))?;
+    let command = match name.as_str() {
+        "serve" => {
+            want(0, "[--conf FILE] [--addr ADDR] [--threads N]")?;
+            Command::Serve(ServeOpts {
+                conf: r
+                    .conf
+                    .map_or_else(|| PathBuf::from("bitfog.json"), PathBuf::from),
+                addr: r.addr.unwrap_or_else(|| ":8675".to_string()),
+                threads: r
+                    .threads
+                    .as_deref()
+                    .map_or(Ok(DEFAULT_THREADS), |t| count("--threads", t, 1024))?,
+                quiet: r.ui.quiet,
+            })
+        }
+        "builddb" => {
+            let a = want(2, "URL DB")?;
+            Command::Builddb {
+                url: url(&a[0])?,
+                db: a[1].clone(),
+            }
+        }
+        "emptydb" => Command::Emptydb {
+            db: want(1, "DB")?.remove(0),
+        },
+        "plan" => {
+            let a = want(2, "DESTDB SRCURL")?;
+            Command::Plan {
+                destdb: a[0].clone(),
+                src: url(&a[1])?,
+            }
+        }
+        "fetch" => {
+            let a = want(3, "DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N]")?;
+            let max_bytes = match r.max_bytes.as_deref() {
+                None => None,
+                Some(s) => Some(parse_size(s).ok_or_else(|| {
+                    Error::usage(format!(
+                        "--max-bytes: bad size '{s}' (e.g. 200G, 1.5T, 512MiB)"
+                    ))
+                })?),
+            };
+            Command::Fetch(FetchOpts {
+                destdb: a[0].clone(),
+                src: url(&a[1])?,
+                courier: a[2].clone(),
+                max_bytes,
+                jobs,
+            })
+        }
+        "store" => {
+            let a = want(3, "SRCDB DESTURL COURIER [--delete] [--jobs N]")?;
+            Command::Store(StoreOpts {
+                srcdb: a[0].clone(),
+                dest: url(&a[1])?,
+                courier: a[2].clone(),
+                delete: r.delete,
+                jobs,
+            })
+        }
+        _ => unreachable!("command_help knows every command"),
+    };
+    cli(command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(args: &[&str]) -> Result<Cli> {
+        parse(args.iter().map(OsString::from).collect())
+    }
+
+    #[test]
+    fn options_anywhere() {
+        let c = parse_str(&[
+            "--json",
+            "fetch",
+            "d.db",
+            "--max-bytes",
+            "1.5G",
+            "http://h:1/a",
+            "c",
+            "-q",
+        ])
+        .unwrap();
+        assert!(c.ui.json && c.ui.quiet);
+        let Command::Fetch(f) = c.command else {
+            panic!("not fetch")
+        };
+        assert_eq!(f.max_bytes, Some(3 << 29));
+        assert_eq!(f.jobs, DEFAULT_JOBS);
+        let c = parse_str(&[
+            "store",
+            "s.db",
+            "http://h:1/a/",
+            "c",
+            "--delete",
+            "--jobs=2",
+        ])
+        .unwrap();
+        let Command::Store(s) = c.command else {
+            panic!("not store")
+        };
+        assert!(s.delete);
+        assert_eq!(s.jobs, 2);
+    }
+
+    #[test]
+    fn usage_errors() {
+        for args in [
+            &[][..],
+            &["nope"],
+            &["plan", "d.db"],
+            &["plan", "d.db", "http://h/a/", "extra"],
+            &["plan", "d.db", "http://h/a/", "--bogus"],
+            &["store", "s.db", "http://h/a/", "c", "--max-bytes", "1G"],
+            &["fetch", "d.db", "http://h/a/", "c", "--max-bytes", "lots"],
+            &["fetch", "d.db", "http://h/a/", "c", "--jobs", "0"],
+            &["fetch", "d.db", "ftp://h/a/", "c"],
+            &["serve", "--threads", "x"],
+            &["serve", "--addr"],
+            &["emptydb", "a", "--jobs", "1", "--jobs", "2"],
+        ] {
+            let err = parse_str(args).unwrap_err();
+            assert_eq!(err.exit, crate::error::Exit::Usage, "{args:?}");
+        }
+        assert!(matches!(
+            parse_str(&["fetch", "--help"]).unwrap().command,
+            Command::Help(_)
+        ));
+        assert!(matches!(
+            parse_str(&["--version"]).unwrap().command,
+            Command::Version
+        ));
+        assert!(matches!(
+            parse_str(&["emptydb", "--", "-odd.db"]).unwrap().command,
+            Command::Emptydb { .. }
+        ));
+    }
+}

@@ -1,0 +1,291 @@
+//! The HTTP client: one ureq agent with explicit timeouts, no redirects,
+//! and one function per endpoint.
+//!
+//! Every response body read into memory is capped; listings stream
+//! through the validating manifest reader. HTTP failures become errors
+//! that name the URL and the server's one-line reason.
+
+use crate::error::{Error, Result};
+use crate::manifest::{Entry, Reader};
+use crate::protocol::{self, percent_encode_path};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::time::Duration;
+use ureq::BodyReader;
+
+/// A URL that names an area: `http://host:port/AREA/`.
+#[derive(Debug, Clone)]
+pub(crate) struct AreaUrl {
+    base: String,
+}
+
+impl AreaUrl {
+    /// Parses and normalises an area URL (exit 2 when it is not one).
+    pub(crate) fn parse(s: &str) -> Result<AreaUrl> {
+        let bad = |why: &str| {
+            Error::usage(format!(
+                "'{s}': not an area URL ({why}); expected http://HOST:PORT/AREA/"
+            ))
+        };
+        let rest = s
+            .strip_prefix("http://")
+            .or_else(|| s.strip_prefix("https://"))
+            .ok_or_else(|| bad("scheme must be http or https"))?;
+        let (host, path) = rest.split_once('/').ok_or_else(|| bad("no area"))?;
+        if host.is_empty() || host.contains(['@', '?', '#']) {
+            return Err(bad("bad host"));
+        }
+        let area = path.strip_suffix('/').unwrap_or(path);
+        if !crate::server::valid_area_name(area) {
+            return Err(bad("bad area name"));
+        }
+        let scheme = &s[..s.len() - rest.len()];
+        Ok(AreaUrl {
+            base: format!("{scheme}{host}/{area}/"),
+        })
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.base
+    }
+
+    pub(crate) fn file(&self, name: &str) -> String {
+        format!("{}{}", self.base, percent_encode_path(name))
+    }
+}
+
+impl std::fmt::Display for AreaUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.base)
+    }
+}
+
+/// An HTTP answer that was not a success: status and the server's reason.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
+}
+
+/// A download in progress.
+pub(crate) struct Download {
+    pub(crate) status: u16,
+    pub(crate) etag: Option<String>,
+    pub(crate) last_modified: Option<i64>,
+    /// `(start, end, total)` of a 206.
+    pub(crate) content_range: Option<(u64, u64, u64)>,
+    pub(crate) content_length: Option<u64>,
+    pub(crate) body: BodyReader<'static>,
+}
+
+pub(crate) struct Client {
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long any single read or write may block. Listings send an empty
+/// line every few seconds while the server hashes, so this only fires on
+/// a server that is truly stuck.
+const IO_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Client {
+    pub(crate) fn new(token: Option<String>) -> Client {
+        let config = ureq::Agent::config_builder()
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(IO_TIMEOUT))
+            .timeout_per_write(Some(IO_TIMEOUT))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .user_agent(concat!("bitfog/", env!("CARGO_PKG_VERSION")))
+            .max_idle_connections_per_host(32)
+            .build();
+        Client {
+            agent: config.into(),
+            token,
+        }
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("Authorization", format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    /// Streams and validates an area's listing.
+    pub(crate) fn listing(&self, area: &AreaUrl) -> Result<Reader<BufReader<BodyReader<'static>>>> {
+        let resp = self
+            .auth(self.agent.get(area.as_str()))
+            .call()
+            .map_err(|e| transport(area.as_str(), e))?;
+        let resp = success(area.as_str(), resp)?;
+        let body = resp.into_body().into_reader();
+        Ok(Reader::new(
+            BufReader::with_capacity(256 * 1024, body),
+            area.as_str().to_string(),
+        ))
+    }
+
+    /// GETs a file from byte `from` (with `If-Range` when resuming).
+    pub(crate) fn get(
+        &self,
+        area: &AreaUrl,
+        name: &str,
+        from: u64,
+        if_range: Option<&str>,
+    ) -> Result<Download> {
+        let url = area.file(name);
+        let mut req = self.auth(self.agent.get(&url));
+        if from > 0 {
+            req = req.header("Range", format!("bytes={from}-"));
+            if let Some(tag) = if_range {
+                req = req.header("If-Range", tag);
+            }
+        }
+        let resp = req.call().map_err(|e| transport(&url, e))?;
+        let resp = success(&url, resp)?;
+        let header = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(Download {
+            status: resp.status().as_u16(),
+            etag: header("etag"),
+            last_modified: header("last-modified").and_then(|d| protocol::parse_http_date(&d)),
+            content_range: header("content-range").and_then(|v| protocol::parse_content_range(&v)),
+            content_length: header("content-length").and_then(|v| protocol::parse_digits(&v)),
+            body: resp.into_body().into_reader(),
+        })
+    }
+
+    /// PUTs a regular file with its hash, mode and mtime.
+    pub(crate) fn put_file(
+        &self,
+        area: &AreaUrl,
+        entry: &Entry,
+        file: File,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let url = area.file(&entry.name);
+        let mut req = self
+            .auth(self.agent.put(&url))
+            .header("Content-Length", entry.size.to_string())
+            .header("Content-Type", "application/octet-stream")
+            .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
+            .header(protocol::HDR_MTIME, entry.mtime.to_string());
+        if let Some(h) = &entry.sha256 {
+            req = req.header(protocol::HDR_SHA256, h.as_str());
+        }
+        let body = BufReader::with_capacity(crate::digest::BUF_SIZE, file.take(entry.size));
+        let resp = req
+            .send(ureq::SendBody::from_owned_reader(body))
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+
+    /// PUTs a symlink.
+    pub(crate) fn put_symlink(
+        &self,
+        area: &AreaUrl,
+        name: &str,
+        target: &str,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let url = area.file(name);
+        let resp = self
+            .auth(self.agent.put(&url))
+            .header("Content-Type", protocol::SYMLINK_TYPE)
+            .send(target.as_bytes())
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+
+    pub(crate) fn delete(
+        &self,
+        area: &AreaUrl,
+        name: &str,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let url = area.file(name);
+        let resp = self
+            .auth(self.agent.delete(&url))
+            .call()
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+}
+
+fn transport(url: &str, e: ureq::Error) -> Error {
+    Error::failed(format!("{url}: {e}"))
+}
+
+/// Reads at most 1 KiB of an error body as the server's reason.
+fn reason(resp: ureq::http::Response<ureq::Body>) -> Refused {
+    let status = resp.status().as_u16();
+    let mut text = String::new();
+    let _ = resp
+        .into_body()
+        .into_reader()
+        .take(1024)
+        .read_to_string(&mut text);
+    let line = text.lines().next().unwrap_or("").trim().to_string();
+    Refused {
+        status,
+        reason: if line.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {line}")
+        },
+    }
+}
+
+fn success(
+    url: &str,
+    resp: ureq::http::Response<ureq::Body>,
+) -> Result<ureq::http::Response<ureq::Body>> {
+    if resp.status().is_success() {
+        Ok(resp)
+    } else {
+        Err(Error::failed(format!("{url}: {}", reason(resp).reason)))
+    }
+}
+
+fn outcome(resp: ureq::http::Response<ureq::Body>) -> std::result::Result<(), Refused> {
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(reason(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn area_urls() {
+        assert_eq!(
+            AreaUrl::parse("http://h:1/vms").unwrap().as_str(),
+            "http://h:1/vms/"
+        );
+        assert_eq!(
+            AreaUrl::parse("https://h/vms/").unwrap().as_str(),
+            "https://h/vms/"
+        );
+        assert_eq!(
+            AreaUrl::parse("http://h:1/vms/").unwrap().file("a b/c"),
+            "http://h:1/vms/a%20b/c"
+        );
+        for bad in [
+            "ftp://h/a/",
+            "http://h",
+            "http://h/",
+            "http://h/a/b",
+            "http:///a/",
+            "h:1/a/",
+        ] {
+            assert!(AreaUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

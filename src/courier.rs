@@ -1,0 +1,353 @@
+//! The courier directory: layout, the record of carried files, partial
+//! downloads, and safe paths inside it.
+//!
+//! Carried files sit at their relative names so a person can read them.
+//! bitfog's own state lives in `COURIER/.bitfog/`:
+//!
+//! - `carried.jsonl`: one JSON line per file that was verified and renamed
+//!   into place (name, size, mtime, sha256); the last line for a name wins
+//!   and a torn last line is ignored;
+//! - `partial/ID.part` and `partial/ID.json`: a download in progress and
+//!   the entry (and ETag) it belongs to, ID being a hash of the name;
+//! - `lock`: held (flock) by the one `fetch` or `store` using the courier.
+//!
+//! It never writes outside COURIER and never follows a symlink inside it.
+
+use crate::digest::Hasher;
+use crate::error::{Error, Result, describe_io};
+use crate::manifest::{Entry, parent_dir, sync_dir};
+use crate::paths::{COURIER_STATE, check_carried_name};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// What the record says of one carried file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Carried {
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) mtime: i64,
+    pub(crate) sha256: Option<String>,
+}
+
+impl Carried {
+    pub(crate) fn of(e: &Entry) -> Carried {
+        Carried {
+            name: e.name.clone(),
+            size: e.size,
+            mtime: e.mtime,
+            sha256: e.sha256.clone(),
+        }
+    }
+
+    /// True when this is the listed version of the file.
+    pub(crate) fn matches(&self, e: &Entry) -> bool {
+        self.name == e.name
+            && self.size == e.size
+            && match (&self.sha256, &e.sha256) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => self.mtime == e.mtime,
+                _ => false,
+            }
+    }
+}
+
+/// What a partial download belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PartialMeta {
+    pub(crate) entry: Carried,
+    pub(crate) etag: Option<String>,
+}
+
+pub(crate) struct Courier {
+    root: PathBuf,
+    state: PathBuf,
+    log: Mutex<Option<File>>,
+    _lock: File,
+}
+
+const LOG: &str = "carried.jsonl";
+
+impl Courier {
+    /// Opens (with `create`, creates) COURIER and takes its lock.
+    pub(crate) fn open(root: &Path, create: bool) -> Result<Courier> {
+        let what = format!("'{}'", root.display());
+        match fs::symlink_metadata(root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() && fs::metadata(root).is_ok_and(|m| m.is_dir()) => {
+            }
+            Ok(_) => return Err(Error::usage(format!("{what}: not a directory"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir_all(root).map_err(|e| Error::io(&what, &e))?
+            }
+            Err(e) => return Err(Error::usage(format!("{what}: {}", describe_io(&e)))),
+        }
+        let state = root.join(COURIER_STATE);
+        for dir in [state.clone(), state.join("partial")] {
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(format!("'{}'", dir.display()), &e)),
+            }
+            if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                return Err(Error::usage(format!(
+                    "'{}': not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        let lock_path = state.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("'{}'", lock_path.display()), &e))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::failed(format!(
+                "{what}: another bitfog is using this courier directory"
+            )));
+        }
+        Ok(Courier {
+            root: root.to_path_buf(),
+            state,
+            log: Mutex::new(None),
+            _lock: lock,
+        })
+    }
+
+    /// The record of carried files, last line per name winning.
+    pub(crate) fn load_log(&self) -> HashMap<String, Carried> {
+        let mut map = HashMap::new();
+        if let Ok(f) = File::open(self.state.join(LOG)) {
+            for line in BufReader::new(f).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(rec) = serde_json::from_str::<Carried>(&line) {
+                    map.insert(rec.name.clone(), rec);
+                }
+            }
+        }
+        map
+    }
+
+    /// Replaces the record with exactly `recs`, atomically.
+    pub(crate) fn rewrite_log<'a>(&self, recs: impl Iterator<Item = &'a Carried>) -> Result<()> {
+        let path = self.state.join(LOG);
+        let tmp = self.state.join("carried.jsonl.tmp");
+        let what = format!("'{}'", tmp.display());
+        let mut out = io::BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&what, &e))?);
+        for rec in recs {
+            serde_json::to_writer(&mut out, rec).map_err(|e| Error::io(&what, &e.into()))?;
+            out.write_all(b"\n").map_err(|e| Error::io(&what, &e))?;
+        }
+        let file = out.into_inner().map_err(|e| Error::io(&what, e.error()))?;
+        file.sync_all().map_err(|e| Error::io(&what, &e))?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&what, &e))?;
+        sync_dir(&self.state);
+        *self.log.lock().expect("log lock") = None;
+        Ok(())
+    }
+
+    /// Appends one record (after the file is in place).
+    pub(crate) fn append_log(&self, rec: &Carried) -> io::Result<()> {
+        let mut guard = self.log.lock().expect("log lock");
+        if guard.is_none() {
+            *guard = Some(
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(self.state.join(LOG))?,
+            );
+        }
+        let mut line = serde_json::to_vec(rec)?;
+        line.push(b'\n');
+        let f = guard.as_mut().expect("opened above");
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+
+    /// The final path of a carried name (the name must be checked).
+    pub(crate) fn path_of(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The partial file and its sidecar for a name.
+    pub(crate) fn partial_paths(&self, name: &str) -> (PathBuf, PathBuf) {
+        let mut h = Hasher::new();
+        h.update(name.as_bytes());
+        let id = &h.hex()[..32];
+        let dir = self.state.join("partial");
+        (
+            dir.join(format!("{id}.part")),
+            dir.join(format!("{id}.json")),
+        )
+    }
+
+    /// Partial downloads present: (part path, sidecar path, what it is).
+    pub(crate) fn partials(&self) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
+        let dir = self.state.join("partial");
+        let mut out = Vec::new();
+        for dent in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = dent.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let meta = fs::read(&p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                out.push((p.with_extension("part"), p, meta));
+            } else if p.extension().is_some_and(|x| x == "part")
+                && !p.with_extension("json").exists()
+            {
+                out.push((p.clone(), p.with_extension("json"), None));
+            }
+        }
+        out
+    }
+
+    /// Bytes held in COURIER's files: everything but bitfog's own state,
+    /// partial downloads included.
+    pub(crate) fn usage(&self) -> u64 {
+        let mut total = 0;
+        for dent in crate::scan::walker(&self.root).into_iter().flatten() {
+            if dent.depth() == 1 && dent.file_name() == COURIER_STATE {
+                continue;
+            }
+            if dent.file_type().is_file() && !dent.path().starts_with(&self.state) {
+                total += fs::symlink_metadata(dent.path())
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+            }
+        }
+        for (part, _, _) in self.partials() {
+            total += fs::symlink_metadata(part).map(|m| m.len()).unwrap_or(0);
+        }
+        total
+    }
+
+    /// Makes the directories above a carried name, refusing symlinks and
+    /// non-directories on the way; returns the final path.
+    pub(crate) fn prepare(&self, name: &str) -> io::Result<PathBuf> {
+        let rel = check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
+        let mut dir = self.root.clone();
+        let comps: Vec<_> = rel.components().collect();
+        for c in &comps[..comps.len() - 1] {
+            dir.push(c);
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            if !fs::symlink_metadata(&dir)?.is_dir() {
+                return Err(io::Error::other(format!(
+                    "'{}' is not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(self.root.join(rel))
+    }
+
+    /// Opens a carried file for reading, refusing symlinks anywhere below
+    /// COURIER. `Ok(None)` when it is not there.
+    pub(crate) fn open_carried(&self, name: &str) -> io::Result<Option<File>> {
+        let rel = check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
+        let mut dir = self.root.clone();
+        let comps: Vec<_> = rel.components().collect();
+        for c in &comps[..comps.len() - 1] {
+            dir.push(c);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(io::Error::other(format!(
+                        "'{}' is not a directory",
+                        dir.display()
+                    )));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.root.join(rel))
+        {
+            Ok(f) if f.metadata()?.is_file() => Ok(Some(f)),
+            Ok(_) => Err(io::Error::other("not a regular file")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a carried file and the directories it leaves empty.
+    pub(crate) fn remove_carried(&self, name: &str) {
+        if check_carried_name(name).is_err() {
+            return;
+        }
+        let path = self.root.join(name);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) && fs::remove_file(&path).is_ok()
+        {
+            let mut dir = parent_dir(&path).to_path_buf();
+            while dir != self.root && dir.starts_with(&self.root) && fs::remove_dir(&dir).is_ok() {
+                dir.pop();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_survives_a_torn_line_and_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Courier::open(dir.path(), true).unwrap();
+        let a = Carried {
+            name: "a".into(),
+            size: 1,
+            mtime: 2,
+            sha256: None,
+        };
+        let mut b = a.clone();
+        b.name = "b/c".into();
+        c.append_log(&a).unwrap();
+        c.append_log(&b).unwrap();
+        let mut f = File::options()
+            .append(true)
+            .open(dir.path().join(".bitfog/carried.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"name\":\"x\",\"si").unwrap();
+        let log = c.load_log();
+        assert_eq!(log.len(), 2);
+        c.rewrite_log([&a].into_iter()).unwrap();
+        assert_eq!(c.load_log().len(), 1);
+        assert!(
+            Courier::open(dir.path(), false).is_err(),
+            "the lock is exclusive"
+        );
+    }
+
+    #[test]
+    fn refuses_symlinked_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let c = Courier::open(dir.path(), true).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        assert!(c.prepare("link/x").is_err());
+        assert!(c.prepare("../x").is_err());
+        assert!(c.prepare(".bitfog/x").is_err());
+        assert_eq!(c.prepare("d/e/f").unwrap(), dir.path().join("d/e/f"));
+        fs::write(outside.path().join("x"), "secret").unwrap();
+        assert!(c.open_carried("link/x").is_err());
+        std::os::unix::fs::symlink(outside.path().join("x"), dir.path().join("y")).unwrap();
+        assert!(c.open_carried("y").is_err());
+        assert!(c.open_carried("nope").unwrap().is_none());
+    }
+}

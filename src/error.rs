@@ -1,0 +1,82 @@
+//! The one error type, the exit codes, and the `bitfog:` printer.
+//!
+//! Every failure that reaches `main` carries the exit code it maps to and a
+//! one-line message a shell user can grep. Nothing here ever panics.
+
+use std::fmt;
+use std::io;
+
+/// Exit codes, named once (see EXIT STATUS in the man page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// The command did its whole job.
+    Done = 0,
+    /// Something failed; what could be done was done and kept.
+    Failed = 1,
+    /// Bad usage or unusable input (option, config, DB).
+    Usage = 2,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub(crate) struct Error {
+    pub(crate) exit: Exit,
+    msg: String,
+}
+
+pub(crate) type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Bad usage or unusable input: exit 2.
+    pub(crate) fn usage(msg: impl Into<String>) -> Error {
+        Error {
+            exit: Exit::Usage,
+            msg: msg.into(),
+        }
+    }
+
+    /// A failure of the job itself: exit 1.
+    pub(crate) fn failed(msg: impl Into<String>) -> Error {
+        Error {
+            exit: Exit::Failed,
+            msg: msg.into(),
+        }
+    }
+
+    /// An I/O failure on `what` (usually a quoted path): exit 1.
+    pub(crate) fn io(what: impl fmt::Display, err: &io::Error) -> Error {
+        Error::failed(format!("{what}: {}", describe_io(err)))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+/// A short lowercase description of an I/O error, without Rust's
+/// "(os error N)" suffix.
+pub(crate) fn describe_io(err: &io::Error) -> String {
+    let text = err.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => text,
+    }
+}
+
+/// True when the error means the disk (or quota) is full.
+pub(crate) fn is_disk_full(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || err.kind() == io::ErrorKind::StorageFull
+}
+
+/// Prints `bitfog: MESSAGE` on stderr.
+pub(crate) fn print_error(msg: impl fmt::Display) {
+    eprintln!("bitfog: {msg}");
+}

@@ -1,0 +1,496 @@
+//! `fetch` and `plan`: what the destination lacks, fitted into the budget
+//! and downloaded into the courier, verified before it appears.
+//!
+//! A download goes to `.bitfog/partial/`, is hashed as it streams, and is
+//! renamed to its final courier path only when its size and SHA-256 match
+//! the listing. An interrupted download continues with a Range request
+//! after re-hashing the bytes already on disk.
+
+use crate::client::{AreaUrl, Client};
+use crate::courier::{Carried, Courier, PartialMeta};
+use crate::digest::{BUF_SIZE, CopyError, Hasher, copy_hashing};
+use crate::error::{Exit, Result, describe_io, is_disk_full};
+use crate::manifest::{Entry, as_usage, open_db, parent_dir, sync_dir};
+use crate::plan::{self, Missing};
+use crate::ui::{Progress, Ui, human_bytes};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+#[derive(Debug, Clone)]
+pub(crate) struct FetchOpts {
+    pub(crate) destdb: PathBuf,
+    pub(crate) src: AreaUrl,
+    pub(crate) courier: PathBuf,
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) jobs: usize,
+}
+
+/// Reads DESTDB and the source listing and merges them.
+pub(crate) fn missing(client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Missing> {
+    let (_, dst) = open_db(destdb)?;
+    let listing = client.listing(src)?;
+    let mut m = Missing::default();
+    plan::merge(listing, dst.map(|r| r.map_err(as_usage)), |pair| {
+        plan::note_missing(&mut m, pair);
+        Ok(())
+    })?;
+    Ok(m)
+}
+
+#[derive(Serialize)]
+struct PlanSummary {
+    remaining_files: u64,
+    remaining_bytes: u64,
+    symlinks: u64,
+    refused_files: u64,
+}
+
+/// `bitfog plan DESTDB SRCURL`.
+pub(crate) fn plan(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Exit> {
+    let m = missing(client, destdb, src)?;
+    for (name, why) in &m.refused {
+        ui.error(format!("refusing '{name}': {}", why.reason()));
+    }
+    let mut human = String::new();
+    if ui.verbose {
+        for e in &m.files {
+            human.push_str(&format!("{:>14} {}\n", e.size, e.name));
+        }
+    }
+    let bytes = m.bytes();
+    human.push_str(&format!(
+        "{} files ({}) to carry\n",
+        m.files.len(),
+        human_bytes(bytes)
+    ));
+    if m.links > 0 {
+        human.push_str(&format!(
+            "{} symlinks to recreate at store (nothing to carry)\n",
+            m.links
+        ));
+    }
+    let summary = PlanSummary {
+        remaining_files: m.files.len() as u64,
+        remaining_bytes: bytes,
+        symlinks: m.links,
+        refused_files: m.refused.len() as u64,
+    };
+    ui.summary(&summary, &human);
+    Ok(if m.refused.is_empty() {
+        Exit::Done
+    } else {
+        Exit::Failed
+    })
+}
+
+#[derive(Serialize, Default)]
+struct FetchSummary {
+    fetched_files: u64,
+    fetched_bytes: u64,
+    courier_files: u64,
+    courier_bytes: u64,
+    remaining_files: u64,
+    remaining_bytes: u64,
+    failed_files: u64,
+    downloaded_bytes: u64,
+    budget_stop: bool,
+    disk_full: bool,
+}
+
+/// Why one download failed.
+enum Fail {
+    /// The courier's disk is full; the partial file is kept.
+    DiskFull,
+    Other(String),
+}
+
+/// `bitfog fetch DESTDB SRCURL COURIER`.
+pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
+    let m = missing(client, &opts.destdb, &opts.src)?;
+    let courier = Courier::open(&opts.courier, true)?;
+    let mut failed = 0u64;
+    for (name, why) in &m.refused {
+        ui.error(format!("refusing '{name}': {}", why.reason()));
+        failed += 1;
+    }
+
+    // What the courier already holds of what is missing; the rest of what
+    // bitfog carried earlier is pruned (the destination has it now, or the
+    // source no longer lists that version).
+    let log = courier.load_log();
+    let mut held: Vec<Carried> = Vec::new();
+    let mut needed: Vec<Entry> = Vec::new();
+    for e in m.files {
+        if is_held(ui, &courier, &log, &e) {
+            held.push(Carried::of(&e));
+        } else {
+            needed.push(e);
+        }
+    }
+    let keep: HashSet<&str> = held.iter().map(|c| c.name.as_str()).collect();
+    for name in log.keys().filter(|n| !keep.contains(n.as_str())) {
+        courier.remove_carried(name);
+    }
+    courier.rewrite_log(held.iter())?;
+
+    // Partial downloads: keep those of a needed version, drop the rest.
+    let mut partial_len = vec![0u64; needed.len()];
+    let by_name: std::collections::HashMap<&str, usize> = needed
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.name.as_str(), i))
+        .collect();
+    for (part, sidecar, meta) in courier.partials() {
+        let slot = meta
+            .as_ref()
+            .and_then(|m| by_name.get(m.entry.name.as_str()).copied());
+        match slot {
+            Some(i) if meta.as_ref().is_some_and(|m| m.entry.matches(&needed[i])) => {
+                partial_len[i] = fs::metadata(&part)
+                    .map(|m| m.len().min(needed[i].size))
+                    .unwrap_or(0);
+            }
+            _ => {
+                let _ = fs::remove_file(&part);
+                let _ = fs::remove_file(&sidecar);
+            }
+        }
+    }
+
+    let usage = courier.usage();
+    let budget = opts
+        .max_bytes
+        .map_or(u64::MAX, |max| max.saturating_sub(usage));
+    let sizes: Vec<u64> = needed.iter().map(|e| e.size).collect();
+    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len[i], budget);
+    let total_bytes: u64 = taken.iter().map(|&i| sizes[i] - partial_len[i]).sum();
+    if let Some(max) = opts.max_bytes {
+        ui.log(format!(
+            "courier holds {} of a {} budget; {} files ({}) fit of {} missing",
+            human_bytes(usage),
+            human_bytes(max),
+            taken.len(),
+            human_bytes(total_bytes),
+            needed.len()
+        ));
+    }
+
+    let progress = Progress::start(ui, "fetching", taken.len() as u64, total_bytes);
+    let next = AtomicUsize::new(0);
+    let disk_full = AtomicBool::new(false);
+    let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let fails = AtomicU64::new(0);
+    let wire = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.clamp(1, 64) {
+            s.spawn(|| {
+                loop {
+                    if disk_full.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = taken.get(k) else { return };
+                    let e = &needed[i];
+                    match download(client, &opts.src, &courier, e, &wire, &progress.bytes) {
+                        Ok(()) => {
+                            if ui.verbose {
+                                ui.log(format!("fetched '{}' ({})", e.name, human_bytes(e.size)));
+                            }
+                            progress.files.fetch_add(1, Ordering::Relaxed);
+                            done.lock().expect("done list").push(i);
+                        }
+                        Err(Fail::DiskFull) => {
+                            if !disk_full.swap(true, Ordering::SeqCst) {
+                                ui.error(format!(
+                                    "'{}': the courier disk is full; stopping (complete files are kept)",
+                                    opts.courier.display()
+                                ));
+                            }
+                        }
+                        Err(Fail::Other(why)) => {
+                            ui.error(format!("'{}': {why}", e.name));
+                            fails.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    progress.finish();
+
+    let done = done.into_inner().expect("done list");
+    let mut sum = FetchSummary {
+        fetched_files: done.len() as u64,
+        fetched_bytes: done.iter().map(|&i| sizes[i]).sum(),
+        failed_files: failed + fails.load(Ordering::Relaxed),
+        downloaded_bytes: wire.load(Ordering::Relaxed),
+        disk_full: disk_full.load(Ordering::SeqCst),
+        ..Default::default()
+    };
+    sum.courier_files = held.len() as u64 + sum.fetched_files;
+    sum.courier_bytes = held.iter().map(|c| c.size).sum::<u64>() + sum.fetched_bytes;
+    sum.remaining_files = (needed.len() - done.len()) as u64;
+    sum.remaining_bytes = sizes.iter().sum::<u64>() - sum.fetched_bytes;
+    sum.budget_stop = sum.remaining_files > 0 && taken.len() < needed.len();
+
+    let mut human = format!(
+        "fetched {} files ({}); the courier holds {} files ({}) for the destination\n",
+        sum.fetched_files,
+        human_bytes(sum.fetched_bytes),
+        sum.courier_files,
+        human_bytes(sum.courier_bytes)
+    );
+    if sum.remaining_files > 0 {
+        let why = if sum.disk_full {
+            "the courier disk filled up; "
+        } else if sum.budget_stop {
+            "stopped at the budget; "
+        } else {
+            ""
+        };
+        human.push_str(&format!(
+            "{why}{} files ({}) are left for the next trip\n",
+            sum.remaining_files,
+            human_bytes(sum.remaining_bytes)
+        ));
+    } else {
+        human.push_str("nothing is left to carry\n");
+    }
+    if sum.failed_files > 0 {
+        human.push_str(&format!("{} files failed\n", sum.failed_files));
+    }
+    ui.summary(&sum, &human);
+    Ok(if sum.failed_files > 0 {
+        Exit::Failed
+    } else {
+        Exit::Done
+    })
+}
+
+/// True when the courier already holds the listed version of `e`. A file
+/// found in place but not in the record (a run killed between rename and
+/// record) is adopted after its hash checks; anything else there is stale.
+fn is_held(
+    ui: &Ui,
+    courier: &Courier,
+    log: &std::collections::HashMap<String, Carried>,
+    e: &Entry,
+) -> bool {
+    let path = courier.path_of(&e.name);
+    let Ok(meta) = fs::symlink_metadata(&path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    if meta.len() == e.size && log.get(&e.name).is_some_and(|c| c.matches(e)) {
+        return true;
+    }
+    if meta.len() == e.size {
+        if let (Some(want), Ok(Some(f))) = (&e.sha256, courier.open_carried(&e.name)) {
+            if crate::digest::hash_reader(f).is_ok_and(|(h, _)| &h == want) {
+                return courier.append_log(&Carried::of(e)).is_ok();
+            }
+        }
+    }
+    ui.log(format!("replacing stale courier copy of '{}'", e.name));
+    courier.remove_carried(&e.name);
+    false
+}
+
+/// Downloads one file into the courier (resuming a partial one).
+fn download(
+    client: &Client,
+    src: &AreaUrl,
+    courier: &Courier,
+    e: &Entry,
+    wire: &AtomicU64,
+    shown: &AtomicU64,
+) -> std::result::Result<(), Fail> {
+    let other = |what: &str, err: &io::Error| {
+        if is_disk_full(err) {
+            Fail::DiskFull
+        } else {
+            Fail::Other(format!("{what}: {}", describe_io(err)))
+        }
+    };
+    let (part_path, sidecar) = courier.partial_paths(&e.name);
+    let mut meta = fs::read(&sidecar)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PartialMeta>(&b).ok())
+        .filter(|m| m.entry.matches(e))
+        .unwrap_or(PartialMeta {
+            entry: Carried::of(e),
+            etag: None,
+        });
+    let mut part = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&part_path)
+        .map_err(|err| other("cannot open partial file", &err))?;
+    let mut hasher = Hasher::new();
+    let mut offset = if meta.etag.is_some() || e.sha256.is_some() {
+        rehash_prefix(&mut part, e.size, &mut hasher)
+            .map_err(|err| other("cannot read partial file", &err))?
+    } else {
+        0
+    };
+    if offset == 0 {
+        hasher = Hasher::new();
+    }
+    part.set_len(offset)
+        .map_err(|err| other("cannot truncate partial file", &err))?;
+    part.seek(SeekFrom::Start(offset))
+        .map_err(|err| other("cannot seek partial file", &err))?;
+
+    let mut last_modified = None;
+    if offset < e.size || e.size == 0 {
+        let mut dl = client
+            .get(src, &e.name, offset, meta.etag.as_deref())
+            .map_err(|err| Fail::Other(err.to_string()))?;
+        match (dl.status, dl.content_range) {
+            (206, Some((start, _, total))) if start == offset && total == e.size => {}
+            (200, _) => {
+                if offset > 0 {
+                    // The source no longer matches what we hold: start over.
+                    offset = 0;
+                    hasher = Hasher::new();
+                    part.set_len(0)
+                        .map_err(|err| other("cannot truncate partial file", &err))?;
+                    part.seek(SeekFrom::Start(0))
+                        .map_err(|err| other("cannot seek partial file", &err))?;
+                }
+                if dl.content_length.is_some_and(|n| n != e.size) {
+                    discard(&part_path, &sidecar);
+                    return Err(Fail::Other(
+                        "size changed at the source since the listing".into(),
+                    ));
+                }
+            }
+            (status, _) => {
+                return Err(Fail::Other(format!(
+                    "unexpected answer {status} to a range request"
+                )));
+            }
+        }
+        last_modified = dl.last_modified;
+        if dl.etag != meta.etag || !sidecar.exists() {
+            meta.etag = dl.etag.clone();
+            write_sidecar(&sidecar, &meta)
+                .map_err(|err| other("cannot write partial state", &err))?;
+        }
+        let want = e.size - offset;
+        let mut out = io::BufWriter::with_capacity(BUF_SIZE, &mut part);
+        let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, want, |n| {
+            wire.fetch_add(n, Ordering::Relaxed);
+            shown.fetch_add(n, Ordering::Relaxed);
+        });
+        let flushed = out.flush();
+        match copied {
+            Ok(n) if n == want => {}
+            Ok(n) => {
+                return Err(Fail::Other(format!(
+                    "download cut short after {} of {} bytes; rerun to resume",
+                    offset + n,
+                    e.size
+                )));
+            }
+            Err(CopyError::Write(err)) => return Err(other("cannot write courier file", &err)),
+            Err(CopyError::Read(err)) => {
+                return Err(Fail::Other(format!(
+                    "download failed: {}; rerun to resume",
+                    describe_io(&err)
+                )));
+            }
+        }
+        flushed.map_err(|err| other("cannot write courier file", &err))?;
+        let mut extra = [0u8; 1];
+        if matches!(dl.body.read(&mut extra), Ok(n) if n > 0) {
+            discard(&part_path, &sidecar);
+            return Err(Fail::Other(
+                "the server sent more bytes than listed (changed at the source?)".into(),
+            ));
+        }
+    }
+
+    let got = hasher.hex();
+    let verified = match &e.sha256 {
+        Some(want) => *want == got,
+        None => last_modified.is_none_or(|t| t == e.mtime),
+    };
+    if !verified {
+        discard(&part_path, &sidecar);
+        return Err(Fail::Other(match &e.sha256 {
+            Some(want) => format!(
+                "sha256 mismatch: got {got}, listed {want} (changed at the source?); not kept"
+            ),
+            None => "modified at the source since the listing; not kept".into(),
+        }));
+    }
+    part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600))
+        .map_err(|err| other("cannot set mode", &err))?;
+    let mtime = if e.mtime >= 0 {
+        UNIX_EPOCH + Duration::from_secs(e.mtime as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(e.mtime.unsigned_abs())
+    };
+    let _ = part.set_modified(mtime);
+    part.sync_all()
+        .map_err(|err| other("cannot sync courier file", &err))?;
+    drop(part);
+    let final_path = courier
+        .prepare(&e.name)
+        .map_err(|err| other("cannot create directory", &err))?;
+    if fs::symlink_metadata(&final_path).is_ok_and(|m| m.is_dir()) {
+        return Err(Fail::Other(
+            "a directory is in the way in the courier".into(),
+        ));
+    }
+    fs::rename(&part_path, &final_path).map_err(|err| other("cannot move into place", &err))?;
+    sync_dir(parent_dir(&final_path));
+    let _ = fs::remove_file(&sidecar);
+    courier
+        .append_log(&Carried::of(e))
+        .map_err(|err| other("cannot record carried file", &err))?;
+    Ok(())
+}
+
+/// Hashes the bytes already in a partial file (at most `size`); returns
+/// how many there are.
+fn rehash_prefix(part: &mut File, size: u64, hasher: &mut Hasher) -> io::Result<u64> {
+    part.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut total = 0u64;
+    let mut limited = (&mut *part).take(size);
+    loop {
+        let n = match limited.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+fn write_sidecar(path: &Path, meta: &PartialMeta) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec(meta)?)?;
+    fs::rename(&tmp, path)
+}
+
+fn discard(part: &Path, sidecar: &Path) {
+    let _ = fs::remove_file(part);
+    let _ = fs::remove_file(sidecar);
+}

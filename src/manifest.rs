@@ -1,0 +1,468 @@
+//! Manifest entries and the JSON-lines reader and writer shared by area
+//! listings (over HTTP) and DB files (on disk).
+//!
+//! The reader validates as it streams: every line capped in length, names
+//! in strictly increasing contract order, the end record present and
+//! matching. It never holds more than one line in memory.
+
+use crate::digest::is_sha256_hex;
+use crate::error::{Error, Result};
+use crate::paths::name_cmp;
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// The longest JSON line accepted (a 4 KiB name and a 4 KiB link target,
+/// both fully escaped, fit with room to spare).
+pub(crate) const MAX_LINE: usize = 64 * 1024;
+/// The manifest format version this build reads and writes.
+pub(crate) const VERSION: u64 = 1;
+
+/// One regular file or symlink below an area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) mode: u32,
+    pub(crate) mtime: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) linkdest: Option<String>,
+}
+
+impl Entry {
+    pub(crate) fn is_symlink(&self) -> bool {
+        self.linkdest.is_some()
+    }
+
+    /// True when `other` describes the same content: the same target for
+    /// symlinks; for files the same size and SHA-256, or the same size and
+    /// mtime when either side has no hash.
+    pub(crate) fn same_content(&self, other: &Entry) -> bool {
+        match (&self.linkdest, &other.linkdest) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => {
+                self.size == other.size
+                    && match (&self.sha256, &other.sha256) {
+                        (Some(a), Some(b)) => a == b,
+                        _ => self.mtime == other.mtime,
+                    }
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The last line of a listing or DB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct End {
+    pub(crate) end: bool,
+    pub(crate) count: u64,
+    pub(crate) bytes: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) skipped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl End {
+    pub(crate) fn new(count: u64, bytes: u64, skipped: u64) -> End {
+        End {
+            end: true,
+            count,
+            bytes,
+            skipped,
+        }
+    }
+}
+
+/// Every field any line may carry; unknown fields are ignored.
+#[derive(Deserialize)]
+struct AnyLine {
+    name: Option<String>,
+    size: Option<u64>,
+    mode: Option<u32>,
+    mtime: Option<i64>,
+    sha256: Option<String>,
+    linkdest: Option<String>,
+    end: Option<bool>,
+    count: Option<u64>,
+    bytes: Option<u64>,
+    skipped: Option<u64>,
+}
+
+/// The header line of a DB file.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Header {
+    pub(crate) bitfog: u64,
+    pub(crate) source: Option<String>,
+    pub(crate) created: String,
+}
+
+/// Streams and validates entries from a listing or a DB body.
+pub(crate) struct Reader<R> {
+    input: R,
+    origin: String,
+    line_no: u64,
+    buf: Vec<u8>,
+    last: Option<String>,
+    count: u64,
+    bytes: u64,
+    end: Option<End>,
+}
+
+impl<R: BufRead> Reader<R> {
+    /// `origin` names the source in messages (a URL or a quoted path).
+    pub(crate) fn new(input: R, origin: impl Into<String>) -> Reader<R> {
+        Reader {
+            input,
+            origin: origin.into(),
+            line_no: 0,
+            buf: Vec::new(),
+            last: None,
+            count: 0,
+            bytes: 0,
+            end: None,
+        }
+    }
+
+    /// The end record, once `next_entry` has returned `Ok(None)`.
+    pub(crate) fn end(&self) -> Option<End> {
+        self.end
+    }
+
+    fn bad(&self, what: impl std::fmt::Display) -> Error {
+        Error::failed(format!("{}: line {}: {what}", self.origin, self.line_no))
+    }
+
+    /// Reads the next non-empty line into `self.buf`; false at EOF.
+    fn next_line(&mut self) -> Result<bool> {
+        loop {
+            self.buf.clear();
+            self.line_no += 1;
+            let n = read_line_capped(&mut self.input, &mut self.buf, MAX_LINE)
+                .map_err(|e| Error::io(&self.origin, &e))?;
+            if n == 0 {
+                return Ok(false);
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(self.bad(format!("line longer than {MAX_LINE} bytes")));
+            }
+            while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
+                self.buf.pop();
+            }
+            if !self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Reads the header line of a DB file.
+    pub(crate) fn header(&mut self) -> Result<Header> {
+        if !self.next_line()? {
+            return Err(self.bad("empty file, expected a bitfog header"));
+        }
+        let h: Header =
+            serde_json::from_slice(&self.buf).map_err(|e| self.bad(format!("bad header: {e}")))?;
+        if h.bitfog != VERSION {
+            return Err(self.bad(format!("unknown manifest version {}", h.bitfog)));
+        }
+        Ok(h)
+    }
+
+    /// The next entry, or `Ok(None)` after a valid end record. A missing or
+    /// mismatched end record is an error: the stream was truncated.
+    pub(crate) fn next_entry(&mut self) -> Result<Option<Entry>> {
+        if self.end.is_some() {
+            return Ok(None);
+        }
+        if !self.next_line()? {
+            return Err(Error::failed(format!(
+                "{}: truncated (no end record after {} entries)",
+                self.origin, self.count
+            )));
+        }
+        let line: AnyLine =
+            serde_json::from_slice(&self.buf).map_err(|e| self.bad(format!("malformed: {e}")))?;
+        if line.end == Some(true) {
+            let (Some(count), Some(bytes)) = (line.count, line.bytes) else {
+                return Err(self.bad("end record without count and bytes"));
+            };
+            if count != self.count || bytes != self.bytes {
+                return Err(Error::failed(format!(
+                    "{}: truncated or damaged: end record says {count} entries of {bytes} bytes, \
+                     got {} entries of {} bytes",
+                    self.origin, self.count, self.bytes
+                )));
+            }
+            if self.next_line()? {
+                return Err(self.bad("data after the end record"));
+            }
+            self.end = Some(End::new(count, bytes, line.skipped.unwrap_or(0)));
+            return Ok(None);
+        }
+        let (Some(name), Some(size), Some(mode), Some(mtime)) =
+            (line.name, line.size, line.mode, line.mtime)
+        else {
+            return Err(self.bad("entry needs name, size, mode and mtime"));
+        };
+        if let Some(h) = &line.sha256 {
+            if !is_sha256_hex(h) {
+                return Err(self.bad(format!("bad sha256 for '{name}'")));
+            }
+        }
+        if line.linkdest.is_some() && line.sha256.is_some() {
+            return Err(self.bad(format!("symlink '{name}' has a sha256")));
+        }
+        if let Some(last) = &self.last {
+            if name_cmp(last, &name) != Ordering::Less {
+                return Err(self.bad(format!("'{name}' is out of order or duplicated")));
+            }
+        }
+        self.count += 1;
+        self.bytes = self
+            .bytes
+            .checked_add(size)
+            .ok_or_else(|| self.bad("byte total overflows"))?;
+        self.last = Some(name.clone());
+        Ok(Some(Entry {
+            name,
+            size,
+            mode,
+            mtime,
+            sha256: line.sha256,
+            linkdest: line.linkdest,
+        }))
+    }
+}
+
+impl<R: BufRead> Iterator for Reader<R> {
+    type Item = Result<Entry>;
+    fn next(&mut self) -> Option<Result<Entry>> {
+        self.next_entry().transpose()
+    }
+}
+
+/// Reads one line of at most `cap` bytes (plus one, so the caller can see
+/// that it was longer); the rest of an overlong line is not read.
+fn read_line_capped(r: &mut impl BufRead, out: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
+    let mut total = 0;
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            return Ok(total);
+        }
+        let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (avail.len(), false),
+        };
+        let room = (cap + 1).saturating_sub(out.len());
+        out.extend_from_slice(&avail[..take.min(room)]);
+        r.consume(take);
+        total += take;
+        if done || out.len() > cap {
+            return Ok(total);
+        }
+    }
+}
+
+/// Opens a DB file and checks its header; exit 2 on anything wrong.
+pub(crate) fn open_db(path: &Path) -> Result<(Header, Reader<BufReader<File>>)> {
+    let origin = format!("'{}'", path.display());
+    let file = File::open(path)
+        .map_err(|e| Error::usage(format!("{origin}: {}", crate::error::describe_io(&e))))?;
+    let mut reader = Reader::new(BufReader::with_capacity(256 * 1024, file), origin);
+    let header = reader.header().map_err(as_usage)?;
+    Ok((header, reader))
+}
+
+/// A DB error is unusable input: exit 2.
+pub(crate) fn as_usage(e: Error) -> Error {
+    Error::usage(e.to_string())
+}
+
+/// Writes a DB atomically: a temporary file beside the target, renamed
+/// into place by `commit`. Dropped without commit, it leaves no trace.
+pub(crate) struct DbWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<BufWriter<File>>,
+    count: u64,
+    bytes: u64,
+}
+
+impl DbWriter {
+    pub(crate) fn create(path: &Path, source: Option<&str>) -> Result<DbWriter> {
+        let dir = parent_dir(path);
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| Error::usage(format!("'{}': not a file name", path.display())))?;
+        let tmp = dir.join(format!(
+            ".{}.bitfog-tmp-{}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = File::create(&tmp).map_err(|e| Error::io(format!("'{}'", tmp.display()), &e))?;
+        let mut w = DbWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(BufWriter::new(file)),
+            count: 0,
+            bytes: 0,
+        };
+        let header = Header {
+            bitfog: VERSION,
+            source: source.map(str::to_string),
+            created: crate::protocol::rfc3339(now_secs()),
+        };
+        w.line(&header)?;
+        Ok(w)
+    }
+
+    fn line(&mut self, value: &impl Serialize) -> Result<()> {
+        let tmp = &self.tmp;
+        let out = self.out.as_mut().expect("writer used after commit");
+        serde_json::to_writer(&mut *out, value)
+            .map_err(io::Error::from)
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(|e| Error::io(format!("'{}'", tmp.display()), &e))
+    }
+
+    pub(crate) fn entry(&mut self, e: &Entry) -> Result<()> {
+        self.count += 1;
+        self.bytes = self.bytes.saturating_add(e.size);
+        self.line(e)
+    }
+
+    /// Writes the end record, syncs, and renames into place.
+    pub(crate) fn commit(mut self, skipped: u64) -> Result<(u64, u64)> {
+        let end = End::new(self.count, self.bytes, skipped);
+        self.line(&end)?;
+        let out = self.out.take().expect("commit twice");
+        let what = format!("'{}'", self.tmp.display());
+        let file = out.into_inner().map_err(|e| Error::io(&what, e.error()))?;
+        file.sync_all().map_err(|e| Error::io(&what, &e))?;
+        fs::rename(&self.tmp, &self.path)
+            .map_err(|e| Error::io(format!("'{}'", self.path.display()), &e))?;
+        sync_dir(parent_dir(&self.path));
+        Ok((self.count, self.bytes))
+    }
+}
+
+impl Drop for DbWriter {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Best-effort fsync of a directory, so a rename in it is durable.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn read_all(text: &str) -> Result<Vec<Entry>> {
+        Reader::new(text.as_bytes(), "test").collect()
+    }
+
+    #[test]
+    fn validates_listings() {
+        let ok = "{\"name\":\"a\",\"size\":3,\"mode\":420,\"mtime\":5,\"extra\":1}\n\n{\"end\":true,\"count\":1,\"bytes\":3}\n";
+        assert_eq!(read_all(ok).unwrap().len(), 1);
+        for bad in [
+            "",
+            "{\"name\":\"a\",\"size\":3,\"mode\":420,\"mtime\":5}\n",
+            "{\"end\":true,\"count\":2,\"bytes\":0}\n",
+            "{\"name\":\"b\",\"size\":0,\"mode\":420,\"mtime\":5}\n{\"name\":\"a\",\"size\":0,\"mode\":420,\"mtime\":5}\n{\"end\":true,\"count\":2,\"bytes\":0}\n",
+            "{\"name\":\"a\",\"size\":0,\"mode\":420,\"mtime\":5}\n{\"name\":\"a\",\"size\":0,\"mode\":420,\"mtime\":5}\n{\"end\":true,\"count\":2,\"bytes\":0}\n",
+            "{\"name\":\"a\",\"size\":0,\"mode\":420,\"mtime\":5,\"sha256\":\"XYZ\"}\n{\"end\":true,\"count\":1,\"bytes\":0}\n",
+            "not json\n",
+            "{\"end\":true,\"count\":0,\"bytes\":0}\n{\"name\":\"a\",\"size\":0,\"mode\":420,\"mtime\":5}\n",
+        ] {
+            assert!(read_all(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn overlong_line_is_refused() {
+        let long = format!(
+            "{{\"name\":\"{}\",\"size\":0,\"mode\":420,\"mtime\":5}}\n",
+            "x".repeat(MAX_LINE)
+        );
+        assert!(read_all(&long).is_err());
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (
+            "[a-z\u{e9} ]{1,5}(/[a-z\"\\\\]{1,3}){0,2}",
+            any::<u64>(),
+            0u32..0o7777,
+            any::<i64>(),
+            prop::option::of("[0-9a-f]{64}"),
+            prop::option::of("[^\0]{0,10}"),
+        )
+            .prop_map(|(name, size, mode, mtime, sha256, linkdest)| {
+                let sha256 = if linkdest.is_some() { None } else { sha256 };
+                Entry {
+                    name,
+                    size: size >> 16,
+                    mode,
+                    mtime,
+                    sha256,
+                    linkdest,
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn db_round_trips(mut entries in prop::collection::vec(entry(), 0..20)) {
+            entries.sort_by(|a, b| name_cmp(&a.name, &b.name));
+            entries.dedup_by(|a, b| a.name == b.name);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.db");
+            let mut w = DbWriter::create(&path, Some("http://h/a/")).unwrap();
+            for e in &entries {
+                w.entry(e).unwrap();
+            }
+            w.commit(0).unwrap();
+            let (h, r) = open_db(&path).unwrap();
+            prop_assert_eq!(h.source.as_deref(), Some("http://h/a/"));
+            let back: Vec<Entry> = r.collect::<Result<_>>().unwrap();
+            prop_assert_eq!(back, entries);
+            prop_assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The pure diff of two sorted manifests, and the budget fit. No I/O.
+//!
+//! Both inputs are in the contract's order, so they merge as streams;
+//! only the entries that must be acted on are kept in memory.
+
+use crate::manifest::Entry;
+use crate::paths::{BadName, check_carried_name, name_cmp};
+use std::cmp::Ordering;
+
+/// One step of a merge of source and destination entries.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Pair {
+    /// Only the source has this name.
+    Src(Entry),
+    /// Only the destination has this name.
+    Dst(Entry),
+    /// Both have it.
+    Both(Entry, Entry),
+}
+
+/// Merges two sorted entry streams, calling `f` for each name in order.
+pub(crate) fn merge<E>(
+    src: impl Iterator<Item = Result<Entry, E>>,
+    dst: impl Iterator<Item = Result<Entry, E>>,
+    mut f: impl FnMut(Pair) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut src = src.peekable();
+    let mut dst = dst.peekable();
+    loop {
+        let order = match (src.peek(), dst.peek()) {
+            (None, None) => return Ok(()),
+            (Some(Err(_)), _) => {
+                return Err(src.next().and_then(Result::err).expect("peeked error"));
+            }
+            (_, Some(Err(_))) => {
+                return Err(dst.next().and_then(Result::err).expect("peeked error"));
+            }
+            (Some(Ok(_)), None) => Ordering::Less,
+            (None, Some(Ok(_))) => Ordering::Greater,
+            (Some(Ok(s)), Some(Ok(d))) => name_cmp(&s.name, &d.name),
+        };
+        let pair = match order {
+            Ordering::Less => Pair::Src(next_ok(&mut src)),
+            Ordering::Greater => Pair::Dst(next_ok(&mut dst)),
+            Ordering::Equal => Pair::Both(next_ok(&mut src), next_ok(&mut dst)),
+        };
+        f(pair)?;
+    }
+}
+
+fn next_ok<E>(it: &mut impl Iterator<Item = Result<Entry, E>>) -> Entry {
+    match it.next() {
+        Some(Ok(e)) => e,
+        _ => unreachable!("peeked an entry"),
+    }
+}
+
+/// What the source has that the destination lacks.
+#[derive(Debug, Default)]
+pub(crate) struct Missing {
+    /// Regular files to carry, in name order.
+    pub(crate) files: Vec<Entry>,
+    /// Symlinks to recreate (nothing to carry).
+    pub(crate) links: u64,
+    /// Names that may not be written under a local directory.
+    pub(crate) refused: Vec<(String, BadName)>,
+}
+
+impl Missing {
+    pub(crate) fn bytes(&self) -> u64 {
+        self.files.iter().map(|e| e.size).sum()
+    }
+}
+
+/// Folds one merge step into `Missing`.
+pub(crate) fn note_missing(m: &mut Missing, pair: Pair) {
+    let src = match pair {
+        Pair::Src(s) => s,
+        Pair::Both(s, d) if !s.same_content(&d) => s,
+        Pair::Both(..) | Pair::Dst(_) => return,
+    };
+    if let Err(why) = check_carried_name(&src.name) {
+        m.refused.push((src.name, why));
+    } else if src.is_symlink() {
+        m.links += 1;
+    } else {
+        m.files.push(src);
+    }
+}
+
+/// Fits files into a byte budget, largest first; when the next one does
+/// not fit, smaller ones that do still go. `need` says how many bytes an
+/// item still needs (less than its size when part of it is already held).
+/// Returns the indexes taken, in the order to fetch them.
+pub(crate) fn fit_largest_first(
+    sizes: &[u64],
+    need: impl Fn(usize) -> u64,
+    budget: u64,
+) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
+    let mut left = budget;
+    let mut taken = Vec::new();
+    for i in order {
+        let n = need(i);
+        if n <= left {
+            left -= n;
+            taken.push(i);
+        }
+    }
+    taken
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(name: &str, size: u64, sha: char) -> Entry {
+        Entry {
+            name: name.into(),
+            size,
+            mode: 0o644,
+            mtime: 1,
+            sha256: Some(sha.to_string().repeat(64)),
+            linkdest: None,
+        }
+    }
+
+    fn link(name: &str, to: &str) -> Entry {
+        Entry {
+            name: name.into(),
+            size: to.len() as u64,
+            mode: 0o777,
+            mtime: 1,
+            sha256: None,
+            linkdest: Some(to.into()),
+        }
+    }
+
+    fn missing(src: Vec<Entry>, dst: Vec<Entry>) -> Missing {
+        let mut m = Missing::default();
+        merge::<()>(src.into_iter().map(Ok), dst.into_iter().map(Ok), |p| {
+            note_missing(&mut m, p);
+            Ok(())
+        })
+        .unwrap();
+        m
+    }
+
+    #[test]
+    fn decides_what_is_present() {
+        let src = vec![
+            file("a", 1, 'a'),
+            file("b", 2, 'b'),
+            file("c", 3, 'c'),
+            link("d", "x"),
+            link("e", "y"),
+            file("f/g", 4, 'f'),
+            file("../evil", 1, 'e'),
+        ];
+        let mut src = src;
+        src.sort_by(|a, b| name_cmp(&a.name, &b.name));
+        let mut no_hash = file("c", 3, 'z');
+        no_hash.sha256 = None;
+        let dst = vec![
+            file("a", 1, 'a'),
+            file("b", 2, 'x'),
+            no_hash,
+            link("d", "x"),
+            link("e", "other"),
+            file("z", 9, 'z'),
+        ];
+        let m = missing(src, dst);
+        let names: Vec<&str> = m.files.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["b", "f/g"]);
+        assert_eq!(m.links, 1);
+        assert_eq!(m.refused.len(), 1);
+        assert_eq!(m.bytes(), 6);
+    }
+
+    #[test]
+    fn mtime_decides_without_hash() {
+        let mut s = file("a", 1, 'a');
+        let mut d = file("a", 1, 'b');
+        s.sha256 = None;
+        assert!(s.same_content(&d));
+        d.mtime = 2;
+        assert!(!s.same_content(&d));
+        assert!(!file("a", 1, 'a').same_content(&link("a", "x")));
+    }
+
+    #[test]
+    fn fits_largest_first_then_fills_gaps() {
+        let sizes = [10, 50, 30, 5, 60];
+        let taken = fit_largest_first(&sizes, |i| sizes[i], 70);
+        assert_eq!(taken, [4, 0]);
+        let taken = fit_largest_first(&sizes, |i| sizes[i], 100);
+        assert_eq!(taken, [4, 2, 0]);
+        let taken = fit_largest_first(&sizes, |i| if i == 1 { 1 } else { sizes[i] }, 15);
+        assert_eq!(taken, [1, 0]);
+    }
+
+    proptest! {
+        #[test]
+        fn fit_never_exceeds_budget(sizes in prop::collection::vec(0u64..1000, 0..40), budget in 0u64..5000) {
+            let taken = fit_largest_first(&sizes, |i| sizes[i], budget);
+            let sum: u64 = taken.iter().map(|&i| sizes[i]).sum();
+            prop_assert!(sum <= budget);
+            // Nothing left out would still have fit.
+            let left = budget - sum;
+            for i in 0..sizes.len() {
+                if !taken.contains(&i) {
+                    prop_assert!(sizes[i] > left);
+                }
+            }
+        }
+
+        #[test]
+        fn merge_sees_every_name_once(a in prop::collection::btree_set("[a-c]{1,3}", 0..12), b in prop::collection::btree_set("[a-c]{1,3}", 0..12)) {
+            let src: Vec<Entry> = a.iter().map(|n| file(n, 1, 'a')).collect();
+            let dst: Vec<Entry> = b.iter().map(|n| file(n, 1, 'a')).collect();
+            let mut seen = Vec::new();
+            merge::<()>(src.into_iter().map(Ok), dst.into_iter().map(Ok), |p| {
+                let name = match &p { Pair::Src(e) | Pair::Dst(e) | Pair::Both(e, _) => e.name.clone() };
+                match &p {
+                    Pair::Src(_) => assert!(a.contains(&name) && !b.contains(&name)),
+                    Pair::Dst(_) => assert!(!a.contains(&name) && b.contains(&name)),
+                    Pair::Both(..) => assert!(a.contains(&name) && b.contains(&name)),
+                }
+                seen.push(name);
+                Ok(())
+            }).unwrap();
+            let all: std::collections::BTreeSet<String> = a.union(&b).cloned().collect();
+            prop_assert_eq!(seen, all.into_iter().collect::<Vec<_>>());
+        }
+    }
+}

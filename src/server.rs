@@ -1,0 +1,787 @@
+//! `bitfog serve`: the configuration, and one function per endpoint behind
+//! a single route `match`.
+//!
+//! Every request path is decoded once and checked component by component
+//! before the disk is touched; no symlink is ever followed (directory
+//! components are checked with `symlink_metadata`, files are opened with
+//! `O_NOFOLLOW`). Writes go to a temporary file in the target's directory
+//! and become visible only by rename, after hashing and fsync. It must
+//! never read, create, change or delete anything outside an area.
+
+use crate::digest::{CopyError, Hasher, copy_hashing, is_sha256_hex};
+use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
+use crate::http::{self, Body, Request, Response};
+use crate::manifest::{End, sync_dir};
+use crate::paths::{components, is_reserved};
+use crate::protocol::{self, RangeAsk};
+use crate::scan::{self, Item};
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Options of `bitfog serve`.
+#[derive(Debug, Clone)]
+pub(crate) struct ServeOpts {
+    pub(crate) conf: PathBuf,
+    pub(crate) addr: String,
+    pub(crate) threads: usize,
+    pub(crate) quiet: bool,
+}
+
+/// One area of the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Area {
+    pub(crate) root: PathBuf,
+    pub(crate) writable: bool,
+    pub(crate) checksum: bool,
+    pub(crate) token: Option<String>,
+}
+
+/// The parsed configuration: areas by name, sorted.
+pub(crate) type Config = BTreeMap<String, Area>;
+
+/// An empty line is sent on a listing after this long without output.
+const LISTING_KEEPALIVE: Duration = Duration::from_secs(10);
+/// In-flight requests get this long to finish after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub(crate) fn valid_area_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Reads and checks `bitfog.json`; every error names the file, the area
+/// and the key, and exits 2.
+pub(crate) fn load_config(path: &Path) -> Result<Config> {
+    let file = format!("'{}'", path.display());
+    let text = fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("{file}: cannot read config: {}", describe_io(&e))))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::usage(format!("{file}: invalid JSON: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Error::usage(format!("{file}: expected an object of areas")));
+    };
+    if map.is_empty() {
+        return Err(Error::usage(format!("{file}: no areas defined")));
+    }
+    let mut config = Config::new();
+    for (name, v) in map {
+        let at = format!("{file}: area '{name}'");
+        if !valid_area_name(&name) {
+            return Err(Error::usage(format!(
+                "{at}: area names take letters, digits, '.', '_' and '-'"
+            )));
+        }
+        let serde_json::Value::Object(keys) = v else {
+            return Err(Error::usage(format!("{at}: expected an object")));
+        };
+        let mut area = Area {
+            root: PathBuf::new(),
+            writable: false,
+            checksum: true,
+            token: None,
+        };
+        let mut have_path = false;
+        for (key, v) in keys {
+            let bad = |what: &str| Error::usage(format!("{at}: key '{key}': {what}"));
+            match key.as_str() {
+                "path" => {
+                    let p = v.as_str().ok_or_else(|| bad("expected a string"))?;
+                    let meta =
+                        fs::metadata(p).map_err(|e| bad(&format!("'{p}': {}", describe_io(&e))))?;
+                    if !meta.is_dir() {
+                        return Err(bad(&format!("'{p}' is not a directory")));
+                    }
+                    area.root = fs::canonicalize(p)
+                        .map_err(|e| bad(&format!("'{p}': {}", describe_io(&e))))?;
+                    have_path = true;
+                }
+                "writable" => {
+                    area.writable = v.as_bool().ok_or_else(|| bad("expected true or false"))?
+                }
+                "checksum" => {
+                    area.checksum = v.as_bool().ok_or_else(|| bad("expected true or false"))?
+                }
+                "token" => {
+                    let t = v.as_str().ok_or_else(|| bad("expected a string"))?;
+                    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(bad("a token is one or more visible ASCII characters"));
+                    }
+                    area.token = Some(t.to_string());
+                }
+                _ => return Err(Error::usage(format!("{at}: unknown key '{key}'"))),
+            }
+        }
+        if !have_path {
+            return Err(Error::usage(format!("{at}: missing key 'path'")));
+        }
+        config.insert(name, area);
+    }
+    Ok(config)
+}
+
+/// Parses `:PORT`, `HOST:PORT` or `[V6]:PORT`.
+pub(crate) fn parse_addr(addr: &str) -> Result<SocketAddr> {
+    let bad = || {
+        Error::usage(format!(
+            "bad --addr '{addr}': expected :PORT, HOST:PORT or [V6]:PORT"
+        ))
+    };
+    let full = if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_string()
+    };
+    let (_, port) = full.rsplit_once(':').ok_or_else(bad)?;
+    protocol::parse_digits(port)
+        .filter(|p| *p <= 65535)
+        .ok_or_else(bad)?;
+    full.to_socket_addrs()
+        .map_err(|e| Error::usage(format!("bad --addr '{addr}': {}", describe_io(&e))))?
+        .next()
+        .ok_or_else(bad)
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
+    let config = load_config(&opts.conf)?;
+    let addr = parse_addr(&opts.addr)?;
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| Error::failed(format!("cannot listen on {addr}: {}", describe_io(&e))))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("listener", &e))?;
+    eprintln!("bitfog: listening on http://{local}/");
+
+    let state = Arc::new(State {
+        config,
+        quiet: opts.quiet,
+    });
+    let cleaner = state.clone();
+    std::thread::spawn(move || remove_stale_temps(&cleaner));
+    let limits = http::Limits {
+        threads: opts.threads,
+        max_conns: max_connections(),
+        log: !opts.quiet,
+        ..Default::default()
+    };
+    let handler_state = state.clone();
+    let result = http::run(
+        listener,
+        limits,
+        move |req| handle(&handler_state, req),
+        SHUTDOWN_GRACE,
+    );
+    remove_live_temps();
+    result.map_err(|e| Error::io("server", &e))
+}
+
+/// Open connections allowed: raise the descriptor limit as far as we may
+/// and keep headroom for files being served.
+fn max_connections() -> usize {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 256;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max.min(65536),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = want.rlim_cur;
+            }
+        }
+        (lim.rlim_cur as usize / 2).clamp(16, 8192)
+    }
+}
+
+struct State {
+    config: Config,
+    quiet: bool,
+}
+
+impl State {
+    fn log(&self, msg: impl std::fmt::Display) {
+        if !self.quiet {
+            print_error(msg);
+        }
+    }
+}
+
+/// The route: one `match` on method and path.
+fn handle(state: &State, req: &mut Request) -> Response {
+    let path = req.target.split('?').next().unwrap_or("");
+    if !path.starts_with('/') {
+        return Response::text(400, "request target must be an absolute path");
+    }
+    let method = req.method.as_str();
+    if path == "/" {
+        return match method {
+            "GET" | "HEAD" => index(state),
+            _ => not_allowed("GET, HEAD"),
+        };
+    }
+    let Some(decoded) = protocol::percent_decode(path) else {
+        return Response::text(400, "bad percent-encoding in path");
+    };
+    let rest = &decoded[1..];
+    let (area_name, file) = match rest.iter().position(|&b| b == b'/') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let Some(area) = std::str::from_utf8(area_name)
+        .ok()
+        .and_then(|n| state.config.get(n))
+    else {
+        return Response::text(404, "no such area");
+    };
+    if let Some(token) = &area.token {
+        let given = req
+            .header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+            return Response::text(401, "this area needs a valid Authorization: Bearer token")
+                .with("WWW-Authenticate", "Bearer");
+        }
+    }
+    let allow = if area.writable {
+        "GET, HEAD, PUT, DELETE"
+    } else {
+        "GET, HEAD"
+    };
+    if file.is_empty() {
+        return match method {
+            "GET" | "HEAD" => listing(state, area),
+            _ => not_allowed("GET, HEAD"),
+        };
+    }
+    let comps = match components(file) {
+        Ok(c) => c,
+        Err(why) => return Response::text(400, format!("refused path: {}", why.reason())),
+    };
+    let reserved = is_reserved(comps[comps.len() - 1]);
+    match method {
+        "GET" | "HEAD" if reserved => Response::text(404, "not found"),
+        "GET" | "HEAD" => get_file(area, &comps, req),
+        "PUT" | "DELETE" if !area.writable => not_allowed(allow),
+        "PUT" | "DELETE" if reserved => {
+            Response::text(400, "names starting with .bitfog are reserved")
+        }
+        "PUT" => put(area, &comps, req),
+        "DELETE" => delete(area, &comps),
+        _ => not_allowed(allow),
+    }
+}
+
+fn not_allowed(allow: &str) -> Response {
+    Response::text(405, "method not allowed").with("Allow", allow)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn index(state: &State) -> Response {
+    let names: Vec<&String> = state.config.keys().collect();
+    let mut body = serde_json::to_vec(&names).unwrap_or_default();
+    body.push(b'\n');
+    Response::new(200, Body::Bytes(body)).with("Content-Type", "application/json")
+}
+
+/// Streams the listing: a walker thread produces lines; this side writes
+/// them and sends an empty line whenever the walker is slow (hashing).
+fn listing(state: &State, area: &Area) -> Response {
+    let root = area.root.clone();
+    let checksum = area.checksum;
+    let quiet = state.quiet;
+    let produce = move |out: &mut dyn Write| -> io::Result<()> {
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(1024);
+        std::thread::spawn(move || {
+            let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
+            scan::scan(&root, checksum, |item| {
+                let line = match item {
+                    Item::Entry(e) => {
+                        count += 1;
+                        bytes += e.size;
+                        serde_json::to_vec(&e).unwrap_or_default()
+                    }
+                    Item::Skipped(why) => {
+                        skipped += 1;
+                        if !quiet {
+                            print_error(format!("listing skips {why}"));
+                        }
+                        return true;
+                    }
+                };
+                tx.send(line).is_ok()
+            });
+            let end = serde_json::to_vec(&End::new(count, bytes, skipped)).unwrap_or_default();
+            let _ = tx.send(end);
+        });
+        loop {
+            match rx.recv_timeout(LISTING_KEEPALIVE) {
+                Ok(line) => {
+                    out.write_all(&line)?;
+                    out.write_all(b"\n")?;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    out.write_all(b"\n")?;
+                    out.flush()?;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        }
+    };
+    Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", protocol::NDJSON_TYPE)
+}
+
+/// Why a path cannot be used, as a response.
+fn path_error(status: u16, msg: &str) -> Response {
+    Response::text(status, msg)
+}
+
+/// Checks that every directory component below the area root is a real
+/// directory (not a symlink); with `create`, makes missing ones.
+fn parent_dir(
+    area: &Area,
+    comps: &[&[u8]],
+    create: bool,
+) -> std::result::Result<PathBuf, Response> {
+    let mut dir = area.root.clone();
+    for c in &comps[..comps.len() - 1] {
+        dir.push(OsStr::from_bytes(c));
+        let mut meta = fs::symlink_metadata(&dir);
+        if create && matches!(&meta, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if is_disk_full(&e) => return Err(path_error(507, "insufficient storage")),
+                Err(e) => {
+                    return Err(Response::text(
+                        500,
+                        format!("cannot create directory: {}", describe_io(&e)),
+                    ));
+                }
+            }
+            meta = fs::symlink_metadata(&dir);
+        }
+        match meta {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(path_error(
+                    if create { 400 } else { 404 },
+                    "refused path: symlink in a directory component",
+                ));
+            }
+            Ok(_) if create => return Err(path_error(409, "a path component is not a directory")),
+            _ => return Err(path_error(404, "not found")),
+        }
+    }
+    Ok(dir)
+}
+
+fn file_name<'a>(comps: &[&'a [u8]]) -> &'a OsStr {
+    OsStr::from_bytes(comps[comps.len() - 1])
+}
+
+fn mtime_of(meta: &fs::Metadata) -> i64 {
+    meta.mtime()
+}
+
+fn get_file(area: &Area, comps: &[&[u8]], req: &Request) -> Response {
+    let dir = match parent_dir(area, comps, false) {
+        Ok(d) => d,
+        Err(resp) => return resp,
+    };
+    let path = dir.join(file_name(comps));
+    let file = match File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Response::text(403, "permission denied");
+        }
+        Err(_) => return Response::text(404, "not found"),
+    };
+    let meta = match file.metadata() {
+        Ok(m) if m.file_type().is_file() => m,
+        Ok(_) => return Response::text(404, "not a regular file"),
+        Err(e) => return Response::text(500, describe_io(&e)),
+    };
+    let len = meta.len();
+    let mtime = mtime_of(&meta);
+    let etag = format!(
+        "\"{:x}-{:x}-{:x}.{:x}\"",
+        meta.ino(),
+        len,
+        mtime,
+        meta.mtime_nsec()
+    );
+    let last_modified = protocol::http_date(mtime);
+    let mut ask = req
+        .header("range")
+        .map_or(RangeAsk::Whole, |r| protocol::parse_range(r, len));
+    if let Some(cond) = req.header("if-range") {
+        let matches = if cond.starts_with('"') || cond.starts_with("W/") {
+            cond == etag
+        } else {
+            protocol::parse_http_date(cond) == Some(mtime)
+        };
+        if !matches {
+            ask = RangeAsk::Whole;
+        }
+    }
+    let (status, start, count) = match ask {
+        RangeAsk::Whole => (200, 0, len),
+        RangeAsk::Part { start, end } => (206, start, end - start + 1),
+        RangeAsk::Unsatisfiable => {
+            return Response::text(416, "range not satisfiable")
+                .with("Content-Range", format!("bytes */{len}"))
+                .with("Accept-Ranges", "bytes");
+        }
+    };
+    let mut resp = Response::new(
+        status,
+        Body::File {
+            file,
+            start,
+            len: count,
+        },
+    )
+    .with("Content-Type", "application/octet-stream")
+    .with("Accept-Ranges", "bytes")
+    .with("ETag", etag)
+    .with("Last-Modified", last_modified);
+    if status == 206 {
+        resp = resp.with(
+            "Content-Range",
+            protocol::content_range(start, start + count - 1, len),
+        );
+    }
+    resp
+}
+
+/// Temporary files being written right now, removed if the server stops.
+fn live_temps() -> &'static Mutex<HashSet<PathBuf>> {
+    static LIVE: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    LIVE.get_or_init(Default::default)
+}
+
+/// This process's tag in temporary names, so startup cleaning can tell
+/// a crashed run's leftovers from our own.
+fn session_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff)
+    })
+}
+
+const TEMP_PREFIX: &str = ".bitfog-tmp-";
+
+/// A temporary file in the target's directory; removed on drop unless
+/// it was renamed into place.
+struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    fn create(dir: &Path) -> io::Result<TempFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("{TEMP_PREFIX}{}-{n}", session_tag()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?;
+        live_temps().lock().map(|mut s| s.insert(path.clone())).ok();
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// Renames into place and forgets the temporary name.
+    fn persist(mut self, to: &Path) -> io::Result<()> {
+        self.file.take();
+        fs::rename(&self.path, to)?;
+        live_temps().lock().map(|mut s| s.remove(&self.path)).ok();
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+            live_temps().lock().map(|mut s| s.remove(&self.path)).ok();
+        }
+    }
+}
+
+fn remove_live_temps() {
+    if let Ok(set) = live_temps().lock() {
+        for p in set.iter() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Removes temporary files left by a crashed server in writable areas.
+fn remove_stale_temps(state: &State) {
+    let mine = format!("{TEMP_PREFIX}{}-", session_tag());
+    for area in state.config.values().filter(|a| a.writable) {
+        for dent in scan::walker(&area.root).into_iter().flatten() {
+            let name = dent.file_name().as_bytes();
+            if name.starts_with(TEMP_PREFIX.as_bytes())
+                && !name.starts_with(mine.as_bytes())
+                && !dent.file_type().is_dir()
+            {
+                let path = dent.path();
+                if fs::remove_file(&path).is_ok() {
+                    state.log(format!("removed stale temporary file '{}'", path.display()));
+                }
+            }
+        }
+    }
+}
+
+fn put(area: &Area, comps: &[&[u8]], req: &mut Request) -> Response {
+    if req.header("content-length").is_none() {
+        return Response::text(411, "PUT needs Content-Length");
+    }
+    let dir = match parent_dir(area, comps, true) {
+        Ok(d) => d,
+        Err(resp) => return resp,
+    };
+    let path = dir.join(file_name(comps));
+    if let Ok(m) = fs::symlink_metadata(&path) {
+        if m.file_type().is_dir() {
+            return Response::text(409, "a directory exists at this path");
+        }
+    }
+    let is_link = req.header("content-type").is_some_and(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(protocol::SYMLINK_TYPE)
+    });
+    let result = if is_link {
+        put_symlink(&dir, &path, req)
+    } else {
+        put_file(&dir, &path, req)
+    };
+    match result {
+        Ok(()) => {
+            sync_dir(&dir);
+            Response::new(204, Body::Empty)
+        }
+        Err(resp) => resp,
+    }
+}
+
+fn put_symlink(dir: &Path, path: &Path, req: &mut Request) -> std::result::Result<(), Response> {
+    let len = req.content_length();
+    if len == 0 || len > protocol::MAX_LINK_TARGET {
+        return Err(Response::text(
+            if len == 0 { 400 } else { 413 },
+            "a symlink target is 1 to 4096 bytes",
+        ));
+    }
+    let mut target = Vec::with_capacity(len as usize);
+    if req
+        .body
+        .by_ref()
+        .take(len)
+        .read_to_end(&mut target)
+        .is_err()
+        || target.len() as u64 != len
+    {
+        return Err(Response::text(400, "request body cut short"));
+    }
+    if target.contains(&0) {
+        return Err(Response::text(400, "a symlink target cannot contain NUL"));
+    }
+    // Reserve a unique name, then put the link there instead.
+    let temp = TempFile::create(dir).map_err(write_error)?;
+    let _ = fs::remove_file(&temp.path);
+    std::os::unix::fs::symlink(OsStr::from_bytes(&target), &temp.path).map_err(write_error)?;
+    temp.persist(path).map_err(write_error)
+}
+
+fn header_num<T: std::str::FromStr>(
+    req: &Request,
+    name: &str,
+) -> std::result::Result<Option<T>, Response> {
+    match req.header(name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| Response::text(400, format!("bad {name} header: '{v}'"))),
+    }
+}
+
+fn write_error(e: io::Error) -> Response {
+    if is_disk_full(&e) {
+        Response::text(507, "insufficient storage")
+    } else {
+        Response::text(500, format!("write failed: {}", describe_io(&e)))
+    }
+}
+
+fn put_file(dir: &Path, path: &Path, req: &mut Request) -> std::result::Result<(), Response> {
+    let want_hash = match req.header(protocol::HDR_SHA256) {
+        Some(h) if is_sha256_hex(&h.to_ascii_lowercase()) => Some(h.to_ascii_lowercase()),
+        Some(h) => {
+            return Err(Response::text(
+                400,
+                format!("bad {} header: '{h}'", protocol::HDR_SHA256),
+            ));
+        }
+        None => None,
+    };
+    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
+    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
+    let len = req.content_length();
+    let mut temp = TempFile::create(dir).map_err(write_error)?;
+    let mut hasher = Hasher::new();
+    let file = temp.file.as_mut().expect("fresh temp file");
+    match copy_hashing(&mut req.body, file, &mut hasher, len, |_| {}) {
+        Ok(n) if n == len => {}
+        Ok(_) | Err(CopyError::Read(_)) => {
+            return Err(Response::text(400, "request body cut short"));
+        }
+        Err(CopyError::Write(e)) => return Err(write_error(e)),
+    }
+    let got = hasher.hex();
+    if let Some(want) = want_hash {
+        if got != want {
+            return Err(Response::text(
+                422,
+                format!("sha256 mismatch: body has {got}, header says {want}"),
+            ));
+        }
+    }
+    let file = temp.file.as_ref().expect("fresh temp file");
+    let perms = fs::Permissions::from_mode(mode.map_or(0o644, |m| m & 0o777));
+    file.set_permissions(perms).map_err(write_error)?;
+    if let Some(t) = mtime {
+        let when = if t >= 0 {
+            UNIX_EPOCH + Duration::from_secs(t as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(t.unsigned_abs())
+        };
+        file.set_modified(when).map_err(write_error)?;
+    }
+    file.sync_all().map_err(write_error)?;
+    temp.persist(path).map_err(write_error)
+}
+
+fn delete(area: &Area, comps: &[&[u8]]) -> Response {
+    let dir = match parent_dir(area, comps, false) {
+        Ok(d) => d,
+        Err(resp) => return resp,
+    };
+    let path = dir.join(file_name(comps));
+    match fs::symlink_metadata(&path) {
+        Err(_) => return Response::text(404, "not found"),
+        Ok(m) if m.file_type().is_dir() => {
+            return Response::text(409, "a directory exists at this path");
+        }
+        Ok(_) => {}
+    }
+    match fs::remove_file(&path) {
+        Ok(()) => {
+            sync_dir(&dir);
+            Response::new(204, Body::Empty)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Response::text(404, "not found"),
+        Err(e) => Response::text(500, format!("delete failed: {}", describe_io(&e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr(":8675").unwrap().to_string(), "0.0.0.0:8675");
+        assert_eq!(
+            parse_addr("127.0.0.1:0").unwrap().to_string(),
+            "127.0.0.1:0"
+        );
+        assert_eq!(parse_addr("[::1]:80").unwrap().to_string(), "[::1]:80");
+        for bad in ["8675", ":", ":99999", "host", ":-1"] {
+            assert!(parse_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn area_names() {
+        assert!(valid_area_name("vm_images-2.x"));
+        for bad in ["", ".", "..", "a/b", "a b", "é"] {
+            assert!(!valid_area_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_errors_name_file_area_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("bitfog.json");
+        let area = dir.path().display();
+        for (text, needle) in [
+            ("{", "invalid JSON"),
+            (
+                &format!("{{\"a\":{{\"path\":\"{area}\",\"pth\":1}}}}"),
+                "area 'a': unknown key 'pth'",
+            ),
+            (
+                &format!("{{\"a\":{{\"path\":\"{area}\",\"writable\":\"yes\"}}}}"),
+                "area 'a': key 'writable'",
+            ),
+            (
+                "{\"a\":{\"path\":\"/nonexistent/x\"}}",
+                "area 'a': key 'path'",
+            ),
+            ("{\"a\":{}}", "missing key 'path'"),
+            (
+                &format!("{{\"a b\":{{\"path\":\"{area}\"}}}}"),
+                "area 'a b'",
+            ),
+        ] {
+            fs::write(&conf, text).unwrap();
+            let err = load_config(&conf).unwrap_err();
+            assert_eq!(err.exit, crate::error::Exit::Usage);
+            let msg = err.to_string();
+            assert!(msg.contains("bitfog.json") && msg.contains(needle), "{msg}");
+        }
+    }
+}

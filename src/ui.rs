@@ -1,0 +1,184 @@
+//! What the person at the shell sees: log lines and the live progress line
+//! on stderr, the final summary (human or `--json`) on stdout, sizes.
+
+use serde::Serialize;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+/// Output settings shared by every command.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ui {
+    pub(crate) quiet: bool,
+    pub(crate) json: bool,
+    pub(crate) verbose: bool,
+}
+
+impl Ui {
+    /// A log line (suppressed by `--quiet`).
+    pub(crate) fn log(&self, msg: impl std::fmt::Display) {
+        if !self.quiet {
+            crate::error::print_error(msg);
+        }
+    }
+
+    /// An error line (always shown).
+    pub(crate) fn error(&self, msg: impl std::fmt::Display) {
+        crate::error::print_error(msg);
+    }
+
+    /// Prints the final summary on stdout: `value` as one JSON object with
+    /// `--json`, else the human lines. A closed stdout is not an error.
+    pub(crate) fn summary(&self, value: &impl Serialize, human: &str) {
+        let text = if self.json {
+            let mut s = serde_json::to_string(value).unwrap_or_default();
+            s.push('\n');
+            s
+        } else {
+            human.to_string()
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    }
+}
+
+/// `1536` → `1.5 KiB`.
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} {}", if n == 1 { "byte" } else { "bytes" });
+    }
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// Parses a size: digits with an optional fraction, then an optional K, M,
+/// G or T (powers of 1024), optionally followed by `B` or `iB`.
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1
+    {
+        return None;
+    }
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return None,
+    };
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let int: u64 = int.parse().ok()?;
+    let mut total = int.checked_mul(1u64 << shift)?;
+    if !frac.is_empty() {
+        let digits = frac.len().min(18) as u32;
+        let f: u128 = frac[..digits as usize].parse().ok()?;
+        let add = f * (1u128 << shift) / 10u128.pow(digits);
+        total = total.checked_add(add as u64)?;
+        if shift == 0 && f != 0 {
+            return None;
+        }
+    }
+    Some(total)
+}
+
+/// A live progress line on stderr, drawn only when stderr is a terminal.
+pub(crate) struct Progress {
+    pub(crate) files: Arc<AtomicU64>,
+    pub(crate) bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    drawer: Option<thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub(crate) fn start(
+        ui: &Ui,
+        verb: &'static str,
+        total_files: u64,
+        total_bytes: u64,
+    ) -> Progress {
+        let files = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let drawer = (!ui.quiet && std::io::stderr().is_terminal()).then(|| {
+            let (files, bytes, stop) = (files.clone(), bytes.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let line = format!(
+                        "\r\x1b[Kbitfog: {verb} {}/{total_files} files, {} of {}",
+                        files.load(Ordering::Relaxed),
+                        human_bytes(bytes.load(Ordering::Relaxed)),
+                        human_bytes(total_bytes)
+                    );
+                    let _ = std::io::stderr().write_all(line.as_bytes());
+                    thread::sleep(Duration::from_millis(200));
+                }
+                let _ = std::io::stderr().write_all(b"\r\x1b[K");
+            })
+        });
+        Progress {
+            files,
+            bytes,
+            stop,
+            drawer,
+        }
+    }
+
+    pub(crate) fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(d) = self.drawer.take() {
+            let _ = d.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("200G"), Some(200 << 30));
+        assert_eq!(parse_size("1.5T"), Some(3 << 39));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("512MB"), Some(512 << 20));
+        assert_eq!(parse_size("30m"), Some(30 << 20));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("100B"), Some(100));
+        for bad in [
+            "",
+            "G",
+            "1.5",
+            "1..5G",
+            ".5G",
+            "5.G",
+            "-1G",
+            "1X",
+            "1 G",
+            "99999999999T",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1), "1 byte");
+    }
+
+    proptest! {
+        #[test]
+        fn sizes_with_units_scale(n in 0u64..100_000, unit in prop::sample::select(vec![("K", 10), ("M", 20), ("G", 30), ("T", 40)]), tail in prop::sample::select(vec!["", "B", "iB"])) {
+            prop_assert_eq!(parse_size(&format!("{n}{}{tail}", unit.0)), Some(n << unit.1));
+        }
+    }
+}
