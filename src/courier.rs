@@ -33,6 +33,10 @@ pub(crate) struct Carried {
     pub(crate) size: u64,
     pub(crate) mtime: i64,
     pub(crate) sha256: Option<String>,
+    /// Set by `store` when the courier copy failed its check, so the next
+    /// `fetch` replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) damaged: bool,
 }
 
 impl Carried {
@@ -42,12 +46,14 @@ impl Carried {
             size: e.size,
             mtime: e.mtime,
             sha256: e.sha256.clone(),
+            damaged: false,
         }
     }
 
     /// True when this is the listed version of the file.
     pub(crate) fn matches(&self, e: &Entry) -> bool {
-        self.name == e.name
+        !self.damaged
+            && self.name == e.name
             && self.size == e.size
             && match (&self.sha256, &e.sha256) {
                 (Some(a), Some(b)) => a == b,
@@ -314,6 +320,7 @@ mod tests {
             size: 1,
             mtime: 2,
             sha256: None,
+            damaged: false,
         };
         let mut b = a.clone();
         b.name = "b/c".into();

@@ -5,7 +5,7 @@
 //! the destination without `--delete`.
 
 use crate::client::{AreaUrl, Client};
-use crate::courier::Courier;
+use crate::courier::{Carried, Courier};
 use crate::digest::hash_reader;
 use crate::error::{Error, Exit, Result, describe_io};
 use crate::manifest::{Entry, as_usage, open_db};
@@ -192,17 +192,25 @@ fn run(
                 .map_err(open_err)?
                 .ok_or("courier copy vanished")?;
             let len = file.metadata().map_err(open_err)?.len();
+            let damaged = |why: String| {
+                let mark = Carried {
+                    damaged: true,
+                    ..Carried::of(e)
+                };
+                let _ = courier.append_log(&mark);
+                Err(format!("{why}; not uploaded (the next fetch replaces it)"))
+            };
             if len != e.size {
-                return Err(format!(
-                    "courier copy has {len} bytes, SRCDB lists {}; not uploaded",
+                return damaged(format!(
+                    "courier copy has {len} bytes, SRCDB lists {}",
                     e.size
                 ));
             }
             if let Some(want) = &e.sha256 {
                 let (got, _) = hash_reader(&mut file).map_err(open_err)?;
                 if &got != want {
-                    return Err(format!(
-                        "courier copy is damaged: sha256 {got}, SRCDB lists {want}; not uploaded"
+                    return damaged(format!(
+                        "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
                     ));
                 }
                 file.seek(SeekFrom::Start(0)).map_err(open_err)?;

@@ -1,0 +1,211 @@
+//! Usage, configuration and DB errors; help against the man page.
+
+use crate::util::*;
+use std::collections::BTreeSet;
+use std::fs;
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    for args in [
+        &[][..],
+        &["frobnicate"],
+        &["fetch", "a.db"],
+        &["plan", "a.db", "http://h/x/", "--bogus"],
+        &["fetch", "a.db", "http://h/x/", "c", "--max-bytes", "12Q"],
+        &["store", "a.db", "not-a-url", "c"],
+        &["serve", "--addr", "nonsense"],
+    ] {
+        let r = bitfog(args).code(2);
+        assert_eq!(r.stderr.lines().count(), 1, "{r}");
+        assert!(r.stderr.starts_with("bitfog: "), "{r}");
+    }
+    let h = bitfog(&["--help"]).ok();
+    assert!(h.stdout.contains("usage: bitfog"));
+    assert!(bitfog(&["--version"]).ok().stdout.starts_with("bitfog "));
+    for c in ["serve", "builddb", "emptydb", "plan", "fetch", "store"] {
+        assert!(
+            bitfog(&[c, "--help"])
+                .ok()
+                .stdout
+                .contains(&format!("usage: bitfog {c}"))
+        );
+    }
+}
+
+#[test]
+fn bad_configs_exit_2_naming_file_area_and_key() {
+    let t = Scratch::new();
+    let area = t.mkdir("area");
+    let a = area.to_str().unwrap();
+    for (text, needle) in [
+        ("{ not json".to_string(), "invalid JSON"),
+        (
+            format!("{{\"vms\":{{\"path\":{a:?},\"writeable\":true}}}}"),
+            "area 'vms': unknown key 'writeable'",
+        ),
+        (
+            format!("{{\"vms\":{{\"path\":{a:?},\"checksum\":1}}}}"),
+            "area 'vms': key 'checksum'",
+        ),
+        (
+            "{\"vms\":{\"path\":\"/no/such/dir\"}}".to_string(),
+            "area 'vms': key 'path'",
+        ),
+        (
+            format!("{{\"bad/name\":{{\"path\":{a:?}}}}}"),
+            "area 'bad/name'",
+        ),
+    ] {
+        fs::write(t.path("bitfog.json"), &text).unwrap();
+        let r = bitfog(&[
+            "serve",
+            "--conf",
+            &t.s("bitfog.json"),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .code(2);
+        assert!(
+            r.stderr.contains("bitfog.json") && r.stderr.contains(needle),
+            "{r}"
+        );
+    }
+    let r = bitfog(&[
+        "serve",
+        "--conf",
+        &t.s("missing.json"),
+        "--addr",
+        "127.0.0.1:0",
+    ])
+    .code(2);
+    assert!(r.stderr.contains("missing.json"), "{r}");
+}
+
+#[test]
+fn bad_dbs_exit_2() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "f", b"x");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let header = "{\"bitfog\":1,\"source\":null,\"created\":\"2026-01-01T00:00:00Z\"}\n";
+    let entry = "{\"name\":\"f\",\"size\":1,\"mode\":420,\"mtime\":1}\n";
+    for (name, text) in [
+        ("no-end", format!("{header}{entry}")),
+        ("count", format!("{header}{entry}{{\"end\":true,\"count\":2,\"bytes\":1}}\n")),
+        ("version", "{\"bitfog\":9,\"source\":null,\"created\":\"x\"}\n{\"end\":true,\"count\":0,\"bytes\":0}\n".to_string()),
+        ("malformed", format!("{header}{{\"name\":\n{{\"end\":true,\"count\":0,\"bytes\":0}}\n")),
+        ("empty", String::new()),
+        ("binary", "\u{0}\u{1}".to_string()),
+    ] {
+        let db = t.path(&format!("{name}.db"));
+        fs::write(&db, text).unwrap();
+        let db = db.to_str().unwrap();
+        let r = bitfog(&["plan", db, &server.url("src")]).code(2);
+        assert!(r.stderr.contains(db), "{r}");
+        bitfog(&["fetch", db, &server.url("src"), &t.s("c")]).code(2);
+        bitfog(&["store", db, &server.url("dst"), &t.s("c")]).code(2);
+    }
+    bitfog(&["plan", &t.s("nonexistent.db"), &server.url("src")]).code(2);
+}
+
+#[test]
+fn a_truncated_listing_is_refused_and_the_old_db_kept() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "f", b"x");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["builddb", &server.url("src"), &t.s("a.db")]).ok();
+    let before = fs::read(t.path("a.db")).unwrap();
+    let entry = "{\"name\":\"f\",\"size\":1,\"mode\":420,\"mtime\":1}\n";
+    for body in [
+        entry.to_string(),
+        format!("{entry}{{\"end\":true,\"count\":5,\"bytes\":1}}\n"),
+        format!("{entry}{{\"end\":true,\"count\":1,\"bytes\":999}}\n"),
+        format!("{entry}{entry}{{\"end\":true,\"count\":2,\"bytes\":2}}\n"),
+        format!(
+            "{{\"name\":\"x\",\"size\":1,\"mode\":420,\"mtime\":1,\"pad\":\"{}\"}}\n",
+            "p".repeat(100_000)
+        ),
+    ] {
+        let addr = responder(ndjson_response(&body), false);
+        let r = bitfog(&["builddb", &format!("http://{addr}/src/"), &t.s("a.db")]).code(1);
+        assert_eq!(r.stderr.lines().count(), 1, "{r}");
+        assert_eq!(
+            fs::read(t.path("a.db")).unwrap(),
+            before,
+            "old DB untouched"
+        );
+        bitfog(&[
+            "fetch",
+            &t.s("a.db"),
+            &format!("http://{addr}/src/"),
+            &t.s("c"),
+        ])
+        .code(1);
+    }
+    let left: Vec<_> = fs::read_dir(t.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("tmp"))
+        .collect();
+    assert!(left.is_empty(), "no temporary DB left behind");
+    // A server that is unreachable, or redirects, fails with exit 1.
+    let redirect = responder(
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/\r\nContent-Length: 0\r\n\r\n"
+            .to_vec(),
+        false,
+    );
+    bitfog(&["builddb", &format!("http://{redirect}/src/"), &t.s("a.db")]).code(1);
+    bitfog(&["builddb", "http://127.0.0.1:1/src/", &t.s("a.db")]).code(1);
+    assert_eq!(fs::read(t.path("a.db")).unwrap(), before);
+}
+
+fn options_in(text: &str) -> BTreeSet<String> {
+    let text = text
+        .replace("\\-", "-")
+        .replace("\\fB", "")
+        .replace("\\fR", "")
+        .replace("\\fI", "");
+    let mut out = BTreeSet::new();
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+        let long = word.starts_with("--")
+            && word.len() > 3
+            && word[2..]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-');
+        let short =
+            word.len() == 2 && word.starts_with('-') && word.as_bytes()[1].is_ascii_alphabetic();
+        if long || short {
+            out.insert(word.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn help_and_man_page_name_the_same_options() {
+    let mut help = options_in(&bitfog(&["--help"]).stdout);
+    for c in ["serve", "builddb", "emptydb", "plan", "fetch", "store"] {
+        help.extend(options_in(&bitfog(&[c, "--help"]).stdout));
+    }
+    let man = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/bitfog.1")).unwrap();
+    let man_opts = options_in(&man);
+    assert_eq!(help, man_opts, "--help and man/bitfog.1 disagree");
+    assert!(help.contains("--max-bytes") && help.contains("--token") && help.contains("-q"));
+}
+
+#[test]
+fn man_page_renders_without_warnings() {
+    let page = concat!(env!("CARGO_MANIFEST_DIR"), "/man/bitfog.1");
+    let Ok(out) = std::process::Command::new("groff")
+        .args(["-man", "-ww", "-z", page])
+        .output()
+    else {
+        panic!("groff is needed for this test (apt-get install groff-base)");
+    };
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,8 @@
+//! One integration test binary: every test drives the real `bitfog`
+//! executable against real `bitfog serve` processes on 127.0.0.1:0, each in
+//! its own scratch directory.
+
+mod cli;
+mod serve;
+mod trip;
+mod util;

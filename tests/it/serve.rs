@@ -1,0 +1,575 @@
+//! The server: listings, ranges, uploads, symlinks, traversal, tokens,
+//! and the HTTP layer's limits, each followed by a normal request.
+
+use crate::util::*;
+use std::fs;
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+fn site(t: &Scratch) -> (Server, std::path::PathBuf, std::path::PathBuf) {
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let server = Server::start(t, "site", &two_areas(&src, &dst));
+    (server, src, dst)
+}
+
+#[test]
+fn startup_line_index_and_listing() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    awkward_tree(&src);
+    write(&src, "x/.bitfog-tmp-123", b"temp");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let first = server.log_text().lines().next().unwrap().to_string();
+    assert_eq!(
+        first,
+        format!(
+            "bitfog: listening on http://127.0.0.1:{}/",
+            server.addr.port()
+        )
+    );
+
+    let r = get(server.addr, "/");
+    assert_eq!(
+        (r.status, r.header("content-type").as_deref()),
+        (200, Some("application/json"))
+    );
+    assert_eq!(
+        serde_json::from_slice::<Vec<String>>(&r.body).unwrap(),
+        ["dst", "src"]
+    );
+
+    let r = get(server.addr, "/src/");
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/x-ndjson")
+    );
+    let body = String::from_utf8(r.body).unwrap();
+    let lines: Vec<serde_json::Value> = body
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (end, entries) = lines.split_last().unwrap();
+    assert_eq!(end["end"], true);
+    assert_eq!(end["count"].as_u64().unwrap() as usize, entries.len());
+    let sum: u64 = entries.iter().map(|e| e["size"].as_u64().unwrap()).sum();
+    assert_eq!(end["bytes"].as_u64().unwrap(), sum);
+    let names: Vec<&str> = entries
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort_by(|a, b| a.split('/').cmp(b.split('/')));
+    assert_eq!(names, sorted, "component-wise order");
+    assert!(
+        names.iter().position(|n| *n == "a").unwrap()
+            < names.iter().position(|n| *n == "a.txt").unwrap()
+    );
+    assert!(
+        !names.iter().any(|n| n.contains(".bitfog") || *n == "fifo"),
+        "{names:?}"
+    );
+    let plain = entries.iter().find(|e| e["name"] == "plain.txt").unwrap();
+    assert_eq!(
+        plain["sha256"].as_str(),
+        Some(sha256_hex(b"plain\n").as_str())
+    );
+    assert_eq!(
+        (plain["size"].as_u64(), plain["mode"].as_u64()),
+        (Some(6), Some(0o644))
+    );
+    let link = entries.iter().find(|e| e["name"] == "abs-link").unwrap();
+    assert_eq!(
+        (link["linkdest"].as_str(), link["size"].as_u64()),
+        (Some("/etc/passwd"), Some(11))
+    );
+    assert!(link.get("sha256").is_none());
+    let private = entries.iter().find(|e| e["name"] == "private").unwrap();
+    assert_eq!(private["mode"].as_u64(), Some(0o600));
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn ranges_if_range_and_head() {
+    let t = Scratch::new();
+    let (server, src, _) = site(&t);
+    let body = data(3, 1000);
+    write(&src, "f", &body);
+    let a = server.addr;
+    let r = get(a, "/src/f");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, body);
+    assert_eq!(r.header("accept-ranges").as_deref(), Some("bytes"));
+    let etag = r.header("etag").unwrap();
+    let lm = r.header("last-modified").unwrap();
+    assert!(lm.ends_with(" GMT"), "{lm}");
+    for (range, status, cr, slice) in [
+        ("bytes=0-9", 206, "bytes 0-9/1000", 0..10),
+        ("bytes=990-", 206, "bytes 990-999/1000", 990..1000),
+        ("bytes=-5", 206, "bytes 995-999/1000", 995..1000),
+        ("bytes=500-5000", 206, "bytes 500-999/1000", 500..1000),
+    ] {
+        let r = http(a, "GET", "/src/f", &[("Range", range)], b"");
+        assert_eq!(r.status, status, "{range}");
+        assert_eq!(r.header("content-range").as_deref(), Some(cr));
+        assert_eq!(r.body, &body[slice]);
+    }
+    for range in ["bytes=1000-", "bytes=5000-6000", "bytes=-0"] {
+        let r = http(a, "GET", "/src/f", &[("Range", range)], b"");
+        assert_eq!(r.status, 416, "{range}");
+        assert_eq!(r.header("content-range").as_deref(), Some("bytes */1000"));
+    }
+    for range in ["bytes=0-1,5-6", "bytes=x-y", "pages=1-2", "bytes=9-1"] {
+        let r = http(a, "GET", "/src/f", &[("Range", range)], b"");
+        assert_eq!((r.status, r.body.len()), (200, 1000), "{range}");
+    }
+    let r = http(
+        a,
+        "GET",
+        "/src/f",
+        &[("Range", "bytes=10-19"), ("If-Range", &etag)],
+        b"",
+    );
+    assert_eq!((r.status, r.body.as_slice()), (206, &body[10..20]));
+    let r = http(
+        a,
+        "GET",
+        "/src/f",
+        &[("Range", "bytes=10-19"), ("If-Range", &lm)],
+        b"",
+    );
+    assert_eq!(r.status, 206);
+    let r = http(
+        a,
+        "GET",
+        "/src/f",
+        &[("Range", "bytes=10-19"), ("If-Range", "\"other\"")],
+        b"",
+    );
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+    let r = http(a, "HEAD", "/src/f", &[], b"");
+    assert_eq!(
+        (
+            r.status,
+            r.header("content-length").as_deref(),
+            r.body.len()
+        ),
+        (200, Some("1000"), 0)
+    );
+    assert_eq!(get(a, "/src/missing").status, 404);
+    write(&src, "d/x", b"x");
+    assert!(matches!(get(a, "/src/d").status, 400 | 404));
+}
+
+#[test]
+fn traversal_and_symlink_escapes_are_refused() {
+    let t = Scratch::new();
+    let outside = t.mkdir("outside");
+    write(&outside, "secret", b"TOPSECRET");
+    let (server, src, dst) = site(&t);
+    write(&src, "ok.txt", b"fine");
+    std::os::unix::fs::symlink(&outside, src.join("dirlink")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), src.join("filelink")).unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("dirlink")).unwrap();
+    let a = server.addr;
+    // Positive control: a plain file is served, so an escape would show.
+    assert_eq!(get(a, "/src/ok.txt").body, b"fine");
+    assert_eq!(get(a, "/src/dirlink/../ok.txt").status, 400);
+    let hostile = [
+        "/src/../outside/secret",
+        "/src/%2e%2e/outside/secret",
+        "/src/%2E%2E%2Foutside%2Fsecret",
+        "/src/..%2foutside%2fsecret",
+        "/src/ok.txt/../../outside/secret",
+        "/src/dirlink/secret",
+        "/src/dirlink%2Fsecret",
+        "/src/filelink",
+        "/src//outside/secret",
+        "/src/./ok.txt",
+        "/src/%2fetc%2fpasswd",
+        "/src/a%00b",
+        "/src/..%5coutside%5csecret",
+        "/src/%252e%252e/outside/secret",
+        "/src/%",
+        "/src/%zz",
+        "/src/dirlink/",
+        "/../outside/secret",
+        "/%2e%2e/outside/secret",
+    ];
+    for path in hostile {
+        for method in ["GET", "HEAD", "DELETE"] {
+            let r = http(a, method, path, &[], b"");
+            assert!(
+                matches!(r.status, 400 | 404 | 405),
+                "{method} {path} -> {}",
+                r.status
+            );
+            assert!(
+                !String::from_utf8_lossy(&r.body).contains("TOPSECRET"),
+                "{method} {path} leaked"
+            );
+        }
+    }
+    for path in [
+        "/dst/../escape",
+        "/dst/%2e%2e/escape",
+        "/dst/dirlink/planted",
+        "/dst/dirlink%2fplanted",
+        "/dst/a/%2e%2e/%2e%2e/escape",
+    ] {
+        let r = http(a, "PUT", path, &[], b"planted");
+        assert!(matches!(r.status, 400 | 404), "PUT {path} -> {}", r.status);
+    }
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        1,
+        "nothing written outside"
+    );
+    assert!(!t.path("escape").exists());
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"TOPSECRET");
+    assert_serving(a);
+}
+
+#[test]
+fn put_verifies_hash_and_applies_mode_and_mtime() {
+    let t = Scratch::new();
+    let (server, _, dst) = site(&t);
+    let a = server.addr;
+    let body = b"new content";
+    let good = sha256_hex(body);
+    let r = http(
+        a,
+        "PUT",
+        "/dst/x/y.txt",
+        &[("X-Bitfog-Sha256", &sha256_hex(b"other"))],
+        body,
+    );
+    assert_eq!(r.status, 422);
+    assert!(!dst.join("x/y.txt").exists());
+    let r = http(
+        a,
+        "PUT",
+        "/dst/x/y.txt",
+        &[
+            ("X-Bitfog-Sha256", &good),
+            ("X-Bitfog-Mode", &(0o4751).to_string()),
+            ("X-Bitfog-Mtime", "1000000000"),
+        ],
+        body,
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    let m = fs::metadata(dst.join("x/y.txt")).unwrap();
+    assert_eq!(
+        (m.permissions().mode() & 0o7777, m.mtime()),
+        (0o751, 1_000_000_000),
+        "setuid dropped"
+    );
+    assert_eq!(fs::read(dst.join("x/y.txt")).unwrap(), body);
+    // A wrong hash leaves the old file exactly as it was.
+    let r = http(
+        a,
+        "PUT",
+        "/dst/x/y.txt",
+        &[("X-Bitfog-Sha256", &good)],
+        b"tampered!!!",
+    );
+    assert_eq!(r.status, 422);
+    assert_eq!(fs::read(dst.join("x/y.txt")).unwrap(), body);
+    for (h, v) in [
+        ("X-Bitfog-Sha256", "zz"),
+        ("X-Bitfog-Mode", "rw"),
+        ("X-Bitfog-Mtime", "yesterday"),
+    ] {
+        assert_eq!(
+            http(a, "PUT", "/dst/z", &[(h, v)], b"1").status,
+            400,
+            "{h}: {v}"
+        );
+    }
+    assert_eq!(http(a, "PUT", "/src/x", &[], b"1").status, 405);
+    let r = http(a, "DELETE", "/src/x", &[], b"");
+    assert_eq!(
+        (r.status, r.header("allow").as_deref()),
+        (405, Some("GET, HEAD"))
+    );
+    assert_eq!(http(a, "POST", "/dst/x", &[], b"").status, 405);
+    assert_eq!(http(a, "DELETE", "/dst/x/y.txt", &[], b"").status, 204);
+    assert_eq!(http(a, "DELETE", "/dst/x/y.txt", &[], b"").status, 404);
+    assert_eq!(http(a, "PUT", "/dst/.bitfog-tmp-1", &[], b"1").status, 400);
+    assert_eq!(http(a, "DELETE", "/dst/.bitfog-x", &[], b"").status, 400);
+    assert_eq!(get(a, "/dst/.bitfog-x").status, 404);
+    assert_no_temps(&dst);
+}
+
+fn assert_no_temps(root: &std::path::Path) {
+    let leftovers: Vec<_> = tree(root)
+        .into_iter()
+        .filter(|e| e.0.contains(".bitfog"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left: {:?}",
+        leftovers.iter().map(|e| &e.0).collect::<Vec<_>>()
+    );
+    for d in walk_all(root) {
+        assert!(!d.contains(".bitfog-tmp"), "temporary file left: {d}");
+    }
+}
+
+fn walk_all(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(root).unwrap().flatten() {
+        out.push(e.path().to_string_lossy().into_owned());
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk_all(&e.path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_body_cut_short_changes_nothing() {
+    let t = Scratch::new();
+    let (server, _, dst) = site(&t);
+    write(&dst, "f", b"old");
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.write_all(b"PUT /dst/f HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\npartial body")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fs::read(dst.join("f")).unwrap(), b"old");
+    assert_no_temps(&dst);
+    assert_serving(server.addr);
+}
+
+#[test]
+fn symlinks_are_made_replaced_and_deleted_never_followed() {
+    let t = Scratch::new();
+    let (server, _, dst) = site(&t);
+    let outside = t.mkdir("outside");
+    write(&outside, "target", b"keep me");
+    let a = server.addr;
+    let link = |path, to: &str| {
+        http(
+            a,
+            "PUT",
+            path,
+            &[("Content-Type", "application/symlink")],
+            to.as_bytes(),
+        )
+    };
+    assert_eq!(
+        link("/dst/l", outside.join("target").to_str().unwrap()).status,
+        204
+    );
+    assert_eq!(
+        fs::read_link(dst.join("l")).unwrap(),
+        outside.join("target")
+    );
+    assert_eq!(
+        get(a, "/dst/l").status,
+        404,
+        "a symlink's target is never read"
+    );
+    // A PUT on the link replaces the link, not its target.
+    assert_eq!(http(a, "PUT", "/dst/l", &[], b"replaced").status, 204);
+    assert!(
+        !fs::symlink_metadata(dst.join("l"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::read(outside.join("target")).unwrap(), b"keep me");
+    assert_eq!(link("/dst/l2", "../outside/target").status, 204);
+    assert_eq!(http(a, "DELETE", "/dst/l2", &[], b"").status, 204);
+    assert!(fs::symlink_metadata(dst.join("l2")).is_err());
+    assert_eq!(fs::read(outside.join("target")).unwrap(), b"keep me");
+    assert_no_temps(&dst);
+}
+
+#[test]
+fn token_areas_need_the_bearer_token() {
+    let t = Scratch::new();
+    let src = t.mkdir("src");
+    write(&src, "f", b"data");
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?},\"token\":\"s3cret\"}}}}",
+        src.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let a = server.addr;
+    assert_eq!(get(a, "/src/f").status, 401);
+    assert_eq!(get(a, "/src/").status, 401);
+    assert_eq!(
+        http(
+            a,
+            "GET",
+            "/src/f",
+            &[("Authorization", "Bearer wrong")],
+            b""
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        http(
+            a,
+            "GET",
+            "/src/f",
+            &[("Authorization", "Bearer s3cret")],
+            b""
+        )
+        .body,
+        b"data"
+    );
+    bitfog(&["builddb", &server.url("src"), &t.s("a.db")]).code(1);
+    bitfog(&[
+        "builddb",
+        &server.url("src"),
+        &t.s("a.db"),
+        "--token",
+        "s3cret",
+    ])
+    .ok();
+    let out = cmd(&["builddb", &server.url("src"), &t.s("b.db")])
+        .env("BITFOG_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn http_layer_limits_each_followed_by_a_normal_request() {
+    let t = Scratch::new();
+    let src = t.mkdir("src");
+    let dst = t.mkdir("dst");
+    let conf = t.path("c.json");
+    fs::write(&conf, two_areas(&src, &dst)).unwrap();
+    let mut server = Server::start_conf(&conf, &t.path("c.log"), &["--threads", "2"]);
+    let a = server.addr;
+    let w = Duration::from_secs(3);
+    // A huge Content-Length, closed unread: tiny_http died of this.
+    let r = raw(
+        a,
+        b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999999\r\n\r\n",
+        Duration::from_millis(300),
+    );
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_serving(a);
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    assert!(raw(a, big.as_bytes(), w).starts_with("HTTP/1.1 431"));
+    assert_serving(a);
+    let many: String = (0..100).map(|i| format!("X-{i}: v\r\n")).collect();
+    assert!(
+        raw(a, format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes(), w).starts_with("HTTP/1.1 431")
+    );
+    assert_serving(a);
+    for cl in [
+        "Content-Length: 5\r\nContent-Length: 5",
+        "Content-Length: 5\r\nContent-Length: 6",
+        "Content-Length: 12a",
+        "Content-Length: -1",
+        "Content-Length: +5",
+        "Content-Length: 0x10",
+    ] {
+        let r = raw(
+            a,
+            format!("PUT /dst/f HTTP/1.1\r\nHost: t\r\n{cl}\r\n\r\nhello").as_bytes(),
+            w,
+        );
+        assert!(r.starts_with("HTTP/1.1 400"), "{cl}: {r}");
+        assert_serving(a);
+    }
+    let r = raw(a, b"PUT /dst/f HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", w);
+    assert!(r.starts_with("HTTP/1.1 411"), "{r}");
+    let r = raw(
+        a,
+        b"PUT /dst/f HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        w,
+    );
+    assert!(r.starts_with("HTTP/1.1 411"), "{r}");
+    assert!(!dst.join("f").exists());
+    assert!(raw(a, b"\x16\x03\x01garbage\r\n\r\n", w).starts_with("HTTP/1.1 400"));
+    // Bare LF line endings are understood.
+    assert!(
+        raw(a, b"GET / HTTP/1.1\nHost: t\nConnection: close\n\n", w).starts_with("HTTP/1.1 200")
+    );
+    // Silent and idle clients, more than there are threads, starve no one.
+    let mut idle = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(a).unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").unwrap();
+        }
+        idle.push(s);
+    }
+    for _ in 0..5 {
+        assert_serving(a);
+    }
+    // Pipelined requests are answered in order; a request hidden in a
+    // body is data, never run.
+    let r = raw(a, b"GET /src/ HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", w);
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 2, "{r}");
+    let smuggled = b"DELETE /dst/keep HTTP/1.1\r\nHost: t\r\n\r\n";
+    write(&dst, "keep", b"k");
+    let mut req = format!(
+        "PUT /dst/body HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        smuggled.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(smuggled);
+    assert!(raw(a, &req, w).starts_with("HTTP/1.1 204"));
+    assert_eq!(fs::read(dst.join("body")).unwrap(), smuggled);
+    assert!(dst.join("keep").exists());
+    let t0 = Instant::now();
+    drop(idle);
+    assert!(server.alive());
+    assert_serving(a);
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(server.terminate(), 0, "SIGTERM exits 0");
+}
+
+#[test]
+fn expect_continue_and_keep_alive() {
+    let t = Scratch::new();
+    let (server, _, dst) = site(&t);
+    let r = raw(
+        server.addr,
+        b"PUT /dst/e HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
+        Duration::from_millis(500),
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204"),
+        "{r}"
+    );
+    assert_eq!(fs::read(dst.join("e")).unwrap(), b"ok");
+}
+
+#[test]
+fn stale_temporary_files_are_removed_at_startup() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&dst, "a/.bitfog-tmp-deadbeef-0", b"half an upload");
+    write(&src, ".bitfog-tmp-x", b"read-only areas are left alone");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dst.join("a/.bitfog-tmp-deadbeef-0").exists() {
+        assert!(Instant::now() < deadline, "stale temp not removed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(src.join(".bitfog-tmp-x").exists());
+    assert_eq!(server.terminate(), 0);
+}

@@ -1,0 +1,406 @@
+//! Whole trips, budgets, resumption and damaged couriers.
+
+use crate::util::*;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[test]
+fn whole_trip_with_an_awkward_tree() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    awkward_tree(&src);
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let b = bitfog(&["builddb", &su, &t.s("src.db"), "--json"]).ok();
+    assert_eq!(b.num("files"), 14, "the FIFO is skipped, the rest listed");
+    let db = fs::read_to_string(t.path("src.db")).unwrap();
+    assert!(db.starts_with("{\"bitfog\":1,\"source\":"), "{db}");
+    assert!(db.trim_end().ends_with(&format!(
+        "{{\"end\":true,\"count\":14,\"bytes\":{}}}",
+        b.num("bytes")
+    )));
+    assert!(!db.contains("fifo"));
+
+    let p = bitfog(&["plan", &t.s("dest.db"), &su, "--json"]).ok();
+    assert_eq!(p.num("remaining_files"), 11, "symlinks are not carried");
+
+    let f = bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier"), "--json"]).ok();
+    assert_eq!(
+        (
+            f.num("fetched_files"),
+            f.num("remaining_files"),
+            f.num("failed_files")
+        ),
+        (11, 0, 0)
+    );
+    assert_eq!(f.num("courier_bytes"), p.num("remaining_bytes"));
+    assert_eq!(
+        fs::read(t.path("courier/big.bin")).unwrap(),
+        fs::read(src.join("big.bin")).unwrap()
+    );
+
+    let s = bitfog(&["store", &t.s("src.db"), &du, &t.s("courier"), "--json"]).ok();
+    assert_eq!(
+        (
+            s.num("stored_files"),
+            s.num("failed_files"),
+            s.num("skipped_files")
+        ),
+        (14, 0, 0)
+    );
+    assert_same_tree(&src, &dst);
+    let (ms, md) = (
+        fs::metadata(src.join("big.bin")).unwrap(),
+        fs::metadata(dst.join("big.bin")).unwrap(),
+    );
+    assert_eq!(ms.mtime(), md.mtime(), "mtime is carried");
+
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    let p = bitfog(&["plan", &t.s("dest.db"), &su, "--json"]).ok();
+    assert_eq!(p.num("remaining_files"), 0);
+    let s = bitfog(&["store", &t.s("src.db"), &du, &t.s("courier"), "--json"]).ok();
+    assert_eq!(
+        (s.num("stored_files"), s.num("skipped_files")),
+        (0, 14),
+        "nothing is uploaded twice"
+    );
+
+    // The next fetch frees the courier of what the destination now has.
+    let f = bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier"), "--json"]).ok();
+    assert_eq!(f.num("courier_files"), 0);
+    assert!(!t.path("courier/big.bin").exists());
+    assert!(
+        !t.path("courier/dir").exists(),
+        "emptied directories are removed"
+    );
+}
+
+#[test]
+fn multi_trip_under_a_budget_until_nothing_is_left() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let mut total = 0u64;
+    for i in 0..24u64 {
+        let len = 10_000 + (i as usize * 37_000) % 290_000;
+        total += len as u64;
+        write(&src, &format!("d{}/f{i:02}", i % 3), &data(i, len));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let budget = 700 * 1024;
+    let mut trips = 0;
+    let mut carried = 0;
+    loop {
+        let f = bitfog(&[
+            "fetch",
+            &t.s("dest.db"),
+            &su,
+            &t.s("courier"),
+            "--max-bytes",
+            "700K",
+            "--json",
+        ])
+        .ok();
+        assert!(f.num("courier_bytes") <= budget, "{f}");
+        let on_disk: u64 = tree(&t.path("courier"))
+            .iter()
+            .map(|e| e.3.len() as u64)
+            .sum();
+        assert!(on_disk <= budget, "courier holds {on_disk} bytes");
+        carried += f.num("fetched_bytes");
+        assert_eq!(f.json()["budget_stop"], f.num("remaining_files") > 0, "{f}");
+        bitfog(&["store", &t.s("src.db"), &du, &t.s("courier")]).ok();
+        bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+        trips += 1;
+        let p = bitfog(&["plan", &t.s("dest.db"), &su, "--json"]).ok();
+        if p.num("remaining_files") == 0 {
+            break;
+        }
+        assert!(trips < 12, "no progress");
+    }
+    assert!(
+        trips >= 5,
+        "a 700K budget needs several trips for {total} bytes, took {trips}"
+    );
+    assert_eq!(carried, total, "every byte carried exactly once");
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn largest_first_then_smaller_ones_that_fit() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "huge", &data(1, 600_000));
+    write(&src, "mid", &data(2, 300_000));
+    write(&src, "small", &data(3, 100_000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("c"),
+        "--max-bytes",
+        "450000",
+        "--json",
+    ])
+    .ok();
+    assert!(!t.path("c/huge").exists());
+    assert!(t.path("c/mid").exists() && t.path("c/small").exists());
+    assert_eq!(f.num("remaining_files"), 1);
+}
+
+/// Bytes of the file that are on disk in the courier's partial area.
+fn partial_bytes(courier: &std::path::Path) -> u64 {
+    fs::read_dir(courier.join(".bitfog/partial"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_mid_file_then_resume_without_downloading_again() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let size = 8 << 20;
+    write(&src, "big.img", &data(7, size));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let relay = Relay::start(server.addr, Duration::from_millis(8));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let courier = t.path("courier");
+    let mut child = cmd(&["fetch", &t.s("dest.db"), &relay.url("src"), &t.s("courier")])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.down_bytes.load(Ordering::SeqCst) < 3 << 20 {
+        assert!(Instant::now() < deadline, "download did not progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let first = relay.down_bytes.load(Ordering::SeqCst);
+    let held = partial_bytes(&courier);
+    assert!(held > 1 << 20, "a partial file is kept ({held} bytes)");
+    assert!(
+        !courier.join("big.img").exists(),
+        "nothing unverified at the final path"
+    );
+
+    relay.down_bytes.store(0, Ordering::SeqCst);
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &relay.url("src"),
+        &t.s("courier"),
+        "--json",
+    ])
+    .ok();
+    assert_eq!(f.num("fetched_files"), 1);
+    let second = relay.down_bytes.load(Ordering::SeqCst);
+    assert_eq!(fs::read(courier.join("big.img")).unwrap(), data(7, size));
+    assert!(
+        second <= size as u64 - held + 64 * 1024,
+        "second run served {second} bytes, {held} were on disk"
+    );
+    let again = first + second - size as u64;
+    assert!(again <= 1 << 20, "bytes served twice: {again}");
+}
+
+#[test]
+fn server_dying_mid_stream_keeps_the_partial_and_resumes() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let size = 4 << 20;
+    write(&src, "f.bin", &data(9, size));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let relay = Relay::start(server.addr, Duration::ZERO);
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    relay.cut_after.store(2 << 20, Ordering::SeqCst);
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &relay.url("src"),
+        &t.s("courier"),
+        "--json",
+    ])
+    .code(1);
+    assert_eq!(f.num("failed_files"), 1);
+    assert!(f.stderr.contains("f.bin"), "{f}");
+    assert!(!t.path("courier/f.bin").exists());
+    let held = partial_bytes(&t.path("courier"));
+    assert!(held > 1 << 20, "partial kept: {held}");
+    relay.cut_after.store(u64::MAX, Ordering::SeqCst);
+    relay.down_bytes.store(0, Ordering::SeqCst);
+    bitfog(&["fetch", &t.s("dest.db"), &relay.url("src"), &t.s("courier")]).ok();
+    assert_eq!(fs::read(t.path("courier/f.bin")).unwrap(), data(9, size));
+    assert!(relay.down_bytes.load(Ordering::SeqCst) <= size as u64 - held + 64 * 1024);
+}
+
+#[test]
+fn a_file_changed_at_the_source_during_fetch_is_not_kept() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "moving.bin", &data(4, 16 << 20));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let relay = Relay::start(server.addr, Duration::from_millis(2));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let child = cmd(&[
+        "fetch",
+        &t.s("dest.db"),
+        &relay.url("src"),
+        &t.s("courier"),
+        "--json",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    while relay.down_bytes.load(Ordering::SeqCst) < 256 << 10 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Change a byte in place, past the current position; same size.
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = fs::File::options()
+        .write(true)
+        .open(src.join("moving.bin"))
+        .unwrap();
+    f.seek(SeekFrom::Start(15 << 20)).unwrap();
+    f.write_all(b"changed").unwrap();
+    drop(f);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sha256 mismatch"));
+    assert!(!t.path("courier/moving.bin").exists());
+    assert_eq!(
+        partial_bytes(&t.path("courier")),
+        0,
+        "the mixed partial is dropped"
+    );
+}
+
+#[test]
+fn store_refuses_damaged_courier_files_and_uploads_the_rest() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "good", b"good content\n");
+    write(&src, "flipped", &data(5, 10_000));
+    write(&src, "short", &data(6, 10_000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier")]).ok();
+    let mut bytes = fs::read(t.path("courier/flipped")).unwrap();
+    bytes[5000] ^= 1;
+    fs::write(t.path("courier/flipped"), bytes).unwrap();
+    let f = fs::File::options()
+        .write(true)
+        .open(t.path("courier/short"))
+        .unwrap();
+    f.set_len(4000).unwrap();
+    let s = bitfog(&["store", &t.s("src.db"), &du, &t.s("courier"), "--json"]).code(1);
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (1, 2),
+        "{s}"
+    );
+    assert!(
+        s.stderr.contains("'flipped'") && s.stderr.contains("damaged"),
+        "{s}"
+    );
+    assert!(s.stderr.contains("'short'"), "{s}");
+    assert!(dst.join("good").exists());
+    assert!(
+        !dst.join("flipped").exists() && !dst.join("short").exists(),
+        "damaged files are not uploaded"
+    );
+    // The next fetch replaces the damaged copies.
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    let f = bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier"), "--json"]).ok();
+    assert_eq!(f.num("fetched_files"), 2, "{f}");
+    bitfog(&["store", &t.s("src.db"), &du, &t.s("courier")]).ok();
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn store_delete_only_when_asked() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "keep", b"k");
+    write(&dst, "extra", b"x");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier")]).ok();
+    bitfog(&["store", &t.s("src.db"), &du, &t.s("courier")]).ok();
+    assert!(dst.join("extra").exists());
+    let s = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &du,
+        &t.s("courier"),
+        "--delete",
+        "--json",
+    ])
+    .ok();
+    assert_eq!(s.num("deleted_files"), 1);
+    assert!(!dst.join("extra").exists());
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn hostile_listing_names_never_land_outside_the_courier() {
+    let t = Scratch::new();
+    let body = [
+        "{\"name\":\"../escape\",\"size\":1,\"mode\":420,\"mtime\":1}",
+        "{\"name\":\".bitfog/carried.jsonl\",\"size\":1,\"mode\":420,\"mtime\":1}",
+        "{\"name\":\"/abs\",\"size\":1,\"mode\":420,\"mtime\":1}",
+        "{\"name\":\"a/../../x\",\"size\":1,\"mode\":420,\"mtime\":1}",
+        "{\"end\":true,\"count\":4,\"bytes\":4}",
+    ];
+    // Out of order entries are refused as a whole; these are in order.
+    let mut lines = body[..4].to_vec();
+    lines.sort_by(|a, b| {
+        let name = |s: &str| s.split('"').nth(3).unwrap().replace('/', "\0");
+        name(a).cmp(&name(b))
+    });
+    lines.push(body[4]);
+    let addr = responder(ndjson_response(&(lines.join("\n") + "\n")), false);
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let c = t.mkdir("deep/courier");
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &format!("http://{addr}/src/"),
+        c.to_str().unwrap(),
+        "--json",
+    ])
+    .code(1);
+    assert_eq!(f.num("failed_files"), 4, "{f}");
+    assert!(
+        !t.path("deep/escape").exists()
+            && !t.path("x").exists()
+            && !std::path::Path::new("/abs").exists()
+    );
+    assert_eq!(
+        fs::read_to_string(c.join(".bitfog/carried.jsonl")).unwrap_or_default(),
+        ""
+    );
+}
