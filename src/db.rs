@@ -3,7 +3,7 @@
 use crate::client::{AreaUrl, Client};
 use crate::error::{Exit, Result};
 use crate::manifest::DbWriter;
-use crate::ui::{Ui, human_bytes};
+use crate::ui::{Ui, files_bytes};
 use serde::Serialize;
 use std::path::Path;
 
@@ -29,11 +29,7 @@ pub(crate) fn builddb(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path) -> Res
             "{url}: the server left out {skipped} names it could not list (see its log)"
         ));
     }
-    let human = format!(
-        "wrote '{}': {files} files ({})\n",
-        db.display(),
-        human_bytes(bytes)
-    );
+    let human = format!("wrote '{}': {}\n", db.display(), files_bytes(files, bytes));
     ui.summary(
         &DbSummary {
             files,

@@ -12,7 +12,7 @@ use crate::digest::{BUF_SIZE, CopyError, Hasher, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
 use crate::manifest::{Entry, as_usage, open_db, parent_dir, sync_dir};
 use crate::plan::{self, Missing};
-use crate::ui::{Progress, Ui, human_bytes};
+use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -66,9 +66,8 @@ pub(crate) fn plan(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Re
     }
     let bytes = m.bytes();
     human.push_str(&format!(
-        "{} files ({}) to carry\n",
-        m.files.len(),
-        human_bytes(bytes)
+        "{} to carry\n",
+        files_bytes(m.files.len() as u64, bytes)
     ));
     if m.links > 0 {
         human.push_str(&format!(
@@ -173,11 +172,10 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let total_bytes: u64 = taken.iter().map(|&i| sizes[i] - partial_len[i]).sum();
     if let Some(max) = opts.max_bytes {
         ui.log(format!(
-            "courier holds {} of a {} budget; {} files ({}) fit of {} missing",
+            "courier holds {} of a {} budget; {} fit of {} missing",
             human_bytes(usage),
             human_bytes(max),
-            taken.len(),
-            human_bytes(total_bytes),
+            files_bytes(taken.len() as u64, total_bytes),
             needed.len()
         ));
     }
@@ -241,11 +239,9 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     sum.budget_stop = sum.remaining_files > 0 && taken.len() < needed.len();
 
     let mut human = format!(
-        "fetched {} files ({}); the courier holds {} files ({}) for the destination\n",
-        sum.fetched_files,
-        human_bytes(sum.fetched_bytes),
-        sum.courier_files,
-        human_bytes(sum.courier_bytes)
+        "fetched {}; the courier holds {} for the destination\n",
+        files_bytes(sum.fetched_files, sum.fetched_bytes),
+        files_bytes(sum.courier_files, sum.courier_bytes)
     );
     if sum.remaining_files > 0 {
         let why = if sum.disk_full {
@@ -256,15 +252,19 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             ""
         };
         human.push_str(&format!(
-            "{why}{} files ({}) are left for the next trip\n",
-            sum.remaining_files,
-            human_bytes(sum.remaining_bytes)
+            "{why}{} {} left for the next trip\n",
+            files_bytes(sum.remaining_files, sum.remaining_bytes),
+            if sum.remaining_files == 1 {
+                "is"
+            } else {
+                "are"
+            }
         ));
     } else {
         human.push_str("nothing is left to carry\n");
     }
     if sum.failed_files > 0 {
-        human.push_str(&format!("{} files failed\n", sum.failed_files));
+        human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
     }
     ui.summary(&sum, &human);
     Ok(if sum.failed_files > 0 {

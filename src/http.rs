@@ -85,6 +85,9 @@ impl Request<'_> {
     }
 }
 
+/// Writes a streamed body.
+pub(crate) type Producer = Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>;
+
 /// What a response carries after its head.
 pub(crate) enum Body {
     Empty,
@@ -97,7 +100,7 @@ pub(crate) enum Body {
         len: u64,
     },
     /// Produced on the fly; sent chunked (close-delimited to HTTP/1.0).
-    Stream(Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>),
+    Stream(Producer),
 }
 
 /// A response: status, headers, body.

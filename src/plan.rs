@@ -209,9 +209,9 @@ mod tests {
             prop_assert!(sum <= budget);
             // Nothing left out would still have fit.
             let left = budget - sum;
-            for i in 0..sizes.len() {
+            for (i, size) in sizes.iter().enumerate() {
                 if !taken.contains(&i) {
-                    prop_assert!(sizes[i] > left);
+                    prop_assert!(*size > left);
                 }
             }
         }

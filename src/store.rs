@@ -11,7 +11,7 @@ use crate::error::{Error, Exit, Result, describe_io};
 use crate::manifest::{Entry, as_usage, open_db};
 use crate::paths::check_carried_name;
 use crate::plan::{self, Pair};
-use crate::ui::{Progress, Ui, human_bytes};
+use crate::ui::{Progress, Ui, files_bytes, n_files};
 use serde::Serialize;
 use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
@@ -133,10 +133,9 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let sum = results.into_inner().expect("summary");
 
     let mut human = format!(
-        "stored {} files ({}); {} already at the destination",
-        sum.stored_files,
-        human_bytes(sum.stored_bytes),
-        sum.skipped_files
+        "stored {}; {} already at the destination",
+        files_bytes(sum.stored_files, sum.stored_bytes),
+        n_files(sum.skipped_files)
     );
     if opts.delete {
         human.push_str(&format!("; deleted {}", sum.deleted_files));
@@ -144,13 +143,12 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     human.push('\n');
     if sum.missing_files > 0 {
         human.push_str(&format!(
-            "{} files ({}) are not in the courier yet; carry them on a later trip\n",
-            sum.missing_files,
-            human_bytes(sum.missing_bytes)
+            "{} not in the courier yet; carry them on a later trip\n",
+            files_bytes(sum.missing_files, sum.missing_bytes)
         ));
     }
     if sum.failed_files > 0 {
-        human.push_str(&format!("{} files failed\n", sum.failed_files));
+        human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
     }
     ui.summary(&sum, &human);
     Ok(if sum.failed_files > 0 {

@@ -44,6 +44,16 @@ impl Ui {
     }
 }
 
+/// `1 file` or `N files`.
+pub(crate) fn n_files(n: u64) -> String {
+    format!("{n} file{}", if n == 1 { "" } else { "s" })
+}
+
+/// `3 files (2.9 MiB)`.
+pub(crate) fn files_bytes(n: u64, bytes: u64) -> String {
+    format!("{} ({})", n_files(n), human_bytes(bytes))
+}
+
 /// `1536` → `1.5 KiB`.
 pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];

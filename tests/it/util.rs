@@ -135,11 +135,16 @@ impl Server {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
-        let child = cmd(&args)
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .unwrap();
+        // Wrapped at once, so Drop kills and waits on every path.
+        let mut server = Server {
+            child: cmd(&args)
+                .stdout(Stdio::null())
+                .stderr(logf)
+                .spawn()
+                .unwrap(),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log: log.to_path_buf(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = fs::read_to_string(log).unwrap_or_default();
@@ -147,12 +152,8 @@ impl Server {
                 let rest = line
                     .strip_prefix("bitfog: listening on http://")
                     .unwrap_or_else(|| panic!("bad startup line: {line}"));
-                let addr = rest.trim_end_matches('/').parse().unwrap();
-                return Server {
-                    child,
-                    addr,
-                    log: log.to_path_buf(),
-                };
+                server.addr = rest.trim_end_matches('/').parse().unwrap();
+                return server;
             }
             assert!(Instant::now() < deadline, "server did not start: {text}");
             thread::sleep(Duration::from_millis(10));
