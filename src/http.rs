@@ -638,6 +638,7 @@ where
         let resp = Response::text(status, msg);
         let _ = write_response(&mut conn.stream, resp, false, false, 1);
         log_line(limits, &conn.peer, &head.method, &head.target, status, 0);
+        linger_close(&mut conn.stream);
         None
     };
     if values("transfer-encoding").next().is_some() {
@@ -700,11 +701,32 @@ where
     };
     log_line(limits, &conn.peer, &head.method, &head.target, status, sent);
     if !(keep_alive && body_ok) {
+        linger_close(&mut conn.stream);
         return None;
     }
     conn.compact();
     conn.stream.set_nonblocking(true).ok()?;
     Some(conn)
+}
+
+/// Closes without resetting: a client still sending a body we did not read
+/// would otherwise get a TCP reset and might lose our answer. Bounded to
+/// half a second and 256 KiB.
+fn linger_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + Duration::from_millis(500);
+    let mut buf = [0u8; 16 * 1024];
+    let mut left = 256 * 1024;
+    while left > 0 {
+        let now = Instant::now();
+        if now >= until || stream.set_read_timeout(Some(until - now)).is_err() {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left -= n.min(left),
+        }
+    }
 }
 
 fn log_line(limits: &Limits, peer: &str, method: &str, target: &str, status: u16, sent: u64) {
