@@ -76,7 +76,10 @@ pub(crate) fn is_disk_full(err: &io::Error) -> bool {
         || err.kind() == io::ErrorKind::StorageFull
 }
 
-/// Prints `bitfog: MESSAGE` on stderr.
+/// Prints `bitfog: MESSAGE` on stderr in one write, so lines from several
+/// threads or processes sharing a log never interleave.
 pub(crate) fn print_error(msg: impl fmt::Display) {
-    eprintln!("bitfog: {msg}");
+    use std::io::Write;
+    let line = format!("bitfog: {msg}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }

@@ -732,10 +732,10 @@ fn linger_close(stream: &mut TcpStream) {
 fn log_line(limits: &Limits, peer: &str, method: &str, target: &str, status: u16, sent: u64) {
     if limits.log {
         let target: String = target.chars().take(300).collect();
-        eprintln!(
-            "bitfog: {peer} \"{method} {}\" {status} {sent}",
+        crate::error::print_error(format!(
+            "{peer} \"{method} {}\" {status} {sent}",
             target.escape_debug()
-        );
+        ));
     }
 }
 

@@ -163,7 +163,8 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("listener", &e))?;
-    eprintln!("bitfog: listening on http://{local}/");
+    // One write, so a script reading the log never sees half a line.
+    print_error(format!("listening on http://{local}/"));
 
     let state = Arc::new(State {
         config,

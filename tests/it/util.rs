@@ -148,7 +148,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = fs::read_to_string(log).unwrap_or_default();
-            if let Some(line) = text.lines().next() {
+            if let Some((line, _)) = text.split_once('\n') {
                 let rest = line
                     .strip_prefix("bitfog: listening on http://")
                     .unwrap_or_else(|| panic!("bad startup line: {line}"));
