@@ -404,3 +404,122 @@ fn hostile_listing_names_never_land_outside_the_courier() {
         ""
     );
 }
+
+/// Mounts a tmpfs of `size` at `dir`; false when this machine cannot.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> bool {
+    fs::create_dir_all(dir).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            dir.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+    }
+    ok
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_courier_disk_stops_fetch_cleanly_and_resumes() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for (i, len) in [(1, 900_000), (2, 700_000), (3, 600_000), (4, 30_000)] {
+        write(&src, &format!("f{i}"), &data(i, len));
+    }
+    let courier = t.path("courier");
+    if !mount_tmpfs(&courier, "2M") {
+        return;
+    }
+    let _guard = Unmount(courier.clone());
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &su,
+        courier.to_str().unwrap(),
+        "--json",
+        "--jobs",
+        "1",
+    ])
+    .ok();
+    assert_eq!(f.json()["disk_full"], true, "{f}");
+    assert!(f.stderr.contains("full"), "{f}");
+    assert!(f.num("remaining_files") > 0);
+    // Whatever is at a final path is complete and verified.
+    for (name, kind, _, bytes) in tree(&courier) {
+        assert_eq!(kind, 'f');
+        assert_eq!(
+            bytes,
+            fs::read(src.join(&name)).unwrap(),
+            "{name} in the courier is not the source's"
+        );
+    }
+    bitfog(&["store", &t.s("src.db"), &du, courier.to_str().unwrap()]).ok();
+    // Trips continue until everything has arrived.
+    for _ in 0..6 {
+        bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+        if bitfog(&["plan", &t.s("dest.db"), &su, "--json"])
+            .ok()
+            .num("remaining_files")
+            == 0
+        {
+            break;
+        }
+        bitfog(&["fetch", &t.s("dest.db"), &su, courier.to_str().unwrap()]).ok();
+        bitfog(&["store", &t.s("src.db"), &du, courier.to_str().unwrap()]).ok();
+    }
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn a_full_destination_disk_answers_507_and_keeps_nothing_partial() {
+    let t = Scratch::new();
+    let src = t.mkdir("src");
+    write(&src, "small", &data(1, 100_000));
+    write(&src, "large", &data(2, 3_000_000));
+    let dst = t.path("dst");
+    if !mount_tmpfs(&dst, "1M") {
+        return;
+    }
+    let _guard = Unmount(dst.clone());
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier")]).ok();
+    let s = bitfog(&["store", &t.s("src.db"), &du, &t.s("courier"), "--json"]).code(1);
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (1, 1),
+        "{s}"
+    );
+    assert!(
+        s.stderr.contains("'large'") && s.stderr.contains("full"),
+        "{s}"
+    );
+    assert!(server.log_text().contains("\"PUT /dst/large\" 507"));
+    let names: Vec<String> = tree(&dst).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, ["small"], "no partial or temporary file is left");
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 1);
+}
