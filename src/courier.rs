@@ -18,7 +18,7 @@ use crate::error::{Error, Result, describe_io};
 use crate::manifest::{Entry, parent_dir, sync_dir};
 use crate::paths::{COURIER_STATE, check_carried_name};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -74,10 +74,20 @@ pub(crate) struct Courier {
     root: PathBuf,
     state: PathBuf,
     log: Mutex<Option<File>>,
+    /// Directories made or checked by `prepare` in this run.
+    made: Mutex<HashSet<PathBuf>>,
+    /// Directories with renames not yet fsynced (see `sync`).
+    dirty: Mutex<HashSet<PathBuf>>,
     _lock: File,
 }
 
 const LOG: &str = "carried.jsonl";
+
+impl Drop for Courier {
+    fn drop(&mut self) {
+        self.sync();
+    }
+}
 
 impl Courier {
     /// Opens (with `create`, creates) COURIER and takes its lock.
@@ -125,6 +135,8 @@ impl Courier {
             root: root.to_path_buf(),
             state,
             log: Mutex::new(None),
+            made: Mutex::default(),
+            dirty: Mutex::default(),
             _lock: lock,
         })
     }
@@ -161,7 +173,10 @@ impl Courier {
         Ok(())
     }
 
-    /// Appends one record (after the file is in place).
+    /// Appends one record (after the file is in place). Not synced here:
+    /// `sync` does that once per run. A record lost to a power cut only
+    /// costs a re-hash, as `fetch` adopts an unrecorded file whose hash
+    /// matches; a record whose rename was lost finds no file and refetches.
     pub(crate) fn append_log(&self, rec: &Carried) -> io::Result<()> {
         let mut guard = self.log.lock().expect("log lock");
         if guard.is_none() {
@@ -175,8 +190,25 @@ impl Courier {
         let mut line = serde_json::to_vec(rec)?;
         line.push(b'\n');
         let f = guard.as_mut().expect("opened above");
-        f.write_all(&line)?;
-        f.sync_data()
+        f.write_all(&line)
+    }
+
+    /// Notes a rename into `dir`, to be made durable by `sync`.
+    pub(crate) fn renamed_in(&self, dir: &Path) {
+        self.dirty
+            .lock()
+            .expect("dirty dirs")
+            .insert(dir.to_path_buf());
+    }
+
+    /// Makes the record and every rename of this run durable.
+    pub(crate) fn sync(&self) {
+        if let Some(f) = self.log.lock().expect("log lock").as_ref() {
+            let _ = f.sync_data();
+        }
+        for dir in self.dirty.lock().expect("dirty dirs").drain() {
+            sync_dir(&dir);
+        }
     }
 
     /// The final path of a carried name (the name must be checked).
@@ -244,6 +276,9 @@ impl Courier {
         let comps: Vec<_> = rel.components().collect();
         for c in &comps[..comps.len() - 1] {
             dir.push(c);
+            if self.made.lock().expect("made dirs").contains(&dir) {
+                continue;
+            }
             match fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -255,6 +290,7 @@ impl Courier {
                     dir.display()
                 )));
             }
+            self.made.lock().expect("made dirs").insert(dir.clone());
         }
         Ok(self.root.join(rel))
     }

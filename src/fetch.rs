@@ -10,7 +10,7 @@ use crate::client::{AreaUrl, Client};
 use crate::courier::{Carried, Courier, PartialMeta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
-use crate::manifest::{Entry, as_usage, open_db, parent_dir, sync_dir};
+use crate::manifest::{Entry, as_usage, open_db, parent_dir};
 use crate::plan::{self, Missing};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use serde::Serialize;
@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
+
+/// Files larger than this keep a sidecar so an interrupted download can
+/// resume; smaller ones start over.
+const RESUME_MIN: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub(crate) struct FetchOpts {
@@ -141,6 +145,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
 
     // Partial downloads: keep those of a needed version, drop the rest.
     let mut partial_len = vec![0u64; needed.len()];
+    let mut resume: Vec<Option<PartialMeta>> = vec![None; needed.len()];
     let by_name: std::collections::HashMap<&str, usize> = needed
         .iter()
         .enumerate()
@@ -155,6 +160,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 partial_len[i] = fs::metadata(&part)
                     .map(|m| m.len().min(needed[i].size))
                     .unwrap_or(0);
+                resume[i] = meta;
             }
             _ => {
                 let _ = fs::remove_file(&part);
@@ -196,7 +202,15 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     let k = next.fetch_add(1, Ordering::SeqCst);
                     let Some(&i) = taken.get(k) else { return };
                     let e = &needed[i];
-                    match download(client, &opts.src, &courier, e, &wire, &progress.bytes) {
+                    match download(
+                        client,
+                        &opts.src,
+                        &courier,
+                        e,
+                        resume[i].as_ref(),
+                        &wire,
+                        &progress.bytes,
+                    ) {
                         Ok(()) => {
                             if ui.verbose {
                                 ui.log(format!("fetched '{}' ({})", e.name, human_bytes(e.size)));
@@ -222,6 +236,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         }
     });
     progress.finish();
+    courier.sync();
 
     let done = done.into_inner().expect("done list");
     let mut sum = FetchSummary {
@@ -311,6 +326,7 @@ fn download(
     src: &AreaUrl,
     courier: &Courier,
     e: &Entry,
+    resume: Option<&PartialMeta>,
     wire: &AtomicU64,
     shown: &AtomicU64,
 ) -> std::result::Result<(), Fail> {
@@ -322,14 +338,10 @@ fn download(
         }
     };
     let (part_path, sidecar) = courier.partial_paths(&e.name);
-    let mut meta = fs::read(&sidecar)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<PartialMeta>(&b).ok())
-        .filter(|m| m.entry.matches(e))
-        .unwrap_or(PartialMeta {
-            entry: Carried::of(e),
-            etag: None,
-        });
+    let mut meta = resume.cloned().unwrap_or(PartialMeta {
+        entry: Carried::of(e),
+        etag: None,
+    });
     let mut part = File::options()
         .read(true)
         .write(true)
@@ -339,7 +351,8 @@ fn download(
         .open(&part_path)
         .map_err(|err| other("cannot open partial file", &err))?;
     let mut hasher = Hasher::new();
-    let mut offset = if meta.etag.is_some() || e.sha256.is_some() {
+    // Only a partial that belongs to this version is continued.
+    let mut offset = if resume.is_some() {
         rehash_prefix(&mut part, e.size, &mut hasher)
             .map_err(|err| other("cannot read partial file", &err))?
     } else {
@@ -384,7 +397,9 @@ fn download(
             }
         }
         last_modified = dl.last_modified;
-        if dl.etag != meta.etag || !sidecar.exists() {
+        // Small files are simply downloaded again after an interruption;
+        // a sidecar for each would cost a file creation and an unlink.
+        if e.size > RESUME_MIN && (dl.etag != meta.etag || resume.is_none()) {
             meta.etag = dl.etag.clone();
             write_sidecar(&sidecar, &meta)
                 .map_err(|err| other("cannot write partial state", &err))?;
@@ -457,8 +472,10 @@ fn download(
         ));
     }
     fs::rename(&part_path, &final_path).map_err(|err| other("cannot move into place", &err))?;
-    sync_dir(parent_dir(&final_path));
-    let _ = fs::remove_file(&sidecar);
+    courier.renamed_in(parent_dir(&final_path));
+    if e.size > RESUME_MIN {
+        let _ = fs::remove_file(&sidecar);
+    }
     courier
         .append_log(&Carried::of(e))
         .map_err(|err| other("cannot record carried file", &err))?;
