@@ -474,7 +474,10 @@ where
                     Ok((stream, addr)) => {
                         if open.load(Ordering::SeqCst) >= limits.max_conns {
                             let _ = stream.set_nonblocking(true);
-                            let _ = (&stream).write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            let _ = (&stream).write(
+                                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                                  Content-Length: 26\r\nConnection: close\r\n\r\ntoo many open connections\n",
+                            );
                             continue;
                         }
                         open.fetch_add(1, Ordering::SeqCst);

@@ -123,7 +123,9 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                                 sum.failed_files += 1;
                             }
                         }
-                        progress.files.fetch_add(1, Ordering::Relaxed);
+                        if !matches!(action, Action::Delete(_)) {
+                            progress.files.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 });
             }
