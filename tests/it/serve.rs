@@ -573,3 +573,38 @@ fn stale_temporary_files_are_removed_at_startup() {
     assert!(src.join(".bitfog-tmp-x").exists());
     assert_eq!(server.terminate(), 0);
 }
+
+#[test]
+fn connection_cap_and_descriptor_exhaustion() {
+    let t = Scratch::new();
+    let src = t.mkdir("src");
+    write(&src, "f", &data(1, 5000));
+    let conf = t.path("c.json");
+    fs::write(
+        &conf,
+        format!("{{\"src\":{{\"path\":{:?}}}}}", src.to_str().unwrap()),
+    )
+    .unwrap();
+    // 64 descriptors: the server caps itself at 32 connections.
+    let mut server = Server::start_shell(&conf, &t.path("c.log"), &[], "ulimit -n 64;");
+    let a = server.addr;
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(TcpStream::connect(a).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let answer = raw(
+        a,
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+        Duration::from_secs(2),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.ends_with("too many open connections\n"),
+        "{answer}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(server.alive(), "the server survives a connection flood");
+    assert_serving(a);
+    assert_eq!(get(a, "/src/f").body, data(1, 5000));
+}

@@ -126,6 +126,12 @@ impl Server {
     }
 
     pub fn start_conf(conf: &Path, log: &Path, extra: &[&str]) -> Server {
+        Server::start_shell(conf, log, extra, "")
+    }
+
+    /// Like `start_conf`, after running `prefix` (e.g. `ulimit -n 64;`) in
+    /// the shell that execs the server.
+    pub fn start_shell(conf: &Path, log: &Path, extra: &[&str], prefix: &str) -> Server {
         let logf = fs::File::create(log).unwrap();
         let mut args = vec![
             "serve",
@@ -135,13 +141,20 @@ impl Server {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
+        let mut command = if prefix.is_empty() {
+            cmd(&args)
+        } else {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("{prefix} exec \"$0\" \"$@\""))
+                .arg(BIN)
+                .args(&args);
+            c.env_remove("BITFOG_TOKEN").stdin(Stdio::null());
+            c
+        };
         // Wrapped at once, so Drop kills and waits on every path.
         let mut server = Server {
-            child: cmd(&args)
-                .stdout(Stdio::null())
-                .stderr(logf)
-                .spawn()
-                .unwrap(),
+            child: command.stdout(Stdio::null()).stderr(logf).spawn().unwrap(),
             addr: "0.0.0.0:0".parse().unwrap(),
             log: log.to_path_buf(),
         };
