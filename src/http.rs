@@ -24,9 +24,96 @@ use std::time::{Duration, Instant};
 
 /// The most headers a request may carry (431 past it).
 const MAX_HEADERS: usize = 64;
-/// Unread request bodies up to this size are drained to keep the
-/// connection; larger ones close it.
-const MAX_DRAIN: u64 = 64 * 1024;
+/// A request body may take this long before its average rate is checked.
+const BODY_GRACE: Duration = Duration::from_secs(10);
+/// The slowest average body rate accepted after `BODY_GRACE`, in bytes per
+/// second: a client trickling a body cannot hold a worker for long.
+const MIN_BODY_RATE: u64 = 4096;
+/// Socket timeout of one blocking read or write in a worker; between ticks
+/// the worker decides whether a stalled client may keep it.
+const TICK: Duration = Duration::from_secs(1);
+
+/// When a worker gives up on a client that stopped moving bytes: after
+/// `BODY_GRACE` of no progress, after one `TICK` while other requests
+/// wait for a worker, or when the average rate falls below
+/// `MIN_BODY_RATE`. So N stalled clients cannot starve the others for long,
+/// however many workers there are.
+struct Patience<'a> {
+    waiting: &'a AtomicUsize,
+    began: Instant,
+    last: Instant,
+    moved: u64,
+    /// Off for streamed bodies, which are slow when the server is (hashing
+    /// a listing), not the client.
+    rate_check: bool,
+}
+
+impl<'a> Patience<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Patience<'a> {
+        let now = Instant::now();
+        Patience {
+            waiting,
+            began: now,
+            last: now,
+            moved: 0,
+            rate_check: true,
+        }
+    }
+
+    fn progress(&mut self, n: usize) -> io::Result<()> {
+        self.last = Instant::now();
+        self.moved += n as u64;
+        let elapsed = self.began.elapsed();
+        if self.rate_check && elapsed > BODY_GRACE && self.moved < MIN_BODY_RATE * elapsed.as_secs()
+        {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "client too slow"));
+        }
+        Ok(())
+    }
+
+    /// After a socket timeout: may we keep waiting?
+    fn stalled(&self) -> io::Result<()> {
+        let idle = self.last.elapsed();
+        if idle >= BODY_GRACE || (idle >= TICK && self.waiting.load(Ordering::SeqCst) > 0) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "client stalled"));
+        }
+        Ok(())
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes to the client, waiting through socket timeouts while `Patience`
+/// allows.
+struct PatientWriter<'a, 'b> {
+    stream: &'a mut TcpStream,
+    patience: Patience<'b>,
+}
+
+impl Write for PatientWriter<'_, '_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.write(data) {
+                Ok(n) => {
+                    self.patience.progress(n)?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => self.patience.stalled()?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
 
 /// Bounds on every phase of a connection.
 #[derive(Debug, Clone)]
@@ -143,6 +230,7 @@ pub(crate) struct BodyReader<'a> {
     remaining: u64,
     expect_continue: bool,
     broken: bool,
+    patience: Patience<'a>,
 }
 
 impl Read for BodyReader<'_> {
@@ -171,7 +259,18 @@ impl Read for BodyReader<'_> {
             self.conn.pos += n;
             n
         } else {
-            match self.conn.stream.read(&mut out[..want]) {
+            let got = loop {
+                match self.conn.stream.read(&mut out[..want]) {
+                    Err(e) if is_timeout(&e) => {
+                        if let Err(e) = self.patience.stalled() {
+                            self.broken = true;
+                            return Err(e);
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            match got {
                 Ok(0) => {
                     self.broken = true;
                     return Err(io::Error::new(
@@ -188,6 +287,10 @@ impl Read for BodyReader<'_> {
             }
         };
         self.remaining -= n as u64;
+        if let Err(e) = self.patience.progress(n) {
+            self.broken = true;
+            return Err(e);
+        }
         Ok(n)
     }
 }
@@ -318,6 +421,8 @@ struct Shared<H> {
     handler: H,
     limits: Limits,
     stopping: AtomicBool,
+    /// Requests with a complete head that wait for a worker.
+    waiting: AtomicUsize,
 }
 
 /// Serves `listener` until SIGINT or SIGTERM. In-flight requests get
@@ -340,6 +445,7 @@ where
         handler,
         limits: limits.clone(),
         stopping: AtomicBool::new(false),
+        waiting: AtomicUsize::new(0),
     });
     let (job_tx, job_rx) = mpsc::channel::<Conn>();
     let job_rx = Arc::new(Mutex::new(job_rx));
@@ -437,6 +543,7 @@ where
                 Head::Partial => {}
                 Head::Complete => {
                     let p = pending.swap_remove(i);
+                    shared.waiting.fetch_add(1, Ordering::SeqCst);
                     let _ = job_tx.send(p.conn);
                 }
                 Head::TooLarge => reject(
@@ -453,6 +560,7 @@ where
                 conn.compact();
                 match head_state(&conn.buf, limits.max_head) {
                     Head::Complete => {
+                        shared.waiting.fetch_add(1, Ordering::SeqCst);
                         let _ = job_tx.send(conn);
                     }
                     _ if conn.buf.is_empty() => pending.push(Pending {
@@ -565,6 +673,7 @@ fn worker<H>(
             Err(_) => return,
         };
         let Ok(conn) = job else { return };
+        shared.waiting.fetch_sub(1, Ordering::SeqCst);
         if let Some(conn) = serve_one(conn, shared) {
             if back.send(conn).is_err() {
                 return;
@@ -626,10 +735,11 @@ where
     let head = parse_head(&conn.buf[conn.pos..])?;
     conn.pos += head.len;
     conn.stream.set_nonblocking(false).ok()?;
-    conn.stream.set_read_timeout(Some(limits.io_timeout)).ok()?;
-    conn.stream
-        .set_write_timeout(Some(limits.io_timeout))
-        .ok()?;
+    // Body reads and response writes wake every TICK so that `Patience`
+    // can drop a stalled client (see there).
+    let timeout = limits.io_timeout.min(TICK);
+    conn.stream.set_read_timeout(Some(timeout)).ok()?;
+    conn.stream.set_write_timeout(Some(timeout)).ok()?;
 
     let values = |name: &'static str| header_values(&head.headers, name);
     let has_token = |name: &'static str, token: &str| {
@@ -639,7 +749,7 @@ where
     };
     let refuse = |conn: &mut Conn, status, msg| {
         let resp = Response::text(status, msg);
-        let _ = write_response(&mut conn.stream, resp, false, false, 1);
+        let _ = write_response(&mut conn.stream, &shared.waiting, resp, false, false, 1);
         log_line(limits, &conn.peer, &head.method, &head.target, status, 0);
         linger_close(&mut conn.stream);
         None
@@ -677,19 +787,23 @@ where
                 len,
                 remaining: len,
                 expect_continue: expect,
+                patience: Patience::new(&shared.waiting),
                 broken: false,
             },
         };
         let resp = catch_unwind(AssertUnwindSafe(|| (shared.handler)(&mut req)))
             .unwrap_or_else(|_| Response::text(500, "internal error"));
         // Leave the body fully read, or give up on the connection.
-        let mut body = req.body;
+        let body = req.body;
         let mut body_ok = !body.broken;
         if body_ok && body.remaining > 0 {
-            if body.expect_continue || body.remaining > MAX_DRAIN {
-                body_ok = false;
+            // Skip an unread body only when it has already arrived; never
+            // wait for one: a client could make a worker wait for nothing.
+            let buffered = (body.conn.buf.len() - body.conn.pos) as u64;
+            if !body.expect_continue && body.remaining <= buffered {
+                body.conn.pos += body.remaining as usize;
             } else {
-                body_ok = io::copy(&mut body, &mut io::sink()).is_ok() && body.remaining == 0;
+                body_ok = false;
             }
         }
         if !body_ok || shared.stopping.load(Ordering::SeqCst) {
@@ -697,7 +811,14 @@ where
         }
         let status = resp.status;
         let head_only = head.method == "HEAD";
-        match write_response(&mut conn.stream, resp, head_only, keep_alive, head.minor) {
+        match write_response(
+            &mut conn.stream,
+            &shared.waiting,
+            resp,
+            head_only,
+            keep_alive,
+            head.minor,
+        ) {
             Ok((sent, framed)) => (status, sent, body_ok && framed),
             Err(_) => (status, 0, false),
         }
@@ -746,6 +867,7 @@ fn log_line(limits: &Limits, peer: &str, method: &str, target: &str, status: u16
 /// allows the connection to be reused.
 fn write_response(
     stream: &mut TcpStream,
+    waiting: &AtomicUsize,
     resp: Response,
     head_only: bool,
     keep_alive: bool,
@@ -778,18 +900,22 @@ fn write_response(
     } else {
         "Connection: close\r\n\r\n"
     });
-    stream.write_all(head.as_bytes())?;
+    let mut out = PatientWriter {
+        stream,
+        patience: Patience::new(waiting),
+    };
+    out.write_all(head.as_bytes())?;
     if head_only || no_body_status {
         return Ok((0, reusable));
     }
     let sent = match resp.body {
         Body::Empty => 0,
         Body::Bytes(b) => {
-            stream.write_all(&b)?;
+            out.write_all(&b)?;
             b.len() as u64
         }
         Body::File { file, start, len } => {
-            let n = send_file(stream, file, start, len)?;
+            let n = send_file(&mut out, file, start, len)?;
             if n != len {
                 // The file shrank under us: the framing is broken.
                 return Ok((n, false));
@@ -797,8 +923,9 @@ fn write_response(
             n
         }
         Body::Stream(produce) => {
+            out.patience.rate_check = false;
             let mut counter = Counting {
-                inner: &mut *stream,
+                inner: &mut out,
                 chunked,
                 n: 0,
             };
@@ -809,12 +936,12 @@ fn write_response(
             }
             let n = counter.n;
             if chunked {
-                stream.write_all(b"0\r\n\r\n")?;
+                out.write_all(b"0\r\n\r\n")?;
             }
             n
         }
     };
-    stream.flush()?;
+    out.flush()?;
     Ok((sent, reusable))
 }
 
@@ -823,14 +950,20 @@ fn write_response(
 /// to a `TcpStream` does 8 KiB read/sendto pairs instead, so it is only the
 /// fallback where sendfile is refused. Returns fewer than `len` bytes only
 /// when the file shrank.
-fn send_file(stream: &mut TcpStream, file: std::fs::File, start: u64, len: u64) -> io::Result<u64> {
+fn send_file(
+    out: &mut PatientWriter,
+    file: std::fs::File,
+    start: u64,
+    len: u64,
+) -> io::Result<u64> {
     let mut offset = start as libc::off_t;
     let mut sent = 0u64;
     while sent < len {
         let chunk = (len - sent).min(1 << 30) as usize;
         // SAFETY: both descriptors are open for the duration of the call and
         // `offset` is a valid, exclusively borrowed off_t.
-        let n = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut offset, chunk) };
+        let n =
+            unsafe { libc::sendfile(out.stream.as_raw_fd(), file.as_raw_fd(), &mut offset, chunk) };
         if n < 0 {
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
@@ -839,10 +972,11 @@ fn send_file(stream: &mut TcpStream, file: std::fs::File, start: u64, len: u64) 
                     use std::io::Seek;
                     let mut file = file;
                     file.seek(io::SeekFrom::Start(start))?;
-                    return io::copy(&mut file.take(len), stream);
+                    return io::copy(&mut file.take(len), out);
                 }
                 Some(libc::EAGAIN) => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out"));
+                    out.patience.stalled()?;
+                    continue;
                 }
                 _ => return Err(err),
             }
@@ -851,18 +985,19 @@ fn send_file(stream: &mut TcpStream, file: std::fs::File, start: u64, len: u64) 
             break;
         }
         sent += n as u64;
+        out.patience.progress(n as usize)?;
     }
     Ok(sent)
 }
 
 /// Frames each write as one chunk (when `chunked`) and counts bytes.
-struct Counting<'a> {
-    inner: &'a mut TcpStream,
+struct Counting<'a, 'b, 'c> {
+    inner: &'a mut PatientWriter<'b, 'c>,
     chunked: bool,
     n: u64,
 }
 
-impl Write for Counting<'_> {
+impl Write for Counting<'_, '_, '_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if data.is_empty() {
             return Ok(0);

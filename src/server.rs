@@ -252,11 +252,8 @@ fn handle(state: &State, req: &mut Request) -> Response {
         return Response::text(404, "no such area");
     };
     if let Some(token) = &area.token {
-        let given = req
-            .header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+        let given = req.header("authorization").and_then(bearer).unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
             return Response::text(401, "this area needs a valid Authorization: Bearer token")
                 .with("WWW-Authenticate", "Bearer");
         }
@@ -292,6 +289,15 @@ fn handle(state: &State, req: &mut Request) -> Response {
 
 fn not_allowed(allow: &str) -> Response {
     Response::text(405, "method not allowed").with("Allow", allow)
+}
+
+/// The token of `Bearer TOKEN`: the scheme is case-insensitive and may be
+/// followed by several spaces (RFC 7235, RFC 6750).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -743,6 +749,15 @@ mod tests {
         for bad in ["8675", ":", ":99999", "host", ":-1"] {
             assert!(parse_addr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        assert_eq!(bearer("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer("bearer   s3cret"), Some("s3cret"));
+        assert_eq!(bearer("Basic s3cret"), None);
+        assert_eq!(bearer("Bearers3cret"), None);
+        assert_eq!(bearer("Bearer"), None);
     }
 
     #[test]

@@ -1,0 +1,533 @@
+#!/usr/bin/env python3
+"""Hostile input and faults against the real bitfog binary; prints figures.
+
+Run by scripts/torture.sh (which builds the release binary). Everything goes
+to 127.0.0.1 and a temporary directory. Sections:
+
+  requests  generated hostile requests against `bitfog serve`, by class, each
+            class with a positive control that shows the detector works
+  fetch     kill -9 of `fetch` at random points over a mixed tree
+  put       kill -9 of the server while `store` uploads, restart, rerun
+
+Usage: torture.py BITFOG [requests|fetch|put ...] [--rounds N]
+"""
+
+import hashlib
+import itertools
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = sys.argv[1]
+SECTIONS = [a for a in sys.argv[2:] if not a.startswith("--")] or ["requests", "fetch", "put"]
+ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 100
+SECRET = b"TOPSECRET-OUTSIDE-THE-AREA"
+rng = random.Random(20261126)
+
+
+def write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def snapshot(root):
+    """Every path below root with a hash of its content or link target."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p):
+                out[p] = "link:" + os.readlink(p)
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    out[p] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                out[p] = "dir"
+    return out
+
+
+class Server:
+    def __init__(self, conf, log, threads=4):
+        self.conf, self.log, self.threads = conf, log, threads
+        self.start()
+
+    def start(self):
+        self.logf = open(self.log, "ab")
+        start = self.logf.tell()
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--conf", self.conf, "--addr", "127.0.0.1:0", "--threads", str(self.threads)],
+            stdout=subprocess.DEVNULL, stderr=self.logf)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with open(self.log, "rb") as f:
+                f.seek(start)
+                for line in f.read().decode(errors="replace").splitlines(keepends=True):
+                    if line.startswith("bitfog: listening on http://") and line.endswith("\n"):
+                        host, port = line.strip().rsplit("/", 1)[0].split("//")[1].rsplit(":", 1)
+                        self.addr = (host, int(port))
+                        return
+            time.sleep(0.01)
+        raise SystemExit("server did not start")
+
+    def url(self, area):
+        return "http://%s:%d/%s/" % (self.addr[0], self.addr[1], area)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=15)
+
+
+def exchange(addr, data, timeout=5.0, close_early=False):
+    """Sends raw bytes; returns (response bytes, hung). `hung` means no
+    answer and no close within `timeout` for a request that was complete."""
+    s = socket.create_connection(addr, timeout=timeout)
+    try:
+        s.sendall(data)
+    except OSError:
+        pass
+    if close_early:
+        s.close()
+        return b"", False
+    out = b""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            s.settimeout(max(0.01, deadline - time.time()))
+            chunk = s.recv(65536)
+            if not chunk:
+                return out, False
+            out += chunk
+    except socket.timeout:
+        return out, out == b""
+    except OSError:
+        return out, False
+    finally:
+        s.close()
+    return out, out == b""
+
+
+def request(method, path, headers=(), body=b""):
+    head = "%s %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" % (method, path)
+    for k, v in headers:
+        head += "%s: %s\r\n" % (k, v)
+    if body or method == "PUT":
+        head += "Content-Length: %d\r\n" % len(body)
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+def healthy(addr):
+    t = time.time()
+    try:
+        out, _ = exchange(addr, request("GET", "/"), timeout=2)
+    except OSError:
+        return False
+    return out.startswith(b"HTTP/1.1 200") and time.time() - t < 2
+
+
+def section_requests():
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src, dst, tok, outside = (os.path.join(work, d) for d in ("src", "dst", "tok", "outside"))
+    write(os.path.join(outside, "secret.txt"), SECRET)
+    write(os.path.join(src, "file.txt"), b"plain")
+    write(os.path.join(src, "real", "copy.txt"), SECRET)  # control: a secret inside
+    write(os.path.join(src, "sub", "x.txt"), b"x")
+    write(os.path.join(tok, "t.txt"), SECRET)
+    write(os.path.join(dst, "keep"), b"keep")
+    os.symlink(outside, os.path.join(src, "ln_dir"))
+    os.symlink(os.path.join(outside, "secret.txt"), os.path.join(src, "ln_file"))
+    os.symlink("..", os.path.join(src, "sub", "ln_up"))
+    os.symlink("../outside", os.path.join(src, "ln_rel"))
+    os.symlink(outside, os.path.join(dst, "ln_dir"))
+    os.symlink(os.path.join(outside, "secret.txt"), os.path.join(dst, "ln_file"))
+    conf = os.path.join(work, "bitfog.json")
+    with open(conf, "w") as f:
+        f.write('{"src":{"path":"%s"},"dst":{"path":"%s","writable":true},'
+                '"tok":{"path":"%s","token":"s3cret"}}' % (src, dst, tok))
+    srv = Server(conf, os.path.join(work, "serve.log"))
+    before_outside = snapshot(outside)
+    before_src = snapshot(src)
+    rows = []
+
+    def run_class(name, cases, control):
+        escapes = hangs = deaths = 0
+        for method, raw, check in cases:
+            out, hung = exchange(srv.addr, raw)
+            if hung:
+                hangs += 1
+            if check(out):
+                escapes += 1
+                print("  ESCAPE %s: %r" % (name, raw[:200]))
+            if not srv.alive():
+                deaths += 1
+                srv.start()
+        if snapshot(outside) != before_outside:
+            escapes += 1
+            print("  ESCAPE %s: the outside directory changed" % name)
+        ok = control()
+        healthy_now = healthy(srv.addr)
+        rows.append((name, len(cases), escapes, deaths, hangs, "yes" if ok else "NO", healthy_now))
+
+    leaks = lambda out: SECRET in out
+    never = lambda out: False
+
+    # 1. Traversal in every encoding, every method, three areas.
+    dots = ["..", "%2e%2e", "%2E%2E", ".%2e", "%2e.", "%252e%252e", "%c0%ae%c0%ae", "..%00", "..;", "%2e%2e%00"]
+    seps = ["/", "%2f", "%2F", "%5c", "\\", "%252f", "//", "%c0%af"]
+    prefixes = ["/src/", "/dst/", "/src/sub/", "/tok/", "/"]
+    cases = []
+    for d, s_, depth, pre in itertools.product(dots, seps, (1, 2, 3, 5), prefixes):
+        target = "outside" + s_ + "secret.txt"
+        path = pre + (d + s_) * depth + target
+        method = rng.choice(["GET", "HEAD", "DELETE", "PUT"])
+        cases.append((method, request(method, path, body=b"PLANTED" if method == "PUT" else b""), leaks))
+
+    def traversal_control():
+        out, _ = exchange(srv.addr, request("GET", "/src/real/copy.txt"))
+        return leaks(out)
+    run_class("traversal", cases, traversal_control)
+
+    # 2. Symlinks in every position, every method.
+    paths = ["/src/ln_dir/secret.txt", "/src/ln_file", "/src/sub/ln_up/ln_file", "/src/sub/ln_up/ln_dir/secret.txt",
+             "/src/ln_rel/secret.txt", "/src/ln_dir%2fsecret.txt", "/src/ln_dir/", "/dst/ln_dir/secret.txt",
+             "/dst/ln_dir/new.txt", "/dst/ln_dir/deep/new.txt", "/dst/ln_file", "/src/sub/ln_up/real/copy.txt",
+             "/src/ln_dir/../file.txt", "/src/./ln_file"]
+    cases = []
+    for p, method in itertools.product(paths, ["GET", "HEAD", "PUT", "DELETE"]):
+        for variant in (p, p.replace("/", "%2F").replace("%2F", "/", 1), p.replace("ln_", "ln%5f")):
+            cases.append((method, request(method, variant, body=b"PLANTED" if method == "PUT" else b""), leaks))
+    run_class("symlinks", cases, traversal_control)
+    # Restore dst's links that a PUT or DELETE on the link itself replaced.
+    for n, t in (("ln_dir", outside), ("ln_file", os.path.join(outside, "secret.txt"))):
+        p = os.path.join(dst, n)
+        if os.path.lexists(p):
+            os.remove(p)
+        os.symlink(t, p)
+
+    # 3. Methods on a read-only area.
+    methods = ["PUT", "DELETE", "POST", "PATCH", "MKCOL", "MOVE", "COPY", "PROPFIND", "OPTIONS", "TRACE", "LOCK", "CONNECT"]
+    targets = ["/src/file.txt", "/src/new.txt", "/src/", "/src", "/src/sub/x.txt", "/src/real/new/deep.txt"]
+    cases = []
+    for m, t in itertools.product(methods, targets):
+        for hdrs in ((), (("Content-Type", "application/symlink"),), (("X-Bitfog-Sha256", "0" * 64),)):
+            cases.append((m, request(m, t, hdrs, b"/etc/passwd"), lambda out: out[9:10] == b"2"))
+    def readonly_control():
+        out, _ = exchange(srv.addr, request("PUT", "/dst/control.txt", body=b"ok"))
+        return out.startswith(b"HTTP/1.1 204") and os.path.exists(os.path.join(dst, "control.txt"))
+    run_class("read-only", cases, readonly_control)
+    if snapshot(src) != before_src:
+        print("  ESCAPE read-only: the read-only area changed")
+        rows[-1] = rows[-1][:2] + (rows[-1][2] + 1,) + rows[-1][3:]
+
+    # 4. Tokens.
+    variants = [None, "", "Bearer", "Bearer ", "Bearer s3cre", "Bearer s3cretX", "Bearer s3cret s3cret", "Basic czNjcmV0",
+                "s3cret", "Bearer S3CRET", "Bearer s3cret\x00", "Token s3cret", "Bearer s3cr%65t"]
+    cases = []
+    for v, p, m in itertools.product(variants, ["/tok/t.txt", "/tok/", "/tok", "/tok/%74.txt", "/tok/../tok/t.txt"],
+                                     ["GET", "HEAD", "PUT", "DELETE"]):
+        hdrs = () if v is None else (("Authorization", v),)
+        cases.append((m, request(m, p + ("?token=s3cret" if rng.random() < 0.2 else ""), hdrs), leaks))
+    def token_control():
+        out, _ = exchange(srv.addr, request("GET", "/tok/t.txt", (("Authorization", "Bearer s3cret"),)))
+        return leaks(out)
+    run_class("tokens", cases, token_control)
+
+    # 5. Malformed framing: answered or closed, never a death or a hang;
+    #    a request hidden in a body is never run.
+    keep = os.path.join(dst, "keep")
+    smuggled = b"DELETE /dst/keep HTTP/1.1\r\nHost: t\r\n\r\n"
+    frames = [
+        b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999999\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: " + b"a" * 100000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 10000 + b"\r\n",
+        b"GET /" + b"a" * 100000 + b" HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: t\nConnection: close\n\n",
+        b"GET /\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)),
+        b"GET / HTTP/1.1\r\nHost: t\x00evil\r\n\r\n",
+        b"GET /src/\xff\xfe HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /src/file.txt HTTP/1.1\r\nRange: bytes=" + b",".join(b"%d-%d" % (i, i) for i in range(2000)) + b"\r\nConnection: close\r\n\r\n",
+        b"GET /src/file.txt HTTP/1.1\r\nRange: bytes=99999999999999999999-\r\nConnection: close\r\n\r\n",
+        b"GET /src/file.txt HTTP/1.1\r\nRange: bytes=-99999999999999999999\r\nConnection: close\r\n\r\n",
+        b"PUT /dst/te HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: " + b"%d" % len(smuggled) + b"\r\n\r\n" + smuggled,
+        b"PUT /dst/te HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n",
+        b"PUT /dst/cl HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: " + b"%d" % len(smuggled) + b"\r\n\r\nhello" + smuggled,
+        b"PUT /dst/cl HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"PUT /dst/cl HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello",
+        b"PUT /dst/cl HTTP/1.1\r\nContent-Length:  0x5\r\n\r\nhello",
+        b"PUT /dst/cl HTTP/1.1\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello" + smuggled,
+        b"GET /src/file.txt HTTP/1.0\r\nContent-Length: 0\r\n\r\n" + smuggled,
+        b"PUT /dst/cl HTTP/1.1\r\n Content-Length: 5\r\n\r\nhello",
+        b"PUT /dst/cl HTTP/1.1\r\nContent-Length\t: 5\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 50 + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+        b"GET / HTTP/1.1\r\nExpect: something-else\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/7.9\r\n\r\n",
+        b"G\x00ET / HTTP/1.1\r\n\r\n",
+        b"GET  /  HTTP/1.1\r\n\r\n",
+        b"GET http://evil/src/file.txt HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ]
+    cases = [("RAW", f, never) for f in frames]
+    for _ in range(400):  # random garbage and mutations of a valid head
+        base = bytearray(rng.choice(frames[:6] + [request("GET", "/src/file.txt")]))
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(base))
+            base[i] = rng.randrange(256)
+        cases.append(("RAW", bytes(base), never))
+    start = time.time()
+    # Bodies cut short: the client closes mid-body.
+    for n in range(30):
+        cases.append(("CUT", b"PUT /dst/cut%d HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" % n + b"x" * rng.randrange(99999), never))
+    escapes = deaths = hangs = 0
+    for method, raw, _ in cases:
+        if method == "CUT":
+            exchange(srv.addr, raw, close_early=True)
+        else:
+            complete = b"\r\n\r\n" in raw or b"\n\n" in raw
+            # An incomplete head gets its 408 after 10 s; no need to wait.
+            out, hung = exchange(srv.addr, raw, timeout=12 if complete else 0.3)
+            if hung and complete and b"Content-Length: 99999999999999" not in raw:
+                hangs += 1
+                print("  HANG framing: %r" % raw[:120])
+        if not srv.alive():
+            deaths += 1
+            srv.start()
+    time.sleep(0.5)
+    if not os.path.exists(keep):
+        escapes += 1
+        print("  ESCAPE framing: a smuggled DELETE ran")
+    leftovers = [p for p in snapshot(dst) if "cut" in os.path.basename(p) or ".bitfog-tmp" in p]
+    if leftovers:
+        escapes += 1
+        print("  ESCAPE framing: cut-short uploads left files: %s" % leftovers[:5])
+    def framing_control():
+        # A real pipelined pair and a real PUT work, so the checks above could fail.
+        out, _ = exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\n" + request("PUT", "/dst/smuggle-control", body=b"x"))
+        return out.count(b"HTTP/1.1 2") == 2 and os.path.exists(os.path.join(dst, "smuggle-control"))
+    rows.append(("framing", len(cases), escapes, deaths, hangs, "yes" if framing_control() else "NO", healthy(srv.addr)))
+
+    # 6. Slow and idle clients while legitimate requests keep being served.
+    idle = []
+    for _ in range(500):
+        try:
+            idle.append(socket.create_connection(srv.addr))
+        except OSError:
+            break
+    slow = [socket.create_connection(srv.addr) for _ in range(20)]
+    worst = 0.0
+    for second in range(5):
+        for s in slow:
+            try:
+                s.send(b"G" if second == 0 else b"x")
+            except OSError:
+                pass
+        t = time.time()
+        ok = healthy(srv.addr)
+        worst = max(worst, time.time() - t)
+        time.sleep(1)
+    for s in idle + slow:
+        s.close()
+    rows.append(("idle+slow", len(idle) + len(slow), 0, 0 if srv.alive() else 1, 0 if ok else 1,
+                 "worst %.3fs" % worst, healthy(srv.addr)))
+    # Body-phase stalls and slow readers hold a worker each (4 here), until
+    # the body timeout or the rate check drops them.
+    write(os.path.join(src, "big.bin"), os.urandom(64 << 20))
+    stalled = []
+    for i in range(6):
+        s_ = socket.create_connection(srv.addr)
+        if i % 2:
+            s_.sendall(b"PUT /dst/stall%d HTTP/1.1\r\nContent-Length: 1000000\r\n\r\nx" % i)
+        else:
+            s_.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s_.sendall(b"GET /src/big.bin HTTP/1.1\r\n\r\n")
+        stalled.append(s_)
+    # More stalled bodies and slow readers than workers: a worker gives up
+    # on a client stalled for a second while others wait.
+    worst, t0 = 0.0, time.time()
+    while time.time() - t0 < 25:
+        t = time.time()
+        try:
+            out, _ = exchange(srv.addr, request("GET", "/"), timeout=30)
+        except OSError:
+            out = b""
+        worst = max(worst, time.time() - t)
+        time.sleep(0.5)
+    for s_ in stalled:
+        s_.close()
+    rows.append(("stalls", len(stalled), 0, 0 if srv.alive() else 1, 0, "worst %.1fs" % worst, healthy(srv.addr)))
+
+    srv.stop()
+    print("\nhostile requests against serve (%.1f s)" % (time.time() - start))
+    print("%-10s %6s %8s %7s %6s %-12s %s" % ("class", "cases", "escapes", "deaths", "hangs", "control", "healthy after"))
+    total = 0
+    for r in rows:
+        total += r[1]
+        print("%-10s %6d %8d %7d %6d %-12s %s" % r)
+    print("total cases: %d" % total)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def mixed_tree(root):
+    sizes = [0, 0, 1, 100, 4096, 65536, 100000, 1 << 20, 3 << 20, 10 << 20, 30 << 20, 100 << 20]
+    sizes += [rng.randrange(1, 200000) for _ in range(40)]
+    for i, n in enumerate(sizes):
+        write(os.path.join(root, "d%d" % (i % 4), "f%03d" % i), os.urandom(n))
+    return sum(sizes)
+
+
+def served_file_bytes(log, area):
+    """Bytes the server sent for file GETs of an area, from its log."""
+    total = 0
+    with open(log, errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[2] == '"GET' and parts[3].startswith("/%s/" % area) and parts[3] != "/%s/\"" % area:
+                total += int(parts[-1])
+    return total
+
+
+def courier_bytes(courier):
+    total = 0
+    for dirpath, _, files in os.walk(courier):
+        if "/.bitfog" in dirpath and "partial" not in dirpath:
+            continue
+        for n in files:
+            if n.endswith(".json") or n in ("lock", "carried.jsonl"):
+                continue
+            total += os.path.getsize(os.path.join(dirpath, n))
+    return total
+
+
+def wrong_final_files(courier, src):
+    bad = 0
+    for dirpath, _, files in os.walk(courier):
+        if "/.bitfog" in dirpath:
+            continue
+        for n in files:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, courier)
+            with open(p, "rb") as a, open(os.path.join(src, rel), "rb") as b:
+                if a.read() != b.read():
+                    bad += 1
+                    print("  WRONG CONTENT at final path: %s" % rel)
+    return bad
+
+
+def section_fetch():
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src = os.path.join(work, "src")
+    total = mixed_tree(src)
+    conf = os.path.join(work, "c.json")
+    with open(conf, "w") as f:
+        f.write('{"src":{"path":"%s"}}' % src)
+    log = os.path.join(work, "serve.log")
+    srv = Server(conf, log)
+    dest_db = os.path.join(work, "dest.db")
+    courier = os.path.join(work, "courier")
+    subprocess.run([BIN, "emptydb", dest_db], check=True, stdout=subprocess.DEVNULL)
+    t = time.time()
+    subprocess.run([BIN, "fetch", dest_db, srv.url("src"), os.path.join(work, "probe"), "-q"], check=True, stdout=subprocess.DEVNULL)
+    full = time.time() - t
+    shutil.rmtree(os.path.join(work, "probe"))
+    base = served_file_bytes(log, "src")
+    waste, wrong, kills = [], 0, 0
+    for i in range(ROUNDS):
+        held_before = courier_bytes(courier) if os.path.exists(courier) else 0
+        served_before = served_file_bytes(log, "src")
+        p = subprocess.Popen([BIN, "fetch", dest_db, srv.url("src"), courier, "-q"], stdout=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, full * 0.6))
+        if p.poll() is None:
+            p.kill()
+            kills += 1
+        p.wait()
+        time.sleep(0.05)
+        wrong += wrong_final_files(courier, src)
+        progress = courier_bytes(courier) - held_before
+        served = served_file_bytes(log, "src") - served_before
+        waste.append(max(0, served - progress))
+        if p.returncode == 0:  # finished before the kill: start over
+            shutil.rmtree(courier)
+    done = subprocess.run([BIN, "fetch", dest_db, srv.url("src"), courier, "-q"], stdout=subprocess.DEVNULL)
+    wrong += wrong_final_files(courier, src)
+    complete = done.returncode == 0 and courier_bytes(courier) == total
+    srv.stop()
+    print("\nkill -9 of fetch: %d rounds, %d kills mid-run, tree of %d bytes, one uninterrupted fetch %.2f s"
+          % (ROUNDS, kills, total, full))
+    print("files with wrong content at a final path: %d" % wrong)
+    print("final courier complete and verified: %s" % ("yes" if complete else "NO"))
+    print("bytes served again per interruption: median %d, p90 %d, max %d"
+          % (statistics.median(waste), sorted(waste)[int(len(waste) * 0.9)], max(waste)))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def section_put():
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
+    mixed_tree(src)
+    os.makedirs(dst)
+    conf = os.path.join(work, "c.json")
+    with open(conf, "w") as f:
+        f.write('{"src":{"path":"%s"},"dst":{"path":"%s","writable":true}}' % (src, dst))
+    log = os.path.join(work, "serve.log")
+    srv = Server(conf, log)
+    db = lambda n: os.path.join(work, n)
+    courier = os.path.join(work, "courier")
+    run = lambda *a: subprocess.run([BIN] + list(a) + ["-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run("emptydb", db("dest.db"))
+    run("builddb", srv.url("src"), db("src.db"))
+    run("fetch", db("dest.db"), srv.url("src"), courier)
+    t = time.time()
+    run("store", db("src.db"), srv.url("dst"), courier)
+    full = time.time() - t
+    temps_seen = wrong = 0
+    for i in range(ROUNDS):
+        shutil.rmtree(dst)
+        os.makedirs(dst)
+        srv.stop()
+        srv.start()
+        p = subprocess.Popen([BIN, "store", db("src.db"), srv.url("dst"), courier, "-q"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, full))
+        srv.kill9()
+        p.wait()
+        srv.start()
+        time.sleep(0.2)  # startup cleaning runs in the background
+        for path in snapshot(dst):
+            rel = os.path.relpath(path, dst)
+            if ".bitfog-tmp" in rel:
+                temps_seen += 1
+            elif os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as a, open(os.path.join(src, rel), "rb") as b:
+                    if a.read() != b.read():
+                        wrong += 1
+        listing, _ = exchange(srv.addr, request("GET", "/dst/"), timeout=30)
+        if b".bitfog" in listing:
+            temps_seen += 1
+    result = run("store", db("src.db"), srv.url("dst"), courier)
+    equal = snapshot(src).values() and sorted(snapshot(src).values()) == sorted(snapshot(dst).values())
+    srv.stop()
+    print("\nkill -9 of the server during store: %d rounds (one store takes %.2f s)" % (ROUNDS, full))
+    print("partial or temporary files visible after restart: %d" % temps_seen)
+    print("files with wrong content at a final path: %d" % wrong)
+    print("destination equals the source after a final store: %s" % ("yes" if result.returncode == 0 and equal else "NO"))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+for s in SECTIONS:
+    {"requests": section_requests, "fetch": section_fetch, "put": section_put}[s]()
