@@ -26,8 +26,13 @@ import tempfile
 import time
 
 BIN = sys.argv[1]
-SECTIONS = [a for a in sys.argv[2:] if not a.startswith("--")] or ["requests", "fetch", "put"]
-ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 100
+ARGS = sys.argv[2:]
+ROUNDS = 100
+if "--rounds" in ARGS:
+    i = ARGS.index("--rounds")
+    ROUNDS = int(ARGS[i + 1])
+    del ARGS[i:i + 2]
+SECTIONS = ARGS or ["requests", "fetch", "put"]
 SECRET = b"TOPSECRET-OUTSIDE-THE-AREA"
 rng = random.Random(20261126)
 

@@ -819,8 +819,8 @@ where
             keep_alive,
             head.minor,
         ) {
-            Ok((sent, framed)) => (status, sent, body_ok && framed),
-            Err(_) => (status, 0, false),
+            (sent, Ok(framed)) => (status, sent, body_ok && framed),
+            (sent, Err(_)) => (status, sent, false),
         }
     };
     log_line(limits, &conn.peer, &head.method, &head.target, status, sent);
@@ -872,7 +872,7 @@ fn write_response(
     head_only: bool,
     keep_alive: bool,
     minor: u8,
-) -> io::Result<(u64, bool)> {
+) -> (u64, io::Result<bool>) {
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nServer: bitfog\r\n",
         resp.status,
@@ -904,45 +904,48 @@ fn write_response(
         stream,
         patience: Patience::new(waiting),
     };
-    out.write_all(head.as_bytes())?;
-    if head_only || no_body_status {
-        return Ok((0, reusable));
+    if let Err(e) = out.write_all(head.as_bytes()) {
+        return (0, Err(e));
     }
-    let sent = match resp.body {
-        Body::Empty => 0,
-        Body::Bytes(b) => {
-            out.write_all(&b)?;
-            b.len() as u64
-        }
+    if head_only || no_body_status {
+        return (0, Ok(reusable));
+    }
+    let framed = write_body(&mut out, resp.body, chunked).and_then(|framed| {
+        out.flush()?;
+        Ok(framed && reusable)
+    });
+    // What went out after the head, even when the client vanished midway.
+    (out.patience.moved - head.len() as u64, framed)
+}
+
+/// Writes a response body; false when its framing could not be kept.
+fn write_body(out: &mut PatientWriter, body: Body, chunked: bool) -> io::Result<bool> {
+    match body {
+        Body::Empty => {}
+        Body::Bytes(b) => out.write_all(&b)?,
         Body::File { file, start, len } => {
-            let n = send_file(&mut out, file, start, len)?;
-            if n != len {
+            if send_file(out, file, start, len)? != len {
                 // The file shrank under us: the framing is broken.
-                return Ok((n, false));
+                return Ok(false);
             }
-            n
         }
         Body::Stream(produce) => {
             out.patience.rate_check = false;
-            let mut counter = Counting {
-                inner: &mut out,
-                chunked,
-                n: 0,
-            };
             {
-                let mut w = io::BufWriter::with_capacity(64 * 1024, &mut counter);
+                let mut framer = Chunked {
+                    inner: out,
+                    chunked,
+                };
+                let mut w = io::BufWriter::with_capacity(64 * 1024, &mut framer);
                 produce(&mut w)?;
                 w.flush()?;
             }
-            let n = counter.n;
             if chunked {
                 out.write_all(b"0\r\n\r\n")?;
             }
-            n
         }
-    };
-    out.flush()?;
-    Ok((sent, reusable))
+    }
+    Ok(true)
 }
 
 /// Sends `len` bytes of `file` from `start` with sendfile(2), which moves
@@ -990,14 +993,13 @@ fn send_file(
     Ok(sent)
 }
 
-/// Frames each write as one chunk (when `chunked`) and counts bytes.
-struct Counting<'a, 'b, 'c> {
+/// Frames each write as one chunk (when `chunked`).
+struct Chunked<'a, 'b, 'c> {
     inner: &'a mut PatientWriter<'b, 'c>,
     chunked: bool,
-    n: u64,
 }
 
-impl Write for Counting<'_, '_, '_> {
+impl Write for Chunked<'_, '_, '_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if data.is_empty() {
             return Ok(0);
@@ -1010,7 +1012,6 @@ impl Write for Counting<'_, '_, '_> {
         } else {
             self.inner.write_all(data)?;
         }
-        self.n += data.len() as u64;
         Ok(data.len())
     }
 
