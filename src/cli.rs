@@ -26,9 +26,10 @@ commands:
   builddb  URL DB                                       snapshot an area into a DB
   emptydb  DB                                           write a DB of an empty area
   plan     DESTDB SRCURL                                show what fetch would carry
-  fetch    DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N]
+  fetch    DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N] [--dry-run]
                                                         fill COURIER with what DESTDB lacks
-  store    SRCDB DESTURL COURIER [--delete] [--jobs N]  empty COURIER into DESTURL
+  store    SRCDB DESTURL COURIER [--delete [--max-delete N]] [--jobs N] [--dry-run]
+                                                        empty COURIER into DESTURL
 
 global options:
   -q, --quiet        errors only on stderr
@@ -92,7 +93,7 @@ options:
         }
         "fetch" => {
             "\
-usage: bitfog fetch DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N]
+usage: bitfog fetch DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N] [--dry-run]
 
 Downloads into COURIER what the destination (described by DESTDB) lacks
 from SRCURL, largest files first, each verified before it appears.
@@ -101,6 +102,7 @@ Resumable: rerun after any interruption.
 options:
       --max-bytes SIZE  cap on bytes held in COURIER (e.g. 200G, 1.5T, 512MiB)
       --jobs N          parallel downloads (default: 4)
+      --dry-run         show what would be fetched and removed; change nothing
   -v, --verbose         name each fetched file
       --json            print the summary as JSON
       --token TOKEN     bearer token for the source area
@@ -108,14 +110,18 @@ options:
         }
         "store" => {
             "\
-usage: bitfog store SRCDB DESTURL COURIER [--delete] [--jobs N]
+usage: bitfog store SRCDB DESTURL COURIER [--delete [--max-delete N]] [--jobs N] [--dry-run]
 
 Uploads from COURIER to DESTURL what DESTURL lacks according to SRCDB,
 checking each file's SHA-256 first. Recreates symlinks from SRCDB.
 
 options:
-      --delete       remove from DESTURL the files SRCDB does not have
+      --delete       remove from DESTURL the files SRCDB does not have, if they
+                     are as the destination snapshot fetch saw (refused when
+                     SRCDB lists nothing or was made by emptydb)
+      --max-delete N delete at most N files (exit 1 when more were due)
       --jobs N       parallel uploads (default: 4)
+      --dry-run      show what would be uploaded and deleted; change nothing
       --json         print the summary as JSON
       --token TOKEN  bearer token for the destination area
 "
@@ -156,6 +162,8 @@ struct Raw {
     max_bytes: Option<String>,
     jobs: Option<String>,
     delete: bool,
+    max_delete: Option<String>,
+    dry_run: bool,
     free: Vec<OsString>,
 }
 
@@ -187,6 +195,8 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
         max_bytes: p.opt_value_from_str("--max-bytes").map_err(pico)?,
         jobs: p.opt_value_from_str("--jobs").map_err(pico)?,
         delete: p.contains("--delete"),
+        max_delete: p.opt_value_from_str("--max-delete").map_err(pico)?,
+        dry_run: p.contains("--dry-run"),
         free: Vec::new(),
     };
     for a in p.finish() {
@@ -205,6 +215,8 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
                 "-v",
                 "--verbose",
                 "--delete",
+                "--max-delete",
+                "--dry-run",
                 "-h",
                 "--help",
                 "-V",
@@ -274,6 +286,8 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
         ("--max-bytes", r.max_bytes.is_some(), &["fetch"]),
         ("--jobs", r.jobs.is_some(), &["fetch", "store"]),
         ("--delete", r.delete, &["store"]),
+        ("--max-delete", r.max_delete.is_some(), &["store"]),
+        ("--dry-run", r.dry_run, &["fetch", "store"]),
     ];
     for (opt, present, allowed) in given {
         if present && !allowed.contains(&name.as_str()) {
@@ -348,6 +362,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
                 src: url(&a[1])?,
                 courier: a[2].clone(),
                 max_bytes,
+                dry_run: r.dry_run,
                 jobs,
             })
         }
@@ -358,6 +373,13 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
                 dest: url(&a[1])?,
                 courier: a[2].clone(),
                 delete: r.delete,
+                max_delete: match r.max_delete.as_deref() {
+                    None => None,
+                    Some(n) => Some(n.parse().map_err(|_| {
+                        Error::usage(format!("--max-delete takes a whole number, not '{n}'"))
+                    })?),
+                },
+                dry_run: r.dry_run,
                 jobs,
             })
         }

@@ -143,18 +143,35 @@ impl Courier {
 
     /// The record of carried files, last line per name winning.
     pub(crate) fn load_log(&self) -> HashMap<String, Carried> {
-        let mut map = HashMap::new();
-        if let Ok(f) = File::open(self.state.join(LOG)) {
-            for line in BufReader::new(f).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(rec) = serde_json::from_str::<Carried>(&line) {
-                    map.insert(rec.name.clone(), rec);
-                }
-            }
-        }
-        map
+        read_log(&self.root)
     }
 
+    /// Partial downloads present: (part path, sidecar path, what it is).
+    pub(crate) fn partials(&self) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
+        read_partials(&self.root)
+    }
+
+    /// Bytes held in COURIER's files: everything but bitfog's own state,
+    /// partial downloads included.
+    pub(crate) fn usage(&self) -> u64 {
+        usage(&self.root)
+    }
+
+    /// Keeps a copy of the destination snapshot this trip was planned
+    /// from, for `store --delete`.
+    /// On failure no snapshot is left, never a stale one.
+    pub(crate) fn keep_snapshot(&self, db: &Path) -> io::Result<()> {
+        let path = self.state.join(crate::store::SNAPSHOT);
+        let tmp = self.state.join("destdb.jsonl.tmp");
+        let copied = fs::copy(db, &tmp)
+            .and_then(|_| File::open(&tmp)?.sync_all())
+            .and_then(|()| fs::rename(&tmp, &path));
+        if copied.is_err() {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&path);
+        }
+        copied
+    }
     /// Replaces the record with exactly `recs`, atomically.
     pub(crate) fn rewrite_log<'a>(&self, recs: impl Iterator<Item = &'a Carried>) -> Result<()> {
         let path = self.state.join(LOG);
@@ -226,46 +243,6 @@ impl Courier {
             dir.join(format!("{id}.part")),
             dir.join(format!("{id}.json")),
         )
-    }
-
-    /// Partial downloads present: (part path, sidecar path, what it is).
-    pub(crate) fn partials(&self) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
-        let dir = self.state.join("partial");
-        let mut out = Vec::new();
-        for dent in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let p = dent.path();
-            if p.extension().is_some_and(|x| x == "json") {
-                let meta = fs::read(&p)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok());
-                out.push((p.with_extension("part"), p, meta));
-            } else if p.extension().is_some_and(|x| x == "part")
-                && !p.with_extension("json").exists()
-            {
-                out.push((p.clone(), p.with_extension("json"), None));
-            }
-        }
-        out
-    }
-
-    /// Bytes held in COURIER's files: everything but bitfog's own state,
-    /// partial downloads included.
-    pub(crate) fn usage(&self) -> u64 {
-        let mut total = 0;
-        for dent in crate::scan::walker(&self.root).into_iter().flatten() {
-            if dent.depth() == 1 && dent.file_name() == COURIER_STATE {
-                continue;
-            }
-            if dent.file_type().is_file() && !dent.path().starts_with(&self.state) {
-                total += fs::symlink_metadata(dent.path())
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-            }
-        }
-        for (part, _, _) in self.partials() {
-            total += fs::symlink_metadata(part).map(|m| m.len()).unwrap_or(0);
-        }
-        total
     }
 
     /// Makes the directories above a carried name, refusing symlinks and
@@ -341,6 +318,60 @@ impl Courier {
             }
         }
     }
+}
+
+/// The record of carried files in COURIER, last line per name winning.
+/// Reads only.
+pub(crate) fn read_log(root: &Path) -> HashMap<String, Carried> {
+    let mut map = HashMap::new();
+    if let Ok(f) = File::open(root.join(COURIER_STATE).join(LOG)) {
+        for line in BufReader::new(f).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(rec) = serde_json::from_str::<Carried>(&line) {
+                map.insert(rec.name.clone(), rec);
+            }
+        }
+    }
+    map
+}
+
+/// Partial downloads in COURIER: (part path, sidecar path, what it is).
+pub(crate) fn read_partials(root: &Path) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
+    let dir = root.join(COURIER_STATE).join("partial");
+    let mut out = Vec::new();
+    for dent in fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let p = dent.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            let meta = fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            out.push((p.with_extension("part"), p, meta));
+        } else if p.extension().is_some_and(|x| x == "part") && !p.with_extension("json").exists() {
+            out.push((p.clone(), p.with_extension("json"), None));
+        }
+    }
+    out
+}
+
+/// Bytes held in COURIER's files: everything but bitfog's own state,
+/// partial downloads included.
+pub(crate) fn usage(root: &Path) -> u64 {
+    let state = root.join(COURIER_STATE);
+    let mut total = 0;
+    for dent in crate::scan::walker(root).into_iter().flatten() {
+        if dent.depth() == 1 && dent.file_name() == COURIER_STATE {
+            continue;
+        }
+        if dent.file_type().is_file() && !dent.path().starts_with(&state) {
+            total += fs::symlink_metadata(dent.path())
+                .map(|m| m.len())
+                .unwrap_or(0);
+        }
+    }
+    for (part, _, _) in read_partials(root) {
+        total += fs::symlink_metadata(part).map(|m| m.len()).unwrap_or(0);
+    }
+    total
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! after re-hashing the bytes already on disk.
 
 use crate::client::{AreaUrl, Client};
-use crate::courier::{Carried, Courier, PartialMeta};
+use crate::courier::{self, Carried, Courier, PartialMeta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
 use crate::manifest::{Entry, as_usage, open_db, parent_dir};
@@ -33,6 +33,7 @@ pub(crate) struct FetchOpts {
     pub(crate) src: AreaUrl,
     pub(crate) courier: PathBuf,
     pub(crate) max_bytes: Option<u64>,
+    pub(crate) dry_run: bool,
     pub(crate) jobs: usize,
 }
 
@@ -105,6 +106,8 @@ struct FetchSummary {
     downloaded_bytes: u64,
     budget_stop: bool,
     disk_full: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dry_run: bool,
 }
 
 /// Why one download failed.
@@ -117,6 +120,9 @@ enum Fail {
 /// `bitfog fetch DESTDB SRCURL COURIER`.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     let m = missing(client, &opts.destdb, &opts.src)?;
+    if opts.dry_run {
+        return dry_run(ui, opts, m);
+    }
     let courier = Courier::open(&opts.courier, true)?;
     let mut failed = 0u64;
     for (name, why) in &m.refused {
@@ -142,6 +148,12 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         courier.remove_carried(name);
     }
     courier.rewrite_log(held.iter())?;
+    if let Err(e) = courier.keep_snapshot(&opts.destdb) {
+        ui.error(format!(
+            "cannot keep the destination snapshot in the courier ({}); store --delete will go by SRCDB alone",
+            describe_io(&e)
+        ));
+    }
 
     // Partial downloads: keep those of a needed version, drop the rest.
     let mut partial_len = vec![0u64; needed.len()];
@@ -281,6 +293,80 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     if sum.failed_files > 0 {
         human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
     }
+    ui.summary(&sum, &human);
+    Ok(if sum.failed_files > 0 {
+        Exit::Failed
+    } else {
+        Exit::Done
+    })
+}
+
+/// `fetch --dry-run`: what a run would fetch and remove, from the record
+/// alone (no file is hashed, created or removed, and no lock is taken).
+fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
+    let log = courier::read_log(&opts.courier);
+    let on_disk = |e: &Entry| {
+        fs::symlink_metadata(opts.courier.join(&e.name))
+            .is_ok_and(|md| md.is_file() && md.len() == e.size)
+    };
+    let (held, needed): (Vec<Entry>, Vec<Entry>) = m
+        .files
+        .into_iter()
+        .partition(|e| log.get(&e.name).is_some_and(|c| c.matches(e)) && on_disk(e));
+    let keep: HashSet<&str> = held.iter().map(|e| e.name.as_str()).collect();
+    let mut human = String::new();
+    let mut freed = 0;
+    for c in log.values().filter(|c| !keep.contains(c.name.as_str())) {
+        if fs::symlink_metadata(opts.courier.join(&c.name)).is_ok_and(|md| md.is_file()) {
+            human.push_str(&format!("would remove '{}' from the courier\n", c.name));
+            freed += c.size;
+        }
+    }
+    let partial: std::collections::HashMap<String, u64> = courier::read_partials(&opts.courier)
+        .into_iter()
+        .filter_map(|(part, _, meta)| Some((meta?.entry.name, fs::metadata(part).ok()?.len())))
+        .collect();
+    let usage = courier::usage(&opts.courier).saturating_sub(freed);
+    let budget = opts
+        .max_bytes
+        .map_or(u64::MAX, |max| max.saturating_sub(usage));
+    let sizes: Vec<u64> = needed.iter().map(|e| e.size).collect();
+    let have = |i: usize| {
+        partial
+            .get(&needed[i].name)
+            .copied()
+            .unwrap_or(0)
+            .min(sizes[i])
+    };
+    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - have(i), budget);
+    for &i in &taken {
+        human.push_str(&format!(
+            "would fetch '{}' ({})\n",
+            needed[i].name,
+            human_bytes(sizes[i])
+        ));
+    }
+    for (name, why) in &m.refused {
+        ui.error(format!("refusing '{name}': {}", why.reason()));
+    }
+    let fetched_bytes: u64 = taken.iter().map(|&i| sizes[i]).sum();
+    let sum = FetchSummary {
+        fetched_files: taken.len() as u64,
+        fetched_bytes,
+        courier_files: (held.len() + taken.len()) as u64,
+        courier_bytes: held.iter().map(|e| e.size).sum::<u64>() + fetched_bytes,
+        remaining_files: (needed.len() - taken.len()) as u64,
+        remaining_bytes: sizes.iter().sum::<u64>() - fetched_bytes,
+        failed_files: m.refused.len() as u64,
+        budget_stop: taken.len() < needed.len(),
+        dry_run: true,
+        ..Default::default()
+    };
+    human.push_str(&format!(
+        "dry run: would fetch {}; {} would be left for the next trip\n",
+        files_bytes(sum.fetched_files, sum.fetched_bytes),
+        files_bytes(sum.remaining_files, sum.remaining_bytes)
+    ));
     ui.summary(&sum, &human);
     Ok(if sum.failed_files > 0 {
         Exit::Failed

@@ -11,7 +11,11 @@ use crate::error::{Error, Exit, Result, describe_io};
 use crate::manifest::{Entry, as_usage, open_db};
 use crate::paths::check_carried_name;
 use crate::plan::{self, Pair};
-use crate::ui::{Progress, Ui, files_bytes, n_files};
+use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
+use std::collections::HashMap;
+
+/// The destination snapshot `fetch` keeps in `COURIER/.bitfog/`.
+pub(crate) const SNAPSHOT: &str = "destdb.jsonl";
 use serde::Serialize;
 use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
@@ -24,6 +28,9 @@ pub(crate) struct StoreOpts {
     pub(crate) dest: AreaUrl,
     pub(crate) courier: PathBuf,
     pub(crate) delete: bool,
+    /// Stop after this many deletions.
+    pub(crate) max_delete: Option<u64>,
+    pub(crate) dry_run: bool,
     pub(crate) jobs: usize,
 }
 
@@ -34,6 +41,9 @@ struct StoreSummary {
     skipped_files: u64,
     failed_files: u64,
     deleted_files: u64,
+    /// Deletions not done: past `--max-delete`, or the file changed at the
+    /// destination since the snapshot `fetch` saw.
+    kept_files: u64,
     /// Files SRCDB has that neither the destination nor the courier holds.
     missing_files: u64,
     missing_bytes: u64,
@@ -47,20 +57,32 @@ enum Action {
 
 /// `bitfog store SRCDB DESTURL COURIER`.
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
-    let (_, src) = open_db(&opts.srcdb)?;
+    let (header, mut src) = open_db(&opts.srcdb)?;
+    if opts.delete && header.source.is_none() {
+        return Err(Error::usage(format!(
+            "'{}' was made by emptydb; refusing --delete, which would empty the destination",
+            opts.srcdb.display()
+        )));
+    }
     if !opts.courier.is_dir() {
         return Err(Error::usage(format!(
             "'{}': courier directory not found",
             opts.courier.display()
         )));
     }
-    let courier = Courier::open(&opts.courier, false)?;
+    // A dry run neither locks nor writes anything in the courier.
+    let courier = if opts.dry_run {
+        None
+    } else {
+        Some(Courier::open(&opts.courier, false)?)
+    };
     let listing = client.listing(&opts.dest)?;
 
     let mut sum = StoreSummary::default();
     let mut actions = Vec::new();
     let mut refused = Vec::new();
-    plan::merge(src.map(|r| r.map_err(as_usage)), listing, |pair| {
+    let mut doomed: Vec<Entry> = Vec::new();
+    plan::merge(src.by_ref().map(|r| r.map_err(as_usage)), listing, |pair| {
         match pair {
             Pair::Both(s, d) if s.same_content(&d) => sum.skipped_files += 1,
             Pair::Src(s) | Pair::Both(s, _) => {
@@ -68,22 +90,69 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     refused.push(format!("refusing '{}': {}", s.name, why.reason()));
                 } else if s.is_symlink() {
                     actions.push(Action::Link(s));
-                } else if courier.path_of(&s.name).symlink_metadata().is_ok() {
+                } else if opts.courier.join(&s.name).symlink_metadata().is_ok() {
                     actions.push(Action::Upload(s));
                 } else {
                     sum.missing_files += 1;
                     sum.missing_bytes += s.size;
                 }
             }
-            Pair::Dst(d) if opts.delete => actions.push(Action::Delete(d.name)),
+            Pair::Dst(d) if opts.delete => doomed.push(d),
             Pair::Dst(_) => {}
         }
         Ok(())
     })?;
+    if opts.delete && src.end().is_some_and(|e| e.count == 0) {
+        return Err(Error::usage(format!(
+            "'{}' lists nothing; refusing --delete, which would empty the destination",
+            opts.srcdb.display()
+        )));
+    }
     for msg in &refused {
         ui.error(msg);
     }
     sum.failed_files += refused.len() as u64;
+    let over_limit = choose_deletions(ui, opts, doomed, &mut actions, &mut sum)?;
+
+    if opts.dry_run {
+        let mut human = String::new();
+        for a in &actions {
+            match a {
+                Action::Upload(e) => human.push_str(&format!(
+                    "would upload '{}' ({})\n",
+                    e.name,
+                    human_bytes(e.size)
+                )),
+                Action::Link(e) => human.push_str(&format!(
+                    "would link '{}' -> '{}'\n",
+                    e.name,
+                    e.linkdest.as_deref().unwrap_or_default()
+                )),
+                Action::Delete(n) => human.push_str(&format!("would delete '{n}'\n")),
+            }
+            match a {
+                Action::Upload(e) | Action::Link(e) => {
+                    sum.stored_files += 1;
+                    sum.stored_bytes += e.size;
+                }
+                Action::Delete(_) => sum.deleted_files += 1,
+            }
+        }
+        human.push_str("dry run: nothing was changed\n");
+        ui.summary(
+            &DryRun {
+                dry_run: true,
+                summary: &sum,
+            },
+            &human,
+        );
+        return Ok(if sum.failed_files > 0 || over_limit {
+            Exit::Failed
+        } else {
+            Exit::Done
+        });
+    }
+    let courier = courier.expect("opened unless dry run");
 
     // Deletions first, so a name can change from file to directory.
     let (deletes, rest): (Vec<Action>, Vec<Action>) = actions
@@ -153,11 +222,80 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
     }
     ui.summary(&sum, &human);
-    Ok(if sum.failed_files > 0 {
+    Ok(if sum.failed_files > 0 || over_limit {
         Exit::Failed
     } else {
         Exit::Done
     })
+}
+
+#[derive(Serialize)]
+struct DryRun<'a> {
+    dry_run: bool,
+    #[serde(flatten)]
+    summary: &'a StoreSummary,
+}
+
+/// Picks the destination files `--delete` may remove: only those that
+/// still match the destination snapshot `fetch` kept in the courier (a file
+/// written or changed at the destination since is kept), and at most
+/// `--max-delete` of them. Returns true when the limit held some back.
+fn choose_deletions(
+    ui: &Ui,
+    opts: &StoreOpts,
+    doomed: Vec<Entry>,
+    actions: &mut Vec<Action>,
+    sum: &mut StoreSummary,
+) -> Result<bool> {
+    if doomed.is_empty() {
+        return Ok(false);
+    }
+    let snapshot = opts.courier.join(".bitfog").join(SNAPSHOT);
+    let mut allowed: Vec<Entry> = if snapshot.exists() {
+        let mut known: HashMap<String, Entry> =
+            doomed.into_iter().map(|e| (e.name.clone(), e)).collect();
+        let mut keep = Vec::new();
+        let (_, snap) = open_db(&snapshot)?;
+        for entry in snap {
+            let entry = entry.map_err(as_usage)?;
+            if let Some(now) = known.remove(&entry.name) {
+                if now.same_content(&entry) {
+                    keep.push(now);
+                } else {
+                    ui.error(format!(
+                        "not deleting '{}': it changed at the destination since the trip began",
+                        now.name
+                    ));
+                    sum.kept_files += 1;
+                }
+            }
+        }
+        for name in known.into_keys() {
+            ui.error(format!(
+                "not deleting '{name}': it appeared at the destination after the trip began"
+            ));
+            sum.kept_files += 1;
+        }
+        keep.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
+        keep
+    } else {
+        ui.log("no destination snapshot in the courier (fetch keeps one); deleting by SRCDB alone");
+        doomed
+    };
+    let mut over = false;
+    if let Some(max) = opts.max_delete {
+        if allowed.len() as u64 > max {
+            ui.error(format!(
+                "--max-delete {max}: {} files to delete; deleting the first {max} only",
+                allowed.len()
+            ));
+            sum.kept_files += allowed.len() as u64 - max;
+            allowed.truncate(max as usize);
+            over = true;
+        }
+    }
+    actions.extend(allowed.into_iter().map(|e| Action::Delete(e.name)));
+    Ok(over)
 }
 
 /// Does one action; the error is the one-line reason.

@@ -523,3 +523,138 @@ fn a_full_destination_disk_answers_507_and_keeps_nothing_partial() {
     assert_eq!(names, ["small"], "no partial or temporary file is left");
     assert_eq!(fs::read_dir(&dst).unwrap().count(), 1);
 }
+
+#[test]
+fn delete_is_refused_for_empty_sources_limited_and_kept_for_new_files() {
+    let t = Scratch::new();
+    let (src, dst, empty) = (t.mkdir("src"), t.mkdir("dst"), t.mkdir("empty"));
+    write(&src, "keep", b"k");
+    for n in ["old1", "old2", "old3", "changed"] {
+        write(&dst, n, n.as_bytes());
+    }
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"empty\":{{\"path\":{:?}}}}}",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        empty.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier")]).ok();
+
+    // SRCDBs that would empty the destination are refused outright.
+    bitfog(&["emptydb", &t.s("none.db")]).ok();
+    bitfog(&["builddb", &server.url("empty"), &t.s("nothing.db")]).ok();
+    for db in ["none.db", "nothing.db"] {
+        let r = bitfog(&["store", &t.s(db), &du, &t.s("courier"), "--delete"]).code(2);
+        assert!(r.stderr.contains("refusing --delete"), "{r}");
+    }
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 4, "nothing deleted");
+
+    // A dry run changes nothing and says what would happen.
+    let before = tree(&dst);
+    let r = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &du,
+        &t.s("courier"),
+        "--delete",
+        "--dry-run",
+    ])
+    .ok();
+    assert!(
+        r.stdout.contains("would upload 'keep'") && r.stdout.contains("would delete 'old1'"),
+        "{r}"
+    );
+    assert_eq!(tree(&dst), before);
+
+    // Written or changed at the destination after the snapshot: kept.
+    write(&dst, "changed", b"edited at the destination");
+    write(&dst, "new-at-dest", b"n");
+    let r = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &du,
+        &t.s("courier"),
+        "--delete",
+        "--max-delete",
+        "2",
+        "--json",
+    ])
+    .code(1);
+    assert_eq!(
+        (
+            r.num("deleted_files"),
+            r.num("kept_files"),
+            r.num("stored_files")
+        ),
+        (2, 3, 1),
+        "{r}"
+    );
+    assert!(
+        r.stderr.contains("--max-delete 2")
+            && r.stderr.contains("'new-at-dest'")
+            && r.stderr.contains("'changed'"),
+        "{r}"
+    );
+    assert!(
+        dst.join("new-at-dest").exists()
+            && dst.join("changed").exists()
+            && dst.join("keep").exists()
+    );
+    let r = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &du,
+        &t.s("courier"),
+        "--delete",
+        "--json",
+    ])
+    .ok();
+    assert_eq!(r.num("deleted_files"), 1);
+    let mut names: Vec<String> = tree(&dst).into_iter().map(|e| e.0).collect();
+    names.sort();
+    assert_eq!(names, ["changed", "keep", "new-at-dest"]);
+}
+
+#[test]
+fn fetch_dry_run_changes_nothing() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", &data(1, 5000));
+    write(&src, "b", &data(2, 9000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let r = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+        "--dry-run",
+        "--max-bytes",
+        "10000",
+        "--json",
+    ])
+    .ok();
+    assert_eq!(
+        (r.num("fetched_files"), r.num("remaining_files")),
+        (1, 1),
+        "{r}"
+    );
+    assert_eq!(r.json()["dry_run"], true);
+    assert!(!t.path("courier").exists(), "a dry run creates nothing");
+    let r = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+        "--dry-run",
+    ])
+    .ok();
+    assert!(
+        r.stdout.contains("would fetch 'b'") && r.stdout.contains("would fetch 'a'"),
+        "{r}"
+    );
+}
