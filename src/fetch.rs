@@ -406,8 +406,25 @@ fn is_held(
     false
 }
 
-/// Downloads one file into the courier (resuming a partial one).
+/// Downloads one file into the courier (resuming a partial one). A small
+/// file's partial cannot resume, so it is removed when the download fails.
 fn download(
+    client: &Client,
+    src: &AreaUrl,
+    courier: &Courier,
+    e: &Entry,
+    resume: Option<&PartialMeta>,
+    wire: &AtomicU64,
+    shown: &AtomicU64,
+) -> std::result::Result<(), Fail> {
+    let result = download_into_partial(client, src, courier, e, resume, wire, shown);
+    if result.is_err() && e.size <= RESUME_MIN {
+        let _ = fs::remove_file(courier.partial_paths(&e.name).0);
+    }
+    result
+}
+
+fn download_into_partial(
     client: &Client,
     src: &AreaUrl,
     courier: &Courier,

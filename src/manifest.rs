@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 /// The longest JSON line accepted (a 4 KiB name and a 4 KiB link target,
 /// both fully escaped, fit with room to spare).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
+/// Consecutive empty lines accepted: a server sends one every 10 s while it
+/// hashes, so this is more than a day of hashing, and a flood of them ends
+/// at once instead of never.
+pub(crate) const MAX_BLANK_RUN: u64 = 10_000;
 /// The manifest format version this build reads and writes.
 pub(crate) const VERSION: u64 = 1;
 
@@ -142,6 +146,7 @@ impl<R: BufRead> Reader<R> {
 
     /// Reads the next non-empty line into `self.buf`; false at EOF.
     fn next_line(&mut self) -> Result<bool> {
+        let mut blanks = 0u64;
         loop {
             self.buf.clear();
             self.line_no += 1;
@@ -158,6 +163,10 @@ impl<R: BufRead> Reader<R> {
             }
             if !self.buf.iter().all(|b| b.is_ascii_whitespace()) {
                 return Ok(true);
+            }
+            blanks += 1;
+            if blanks > MAX_BLANK_RUN {
+                return Err(self.bad(format!("more than {MAX_BLANK_RUN} empty lines in a row")));
             }
         }
     }
@@ -413,6 +422,17 @@ mod tests {
         ] {
             assert!(read_all(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn a_flood_of_empty_lines_ends() {
+        let flood = "\n".repeat(MAX_BLANK_RUN as usize + 1);
+        assert!(read_all(&flood).is_err());
+        let patient = format!(
+            "{}{{\"end\":true,\"count\":0,\"bytes\":0}}\n",
+            "\n".repeat(1000)
+        );
+        assert!(read_all(&patient).unwrap().is_empty());
     }
 
     #[test]

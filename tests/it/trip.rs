@@ -658,3 +658,105 @@ fn fetch_dry_run_changes_nothing() {
         "{r}"
     );
 }
+
+#[test]
+fn a_lying_server_gets_nothing_kept() {
+    let t = Scratch::new();
+    let good = data(1, 10);
+    let entry = |name: &str, content: &[u8]| {
+        format!(
+            "{{\"name\":\"{name}\",\"size\":{},\"mode\":420,\"mtime\":1,\"sha256\":\"{}\"}}",
+            content.len(),
+            sha256_hex(content)
+        )
+    };
+    // Listed as the ten good bytes, each served differently.
+    let names = [
+        "collide",
+        "collide/inner",
+        "good",
+        "longer",
+        "other",
+        "shorter",
+        "unframed",
+    ];
+    let mut lines: Vec<String> = names.iter().map(|n| entry(n, &good)).collect();
+    lines.push(format!(
+        "{{\"end\":true,\"count\":{},\"bytes\":{}}}",
+        names.len(),
+        10 * names.len()
+    ));
+    let listing = ndjson_response(&(lines.join("\n") + "\n"));
+    let addr = routes(vec![
+        ("/src/".to_string(), listing),
+        ("/src/good".to_string(), body_response(&good, Some(10))),
+        ("/src/collide".to_string(), body_response(&good, Some(10))),
+        (
+            "/src/collide/inner".to_string(),
+            body_response(&good, Some(10)),
+        ),
+        (
+            "/src/longer".to_string(),
+            body_response(&data(1, 20), Some(20)),
+        ),
+        (
+            "/src/shorter".to_string(),
+            body_response(&good[..5], Some(5)),
+        ),
+        (
+            "/src/other".to_string(),
+            body_response(&data(2, 10), Some(10)),
+        ),
+        (
+            "/src/unframed".to_string(),
+            body_response(&data(1, 30), None),
+        ),
+    ]);
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let c = t.mkdir("box/courier");
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &format!("http://{addr}/src/"),
+        c.to_str().unwrap(),
+        "--json",
+        "--jobs",
+        "1",
+    ])
+    .code(1);
+    assert_eq!(
+        (f.num("fetched_files"), f.num("failed_files")),
+        (2, 5),
+        "{f}"
+    );
+    let kept: Vec<String> = tree(&t.path("box"))
+        .into_iter()
+        .map(|e| e.0)
+        .filter(|n| !n.starts_with("courier/.bitfog/"))
+        .collect();
+    assert_eq!(
+        kept,
+        ["courier/collide", "courier/good"],
+        "only verified files, only inside COURIER"
+    );
+    let partials = fs::read_dir(c.join(".bitfog/partial")).unwrap().count();
+    assert_eq!(
+        partials, 0,
+        "failed small downloads leave no partial behind"
+    );
+    for (name, _, _, bytes) in tree(&c) {
+        assert_eq!(bytes, good, "{name}");
+    }
+}
+
+#[test]
+fn a_listing_of_endless_empty_lines_ends_with_an_error() {
+    let t = Scratch::new();
+    let flood = "\n".repeat(200_000);
+    let addr = responder(ndjson_response(&flood), false);
+    let start = Instant::now();
+    let r = bitfog(&["builddb", &format!("http://{addr}/src/"), &t.s("a.db")]).code(1);
+    assert!(r.stderr.contains("empty lines"), "{r}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(!t.path("a.db").exists());
+}

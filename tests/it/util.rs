@@ -566,3 +566,59 @@ pub fn responder(response: Vec<u8>, hang: bool) -> SocketAddr {
 pub fn ndjson_response(body: &str) -> Vec<u8> {
     format!("HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).into_bytes()
 }
+
+/// A scripted server: answers each request with the response of the first
+/// route whose path prefix matches the request target, else 404.
+pub fn routes(table: Vec<(String, Vec<u8>)>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let table = Arc::new(table);
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let table = table.clone();
+            thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    return;
+                }
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let target = first.split_whitespace().nth(1).unwrap_or("").to_string();
+                let resp = table
+                    .iter()
+                    .find(|(p, _)| &target == p)
+                    .map(|(_, r)| r.clone())
+                    .unwrap_or_else(|| {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_vec()
+                    });
+                let _ = conn.write_all(&resp);
+            });
+        }
+    });
+    addr
+}
+
+/// A response with a body and optional Content-Length.
+pub fn body_response(body: &[u8], length: Option<usize>) -> Vec<u8> {
+    let mut r = b"HTTP/1.1 200 OK\r\nConnection: close\r\n".to_vec();
+    if let Some(n) = length {
+        r.extend_from_slice(format!("Content-Length: {n}\r\n").as_bytes());
+    }
+    r.extend_from_slice(b"\r\n");
+    r.extend_from_slice(body);
+    r
+}
+
+/// SHA-256 in hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
