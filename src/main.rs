@@ -2,6 +2,7 @@
 //! end with SHA-256. `main` parses, runs one command, and maps the outcome
 //! to an exit code; nothing else.
 
+mod beneath;
 mod cli;
 mod client;
 mod courier;

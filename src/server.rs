@@ -8,10 +8,11 @@
 //! and become visible only by rename, after hashing and fsync. It must
 //! never read, create, change or delete anything outside an area.
 
+use crate::beneath::{Dir, Kind, Root};
 use crate::digest::{CopyError, Hasher, copy_hashing, is_sha256_hex};
 use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
 use crate::http::{self, Body, Request, Response};
-use crate::manifest::{End, sync_dir};
+use crate::manifest::End;
 use crate::paths::{components, is_reserved};
 use crate::protocol::{self, RangeAsk};
 use crate::scan::{self, Item};
@@ -21,7 +22,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -166,8 +167,20 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     // One write, so a script reading the log never sees half a line.
     print_error(format!("listening on http://{local}/"));
 
+    let mut roots = BTreeMap::new();
+    for (name, area) in &config {
+        let root = Root::open(&area.root).map_err(|e| {
+            Error::failed(format!(
+                "area '{name}': '{}': {}",
+                area.root.display(),
+                describe_io(&e)
+            ))
+        })?;
+        roots.insert(name.clone(), root);
+    }
     let state = Arc::new(State {
         config,
+        roots,
         quiet: opts.quiet,
     });
     let cleaner = state.clone();
@@ -213,6 +226,9 @@ fn max_connections() -> usize {
 
 struct State {
     config: Config,
+    /// Each area's root directory, held open: every request resolves
+    /// beneath it.
+    roots: BTreeMap<String, Root>,
     quiet: bool,
 }
 
@@ -245,10 +261,10 @@ fn handle(state: &State, req: &mut Request) -> Response {
         Some(i) => (&rest[..i], &rest[i + 1..]),
         None => (rest, &[][..]),
     };
-    let Some(area) = std::str::from_utf8(area_name)
+    let found = std::str::from_utf8(area_name)
         .ok()
-        .and_then(|n| state.config.get(n))
-    else {
+        .and_then(|n| Some((state.config.get(n)?, state.roots.get(n)?)));
+    let Some((area, root)) = found else {
         return Response::text(404, "no such area");
     };
     if let Some(token) = &area.token {
@@ -276,13 +292,13 @@ fn handle(state: &State, req: &mut Request) -> Response {
     let reserved = is_reserved(comps[comps.len() - 1]);
     match method {
         "GET" | "HEAD" if reserved => Response::text(404, "not found"),
-        "GET" | "HEAD" => get_file(area, &comps, req),
+        "GET" | "HEAD" => get_file(root, &comps, req),
         "PUT" | "DELETE" if !area.writable => not_allowed(allow),
         "PUT" | "DELETE" if reserved => {
             Response::text(400, "names starting with .bitfog are reserved")
         }
-        "PUT" => put(area, &comps, req),
-        "DELETE" => delete(area, &comps),
+        "PUT" => put(root, &comps, req),
+        "DELETE" => delete(root, &comps),
         _ => not_allowed(allow),
     }
 }
@@ -358,70 +374,37 @@ fn listing(state: &State, area: &Area) -> Response {
     Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", protocol::NDJSON_TYPE)
 }
 
-/// Why a path cannot be used, as a response.
-fn path_error(status: u16, msg: &str) -> Response {
-    Response::text(status, msg)
-}
-
-/// Checks that every directory component below the area root is a real
-/// directory (not a symlink); with `create`, makes missing ones.
-fn parent_dir(
-    area: &Area,
-    comps: &[&[u8]],
-    create: bool,
-) -> std::result::Result<PathBuf, Response> {
-    let mut dir = area.root.clone();
-    for c in &comps[..comps.len() - 1] {
-        dir.push(OsStr::from_bytes(c));
-        let mut meta = fs::symlink_metadata(&dir);
-        if create && matches!(&meta, Err(e) if e.kind() == io::ErrorKind::NotFound) {
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) if is_disk_full(&e) => return Err(path_error(507, "insufficient storage")),
-                Err(e) => {
-                    return Err(Response::text(
-                        500,
-                        format!("cannot create directory: {}", describe_io(&e)),
-                    ));
-                }
+/// Opens the directory of a request's last component beneath the area,
+/// refusing symlinks anywhere (see `beneath`); with `create`, makes missing
+/// directories.
+fn parent_dir(root: &Root, comps: &[&[u8]], create: bool) -> std::result::Result<Dir, Response> {
+    root.dir(&comps[..comps.len() - 1], create)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP | libc::EXDEV) if create => {
+                Response::text(400, "refused path: symlink in a directory component")
             }
-            meta = fs::symlink_metadata(&dir);
-        }
-        match meta {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(path_error(
-                    if create { 400 } else { 404 },
-                    "refused path: symlink in a directory component",
-                ));
+            Some(libc::ENOTDIR) if create => {
+                Response::text(409, "a path component is not a directory")
             }
-            Ok(_) if create => return Err(path_error(409, "a path component is not a directory")),
-            _ => return Err(path_error(404, "not found")),
-        }
-    }
-    Ok(dir)
+            _ if is_disk_full(&e) => Response::text(507, "insufficient storage"),
+            Some(libc::ENOENT | libc::ELOOP | libc::EXDEV | libc::ENOTDIR) => {
+                Response::text(404, "not found")
+            }
+            Some(libc::EACCES) => Response::text(403, "permission denied"),
+            _ => Response::text(500, format!("cannot open directory: {}", describe_io(&e))),
+        })
 }
 
-fn file_name<'a>(comps: &[&'a [u8]]) -> &'a OsStr {
-    OsStr::from_bytes(comps[comps.len() - 1])
+fn last<'a>(comps: &[&'a [u8]]) -> &'a [u8] {
+    comps[comps.len() - 1]
 }
 
-fn mtime_of(meta: &fs::Metadata) -> i64 {
-    meta.mtime()
-}
-
-fn get_file(area: &Area, comps: &[&[u8]], req: &Request) -> Response {
-    let dir = match parent_dir(area, comps, false) {
+fn get_file(root: &Root, comps: &[&[u8]], req: &Request) -> Response {
+    let dir = match parent_dir(root, comps, false) {
         Ok(d) => d,
         Err(resp) => return resp,
     };
-    let path = dir.join(file_name(comps));
-    let file = match File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&path)
-    {
+    let file = match dir.open_read(last(comps)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             return Response::text(403, "permission denied");
@@ -434,7 +417,7 @@ fn get_file(area: &Area, comps: &[&[u8]], req: &Request) -> Response {
         Err(e) => return Response::text(500, describe_io(&e)),
     };
     let len = meta.len();
-    let mtime = mtime_of(&meta);
+    let mtime = meta.mtime();
     let etag = format!(
         "\"{:x}-{:x}-{:x}.{:x}\"",
         meta.ino(),
@@ -507,46 +490,65 @@ fn session_tag() -> &'static str {
 
 const TEMP_PREFIX: &str = ".bitfog-tmp-";
 
-/// A temporary file in the target's directory; removed on drop unless
-/// it was renamed into place.
-struct TempFile {
-    path: PathBuf,
+/// A temporary name in the target's directory; removed on drop unless it
+/// was renamed into place.
+struct TempFile<'a> {
+    dir: &'a Dir,
+    name: Vec<u8>,
     file: Option<File>,
+    done: bool,
 }
 
-impl TempFile {
-    fn create(dir: &Path) -> io::Result<TempFile> {
+impl<'a> TempFile<'a> {
+    fn name() -> Vec<u8> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!("{TEMP_PREFIX}{}-{n}", session_tag()));
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)?;
-        live_temps().lock().map(|mut s| s.insert(path.clone())).ok();
-        Ok(TempFile {
-            path,
-            file: Some(file),
-        })
+        format!("{TEMP_PREFIX}{}-{n}", session_tag()).into_bytes()
     }
 
-    /// Renames into place and forgets the temporary name.
-    fn persist(mut self, to: &Path) -> io::Result<()> {
+    fn register(dir: &'a Dir, name: Vec<u8>, file: Option<File>) -> TempFile<'a> {
+        let path = dir.path.join(OsStr::from_bytes(&name));
+        live_temps().lock().map(|mut s| s.insert(path)).ok();
+        TempFile {
+            dir,
+            name,
+            file,
+            done: false,
+        }
+    }
+
+    /// A new, empty file.
+    fn create(dir: &'a Dir) -> io::Result<TempFile<'a>> {
+        let name = TempFile::name();
+        let file = dir.create_new(&name)?;
+        Ok(TempFile::register(dir, name, Some(file)))
+    }
+
+    /// A new symlink to `target`.
+    fn symlink(dir: &'a Dir, target: &[u8]) -> io::Result<TempFile<'a>> {
+        let name = TempFile::name();
+        dir.symlink(target, &name)?;
+        Ok(TempFile::register(dir, name, None))
+    }
+
+    /// Renames into place (replacing a file or symlink, never following
+    /// one) and forgets the temporary name.
+    fn persist(mut self, to: &[u8]) -> io::Result<()> {
         self.file.take();
-        fs::rename(&self.path, to)?;
-        live_temps().lock().map(|mut s| s.remove(&self.path)).ok();
-        self.path = PathBuf::new();
+        self.dir.rename(&self.name, to)?;
+        self.done = true;
+        let path = self.dir.path.join(OsStr::from_bytes(&self.name));
+        live_temps().lock().map(|mut s| s.remove(&path)).ok();
         Ok(())
     }
 }
 
-impl Drop for TempFile {
+impl Drop for TempFile<'_> {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            let _ = fs::remove_file(&self.path);
-            live_temps().lock().map(|mut s| s.remove(&self.path)).ok();
+        if !self.done {
+            let _ = self.dir.unlink(&self.name);
+            let path = self.dir.path.join(OsStr::from_bytes(&self.name));
+            live_temps().lock().map(|mut s| s.remove(&path)).ok();
         }
     }
 }
@@ -578,19 +580,16 @@ fn remove_stale_temps(state: &State) {
     }
 }
 
-fn put(area: &Area, comps: &[&[u8]], req: &mut Request) -> Response {
+fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
     if req.header("content-length").is_none() {
         return Response::text(411, "PUT needs Content-Length");
     }
-    let dir = match parent_dir(area, comps, true) {
+    let dir = match parent_dir(root, comps, true) {
         Ok(d) => d,
         Err(resp) => return resp,
     };
-    let path = dir.join(file_name(comps));
-    if let Ok(m) = fs::symlink_metadata(&path) {
-        if m.file_type().is_dir() {
-            return Response::text(409, "a directory exists at this path");
-        }
+    if dir.kind(last(comps)).ok().flatten() == Some(Kind::Dir) {
+        return Response::text(409, "a directory exists at this path");
     }
     let is_link = req.header("content-type").is_some_and(|t| {
         t.split(';')
@@ -600,20 +599,20 @@ fn put(area: &Area, comps: &[&[u8]], req: &mut Request) -> Response {
             .eq_ignore_ascii_case(protocol::SYMLINK_TYPE)
     });
     let result = if is_link {
-        put_symlink(&dir, &path, req)
+        put_symlink(&dir, last(comps), req)
     } else {
-        put_file(&dir, &path, req)
+        put_file(&dir, last(comps), req)
     };
     match result {
         Ok(()) => {
-            sync_dir(&dir);
+            dir.sync();
             Response::new(204, Body::Empty)
         }
         Err(resp) => resp,
     }
 }
 
-fn put_symlink(dir: &Path, path: &Path, req: &mut Request) -> std::result::Result<(), Response> {
+fn put_symlink(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<(), Response> {
     let len = req.content_length();
     if len == 0 || len > protocol::MAX_LINK_TARGET {
         return Err(Response::text(
@@ -635,11 +634,8 @@ fn put_symlink(dir: &Path, path: &Path, req: &mut Request) -> std::result::Resul
     if target.contains(&0) {
         return Err(Response::text(400, "a symlink target cannot contain NUL"));
     }
-    // Reserve a unique name, then put the link there instead.
-    let temp = TempFile::create(dir).map_err(write_error)?;
-    let _ = fs::remove_file(&temp.path);
-    std::os::unix::fs::symlink(OsStr::from_bytes(&target), &temp.path).map_err(write_error)?;
-    temp.persist(path).map_err(write_error)
+    let temp = TempFile::symlink(dir, &target).map_err(write_error)?;
+    temp.persist(name).map_err(write_error)
 }
 
 fn header_num<T: std::str::FromStr>(
@@ -658,12 +654,14 @@ fn header_num<T: std::str::FromStr>(
 fn write_error(e: io::Error) -> Response {
     if is_disk_full(&e) {
         Response::text(507, "insufficient storage")
+    } else if e.raw_os_error() == Some(libc::EISDIR) {
+        Response::text(409, "a directory exists at this path")
     } else {
         Response::text(500, format!("write failed: {}", describe_io(&e)))
     }
 }
 
-fn put_file(dir: &Path, path: &Path, req: &mut Request) -> std::result::Result<(), Response> {
+fn put_file(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<(), Response> {
     let want_hash = match req.header(protocol::HDR_SHA256) {
         Some(h) if is_sha256_hex(&h.to_ascii_lowercase()) => Some(h.to_ascii_lowercase()),
         Some(h) => {
@@ -708,28 +706,28 @@ fn put_file(dir: &Path, path: &Path, req: &mut Request) -> std::result::Result<(
         file.set_modified(when).map_err(write_error)?;
     }
     file.sync_all().map_err(write_error)?;
-    temp.persist(path).map_err(write_error)
+    temp.persist(name).map_err(write_error)
 }
 
-fn delete(area: &Area, comps: &[&[u8]]) -> Response {
-    let dir = match parent_dir(area, comps, false) {
+fn delete(root: &Root, comps: &[&[u8]]) -> Response {
+    let dir = match parent_dir(root, comps, false) {
         Ok(d) => d,
         Err(resp) => return resp,
     };
-    let path = dir.join(file_name(comps));
-    match fs::symlink_metadata(&path) {
-        Err(_) => return Response::text(404, "not found"),
-        Ok(m) if m.file_type().is_dir() => {
-            return Response::text(409, "a directory exists at this path");
-        }
-        Ok(_) => {}
+    match dir.kind(last(comps)) {
+        Ok(None) | Err(_) => return Response::text(404, "not found"),
+        Ok(Some(Kind::Dir)) => return Response::text(409, "a directory exists at this path"),
+        Ok(Some(_)) => {}
     }
-    match fs::remove_file(&path) {
+    match dir.unlink(last(comps)) {
         Ok(()) => {
-            sync_dir(&dir);
+            dir.sync();
             Response::new(204, Body::Empty)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Response::text(404, "not found"),
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+            Response::text(409, "a directory exists at this path")
+        }
         Err(e) => Response::text(500, format!("delete failed: {}", describe_io(&e))),
     }
 }

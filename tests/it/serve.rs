@@ -608,3 +608,89 @@ fn connection_cap_and_descriptor_exhaustion() {
     assert_serving(a);
     assert_eq!(get(a, "/src/f").body, data(1, 5000));
 }
+
+#[test]
+fn a_directory_raced_against_a_symlink_never_lets_a_request_out() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let t = Scratch::new();
+    let (src, dst, outside) = (t.mkdir("src"), t.mkdir("dst"), t.mkdir("outside"));
+    write(&src, "d/f", b"INSIDE");
+    write(&outside, "f", b"OUTSIDE");
+    fs::create_dir(dst.join("d")).unwrap();
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let stop = Arc::new(AtomicBool::new(false));
+    let path_based_escapes = Arc::new(AtomicU64::new(0));
+    // Swap src/d and dst/d with symlinks to `outside`, over and over.
+    let swapper = {
+        let (src, dst, outside, stop, esc) = (
+            src.clone(),
+            dst.clone(),
+            outside.clone(),
+            stop.clone(),
+            path_based_escapes.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for area in [&src, &dst] {
+                    let (d, real) = (area.join("d"), area.join("d.real"));
+                    if fs::rename(&d, &real).is_err() {
+                        continue;
+                    }
+                    if std::os::unix::fs::symlink(&outside, &d).is_ok() {
+                        // Positive control: a path-based open does go outside.
+                        if fs::read(src.join("d/f")).is_ok_and(|b| b == b"OUTSIDE") {
+                            esc.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let _ = fs::remove_file(&d);
+                    }
+                    // A PUT may have made a new `d` in a gap: keep it aside,
+                    // inside the area.
+                    if fs::rename(&real, &d).is_err() {
+                        let aside = area.join(format!("d.made.{}", esc.load(Ordering::SeqCst)));
+                        let _ = fs::rename(&d, &aside);
+                        fs::rename(&real, &d).unwrap();
+                    }
+                }
+            }
+        })
+    };
+    let (mut inside, mut outside_seen) = (0, 0);
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut n = 0;
+    while Instant::now() < deadline {
+        let r = get(server.addr, "/src/d/f");
+        if r.body == b"INSIDE" {
+            inside += 1;
+        }
+        if r.body == b"OUTSIDE" {
+            outside_seen += 1;
+        }
+        http(
+            server.addr,
+            "PUT",
+            &format!("/dst/d/new{n}"),
+            &[],
+            b"planted",
+        );
+        n += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    swapper.join().unwrap();
+    assert_eq!(outside_seen, 0, "a GET read through the symlink");
+    let planted: Vec<_> = fs::read_dir(&outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        planted,
+        [std::ffi::OsString::from("f")],
+        "a PUT wrote through the symlink"
+    );
+    assert!(inside > 0, "requests got through between swaps");
+    assert!(
+        path_based_escapes.load(Ordering::SeqCst) > 0,
+        "the race window exists"
+    );
+}

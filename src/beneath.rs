@@ -1,0 +1,328 @@
+//! Opens and changes files beneath an area's root without ever following a
+//! symlink, in a way a concurrent rename or symlink swap cannot defeat.
+//!
+//! The area root is held open as a directory descriptor. A request's
+//! directory is resolved from it with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)`, or, on kernels without openat2, one component at
+//! a time with `openat(O_DIRECTORY | O_NOFOLLOW)`; every later operation
+//! (open, create, rename, unlink, stat, symlink) is relative to that
+//! directory's descriptor and never follows a symlink in its last
+//! component. Names must already be checked by `paths::components`.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once openat2 answered ENOSYS; the component walk is used from then.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+fn cstr(name: &[u8]) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `openat` relative to `dir` that never follows a symlink in `name`.
+fn open_at(dir: RawFd, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    let name = cstr(name)?;
+    loop {
+        // SAFETY: a valid descriptor and NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                mode as libc::c_uint,
+            )
+        };
+        match check(fd) {
+            // SAFETY: the kernel just gave us this descriptor.
+            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An area root, held open.
+pub(crate) struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// A directory beneath a root, held open.
+pub(crate) struct Dir {
+    fd: OwnedFd,
+    /// For messages and last-resort cleanup only; never opened by path.
+    pub(crate) path: PathBuf,
+}
+
+/// What `stat` says of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+impl Root {
+    pub(crate) fn open(path: &Path) -> io::Result<Root> {
+        let fd = open_at(
+            libc::AT_FDCWD,
+            path.as_os_str().as_bytes(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .or_else(|_| {
+            // The root itself may be a symlink to a directory; that one
+            // is followed once, at startup, by the configuration.
+            let name = cstr(path.as_os_str().as_bytes())?;
+            // SAFETY: a NUL-terminated path.
+            let fd = check(unsafe {
+                libc::open(
+                    name.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            })?;
+            // SAFETY: the kernel just gave us this descriptor.
+            Ok::<_, io::Error>(unsafe { OwnedFd::from_raw_fd(fd) })
+        })?;
+        Ok(Root {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens the directory `comps` (relative, checked) beneath the root.
+    /// With `create`, missing directories are made one at a time. A symlink
+    /// anywhere is refused with ELOOP; a non-directory with ENOTDIR.
+    pub(crate) fn dir(&self, comps: &[&[u8]], create: bool) -> io::Result<Dir> {
+        let path = comps
+            .iter()
+            .fold(self.path.clone(), |p, c| p.join(OsStr::from_bytes(c)));
+        if comps.is_empty() {
+            let fd = open_at(
+                self.fd.as_raw_fd(),
+                b".",
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )?;
+            return Ok(Dir { fd, path });
+        }
+        if !create && !NO_OPENAT2.load(Ordering::Relaxed) {
+            let rel: Vec<u8> = comps.join(&b'/');
+            match openat2_beneath(self.fd.as_raw_fd(), &rel) {
+                Ok(fd) => return Ok(Dir { fd, path }),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut fd = open_at(
+            self.fd.as_raw_fd(),
+            b".",
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        for c in comps {
+            let next = match open_at(fd.as_raw_fd(), c, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                    let name = cstr(c)?;
+                    // SAFETY: a valid descriptor and NUL-terminated name.
+                    match check(unsafe { libc::mkdirat(fd.as_raw_fd(), name.as_ptr(), 0o755) }) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e),
+                    }
+                    open_at(fd.as_raw_fd(), c, libc::O_RDONLY | libc::O_DIRECTORY, 0)?
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => {
+                    // O_DIRECTORY|O_NOFOLLOW says ENOTDIR for a symlink too;
+                    // tell the two apart for the caller.
+                    let link = Dir {
+                        fd,
+                        path: PathBuf::new(),
+                    }
+                    .kind(c)?
+                        == Some(Kind::Symlink);
+                    return Err(io::Error::from_raw_os_error(if link {
+                        libc::ELOOP
+                    } else {
+                        libc::ENOTDIR
+                    }));
+                }
+                other => other?,
+            };
+            fd = next;
+        }
+        Ok(Dir { fd, path })
+    }
+}
+
+/// `struct open_how` of openat2(2) (libc's is non-exhaustive).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+fn openat2_beneath(dir: RawFd, rel: &[u8]) -> io::Result<OwnedFd> {
+    let name = cstr(rel)?;
+    let how = OpenHow {
+        flags: (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+    };
+    loop {
+        // SAFETY: a valid descriptor, a NUL-terminated name and an open_how
+        // of the size we pass.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir,
+                name.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if rc >= 0 {
+            // SAFETY: the kernel just gave us this descriptor.
+            return Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        // EAGAIN: a concurrent rename; the kernel asks us to retry.
+        if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+            return Err(e);
+        }
+    }
+}
+
+impl Dir {
+    /// Opens a file for reading; a symlink is refused (ELOOP), a FIFO does
+    /// not block.
+    pub(crate) fn open_read(&self, name: &[u8]) -> io::Result<File> {
+        Ok(File::from(open_at(
+            self.fd.as_raw_fd(),
+            name,
+            libc::O_RDONLY | libc::O_NONBLOCK,
+            0,
+        )?))
+    }
+
+    /// Creates a new file (never an existing one, never through a link).
+    pub(crate) fn create_new(&self, name: &[u8]) -> io::Result<File> {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        Ok(File::from(open_at(
+            self.fd.as_raw_fd(),
+            name,
+            flags,
+            0o600,
+        )?))
+    }
+
+    /// What `name` is, without following it; `None` when absent.
+    pub(crate) fn kind(&self, name: &[u8]) -> io::Result<Option<Kind>> {
+        let c = cstr(name)?;
+        // SAFETY: zeroed stat is a valid out-buffer for fstatat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid descriptor, NUL-terminated name and out-buffer.
+        match check(unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        }) {
+            Ok(_) => Ok(Some(match st.st_mode & libc::S_IFMT {
+                libc::S_IFREG => Kind::File,
+                libc::S_IFDIR => Kind::Dir,
+                libc::S_IFLNK => Kind::Symlink,
+                _ => Kind::Other,
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) fn symlink(&self, target: &[u8], name: &[u8]) -> io::Result<()> {
+        let (t, n) = (cstr(target)?, cstr(name)?);
+        // SAFETY: NUL-terminated strings and a valid descriptor.
+        check(unsafe { libc::symlinkat(t.as_ptr(), self.fd.as_raw_fd(), n.as_ptr()) }).map(drop)
+    }
+
+    /// Renames within this directory; replaces a file or symlink at `to`,
+    /// never a directory.
+    pub(crate) fn rename(&self, from: &[u8], to: &[u8]) -> io::Result<()> {
+        let (f, t) = (cstr(from)?, cstr(to)?);
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: NUL-terminated names and a valid descriptor.
+        check(unsafe { libc::renameat(fd, f.as_ptr(), fd, t.as_ptr()) }).map(drop)
+    }
+
+    /// Removes a file or symlink (not a directory, never a link's target).
+    pub(crate) fn unlink(&self, name: &[u8]) -> io::Result<()> {
+        let n = cstr(name)?;
+        // SAFETY: a NUL-terminated name and a valid descriptor.
+        check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), 0) }).map(drop)
+    }
+
+    /// Makes renames and unlinks in this directory durable.
+    pub(crate) fn sync(&self) {
+        // SAFETY: fsync on a descriptor we own.
+        unsafe { libc::fsync(self.fd.as_raw_fd()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_symlinks_everywhere() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("area");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("d/filelink")).unwrap();
+        let r = Root::open(&root).unwrap();
+        for create in [false, true] {
+            assert!(r.dir(&[b"link"], create).is_err());
+            assert!(r.dir(&[b"d", b"filelink"], create).is_err());
+            assert!(r.dir(&[b"d"], create).is_ok());
+        }
+        let d = r.dir(&[b"d"], false).unwrap();
+        assert!(d.open_read(b"filelink").is_err());
+        assert_eq!(d.kind(b"filelink").unwrap(), Some(Kind::Symlink));
+        assert!(d.create_new(b"filelink").is_err());
+        assert_eq!(
+            r.dir(&[b"new", b"deeper"], true)
+                .unwrap()
+                .kind(b"x")
+                .unwrap(),
+            None
+        );
+        assert!(root.join("new/deeper").is_dir());
+        // The walk without openat2 refuses the same.
+        NO_OPENAT2.store(true, Ordering::Relaxed);
+        assert!(r.dir(&[b"link"], false).is_err());
+        assert!(r.dir(&[b"d"], false).is_ok());
+        NO_OPENAT2.store(false, Ordering::Relaxed);
+    }
+}
