@@ -321,14 +321,14 @@ impl Conn {
 }
 
 /// Where the event thread stands with a connection's head.
-enum Head {
+pub(crate) enum Head {
     Complete,
     Partial,
     TooLarge,
     Bad,
 }
 
-fn head_state(buf: &[u8], max_head: usize) -> Head {
+pub(crate) fn head_state(buf: &[u8], max_head: usize) -> Head {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -684,21 +684,22 @@ fn worker<H>(
 }
 
 /// The parsed head, owned.
-struct Head2 {
+pub(crate) struct ParsedHead {
     method: String,
     target: String,
     minor: u8,
     headers: Vec<(String, String)>,
-    len: usize,
+    /// Bytes of the head, up to the first body byte.
+    pub(crate) len: usize,
 }
 
-fn parse_head(buf: &[u8]) -> Option<Head2> {
+pub(crate) fn parse_head(buf: &[u8]) -> Option<ParsedHead> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(len) = req.parse(buf).ok()? else {
         return None;
     };
-    Some(Head2 {
+    Some(ParsedHead {
         method: req.method?.to_string(),
         target: req.path?.to_string(),
         minor: req.version?,
