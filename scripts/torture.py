@@ -8,6 +8,7 @@ to 127.0.0.1 and a temporary directory. Sections:
             class with a positive control that shows the detector works
   fetch     kill -9 of `fetch` at random points over a mixed tree
   put       kill -9 of the server while `store` uploads, restart, rerun
+  disk      fetch into a full courier and store into a full area (tmpfs)
   inject    I/O errors injected with strace into fetch and into serve
   load      64 clients (listings, ranges, PUTs, all checked) for 60 s with
             500 idle connections open; LOAD_SECONDS changes the duration
@@ -35,7 +36,7 @@ if "--rounds" in ARGS:
     i = ARGS.index("--rounds")
     ROUNDS = int(ARGS[i + 1])
     del ARGS[i:i + 2]
-SECTIONS = ARGS or ["requests", "fetch", "put", "load", "inject"]
+SECTIONS = ARGS or ["requests", "fetch", "put", "disk", "inject", "load"]
 SECRET = b"TOPSECRET-OUTSIDE-THE-AREA"
 rng = random.Random(20261126)
 
@@ -750,5 +751,70 @@ def section_inject():
     shutil.rmtree(work, ignore_errors=True)
 
 
+def section_disk():
+    """A full courier disk and a full destination area (tmpfs; needs root)."""
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src, dst, courier = (os.path.join(work, d) for d in ("src", "dst", "courier"))
+    total = 0
+    for i in range(20):
+        n = rng.choice([10000, 300000, 1 << 20, 3 << 20])
+        total += n
+        write(os.path.join(src, "f%02d" % i), os.urandom(n))
+    for d in (dst, courier):
+        os.makedirs(d)
+    mounted = []
+    for d, size in ((courier, "8M"), (dst, "6M")):
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", d], stderr=subprocess.DEVNULL).returncode:
+            print("\ndisk: skipped (cannot mount tmpfs; needs root)")
+            return
+        mounted.append(d)
+    try:
+        conf = os.path.join(work, "c.json")
+        with open(conf, "w") as f:
+            f.write('{"src":{"path":"%s"},"dst":{"path":"%s","writable":true}}' % (src, dst))
+        log = os.path.join(work, "serve.log")
+        srv = Server(conf, log)
+        db = lambda n: os.path.join(work, n)
+        subprocess.run([BIN, "emptydb", db("dest.db")], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([BIN, "builddb", srv.url("src"), db("src.db")], check=True, stdout=subprocess.DEVNULL)
+        f = subprocess.run([BIN, "fetch", db("dest.db"), srv.url("src"), courier, "--json"], capture_output=True, text=True)
+        summary = __import__("json").loads(f.stdout)
+        disk_lines = [l for l in f.stderr.splitlines() if "full" in l]
+        wrong = wrong_final_files(courier, src)
+        s1 = subprocess.run([BIN, "store", db("src.db"), srv.url("dst"), courier, "--json"], capture_output=True, text=True)
+        stored = __import__("json").loads(s1.stdout)
+        with open(log) as lf:
+            put507 = sum(1 for l in lf if '"PUT /dst/' in l and l.split()[-2] == "507")
+        temps = sum(1 for p in snapshot(dst) if ".bitfog-tmp" in p)
+        for p in snapshot(dst):
+            if os.path.isfile(p):
+                with open(p, "rb") as a, open(os.path.join(src, os.path.relpath(p, dst)), "rb") as b:
+                    wrong += a.read() != b.read()
+        # Free space: a larger destination, then trips until done.
+        subprocess.run(["mount", "-o", "remount,size=128M", dst], check=True)
+        trips = 1
+        for _ in range(10):
+            subprocess.run([BIN, "store", db("src.db"), srv.url("dst"), courier, "-q"], stdout=subprocess.DEVNULL)
+            subprocess.run([BIN, "builddb", srv.url("dst"), db("dest.db"), "-q"], stdout=subprocess.DEVNULL)
+            plan = subprocess.run([BIN, "plan", db("dest.db"), srv.url("src"), "--json"], capture_output=True, text=True)
+            if __import__("json").loads(plan.stdout)["remaining_files"] == 0:
+                break
+            subprocess.run([BIN, "fetch", db("dest.db"), srv.url("src"), courier, "-q"], stdout=subprocess.DEVNULL)
+            trips += 1
+        equal = sorted(snapshot(src).values()) == sorted(v for k, v in snapshot(dst).items() if ".bitfog" not in k)
+        srv.stop()
+        print("\nfull disks: %d bytes of source, an 8 MiB courier and a 6 MiB destination (tmpfs)" % total)
+        print("fetch: exit %d, disk_full %s, %d lines about the full disk, %d files kept, %d left"
+              % (f.returncode, summary["disk_full"], len(disk_lines), summary["fetched_files"], summary["remaining_files"]))
+        print("store: exit %d, %d stored, %d failed, %d PUTs answered 507, temporary files left: %d"
+              % (s1.returncode, stored["stored_files"], stored["failed_files"], put507, temps))
+        print("files with wrong content at a final path: %d" % wrong)
+        print("after freeing space: complete in %d trips, destination equals the source: %s" % (trips, "yes" if equal else "NO"))
+    finally:
+        for d in mounted:
+            subprocess.run(["umount", "-l", d])
+        shutil.rmtree(work, ignore_errors=True)
+
+
 for s in SECTIONS:
-    {"requests": section_requests, "fetch": section_fetch, "put": section_put, "load": section_load, "inject": section_inject}[s]()
+    {"requests": section_requests, "fetch": section_fetch, "put": section_put, "load": section_load, "inject": section_inject, "disk": section_disk}[s]()

@@ -335,6 +335,19 @@ pub(crate) fn read_log(root: &Path) -> HashMap<String, Carried> {
     map
 }
 
+/// Bytes available to unprivileged writers on the filesystem holding
+/// `dir`; `None` if it cannot tell.
+pub(crate) fn free_space(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: zeroed statvfs is a valid out-buffer.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-buffer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Partial downloads in COURIER: (part path, sidecar path, what it is).
 pub(crate) fn read_partials(root: &Path) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
     let dir = root.join(COURIER_STATE).join("partial");

@@ -185,8 +185,32 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let budget = opts
         .max_bytes
         .map_or(u64::MAX, |max| max.saturating_sub(usage));
+    // Plan for the space the disk has, too, so files that fit are chosen
+    // instead of running into a full disk with several half-done.
+    let room = courier::free_space(&opts.courier).map_or(u64::MAX, |free| {
+        let reserve = (free / 100).clamp(1 << 20, 64 << 20);
+        free.saturating_sub(reserve)
+    });
     let sizes: Vec<u64> = needed.iter().map(|e| e.size).collect();
-    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len[i], budget);
+    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len[i], budget.min(room));
+    // Did the disk, rather than --max-bytes, leave files behind?
+    let disk_bound = room < budget
+        && plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len[i], budget).len()
+            > taken.len();
+    if disk_bound {
+        ui.log(format!(
+            "the courier disk is full after {}; {} of free space is kept in reserve",
+            files_bytes(
+                taken.len() as u64,
+                taken.iter().map(|&i| sizes[i] - partial_len[i]).sum()
+            ),
+            human_bytes(
+                courier::free_space(&opts.courier)
+                    .unwrap_or(0)
+                    .saturating_sub(room)
+            )
+        ));
+    }
     let total_bytes: u64 = taken.iter().map(|&i| sizes[i] - partial_len[i]).sum();
     if let Some(max) = opts.max_bytes {
         ui.log(format!(
@@ -256,7 +280,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         fetched_bytes: done.iter().map(|&i| sizes[i]).sum(),
         failed_files: failed + fails.load(Ordering::Relaxed),
         downloaded_bytes: wire.load(Ordering::Relaxed),
-        disk_full: disk_full.load(Ordering::SeqCst),
+        disk_full: disk_full.load(Ordering::SeqCst) || disk_bound,
         ..Default::default()
     };
     sum.courier_files = held.len() as u64 + sum.fetched_files;

@@ -51,6 +51,9 @@ pub(crate) type Config = BTreeMap<String, Area>;
 
 /// An empty line is sent on a listing after this long without output.
 const LISTING_KEEPALIVE: Duration = Duration::from_secs(10);
+/// A PUT that fails mid-body (disk full) reads the rest of bodies up to
+/// this size, so the client sees the answer.
+const DRAIN_LIMIT: u64 = 16 << 20;
 /// In-flight requests get this long to finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -683,7 +686,14 @@ fn put_file(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<()
         Ok(_) | Err(CopyError::Read(_)) => {
             return Err(Response::text(400, "request body cut short"));
         }
-        Err(CopyError::Write(e)) => return Err(write_error(e)),
+        Err(CopyError::Write(e)) => {
+            // Read the rest of a modest body so the client, still sending,
+            // gets our answer instead of a connection reset.
+            if len <= DRAIN_LIMIT {
+                let _ = io::copy(&mut req.body, &mut io::sink());
+            }
+            return Err(write_error(e));
+        }
     }
     let got = hasher.hex();
     if let Some(want) = want_hash {

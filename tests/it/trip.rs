@@ -760,3 +760,70 @@ fn a_listing_of_endless_empty_lines_ends_with_an_error() {
     assert!(start.elapsed() < Duration::from_secs(10));
     assert!(!t.path("a.db").exists());
 }
+
+#[test]
+fn writes_failing_with_enospc_stop_fetch_cleanly() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: strace is needed (apt-get install strace)");
+        return;
+    }
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..4 {
+        write(&src, &format!("f{i}"), &data(i, 2 << 20));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    // Every write from the 40th on fails as if the disk were full.
+    let out = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=write",
+            "-e",
+            "inject=write:error=ENOSPC:when=40+",
+            BIN,
+        ])
+        .args([
+            "fetch",
+            &t.s("dest.db"),
+            &server.url("src"),
+            &t.s("courier"),
+            "--json",
+            "--jobs",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sum["disk_full"], true);
+    assert!(
+        sum["fetched_files"].as_u64().unwrap() >= 1
+            && sum["remaining_files"].as_u64().unwrap() >= 1
+    );
+    for (name, _, _, bytes) in tree(&t.path("courier")) {
+        assert_eq!(bytes, fs::read(src.join(&name)).unwrap(), "{name}");
+    }
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+        "--json",
+    ])
+    .ok();
+    assert_eq!(f.num("remaining_files"), 0);
+    assert_eq!(f.num("courier_files"), 4);
+}
