@@ -332,8 +332,11 @@ def section_requests():
     rows.append(("framing", len(cases), escapes, deaths, hangs, "yes" if framing_control() else "NO", healthy(srv.addr)))
 
     # 6. Slow and idle clients while legitimate requests keep being served.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     idle = []
-    for _ in range(500):
+    for _ in range(2000):
         try:
             idle.append(socket.create_connection(srv.addr))
         except OSError:

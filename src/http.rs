@@ -31,7 +31,7 @@ const BODY_GRACE: Duration = Duration::from_secs(10);
 const MIN_BODY_RATE: u64 = 4096;
 /// Socket timeout of one blocking read or write in a worker; between ticks
 /// the worker decides whether a stalled client may keep it.
-const TICK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(500);
 
 /// When a worker gives up on a client that stopped moving bytes: after
 /// `BODY_GRACE` of no progress, after one `TICK` while other requests

@@ -827,3 +827,55 @@ fn writes_failing_with_enospc_stop_fetch_cleanly() {
     assert_eq!(f.num("remaining_files"), 0);
     assert_eq!(f.num("courier_files"), 4);
 }
+
+#[test]
+fn a_hostile_srcdb_never_uploads_from_outside_the_courier() {
+    let t = Scratch::new();
+    let (dst, outside) = (t.mkdir("dst"), t.mkdir("outside"));
+    write(&outside, "secret", b"SECRET");
+    let courier = t.mkdir("courier");
+    std::os::unix::fs::symlink(&outside, courier.join("linked")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), courier.join("direct")).unwrap();
+    let server = Server::start(
+        &t,
+        "site",
+        &format!(
+            "{{\"dst\":{{\"path\":{:?},\"writable\":true}}}}",
+            dst.to_str().unwrap()
+        ),
+    );
+    let hash = sha256_hex(b"SECRET");
+    let entry = |name: &str| {
+        format!(
+            "{{\"name\":\"{name}\",\"size\":6,\"mode\":420,\"mtime\":1,\"sha256\":\"{hash}\"}}\n"
+        )
+    };
+    let mut names = vec!["../outside/secret", ".bitfog/x", "direct", "linked/secret"];
+    names.sort_by(|a, b| a.replace('/', "\0").cmp(&b.replace('/', "\0")));
+    let body: String = names.iter().map(|n| entry(n)).collect();
+    let db = format!(
+        "{{\"bitfog\":1,\"source\":\"http://x/src/\",\"created\":\"2026-01-01T00:00:00Z\"}}\n{body}{{\"end\":true,\"count\":4,\"bytes\":24}}\n"
+    );
+    fs::write(t.path("src.db"), db).unwrap();
+    let s = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &server.url("dst"),
+        &t.s("courier"),
+        "--json",
+    ])
+    .code(1);
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (0, 4),
+        "{s}"
+    );
+    assert!(
+        tree(&dst).is_empty(),
+        "nothing from outside the courier was uploaded"
+    );
+    assert!(
+        !server.log_text().contains("\"PUT"),
+        "no upload was even attempted"
+    );
+}
