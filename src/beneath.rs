@@ -67,6 +67,15 @@ pub(crate) struct Dir {
     pub(crate) path: PathBuf,
 }
 
+/// What `fstatat` says of a name, without following it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Meta {
+    pub(crate) kind: Kind,
+    pub(crate) size: u64,
+    pub(crate) mode: u32,
+    pub(crate) mtime: i64,
+}
+
 /// What `stat` says of a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -102,6 +111,18 @@ impl Root {
             fd,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Another handle on the same root (for a thread of its own).
+    pub(crate) fn try_clone(&self) -> io::Result<Root> {
+        Ok(Root {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Opens the directory `comps` (relative, checked) beneath the root.
@@ -235,27 +256,58 @@ impl Dir {
 
     /// What `name` is, without following it; `None` when absent.
     pub(crate) fn kind(&self, name: &[u8]) -> io::Result<Option<Kind>> {
+        Ok(self.stat(name)?.map(|m| m.kind))
+    }
+
+    /// `fstatat` without following; `None` when absent.
+    pub(crate) fn stat(&self, name: &[u8]) -> io::Result<Option<Meta>> {
         let c = cstr(name)?;
         // SAFETY: zeroed stat is a valid out-buffer for fstatat.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: a valid descriptor, NUL-terminated name and out-buffer.
-        match check(unsafe {
+        let rc = unsafe {
             libc::fstatat(
                 self.fd.as_raw_fd(),
                 c.as_ptr(),
                 &mut st,
                 libc::AT_SYMLINK_NOFOLLOW,
             )
-        }) {
-            Ok(_) => Ok(Some(match st.st_mode & libc::S_IFMT {
-                libc::S_IFREG => Kind::File,
-                libc::S_IFDIR => Kind::Dir,
-                libc::S_IFLNK => Kind::Symlink,
-                _ => Kind::Other,
+        };
+        match check(rc) {
+            Ok(_) => Ok(Some(Meta {
+                kind: match st.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => Kind::File,
+                    libc::S_IFDIR => Kind::Dir,
+                    libc::S_IFLNK => Kind::Symlink,
+                    _ => Kind::Other,
+                },
+                size: st.st_size as u64,
+                mode: st.st_mode & 0o7777,
+                mtime: st.st_mtime,
             })),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The target of the symlink `name`.
+    pub(crate) fn read_link(&self, name: &[u8]) -> io::Result<Vec<u8>> {
+        let c = cstr(name)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: a valid descriptor, NUL-terminated name and buffer.
+        let n = unsafe {
+            libc::readlinkat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
     }
 
     pub(crate) fn symlink(&self, target: &[u8], name: &[u8]) -> io::Result<()> {

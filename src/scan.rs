@@ -2,16 +2,15 @@
 //!
 //! Regular files and symlinks become entries; directories are implied;
 //! FIFOs, sockets and devices are skipped; names whose last component is
-//! reserved (`.bitfog*`) are never yielded. It never follows a symlink and
-//! never writes.
+//! reserved (`.bitfog*`) are never yielded. It never follows a symlink,
+//! never reads outside the area, and never writes.
 
+use crate::beneath::{Dir, Kind, Root};
 use crate::digest::hash_reader;
 use crate::manifest::Entry;
 use crate::paths::is_reserved;
-use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What the walk found at one path.
 pub(crate) enum Item {
@@ -30,10 +29,14 @@ pub(crate) fn walker(root: &Path) -> jwalk::WalkDir {
         .follow_links(false)
 }
 
-/// Walks `root`, calling `emit` for each item in order until it returns
-/// false.
-pub(crate) fn scan(root: &Path, checksum: bool, mut emit: impl FnMut(Item) -> bool) {
-    for dent in walker(root) {
+/// Walks the area, calling `emit` for each item in order until it
+/// returns false. jwalk only enumerates names; each entry's stat, link
+/// target and contents are read relative to its directory resolved beneath
+/// `root` (see `beneath`), so a directory swapped for a symlink mid-walk
+/// yields a skipped entry, never a name, size or hash from outside.
+pub(crate) fn scan(root: &Root, checksum: bool, mut emit: impl FnMut(Item) -> bool) {
+    let mut cached: Option<(PathBuf, Dir)> = None;
+    for dent in walker(root.path()) {
         let dent = match dent {
             Ok(d) => d,
             Err(e) => {
@@ -51,7 +54,7 @@ pub(crate) fn scan(root: &Path, checksum: bool, mut emit: impl FnMut(Item) -> bo
             continue;
         }
         let path = dent.path();
-        let item = match entry_for(root, &path, checksum) {
+        let item = match entry_for(root, &mut cached, &path, checksum) {
             Ok(e) => Item::Entry(e),
             Err(why) => Item::Skipped(format!("'{}': {why}", path.display())),
         };
@@ -62,40 +65,55 @@ pub(crate) fn scan(root: &Path, checksum: bool, mut emit: impl FnMut(Item) -> bo
 }
 
 /// Builds the entry for one file or symlink.
-fn entry_for(root: &Path, path: &Path, checksum: bool) -> Result<Entry, String> {
+fn entry_for(
+    root: &Root,
+    cached: &mut Option<(PathBuf, Dir)>,
+    path: &Path,
+    checksum: bool,
+) -> Result<Entry, String> {
+    let io = |e: std::io::Error| crate::error::describe_io(&e);
     let rel = path
-        .strip_prefix(root)
+        .strip_prefix(root.path())
         .map_err(|_| "outside the area".to_string())?;
     let name = rel.to_str().ok_or("name is not valid UTF-8")?.to_string();
-    let meta = fs::symlink_metadata(path).map_err(|e| crate::error::describe_io(&e))?;
+    let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+    if cached.as_ref().is_none_or(|(p, _)| *p != parent) {
+        let comps: Vec<&[u8]> = parent.iter().map(|c| c.as_bytes()).collect();
+        let dir = root
+            .dir(&comps, false)
+            .map_err(|e| format!("directory changed during the listing ({})", io(e)))?;
+        *cached = Some((parent, dir));
+    }
+    let (_, dir) = cached.as_ref().expect("cached above");
+    let file_name = rel
+        .file_name()
+        .map(|n| n.as_bytes())
+        .ok_or("no file name")?;
+    let meta = dir.stat(file_name).map_err(io)?.ok_or("vanished")?;
     let mut entry = Entry {
         name,
-        size: meta.len(),
-        mode: meta.mode() & 0o7777,
-        mtime: meta.mtime(),
+        size: meta.size,
+        mode: meta.mode,
+        mtime: meta.mtime,
         sha256: None,
         linkdest: None,
     };
-    if meta.file_type().is_symlink() {
-        let target = fs::read_link(path).map_err(|e| crate::error::describe_io(&e))?;
-        let target = target.to_str().ok_or("symlink target is not valid UTF-8")?;
-        entry.size = target.len() as u64;
-        entry.linkdest = Some(target.to_string());
-    } else if meta.file_type().is_file() {
-        if checksum {
-            let file = File::options()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(path)
-                .map_err(|e| crate::error::describe_io(&e))?;
-            let (hash, n) = hash_reader(file).map_err(|e| crate::error::describe_io(&e))?;
+    match meta.kind {
+        Kind::Symlink => {
+            let target = String::from_utf8(dir.read_link(file_name).map_err(io)?)
+                .map_err(|_| "symlink target is not valid UTF-8")?;
+            entry.size = target.len() as u64;
+            entry.linkdest = Some(target);
+        }
+        Kind::File if checksum => {
+            let (hash, n) = hash_reader(dir.open_read(file_name).map_err(io)?).map_err(io)?;
             if n != entry.size {
                 return Err("changed while it was hashed".into());
             }
             entry.sha256 = Some(hash);
         }
-    } else {
-        return Err("not a regular file".into());
+        Kind::File => {}
+        _ => return Err("not a regular file".into()),
     }
     Ok(entry)
 }

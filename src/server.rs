@@ -284,7 +284,7 @@ fn handle(state: &State, req: &mut Request) -> Response {
     };
     if file.is_empty() {
         return match method {
-            "GET" | "HEAD" => listing(state, area),
+            "GET" | "HEAD" => listing(state, area, root),
             _ => not_allowed("GET, HEAD"),
         };
     }
@@ -332,8 +332,11 @@ fn index(state: &State) -> Response {
 
 /// Streams the listing: a walker thread produces lines; this side writes
 /// them and sends an empty line whenever the walker is slow (hashing).
-fn listing(state: &State, area: &Area) -> Response {
-    let root = area.root.clone();
+fn listing(state: &State, area: &Area, root: &Root) -> Response {
+    let root = match root.try_clone() {
+        Ok(r) => r,
+        Err(e) => return Response::text(500, format!("cannot open the area: {}", describe_io(&e))),
+    };
     let checksum = area.checksum;
     let quiet = state.quiet;
     let produce = move |out: &mut dyn Write| -> io::Result<()> {
@@ -564,20 +567,34 @@ fn remove_live_temps() {
     }
 }
 
-/// Removes temporary files left by a crashed server in writable areas.
+/// Removes temporary files left by a crashed server in writable areas;
+/// each is unlinked relative to its directory resolved beneath the root.
 fn remove_stale_temps(state: &State) {
     let mine = format!("{TEMP_PREFIX}{}-", session_tag());
-    for area in state.config.values().filter(|a| a.writable) {
+    for (name, area) in state.config.iter().filter(|(_, a)| a.writable) {
+        let Some(root) = state.roots.get(name) else {
+            continue;
+        };
         for dent in scan::walker(&area.root).into_iter().flatten() {
-            let name = dent.file_name().as_bytes();
-            if name.starts_with(TEMP_PREFIX.as_bytes())
-                && !name.starts_with(mine.as_bytes())
-                && !dent.file_type().is_dir()
+            let file = dent.file_name().as_bytes();
+            if !file.starts_with(TEMP_PREFIX.as_bytes())
+                || file.starts_with(mine.as_bytes())
+                || dent.file_type().is_dir()
             {
-                let path = dent.path();
-                if fs::remove_file(&path).is_ok() {
-                    state.log(format!("removed stale temporary file '{}'", path.display()));
-                }
+                continue;
+            }
+            let path = dent.path();
+            let Ok(rel) = path.strip_prefix(&area.root) else {
+                continue;
+            };
+            let comps: Vec<&[u8]> = rel
+                .parent()
+                .into_iter()
+                .flat_map(|p| p.iter())
+                .map(|c| c.as_bytes())
+                .collect();
+            if root.dir(&comps, false).and_then(|d| d.unlink(file)).is_ok() {
+                state.log(format!("removed stale temporary file '{}'", path.display()));
             }
         }
     }

@@ -617,6 +617,7 @@ fn a_directory_raced_against_a_symlink_never_lets_a_request_out() {
     let (src, dst, outside) = (t.mkdir("src"), t.mkdir("dst"), t.mkdir("outside"));
     write(&src, "d/f", b"INSIDE");
     write(&outside, "f", b"OUTSIDE");
+    write(&outside, "only-outside", b"OUTSIDE");
     fs::create_dir(dst.join("d")).unwrap();
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let stop = Arc::new(AtomicBool::new(false));
@@ -673,19 +674,25 @@ fn a_directory_raced_against_a_symlink_never_lets_a_request_out() {
             &[],
             b"planted",
         );
+        let listing = String::from_utf8(get(server.addr, "/src/").body).unwrap();
+        assert!(
+            !listing.contains("only-outside") && !listing.contains(&sha256_hex(b"OUTSIDE")),
+            "a listing went outside: {listing}"
+        );
         n += 1;
     }
     stop.store(true, Ordering::SeqCst);
     swapper.join().unwrap();
     assert_eq!(outside_seen, 0, "a GET read through the symlink");
-    let planted: Vec<_> = fs::read_dir(&outside)
+    let mut planted: Vec<_> = fs::read_dir(&outside)
         .unwrap()
         .flatten()
         .map(|e| e.file_name())
         .collect();
+    planted.sort();
     assert_eq!(
         planted,
-        [std::ffi::OsString::from("f")],
+        ["f", "only-outside"],
         "a PUT wrote through the symlink"
     );
     assert!(inside > 0, "requests got through between swaps");

@@ -850,8 +850,8 @@ fn a_hostile_srcdb_never_uploads_from_outside_the_courier() {
             "{{\"name\":\"{name}\",\"size\":6,\"mode\":420,\"mtime\":1,\"sha256\":\"{hash}\"}}\n"
         )
     };
-    let mut names = vec!["../outside/secret", ".bitfog/x", "direct", "linked/secret"];
-    names.sort_by(|a, b| a.replace('/', "\0").cmp(&b.replace('/', "\0")));
+    let mut names = ["../outside/secret", ".bitfog/x", "direct", "linked/secret"];
+    names.sort_by_key(|n| n.replace('/', "\0"));
     let body: String = names.iter().map(|n| entry(n)).collect();
     let db = format!(
         "{{\"bitfog\":1,\"source\":\"http://x/src/\",\"created\":\"2026-01-01T00:00:00Z\"}}\n{body}{{\"end\":true,\"count\":4,\"bytes\":24}}\n"
