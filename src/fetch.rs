@@ -238,15 +238,12 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     let k = next.fetch_add(1, Ordering::SeqCst);
                     let Some(&i) = taken.get(k) else { return };
                     let e = &needed[i];
-                    match download(
-                        client,
-                        &opts.src,
-                        &courier,
-                        e,
-                        resume[i].as_ref(),
-                        &wire,
-                        &progress.bytes,
-                    ) {
+                    let outcome = download(client, &opts.src, &courier, e, resume[i].as_ref(), &wire, &progress.bytes);
+                    if outcome.is_err() && e.size <= RESUME_MIN {
+                        // A small file's partial cannot resume: drop it.
+                        let _ = fs::remove_file(courier.partial_paths(&e.name).0);
+                    }
+                    match outcome {
                         Ok(()) => {
                             if ui.verbose {
                                 ui.log(format!("fetched '{}' ({})", e.name, human_bytes(e.size)));
@@ -430,25 +427,8 @@ fn is_held(
     false
 }
 
-/// Downloads one file into the courier (resuming a partial one). A small
-/// file's partial cannot resume, so it is removed when the download fails.
+/// Downloads one file into the courier (resuming a partial one).
 fn download(
-    client: &Client,
-    src: &AreaUrl,
-    courier: &Courier,
-    e: &Entry,
-    resume: Option<&PartialMeta>,
-    wire: &AtomicU64,
-    shown: &AtomicU64,
-) -> std::result::Result<(), Fail> {
-    let result = download_into_partial(client, src, courier, e, resume, wire, shown);
-    if result.is_err() && e.size <= RESUME_MIN {
-        let _ = fs::remove_file(courier.partial_paths(&e.name).0);
-    }
-    result
-}
-
-fn download_into_partial(
     client: &Client,
     src: &AreaUrl,
     courier: &Courier,
