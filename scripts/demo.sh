@@ -37,7 +37,7 @@ du -sh "$work/source" | cut -f1 | sed 's/^/total: /'
 start() { # NAME CONFIG-JSON: starts a server, sets $url to its base URL
     local conf=$work/$1.json log=$work/$1.log
     printf '%s\n' "$2" >"$conf"
-    "$bin" serve --conf "$conf" --addr 127.0.0.1:0 >/dev/null 2>"$log" &
+    "$bin" serve --conf "$conf" --addr 127.0.0.1:0 --cache "$work/$1.cache" >/dev/null 2>"$log" &
     pids+=($!)
     for _ in $(seq 200); do grep -q listening "$log" 2>/dev/null && break; sleep 0.05; done
     url=$(sed -n 's/^bitfog: listening on //p' "$log" | head -1)

@@ -72,7 +72,8 @@ class Server:
         self.logf = open(self.log, "ab")
         start = self.logf.tell()
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--conf", self.conf, "--addr", "127.0.0.1:0", "--threads", str(self.threads)],
+            [BIN, "serve", "--conf", self.conf, "--addr", "127.0.0.1:0", "--threads", str(self.threads),
+             "--cache", self.log + ".hashcache"],
             stdout=subprocess.DEVNULL, stderr=self.logf)
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -708,7 +709,7 @@ def section_inject():
             start = logf.tell()
             proc = subprocess.Popen(["strace", "-f", "-o", "/dev/null", "-e", "trace=" + call,
                                      "-e", "inject=%s:error=EIO:when=%s" % (call, shift(call, when)), BIN, "serve", "--conf", conf,
-                                     "--addr", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=logf)
+                                     "--addr", "127.0.0.1:0", "--cache", "none"], stdout=subprocess.DEVNULL, stderr=logf)
             addr = None
             for _ in range(500):
                 with open(log, "rb") as f:

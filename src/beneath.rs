@@ -74,6 +74,9 @@ pub(crate) struct Meta {
     pub(crate) size: u64,
     pub(crate) mode: u32,
     pub(crate) mtime: i64,
+    /// Device, inode, mtime and ctime in nanoseconds: what the hash cache
+    /// keys on, so that any change to the file misses it.
+    pub(crate) identity: [i128; 4],
 }
 
 /// What `stat` says of a name.
@@ -284,6 +287,12 @@ impl Dir {
                 size: st.st_size as u64,
                 mode: st.st_mode & 0o7777,
                 mtime: st.st_mtime,
+                identity: [
+                    st.st_dev as i128,
+                    st.st_ino as i128,
+                    st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+                    st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128,
+                ],
             })),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),

@@ -22,7 +22,8 @@ bitfog: move terabytes between sites on a carried disk, verified with SHA-256
 usage: bitfog <command> [options] [args]
 
 commands:
-  serve    [--conf FILE] [--addr ADDR] [--threads N]   run the HTTP server
+  serve    [--conf FILE] [--addr ADDR] [--threads N] [--cache DIR]
+                                                        run the HTTP server
   builddb  URL DB                                       snapshot an area into a DB
   emptydb  DB                                           write a DB of an empty area
   plan     DESTDB SRCURL                                show what fetch would carry
@@ -46,7 +47,7 @@ fn command_help(cmd: &str) -> Option<&'static str> {
     Some(match cmd {
         "serve" => {
             "\
-usage: bitfog serve [--conf FILE] [--addr ADDR] [--threads N]
+usage: bitfog serve [--conf FILE] [--addr ADDR] [--threads N] [--cache DIR]
 
 Serves the areas of FILE over HTTP until SIGINT or SIGTERM.
 
@@ -54,6 +55,8 @@ options:
       --conf FILE    configuration (default: bitfog.json)
       --addr ADDR    :PORT, HOST:PORT or [V6]:PORT (default: :8675)
       --threads N    worker threads (default: 16)
+      --cache DIR    SHA-256 cache, outside the areas (default:
+                     $XDG_CACHE_HOME/bitfog or ~/.cache/bitfog; none: off)
   -q, --quiet        no request log
 "
         }
@@ -157,6 +160,7 @@ struct Raw {
     ui: Ui,
     token: Option<String>,
     conf: Option<OsString>,
+    cache: Option<OsString>,
     addr: Option<String>,
     threads: Option<String>,
     max_bytes: Option<String>,
@@ -191,6 +195,9 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
             .opt_value_from_os_str("--conf", |s| Ok::<_, String>(s.to_os_string()))
             .map_err(pico)?,
         addr: p.opt_value_from_str("--addr").map_err(pico)?,
+        cache: p
+            .opt_value_from_os_str("--cache", |s| Ok::<_, String>(s.to_os_string()))
+            .map_err(pico)?,
         threads: p.opt_value_from_str("--threads").map_err(pico)?,
         max_bytes: p.opt_value_from_str("--max-bytes").map_err(pico)?,
         jobs: p.opt_value_from_str("--jobs").map_err(pico)?,
@@ -206,6 +213,7 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
                 "--token",
                 "--conf",
                 "--addr",
+                "--cache",
                 "--threads",
                 "--max-bytes",
                 "--jobs",
@@ -282,6 +290,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
     let given = [
         ("--conf", r.conf.is_some(), &["serve"][..]),
         ("--addr", r.addr.is_some(), &["serve"]),
+        ("--cache", r.cache.is_some(), &["serve"]),
         ("--threads", r.threads.is_some(), &["serve"]),
         ("--max-bytes", r.max_bytes.is_some(), &["fetch"]),
         ("--jobs", r.jobs.is_some(), &["fetch", "store"]),
@@ -327,6 +336,11 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
                     .threads
                     .as_deref()
                     .map_or(Ok(DEFAULT_THREADS), |t| count("--threads", t, 1024))?,
+                cache: match r.cache {
+                    Some(c) if c == "none" => None,
+                    Some(c) => Some(PathBuf::from(c)),
+                    None => crate::hashcache::default_dir(),
+                },
                 quiet: r.ui.quiet,
             })
         }

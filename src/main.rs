@@ -10,6 +10,7 @@ mod db;
 mod digest;
 mod error;
 mod fetch;
+mod hashcache;
 mod http;
 mod manifest;
 mod paths;

@@ -7,6 +7,7 @@
 
 use crate::beneath::{Dir, Kind, Root};
 use crate::digest::hash_reader;
+use crate::hashcache::{CacheFile, Lookup, Update};
 use crate::manifest::Entry;
 use crate::paths::is_reserved;
 use std::os::unix::ffi::OsStrExt;
@@ -34,14 +35,28 @@ pub(crate) fn walker(root: &Path) -> jwalk::WalkDir {
 /// target and contents are read relative to its directory resolved beneath
 /// `root` (see `beneath`), so a directory swapped for a symlink mid-walk
 /// yields a skipped entry, never a name, size or hash from outside.
-pub(crate) fn scan(root: &Root, checksum: bool, mut emit: impl FnMut(Item) -> bool) {
+///
+/// With a hash cache, a file whose size and identity are unchanged since
+/// the last complete listing is not read again, and the cache is replaced
+/// when this walk completes.
+pub(crate) fn scan(
+    root: &Root,
+    checksum: bool,
+    cache: Option<&CacheFile>,
+    mut emit: impl FnMut(Item) -> bool,
+) {
     let mut cached: Option<(PathBuf, Dir)> = None;
+    let mut hashes = cache.filter(|_| checksum).map(|c| (c.reader(), c.writer()));
     for dent in walker(root.path()) {
         let dent = match dent {
             Ok(d) => d,
             Err(e) => {
                 if !emit(Item::Skipped(format!("walk error: {e}"))) {
                     return;
+                }
+                // An incomplete walk must not replace the cache.
+                if let Some((_, update)) = hashes.as_mut() {
+                    *update = None;
                 }
                 continue;
             }
@@ -54,13 +69,16 @@ pub(crate) fn scan(root: &Root, checksum: bool, mut emit: impl FnMut(Item) -> bo
             continue;
         }
         let path = dent.path();
-        let item = match entry_for(root, &mut cached, &path, checksum) {
+        let item = match entry_for(root, &mut cached, &path, checksum, hashes.as_mut()) {
             Ok(e) => Item::Entry(e),
             Err(why) => Item::Skipped(format!("'{}': {why}", path.display())),
         };
         if !emit(item) {
             return;
         }
+    }
+    if let Some((_, Some(update))) = hashes {
+        let _ = update.commit();
     }
 }
 
@@ -70,6 +88,7 @@ fn entry_for(
     cached: &mut Option<(PathBuf, Dir)>,
     path: &Path,
     checksum: bool,
+    hashes: Option<&mut (Lookup, Option<Update>)>,
 ) -> Result<Entry, String> {
     let io = |e: std::io::Error| crate::error::describe_io(&e);
     let rel = path
@@ -106,9 +125,23 @@ fn entry_for(
             entry.linkdest = Some(target);
         }
         Kind::File if checksum => {
-            let (hash, n) = hash_reader(dir.open_read(file_name).map_err(io)?).map_err(io)?;
-            if n != entry.size {
-                return Err("changed while it was hashed".into());
+            let (lookup, update) = match hashes {
+                Some((l, u)) => (Some(l), u.as_mut()),
+                None => (None, None),
+            };
+            let hash = match lookup.and_then(|l| l.get(&entry.name, entry.size, &meta.identity)) {
+                Some(h) => h,
+                None => {
+                    let (hash, n) =
+                        hash_reader(dir.open_read(file_name).map_err(io)?).map_err(io)?;
+                    if n != entry.size {
+                        return Err("changed while it was hashed".into());
+                    }
+                    hash
+                }
+            };
+            if let Some(u) = update {
+                u.add(&entry.name, entry.size, &meta.identity, &hash);
             }
             entry.sha256 = Some(hash);
         }

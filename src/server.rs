@@ -11,6 +11,7 @@
 use crate::beneath::{Dir, Kind, Root};
 use crate::digest::{CopyError, Hasher, copy_hashing, is_sha256_hex};
 use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
+use crate::hashcache::CacheFile;
 use crate::http::{self, Body, Request, Response};
 use crate::manifest::End;
 use crate::paths::{components, is_reserved};
@@ -34,6 +35,8 @@ pub(crate) struct ServeOpts {
     pub(crate) conf: PathBuf,
     pub(crate) addr: String,
     pub(crate) threads: usize,
+    /// Where SHA-256 results are cached; `None` turns the cache off.
+    pub(crate) cache: Option<PathBuf>,
     pub(crate) quiet: bool,
 }
 
@@ -181,9 +184,25 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         })?;
         roots.insert(name.clone(), root);
     }
+    let cache = opts.cache.as_ref().and_then(|dir| {
+        let made = fs::create_dir_all(dir)
+            .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)));
+        match made {
+            Ok(()) => Some(dir.clone()),
+            Err(e) => {
+                print_error(format!(
+                    "hash cache '{}' unusable ({}); hashing every listing in full",
+                    dir.display(),
+                    describe_io(&e)
+                ));
+                None
+            }
+        }
+    });
     let state = Arc::new(State {
         config,
         roots,
+        cache,
         quiet: opts.quiet,
     });
     let cleaner = state.clone();
@@ -232,6 +251,8 @@ struct State {
     /// Each area's root directory, held open: every request resolves
     /// beneath it.
     roots: BTreeMap<String, Root>,
+    /// The hash cache directory, if any.
+    cache: Option<PathBuf>,
     quiet: bool,
 }
 
@@ -284,7 +305,12 @@ fn handle(state: &State, req: &mut Request) -> Response {
     };
     if file.is_empty() {
         return match method {
-            "GET" | "HEAD" => listing(state, area, root),
+            "GET" | "HEAD" => listing(
+                state,
+                std::str::from_utf8(area_name).unwrap_or(""),
+                area,
+                root,
+            ),
             _ => not_allowed("GET, HEAD"),
         };
     }
@@ -332,7 +358,11 @@ fn index(state: &State) -> Response {
 
 /// Streams the listing: a walker thread produces lines; this side writes
 /// them and sends an empty line whenever the walker is slow (hashing).
-fn listing(state: &State, area: &Area, root: &Root) -> Response {
+fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
+    let cache = state
+        .cache
+        .as_ref()
+        .map(|dir| CacheFile::for_area(dir, name, &area.root));
     let root = match root.try_clone() {
         Ok(r) => r,
         Err(e) => return Response::text(500, format!("cannot open the area: {}", describe_io(&e))),
@@ -343,7 +373,7 @@ fn listing(state: &State, area: &Area, root: &Root) -> Response {
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(1024);
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
-            scan::scan(&root, checksum, |item| {
+            scan::scan(&root, checksum, cache.as_ref(), |item| {
                 let line = match item {
                     Item::Entry(e) => {
                         count += 1;

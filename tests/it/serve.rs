@@ -701,3 +701,66 @@ fn a_directory_raced_against_a_symlink_never_lets_a_request_out() {
         "the race window exists"
     );
 }
+
+/// Bytes the process has read with read(2) and friends so far.
+fn rchar(pid: u32) -> u64 {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_hash_cache_spares_unchanged_files_and_never_serves_a_stale_hash() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..8 {
+        write(&src, &format!("d/f{i}"), &data(i, 1 << 20));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let pid = server.child.id();
+    let list = || String::from_utf8(get(server.addr, "/src/").body).unwrap();
+    let before = rchar(pid);
+    let first = list();
+    let cold = rchar(pid) - before;
+    assert!(
+        cold >= 8 << 20,
+        "the first listing hashes every file ({cold} bytes read)"
+    );
+    let before = rchar(pid);
+    let second = list();
+    let warm = rchar(pid) - before;
+    assert_eq!(first, second);
+    assert!(
+        warm < 256 << 10,
+        "a second listing reads no file contents ({warm} bytes read)"
+    );
+    // Same size, same mtime, new content: ctime gives it away.
+    let path = src.join("d/f3");
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    let mut changed = data(3, 1 << 20);
+    changed[100] ^= 1;
+    fs::write(&path, &changed).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let third = list();
+    assert!(
+        third.contains(&sha256_hex(&changed)),
+        "the changed file got its new hash"
+    );
+    assert!(!third.contains(&sha256_hex(&data(3, 1 << 20))));
+    let cache_dir = t.path("site.hashcache");
+    assert_eq!(
+        fs::read_dir(&cache_dir).unwrap().count(),
+        1,
+        "one cache file for the area, outside it"
+    );
+    assert!(tree(&src).iter().all(|e| !e.0.contains("hashes")));
+}

@@ -133,12 +133,16 @@ impl Server {
     /// the shell that execs the server.
     pub fn start_shell(conf: &Path, log: &Path, extra: &[&str], prefix: &str) -> Server {
         let logf = fs::File::create(log).unwrap();
+        // The hash cache goes beside the log, never into the real ~/.cache.
+        let cache = log.with_extension("hashcache");
         let mut args = vec![
             "serve",
             "--conf",
             conf.to_str().unwrap(),
             "--addr",
             "127.0.0.1:0",
+            "--cache",
+            cache.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         let mut command = if prefix.is_empty() {
