@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""bitfog against its peers, side by side, in one run. Run by scripts/bench.sh.
+
+Usage: bench.py BITFOG [--quick] [--runs N]
+
+Generates deterministic data (fixed seeds) in a temporary directory, starts
+bitfog serve, nginx (sendfile), an rsync daemon and rclone serve http/webdav
+on 127.0.0.1, and times each workload in alternating runs (bitfog, peer 1,
+peer 2, ..., bitfog, ...), each after deleting its output, syncing and
+settling for the same time. Prints medians and bitfog/peer ratios against
+the goals of the performance issue. --quick uses small data to check the
+script itself.
+"""
+
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = sys.argv[1]
+QUICK = "--quick" in sys.argv
+RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
+SETTLE = 1.0 if QUICK else 2.0
+BIG = (256 << 20) if QUICK else (2 << 30)
+SMALL = 5000 if QUICK else 50000
+TINY = 30000 if QUICK else 300000
+
+work = tempfile.mkdtemp(prefix="bitfog-bench-", dir=os.environ.get("BENCH_DIR"))
+os.chmod(work, 0o755)
+data, dest = os.path.join(work, "data"), os.path.join(work, "dest")
+procs = []
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port):
+    for _ in range(500):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit("nothing listens on %d" % port)
+
+
+def start(cmd, **kw):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    procs.append(p)
+    return p
+
+
+def make_data():
+    t = time.time()
+    os.makedirs(os.path.join(data, "big"))
+    # A deterministic keystream: AES-CTR over zeros with a fixed key.
+    sh("openssl enc -aes-128-ctr -K 0123456789abcdef0123456789abcdef -iv 0 -in /dev/zero 2>/dev/null"
+       " | head -c %d > %s" % (BIG, os.path.join(data, "big", "image.bin")))
+    r = random.Random(1)
+    for i in range(SMALL):
+        d = os.path.join(data, "small", "d%02d" % (i % 50), "e%d" % (i % 7))
+        if i < 350:
+            os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%05d" % i), "wb") as f:
+            f.write(r.randbytes(r.randint(1024, 65536)))
+    r = random.Random(2)
+    for i in range(TINY):
+        d = os.path.join(data, "tiny", "a%03d" % (i % 300), "b%d" % (i // 300 % 10))
+        if i < 3000:
+            os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "t%06d" % i), "wb") as f:
+            f.write(r.randbytes(r.randint(0, 100)))
+    os.makedirs(dest)
+    sh("sync")
+    print("data: one %d MiB file, %d files of 1-64 KiB, %d tiny files (%.0f s to make)"
+          % (BIG >> 20, SMALL, TINY, time.time() - t), flush=True)
+
+
+def bitfog_servers():
+    conf = os.path.join(work, "bitfog.json")
+    with open(conf, "w") as f:
+        f.write('{"big":{"path":"%s/big"},"small":{"path":"%s/small"},"tiny":{"path":"%s/tiny"},'
+                '"tinyfast":{"path":"%s/tiny","checksum":false},"dest":{"path":"%s","writable":true}}'
+                % (data, data, data, data, dest))
+    urls = {}
+    for name, cache in (("main", os.path.join(work, "hashcache")), ("nocache", "none")):
+        log = os.path.join(work, "serve-%s.log" % name)
+        p = subprocess.Popen([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:0", "--cache", cache, "-q"],
+                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        procs.append(p)
+        for _ in range(500):
+            line = open(log).readline()
+            if line.endswith("\n"):
+                break
+            time.sleep(0.01)
+        urls[name] = line.strip().split("listening on ")[1]
+    return urls
+
+
+def peer_servers():
+    ports = {}
+    ports["nginx"] = free_port()
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write("""user root; daemon off; worker_processes 2; pid %s/nginx.pid; error_log %s/nginx.err;
+events { worker_connections 1024; }
+http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
+  server { listen 127.0.0.1:%d; root %s; } }
+""" % (work, work, ports["nginx"], data))
+    start(["nginx", "-c", conf])
+    ports["rsync"] = free_port()
+    rconf = os.path.join(work, "rsyncd.conf")
+    with open(rconf, "w") as f:
+        f.write("use chroot = no\nuid = root\ngid = root\n[data]\npath = %s\nread only = yes\n[dest]\npath = %s\nread only = no\nuid = root\ngid = root\n"
+                % (data, dest))
+    start(["rsync", "--daemon", "--no-detach", "--address=127.0.0.1", "--port=%d" % ports["rsync"], "--config=" + rconf])
+    ports["rclone_http"] = free_port()
+    start(["rclone", "serve", "http", data, "--addr", "127.0.0.1:%d" % ports["rclone_http"], "--read-only"])
+    ports["rclone_dav"] = free_port()
+    start(["rclone", "serve", "webdav", dest, "--addr", "127.0.0.1:%d" % ports["rclone_dav"]])
+    for p in ports.values():
+        wait_port(p)
+    return ports
+
+
+def timed(cmd, before=None):
+    """Settles, then times one run of cmd (a shell string)."""
+    if before:
+        before()
+    sh("sync")
+    time.sleep(SETTLE)
+    t = time.time()
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.time() - t
+
+
+def compare(name, contenders, goals):
+    """contenders: [(label, cmd, before)], bitfog first. Alternates runs."""
+    times = {label: [] for label, _, _ in contenders}
+    for _ in range(RUNS):
+        for label, cmd, before in contenders:
+            times[label].append(timed(cmd, before))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ours = med[contenders[0][0]]
+    for label, _, _ in contenders[1:]:
+        ratio = ours / med[label]
+        goal = goals.get(label)
+        verdict = "" if goal is None else ("met" if ratio <= goal else "NOT MET")
+        rows.append((name, ours, label, med[label], ratio, "<= %.1fx" % goal if goal else "", verdict))
+    if len(contenders) == 1:
+        rows.append((name, ours, "", None, None, "", ""))
+    print("  %s: %s" % (name, ", ".join("%s %.2f s" % (k, v) for k, v in med.items())), flush=True)
+
+
+def rm(*paths):
+    def go():
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
+            if os.path.exists(p):
+                os.remove(p)
+    return go
+
+
+def empty_dest():
+    for n in os.listdir(dest):
+        p = os.path.join(dest, n)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+
+
+rows = []
+try:
+    make_data()
+    urls = bitfog_servers()
+    ports = peer_servers()
+    out = os.path.join(work, "out")
+    edb = os.path.join(work, "empty.db")
+    sh([BIN, "emptydb", edb, "-q"])
+    nginx = "http://127.0.0.1:%d" % ports["nginx"]
+    rsyncd = "rsync://127.0.0.1:%d" % ports["rsync"]
+    rhttp = "http://127.0.0.1:%d" % ports["rclone_http"]
+    rdav = "http://127.0.0.1:%d" % ports["rclone_dav"]
+
+    print("fetch, one %d MiB file" % (BIG >> 20), flush=True)
+    compare("fetch big", [
+        ("bitfog", "%s fetch %s %sbig/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+        ("curl+nginx", "mkdir -p %s && curl -sf -o %s/image.bin %s/big/image.bin" % (out, out, nginx), rm(out)),
+        ("rsync", "rsync -a %s/data/big/ %s/" % (rsyncd, out), rm(out)),
+        ("rclone", "rclone copy --http-url %s/big/ :http: %s" % (rhttp, out), rm(out)),
+    ], {"curl+nginx": 1.1, "rsync": 0.6})
+
+    print("fetch, %d small files" % SMALL, flush=True)
+    urlfile = os.path.join(work, "urls.txt")
+    with open(urlfile, "w") as f:
+        for dp, _, fs in os.walk(os.path.join(data, "small")):
+            for n in fs:
+                rel = os.path.relpath(os.path.join(dp, n), data)
+                f.write('url = "%s/%s"\noutput = "%s/%s"\n' % (nginx, rel, out, rel))
+    compare("fetch small", [
+        ("bitfog", "%s fetch %s %ssmall/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+        ("curl+nginx", "curl -sf -Z --parallel-max 8 --create-dirs -K %s" % urlfile, rm(out)),
+        ("rsync", "rsync -a %s/data/small/ %s/" % (rsyncd, out), rm(out)),
+        ("rclone", "rclone copy --transfers 8 --http-url %s/small/ :http: %s" % (rhttp, out), rm(out)),
+    ], {"rsync": 1.0, "rclone": 0.5})
+
+    for which in ("big", "small"):
+        print("store, %s" % which, flush=True)
+        courier = os.path.join(work, "courier-" + which)
+        sdb = os.path.join(work, which + ".db")
+        sh([BIN, "builddb", urls["main"] + which + "/", sdb, "-q"])
+        sh([BIN, "fetch", edb, urls["main"] + which + "/", courier, "-q"])
+        contenders = [
+            ("bitfog", "%s store %s %sdest/ %s -q" % (BIN, sdb, urls["main"], courier), empty_dest),
+            ("rsync push", "rsync -a --exclude=.bitfog %s/ %s/dest/" % (courier, rsyncd), empty_dest),
+        ]
+        # rclone's WebDAV server took 168 s for 5,000 small files here;
+        # at 50,000 it would dominate the run, so it is opt-in for those.
+        if which == "big" or os.environ.get("BENCH_SLOW"):
+            contenders.append(("rclone webdav", "rclone copy --transfers 8 --exclude '.bitfog/**' %s :webdav: --webdav-url %s"
+                               % (courier, rdav), empty_dest))
+        compare("store " + which, contenders, {"rsync push": 1.0})
+        shutil.rmtree(courier)
+
+    print("listings, %d tiny files" % TINY, flush=True)
+    tdb = os.path.join(work, "tiny.db")
+    compare("builddb checksum off", [
+        ("bitfog", "%s builddb %stinyfast/ %s -q" % (BIN, urls["main"], tdb), None),
+        ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
+        ("rsync --list-only", "rsync --list-only -r %s/data/tiny/ > /dev/null" % rsyncd, None),
+    ], {"find": 1.5})
+    cache_files = lambda: [os.remove(os.path.join(work, "hashcache", n)) for n in os.listdir(os.path.join(work, "hashcache"))
+                           if n.startswith("tiny.")] if os.path.isdir(os.path.join(work, "hashcache")) else None
+    compare("builddb cold hash cache", [
+        ("bitfog", "%s builddb %stiny/ %s -q" % (BIN, urls["main"], tdb), cache_files),
+        ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
+    ], {})
+    sh([BIN, "builddb", urls["main"] + "tiny/", tdb, "-q"])
+    compare("builddb warm hash cache", [
+        ("bitfog", "%s builddb %stiny/ %s -q" % (BIN, urls["main"], tdb), None),
+        ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
+    ], {"find": 2.0})
+
+    print("SHA-256 of the %d MiB file" % (BIG >> 20), flush=True)
+    image = os.path.join(data, "big", "image.bin")
+    compare("sha256 (a cold listing)", [
+        ("bitfog", "%s builddb %sbig/ %s -q" % (BIN, urls["nocache"], os.path.join(work, "b.db")), None),
+        ("openssl", "openssl dgst -sha256 %s" % image, None),
+        ("sha256sum", "sha256sum %s" % image, None),
+    ], {"openssl": 1.0})
+finally:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": ")
+print("\nbitfog bench: %d runs each, alternating, %.0f s settle; %s, %d cores; medians in seconds"
+      % (RUNS, SETTLE, cpu, os.cpu_count()))
+print("| workload | bitfog | peer | peer | bitfog/peer | goal | |")
+print("|---|---|---|---|---|---|---|")
+for name, ours, label, theirs, ratio, goal, verdict in rows:
+    if theirs is None:
+        print("| %s | %.2f | | | | | |" % (name, ours))
+    else:
+        print("| %s | %.2f | %s | %.2f | %.2f | %s | %s |" % (name, ours, label, theirs, ratio, goal, verdict))

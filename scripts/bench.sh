@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# bitfog against nginx+curl, rsync, rclone, find, openssl and sha256sum, one
+# table from one run (medians, ratios from alternating runs). Run by hand:
+#   scripts/bench.sh            # full size: 2 GiB, 50,000 and 300,000 files
+#   scripts/bench.sh --quick    # small data, to check the script
+#   BENCH_SLOW=1 scripts/bench.sh   # also rclone webdav for the small-file store
+# Needs about 8 GB of free disk (BENCH_DIR picks where); traffic stays on
+# 127.0.0.1; every server is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+for tool in nginx:nginx-light rsync:rsync rclone:rclone curl:curl openssl:openssl; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+cargo build --release --quiet
+exec python3 scripts/bench.py "$PWD/target/release/bitfog" "$@"
