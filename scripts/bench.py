@@ -138,23 +138,36 @@ http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
     return ports
 
 
-def timed(cmd, before=None):
-    """Settles, then times one run of cmd (a shell string)."""
+def tree_bytes(root):
+    total = 0
+    for dp, dns, fs in os.walk(root):
+        dns[:] = [d for d in dns if d != ".bitfog"]
+        total += sum(os.lstat(os.path.join(dp, f)).st_size for f in fs)
+    return total
+
+
+def timed(cmd, before=None, check=None):
+    """Settles, then times one run of cmd (a shell string). `check` is
+    (directory, bytes it must then hold): a run that did not produce
+    its whole output is refused, not timed."""
     if before:
         before()
     sh("sync")
     time.sleep(SETTLE)
     t = time.time()
     subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.time() - t
+    took = time.time() - t
+    if check and tree_bytes(check[0]) != check[1]:
+        raise SystemExit("incomplete output from: %s (%d of %d bytes)" % (cmd, tree_bytes(check[0]), check[1]))
+    return took
 
 
-def compare(name, contenders, goals):
+def compare(name, contenders, goals, check=None):
     """contenders: [(label, cmd, before)], bitfog first. Alternates runs."""
     times = {label: [] for label, _, _ in contenders}
     for _ in range(RUNS):
         for label, cmd, before in contenders:
-            times[label].append(timed(cmd, before))
+            times[label].append(timed(cmd, before, check))
     med = {k: statistics.median(v) for k, v in times.items()}
     ours = med[contenders[0][0]]
     for label, _, _ in contenders[1:]:
@@ -201,7 +214,7 @@ try:
         ("curl+nginx", "mkdir -p %s && curl -sf -o %s/image.bin %s/big/image.bin" % (out, out, nginx), rm(out)),
         ("rsync", "rsync -a %s/data/big/ %s/" % (rsyncd, out), rm(out)),
         ("rclone", "rclone copy --http-url %s/big/ :http: %s" % (rhttp, out), rm(out)),
-    ], {"curl+nginx": 1.1, "rsync": 0.6})
+    ], {"curl+nginx": 1.1, "rsync": 0.6}, check=(out, BIG))
 
     print("fetch, %d small files" % SMALL, flush=True)
     urlfile = os.path.join(work, "urls.txt")
@@ -215,7 +228,7 @@ try:
         ("curl+nginx", "curl -sf -Z --parallel-max 8 --create-dirs -K %s" % urlfile, rm(out)),
         ("rsync", "rsync -a %s/data/small/ %s/" % (rsyncd, out), rm(out)),
         ("rclone", "rclone copy --transfers 8 --http-url %s/small/ :http: %s" % (rhttp, out), rm(out)),
-    ], {"rsync": 1.0, "rclone": 0.5})
+    ], {"rsync": 1.0, "rclone": 0.5}, check=(out, tree_bytes(os.path.join(data, "small"))))
 
     for which in ("big", "small"):
         print("store, %s" % which, flush=True)
@@ -232,7 +245,7 @@ try:
         if which == "big" or os.environ.get("BENCH_SLOW"):
             contenders.append(("rclone webdav", "rclone copy --transfers 8 --exclude '.bitfog/**' %s :webdav: --webdav-url %s"
                                % (courier, rdav), empty_dest))
-        compare("store " + which, contenders, {"rsync push": 1.0})
+        compare("store " + which, contenders, {"rsync push": 1.0}, check=(dest, tree_bytes(os.path.join(data, which))))
         shutil.rmtree(courier)
 
     print("listings, %d tiny files" % TINY, flush=True)
