@@ -158,7 +158,8 @@ def timed(cmd, before=None, check=None):
     subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     took = time.time() - t
     if check and tree_bytes(check[0]) != check[1]:
-        raise SystemExit("incomplete output from: %s (%d of %d bytes)" % (cmd, tree_bytes(check[0]), check[1]))
+        print("  incomplete output from: %s (%d of %d bytes)" % (cmd, tree_bytes(check[0]), check[1]), flush=True)
+        return None
     return took
 
 
@@ -168,16 +169,20 @@ def compare(name, contenders, goals, check=None):
     for _ in range(RUNS):
         for label, cmd, before in contenders:
             times[label].append(timed(cmd, before, check))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: (None if None in v else statistics.median(v)) for k, v in times.items()}
     ours = med[contenders[0][0]]
     for label, _, _ in contenders[1:]:
+        if ours is None or med[label] is None:
+            rows.append((name, ours, label + " (incomplete output)", None, None, "", ""))
+            continue
         ratio = ours / med[label]
         goal = goals.get(label)
         verdict = "" if goal is None else ("met" if ratio <= goal else "NOT MET")
         rows.append((name, ours, label, med[label], ratio, "<= %.1fx" % goal if goal else "", verdict))
     if len(contenders) == 1:
         rows.append((name, ours, "", None, None, "", ""))
-    print("  %s: %s" % (name, ", ".join("%s %.2f s" % (k, v) for k, v in med.items())), flush=True)
+    print("  %s: %s" % (name, ", ".join("%s %s" % (k, "incomplete" if v is None else "%.2f s" % v)
+                                         for k, v in med.items())), flush=True)
 
 
 def rm(*paths):
@@ -291,6 +296,6 @@ print("| workload | bitfog | peer | peer | bitfog/peer | goal | |")
 print("|---|---|---|---|---|---|---|")
 for name, ours, label, theirs, ratio, goal, verdict in rows:
     if theirs is None:
-        print("| %s | %.2f | | | | | |" % (name, ours))
+        print("| %s | %s | %s | | | | |" % (name, "incomplete" if ours is None else "%.2f" % ours, label))
     else:
         print("| %s | %.2f | %s | %.2f | %.2f | %s | %s |" % (name, ours, label, theirs, ratio, goal, verdict))
