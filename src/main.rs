@@ -29,12 +29,13 @@ fn run(cli: cli::Cli) -> Result<Exit> {
     let ui = &cli.ui;
     let client = || Client::new(cli.token.clone());
     match &cli.command {
+        // Plain text even with --json: there is no summary to give.
         Command::Help(text) => {
-            ui.summary(&(), text);
+            ui::print_stdout(text);
             Ok(Exit::Done)
         }
         Command::Version => {
-            ui.summary(&(), concat!("bitfog ", env!("CARGO_PKG_VERSION"), "\n"));
+            ui::print_stdout(concat!("bitfog ", env!("CARGO_PKG_VERSION"), "\n"));
             Ok(Exit::Done)
         }
         Command::Serve(opts) => server::serve(opts).map(|()| Exit::Done),

@@ -39,9 +39,14 @@ impl Ui {
         } else {
             human.to_string()
         };
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        print_stdout(&text);
     }
+}
+
+/// Writes to stdout; a closed stdout (a pipe to `head`) is not an error.
+pub(crate) fn print_stdout(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// `1 file` or `N files`.

@@ -22,6 +22,18 @@ fn usage_errors_exit_2_with_one_line() {
     let h = bitfog(&["--help"]).ok();
     assert!(h.stdout.contains("usage: bitfog"));
     assert!(bitfog(&["--version"]).ok().stdout.starts_with("bitfog "));
+    assert!(
+        bitfog(&["--json", "--version"])
+            .ok()
+            .stdout
+            .starts_with("bitfog ")
+    );
+    assert!(
+        bitfog(&["fetch", "--help", "--json"])
+            .ok()
+            .stdout
+            .contains("usage: bitfog fetch")
+    );
     for c in ["serve", "builddb", "emptydb", "plan", "fetch", "store"] {
         assert!(
             bitfog(&[c, "--help"])
