@@ -355,7 +355,10 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-fn install_signal_handlers() {
+/// Catches SIGINT and SIGTERM from now on; `run` then stops cleanly, even
+/// when the signal came before it started. Call before announcing the
+/// server, so no signal after the startup line can kill it uncleanly.
+pub(crate) fn install_signal_handlers() {
     // SAFETY: the handler only touches atomics and calls write(2).
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -438,7 +441,6 @@ where
 {
     let waker = Arc::new(Waker::new()?);
     WAKE_FD.store(waker.w, Ordering::SeqCst);
-    install_signal_handlers();
     listener.set_nonblocking(true)?;
 
     let shared = Arc::new(Shared {

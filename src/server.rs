@@ -163,6 +163,9 @@ pub(crate) fn parse_addr(addr: &str) -> Result<SocketAddr> {
 
 /// Runs the server until SIGINT/SIGTERM.
 pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
+    // First thing: a SIGINT or SIGTERM from here on ends in a clean exit 0
+    // (a background job inherits SIGINT ignored; this overrides that too).
+    http::install_signal_handlers();
     let config = load_config(&opts.conf)?;
     let addr = parse_addr(&opts.addr)?;
     let listener = TcpListener::bind(addr)

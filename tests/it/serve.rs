@@ -764,3 +764,27 @@ fn the_hash_cache_spares_unchanged_files_and_never_serves_a_stale_hash() {
     );
     assert!(tree(&src).iter().all(|e| !e.0.contains("hashes")));
 }
+
+#[test]
+fn a_signal_right_after_the_startup_line_still_exits_0() {
+    for signal in [2, 15] {
+        let t = Scratch::new();
+        let src = t.mkdir("src");
+        let server = Server::start(
+            &t,
+            "site",
+            &format!("{{\"src\":{{\"path\":{:?}}}}}", src.to_str().unwrap()),
+        );
+        let mut server = server;
+        unsafe_kill(server.child.id(), signal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = server.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "signal {signal} ignored");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(0), "signal {signal}");
+    }
+}
