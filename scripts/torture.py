@@ -709,7 +709,8 @@ def section_inject():
             start = logf.tell()
             proc = subprocess.Popen(["strace", "-f", "-o", "/dev/null", "-e", "trace=" + call,
                                      "-e", "inject=%s:error=EIO:when=%s" % (call, shift(call, when)), BIN, "serve", "--conf", conf,
-                                     "--addr", "127.0.0.1:0", "--cache", "none"], stdout=subprocess.DEVNULL, stderr=logf)
+                                     "--addr", "127.0.0.1:0", "--cache", "none"], stdout=subprocess.DEVNULL, stderr=logf,
+                                    start_new_session=True)
             addr = None
             for _ in range(500):
                 with open(log, "rb") as f:
@@ -723,7 +724,11 @@ def section_inject():
             if m:
                 url = m[0].strip().split("listening on ")[1] + "dst/"
                 subprocess.run([BIN, "store", db("src.db"), url, db("courier"), "-q"], **quiet)
-            proc.kill()
+            # Killing strace alone would leave its traced server running.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the injected server already exited
             proc.wait()
             if proc.returncode not in (0, 1, 2, -9):
                 server_bad += 1
