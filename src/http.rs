@@ -128,8 +128,6 @@ pub(crate) struct Limits {
     pub(crate) head_timeout: Duration,
     /// Time a keep-alive connection may sit idle between requests.
     pub(crate) idle_timeout: Duration,
-    /// Time any single read or write of a body may block.
-    pub(crate) io_timeout: Duration,
     /// Log one line per request on stderr.
     pub(crate) log: bool,
 }
@@ -142,7 +140,6 @@ impl Default for Limits {
             max_head: 16 * 1024,
             head_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
-            io_timeout: Duration::from_secs(60),
             log: true,
         }
     }
@@ -740,7 +737,7 @@ where
     conn.stream.set_nonblocking(false).ok()?;
     // Body reads and response writes wake every TICK so that `Patience`
     // can drop a stalled client (see there).
-    let timeout = limits.io_timeout.min(TICK);
+    let timeout = TICK;
     conn.stream.set_read_timeout(Some(timeout)).ok()?;
     conn.stream.set_write_timeout(Some(timeout)).ok()?;
 
