@@ -11,18 +11,58 @@
 
 use crate::digest::is_sha256_hex;
 use crate::paths::name_cmp;
-use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-#[derive(Serialize, Deserialize)]
+/// The first line of a cache file; a file without it (an older format,
+/// or damage) is treated as empty.
+const HEADER: &[u8] = b"bitfog hash cache 2\n";
+
+/// One record, parsed from a line
+/// `SHA256 SIZE DEV INO MTIME_NS CTIME_NS NAME`: plain text, because
+/// a warm listing reads one per file and JSON parsing was a third of it.
+/// Names holding a newline are never cached (they are hashed each time).
 struct Record {
-    name: String,
+    line: Vec<u8>,
     size: u64,
     id: [i128; 4],
-    sha256: String,
+    /// Where the name starts in `line` (it runs to the newline).
+    name_at: usize,
+}
+
+impl Record {
+    fn parse(line: Vec<u8>) -> Option<Record> {
+        let text = std::str::from_utf8(&line).ok()?.strip_suffix('\n')?;
+        let mut f = text.splitn(7, ' ');
+        let sha = f.next()?;
+        if !is_sha256_hex(sha) {
+            return None;
+        }
+        let size = f.next()?.parse().ok()?;
+        let mut id = [0i128; 4];
+        for v in &mut id {
+            *v = f.next()?.parse().ok()?;
+        }
+        let name = f.next()?;
+        let name_at = text.len() - name.len();
+        Some(Record {
+            line,
+            size,
+            id,
+            name_at,
+        })
+    }
+
+    fn name(&self) -> &str {
+        // Checked as UTF-8 in `parse`; the newline is not part of the name.
+        std::str::from_utf8(&self.line[self.name_at..self.line.len() - 1]).unwrap_or("")
+    }
+
+    fn sha256(&self) -> &str {
+        std::str::from_utf8(&self.line[..64]).unwrap_or("")
+    }
 }
 
 /// Where an area's cache lives.
@@ -44,12 +84,15 @@ impl CacheFile {
 
     /// Opens the previous listing's records (empty when there are none).
     pub(crate) fn reader(&self) -> Lookup {
-        Lookup {
-            lines: File::open(&self.path)
-                .ok()
-                .map(|f| BufReader::new(f).lines()),
-            next: None,
-        }
+        let lines = File::open(&self.path)
+            .ok()
+            .map(BufReader::new)
+            .and_then(|mut r| {
+                let mut first = Vec::new();
+                r.read_until(b'\n', &mut first).ok()?;
+                (first == HEADER).then_some(r)
+            });
+        Lookup { lines, next: None }
     }
 
     /// Starts the next cache file; `commit` puts it in place.
@@ -58,17 +101,19 @@ impl CacheFile {
             .path
             .with_extension(format!("tmp{}", std::process::id()));
         let file = File::create(&tmp).ok()?;
+        let mut out = BufWriter::new(file);
+        out.write_all(HEADER).ok()?;
         Some(Update {
             tmp,
             path: self.path.clone(),
-            out: Some(BufWriter::new(file)),
+            out: Some(out),
         })
     }
 }
 
 /// Looks names up in a cache file, in name order.
 pub(crate) struct Lookup {
-    lines: Option<std::io::Lines<BufReader<File>>>,
+    lines: Option<BufReader<File>>,
     next: Option<Record>,
 }
 
@@ -78,17 +123,25 @@ impl Lookup {
     pub(crate) fn get(&mut self, name: &str, size: u64, id: &[i128; 4]) -> Option<String> {
         loop {
             if self.next.is_none() {
-                let line = self.lines.as_mut()?.next()?.ok()?;
-                self.next = Some(serde_json::from_str(&line).ok()?);
+                let mut line = Vec::with_capacity(160);
+                if self.lines.as_mut()?.read_until(b'\n', &mut line).ok()? == 0 {
+                    self.lines = None;
+                    return None;
+                }
+                // A damaged record ends the cache: what follows is hashed.
+                self.next = Record::parse(line);
+                if self.next.is_none() {
+                    self.lines = None;
+                    return None;
+                }
             }
             let rec = self.next.as_ref()?;
-            match name_cmp(&rec.name, name) {
+            match name_cmp(rec.name(), name) {
                 Ordering::Less => self.next = None,
                 Ordering::Greater => return None,
                 Ordering::Equal => {
                     let rec = self.next.take()?;
-                    return (rec.size == size && rec.id == *id && is_sha256_hex(&rec.sha256))
-                        .then_some(rec.sha256);
+                    return (rec.size == size && rec.id == *id).then(|| rec.sha256().to_string());
                 }
             }
         }
@@ -104,15 +157,12 @@ pub(crate) struct Update {
 
 impl Update {
     pub(crate) fn add(&mut self, name: &str, size: u64, id: &[i128; 4], sha256: &str) {
-        let rec = Record {
-            name: name.to_string(),
-            size,
-            id: *id,
-            sha256: sha256.to_string(),
-        };
+        if name.contains('\n') || !is_sha256_hex(sha256) {
+            return;
+        }
         if let Some(out) = self.out.as_mut() {
-            let ok = serde_json::to_writer(&mut *out, &rec).is_ok() && out.write_all(b"\n").is_ok();
-            if !ok {
+            let [dev, ino, mtime, ctime] = id;
+            if writeln!(out, "{sha256} {size} {dev} {ino} {mtime} {ctime} {name}").is_err() {
                 self.out = None;
             }
         }
@@ -181,5 +231,38 @@ mod tests {
             Some(h.as_str())
         );
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn odd_names_and_old_or_damaged_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
+        let h = "b".repeat(64);
+        let mut w = c.writer().unwrap();
+        for name in ["a b  c", "n\nl", "z"] {
+            w.add(name, 7, &[-1, 2, 3, 4], &h);
+        }
+        w.commit().unwrap();
+        let mut r = c.reader();
+        assert_eq!(
+            r.get("a b  c", 7, &[-1, 2, 3, 4]).as_deref(),
+            Some(h.as_str())
+        );
+        assert_eq!(r.get("n\nl", 7, &[-1, 2, 3, 4]), None, "never cached");
+        assert_eq!(r.get("z", 7, &[-1, 2, 3, 4]).as_deref(), Some(h.as_str()));
+
+        // A file of the older JSON format reads as empty.
+        let old = format!("{{\"name\":\"z\",\"size\":7,\"id\":[-1,2,3,4],\"sha256\":\"{h}\"}}\n");
+        fs::write(&c.path, old).unwrap();
+        assert_eq!(c.reader().get("z", 7, &[-1, 2, 3, 4]), None);
+        // A damaged record ends the cache there.
+        let text = format!(
+            "{}{h} 7 -1 2 3 4 a\n{h} x 1 2 3 4 b\n{h} 7 -1 2 3 4 c\n",
+            std::str::from_utf8(HEADER).unwrap()
+        );
+        fs::write(&c.path, text).unwrap();
+        let mut r = c.reader();
+        assert!(r.get("a", 7, &[-1, 2, 3, 4]).is_some());
+        assert_eq!(r.get("c", 7, &[-1, 2, 3, 4]), None);
     }
 }
