@@ -27,7 +27,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Options of `bitfog serve`.
 #[derive(Debug, Clone)]
@@ -54,6 +54,10 @@ pub(crate) type Config = BTreeMap<String, Area>;
 
 /// An empty line is sent on a listing after this long without output.
 const LISTING_KEEPALIVE: Duration = Duration::from_secs(10);
+/// Listing lines are handed to the writer in chunks of about this size...
+const LISTING_CHUNK: usize = 64 << 10;
+/// ...or after this long, whichever comes first.
+const LISTING_CHUNK_WAIT: Duration = Duration::from_millis(200);
 /// A PUT that fails mid-body (disk full) reads the rest of bodies up to
 /// this size, so the client sees the answer.
 const DRAIN_LIMIT: u64 = 16 << 20;
@@ -373,35 +377,50 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
     let checksum = area.checksum;
     let quiet = state.quiet;
     let produce = move |out: &mut dyn Write| -> io::Result<()> {
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(1024);
+        // Lines travel in chunks: one hand-over per line cost a context
+        // switch per entry. A chunk goes when it is full or has waited
+        // LISTING_CHUNK_WAIT, so a slow (hashing) walk still streams.
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(16);
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
+            let mut chunk = Vec::with_capacity(LISTING_CHUNK);
+            let mut since = Instant::now();
+            let mut open = true;
             scan::scan(&root, checksum, cache.as_ref(), |item| {
-                let line = match item {
+                match item {
                     Item::Entry(e) => {
                         count += 1;
                         bytes += e.size;
-                        serde_json::to_vec(&e).unwrap_or_default()
+                        if chunk.is_empty() {
+                            since = Instant::now();
+                        }
+                        let _ = serde_json::to_writer(&mut chunk, &e);
+                        chunk.push(b'\n');
                     }
                     Item::Skipped(why) => {
                         skipped += 1;
                         if !quiet {
                             print_error(format!("listing skips {why}"));
                         }
-                        return true;
                     }
-                };
-                tx.send(line).is_ok()
+                }
+                if chunk.len() >= LISTING_CHUNK
+                    || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
+                {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(LISTING_CHUNK));
+                    open = tx.send(full).is_ok();
+                }
+                open
             });
-            let end = serde_json::to_vec(&End::new(count, bytes, skipped)).unwrap_or_default();
-            let _ = tx.send(end);
+            if open {
+                let _ = serde_json::to_writer(&mut chunk, &End::new(count, bytes, skipped));
+                chunk.push(b'\n');
+                let _ = tx.send(chunk);
+            }
         });
         loop {
             match rx.recv_timeout(LISTING_KEEPALIVE) {
-                Ok(line) => {
-                    out.write_all(&line)?;
-                    out.write_all(b"\n")?;
-                }
+                Ok(chunk) => out.write_all(&chunk)?,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     out.write_all(b"\n")?;
                     out.flush()?;
