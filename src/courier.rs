@@ -146,6 +146,27 @@ impl Courier {
         read_log(&self.root)
     }
 
+    /// A new, empty spool for this run.
+    pub(crate) fn spool(&self) -> Result<Spool> {
+        let path = self.state.join("wanted.tmp");
+        let what = format!("'{}'", path.display());
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(&what, &e))?;
+        let read = file.try_clone().map_err(|e| Error::io(&what, &e))?;
+        Ok(Spool {
+            path,
+            out: io::BufWriter::with_capacity(1 << 16, file),
+            read,
+            offsets: vec![0],
+            line: Vec::new(),
+        })
+    }
+
     /// Partial downloads present: (part path, sidecar path, what it is).
     pub(crate) fn partials(&self) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
         read_partials(&self.root)
@@ -317,6 +338,53 @@ impl Courier {
                 dir.pop();
             }
         }
+    }
+}
+
+/// Entries written to a scratch file under `.bitfog/` and read back by
+/// index, so planning over a million entries holds 8 bytes for each
+/// instead of the entry. The file is removed when the spool is dropped.
+pub(crate) struct Spool {
+    path: PathBuf,
+    out: io::BufWriter<File>,
+    read: File,
+    /// Where each entry starts; the last value is where the file ends.
+    offsets: Vec<u64>,
+    line: Vec<u8>,
+}
+
+impl Spool {
+    pub(crate) fn push(&mut self, e: &Entry) -> io::Result<usize> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, e)?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)?;
+        let end = self.offsets.last().copied().unwrap_or(0) + self.line.len() as u64;
+        self.offsets.push(end);
+        Ok(self.offsets.len() - 2)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Ends the writing; `get` works after this.
+    pub(crate) fn finish(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    pub(crate) fn get(&self, i: usize) -> io::Result<Entry> {
+        use std::os::unix::fs::FileExt;
+        let (start, end) = (self.offsets[i], self.offsets[i + 1]);
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.read.read_exact_at(&mut buf, start)?;
+        Ok(serde_json::from_slice(&buf)?)
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 

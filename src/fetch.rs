@@ -11,7 +11,7 @@ use crate::courier::{self, Carried, Courier, PartialMeta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
 use crate::manifest::{Entry, as_usage, open_db, parent_dir};
-use crate::plan::{self, Missing};
+use crate::plan::{self, Missing, Need};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -37,13 +37,26 @@ pub(crate) struct FetchOpts {
     pub(crate) jobs: usize,
 }
 
-/// Reads DESTDB and the source listing and merges them.
-pub(crate) fn missing(client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Missing> {
+/// Reads DESTDB and the source listing and merges them as streams,
+/// calling `f` with what each name needs.
+pub(crate) fn each_need(
+    client: &Client,
+    destdb: &Path,
+    src: &AreaUrl,
+    mut f: impl FnMut(Need) -> Result<()>,
+) -> Result<()> {
     let (_, dst) = open_db(destdb)?;
     let listing = client.listing(src)?;
-    let mut m = Missing::default();
     plan::merge(listing, dst.map(|r| r.map_err(as_usage)), |pair| {
-        plan::note_missing(&mut m, pair);
+        f(plan::need(pair))
+    })
+}
+
+/// Everything the destination lacks, held in memory.
+pub(crate) fn missing(client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Missing> {
+    let mut m = Missing::default();
+    each_need(client, destdb, src, |need| {
+        m.add(need);
         Ok(())
     })?;
     Ok(m)
@@ -57,37 +70,50 @@ struct PlanSummary {
     refused_files: u64,
 }
 
-/// `bitfog plan DESTDB SRCURL`.
+/// `bitfog plan DESTDB SRCURL`. Streams: with `-v` each file is printed
+/// as the merge finds it, so a million-entry plan holds one entry.
 pub(crate) fn plan(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Exit> {
-    let m = missing(client, destdb, src)?;
-    for (name, why) in &m.refused {
-        ui.error(format!("refusing '{name}': {}", why.reason()));
-    }
-    let mut human = String::new();
-    if ui.verbose {
-        for e in &m.files {
-            human.push_str(&format!("{:>14} {}\n", e.size, e.name));
+    let mut sum = PlanSummary {
+        remaining_files: 0,
+        remaining_bytes: 0,
+        symlinks: 0,
+        refused_files: 0,
+    };
+    let list = ui.verbose && !ui.json && !ui.quiet;
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut out_ok = true;
+    each_need(client, destdb, src, |need| {
+        match need {
+            Need::Nothing => {}
+            Need::File(e) => {
+                sum.remaining_files += 1;
+                sum.remaining_bytes += e.size;
+                if list && out_ok {
+                    out_ok = writeln!(out, "{:>14} {}", e.size, e.name).is_ok();
+                }
+            }
+            Need::Link => sum.symlinks += 1,
+            Need::Refused(name, why) => {
+                sum.refused_files += 1;
+                ui.error(format!("refusing '{name}': {}", why.reason()));
+            }
         }
-    }
-    let bytes = m.bytes();
-    human.push_str(&format!(
+        Ok(())
+    })?;
+    let _ = out.flush();
+    drop(out);
+    let mut human = format!(
         "{} to carry\n",
-        files_bytes(m.files.len() as u64, bytes)
-    ));
-    if m.links > 0 {
+        files_bytes(sum.remaining_files, sum.remaining_bytes)
+    );
+    if sum.symlinks > 0 {
         human.push_str(&format!(
             "{} symlinks to recreate at store (nothing to carry)\n",
-            m.links
+            sum.symlinks
         ));
     }
-    let summary = PlanSummary {
-        remaining_files: m.files.len() as u64,
-        remaining_bytes: bytes,
-        symlinks: m.links,
-        refused_files: m.refused.len() as u64,
-    };
-    ui.summary(&summary, &human);
-    Ok(if m.refused.is_empty() {
+    ui.summary(&sum, &human);
+    Ok(if sum.refused_files == 0 {
         Exit::Done
     } else {
         Exit::Failed
@@ -119,34 +145,71 @@ enum Fail {
 
 /// `bitfog fetch DESTDB SRCURL COURIER`.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
-    let m = missing(client, &opts.destdb, &opts.src)?;
     if opts.dry_run {
+        let m = missing(client, &opts.destdb, &opts.src)?;
         return dry_run(ui, opts, m);
     }
     let courier = Courier::open(&opts.courier, true)?;
     let mut failed = 0u64;
-    for (name, why) in &m.refused {
-        ui.error(format!("refusing '{name}': {}", why.reason()));
-        failed += 1;
-    }
 
-    // What the courier already holds of what is missing; the rest of what
-    // bitfog carried earlier is pruned (the destination has it now, or the
+    // What the courier already holds of what is missing is kept (and
+    // rewritten into a fresh record); what is missing and not held goes to
+    // the spool, with only its size in memory. The rest of what bitfog
+    // carried earlier is pruned (the destination has it now, or the
     // source no longer lists that version).
-    let log = courier.load_log();
+    let mut log = courier.load_log();
     let mut held: Vec<Carried> = Vec::new();
-    let mut needed: Vec<Entry> = Vec::new();
-    for e in m.files {
-        if is_held(ui, &courier, &log, &e) {
-            held.push(Carried::of(&e));
-        } else {
-            needed.push(e);
+    let mut needed = courier.spool()?;
+    let mut sizes: Vec<u64> = Vec::new();
+    // Partial downloads: keep those of a needed version, drop the rest.
+    let mut partials: std::collections::HashMap<String, (PathBuf, PathBuf, PartialMeta)> =
+        std::collections::HashMap::new();
+    for (part, sidecar, meta) in courier.partials() {
+        match meta {
+            Some(m) => {
+                partials.insert(m.entry.name.clone(), (part, sidecar, m));
+            }
+            None => discard(&part, &sidecar),
         }
     }
-    let keep: HashSet<&str> = held.iter().map(|c| c.name.as_str()).collect();
-    for name in log.keys().filter(|n| !keep.contains(n.as_str())) {
+    let mut resume: std::collections::HashMap<usize, (u64, PartialMeta)> =
+        std::collections::HashMap::new();
+    let spool_err = |e: io::Error| crate::error::Error::io("the courier's plan spool", &e);
+    each_need(client, &opts.destdb, &opts.src, |need| {
+        match need {
+            Need::File(e) => {
+                if is_held(ui, &courier, &log, &e) {
+                    log.remove(&e.name);
+                    held.push(Carried::of(&e));
+                    return Ok(());
+                }
+                let i = needed.push(&e).map_err(spool_err)?;
+                sizes.push(e.size);
+                if let Some((part, sidecar, meta)) = partials.remove(&e.name) {
+                    if meta.entry.matches(&e) {
+                        let len = fs::metadata(&part).map_or(0, |m| m.len().min(e.size));
+                        resume.insert(i, (len, meta));
+                    } else {
+                        discard(&part, &sidecar);
+                    }
+                }
+            }
+            Need::Refused(name, why) => {
+                ui.error(format!("refusing '{name}': {}", why.reason()));
+                failed += 1;
+            }
+            Need::Link | Need::Nothing => {}
+        }
+        Ok(())
+    })?;
+    needed.finish().map_err(spool_err)?;
+    for (part, sidecar, _) in partials.into_values() {
+        discard(&part, &sidecar);
+    }
+    for name in log.keys() {
         courier.remove_carried(name);
     }
+    drop(log);
     courier.rewrite_log(held.iter())?;
     if let Err(e) = courier.keep_snapshot(&opts.destdb) {
         ui.error(format!(
@@ -154,32 +217,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             describe_io(&e)
         ));
     }
-
-    // Partial downloads: keep those of a needed version, drop the rest.
-    let mut partial_len = vec![0u64; needed.len()];
-    let mut resume: Vec<Option<PartialMeta>> = vec![None; needed.len()];
-    let by_name: std::collections::HashMap<&str, usize> = needed
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.name.as_str(), i))
-        .collect();
-    for (part, sidecar, meta) in courier.partials() {
-        let slot = meta
-            .as_ref()
-            .and_then(|m| by_name.get(m.entry.name.as_str()).copied());
-        match slot {
-            Some(i) if meta.as_ref().is_some_and(|m| m.entry.matches(&needed[i])) => {
-                partial_len[i] = fs::metadata(&part)
-                    .map(|m| m.len().min(needed[i].size))
-                    .unwrap_or(0);
-                resume[i] = meta;
-            }
-            _ => {
-                let _ = fs::remove_file(&part);
-                let _ = fs::remove_file(&sidecar);
-            }
-        }
-    }
+    let partial_len = |i: usize| resume.get(&i).map_or(0, |(len, _)| *len);
 
     let usage = courier.usage();
     let budget = opts
@@ -191,18 +229,17 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         let reserve = (free / 100).clamp(1 << 20, 64 << 20);
         free.saturating_sub(reserve)
     });
-    let sizes: Vec<u64> = needed.iter().map(|e| e.size).collect();
-    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len[i], budget.min(room));
+    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len(i), budget.min(room));
     // Did the disk, rather than --max-bytes, leave files behind?
     let disk_bound = room < budget
-        && plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len[i], budget).len()
+        && plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len(i), budget).len()
             > taken.len();
     if disk_bound {
         ui.log(format!(
             "the courier disk is full after {}; {} of free space is kept in reserve",
             files_bytes(
                 taken.len() as u64,
-                taken.iter().map(|&i| sizes[i] - partial_len[i]).sum()
+                taken.iter().map(|&i| sizes[i] - partial_len(i)).sum()
             ),
             human_bytes(
                 courier::free_space(&opts.courier)
@@ -211,7 +248,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             )
         ));
     }
-    let total_bytes: u64 = taken.iter().map(|&i| sizes[i] - partial_len[i]).sum();
+    let total_bytes: u64 = taken.iter().map(|&i| sizes[i] - partial_len(i)).sum();
     if let Some(max) = opts.max_bytes {
         ui.log(format!(
             "courier holds {} of a {} budget; {} fit of {} missing",
@@ -237,8 +274,16 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     }
                     let k = next.fetch_add(1, Ordering::SeqCst);
                     let Some(&i) = taken.get(k) else { return };
-                    let e = &needed[i];
-                    let outcome = download(client, &opts.src, &courier, e, resume[i].as_ref(), &wire, &progress.bytes);
+                    let e = match needed.get(i) {
+                        Ok(e) => e,
+                        Err(err) => {
+                            ui.error(format!("cannot read the courier's plan spool: {}", describe_io(&err)));
+                            fails.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    };
+                    let e = &e;
+                    let outcome = download(client, &opts.src, &courier, e, resume.get(&i).map(|(_, m)| m), &wire, &progress.bytes);
                     if outcome.is_err() && e.size <= RESUME_MIN {
                         // A small file's partial cannot resume: drop it.
                         let _ = fs::remove_file(courier.partial_paths(&e.name).0);

@@ -67,25 +67,53 @@ pub(crate) struct Missing {
 }
 
 impl Missing {
+    pub(crate) fn add(&mut self, need: Need) {
+        match need {
+            Need::Nothing => {}
+            Need::File(e) => self.files.push(e),
+            Need::Link => self.links += 1,
+            Need::Refused(name, why) => self.refused.push((name, why)),
+        }
+    }
+
+    #[cfg(test)]
     pub(crate) fn bytes(&self) -> u64 {
         self.files.iter().map(|e| e.size).sum()
     }
 }
 
-/// Folds one merge step into `Missing`.
-pub(crate) fn note_missing(m: &mut Missing, pair: Pair) {
+/// What one merge step asks of a trip.
+pub(crate) enum Need {
+    /// The destination has it (or only the destination has it).
+    Nothing,
+    /// A regular file to carry.
+    File(Entry),
+    /// A symlink to recreate at store (nothing to carry).
+    Link,
+    /// A name that may not be written under a local directory.
+    Refused(String, BadName),
+}
+
+/// Decides what one merge step needs.
+pub(crate) fn need(pair: Pair) -> Need {
     let src = match pair {
         Pair::Src(s) => s,
         Pair::Both(s, d) if !s.same_content(&d) => s,
-        Pair::Both(..) | Pair::Dst(_) => return,
+        Pair::Both(..) | Pair::Dst(_) => return Need::Nothing,
     };
     if let Err(why) = check_carried_name(&src.name) {
-        m.refused.push((src.name, why));
+        Need::Refused(src.name, why)
     } else if src.is_symlink() {
-        m.links += 1;
+        Need::Link
     } else {
-        m.files.push(src);
+        Need::File(src)
     }
+}
+
+/// Folds one merge step into `Missing`.
+#[cfg(test)]
+pub(crate) fn note_missing(m: &mut Missing, pair: Pair) {
+    m.add(need(pair));
 }
 
 /// Fits files into a byte budget, largest first; when the next one does
