@@ -8,7 +8,7 @@
 
 use crate::client::{AreaUrl, Client};
 use crate::courier::{self, Carried, Courier, PartialMeta};
-use crate::digest::{BUF_SIZE, CopyError, Hasher, copy_hashing};
+use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
 use crate::manifest::{Entry, as_usage, open_db, parent_dir};
 use crate::plan::{self, Missing, Need};
@@ -557,7 +557,7 @@ fn download(
                 .map_err(|err| other("cannot write partial state", &err))?;
         }
         let want = e.size - offset;
-        let mut out = io::BufWriter::with_capacity(BUF_SIZE, &mut part);
+        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, offset));
         let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, want, |n| {
             wire.fetch_add(n, Ordering::Relaxed);
             shown.fetch_add(n, Ordering::Relaxed);

@@ -9,7 +9,7 @@
 //! never read, create, change or delete anything outside an area.
 
 use crate::beneath::{Dir, Kind, Root};
-use crate::digest::{CopyError, Hasher, copy_hashing, is_sha256_hex};
+use crate::digest::{CopyError, Hasher, Writeback, copy_hashing, is_sha256_hex};
 use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
 use crate::hashcache::CacheFile;
 use crate::http::{self, Body, Request, Response};
@@ -747,10 +747,16 @@ fn put_file(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<()
     let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
     let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let len = req.content_length();
-    let mut temp = TempFile::create(dir).map_err(write_error)?;
+    let temp = TempFile::create(dir).map_err(write_error)?;
     let mut hasher = Hasher::new();
-    let file = temp.file.as_mut().expect("fresh temp file");
-    match copy_hashing(&mut req.body, file, &mut hasher, len, |_| {}) {
+    let file = temp.file.as_ref().expect("fresh temp file");
+    match copy_hashing(
+        &mut req.body,
+        &mut Writeback::new(file, 0),
+        &mut hasher,
+        len,
+        |_| {},
+    ) {
         Ok(n) if n == len => {}
         Ok(_) | Err(CopyError::Read(_)) => {
             return Err(Response::text(400, "request body cut short"));
