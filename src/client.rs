@@ -8,7 +8,6 @@
 use crate::error::{Error, Result};
 use crate::manifest::{Entry, Reader};
 use crate::protocol::{self, percent_encode_path};
-use std::fs::File;
 use std::io::{BufReader, Read};
 use std::time::Duration;
 use ureq::BodyReader;
@@ -162,12 +161,13 @@ impl Client {
         })
     }
 
-    /// PUTs a regular file with its hash, mode and mtime.
+    /// PUTs a regular file with its hash, mode and mtime; `file` is
+    /// read from its current position.
     pub(crate) fn put_file(
         &self,
         area: &AreaUrl,
         entry: &Entry,
-        file: File,
+        file: impl Read + Send + 'static,
     ) -> Result<std::result::Result<(), Refused>> {
         let url = area.file(&entry.name);
         let mut req = self

@@ -6,7 +6,7 @@
 
 use crate::client::{AreaUrl, Client};
 use crate::courier::{Carried, Courier};
-use crate::digest::hash_reader;
+use crate::digest::{Hasher, hash_reader};
 use crate::error::{Error, Exit, Result, describe_io};
 use crate::manifest::{Entry, as_usage, open_db};
 use crate::paths::check_carried_name;
@@ -17,10 +17,10 @@ use std::collections::HashMap;
 /// The destination snapshot `fetch` keeps in `COURIER/.bitfog/`.
 pub(crate) const SNAPSHOT: &str = "destdb.jsonl";
 use serde::Serialize;
-use std::io::{Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub(crate) struct StoreOpts {
@@ -344,7 +344,13 @@ fn run(
                     e.size
                 ));
             }
-            if let Some(want) = &e.sha256 {
+            let Some(want) = &e.sha256 else {
+                return client
+                    .put_file(dest, e, file)
+                    .map_err(|e| e.to_string())?
+                    .map_err(refused);
+            };
+            if e.size < STREAM_CHECK_MIN {
                 let (got, _) = hash_reader(&mut file).map_err(open_err)?;
                 if &got != want {
                     return damaged(format!(
@@ -352,11 +358,52 @@ fn run(
                     ));
                 }
                 file.seek(SeekFrom::Start(0)).map_err(open_err)?;
+                return client
+                    .put_file(dest, e, file)
+                    .map_err(|e| e.to_string())?
+                    .map_err(refused);
             }
-            client
-                .put_file(dest, e, file)
-                .map_err(|e| e.to_string())?
-                .map_err(refused)
+            // A large file is checked as it streams, saving a whole read
+            // and hash pass; the server checks the same hash (it comes
+            // as X-Bitfog-Sha256) before anything appears, so a damaged
+            // copy is refused there (422) and never stored.
+            let hasher = Arc::new(Mutex::new((Hasher::new(), 0u64)));
+            let body = HashingReader {
+                inner: file,
+                hasher: Arc::clone(&hasher),
+            };
+            let sent = client.put_file(dest, e, body);
+            let (h, read) = std::mem::take(&mut *hasher.lock().expect("hasher"));
+            let got = h.hex();
+            // Only a copy read to its end can be judged; a transfer cut
+            // short says so below.
+            if read == e.size && &got != want {
+                return damaged(format!(
+                    "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
+                ));
+            }
+            sent.map_err(|e| e.to_string())?.map_err(refused)
         }
+    }
+}
+
+/// Files at least this large are hashed while they are sent instead of
+/// in a pass of their own before.
+const STREAM_CHECK_MIN: u64 = 8 << 20;
+
+/// Hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    /// The hash so far and the bytes it covers.
+    hasher: Arc<Mutex<(Hasher, u64)>>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut h = self.hasher.lock().expect("hasher");
+        h.0.update(&buf[..n]);
+        h.1 += n as u64;
+        Ok(n)
     }
 }

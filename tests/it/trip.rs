@@ -301,6 +301,8 @@ fn store_refuses_damaged_courier_files_and_uploads_the_rest() {
     write(&src, "good", b"good content\n");
     write(&src, "flipped", &data(5, 10_000));
     write(&src, "short", &data(6, 10_000));
+    // 9 MiB: checked while it streams rather than before.
+    write(&src, "big-flipped", &data(7, 9 << 20));
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let (su, du) = (server.url("src"), server.url("dst"));
     bitfog(&["emptydb", &t.s("dest.db")]).ok();
@@ -309,6 +311,9 @@ fn store_refuses_damaged_courier_files_and_uploads_the_rest() {
     let mut bytes = fs::read(t.path("courier/flipped")).unwrap();
     bytes[5000] ^= 1;
     fs::write(t.path("courier/flipped"), bytes).unwrap();
+    let mut bytes = fs::read(t.path("courier/big-flipped")).unwrap();
+    bytes[8 << 20] ^= 1;
+    fs::write(t.path("courier/big-flipped"), bytes).unwrap();
     let f = fs::File::options()
         .write(true)
         .open(t.path("courier/short"))
@@ -317,23 +322,34 @@ fn store_refuses_damaged_courier_files_and_uploads_the_rest() {
     let s = bitfog(&["store", &t.s("src.db"), &du, &t.s("courier"), "--json"]).code(1);
     assert_eq!(
         (s.num("stored_files"), s.num("failed_files")),
-        (1, 2),
+        (1, 3),
         "{s}"
     );
-    assert!(
-        s.stderr.contains("'flipped'") && s.stderr.contains("damaged"),
-        "{s}"
-    );
+    for name in ["'flipped'", "'big-flipped'"] {
+        assert!(
+            s.stderr
+                .lines()
+                .any(|l| l.contains(name) && l.contains("damaged")),
+            "{s}"
+        );
+    }
     assert!(s.stderr.contains("'short'"), "{s}");
     assert!(dst.join("good").exists());
     assert!(
-        !dst.join("flipped").exists() && !dst.join("short").exists(),
+        !dst.join("flipped").exists()
+            && !dst.join("short").exists()
+            && !dst.join("big-flipped").exists(),
         "damaged files are not uploaded"
+    );
+    assert_eq!(
+        fs::read_dir(&dst).unwrap().count(),
+        1,
+        "no temporary file is left"
     );
     // The next fetch replaces the damaged copies.
     bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
     let f = bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier"), "--json"]).ok();
-    assert_eq!(f.num("fetched_files"), 2, "{f}");
+    assert_eq!(f.num("fetched_files"), 3, "{f}");
     bitfog(&["store", &t.s("src.db"), &du, &t.s("courier")]).ok();
     assert_same_tree(&src, &dst);
 }
