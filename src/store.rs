@@ -79,7 +79,16 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let listing = client.listing(&opts.dest)?;
 
     let mut sum = StoreSummary::default();
+    // Uploads and links: in memory for a dry run; otherwise in a spool
+    // under .bitfog/, read back one at a time by the workers, so a
+    // million-file courier is not held in memory.
     let mut actions = Vec::new();
+    let mut spool = match &courier {
+        Some(c) => Some(c.spool()?),
+        None => None,
+    };
+    let spool_err = |e: std::io::Error| Error::io("the courier's plan spool", &e);
+    let mut total_bytes = 0;
     let mut refused = Vec::new();
     let mut doomed: Vec<Entry> = Vec::new();
     plan::merge(src.by_ref().map(|r| r.map_err(as_usage)), listing, |pair| {
@@ -88,10 +97,17 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             Pair::Src(s) | Pair::Both(s, _) => {
                 if let Err(why) = check_carried_name(&s.name) {
                     refused.push(format!("refusing '{}': {}", s.name, why.reason()));
-                } else if s.is_symlink() {
-                    actions.push(Action::Link(s));
-                } else if opts.courier.join(&s.name).symlink_metadata().is_ok() {
-                    actions.push(Action::Upload(s));
+                } else if s.is_symlink() || opts.courier.join(&s.name).symlink_metadata().is_ok() {
+                    if !s.is_symlink() {
+                        total_bytes += s.size;
+                    }
+                    match spool.as_mut() {
+                        Some(spool) => {
+                            spool.push(&s).map_err(spool_err)?;
+                        }
+                        None if s.is_symlink() => actions.push(Action::Link(s)),
+                        None => actions.push(Action::Upload(s)),
+                    }
                 } else {
                     sum.missing_files += 1;
                     sum.missing_bytes += s.size;
@@ -154,52 +170,76 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     }
     let courier = courier.expect("opened unless dry run");
 
-    // Deletions first, so a name can change from file to directory.
-    let (deletes, rest): (Vec<Action>, Vec<Action>) = actions
-        .into_iter()
-        .partition(|a| matches!(a, Action::Delete(_)));
-    let total_bytes = rest
-        .iter()
-        .map(|a| if let Action::Upload(e) = a { e.size } else { 0 })
-        .sum();
-    let progress = Progress::start(ui, "storing", rest.len() as u64, total_bytes);
+    // Deletions (only with --delete; `actions` holds nothing else now) run
+    // first, so a name can change from file to directory.
+    let deletes = actions;
+    let mut spool = spool.expect("a spool unless dry run");
+    spool.finish().map_err(spool_err)?;
+    let progress = Progress::start(ui, "storing", spool.len() as u64, total_bytes);
     let results: Mutex<StoreSummary> = Mutex::new(sum);
-    for batch in [deletes, rest] {
-        let next = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..opts.jobs.clamp(1, 64) {
-                s.spawn(|| {
-                    while let Some(action) = batch.get(next.fetch_add(1, Ordering::SeqCst)) {
-                        let outcome = run(client, &courier, &opts.dest, action);
-                        let mut sum = results.lock().expect("summary");
-                        match (action, outcome) {
-                            (Action::Upload(e), Ok(())) => {
-                                sum.stored_files += 1;
-                                sum.stored_bytes += e.size;
-                                progress.bytes.fetch_add(e.size, Ordering::Relaxed);
-                            }
-                            (Action::Link(e), Ok(())) => {
-                                sum.stored_files += 1;
-                                sum.stored_bytes += e.size;
-                            }
-                            (Action::Delete(_), Ok(())) => sum.deleted_files += 1,
-                            (a, Err(why)) => {
-                                let name = match a {
-                                    Action::Upload(e) | Action::Link(e) => &e.name,
-                                    Action::Delete(n) => n,
-                                };
-                                ui.error(format!("'{name}': {why}"));
-                                sum.failed_files += 1;
-                            }
+    let record = |action: &Action, outcome: std::result::Result<(), String>| {
+        let mut sum = results.lock().expect("summary");
+        match (action, outcome) {
+            (Action::Upload(e), Ok(())) => {
+                sum.stored_files += 1;
+                sum.stored_bytes += e.size;
+                progress.bytes.fetch_add(e.size, Ordering::Relaxed);
+            }
+            (Action::Link(e), Ok(())) => {
+                sum.stored_files += 1;
+                sum.stored_bytes += e.size;
+            }
+            (Action::Delete(_), Ok(())) => sum.deleted_files += 1,
+            (a, Err(why)) => {
+                let name = match a {
+                    Action::Upload(e) | Action::Link(e) => &e.name,
+                    Action::Delete(n) => n,
+                };
+                ui.error(format!("'{name}': {why}"));
+                sum.failed_files += 1;
+            }
+        }
+        if !matches!(action, Action::Delete(_)) {
+            progress.files.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.clamp(1, 64) {
+            s.spawn(|| {
+                while let Some(action) = deletes.get(next.fetch_add(1, Ordering::SeqCst)) {
+                    record(action, run(client, &courier, &opts.dest, action));
+                }
+            });
+        }
+    });
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.clamp(1, 64) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= spool.len() {
+                        return;
+                    }
+                    match spool.get(i) {
+                        Ok(e) if e.is_symlink() => {
+                            let a = Action::Link(e);
+                            record(&a, run(client, &courier, &opts.dest, &a));
                         }
-                        if !matches!(action, Action::Delete(_)) {
-                            progress.files.fetch_add(1, Ordering::Relaxed);
+                        Ok(e) => {
+                            let a = Action::Upload(e);
+                            record(&a, run(client, &courier, &opts.dest, &a));
+                        }
+                        Err(err) => {
+                            ui.error(format!("cannot read the courier's plan spool: {}", describe_io(&err)));
+                            results.lock().expect("summary").failed_files += 1;
                         }
                     }
-                });
-            }
-        });
-    }
+                }
+            });
+        }
+    });
     progress.finish();
     let sum = results.into_inner().expect("summary");
 
