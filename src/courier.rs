@@ -142,8 +142,8 @@ impl Courier {
     }
 
     /// The record of carried files, last line per name winning.
-    pub(crate) fn load_log(&self) -> HashMap<String, Carried> {
-        read_log(&self.root)
+    pub(crate) fn load_log(&self) -> LogIndex {
+        LogIndex::open(&self.state.join(LOG))
     }
 
     /// A new, empty spool for this run.
@@ -193,22 +193,18 @@ impl Courier {
         }
         copied
     }
-    /// Replaces the record with exactly `recs`, atomically.
-    pub(crate) fn rewrite_log<'a>(&self, recs: impl Iterator<Item = &'a Carried>) -> Result<()> {
-        let path = self.state.join(LOG);
+    /// Starts a new record; `LogWriter::commit` puts it in place of the
+    /// old one, atomically.
+    pub(crate) fn new_log(&self) -> Result<LogWriter<'_>> {
         let tmp = self.state.join("carried.jsonl.tmp");
         let what = format!("'{}'", tmp.display());
-        let mut out = io::BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&what, &e))?);
-        for rec in recs {
-            serde_json::to_writer(&mut out, rec).map_err(|e| Error::io(&what, &e.into()))?;
-            out.write_all(b"\n").map_err(|e| Error::io(&what, &e))?;
-        }
-        let file = out.into_inner().map_err(|e| Error::io(&what, e.error()))?;
-        file.sync_all().map_err(|e| Error::io(&what, &e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&what, &e))?;
-        sync_dir(&self.state);
-        *self.log.lock().expect("log lock") = None;
-        Ok(())
+        let out = io::BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&what, &e))?);
+        Ok(LogWriter {
+            courier: self,
+            tmp,
+            what,
+            out: Some(out),
+        })
     }
 
     /// Appends one record (after the file is in place). Not synced here:
@@ -339,6 +335,120 @@ impl Courier {
             }
         }
     }
+}
+
+/// A new record of carried files, being written.
+pub(crate) struct LogWriter<'a> {
+    courier: &'a Courier,
+    tmp: PathBuf,
+    what: String,
+    /// None once committed.
+    out: Option<io::BufWriter<File>>,
+}
+
+impl LogWriter<'_> {
+    pub(crate) fn add(&mut self, rec: &Carried) -> Result<()> {
+        let out = self.out.as_mut().expect("not committed");
+        serde_json::to_writer(&mut *out, rec).map_err(|e| Error::io(&self.what, &e.into()))?;
+        out.write_all(b"\n").map_err(|e| Error::io(&self.what, &e))
+    }
+
+    pub(crate) fn commit(mut self) -> Result<()> {
+        let what = self.what.clone();
+        let file = self
+            .out
+            .take()
+            .expect("not committed")
+            .into_inner()
+            .map_err(|e| Error::io(&what, e.error()))?;
+        file.sync_all().map_err(|e| Error::io(&what, &e))?;
+        let state = &self.courier.state;
+        fs::rename(&self.tmp, state.join(LOG)).map_err(|e| Error::io(&what, &e))?;
+        sync_dir(state);
+        *self.courier.log.lock().expect("log lock") = None;
+        Ok(())
+    }
+}
+
+impl Drop for LogWriter<'_> {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The record of carried files, last line per name winning, indexed by
+/// a 64-bit hash of each name and read back from the file on lookup: a
+/// million records cost about 32 MB instead of 450. Two names sharing a
+/// hash only lose the older record, which is safe: `fetch` then adopts
+/// the file after checking its hash, or leaves it unpruned.
+pub(crate) struct LogIndex {
+    file: Option<File>,
+    at: HashMap<u64, (u64, u32)>,
+}
+
+impl LogIndex {
+    fn open(path: &Path) -> LogIndex {
+        let mut at = HashMap::new();
+        let file = File::open(path).ok();
+        if let Some(f) = &file {
+            let mut r = BufReader::new(f);
+            let mut line = Vec::new();
+            let mut offset = 0u64;
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        // A torn last line (no newline) is not a record.
+                        if line.ends_with(b"\n") {
+                            if let Ok(rec) = serde_json::from_slice::<Carried>(&line) {
+                                at.insert(name_key(&rec.name), (offset, n as u32));
+                            }
+                        }
+                        offset += n as u64;
+                    }
+                }
+            }
+        }
+        LogIndex { file, at }
+    }
+
+    fn read(&self, &(offset, len): &(u64, u32)) -> Option<Carried> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len as usize];
+        self.file.as_ref()?.read_exact_at(&mut buf, offset).ok()?;
+        serde_json::from_slice(&buf).ok()
+    }
+
+    /// The record for `name`, if any.
+    pub(crate) fn get(&self, name: &str) -> Option<Carried> {
+        let rec = self.read(self.at.get(&name_key(name))?)?;
+        (rec.name == name).then_some(rec)
+    }
+
+    /// Drops `name` from the index (it is accounted for).
+    pub(crate) fn forget(&mut self, name: &str) {
+        if self.get(name).is_some() {
+            self.at.remove(&name_key(name));
+        }
+    }
+
+    /// The records not forgotten.
+    pub(crate) fn remaining(&self) -> impl Iterator<Item = Carried> + '_ {
+        self.at.values().filter_map(|at| self.read(at))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.at.len()
+    }
+}
+
+fn name_key(name: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(name)
 }
 
 /// Entries written to a scratch file under `.bitfog/` and read back by
@@ -481,8 +591,15 @@ mod tests {
         f.write_all(b"{\"name\":\"x\",\"si").unwrap();
         let log = c.load_log();
         assert_eq!(log.len(), 2);
-        c.rewrite_log([&a].into_iter()).unwrap();
-        assert_eq!(c.load_log().len(), 1);
+        assert_eq!(log.get("b/c").map(|r| r.name).as_deref(), Some("b/c"));
+        assert!(log.get("x").is_none(), "a torn line is not a record");
+        let mut w = c.new_log().unwrap();
+        w.add(&a).unwrap();
+        w.commit().unwrap();
+        let mut log = c.load_log();
+        assert_eq!(log.len(), 1);
+        log.forget("a");
+        assert_eq!(log.remaining().count(), 0);
         assert!(
             Courier::open(dir.path(), false).is_err(),
             "the lock is exclusive"

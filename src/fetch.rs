@@ -158,7 +158,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // carried earlier is pruned (the destination has it now, or the
     // source no longer lists that version).
     let mut log = courier.load_log();
-    let mut held: Vec<Carried> = Vec::new();
+    let mut new_log = courier.new_log()?;
+    let (mut held_files, mut held_bytes) = (0u64, 0u64);
     let mut needed = courier.spool()?;
     let mut sizes: Vec<u64> = Vec::new();
     // Partial downloads: keep those of a needed version, drop the rest.
@@ -179,8 +180,10 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         match need {
             Need::File(e) => {
                 if is_held(ui, &courier, &log, &e) {
-                    log.remove(&e.name);
-                    held.push(Carried::of(&e));
+                    log.forget(&e.name);
+                    new_log.add(&Carried::of(&e))?;
+                    held_files += 1;
+                    held_bytes += e.size;
                     return Ok(());
                 }
                 let i = needed.push(&e).map_err(spool_err)?;
@@ -206,11 +209,11 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     for (part, sidecar, _) in partials.into_values() {
         discard(&part, &sidecar);
     }
-    for name in log.keys() {
-        courier.remove_carried(name);
+    for c in log.remaining() {
+        courier.remove_carried(&c.name);
     }
     drop(log);
-    courier.rewrite_log(held.iter())?;
+    new_log.commit()?;
     if let Err(e) = courier.keep_snapshot(&opts.destdb) {
         ui.error(format!(
             "cannot keep the destination snapshot in the courier ({}); store --delete will go by SRCDB alone",
@@ -325,8 +328,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         disk_full: disk_full.load(Ordering::SeqCst) || disk_bound,
         ..Default::default()
     };
-    sum.courier_files = held.len() as u64 + sum.fetched_files;
-    sum.courier_bytes = held.iter().map(|c| c.size).sum::<u64>() + sum.fetched_bytes;
+    sum.courier_files = held_files + sum.fetched_files;
+    sum.courier_bytes = held_bytes + sum.fetched_bytes;
     sum.remaining_files = (needed.len() - done.len()) as u64;
     sum.remaining_bytes = sizes.iter().sum::<u64>() - sum.fetched_bytes;
     sum.budget_stop = sum.remaining_files > 0 && taken.len() < needed.len();
@@ -444,12 +447,7 @@ fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
 /// True when the courier already holds the listed version of `e`. A file
 /// found in place but not in the record (a run killed between rename and
 /// record) is adopted after its hash checks; anything else there is stale.
-fn is_held(
-    ui: &Ui,
-    courier: &Courier,
-    log: &std::collections::HashMap<String, Carried>,
-    e: &Entry,
-) -> bool {
+fn is_held(ui: &Ui, courier: &Courier, log: &courier::LogIndex, e: &Entry) -> bool {
     let path = courier.path_of(&e.name);
     let Ok(meta) = fs::symlink_metadata(&path) else {
         return false;
