@@ -30,6 +30,7 @@ SETTLE = 1.0 if QUICK else 2.0
 BIG = (256 << 20) if QUICK else (2 << 30)
 SMALL = 5000 if QUICK else 50000
 TINY = 30000 if QUICK else 300000
+MILLION = 100000 if QUICK else 1000000
 
 work = tempfile.mkdtemp(prefix="bitfog-bench-", dir=os.environ.get("BENCH_DIR"))
 os.chmod(work, 0o755)
@@ -200,7 +201,63 @@ def empty_dest():
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
 
+def peak_rss_kib(cmd):
+    """Runs cmd under /usr/bin/time; returns its peak RSS in KiB."""
+    out = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, check=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return int(out.stderr.strip().splitlines()[-1])
+
+
+def memory_section():
+    """Peak RSS of serve (while listing), builddb, plan, fetch and store
+    over MILLION entries. fetch plans all of them but carries 512 KiB;
+    store goes through all of them with that courier."""
+    t = time.time()
+    root = os.path.join(work, "million")
+    per_dir = 1000
+    for d in range(MILLION // per_dir):
+        p = os.path.join(root, "d%03d" % (d // 100), "e%04d" % d)
+        os.makedirs(p)
+        for i in range(per_dir):
+            with open(os.path.join(p, "file-%05d.dat" % i), "wb") as f:
+                f.write(b"%d.%d\n" % (d, i))
+    mdest = os.path.join(work, "mdest")
+    os.makedirs(mdest)
+    print("memory: %d entries (%.0f s to make)" % (MILLION, time.time() - t), flush=True)
+    conf = os.path.join(work, "million.json")
+    with open(conf, "w") as f:
+        f.write('{"m":{"path":"%s"},"dest":{"path":"%s","writable":true}}' % (root, mdest))
+    log = os.path.join(work, "serve-million.log")
+    srv = subprocess.Popen([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:0", "-q",
+                            "--cache", os.path.join(work, "million-cache")],
+                           stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    procs.append(srv)
+    for _ in range(500):
+        line = open(log).readline()
+        if line.endswith("\n"):
+            break
+        time.sleep(0.01)
+    url = line.strip().split("listening on ")[1]
+    mdb, edb, courier = (os.path.join(work, n) for n in ("million.db", "mempty.db", "mcourier"))
+    sh([BIN, "emptydb", edb, "-q"])
+    got = []
+    got.append(("builddb (cold hash cache)", peak_rss_kib([BIN, "builddb", url + "m/", mdb, "-q"]), 128))
+    got.append(("builddb (warm hash cache)", peak_rss_kib([BIN, "builddb", url + "m/", mdb, "-q"]), 128))
+    for line in open("/proc/%d/status" % srv.pid):
+        if line.startswith("VmHWM:"):
+            got.insert(0, ("serve, listing (cold and warm)", int(line.split()[1]), 64))
+    got.append(("plan", peak_rss_kib([BIN, "plan", edb, url + "m/", "-q"]), 128))
+    got.append(("fetch (plans all, carries 512 KiB)",
+                peak_rss_kib([BIN, "fetch", edb, url + "m/", courier, "--max-bytes", "512K", "-q"]), 128))
+    got.append(("store (SRCDB of all, that courier)",
+                peak_rss_kib([BIN, "store", mdb, url + "dest/", courier, "-q"]), 128))
+    srv.send_signal(signal.SIGTERM)
+    srv.wait(timeout=30)
+    return got
+
+
 rows = []
+memory = []
 try:
     make_data()
     urls = bitfog_servers()
@@ -274,6 +331,8 @@ try:
 
     print("SHA-256 of the %d MiB file" % (BIG >> 20), flush=True)
     image = os.path.join(data, "big", "image.bin")
+    memory = memory_section()
+
     compare("sha256 (a cold listing)", [
         ("bitfog", "%s builddb %sbig/ %s -q" % (BIN, urls["nocache"], os.path.join(work, "b.db")), None),
         ("openssl", "openssl dgst -sha256 %s" % image, None),
@@ -299,3 +358,8 @@ for name, ours, label, theirs, ratio, goal, verdict in rows:
         print("| %s | %s | %s | | | | |" % (name, "incomplete" if ours is None else "%.2f" % ours, label))
     else:
         print("| %s | %.2f | %s | %.2f | %.2f | %s | %s |" % (name, ours, label, theirs, ratio, goal, verdict))
+print("\npeak RSS over %d entries" % MILLION)
+print("| command | peak RSS (MiB) | goal | |")
+print("|---|---|---|---|")
+for name, kib, goal in memory:
+    print("| %s | %.1f | < %d MiB | %s |" % (name, kib / 1024, goal, "met" if kib < goal * 1024 else "NOT met"))

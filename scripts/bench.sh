@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bitfog against nginx+curl, rsync, rclone, find, openssl and sha256sum, one
 # table from one run (medians, ratios from alternating runs). Run by hand:
-#   scripts/bench.sh            # full size: 2 GiB, 50,000 and 300,000 files
+#   scripts/bench.sh            # full size: 2 GiB, 50,000, 300,000 and 1,000,000 files
 #   scripts/bench.sh --quick    # small data, to check the script
 #   BENCH_SLOW=1 scripts/bench.sh   # also rclone webdav for the small-file store
 # Needs about 8 GB of free disk (BENCH_DIR picks where); traffic stays on
@@ -16,4 +16,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 cargo build --release --quiet
-exec python3 scripts/bench.py "$PWD/target/release/bitfog" "$@"
+# Run a copy, so a rebuild during the run does not change the binary.
+bin=$(mktemp "${TMPDIR:-/tmp}/bitfog-bench-bin.XXXXXX")
+trap 'rm -f "$bin"' EXIT
+cp target/release/bitfog "$bin" && chmod 755 "$bin"
+python3 scripts/bench.py "$bin" "$@"
