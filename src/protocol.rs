@@ -7,6 +7,12 @@ pub(crate) const HDR_SHA256: &str = "x-bitfog-sha256";
 pub(crate) const HDR_MODE: &str = "x-bitfog-mode";
 /// Request header carrying the mtime (seconds since the epoch) on PUT.
 pub(crate) const HDR_MTIME: &str = "x-bitfog-mtime";
+/// A PUT with this header and an empty body makes the file from another
+/// file of the same area (named like a request path, percent-encoded,
+/// relative to the area), after checking that file's SHA-256 against
+/// `X-Bitfog-Sha256`; naming the PUT's own path changes only mode and
+/// mtime.
+pub(crate) const HDR_FROM: &str = "x-bitfog-from";
 /// Content type of a PUT whose body is a symlink target.
 pub(crate) const SYMLINK_TYPE: &str = "application/symlink";
 /// Content type of an area listing.

@@ -22,6 +22,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -670,7 +671,10 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
             .trim()
             .eq_ignore_ascii_case(protocol::SYMLINK_TYPE)
     });
-    let result = if is_link {
+    let result = if let Some(from) = req.header(protocol::HDR_FROM) {
+        let from = from.to_string();
+        put_copy(root, comps, &dir, &from, req)
+    } else if is_link {
         put_symlink(&dir, last(comps), req)
     } else {
         put_file(&dir, last(comps), req)
@@ -708,6 +712,112 @@ fn put_symlink(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result
     }
     let temp = TempFile::symlink(dir, &target).map_err(write_error)?;
     temp.persist(name).map_err(write_error)
+}
+
+/// `PUT` with `X-Bitfog-From`: makes the file at `comps` from another
+/// file of the area (a reflink where the filesystem can, else a copy),
+/// checking the copy's SHA-256 against `X-Bitfog-Sha256` before it is
+/// renamed into place. Naming the target itself changes only its mode and
+/// mtime, after the same check.
+fn put_copy(
+    root: &Root,
+    comps: &[&[u8]],
+    dir: &Dir,
+    from: &str,
+    req: &mut Request,
+) -> std::result::Result<(), Response> {
+    if req.content_length() != 0 {
+        return Err(Response::text(400, "a PUT with X-Bitfog-From has no body"));
+    }
+    let Some(want) = req
+        .header(protocol::HDR_SHA256)
+        .map(str::to_ascii_lowercase)
+        .filter(|h| is_sha256_hex(h))
+    else {
+        return Err(Response::text(
+            400,
+            "X-Bitfog-From needs a valid X-Bitfog-Sha256",
+        ));
+    };
+    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
+    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
+    let bad_from =
+        |why: &str| Response::text(400, format!("bad {} header: {why}", protocol::HDR_FROM));
+    let decoded = protocol::percent_decode(from).ok_or_else(|| bad_from("bad percent-encoding"))?;
+    let from_comps = components(&decoded).map_err(|why| bad_from(why.reason()))?;
+    if is_reserved(last(&from_comps)) {
+        return Err(bad_from("names starting with .bitfog are reserved"));
+    }
+    let gone = || Response::text(409, format!("copy source '{from}' not found"));
+    let from_dir = parent_dir(root, &from_comps, false).map_err(|_| gone())?;
+    let source = from_dir.open_read(last(&from_comps)).map_err(|_| gone())?;
+    if !source.metadata().map_err(write_error)?.is_file() {
+        return Err(gone());
+    }
+    let mismatch = |got: &str| {
+        Response::text(
+            422,
+            format!("sha256 mismatch: '{from}' has {got}, header says {want}"),
+        )
+    };
+    let apply_meta = |file: &File| -> io::Result<()> {
+        if let Some(m) = mode {
+            file.set_permissions(fs::Permissions::from_mode(m & 0o777))?;
+        }
+        if let Some(t) = mtime {
+            file.set_modified(epoch_plus(t))?;
+        }
+        file.sync_all()
+    };
+    if from_comps == comps {
+        // The same file: only its mode and mtime change, in place.
+        let (got, _) = crate::digest::hash_reader(&source).map_err(write_error)?;
+        if got != want {
+            return Err(mismatch(&got));
+        }
+        return apply_meta(&source).map_err(write_error);
+    }
+    let temp = TempFile::create(dir).map_err(write_error)?;
+    let file = temp.file.as_ref().expect("fresh temp file");
+    // SAFETY: FICLONE on two descriptors we own; on failure nothing changed.
+    let cloned = unsafe { libc::ioctl(file.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) } == 0;
+    let got = if cloned {
+        // Hash the clone itself: what appears is what was checked.
+        crate::digest::hash_reader(file).map_err(write_error)?.0
+    } else {
+        let mut hasher = Hasher::new();
+        let len = source.metadata().map_err(write_error)?.len();
+        match copy_hashing(
+            &mut &source,
+            &mut Writeback::new(file, 0),
+            &mut hasher,
+            len.saturating_add(1),
+            |_| {},
+        ) {
+            Ok(n) if n >= len => {}
+            Ok(_) => {
+                return Err(Response::text(
+                    409,
+                    format!("'{from}' shrank while it was copied"),
+                ));
+            }
+            Err(CopyError::Read(e) | CopyError::Write(e)) => return Err(write_error(e)),
+        }
+        hasher.hex()
+    };
+    if got != want {
+        return Err(mismatch(&got));
+    }
+    apply_meta(file).map_err(write_error)?;
+    temp.persist(last(comps)).map_err(write_error)
+}
+
+fn epoch_plus(t: i64) -> SystemTime {
+    if t >= 0 {
+        UNIX_EPOCH + Duration::from_secs(t as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.unsigned_abs())
+    }
 }
 
 fn header_num<T: std::str::FromStr>(
