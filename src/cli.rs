@@ -26,7 +26,7 @@ commands:
                                                         run the HTTP server
   builddb  URL DB                                       snapshot an area into a DB
   emptydb  DB                                           write a DB of an empty area
-  plan     DESTDB SRCURL                                show what fetch would carry
+  plan     DESTDB SRCURL [--max-bytes SIZE]             show what fetch would carry
   fetch    DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N] [--dry-run]
                                                         fill COURIER with what DESTDB lacks
   store    SRCDB DESTURL COURIER [--delete [--max-delete N]] [--jobs N] [--dry-run]
@@ -84,13 +84,15 @@ options:
         }
         "plan" => {
             "\
-usage: bitfog plan DESTDB SRCURL
+usage: bitfog plan DESTDB SRCURL [--max-bytes SIZE]
 
 Prints what fetch would carry (file count and bytes); downloads nothing.
+DESTDB may be a courier directory: the receipt store left there is used.
 
 options:
+      --max-bytes SIZE  also say how many trips of SIZE the rest needs
   -v, --verbose      list each file with its size
-      --json         print remaining_files and remaining_bytes
+      --json         print remaining_files and remaining_bytes (and trips)
       --token TOKEN  bearer token for the source area
 "
         }
@@ -100,7 +102,9 @@ usage: bitfog fetch DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N] [--dry-r
 
 Downloads into COURIER what the destination (described by DESTDB) lacks
 from SRCURL, largest files first, each verified before it appears.
-Resumable: rerun after any interruption.
+Resumable: rerun after any interruption. DESTDB may be a courier directory:
+the receipt store left there is used. Renamed and duplicate files become
+instructions for the destination instead of bytes.
 
 options:
       --max-bytes SIZE  cap on bytes held in COURIER (e.g. 200G, 1.5T, 512MiB)
@@ -116,7 +120,9 @@ options:
 usage: bitfog store SRCDB DESTURL COURIER [--delete [--max-delete N]] [--jobs N] [--dry-run]
 
 Uploads from COURIER to DESTURL what DESTURL lacks according to SRCDB,
-checking each file's SHA-256 first. Recreates symlinks from SRCDB.
+checking each file's SHA-256 first. Recreates symlinks from SRCDB, carries
+out fetch's copy instructions, fixes mode and mtime in place, and leaves
+the destination's manifest in COURIER/.bitfog/receipt.jsonl.
 
 options:
       --delete       remove from DESTURL the files SRCDB does not have, if they
@@ -139,9 +145,18 @@ pub(crate) enum Command {
     Help(&'static str),
     Version,
     Serve(ServeOpts),
-    Builddb { url: AreaUrl, db: PathBuf },
-    Emptydb { db: PathBuf },
-    Plan { destdb: PathBuf, src: AreaUrl },
+    Builddb {
+        url: AreaUrl,
+        db: PathBuf,
+    },
+    Emptydb {
+        db: PathBuf,
+    },
+    Plan {
+        destdb: PathBuf,
+        src: AreaUrl,
+        max_bytes: Option<u64>,
+    },
     Fetch(FetchOpts),
     Store(StoreOpts),
 }
@@ -292,7 +307,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
         ("--addr", r.addr.is_some(), &["serve"]),
         ("--cache", r.cache.is_some(), &["serve"]),
         ("--threads", r.threads.is_some(), &["serve"]),
-        ("--max-bytes", r.max_bytes.is_some(), &["fetch"]),
+        ("--max-bytes", r.max_bytes.is_some(), &["fetch", "plan"]),
         ("--jobs", r.jobs.is_some(), &["fetch", "store"]),
         ("--delete", r.delete, &["store"]),
         ("--max-delete", r.max_delete.is_some(), &["store"]),
@@ -355,22 +370,16 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
             db: want(1, "DB")?.remove(0),
         },
         "plan" => {
-            let a = want(2, "DESTDB SRCURL")?;
+            let a = want(2, "DESTDB SRCURL [--max-bytes SIZE]")?;
             Command::Plan {
                 destdb: a[0].clone(),
                 src: url(&a[1])?,
+                max_bytes: max_bytes(r.max_bytes.as_deref())?,
             }
         }
         "fetch" => {
             let a = want(3, "DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N]")?;
-            let max_bytes = match r.max_bytes.as_deref() {
-                None => None,
-                Some(s) => Some(parse_size(s).ok_or_else(|| {
-                    Error::usage(format!(
-                        "--max-bytes: bad size '{s}' (e.g. 200G, 1.5T, 512MiB)"
-                    ))
-                })?),
-            };
+            let max_bytes = max_bytes(r.max_bytes.as_deref())?;
             Command::Fetch(FetchOpts {
                 destdb: a[0].clone(),
                 src: url(&a[1])?,
@@ -400,6 +409,17 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
         _ => unreachable!("command_help knows every command"),
     };
     cli(command)
+}
+
+fn max_bytes(arg: Option<&str>) -> Result<Option<u64>> {
+    arg.map(|s| {
+        parse_size(s).ok_or_else(|| {
+            Error::usage(format!(
+                "--max-bytes: bad size '{s}' (e.g. 200G, 1.5T, 512MiB)"
+            ))
+        })
+    })
+    .transpose()
 }
 
 #[cfg(test)]

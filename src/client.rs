@@ -186,6 +186,30 @@ impl Client {
         Ok(outcome(resp))
     }
 
+    /// Asks the server to make `entry` from its own file `from` (or, when
+    /// `from` is the entry's own name, to set only its mode and mtime),
+    /// checked against the entry's SHA-256 (`X-Bitfog-From`).
+    pub(crate) fn put_copy(
+        &self,
+        area: &AreaUrl,
+        entry: &Entry,
+        from: &str,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let url = area.file(&entry.name);
+        let resp = self
+            .auth(self.agent.put(&url))
+            .header(protocol::HDR_FROM, protocol::percent_encode_path(from))
+            .header(
+                protocol::HDR_SHA256,
+                entry.sha256.as_deref().unwrap_or_default(),
+            )
+            .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
+            .header(protocol::HDR_MTIME, entry.mtime.to_string())
+            .send(&[][..])
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+
     /// PUTs a symlink.
     pub(crate) fn put_symlink(
         &self,

@@ -146,9 +146,19 @@ impl Courier {
         LogIndex::open(&self.state.join(LOG))
     }
 
-    /// A new, empty spool for this run.
-    pub(crate) fn spool(&self) -> Result<Spool> {
-        let path = self.state.join("wanted.tmp");
+    /// A path in the courier's state directory.
+    pub(crate) fn state_path(&self, name: &str) -> PathBuf {
+        self.state.join(name)
+    }
+
+    /// Removes the receipt, so no stale one is taken for the truth.
+    pub(crate) fn drop_receipt(&self) {
+        let _ = fs::remove_file(self.state.join(crate::store::RECEIPT));
+    }
+
+    /// A new, empty spool for this run, in `.bitfog/NAME.tmp`.
+    pub(crate) fn spool<T>(&self, name: &str) -> Result<Spool<T>> {
+        let path = self.state.join(format!("{name}.tmp"));
         let what = format!("'{}'", path.display());
         let file = File::options()
             .read(true)
@@ -164,6 +174,7 @@ impl Courier {
             read,
             offsets: vec![0],
             line: Vec::new(),
+            kind: std::marker::PhantomData,
         })
     }
 
@@ -451,20 +462,78 @@ fn name_key(name: &str) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(name)
 }
 
-/// Entries written to a scratch file under `.bitfog/` and read back by
-/// index, so planning over a million entries holds 8 bytes for each
-/// instead of the entry. The file is removed when the spool is dropped.
-pub(crate) struct Spool {
+/// Instructions `fetch` leaves in `.bitfog/` instead of a file's bytes,
+/// one JSON line each in name order: make `name` at the destination from
+/// its file `from`, which has the same size and SHA-256.
+pub(crate) const COPIES: &str = "copies.jsonl";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub(crate) struct CopyInstr {
+    pub(crate) name: String,
+    pub(crate) from: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
+}
+
+/// How many instructions the courier holds.
+pub(crate) fn count_copies(root: &Path) -> u64 {
+    File::open(root.join(COURIER_STATE).join(COPIES))
+        .map(|f| BufReader::new(f).lines().count() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads `COPIES` as a stream, looked up in name order.
+pub(crate) struct Copies {
+    lines: Option<std::io::Lines<BufReader<File>>>,
+    next: Option<CopyInstr>,
+}
+
+impl Copies {
+    pub(crate) fn open(courier_root: &Path) -> Copies {
+        let lines = File::open(courier_root.join(COURIER_STATE).join(COPIES))
+            .ok()
+            .map(|f| BufReader::new(f).lines());
+        Copies { lines, next: None }
+    }
+
+    /// Where the destination can make `e` from, if `fetch` left an
+    /// instruction for this version of it. Asked in contract order.
+    pub(crate) fn find(&mut self, e: &Entry) -> Option<String> {
+        loop {
+            if self.next.is_none() {
+                let line = self.lines.as_mut()?.next()?.ok()?;
+                self.next = Some(serde_json::from_str(&line).ok()?);
+            }
+            let rec = self.next.as_ref()?;
+            match crate::paths::name_cmp(&rec.name, &e.name) {
+                std::cmp::Ordering::Less => self.next = None,
+                std::cmp::Ordering::Greater => return None,
+                std::cmp::Ordering::Equal => {
+                    let rec = self.next.take()?;
+                    return (rec.size == e.size && e.sha256.as_ref() == Some(&rec.sha256))
+                        .then_some(rec.from);
+                }
+            }
+        }
+    }
+}
+
+/// Records (entries by default) written to a scratch file under
+/// `.bitfog/` and read back by index, so planning over a million entries
+/// holds 8 bytes for each instead of the entry. The file is removed when
+/// the spool is dropped.
+pub(crate) struct Spool<T = Entry> {
     path: PathBuf,
     out: io::BufWriter<File>,
     read: File,
     /// Where each entry starts; the last value is where the file ends.
     offsets: Vec<u64>,
     line: Vec<u8>,
+    kind: std::marker::PhantomData<T>,
 }
 
-impl Spool {
-    pub(crate) fn push(&mut self, e: &Entry) -> io::Result<usize> {
+impl<T: Serialize + serde::de::DeserializeOwned> Spool<T> {
+    pub(crate) fn push(&mut self, e: &T) -> io::Result<usize> {
         self.line.clear();
         serde_json::to_writer(&mut self.line, e)?;
         self.line.push(b'\n');
@@ -483,7 +552,7 @@ impl Spool {
         self.out.flush()
     }
 
-    pub(crate) fn get(&self, i: usize) -> io::Result<Entry> {
+    pub(crate) fn get(&self, i: usize) -> io::Result<T> {
         use std::os::unix::fs::FileExt;
         let (start, end) = (self.offsets[i], self.offsets[i + 1]);
         let mut buf = vec![0u8; (end - start) as usize];
@@ -492,7 +561,7 @@ impl Spool {
     }
 }
 
-impl Drop for Spool {
+impl<T> Drop for Spool<T> {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }

@@ -7,6 +7,7 @@
 //! after re-hashing the bytes already on disk.
 
 use crate::client::{AreaUrl, Client};
+use crate::copies::{DestIndex, Instructions, Origin};
 use crate::courier::{self, Carried, Courier, PartialMeta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
@@ -45,11 +46,30 @@ pub(crate) fn each_need(
     src: &AreaUrl,
     mut f: impl FnMut(Need) -> Result<()>,
 ) -> Result<()> {
-    let (_, dst) = open_db(destdb)?;
+    let (_, dst) = open_db(&destdb_path(destdb)?)?;
     let listing = client.listing(src)?;
     plan::merge(listing, dst.map(|r| r.map_err(as_usage)), |pair| {
         f(plan::need(pair))
     })
+}
+
+/// DESTDB itself, or the receipt `store` left when DESTDB is a courier
+/// directory.
+pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
+    if !destdb.is_dir() {
+        return Ok(destdb.to_path_buf());
+    }
+    let receipt = destdb
+        .join(crate::paths::COURIER_STATE)
+        .join(crate::store::RECEIPT);
+    if receipt.is_file() {
+        Ok(receipt)
+    } else {
+        Err(crate::error::Error::usage(format!(
+            "'{}' is a directory without a receipt (store leaves one in a courier); give a DESTDB made by builddb or emptydb",
+            destdb.display()
+        )))
+    }
 }
 
 /// Everything the destination lacks, held in memory.
@@ -68,17 +88,33 @@ struct PlanSummary {
     remaining_bytes: u64,
     symlinks: u64,
     refused_files: u64,
+    /// With --max-bytes: trips of that size the rest needs, and the files
+    /// bigger than one trip (not counted in `trips`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trips: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    too_big_files: Option<u64>,
 }
 
 /// `bitfog plan DESTDB SRCURL`. Streams: with `-v` each file is printed
 /// as the merge finds it, so a million-entry plan holds one entry.
-pub(crate) fn plan(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Exit> {
+pub(crate) fn plan(
+    ui: &Ui,
+    client: &Client,
+    destdb: &Path,
+    src: &AreaUrl,
+    max_bytes: Option<u64>,
+) -> Result<Exit> {
     let mut sum = PlanSummary {
         remaining_files: 0,
         remaining_bytes: 0,
         symlinks: 0,
         refused_files: 0,
+        trips: None,
+        too_big_files: None,
     };
+    // Sizes only, for counting trips: 8 bytes a file.
+    let mut sizes = Vec::new();
     let list = ui.verbose && !ui.json && !ui.quiet;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut out_ok = true;
@@ -88,6 +124,9 @@ pub(crate) fn plan(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Re
             Need::File(e) => {
                 sum.remaining_files += 1;
                 sum.remaining_bytes += e.size;
+                if max_bytes.is_some() {
+                    sizes.push(e.size);
+                }
                 if list && out_ok {
                     out_ok = writeln!(out, "{:>14} {}", e.size, e.name).is_ok();
                 }
@@ -112,6 +151,22 @@ pub(crate) fn plan(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Re
             sum.symlinks
         ));
     }
+    if let Some(budget) = max_bytes {
+        let (trips, too_big, too_big_bytes) = plan::trips(&sizes, budget);
+        sum.trips = Some(trips);
+        sum.too_big_files = Some(too_big);
+        human.push_str(&format!(
+            "{trips} trip{} of {} carry it\n",
+            if trips == 1 { "" } else { "s" },
+            human_bytes(budget)
+        ));
+        if too_big > 0 {
+            human.push_str(&format!(
+                "{} bigger than one trip cannot be carried whole\n",
+                files_bytes(too_big, too_big_bytes)
+            ));
+        }
+    }
     ui.summary(&sum, &human);
     Ok(if sum.refused_files == 0 {
         Exit::Done
@@ -130,6 +185,9 @@ struct FetchSummary {
     remaining_bytes: u64,
     failed_files: u64,
     downloaded_bytes: u64,
+    /// Files the destination will make from its own copies (renames,
+    /// moves, duplicates): instructions in the courier, no bytes.
+    instructed_files: u64,
     budget_stop: bool,
     disk_full: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -160,7 +218,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let mut log = courier.load_log();
     let mut new_log = courier.new_log()?;
     let (mut held_files, mut held_bytes) = (0u64, 0u64);
-    let mut needed = courier.spool()?;
+    let mut needed = courier.spool("wanted")?;
     let mut sizes: Vec<u64> = Vec::new();
     // Partial downloads: keep those of a needed version, drop the rest.
     let mut partials: std::collections::HashMap<String, (PathBuf, PathBuf, PartialMeta)> =
@@ -176,18 +234,30 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let mut resume: std::collections::HashMap<usize, (u64, PartialMeta)> =
         std::collections::HashMap::new();
     let spool_err = |e: io::Error| crate::error::Error::io("the courier's plan spool", &e);
+    // Content the destination already has, or that this trip carries
+    // under another name, becomes an instruction instead of bytes.
+    let dest_index = DestIndex::open(&destdb_path(&opts.destdb)?);
+    let mut instrs = Instructions::new(&courier.state_path(""))?;
     each_need(client, &opts.destdb, &opts.src, |need| {
         match need {
             Need::File(e) => {
+                if instrs.at_dest(&e, &dest_index)? {
+                    return Ok(());
+                }
                 if is_held(ui, &courier, &log, &e) {
                     log.forget(&e.name);
                     new_log.add(&Carried::of(&e))?;
                     held_files += 1;
                     held_bytes += e.size;
+                    instrs.first(&e, Origin::Held(e.name.clone()));
+                    return Ok(());
+                }
+                if instrs.duplicate(&e) {
                     return Ok(());
                 }
                 let i = needed.push(&e).map_err(spool_err)?;
                 sizes.push(e.size);
+                instrs.first(&e, Origin::Needed(i));
                 if let Some((part, sidecar, meta)) = partials.remove(&e.name) {
                     if meta.entry.matches(&e) {
                         let len = fs::metadata(&part).map_or(0, |m| m.len().min(e.size));
@@ -214,7 +284,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     }
     drop(log);
     new_log.commit()?;
-    if let Err(e) = courier.keep_snapshot(&opts.destdb) {
+    if let Err(e) = courier.keep_snapshot(&destdb_path(&opts.destdb)?) {
         ui.error(format!(
             "cannot keep the destination snapshot in the courier ({}); store --delete will go by SRCDB alone",
             describe_io(&e)
@@ -320,6 +390,25 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     courier.sync();
 
     let done = done.into_inner().expect("done list");
+    // Duplicates of files held or fetched become instructions; the rest
+    // wait for the trip that carries their original.
+    let fetched: std::collections::HashSet<usize> = done.iter().copied().collect();
+    let from_dest = instrs.from_dest;
+    let left = instrs.finish(&courier.state_path(""), |origin| match origin {
+        Origin::Held(name) => Some(name.clone()),
+        Origin::Needed(i) if fetched.contains(i) => needed.get(*i).ok().map(|e| e.name),
+        Origin::Needed(_) => None,
+    });
+    let left = match left {
+        Ok(left) => left,
+        Err(e) => {
+            ui.error(format!(
+                "{e}; renamed and duplicate files are carried whole on a later trip"
+            ));
+            fails.fetch_add(1, Ordering::Relaxed);
+            Vec::new()
+        }
+    };
     let mut sum = FetchSummary {
         fetched_files: done.len() as u64,
         fetched_bytes: done.iter().map(|&i| sizes[i]).sum(),
@@ -330,8 +419,10 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     };
     sum.courier_files = held_files + sum.fetched_files;
     sum.courier_bytes = held_bytes + sum.fetched_bytes;
-    sum.remaining_files = (needed.len() - done.len()) as u64;
-    sum.remaining_bytes = sizes.iter().sum::<u64>() - sum.fetched_bytes;
+    sum.remaining_files = (needed.len() - done.len() + left.len()) as u64;
+    sum.remaining_bytes =
+        sizes.iter().sum::<u64>() - sum.fetched_bytes + left.iter().map(|e| e.size).sum::<u64>();
+    sum.instructed_files = courier::count_copies(&opts.courier).max(from_dest);
     sum.budget_stop = sum.remaining_files > 0 && taken.len() < needed.len();
 
     let mut human = format!(

@@ -5,6 +5,7 @@
 mod beneath;
 mod cli;
 mod client;
+mod copies;
 mod courier;
 mod db;
 mod digest;
@@ -41,7 +42,11 @@ fn run(cli: cli::Cli) -> Result<Exit> {
         Command::Serve(opts) => server::serve(opts).map(|()| Exit::Done),
         Command::Builddb { url, db } => db::builddb(ui, &client(), url, db),
         Command::Emptydb { db } => db::emptydb(ui, db),
-        Command::Plan { destdb, src } => fetch::plan(ui, &client(), destdb, src),
+        Command::Plan {
+            destdb,
+            src,
+            max_bytes,
+        } => fetch::plan(ui, &client(), destdb, src, *max_bytes),
         Command::Fetch(opts) => fetch::fetch(ui, &client(), opts),
         Command::Store(opts) => store::store(ui, &client(), opts),
     }

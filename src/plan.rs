@@ -139,6 +139,39 @@ pub(crate) fn fit_largest_first(
     taken
 }
 
+/// How many trips of `budget` bytes carry files of `sizes`, each trip
+/// filled as `fetch` fills it (largest first, then whatever still fits).
+/// Files bigger than the budget never fit; they are counted apart.
+/// Returns (trips, files that never fit, their bytes).
+pub(crate) fn trips(sizes: &[u64], budget: u64) -> (u64, u64, u64) {
+    use std::collections::BTreeMap;
+    let mut left_over = BTreeMap::<u64, u64>::new();
+    let (mut unfit, mut unfit_bytes) = (0, 0);
+    for &size in sizes {
+        if size > budget {
+            unfit += 1;
+            unfit_bytes += size;
+        } else {
+            *left_over.entry(size).or_default() += 1;
+        }
+    }
+    let mut trips = 0;
+    while !left_over.is_empty() {
+        trips += 1;
+        let mut room = budget;
+        // The largest remaining file that fits, until none does.
+        while let Some((&size, count)) = left_over.range_mut(..=room).next_back() {
+            let take = (*count).min(room.checked_div(size).unwrap_or(*count));
+            *count -= take;
+            room -= take * size;
+            if *count == 0 {
+                left_over.remove(&size);
+            }
+        }
+    }
+    (trips, unfit, unfit_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,7 +262,37 @@ mod tests {
         assert_eq!(taken, [1, 0]);
     }
 
+    #[test]
+    fn counts_trips() {
+        assert_eq!(trips(&[], 10), (0, 0, 0));
+        assert_eq!(trips(&[10, 10, 10], 10), (3, 0, 0));
+        assert_eq!(trips(&[6, 5, 4, 3, 2], 10), (2, 0, 0));
+        assert_eq!(trips(&[0, 0, 11, 3], 10), (1, 1, 11));
+    }
+
     proptest! {
+        #[test]
+        fn trips_match_repeated_fetches(sizes in prop::collection::vec(0u64..100, 0..60), budget in 1u64..300) {
+            // What fetch would do trip after trip, with the greedy fit.
+            let mut rest: Vec<u64> = sizes.iter().copied().filter(|&s| s <= budget).collect();
+            let mut expect = 0;
+            while !rest.is_empty() {
+                let taken = fit_largest_first(&rest, |i| rest[i], budget);
+                prop_assert!(!taken.is_empty());
+                expect += 1;
+                let mut keep = vec![true; rest.len()];
+                for i in taken {
+                    keep[i] = false;
+                }
+                rest = rest.iter().zip(keep).filter(|(_, k)| *k).map(|(s, _)| *s).collect();
+            }
+            let (n, unfit, _) = trips(&sizes, budget);
+            prop_assert_eq!(n, expect);
+            prop_assert_eq!(unfit as usize, sizes.iter().filter(|&&s| s > budget).count());
+            let total: u64 = sizes.iter().filter(|&&s| s <= budget).sum();
+            prop_assert!(n >= total.div_ceil(budget));
+        }
+
         #[test]
         fn fit_never_exceeds_budget(sizes in prop::collection::vec(0u64..1000, 0..40), budget in 0u64..5000) {
             let taken = fit_largest_first(&sizes, |i| sizes[i], budget);

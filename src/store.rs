@@ -5,21 +5,37 @@
 //! the destination without `--delete`.
 
 use crate::client::{AreaUrl, Client};
-use crate::courier::{Carried, Courier};
+use crate::courier::{Carried, Courier, Spool};
 use crate::digest::{Hasher, hash_reader};
 use crate::error::{Error, Exit, Result, describe_io};
-use crate::manifest::{Entry, as_usage, open_db};
+use crate::manifest::{DbWriter, Entry, as_usage, open_db};
 use crate::paths::check_carried_name;
 use crate::plan::{self, Pair};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// The destination snapshot `fetch` keeps in `COURIER/.bitfog/`.
 pub(crate) const SNAPSHOT: &str = "destdb.jsonl";
+/// The destination's manifest as `store` left it, in `COURIER/.bitfog/`:
+/// `fetch` and `plan` take the courier directory in place of DESTDB and
+/// read this.
+pub(crate) const RECEIPT: &str = "receipt.jsonl";
+
+/// One name of the receipt being made: the entry the destination has
+/// once the actions succeed, and whether that waits on an upload (then
+/// `old` is what it keeps if the upload fails).
+#[derive(Serialize, serde::Deserialize)]
+struct ReceiptLine {
+    e: Entry,
+    #[serde(default)]
+    up: bool,
+    #[serde(default)]
+    old: Option<Entry>,
+}
 use serde::Serialize;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
@@ -44,6 +60,11 @@ struct StoreSummary {
     /// Deletions not done: past `--max-delete`, or the file changed at the
     /// destination since the snapshot `fetch` saw.
     kept_files: u64,
+    /// Of `stored_files`, those the destination made from its own copies.
+    copied_files: u64,
+    /// Files whose content was there but whose mode or mtime changed
+    /// (also counted in `skipped_files`).
+    updated_files: u64,
     /// Files SRCDB has that neither the destination nor the courier holds.
     missing_files: u64,
     missing_bytes: u64,
@@ -52,7 +73,28 @@ struct StoreSummary {
 enum Action {
     Upload(Entry),
     Link(Entry),
+    /// Made at the destination from its own file (`from`; the entry's own
+    /// name for a change of mode or mtime alone).
+    Copy(Entry, String),
     Delete(String),
+}
+
+/// An upload, link or copy, as kept in the spool.
+#[derive(Serialize, serde::Deserialize)]
+struct Task {
+    e: Entry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+}
+
+impl Task {
+    fn action(self) -> Action {
+        match self.from {
+            Some(from) => Action::Copy(self.e, from),
+            None if self.e.is_symlink() => Action::Link(self.e),
+            None => Action::Upload(self.e),
+        }
+    }
 }
 
 /// `bitfog store SRCDB DESTURL COURIER`.
@@ -79,45 +121,124 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let listing = client.listing(&opts.dest)?;
 
     let mut sum = StoreSummary::default();
+    let spool_err = |e: std::io::Error| Error::io("the courier's plan spool", &e);
     // Uploads and links: in memory for a dry run; otherwise in a spool
     // under .bitfog/, read back one at a time by the workers, so a
     // million-file courier is not held in memory.
     let mut actions = Vec::new();
-    let mut spool = match &courier {
-        Some(c) => Some(c.spool()?),
+    let mut spool: Option<Spool<Task>> = match &courier {
+        Some(c) => Some(c.spool("store")?),
         None => None,
     };
-    let spool_err = |e: std::io::Error| Error::io("the courier's plan spool", &e);
+    // Which spooled tasks are copies (they run in phases of their own).
+    let mut copy_at: Vec<bool> = Vec::new();
+    let mut task = |t: Task, actions: &mut Vec<Action>| -> Result<()> {
+        match spool.as_mut() {
+            Some(spool) => {
+                copy_at.push(t.from.is_some());
+                spool.push(&t).map(drop).map_err(spool_err)
+            }
+            None => {
+                actions.push(t.action());
+                Ok(())
+            }
+        }
+    };
+    // Files fetch left as instructions: made at the destination from a
+    // file it already has.
+    let mut copies = crate::courier::Copies::open(&opts.courier);
+    // The receipt: what the destination holds after this run, from its
+    // listing and the outcome of each action (no second listing, so
+    // nothing just stored is hashed again).
+    let mut receipt: Option<Spool<ReceiptLine>> = match &courier {
+        Some(c) => {
+            // A run that dies leaves no receipt rather than a stale one.
+            c.drop_receipt();
+            Some(c.spool("receipt")?)
+        }
+        None => None,
+    };
+    let mut note = |e: Entry, up: bool, old: Option<Entry>| -> Result<()> {
+        match receipt.as_mut() {
+            Some(r) => r
+                .push(&ReceiptLine { e, up, old })
+                .map_err(spool_err)
+                .map(drop),
+            None => Ok(()),
+        }
+    };
     let mut total_bytes = 0;
     let mut refused = Vec::new();
     let mut doomed: Vec<Entry> = Vec::new();
-    plan::merge(src.by_ref().map(|r| r.map_err(as_usage)), listing, |pair| {
-        match pair {
-            Pair::Both(s, d) if s.same_content(&d) => sum.skipped_files += 1,
-            Pair::Src(s) | Pair::Both(s, _) => {
-                if let Err(why) = check_carried_name(&s.name) {
-                    refused.push(format!("refusing '{}': {}", s.name, why.reason()));
-                } else if s.is_symlink() || opts.courier.join(&s.name).symlink_metadata().is_ok() {
-                    if !s.is_symlink() {
-                        total_bytes += s.size;
+    let mut listing = listing;
+    plan::merge(
+        src.by_ref().map(|r| r.map_err(as_usage)),
+        listing.by_ref(),
+        |pair| {
+            let (s, d) = match pair {
+                Pair::Dst(d) => {
+                    if opts.delete {
+                        doomed.push(d.clone());
                     }
-                    match spool.as_mut() {
-                        Some(spool) => {
-                            spool.push(&s).map_err(spool_err)?;
-                        }
-                        None if s.is_symlink() => actions.push(Action::Link(s)),
-                        None => actions.push(Action::Upload(s)),
-                    }
-                } else {
-                    sum.missing_files += 1;
-                    sum.missing_bytes += s.size;
+                    return note(d, false, None);
                 }
+                Pair::Both(s, d) if s.same_content(&d) => {
+                    sum.skipped_files += 1;
+                    let hash = s.sha256.clone().or_else(|| d.sha256.clone());
+                    let meta_differs = s.mode & 0o777 != d.mode & 0o777 || s.mtime != d.mtime;
+                    if s.is_symlink() || !meta_differs || hash.is_none() {
+                        return note(d, false, None);
+                    }
+                    // Same content, new mode or mtime: set them in place.
+                    let now = Entry {
+                        mode: s.mode & 0o777,
+                        mtime: s.mtime,
+                        sha256: hash,
+                        ..d.clone()
+                    };
+                    task(
+                        Task {
+                            e: now.clone(),
+                            from: Some(now.name.clone()),
+                        },
+                        &mut actions,
+                    )?;
+                    return note(now, true, Some(d));
+                }
+                Pair::Src(s) => (s, None),
+                Pair::Both(s, d) => (s, Some(d)),
+            };
+            if let Err(why) = check_carried_name(&s.name) {
+                refused.push(format!("refusing '{}': {}", s.name, why.reason()));
+            } else if s.is_symlink() || opts.courier.join(&s.name).symlink_metadata().is_ok() {
+                if !s.is_symlink() {
+                    total_bytes += s.size;
+                }
+                task(
+                    Task {
+                        e: s.clone(),
+                        from: None,
+                    },
+                    &mut actions,
+                )?;
+                return note(s, true, d);
+            } else if let Some(from) = copies.find(&s) {
+                task(
+                    Task {
+                        e: s.clone(),
+                        from: Some(from),
+                    },
+                    &mut actions,
+                )?;
+                return note(s, true, d);
+            } else {
+                sum.missing_files += 1;
+                sum.missing_bytes += s.size;
             }
-            Pair::Dst(d) if opts.delete => doomed.push(d),
-            Pair::Dst(_) => {}
-        }
-        Ok(())
-    })?;
+            // The destination keeps what it had under this name.
+            d.map_or(Ok(()), |d| note(d, false, None))
+        },
+    )?;
     if opts.delete && src.end().is_some_and(|e| e.count == 0) {
         return Err(Error::usage(format!(
             "'{}' lists nothing; refusing --delete, which would empty the destination",
@@ -144,15 +265,16 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     e.name,
                     e.linkdest.as_deref().unwrap_or_default()
                 )),
+                Action::Copy(e, from) if *from == e.name => {
+                    human.push_str(&format!("would set the mode and mtime of '{from}'\n"));
+                }
+                Action::Copy(e, from) => human.push_str(&format!(
+                    "would make '{}' from '{from}' at the destination\n",
+                    e.name
+                )),
                 Action::Delete(n) => human.push_str(&format!("would delete '{n}'\n")),
             }
-            match a {
-                Action::Upload(e) | Action::Link(e) => {
-                    sum.stored_files += 1;
-                    sum.stored_bytes += e.size;
-                }
-                Action::Delete(_) => sum.deleted_files += 1,
-            }
+            count(&mut sum, a);
         }
         human.push_str("dry run: nothing was changed\n");
         ui.summary(
@@ -170,29 +292,39 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     }
     let courier = courier.expect("opened unless dry run");
 
-    // Deletions (only with --delete; `actions` holds nothing else now) run
-    // first, so a name can change from file to directory.
+    // Only deletions (with --delete) are in `actions` now; the rest is
+    // spooled.
     let deletes = actions;
     let mut spool = spool.expect("a spool unless dry run");
     spool.finish().map_err(spool_err)?;
     let progress = Progress::start(ui, "storing", spool.len() as u64, total_bytes);
     let results: Mutex<StoreSummary> = Mutex::new(sum);
+    // Names whose upload, link or copy failed, and names deleted: the
+    // receipt follows them.
+    let failed_names: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let deleted_names: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let unsure = AtomicBool::new(false);
     let record = |action: &Action, outcome: std::result::Result<(), String>| {
+        match (action, &outcome) {
+            (Action::Upload(e) | Action::Link(e) | Action::Copy(e, _), Err(_)) => {
+                failed_names.lock().expect("names").insert(e.name.clone());
+            }
+            (Action::Delete(n), Ok(())) => {
+                deleted_names.lock().expect("names").insert(n.clone());
+            }
+            _ => {}
+        }
         let mut sum = results.lock().expect("summary");
-        match (action, outcome) {
-            (Action::Upload(e), Ok(())) => {
-                sum.stored_files += 1;
-                sum.stored_bytes += e.size;
-                progress.bytes.fetch_add(e.size, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => {
+                count(&mut sum, action);
+                if let Action::Upload(e) = action {
+                    progress.bytes.fetch_add(e.size, Ordering::Relaxed);
+                }
             }
-            (Action::Link(e), Ok(())) => {
-                sum.stored_files += 1;
-                sum.stored_bytes += e.size;
-            }
-            (Action::Delete(_), Ok(())) => sum.deleted_files += 1,
-            (a, Err(why)) => {
-                let name = match a {
-                    Action::Upload(e) | Action::Link(e) => &e.name,
+            Err(why) => {
+                let name = match action {
+                    Action::Upload(e) | Action::Link(e) | Action::Copy(e, _) => &e.name,
                     Action::Delete(n) => n,
                 };
                 ui.error(format!("'{name}': {why}"));
@@ -203,45 +335,96 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             progress.files.fetch_add(1, Ordering::Relaxed);
         }
     };
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..opts.jobs.clamp(1, 64) {
-            s.spawn(|| {
-                while let Some(action) = deletes.get(next.fetch_add(1, Ordering::SeqCst)) {
-                    record(action, run(client, &courier, &opts.dest, action));
-                }
-            });
-        }
-    });
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..opts.jobs.clamp(1, 64) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= spool.len() {
-                        return;
+    // Each phase runs its share of the work on `jobs` threads.
+    let phase = |work: &(dyn Fn(usize) + Sync), n: usize| {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..opts.jobs.clamp(1, 64) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= n {
+                            return;
+                        }
+                        work(i);
                     }
-                    match spool.get(i) {
-                        Ok(e) if e.is_symlink() => {
-                            let a = Action::Link(e);
-                            record(&a, run(client, &courier, &opts.dest, &a));
-                        }
-                        Ok(e) => {
-                            let a = Action::Upload(e);
-                            record(&a, run(client, &courier, &opts.dest, &a));
-                        }
-                        Err(err) => {
-                            ui.error(format!("cannot read the courier's plan spool: {}", describe_io(&err)));
-                            results.lock().expect("summary").failed_files += 1;
-                        }
-                    }
-                }
-            });
+                });
+            }
+        });
+    };
+    let spooled = |i: usize| match spool.get(i) {
+        Ok(t) => Some(t.action()),
+        Err(err) => {
+            ui.error(format!(
+                "cannot read the courier's plan spool: {}",
+                describe_io(&err)
+            ));
+            results.lock().expect("summary").failed_files += 1;
+            unsure.store(true, Ordering::Relaxed);
+            None
         }
-    });
+    };
+    // 1. Copies first: a renamed file's old name may be deleted below.
+    //    One whose source is not there yet (a duplicate of a file this
+    //    run uploads) is tried again at the end.
+    let again: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    phase(
+        &|i| {
+            if let Some(Some(a @ Action::Copy(..))) = copy_at[i].then(|| spooled(i)) {
+                match run_copy(client, &opts.dest, &a) {
+                    Err(Retry) => again.lock().expect("again").push(i),
+                    Ok(outcome) => record(&a, outcome),
+                }
+            }
+        },
+        spool.len(),
+    );
+    // 2. Deletions (only with --delete), so a name can change from file
+    //    to directory.
+    phase(
+        &|i| record(&deletes[i], run(client, &courier, &opts.dest, &deletes[i])),
+        deletes.len(),
+    );
+    // 3. Uploads and links.
+    phase(
+        &|i| {
+            if !copy_at[i] {
+                if let Some(a) = spooled(i) {
+                    record(&a, run(client, &courier, &opts.dest, &a));
+                }
+            }
+        },
+        spool.len(),
+    );
+    // 4. Copies whose source has arrived since.
+    let again = again.into_inner().expect("again");
+    phase(
+        &|k| {
+            if let Some(a) = spooled(again[k]) {
+                record(&a, run(client, &courier, &opts.dest, &a));
+            }
+        },
+        again.len(),
+    );
     progress.finish();
-    let sum = results.into_inner().expect("summary");
+    let mut sum = results.into_inner().expect("summary");
+    let receipt = receipt.expect("a receipt unless dry run");
+    if unsure.into_inner() {
+        ui.error("no receipt is left in the courier: an upload's outcome is unknown; run builddb at the destination");
+        sum.failed_files += 1;
+        courier.drop_receipt();
+    } else if let Err(e) = write_receipt(
+        &courier,
+        &opts.dest,
+        receipt,
+        &failed_names.into_inner().expect("names"),
+        &deleted_names.into_inner().expect("names"),
+        listing.end().map_or(0, |e| e.skipped),
+    ) {
+        ui.error(format!("cannot leave the receipt in the courier: {e}"));
+        sum.failed_files += 1;
+        courier.drop_receipt();
+    }
 
     let mut human = format!(
         "stored {}; {} already at the destination",
@@ -267,6 +450,42 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     } else {
         Exit::Done
     })
+}
+
+/// Writes `COURIER/.bitfog/receipt.jsonl`: the destination's manifest
+/// after this run, from its listing at the start and what each action did.
+fn write_receipt(
+    courier: &Courier,
+    dest: &AreaUrl,
+    mut lines: Spool<ReceiptLine>,
+    failed: &HashSet<String>,
+    deleted: &HashSet<String>,
+    skipped: u64,
+) -> Result<()> {
+    let what = |e: std::io::Error| Error::io("the courier's receipt spool", &e);
+    lines.finish().map_err(what)?;
+    let mut out = DbWriter::create(&courier.state_path(RECEIPT), Some(dest.as_str()))?;
+    for i in 0..lines.len() {
+        let line = lines.get(i).map_err(what)?;
+        let e = if line.up && failed.contains(&line.e.name) {
+            line.old
+        } else if !line.up && deleted.contains(&line.e.name) {
+            None
+        } else if line.up && !line.e.is_symlink() {
+            // What the server makes of the mode it was sent.
+            Some(Entry {
+                mode: line.e.mode & 0o777,
+                ..line.e
+            })
+        } else {
+            Some(line.e)
+        };
+        if let Some(e) = e {
+            out.entry(&e)?;
+        }
+    }
+    out.commit(skipped)?;
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -339,6 +558,59 @@ fn choose_deletions(
 }
 
 /// Does one action; the error is the one-line reason.
+/// Counts a successful action in the summary.
+fn count(sum: &mut StoreSummary, action: &Action) {
+    match action {
+        Action::Upload(e) | Action::Link(e) => {
+            sum.stored_files += 1;
+            sum.stored_bytes += e.size;
+        }
+        Action::Copy(e, from) if *from == e.name => sum.updated_files += 1,
+        Action::Copy(e, _) => {
+            sum.stored_files += 1;
+            sum.stored_bytes += e.size;
+            sum.copied_files += 1;
+        }
+        Action::Delete(_) => sum.deleted_files += 1,
+    }
+}
+
+/// A copy to try again later: its source is not at the destination yet.
+struct Retry;
+
+/// A copy's first try: a missing source (409) may be a file this run
+/// has yet to upload.
+fn run_copy(
+    client: &Client,
+    dest: &AreaUrl,
+    action: &Action,
+) -> std::result::Result<std::result::Result<(), String>, Retry> {
+    let Action::Copy(e, from) = action else {
+        unreachable!("only copies")
+    };
+    match client.put_copy(dest, e, from) {
+        Ok(Err(r)) if r.status == 409 => Err(Retry),
+        Ok(Err(r)) => Ok(Err(copy_refused(from, r))),
+        Ok(Ok(())) => Ok(Ok(())),
+        Err(e) => Ok(Err(e.to_string())),
+    }
+}
+
+fn copy_refused(from: &str, r: crate::client::Refused) -> String {
+    match r.status {
+        409 | 422 => format!(
+            "the destination no longer has '{from}' as listed ({}); the next fetch carries the file",
+            r.reason
+        ),
+        405 | 400 => format!(
+            "the destination cannot make files from its own copies ({}); carry the file",
+            r.reason
+        ),
+        507 => format!("the destination disk is full ({})", r.reason),
+        _ => r.reason,
+    }
+}
+
 fn run(
     client: &Client,
     courier: &Courier,
@@ -354,6 +626,10 @@ fn run(
         _ => r.reason,
     };
     match action {
+        Action::Copy(e, from) => client
+            .put_copy(dest, e, from)
+            .map_err(|e| e.to_string())?
+            .map_err(|r| copy_refused(from, r)),
         Action::Delete(name) => client
             .delete(dest, name)
             .map_err(|e| e.to_string())?

@@ -688,7 +688,9 @@ fn fetch_dry_run_changes_nothing() {
 #[test]
 fn a_lying_server_gets_nothing_kept() {
     let t = Scratch::new();
-    let good = data(1, 10);
+    // Each name claims ten bytes of its own (no two alike, so none is a
+    // duplicate of another); each is served differently.
+    let claim = |name: &str| data(100 + name.len() as u64 * 7 + name.as_bytes()[0] as u64, 10);
     let entry = |name: &str, content: &[u8]| {
         format!(
             "{{\"name\":\"{name}\",\"size\":{},\"mode\":420,\"mtime\":1,\"sha256\":\"{}\"}}",
@@ -696,7 +698,6 @@ fn a_lying_server_gets_nothing_kept() {
             sha256_hex(content)
         )
     };
-    // Listed as the ten good bytes, each served differently.
     let names = [
         "collide",
         "collide/inner",
@@ -706,7 +707,7 @@ fn a_lying_server_gets_nothing_kept() {
         "shorter",
         "unframed",
     ];
-    let mut lines: Vec<String> = names.iter().map(|n| entry(n, &good)).collect();
+    let mut lines: Vec<String> = names.iter().map(|n| entry(n, &claim(n))).collect();
     lines.push(format!(
         "{{\"end\":true,\"count\":{},\"bytes\":{}}}",
         names.len(),
@@ -715,11 +716,17 @@ fn a_lying_server_gets_nothing_kept() {
     let listing = ndjson_response(&(lines.join("\n") + "\n"));
     let addr = routes(vec![
         ("/src/".to_string(), listing),
-        ("/src/good".to_string(), body_response(&good, Some(10))),
-        ("/src/collide".to_string(), body_response(&good, Some(10))),
+        (
+            "/src/good".to_string(),
+            body_response(&claim("good"), Some(10)),
+        ),
+        (
+            "/src/collide".to_string(),
+            body_response(&claim("collide"), Some(10)),
+        ),
         (
             "/src/collide/inner".to_string(),
-            body_response(&good, Some(10)),
+            body_response(&claim("collide/inner"), Some(10)),
         ),
         (
             "/src/longer".to_string(),
@@ -727,7 +734,7 @@ fn a_lying_server_gets_nothing_kept() {
         ),
         (
             "/src/shorter".to_string(),
-            body_response(&good[..5], Some(5)),
+            body_response(&claim("shorter")[..5], Some(5)),
         ),
         (
             "/src/other".to_string(),
@@ -771,7 +778,7 @@ fn a_lying_server_gets_nothing_kept() {
         "failed small downloads leave no partial behind"
     );
     for (name, _, _, bytes) in tree(&c) {
-        assert_eq!(bytes, good, "{name}");
+        assert_eq!(bytes, claim(&name), "{name}");
     }
 }
 

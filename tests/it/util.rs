@@ -149,10 +149,13 @@ impl Server {
             cmd(&args)
         } else {
             let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(format!("{prefix} exec \"$0\" \"$@\""))
-                .arg(BIN)
-                .args(&args);
+            // "ulimit -n 64;" runs before the server; "strace ..." wraps it.
+            let script = if prefix.trim_end().ends_with(';') {
+                format!("{prefix} exec \"$0\" \"$@\"")
+            } else {
+                format!("exec {prefix} \"$0\" \"$@\"")
+            };
+            c.arg("-c").arg(script).arg(BIN).args(&args);
             c.env_remove("BITFOG_TOKEN").stdin(Stdio::null());
             c
         };

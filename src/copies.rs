@@ -1,0 +1,291 @@
+//! Content the destination already has is never carried: when a missing
+//! file's size and SHA-256 match a file DESTDB lists (a rename, a move, a
+//! copy), or a file this trip carries anyway (a duplicate at the source),
+//! `fetch` leaves an instruction in `COURIER/.bitfog/copies.jsonl` instead
+//! of the bytes, and `store` asks the destination server to make the file
+//! from its own copy (`PUT` with `X-Bitfog-From`).
+//!
+//! Memory stays small on large trees: DESTDB is indexed by the first 8
+//! bytes of each hash with the line's offset (about 32 bytes a file), and
+//! instructions go to a file as the merge finds them, in name order.
+
+use crate::courier::{COPIES, CopyInstr};
+use crate::error::{Error, Result};
+use crate::manifest::Entry;
+use crate::paths::name_cmp;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The first 8 bytes of a hex SHA-256, as a map key.
+fn key(sha: &str) -> Option<u64> {
+    u64::from_str_radix(sha.get(..16)?, 16).ok()
+}
+
+/// DESTDB's files by hash.
+pub(crate) struct DestIndex {
+    file: Option<File>,
+    at: HashMap<u64, (u64, u32)>,
+}
+
+impl DestIndex {
+    /// Indexes the files of the manifest at `db` that carry a hash. A
+    /// line that does not parse is left out (the merge reports it).
+    pub(crate) fn open(db: &Path) -> DestIndex {
+        let mut at = HashMap::new();
+        let file = File::open(db).ok();
+        if let Some(f) = &file {
+            let mut r = BufReader::new(f);
+            let mut line = Vec::new();
+            let mut offset = 0u64;
+            loop {
+                line.clear();
+                let n = match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Ok(e) = serde_json::from_slice::<Entry>(&line) {
+                    if let Some(k) = e.sha256.as_deref().and_then(key) {
+                        if e.linkdest.is_none() {
+                            at.insert(k, (offset, n as u32));
+                        }
+                    }
+                }
+                offset += n as u64;
+            }
+        }
+        DestIndex { file, at }
+    }
+
+    /// A destination file with the content of `e`, if DESTDB lists one.
+    pub(crate) fn find(&self, e: &Entry) -> Option<String> {
+        let sha = e.sha256.as_deref()?;
+        let &(offset, len) = self.at.get(&key(sha)?)?;
+        let mut buf = vec![0u8; len as usize];
+        self.file.as_ref()?.read_exact_at(&mut buf, offset).ok()?;
+        let d: Entry = serde_json::from_slice(&buf).ok()?;
+        (d.size == e.size && d.sha256.as_deref() == Some(sha) && d.name != e.name).then_some(d.name)
+    }
+}
+
+/// Where a duplicate's content comes from within this trip.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Origin {
+    /// A file the courier already holds.
+    Held(String),
+    /// The needed file with this spool index (if it is fetched).
+    Needed(usize),
+}
+
+/// Collects the instructions of one `fetch`.
+pub(crate) struct Instructions {
+    /// The first file of each content seen in this trip.
+    firsts: HashMap<u64, ([u8; 32], Origin)>,
+    /// Copies from the destination's own files, in name order.
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    pub(crate) from_dest: u64,
+    /// Duplicates of a file this trip carries, resolved after the
+    /// downloads, in name order.
+    dups: Vec<(Entry, Origin)>,
+}
+
+fn sha_bytes(sha: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(sha.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Instructions {
+    pub(crate) fn new(state: &Path) -> Result<Instructions> {
+        let tmp = state.join(format!("{COPIES}.tmp"));
+        let file = File::create(&tmp).map_err(|e| Error::io(format!("'{}'", tmp.display()), &e))?;
+        Ok(Instructions {
+            firsts: HashMap::new(),
+            tmp,
+            out: BufWriter::new(file),
+            from_dest: 0,
+            dups: Vec::new(),
+        })
+    }
+
+    /// Notes that `e` is in the courier (held) or will be fetched.
+    pub(crate) fn first(&mut self, e: &Entry, origin: Origin) {
+        if let Some(sha) = e.sha256.as_deref() {
+            if let (Some(k), Some(b)) = (key(sha), sha_bytes(sha)) {
+                self.firsts.entry(k).or_insert((b, origin));
+            }
+        }
+    }
+
+    /// True when the destination has the content of `e` under another
+    /// name; the instruction is written now.
+    pub(crate) fn at_dest(&mut self, e: &Entry, dest: &DestIndex) -> Result<bool> {
+        match dest.find(e) {
+            Some(from) => {
+                self.write(e, from)?;
+                self.from_dest += 1;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// True when `e` duplicates a file this trip holds or fetches
+    /// (resolved by `finish`).
+    pub(crate) fn duplicate(&mut self, e: &Entry) -> bool {
+        let Some(sha) = e.sha256.as_deref() else {
+            return false;
+        };
+        let found = key(sha)
+            .and_then(|k| self.firsts.get(&k))
+            .filter(|(b, _)| Some(*b) == sha_bytes(sha));
+        match found {
+            Some((_, origin)) => {
+                self.dups.push((e.clone(), origin.clone()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn write(&mut self, e: &Entry, from: String) -> Result<()> {
+        let rec = CopyInstr {
+            name: e.name.clone(),
+            from,
+            size: e.size,
+            sha256: e.sha256.clone().unwrap_or_default(),
+        };
+        let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
+        serde_json::to_writer(&mut self.out, &rec).map_err(|e| what(e.into()))?;
+        self.out.write_all(b"\n").map_err(what)
+    }
+
+    /// Writes `COPIES`: the copies from the destination's files, merged in
+    /// name order with the duplicates whose origin `name_of` can name
+    /// (held, or fetched in this run). Returns the duplicates left out.
+    pub(crate) fn finish(
+        mut self,
+        state: &Path,
+        name_of: impl Fn(&Origin) -> Option<String>,
+    ) -> Result<Vec<Entry>> {
+        let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
+        self.out.flush().map_err(what)?;
+        let mut left = Vec::new();
+        let mut dups = Vec::new();
+        for (e, origin) in std::mem::take(&mut self.dups) {
+            match name_of(&origin) {
+                Some(from) => dups.push(CopyInstr {
+                    name: e.name.clone(),
+                    from,
+                    size: e.size,
+                    sha256: e.sha256.clone().unwrap_or_default(),
+                }),
+                None => left.push(e),
+            }
+        }
+        let path = state.join(COPIES);
+        let tmp2 = state.join(format!("{COPIES}.new"));
+        let mut out = BufWriter::new(File::create(&tmp2).map_err(what)?);
+        let mut dups = dups.into_iter().peekable();
+        let lines = BufReader::new(File::open(&self.tmp).map_err(what)?).lines();
+        for line in lines {
+            let line = line.map_err(what)?;
+            let rec: CopyInstr = serde_json::from_str(&line).map_err(|e| what(e.into()))?;
+            while let Some(d) = dups.next_if(|d| name_cmp(&d.name, &rec.name).is_lt()) {
+                serde_json::to_writer(&mut out, &d).map_err(|e| what(e.into()))?;
+                out.write_all(b"\n").map_err(what)?;
+            }
+            out.write_all(line.as_bytes()).map_err(what)?;
+            out.write_all(b"\n").map_err(what)?;
+        }
+        for d in dups {
+            serde_json::to_writer(&mut out, &d).map_err(|e| what(e.into()))?;
+            out.write_all(b"\n").map_err(what)?;
+        }
+        let file = out.into_inner().map_err(|e| what(e.into_error()))?;
+        file.sync_all().map_err(what)?;
+        fs::rename(&tmp2, &path).map_err(what)?;
+        let _ = fs::remove_file(&self.tmp);
+        Ok(left)
+    }
+}
+
+impl Drop for Instructions {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, size: u64, sha: &str) -> Entry {
+        Entry {
+            name: name.into(),
+            size,
+            mode: 0o644,
+            mtime: 1,
+            sha256: Some(sha.into()),
+            linkdest: None,
+        }
+    }
+
+    #[test]
+    fn finds_renames_and_duplicates_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            "a".repeat(64),
+            "b".repeat(64),
+            format!("{}{}", "a".repeat(16), "c".repeat(48)),
+        );
+        let db = dir.path().join("dest.db");
+        let lines = [
+            serde_json::to_string(&file("old/x", 5, &a)).unwrap(),
+            serde_json::to_string(&file("same", 5, &b)).unwrap(),
+        ];
+        fs::write(
+            &db,
+            format!("{{\"bitfog\":1}}\n{}\n{}\n", lines[0], lines[1]),
+        )
+        .unwrap();
+        let dest = DestIndex::open(&db);
+        assert_eq!(dest.find(&file("new/x", 5, &a)).as_deref(), Some("old/x"));
+        assert_eq!(dest.find(&file("new/x", 6, &a)), None, "size differs");
+        assert_eq!(
+            dest.find(&file("new/x", 5, &c)),
+            None,
+            "same 8-byte key, other hash"
+        );
+        assert_eq!(dest.find(&file("same", 5, &b)), None, "not from itself");
+
+        let mut ins = Instructions::new(dir.path()).unwrap();
+        let orig = file("d1", 9, &c);
+        assert!(!ins.at_dest(&orig, &dest).unwrap() && !ins.duplicate(&orig));
+        ins.first(&orig, Origin::Needed(0));
+        assert!(ins.duplicate(&file("d2", 9, &c)));
+        assert!(ins.at_dest(&file("n", 5, &a), &dest).unwrap());
+        assert!(ins.duplicate(&file("z", 9, &c)));
+        let left = ins
+            .finish(dir.path(), |o| {
+                (*o == Origin::Needed(0)).then(|| "d1".to_string())
+            })
+            .unwrap();
+        assert!(left.is_empty());
+        let text = fs::read_to_string(dir.path().join(COPIES)).unwrap();
+        let names: Vec<CopyInstr> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(&str, &str)> = names
+            .iter()
+            .map(|r| (r.name.as_str(), r.from.as_str()))
+            .collect();
+        assert_eq!(got, [("d2", "d1"), ("n", "old/x"), ("z", "d1")]);
+    }
+}

@@ -1,0 +1,445 @@
+//! Carrying more per trip: the receipt store leaves for the way back,
+//! trip counts, server-side copies for renames and duplicates, and
+//! changes of mode or mtime applied without content.
+
+use crate::util::*;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+/// The entries of a manifest, without header and end line.
+fn entries(db: &std::path::Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(db)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("name").is_some())
+        .collect()
+}
+
+/// What a receipt must agree on with a fresh listing: names, sizes,
+/// hashes and link targets; files also mode and mtime.
+fn essence(db: &std::path::Path) -> Vec<String> {
+    entries(db)
+        .iter()
+        .map(|e| match e.get("linkdest") {
+            Some(to) => format!("{} -> {to}", e["name"]),
+            None => format!(
+                "{} {} {} {} {}",
+                e["name"], e["size"], e["sha256"], e["mode"], e["mtime"]
+            ),
+        })
+        .collect()
+}
+
+#[test]
+fn the_receipt_replaces_builddb_on_the_way_back() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a/one", &data(1, 30_000));
+    write(&src, "a/two", &data(2, 20_000));
+    write(&src, "three", &data(3, 10_000));
+    write(&src, "changed", b"new version\n");
+    chmod(&src, "three", 0o640);
+    std::os::unix::fs::symlink("a/one", src.join("link")).unwrap();
+    write(&dst, "changed", b"old version\n");
+    write(&dst, "extra", b"only at the destination\n");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let courier = t.s("courier");
+
+    // No receipt yet: a directory is not a DESTDB.
+    fs::create_dir_all(t.path("courier")).unwrap();
+    let r = bitfog(&["fetch", &courier, &su, &courier]).code(2);
+    assert!(r.stderr.contains("without a receipt"), "{r}");
+    let r = bitfog(&["plan", &courier, &su]).code(2);
+    assert!(r.stderr.contains("without a receipt"), "{r}");
+
+    // Trip one: the budget holds two of the four files.
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let p = bitfog(&[
+        "plan",
+        &t.s("dest.db"),
+        &su,
+        "--max-bytes",
+        "50000",
+        "--json",
+    ])
+    .ok();
+    assert_eq!((p.num("remaining_files"), p.num("trips")), (4, 2), "{p}");
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &su,
+        &courier,
+        "--max-bytes",
+        "50000",
+        "--json",
+    ])
+    .ok();
+    assert_eq!(f.num("fetched_files"), 2, "{f}");
+    // One courier copy goes bad on the way: store fails it, and the
+    // receipt must not claim the destination has it.
+    let mut bytes = fs::read(t.path("courier/a/one")).unwrap();
+    bytes[7] ^= 1;
+    fs::write(t.path("courier/a/one"), bytes).unwrap();
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).code(1);
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (2, 1),
+        "{s}"
+    );
+    let receipt = t.path("courier/.bitfog/receipt.jsonl");
+    bitfog(&["builddb", &du, &t.s("fresh.db")]).ok();
+    assert_eq!(essence(&receipt), essence(&t.path("fresh.db")));
+    let text = fs::read_to_string(&receipt).unwrap();
+    assert!(
+        text.starts_with(&format!("{{\"bitfog\":1,\"source\":\"{du}")),
+        "{text}"
+    );
+
+    // Trip two, with no builddb: the courier stands in for DESTDB.
+    let p = bitfog(&["plan", &courier, &su, "--json"]).ok();
+    assert_eq!(p.num("remaining_files"), 3, "{p}");
+    let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
+    assert_eq!(
+        (f.num("fetched_files"), f.num("remaining_files")),
+        (3, 0),
+        "{f}"
+    );
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
+    assert_eq!(s.num("failed_files"), 0, "{s}");
+    bitfog(&["builddb", &du, &t.s("fresh.db")]).ok();
+    assert_eq!(essence(&receipt), essence(&t.path("fresh.db")));
+    assert_eq!(fs::read(dst.join("changed")).unwrap(), b"new version\n");
+    assert_eq!(
+        fs::metadata(dst.join("three"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640
+    );
+    assert!(
+        dst.join("extra").exists(),
+        "nothing is deleted without --delete"
+    );
+
+    // Nothing is left: the next fetch from the receipt carries nothing
+    // and empties the courier of what the destination has.
+    let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
+    assert_eq!(
+        (f.num("fetched_files"), f.num("courier_files")),
+        (0, 0),
+        "{f}"
+    );
+    assert!(!t.path("courier/three").exists());
+}
+
+#[test]
+fn plan_counts_trips_and_files_too_big_for_one() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for (i, kib) in [60, 50, 40, 30, 20, 10, 200].iter().enumerate() {
+        write(&src, &format!("f{i}"), &data(i as u64, kib * 1024));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    let p = bitfog(&[
+        "plan",
+        &t.s("e.db"),
+        &server.url("src"),
+        "--max-bytes",
+        "100K",
+        "--json",
+    ])
+    .ok();
+    // 60+40, 50+30+20, 10 (largest first, gaps filled); 200K never fits.
+    assert_eq!((p.num("trips"), p.num("too_big_files")), (3, 1), "{p}");
+    let p = bitfog(&[
+        "plan",
+        &t.s("e.db"),
+        &server.url("src"),
+        "--max-bytes",
+        "100K",
+    ])
+    .ok();
+    assert!(p.stdout.contains("3 trips of 100.0 KiB"), "{p}");
+    assert!(
+        p.stdout.contains("1 file (200.0 KiB) bigger than one trip"),
+        "{p}"
+    );
+    let p = bitfog(&["plan", &t.s("e.db"), &server.url("src"), "--json"]).ok();
+    assert!(
+        p.json().get("trips").is_none(),
+        "trips only with --max-bytes: {p}"
+    );
+}
+
+#[test]
+fn renames_and_duplicates_travel_as_instructions() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..4 {
+        write(&src, &format!("album/track{i}"), &data(10 + i, 1 << 20));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let courier = t.s("courier");
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &courier]).ok();
+    bitfog(&["store", &t.s("src.db"), &du, &courier]).ok();
+
+    // At the source: the directory is renamed, one track is copied, and
+    // a new file arrives twice.
+    fs::rename(src.join("album"), src.join("records")).unwrap();
+    fs::copy(src.join("records/track0"), src.join("copy-of-track0")).unwrap();
+    write(&src, "new/a", &data(99, 300_000));
+    write(&src, "new/b", &data(99, 300_000));
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
+    assert_eq!(
+        (
+            f.num("fetched_files"),
+            f.num("instructed_files"),
+            f.num("remaining_files")
+        ),
+        (1, 6, 0),
+        "{f}"
+    );
+    assert_eq!(
+        f.num("courier_bytes"),
+        300_000,
+        "only the new content is carried: {f}"
+    );
+    let copies = fs::read_to_string(t.path("courier/.bitfog/copies.jsonl")).unwrap();
+    assert!(copies.len() < 4096, "{copies}");
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--delete", "--json"]).ok();
+    assert_eq!(
+        (
+            s.num("stored_files"),
+            s.num("copied_files"),
+            s.num("deleted_files"),
+            s.num("failed_files")
+        ),
+        (7, 6, 4, 0),
+        "{s}"
+    );
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn mode_or_mtime_alone_changes_without_content() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "script", &data(1, 50_000));
+    write(&src, "notes", &data(2, 5_000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let courier = t.s("courier");
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &courier]).ok();
+    bitfog(&["store", &t.s("src.db"), &du, &courier]).ok();
+
+    chmod(&src, "script", 0o755);
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    fs::File::options()
+        .write(true)
+        .open(src.join("notes"))
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
+    assert_eq!(
+        (f.num("fetched_files"), f.num("courier_bytes")),
+        (0, 0),
+        "{f}"
+    );
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
+    assert_eq!(
+        (s.num("updated_files"), s.num("stored_files")),
+        (2, 0),
+        "{s}"
+    );
+    assert_same_tree(&src, &dst);
+    let m = fs::metadata(dst.join("notes")).unwrap();
+    assert_eq!(m.modified().unwrap(), when);
+    // Nothing is left to do.
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
+    assert_eq!(s.num("updated_files"), 0, "{s}");
+}
+
+#[test]
+fn the_server_checks_a_copy_before_it_appears() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let body = data(5, 100_000);
+    write(&dst, "orig", &body);
+    write(&dst, "keep", b"keep me\n");
+    std::os::unix::fs::symlink("orig", dst.join("link")).unwrap();
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let good = sha256_hex(&body);
+    let bad = sha256_hex(b"other");
+    let put = |path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        http(server.addr, "PUT", path, headers, body).status
+    };
+    // Wrong hash: 422, nothing appears.
+    assert_eq!(
+        put(
+            "/dst/copy",
+            &[("X-Bitfog-From", "orig"), ("X-Bitfog-Sha256", &bad)],
+            b""
+        ),
+        422
+    );
+    // No hash, a body, a missing source, a symlink source, a bad name.
+    assert_eq!(put("/dst/copy", &[("X-Bitfog-From", "orig")], b""), 400);
+    assert_eq!(
+        put(
+            "/dst/copy",
+            &[("X-Bitfog-From", "orig"), ("X-Bitfog-Sha256", &good)],
+            b"x"
+        ),
+        400
+    );
+    assert_eq!(
+        put(
+            "/dst/copy",
+            &[("X-Bitfog-From", "nope"), ("X-Bitfog-Sha256", &good)],
+            b""
+        ),
+        409
+    );
+    assert_eq!(
+        put(
+            "/dst/copy",
+            &[("X-Bitfog-From", "link"), ("X-Bitfog-Sha256", &good)],
+            b""
+        ),
+        409
+    );
+    assert_eq!(
+        put(
+            "/dst/copy",
+            &[("X-Bitfog-From", "../src/x"), ("X-Bitfog-Sha256", &good)],
+            b""
+        ),
+        400
+    );
+    // Over an existing file with a wrong hash: the old file stays.
+    assert_eq!(
+        put(
+            "/dst/keep",
+            &[("X-Bitfog-From", "orig"), ("X-Bitfog-Sha256", &bad)],
+            b""
+        ),
+        422
+    );
+    assert_eq!(fs::read(dst.join("keep")).unwrap(), b"keep me\n");
+    assert!(!dst.join("copy").exists());
+    // A good copy, with mode and mtime; then a change of mode in place.
+    let h = [
+        ("X-Bitfog-From", "orig"),
+        ("X-Bitfog-Sha256", good.as_str()),
+        ("X-Bitfog-Mode", "416"),
+        ("X-Bitfog-Mtime", "1234567890"),
+    ];
+    assert_eq!(put("/dst/sub/copy", &h, b""), 204);
+    assert_eq!(fs::read(dst.join("sub/copy")).unwrap(), body);
+    let m = fs::metadata(dst.join("sub/copy")).unwrap();
+    assert_eq!(
+        (m.permissions().mode() & 0o777, m.mtime()),
+        (0o640, 1234567890)
+    );
+    let h = [
+        ("X-Bitfog-From", "orig"),
+        ("X-Bitfog-Sha256", good.as_str()),
+        ("X-Bitfog-Mode", "384"),
+    ];
+    assert_eq!(put("/dst/orig", &h, b""), 204);
+    assert_eq!(
+        fs::metadata(dst.join("orig")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let names: Vec<String> = fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with(".bitfog")),
+        "no temporary file is left: {names:?}"
+    );
+}
+
+#[test]
+fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: strace is needed (apt-get install strace)");
+        return;
+    }
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let body = data(6, 32 << 20);
+    write(&dst, "orig", &body);
+    let conf = t.path("site.json");
+    fs::write(&conf, two_areas(&src, &dst)).unwrap();
+    // Every write(2) waits 5 ms, so the 32 MiB copy takes about a second.
+    let mut server = Server::start_shell(
+        &conf,
+        &t.path("site.log"),
+        &[],
+        "strace -f -o /dev/null -e trace=write -e inject=write:delay_enter=5000",
+    );
+    let addr = server.addr;
+    let good = sha256_hex(&body);
+    let putter = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let req = format!(
+            "PUT /dst/copy HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nX-Bitfog-From: orig\r\nX-Bitfog-Sha256: {good}\r\n\r\n"
+        );
+        use std::io::{Read, Write};
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let temp = loop {
+        let found = fs::read_dir(&dst).unwrap().map(|e| e.unwrap()).find(|e| {
+            e.file_name().to_string_lossy().starts_with(".bitfog-tmp-")
+                && e.metadata().unwrap().len() > 0
+        });
+        if let Some(e) = found {
+            break e.path();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    // SIGKILL the server itself, not strace (whose death would only
+    // detach it).
+    let tracer = server.child.id();
+    let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
+    let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    unsafe_kill(pid, 9);
+    server.child.wait().unwrap();
+    putter.join().unwrap();
+    assert!(!dst.join("copy").exists(), "no file at the final path");
+    assert_eq!(
+        fs::read(dst.join("orig")).unwrap(),
+        body,
+        "the source is intact"
+    );
+    assert!(temp.exists(), "killed mid-copy");
+    // The next server removes the leftover.
+    let _server = Server::start_conf(&conf, &t.path("again.log"), &[]);
+    assert!(!temp.exists(), "stale temporary file removed at startup");
+}
