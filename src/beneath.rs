@@ -257,6 +257,17 @@ impl Dir {
         )?))
     }
 
+    /// Opens a file for reading and writing, creating it (mode 0600) when
+    /// absent; never through a link.
+    pub(crate) fn open_rw(&self, name: &[u8]) -> io::Result<File> {
+        Ok(File::from(open_at(
+            self.fd.as_raw_fd(),
+            name,
+            libc::O_RDWR | libc::O_CREAT,
+            0o600,
+        )?))
+    }
+
     /// What `name` is, without following it; `None` when absent.
     pub(crate) fn kind(&self, name: &[u8]) -> io::Result<Option<Kind>> {
         Ok(self.stat(name)?.map(|m| m.kind))

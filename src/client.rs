@@ -127,6 +127,61 @@ impl Client {
         ))
     }
 
+    /// GETs bytes `start..=end` of a file.
+    pub(crate) fn get_range(
+        &self,
+        area: &AreaUrl,
+        name: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Download> {
+        let url = area.file(name);
+        let req = self
+            .auth(self.agent.get(&url))
+            .header("Range", format!("bytes={start}-{end}"));
+        let resp = req.call().map_err(|e| transport(&url, e))?;
+        let resp = success(&url, resp)?;
+        Ok(download(resp))
+    }
+
+    /// PUTs one range of a file bigger than a trip (`Content-Range`);
+    /// answers the status (202 or 204) and the bytes the server holds.
+    pub(crate) fn put_range(
+        &self,
+        area: &AreaUrl,
+        rec: &crate::ranges::RangeRecord,
+        body: impl Read + Send + 'static,
+    ) -> Result<std::result::Result<(u16, u64), Refused>> {
+        let url = area.file(&rec.name);
+        let resp = self
+            .auth(self.agent.put(&url))
+            .header("Content-Length", rec.len.to_string())
+            .header(
+                "Content-Range",
+                format!("bytes {}-{}/{}", rec.start, rec.end() - 1, rec.size),
+            )
+            .header("Content-Type", "application/octet-stream")
+            .header(protocol::HDR_SHA256, rec.sha256.as_str())
+            .header(protocol::HDR_MODE, (rec.mode & 0o777).to_string())
+            .header(protocol::HDR_MTIME, rec.mtime.to_string())
+            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
+                crate::digest::BUF_SIZE,
+                body.take(rec.len),
+            )))
+            .map_err(|e| transport(&url, e))?;
+        let status = resp.status().as_u16();
+        if status == 202 || status == 204 {
+            let have = resp
+                .headers()
+                .get(protocol::HDR_HAVE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(protocol::parse_digits)
+                .unwrap_or(if status == 204 { rec.size } else { 0 });
+            return Ok(Ok((status, have)));
+        }
+        Ok(Err(reason(resp)))
+    }
+
     /// GETs a file from byte `from` (with `If-Range` when resuming).
     pub(crate) fn get(
         &self,
@@ -145,20 +200,7 @@ impl Client {
         }
         let resp = req.call().map_err(|e| transport(&url, e))?;
         let resp = success(&url, resp)?;
-        let header = |n: &str| {
-            resp.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        Ok(Download {
-            status: resp.status().as_u16(),
-            etag: header("etag"),
-            last_modified: header("last-modified").and_then(|d| protocol::parse_http_date(&d)),
-            content_range: header("content-range").and_then(|v| protocol::parse_content_range(&v)),
-            content_length: header("content-length").and_then(|v| protocol::parse_digits(&v)),
-            body: resp.into_body().into_reader(),
-        })
+        Ok(download(resp))
     }
 
     /// PUTs a regular file with its hash, mode and mtime; `file` is
@@ -237,6 +279,23 @@ impl Client {
             .call()
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
+    }
+}
+
+fn download(resp: ureq::http::Response<ureq::Body>) -> Download {
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    Download {
+        status: resp.status().as_u16(),
+        etag: header("etag"),
+        last_modified: header("last-modified").and_then(|d| protocol::parse_http_date(&d)),
+        content_range: header("content-range").and_then(|v| protocol::parse_content_range(&v)),
+        content_length: header("content-length").and_then(|v| protocol::parse_digits(&v)),
+        body: resp.into_body().into_reader(),
     }
 }
 

@@ -22,8 +22,11 @@ pub(crate) fn builddb(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path) -> Res
     for entry in listing.by_ref() {
         out.entry(&entry?)?;
     }
-    let skipped = listing.end().map_or(0, |e| e.skipped);
-    let (files, bytes) = out.commit(skipped)?;
+    let end = listing
+        .end()
+        .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0));
+    let skipped = end.skipped;
+    let (files, bytes) = out.commit_with(skipped, end.partials)?;
     if skipped > 0 {
         ui.error(format!(
             "{url}: the server left out {skipped} names it could not list (see its log)"

@@ -13,6 +13,7 @@ use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
 use crate::manifest::{Entry, as_usage, open_db, parent_dir};
 use crate::plan::{self, Missing, Need};
+use crate::ranges::{self, RangeRecord};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -188,6 +189,10 @@ struct FetchSummary {
     /// Files the destination will make from its own copies (renames,
     /// moves, duplicates): instructions in the courier, no bytes.
     instructed_files: u64,
+    /// Bytes of files bigger than a trip carried as ranges by this run,
+    /// and how many files the courier holds ranges of.
+    range_bytes: u64,
+    ranged_files: u64,
     budget_stop: bool,
     disk_full: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -238,6 +243,22 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // under another name, becomes an instruction instead of bytes.
     let dest_index = DestIndex::open(&destdb_path(&opts.destdb)?);
     let mut instrs = Instructions::new(&courier.state_path(""))?;
+    // Files arriving a range per trip: those the destination has begun
+    // (its partial uploads, from DESTDB's end record) or the courier holds
+    // ranges of. They are carried on from where they stand.
+    let dest_partials = ranges::by_name(
+        crate::manifest::read_end(&destdb_path(&opts.destdb)?)
+            .map(|e| e.partials)
+            .unwrap_or_default(),
+    );
+    let held_ranges = ranges::held(&opts.courier);
+    let in_progress = |e: &Entry| {
+        dest_partials
+            .get(&e.name)
+            .is_some_and(|p| p.size == e.size && e.sha256.as_ref() == Some(&p.sha256))
+            || held_ranges.iter().any(|(_, r)| r.of(e))
+    };
+    let mut range_files: Vec<Entry> = Vec::new();
     each_need(client, &opts.destdb, &opts.src, |need| {
         match need {
             Need::File(e) => {
@@ -253,6 +274,10 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     return Ok(());
                 }
                 if instrs.duplicate(&e) {
+                    return Ok(());
+                }
+                if in_progress(&e) {
+                    range_files.push(e);
                     return Ok(());
                 }
                 let i = needed.push(&e).map_err(spool_err)?;
@@ -292,6 +317,20 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     }
     let partial_len = |i: usize| resume.get(&i).map_or(0, |(len, _)| *len);
 
+    // Ranges the destination still lacks are kept; the rest is removed.
+    let dest_have = |e: &Entry| ranges::next_start(e, dest_partials.get(&e.name), &[]);
+    let kept_ranges: Vec<(PathBuf, RangeRecord)> = held_ranges
+        .iter()
+        .filter(|(_, r)| {
+            range_files
+                .iter()
+                .any(|f| r.of(f) && r.end() > dest_have(f))
+        })
+        .cloned()
+        .collect();
+    ranges::clean(&opts.courier, &kept_ranges);
+    let kept_recs: Vec<RangeRecord> = kept_ranges.iter().map(|(_, r)| r.clone()).collect();
+
     let usage = courier.usage();
     let budget = opts
         .max_bytes
@@ -302,7 +341,18 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         let reserve = (free / 100).clamp(1 << 20, 64 << 20);
         free.saturating_sub(reserve)
     });
-    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len(i), budget.min(room));
+    // Files under way get the budget first, a range each.
+    let mut avail = budget.min(room);
+    let mut planned: Vec<(Entry, u64, u64)> = Vec::new();
+    for f in &range_files {
+        let start = ranges::next_start(f, dest_partials.get(&f.name), &kept_recs);
+        let len = (f.size - start).min(avail);
+        if len > 0 && (len == f.size - start || len >= ranges::MIN_RANGE) {
+            planned.push((f.clone(), start, len));
+            avail -= len;
+        }
+    }
+    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len(i), avail);
     // Did the disk, rather than --max-bytes, leave files behind?
     let disk_bound = room < budget
         && plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len(i), budget).len()
@@ -330,6 +380,25 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             files_bytes(taken.len() as u64, total_bytes),
             needed.len()
         ));
+    }
+
+    // What is left of the budget starts the largest file that does not
+    // fit whole: a file bigger than the courier arrives over several trips.
+    let left = avail - total_bytes;
+    if left >= ranges::MIN_RANGE {
+        let is_taken: std::collections::HashSet<usize> = taken.iter().copied().collect();
+        let mut order: Vec<usize> = (0..sizes.len()).filter(|i| !is_taken.contains(i)).collect();
+        order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]));
+        if let Some(&i) = order
+            .first()
+            .filter(|&&i| sizes[i] > left && !resume.contains_key(&i))
+        {
+            if let Ok(e) = needed.get(i) {
+                if e.sha256.is_some() {
+                    planned.push((e, 0, left));
+                }
+            }
+        }
     }
 
     let progress = Progress::start(ui, "fetching", taken.len() as u64, total_bytes);
@@ -387,6 +456,42 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         }
     });
     progress.finish();
+    // Ranges, one after another.
+    let mut range_bytes = 0u64;
+    let mut new_range_of_needed = 0u64;
+    for (e, start, len) in &planned {
+        if disk_full.load(Ordering::SeqCst) {
+            break;
+        }
+        match ranges::download(client, &opts.src, &opts.courier, e, *start, *len, &wire) {
+            Ok(_) => {
+                range_bytes += len;
+                if !range_files.iter().any(|f| f.name == e.name) {
+                    new_range_of_needed += len;
+                }
+                if ui.verbose {
+                    ui.log(format!(
+                        "fetched bytes {start}-{} of '{}' ({} of {})",
+                        start + len - 1,
+                        e.name,
+                        human_bytes(*len),
+                        human_bytes(e.size)
+                    ));
+                }
+            }
+            Err(None) => {
+                disk_full.store(true, Ordering::SeqCst);
+                ui.error(format!(
+                    "'{}': the courier disk is full; stopping (complete files are kept)",
+                    opts.courier.display()
+                ));
+            }
+            Err(Some(why)) => {
+                ui.error(format!("'{}' (bytes from {start}): {why}", e.name));
+                fails.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
     courier.sync();
 
     let done = done.into_inner().expect("done list");
@@ -423,6 +528,24 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     sum.remaining_bytes =
         sizes.iter().sum::<u64>() - sum.fetched_bytes + left.iter().map(|e| e.size).sum::<u64>();
     sum.instructed_files = courier::count_copies(&opts.courier).max(from_dest);
+    // Files under way: what is left of each after this run's ranges.
+    let now_held = ranges::held(&opts.courier);
+    let now_recs: Vec<RangeRecord> = now_held.iter().map(|(_, r)| r.clone()).collect();
+    for f in &range_files {
+        let at = ranges::next_start(f, dest_partials.get(&f.name), &now_recs);
+        if at < f.size {
+            sum.remaining_files += 1;
+            sum.remaining_bytes += f.size - at;
+        }
+    }
+    sum.remaining_bytes -= new_range_of_needed;
+    sum.range_bytes = range_bytes;
+    sum.ranged_files = now_held
+        .iter()
+        .map(|(_, r)| r.name.as_str())
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64;
+    sum.courier_bytes += now_held.iter().map(|(_, r)| r.len).sum::<u64>();
     sum.budget_stop = sum.remaining_files > 0 && taken.len() < needed.len();
 
     let mut human = format!(

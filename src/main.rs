@@ -17,6 +17,7 @@ mod manifest;
 mod paths;
 mod plan;
 mod protocol;
+mod ranges;
 mod scan;
 mod server;
 mod store;

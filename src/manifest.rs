@@ -61,13 +61,28 @@ impl Entry {
 }
 
 /// The last line of a listing or DB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct End {
     pub(crate) end: bool,
     pub(crate) count: u64,
     pub(crate) bytes: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub(crate) skipped: u64,
+    /// Files arriving a range per trip, not yet complete at the area
+    /// (see `PUT` with `Content-Range`). Not counted in `count`/`bytes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) partials: Vec<PartialUpload>,
+}
+
+/// A file bigger than a trip, arriving range by range: `have` bytes of
+/// the `size`-byte file with this SHA-256 are at the destination, kept
+/// out of sight until the last range arrives and the whole file verifies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PartialUpload {
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
+    pub(crate) have: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -81,6 +96,7 @@ impl End {
             count,
             bytes,
             skipped,
+            partials: Vec::new(),
         }
     }
 }
@@ -98,6 +114,8 @@ struct AnyLine {
     count: Option<u64>,
     bytes: Option<u64>,
     skipped: Option<u64>,
+    #[serde(default)]
+    partials: Vec<PartialUpload>,
 }
 
 /// The header line of a DB file.
@@ -137,7 +155,7 @@ impl<R: BufRead> Reader<R> {
 
     /// The end record, once `next_entry` has returned `Ok(None)`.
     pub(crate) fn end(&self) -> Option<End> {
-        self.end
+        self.end.clone()
     }
 
     fn bad(&self, what: impl std::fmt::Display) -> Error {
@@ -212,7 +230,9 @@ impl<R: BufRead> Reader<R> {
             if self.next_line()? {
                 return Err(self.bad("data after the end record"));
             }
-            self.end = Some(End::new(count, bytes, line.skipped.unwrap_or(0)));
+            let mut end = End::new(count, bytes, line.skipped.unwrap_or(0));
+            end.partials = line.partials;
+            self.end = Some(end);
             return Ok(None);
         }
         let (Some(name), Some(size), Some(mode), Some(mtime)) =
@@ -294,6 +314,27 @@ pub(crate) fn open_db(path: &Path) -> Result<(Header, Reader<BufReader<File>>)> 
     Ok((header, reader))
 }
 
+/// The end record of the DB at `path`, read from its last line only (the
+/// merge that reads the whole DB checks it; this is for what comes first).
+pub(crate) fn read_end(path: &Path) -> Option<End> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let from = len.saturating_sub(MAX_LINE as u64 + 2);
+    f.seek(SeekFrom::Start(from)).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let text = std::str::from_utf8(&tail).ok()?.trim_end();
+    let last = text.rsplit('\n').next()?;
+    let line: AnyLine = serde_json::from_str(last).ok()?;
+    if line.end != Some(true) {
+        return None;
+    }
+    let mut end = End::new(line.count?, line.bytes?, line.skipped.unwrap_or(0));
+    end.partials = line.partials;
+    Some(end)
+}
+
 /// A DB error is unusable input: exit 2.
 pub(crate) fn as_usage(e: Error) -> Error {
     Error::usage(e.to_string())
@@ -353,8 +394,18 @@ impl DbWriter {
     }
 
     /// Writes the end record, syncs, and renames into place.
-    pub(crate) fn commit(mut self, skipped: u64) -> Result<(u64, u64)> {
-        let end = End::new(self.count, self.bytes, skipped);
+    pub(crate) fn commit(self, skipped: u64) -> Result<(u64, u64)> {
+        self.commit_with(skipped, Vec::new())
+    }
+
+    /// `commit`, naming the area's partial uploads in the end record.
+    pub(crate) fn commit_with(
+        mut self,
+        skipped: u64,
+        partials: Vec<PartialUpload>,
+    ) -> Result<(u64, u64)> {
+        let mut end = End::new(self.count, self.bytes, skipped);
+        end.partials = partials;
         self.line(&end)?;
         let out = self.out.take().expect("commit twice");
         let what = format!("'{}'", self.tmp.display());

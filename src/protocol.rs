@@ -13,6 +13,9 @@ pub(crate) const HDR_MTIME: &str = "x-bitfog-mtime";
 /// `X-Bitfog-Sha256`; naming the PUT's own path changes only mode and
 /// mtime.
 pub(crate) const HDR_FROM: &str = "x-bitfog-from";
+/// How many bytes of a partial upload the server holds (answers to range
+/// uploads).
+pub(crate) const HDR_HAVE_HEADER: &str = "X-Bitfog-Have";
 /// Content type of a PUT whose body is a symlink target.
 pub(crate) const SYMLINK_TYPE: &str = "application/symlink";
 /// Content type of an area listing.

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// What the walk found at one path.
 pub(crate) enum Item {
     Entry(Entry),
+    /// A file arriving range by range (its record, with the full name).
+    Partial(crate::manifest::PartialUpload),
     /// Left out of the listing (not UTF-8, unreadable, vanished): the
     /// reason, for the log; counted in the end record's `skipped`.
     Skipped(String),
@@ -77,6 +79,9 @@ pub(crate) fn scan(
             continue;
         }
         if is_reserved(dent.file_name().as_bytes()) {
+            if let Some(p) = partial_record(root, &mut cached, &dent.path()) {
+                batch.push(Found::Ready(Item::Partial(p)));
+            }
             continue;
         }
         let path = dent.path();
@@ -203,6 +208,36 @@ fn hash_all(items: &[Found]) -> Vec<Result<String, String>> {
                 .unwrap_or_else(|| Err("not hashed".into()))
         })
         .collect()
+}
+
+/// The record of a partial upload (`.bitfog-part-*.json`, written by the
+/// server), with the name made relative to the area.
+fn partial_record(
+    root: &Root,
+    cached: &mut Option<(PathBuf, Dir)>,
+    path: &Path,
+) -> Option<crate::manifest::PartialUpload> {
+    let file_name = path.file_name()?.as_bytes();
+    if !(file_name.starts_with(b".bitfog-part-") && file_name.ends_with(b".json")) {
+        return None;
+    }
+    let rel = path.strip_prefix(root.path()).ok()?;
+    let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+    if cached.as_ref().is_none_or(|(p, _)| *p != parent) {
+        let comps: Vec<&[u8]> = parent.iter().map(|c| c.as_bytes()).collect();
+        *cached = Some((parent.clone(), root.dir(&comps, false).ok()?));
+    }
+    let (_, dir) = cached.as_ref()?;
+    let mut p: crate::manifest::PartialUpload =
+        serde_json::from_reader(dir.open_read(file_name).ok()?).ok()?;
+    if p.name.contains('/') || crate::paths::is_reserved(p.name.as_bytes()) {
+        return None;
+    }
+    let parent = parent.to_str()?;
+    if !parent.is_empty() {
+        p.name = format!("{parent}/{}", p.name);
+    }
+    Some(p)
 }
 
 /// Builds the entry for one file or symlink; a file whose hash is not

@@ -13,14 +13,14 @@ use crate::digest::{CopyError, Hasher, Writeback, copy_hashing, is_sha256_hex};
 use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
 use crate::hashcache::CacheFile;
 use crate::http::{self, Body, Request, Response};
-use crate::manifest::End;
+use crate::manifest::{End, PartialUpload};
 use crate::paths::{components, is_reserved};
 use crate::protocol::{self, RangeAsk};
 use crate::scan::{self, Item};
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -55,6 +55,9 @@ pub(crate) type Config = BTreeMap<String, Area>;
 
 /// An empty line is sent on a listing after this long without output.
 const LISTING_KEEPALIVE: Duration = Duration::from_secs(10);
+/// Partial uploads named in a listing's end record, so the line stays
+/// under the 64 KiB clients accept.
+const MAX_PARTIALS_LISTED: usize = 200;
 /// Listing lines are handed to the writer in chunks of about this size...
 const LISTING_CHUNK: usize = 64 << 10;
 /// ...or after this long, whichever comes first.
@@ -384,6 +387,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(16);
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
+            let mut partials = Vec::new();
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
             let mut since = Instant::now();
             let mut open = true;
@@ -404,6 +408,9 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
                             print_error(format!("listing skips {why}"));
                         }
                     }
+                    // Kept for the end record, within its line limit.
+                    Item::Partial(p) if partials.len() < MAX_PARTIALS_LISTED => partials.push(p),
+                    Item::Partial(_) => {}
                 }
                 if chunk.len() >= LISTING_CHUNK
                     || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
@@ -414,7 +421,9 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
                 open
             });
             if open {
-                let _ = serde_json::to_writer(&mut chunk, &End::new(count, bytes, skipped));
+                let mut end = End::new(count, bytes, skipped);
+                end.partials = partials;
+                let _ = serde_json::to_writer(&mut chunk, &end);
                 chunk.push(b'\n');
                 let _ = tx.send(chunk);
             }
@@ -671,6 +680,14 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
             .trim()
             .eq_ignore_ascii_case(protocol::SYMLINK_TYPE)
     });
+    if let Some(range) = req.header("content-range") {
+        let range = range.to_string();
+        let resp = match put_range(&dir, last(comps), &range, req) {
+            Ok(resp) | Err(resp) => resp,
+        };
+        dir.sync();
+        return resp;
+    }
     let result = if let Some(from) = req.header(protocol::HDR_FROM) {
         let from = from.to_string();
         put_copy(root, comps, &dir, &from, req)
@@ -810,6 +827,169 @@ fn put_copy(
     }
     apply_meta(file).map_err(write_error)?;
     temp.persist(last(comps)).map_err(write_error)
+}
+
+/// Partial uploads live in the target's directory under reserved names
+/// (never listed, never served): `.bitfog-part-ID` holds the bytes so far
+/// and `.bitfog-part-ID.json` what they are (`PartialUpload`, with the
+/// last component as `name`). ID is a hash of the name, size and SHA-256,
+/// so a changed source file starts a new partial upload.
+const PART_PREFIX: &str = ".bitfog-part-";
+
+fn part_names(name: &[u8], size: u64, sha: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut h = Hasher::new();
+    h.update(name);
+    h.update(format!("\0{size}\0{sha}").as_bytes());
+    let id = format!("{PART_PREFIX}{}", &h.hex()[..24]);
+    (id.clone().into_bytes(), format!("{id}.json").into_bytes())
+}
+
+/// Partial uploads being written right now; a second PUT for the same one
+/// waits its turn by being refused (409).
+fn busy_parts() -> &'static Mutex<HashSet<Vec<u8>>> {
+    static BUSY: OnceLock<Mutex<HashSet<Vec<u8>>>> = OnceLock::new();
+    BUSY.get_or_init(Default::default)
+}
+
+/// `PUT` with `Content-Range: bytes A-B/LEN`: one range of a file that
+/// arrives over several trips. The range is appended to the partial upload
+/// (bytes it already has are skipped, so a retried range is harmless; a
+/// gap is refused with 409), made durable, and answered with 202 and
+/// `X-Bitfog-Have`. The range that completes the file makes the whole of
+/// it be hashed: it appears at PATH (204) only if it matches
+/// `X-Bitfog-Sha256`; otherwise the partial upload is dropped (422).
+fn put_range(
+    dir: &Dir,
+    name: &[u8],
+    range: &str,
+    req: &mut Request,
+) -> std::result::Result<Response, Response> {
+    let (a, b, size) = protocol::parse_content_range(range)
+        .filter(|&(a, b, size)| a <= b && b < size)
+        .ok_or_else(|| Response::text(400, format!("bad Content-Range: '{range}'")))?;
+    if req.content_length() != b - a + 1 {
+        return Err(Response::text(
+            400,
+            "Content-Length does not match Content-Range",
+        ));
+    }
+    let Some(want) = req
+        .header(protocol::HDR_SHA256)
+        .map(str::to_ascii_lowercase)
+        .filter(|h| is_sha256_hex(h))
+    else {
+        return Err(Response::text(
+            400,
+            "a range upload needs X-Bitfog-Sha256 (the whole file's)",
+        ));
+    };
+    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
+    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
+    let (part_name, state_name) = part_names(name, size, &want);
+    let key = [dir.path.as_os_str().as_bytes(), b"/", &part_name].concat();
+    if !busy_parts()
+        .lock()
+        .map(|mut b| b.insert(key.clone()))
+        .unwrap_or(false)
+    {
+        return Err(Response::text(
+            409,
+            "another upload of this file is in progress",
+        ));
+    }
+    struct Release(Vec<u8>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            if let Ok(mut b) = busy_parts().lock() {
+                b.remove(&self.0);
+            }
+        }
+    }
+    let _release = Release(key);
+
+    let mut have = dir
+        .open_read(&state_name)
+        .ok()
+        .and_then(|f| serde_json::from_reader::<_, PartialUpload>(f).ok())
+        .filter(|p| p.size == size && p.sha256 == want && p.name.as_bytes() == name)
+        .map_or(0, |p| p.have);
+    let part = dir.open_rw(&part_name).map_err(write_error)?;
+    if part.metadata().map_err(write_error)?.len() < have {
+        have = 0; // the bytes the record promises are gone: start over
+    }
+    let answer = |have: u64| {
+        Response::new(202, Body::Empty).with(protocol::HDR_HAVE_HEADER, have.to_string())
+    };
+    if a > have {
+        return Err(Response::text(
+            409,
+            format!("range starts at {a}, but the server has {have} bytes of this file"),
+        )
+        .with(protocol::HDR_HAVE_HEADER, have.to_string()));
+    }
+    let skip = have - a;
+    let len = b - a + 1;
+    if skip >= len {
+        let _ = io::copy(&mut (&mut req.body).take(len), &mut io::sink());
+        return Ok(answer(have));
+    }
+    io::copy(&mut (&mut req.body).take(skip), &mut io::sink())
+        .map_err(|_| Response::text(400, "request body cut short"))?;
+    part.set_len(have).map_err(write_error)?;
+    let mut out = Writeback::new(&part, have);
+    (&part)
+        .seek(io::SeekFrom::Start(have))
+        .map_err(write_error)?;
+    let mut ignored = Hasher::new();
+    match copy_hashing(&mut req.body, &mut out, &mut ignored, len - skip, |_| {}) {
+        Ok(n) if n == len - skip => {}
+        Ok(_) | Err(CopyError::Read(_)) => {
+            return Err(Response::text(400, "request body cut short"));
+        }
+        Err(CopyError::Write(e)) => return Err(write_error(e)),
+    }
+    part.sync_all().map_err(write_error)?;
+    have = b + 1;
+    if have < size {
+        let state = PartialUpload {
+            name: String::from_utf8_lossy(name).into_owned(),
+            size,
+            sha256: want,
+            have,
+        };
+        let temp = TempFile::create(dir).map_err(write_error)?;
+        let f = temp.file.as_ref().expect("fresh temp file");
+        (&*f)
+            .write_all(&serde_json::to_vec(&state).unwrap_or_default())
+            .and_then(|()| f.sync_all())
+            .map_err(write_error)?;
+        temp.persist(&state_name).map_err(write_error)?;
+        return Ok(answer(have));
+    }
+    // The last range: the whole file must match before it appears.
+    (&part).seek(io::SeekFrom::Start(0)).map_err(write_error)?;
+    let (got, n) = crate::digest::hash_reader(&part).map_err(write_error)?;
+    if n != size || got != want {
+        let _ = dir.unlink(&part_name);
+        let _ = dir.unlink(&state_name);
+        return Err(Response::text(
+            422,
+            format!(
+                "sha256 mismatch: the assembled file has {got}, header says {want}; the partial upload is dropped"
+            ),
+        ));
+    }
+    part.set_permissions(fs::Permissions::from_mode(
+        mode.map_or(0o644, |m| m & 0o777),
+    ))
+    .map_err(write_error)?;
+    if let Some(t) = mtime {
+        part.set_modified(epoch_plus(t)).map_err(write_error)?;
+    }
+    part.sync_all().map_err(write_error)?;
+    dir.rename(&part_name, name).map_err(write_error)?;
+    let _ = dir.unlink(&state_name);
+    Ok(Response::new(204, Body::Empty))
 }
 
 fn epoch_plus(t: i64) -> SystemTime {

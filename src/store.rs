@@ -11,6 +11,7 @@ use crate::error::{Error, Exit, Result, describe_io};
 use crate::manifest::{DbWriter, Entry, as_usage, open_db};
 use crate::paths::check_carried_name;
 use crate::plan::{self, Pair};
+use crate::ranges;
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use std::collections::{HashMap, HashSet};
 
@@ -65,6 +66,8 @@ struct StoreSummary {
     /// Files whose content was there but whose mode or mtime changed
     /// (also counted in `skipped_files`).
     updated_files: u64,
+    /// Files bigger than a trip that got ranges but are not complete yet.
+    partial_files: u64,
     /// Files SRCDB has that neither the destination nor the courier holds.
     missing_files: u64,
     missing_bytes: u64,
@@ -76,6 +79,9 @@ enum Action {
     /// Made at the destination from its own file (`from`; the entry's own
     /// name for a change of mode or mtime alone).
     Copy(Entry, String),
+    /// Appended range by range from `.bitfog/ranges/` (a file bigger than
+    /// a trip).
+    Ranges(Entry),
     Delete(String),
 }
 
@@ -85,11 +91,14 @@ struct Task {
     e: Entry,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     from: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    ranged: bool,
 }
 
 impl Task {
     fn action(self) -> Action {
         match self.from {
+            _ if self.ranged => Action::Ranges(self.e),
             Some(from) => Action::Copy(self.e, from),
             None if self.e.is_symlink() => Action::Link(self.e),
             None => Action::Upload(self.e),
@@ -147,6 +156,8 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     // Files fetch left as instructions: made at the destination from a
     // file it already has.
     let mut copies = crate::courier::Copies::open(&opts.courier);
+    // Ranges of files bigger than a trip.
+    let courier_ranges = ranges::held(&opts.courier);
     // The receipt: what the destination holds after this run, from its
     // listing and the outcome of each action (no second listing, so
     // nothing just stored is hashed again).
@@ -200,6 +211,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                         Task {
                             e: now.clone(),
                             from: Some(now.name.clone()),
+                            ranged: false,
                         },
                         &mut actions,
                     )?;
@@ -218,6 +230,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     Task {
                         e: s.clone(),
                         from: None,
+                        ranged: false,
                     },
                     &mut actions,
                 )?;
@@ -227,6 +240,17 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     Task {
                         e: s.clone(),
                         from: Some(from),
+                        ranged: false,
+                    },
+                    &mut actions,
+                )?;
+                return note(s, true, d);
+            } else if courier_ranges.iter().any(|(_, r)| r.of(&s)) {
+                task(
+                    Task {
+                        e: s.clone(),
+                        from: None,
+                        ranged: true,
                     },
                     &mut actions,
                 )?;
@@ -264,6 +288,11 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     "would link '{}' -> '{}'\n",
                     e.name,
                     e.linkdest.as_deref().unwrap_or_default()
+                )),
+                Action::Ranges(e) => human.push_str(&format!(
+                    "would send ranges of '{}' ({} in all)\n",
+                    e.name,
+                    human_bytes(e.size)
                 )),
                 Action::Copy(e, from) if *from == e.name => {
                     human.push_str(&format!("would set the mode and mtime of '{from}'\n"));
@@ -304,9 +333,14 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let failed_names: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
     let deleted_names: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
     let unsure = AtomicBool::new(false);
+    // Files sent as ranges: how much of each the destination holds now.
+    let progress_of: Mutex<HashMap<String, (Entry, u64)>> = Mutex::new(HashMap::new());
     let record = |action: &Action, outcome: std::result::Result<(), String>| {
         match (action, &outcome) {
-            (Action::Upload(e) | Action::Link(e) | Action::Copy(e, _), Err(_)) => {
+            (
+                Action::Upload(e) | Action::Link(e) | Action::Copy(e, _) | Action::Ranges(e),
+                Err(_),
+            ) => {
                 failed_names.lock().expect("names").insert(e.name.clone());
             }
             (Action::Delete(n), Ok(())) => {
@@ -324,7 +358,10 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             }
             Err(why) => {
                 let name = match action {
-                    Action::Upload(e) | Action::Link(e) | Action::Copy(e, _) => &e.name,
+                    Action::Upload(e)
+                    | Action::Link(e)
+                    | Action::Copy(e, _)
+                    | Action::Ranges(e) => &e.name,
                     Action::Delete(n) => n,
                 };
                 ui.error(format!("'{name}': {why}"));
@@ -389,8 +426,32 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     phase(
         &|i| {
             if !copy_at[i] {
-                if let Some(a) = spooled(i) {
-                    record(&a, run(client, &courier, &opts.dest, &a));
+                match spooled(i) {
+                    Some(Action::Ranges(e)) => {
+                        let outcome = send_ranges(client, &opts.dest, &courier_ranges, &e);
+                        match outcome {
+                            Ok(Some(have)) => {
+                                // Under way, not failed: the receipt shows
+                                // the progress and not the file.
+                                failed_names.lock().expect("names").insert(e.name.clone());
+                                progress_of
+                                    .lock()
+                                    .expect("progress")
+                                    .insert(e.name.clone(), (e.clone(), have));
+                                results.lock().expect("summary").partial_files += 1;
+                            }
+                            Ok(None) => {
+                                progress_of
+                                    .lock()
+                                    .expect("progress")
+                                    .insert(e.name.clone(), (e.clone(), e.size));
+                                record(&Action::Ranges(e), Ok(()));
+                            }
+                            Err(why) => record(&Action::Ranges(e), Err(why)),
+                        }
+                    }
+                    Some(a) => record(&a, run(client, &courier, &opts.dest, &a)),
+                    None => {}
                 }
             }
         },
@@ -419,7 +480,10 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         receipt,
         &failed_names.into_inner().expect("names"),
         &deleted_names.into_inner().expect("names"),
-        listing.end().map_or(0, |e| e.skipped),
+        listing
+            .end()
+            .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0)),
+        progress_of.into_inner().expect("progress"),
     ) {
         ui.error(format!("cannot leave the receipt in the courier: {e}"));
         sum.failed_files += 1;
@@ -460,8 +524,26 @@ fn write_receipt(
     mut lines: Spool<ReceiptLine>,
     failed: &HashSet<String>,
     deleted: &HashSet<String>,
-    skipped: u64,
+    listed: crate::manifest::End,
+    progress: HashMap<String, (Entry, u64)>,
 ) -> Result<()> {
+    // The destination's partial uploads, as this run left them.
+    let mut partials: Vec<crate::manifest::PartialUpload> = listed
+        .partials
+        .into_iter()
+        .filter(|p| !progress.contains_key(&p.name))
+        .collect();
+    for (name, (e, have)) in progress {
+        if have < e.size {
+            partials.push(crate::manifest::PartialUpload {
+                name,
+                size: e.size,
+                sha256: e.sha256.unwrap_or_default(),
+                have,
+            });
+        }
+    }
+    partials.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
     let what = |e: std::io::Error| Error::io("the courier's receipt spool", &e);
     lines.finish().map_err(what)?;
     let mut out = DbWriter::create(&courier.state_path(RECEIPT), Some(dest.as_str()))?;
@@ -484,7 +566,7 @@ fn write_receipt(
             out.entry(&e)?;
         }
     }
-    out.commit(skipped)?;
+    out.commit_with(listed.skipped, partials)?;
     Ok(())
 }
 
@@ -558,10 +640,29 @@ fn choose_deletions(
 }
 
 /// Does one action; the error is the one-line reason.
+/// Sends the courier's ranges of `e` in order. `Ok(None)`: the file is
+/// complete and verified at the destination; `Ok(Some(have))`: it holds
+/// that many bytes of it so far.
+fn send_ranges(
+    client: &Client,
+    dest: &AreaUrl,
+    held: &[(PathBuf, ranges::RangeRecord)],
+    e: &Entry,
+) -> std::result::Result<Option<u64>, String> {
+    let mut have = None;
+    for (data, rec) in held.iter().filter(|(_, r)| r.of(e)) {
+        match ranges::upload(client, dest, data, rec)? {
+            ranges::Sent::Complete => return Ok(None),
+            ranges::Sent::Partial(h) => have = Some(h),
+        }
+    }
+    Ok(have)
+}
+
 /// Counts a successful action in the summary.
 fn count(sum: &mut StoreSummary, action: &Action) {
     match action {
-        Action::Upload(e) | Action::Link(e) => {
+        Action::Upload(e) | Action::Link(e) | Action::Ranges(e) => {
             sum.stored_files += 1;
             sum.stored_bytes += e.size;
         }
@@ -626,6 +727,7 @@ fn run(
         _ => r.reason,
     };
     match action {
+        Action::Ranges(_) => Err("ranges are sent by send_ranges".into()),
         Action::Copy(e, from) => client
             .put_copy(dest, e, from)
             .map_err(|e| e.to_string())?

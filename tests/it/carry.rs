@@ -443,3 +443,194 @@ fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
     let _server = Server::start_conf(&conf, &t.path("again.log"), &[]);
     assert!(!temp.exists(), "stale temporary file removed at startup");
 }
+
+/// The destination's partial uploads, from a fresh builddb's end record.
+fn partials(du: &str, t: &Scratch) -> Vec<(String, u64)> {
+    bitfog(&["builddb", du, &t.s("probe.db")]).ok();
+    let text = fs::read_to_string(t.path("probe.db")).unwrap();
+    let end: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    end.get("partials")
+        .and_then(|p| p.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["have"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_file_bigger_than_the_courier_arrives_over_several_trips() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let body = data(42, 10 << 20);
+    write(&src, "disk/image.raw", &body);
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let courier = t.s("courier");
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let mut carried = Vec::new();
+    for trip in 1..=4 {
+        let destdb = if trip == 1 {
+            t.s("dest.db")
+        } else {
+            courier.clone()
+        };
+        let f = bitfog(&[
+            "fetch",
+            &destdb,
+            &su,
+            &courier,
+            "--max-bytes",
+            "3M",
+            "--json",
+        ])
+        .ok();
+        carried.push(f.num("range_bytes"));
+        assert!(f.num("courier_bytes") <= 3 << 20, "{f}");
+        let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
+        if trip < 4 {
+            assert!(
+                !dst.join("disk/image.raw").exists(),
+                "not before the last range"
+            );
+            assert_eq!(s.num("partial_files"), 1, "{s}");
+            assert_eq!(
+                partials(&du, &t),
+                [("disk/image.raw".to_string(), trip * (3 << 20))]
+            );
+            let receipt = fs::read_to_string(t.path("courier/.bitfog/receipt.jsonl")).unwrap();
+            assert!(
+                receipt.contains(&format!("\"have\":{}", trip * (3 << 20))),
+                "{receipt}"
+            );
+        } else {
+            assert_eq!(s.num("stored_files"), 1, "{s}");
+        }
+    }
+    assert_eq!(
+        carried,
+        [3 << 20, 3 << 20, 3 << 20, 1 << 20],
+        "no range twice"
+    );
+    assert_eq!(fs::read(dst.join("disk/image.raw")).unwrap(), body);
+    assert!(partials(&du, &t).is_empty());
+    let names: Vec<String> = fs::read_dir(dst.join("disk"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["image.raw"], "no partial upload is left behind");
+    // Nothing more to carry.
+    let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
+    assert_eq!(
+        (f.num("remaining_files"), f.num("courier_bytes")),
+        (0, 0),
+        "{f}"
+    );
+}
+
+#[test]
+fn a_damaged_range_and_a_server_killed_mid_range_lose_nothing() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: strace is needed (apt-get install strace)");
+        return;
+    }
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let body = data(43, 12 << 20);
+    write(&src, "big", &body);
+    let src_server = Server::start(&t, "src-site", &two_areas(&src, &t.mkdir("unused")));
+    let su = src_server.url("src");
+    let conf = t.path("dst.json");
+    fs::write(&conf, two_areas(&t.mkdir("unused2"), &dst)).unwrap();
+    let courier = t.s("courier");
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &courier, "--max-bytes", "8M"]).ok();
+    let range = fs::read_dir(t.path("courier/.bitfog/ranges"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_none_or(|x| x != "json"))
+        .unwrap();
+
+    // A damaged range is refused before it leaves; nothing arrives.
+    let good = fs::read(&range).unwrap();
+    let mut bad = good.clone();
+    bad[1000] ^= 1;
+    fs::write(&range, &bad).unwrap();
+    let dst_server = Server::start_conf(&conf, &t.path("d1.log"), &[]);
+    let du = dst_server.url("dst");
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier]).code(1);
+    assert!(s.stderr.contains("damaged"), "{s}");
+    assert!(partials(&du, &t).is_empty());
+    fs::write(&range, &good).unwrap();
+    drop(dst_server);
+
+    // The destination dies mid-range (every write slowed, then kill -9).
+    let mut slow = Server::start_shell(
+        &conf,
+        &t.path("d2.log"),
+        &[],
+        "strace -f -o /dev/null -e trace=write,pwrite64 -e inject=write:delay_enter=3000",
+    );
+    let du = slow.url("dst");
+    let store = {
+        let (srcdb, du, courier) = (t.s("src.db"), du.clone(), courier.clone());
+        std::thread::spawn(move || bitfog(&["store", &srcdb, &du, &courier]))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let growing = fs::read_dir(&dst).unwrap().map(|e| e.unwrap()).any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(".bitfog-part-")
+                && !n.ends_with(".json")
+                && e.metadata().unwrap().len() > 0
+        });
+        if growing {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let tracer = slow.child.id();
+    let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
+    unsafe_kill(
+        children.split_whitespace().next().unwrap().parse().unwrap(),
+        9,
+    );
+    slow.child.wait().unwrap();
+    let s = store.join().unwrap();
+    assert_eq!(s.code, 1, "{s}");
+    assert!(!dst.join("big").exists());
+
+    // A new server takes the range again from the start of what it holds.
+    let dst_server = Server::start_conf(&conf, &t.path("d3.log"), &[]);
+    let du = dst_server.url("dst");
+    bitfog(&["store", &t.s("src.db"), &du, &courier]).ok();
+    assert_eq!(partials(&du, &t), [("big".to_string(), 8 << 20)]);
+    // The rest, and the whole file verifies.
+    let f = bitfog(&[
+        "fetch",
+        &courier,
+        &su,
+        &courier,
+        "--max-bytes",
+        "8M",
+        "--json",
+    ])
+    .ok();
+    assert_eq!(f.num("range_bytes"), 4 << 20, "{f}");
+    bitfog(&["store", &t.s("src.db"), &du, &courier]).ok();
+    assert_eq!(fs::read(dst.join("big")).unwrap(), body);
+}
