@@ -348,7 +348,7 @@ finally:
             p.kill()
     shutil.rmtree(work, ignore_errors=True)
 
-cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": ")
+cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip("\t: ")
 print("\nbitfog bench: %d runs each, alternating, %.0f s settle; %s, %d cores; medians in seconds"
       % (RUNS, SETTLE, cpu, os.cpu_count()))
 print("| workload | bitfog | peer | peer | bitfog/peer | goal | |")
