@@ -77,6 +77,8 @@ pub(crate) struct Meta {
     /// Device, inode, mtime and ctime in nanoseconds: what the hash cache
     /// keys on, so that any change to the file misses it.
     pub(crate) identity: [i128; 4],
+    /// Bytes allocated on disk (`st_blocks` × 512).
+    pub(crate) alloc: u64,
 }
 
 /// What `stat` says of a name.
@@ -296,6 +298,7 @@ impl Dir {
                     _ => Kind::Other,
                 },
                 size: st.st_size as u64,
+                alloc: st.st_blocks as u64 * 512,
                 mode: st.st_mode & 0o7777,
                 mtime: st.st_mtime,
                 identity: [

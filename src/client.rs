@@ -127,6 +127,30 @@ impl Client {
         ))
     }
 
+    /// Where a sparse file's data is: `(size, [(start, len)])`.
+    pub(crate) fn extents(&self, area: &AreaUrl, name: &str) -> Result<(u64, Vec<(u64, u64)>)> {
+        #[derive(serde::Deserialize)]
+        struct Extents {
+            size: u64,
+            extents: Vec<(u64, u64)>,
+        }
+        let url = format!("{}?extents", area.file(name));
+        let resp = self
+            .auth(self.agent.get(&url))
+            .call()
+            .map_err(|e| transport(&url, e))?;
+        let resp = success(&url, resp)?;
+        let mut text = String::new();
+        resp.into_body()
+            .into_reader()
+            .take(16 << 20)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::failed(format!("{url}: {e}")))?;
+        let x: Extents = serde_json::from_str(&text)
+            .map_err(|e| Error::failed(format!("{url}: bad extent list: {e}")))?;
+        Ok((x.size, x.extents))
+    }
+
     /// GETs bytes `start..=end` of a file.
     pub(crate) fn get_range(
         &self,
@@ -248,6 +272,34 @@ impl Client {
             .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
             .header(protocol::HDR_MTIME, entry.mtime.to_string())
             .send(&[][..])
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+
+    /// PUTs a sparse file as its framed data extents (`sparse`).
+    pub(crate) fn put_sparse(
+        &self,
+        area: &AreaUrl,
+        entry: &Entry,
+        body: crate::sparse::ExtentBody,
+        body_len: u64,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let url = area.file(&entry.name);
+        let resp = self
+            .auth(self.agent.put(&url))
+            .header("Content-Length", body_len.to_string())
+            .header("Content-Type", protocol::EXTENTS_TYPE)
+            .header(protocol::HDR_SIZE, entry.size.to_string())
+            .header(
+                protocol::HDR_SHA256,
+                entry.sha256.as_deref().unwrap_or_default(),
+            )
+            .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
+            .header(protocol::HDR_MTIME, entry.mtime.to_string())
+            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
+                crate::digest::BUF_SIZE,
+                body,
+            )))
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
     }

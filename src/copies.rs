@@ -233,6 +233,7 @@ mod tests {
             mtime: 1,
             sha256: Some(sha.into()),
             linkdest: None,
+            alloc: None,
         }
     }
 

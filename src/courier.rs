@@ -623,8 +623,12 @@ pub(crate) fn usage(root: &Path) -> u64 {
             continue;
         }
         if dent.file_type().is_file() && !dent.path().starts_with(&state) {
+            // A sparse file counts what it takes on disk.
             total += fs::symlink_metadata(dent.path())
-                .map(|m| m.len())
+                .map(|m| {
+                    m.len()
+                        .min(std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                })
                 .unwrap_or(0);
         }
     }

@@ -241,6 +241,16 @@ impl Write for Writeback<'_> {
     }
 }
 
+/// Feeds `n` zero bytes (a hole) to the hash.
+pub(crate) fn hash_zeros(hasher: &mut Hasher, mut n: u64) {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..k]);
+        n -= k as u64;
+    }
+}
+
 /// Which side of a copy failed.
 #[derive(Debug)]
 pub(crate) enum CopyError {

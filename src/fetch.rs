@@ -225,6 +225,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let (mut held_files, mut held_bytes) = (0u64, 0u64);
     let mut needed = courier.spool("wanted")?;
     let mut sizes: Vec<u64> = Vec::new();
+    let mut costs: Vec<u64> = Vec::new();
     // Partial downloads: keep those of a needed version, drop the rest.
     let mut partials: std::collections::HashMap<String, (PathBuf, PathBuf, PartialMeta)> =
         std::collections::HashMap::new();
@@ -282,6 +283,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 }
                 let i = needed.push(&e).map_err(spool_err)?;
                 sizes.push(e.size);
+                // What it takes in the courier: a sparse file its data.
+                costs.push(e.alloc.map_or(e.size, |a| a.min(e.size)));
                 instrs.first(&e, Origin::Needed(i));
                 if let Some((part, sidecar, meta)) = partials.remove(&e.name) {
                     if meta.entry.matches(&e) {
@@ -352,17 +355,17 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             avail -= len;
         }
     }
-    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len(i), avail);
+    let taken = plan::fit_largest_first(&costs, |i| costs[i] - partial_len(i), avail);
     // Did the disk, rather than --max-bytes, leave files behind?
     let disk_bound = room < budget
-        && plan::fit_largest_first(&sizes, |i| sizes[i] - partial_len(i), budget).len()
+        && plan::fit_largest_first(&costs, |i| costs[i] - partial_len(i), budget).len()
             > taken.len();
     if disk_bound {
         ui.log(format!(
             "the courier disk is full after {}; {} of free space is kept in reserve",
             files_bytes(
                 taken.len() as u64,
-                taken.iter().map(|&i| sizes[i] - partial_len(i)).sum()
+                taken.iter().map(|&i| costs[i] - partial_len(i)).sum()
             ),
             human_bytes(
                 courier::free_space(&opts.courier)
@@ -371,7 +374,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             )
         ));
     }
-    let total_bytes: u64 = taken.iter().map(|&i| sizes[i] - partial_len(i)).sum();
+    let total_bytes: u64 = taken.iter().map(|&i| costs[i] - partial_len(i)).sum();
     if let Some(max) = opts.max_bytes {
         ui.log(format!(
             "courier holds {} of a {} budget; {} fit of {} missing",
@@ -391,7 +394,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]));
         if let Some(&i) = order
             .first()
-            .filter(|&&i| sizes[i] > left && !resume.contains_key(&i))
+            .filter(|&&i| sizes[i] > left && costs[i] == sizes[i] && !resume.contains_key(&i))
         {
             if let Ok(e) = needed.get(i) {
                 if e.sha256.is_some() {
@@ -701,6 +704,9 @@ fn download(
             Fail::Other(format!("{what}: {}", describe_io(err)))
         }
     };
+    if e.alloc.is_some_and(|a| a < e.size) && e.sha256.is_some() {
+        return download_sparse(client, src, courier, e, wire, shown);
+    }
     let (part_path, sidecar) = courier.partial_paths(&e.name);
     let mut meta = resume.cloned().unwrap_or(PartialMeta {
         entry: Carried::of(e),
@@ -816,6 +822,25 @@ fn download(
             None => "modified at the source since the listing; not kept".into(),
         }));
     }
+    finish(courier, e, part, &part_path, &sidecar)
+}
+
+/// Puts a verified partial file in place: mode, mtime, fsync, rename, and
+/// the record of what the courier carries.
+fn finish(
+    courier: &Courier,
+    e: &Entry,
+    part: File,
+    part_path: &Path,
+    sidecar: &Path,
+) -> std::result::Result<(), Fail> {
+    let other = |what: &str, err: &io::Error| {
+        if is_disk_full(err) {
+            Fail::DiskFull
+        } else {
+            Fail::Other(format!("{what}: {}", describe_io(err)))
+        }
+    };
     part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600))
         .map_err(|err| other("cannot set mode", &err))?;
     let mtime = if e.mtime >= 0 {
@@ -835,15 +860,102 @@ fn download(
             "a directory is in the way in the courier".into(),
         ));
     }
-    fs::rename(&part_path, &final_path).map_err(|err| other("cannot move into place", &err))?;
+    fs::rename(part_path, &final_path).map_err(|err| other("cannot move into place", &err))?;
     courier.renamed_in(parent_dir(&final_path));
     if e.size > RESUME_MIN {
-        let _ = fs::remove_file(&sidecar);
+        let _ = fs::remove_file(sidecar);
     }
     courier
         .append_log(&Carried::of(e))
         .map_err(|err| other("cannot record carried file", &err))?;
     Ok(())
+}
+
+/// Downloads a sparse file: only its data extents travel and are written
+/// at their offsets, so the courier copy keeps the holes; the SHA-256
+/// still covers the whole content (holes hash as zeros). Not resumed: an
+/// interrupted one starts over.
+fn download_sparse(
+    client: &Client,
+    src: &AreaUrl,
+    courier: &Courier,
+    e: &Entry,
+    wire: &AtomicU64,
+    shown: &AtomicU64,
+) -> std::result::Result<(), Fail> {
+    let other = |what: &str, err: &io::Error| {
+        if is_disk_full(err) {
+            Fail::DiskFull
+        } else {
+            Fail::Other(format!("{what}: {}", describe_io(err)))
+        }
+    };
+    let (part_path, sidecar) = courier.partial_paths(&e.name);
+    let (size, extents) = client
+        .extents(src, &e.name)
+        .map_err(|err| Fail::Other(err.to_string()))?;
+    if size != e.size {
+        return Err(Fail::Other(
+            "size changed at the source since the listing".into(),
+        ));
+    }
+    let part = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&part_path)
+        .map_err(|err| other("cannot open partial file", &err))?;
+    part.set_len(e.size)
+        .map_err(|err| other("cannot size partial file", &err))?;
+    let mut hasher = Hasher::new();
+    let mut pos = 0u64;
+    for (start, len) in extents {
+        if start < pos || len == 0 || start.checked_add(len).is_none_or(|end| end > size) {
+            discard(&part_path, &sidecar);
+            return Err(Fail::Other("the server sent a bad extent list".into()));
+        }
+        crate::digest::hash_zeros(&mut hasher, start - pos);
+        let mut dl = client
+            .get_range(src, &e.name, start, start + len - 1)
+            .map_err(|err| Fail::Other(err.to_string()))?;
+        let whole = dl.content_range == Some((start, start + len - 1, size));
+        if dl.status != 206 || !whole || dl.last_modified.is_some_and(|t| t != e.mtime) {
+            discard(&part_path, &sidecar);
+            return Err(Fail::Other(
+                "changed at the source since the listing; not kept".into(),
+            ));
+        }
+        (&part)
+            .seek(SeekFrom::Start(start))
+            .map_err(|err| other("cannot seek partial file", &err))?;
+        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, start));
+        let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
+            wire.fetch_add(n, Ordering::Relaxed);
+            shown.fetch_add(n, Ordering::Relaxed);
+        });
+        let flushed = out.flush();
+        drop(out);
+        match copied {
+            Ok(n) if n == len => flushed.map_err(|err| other("cannot write courier file", &err))?,
+            Ok(_) | Err(CopyError::Read(_)) => {
+                discard(&part_path, &sidecar);
+                return Err(Fail::Other("download cut short; rerun".into()));
+            }
+            Err(CopyError::Write(err)) => return Err(other("cannot write courier file", &err)),
+        }
+        pos = start + len;
+    }
+    crate::digest::hash_zeros(&mut hasher, size - pos);
+    let got = hasher.hex();
+    if e.sha256.as_deref() != Some(got.as_str()) {
+        discard(&part_path, &sidecar);
+        return Err(Fail::Other(format!(
+            "sha256 mismatch: got {got} (changed at the source?); not kept"
+        )));
+    }
+    finish(courier, e, part, &part_path, &sidecar)
 }
 
 /// Hashes the bytes already in a partial file (at most `size`); returns

@@ -20,6 +20,7 @@ mod protocol;
 mod ranges;
 mod scan;
 mod server;
+mod sparse;
 mod store;
 mod ui;
 

@@ -35,6 +35,10 @@ pub(crate) struct Entry {
     pub(crate) sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) linkdest: Option<String>,
+    /// Bytes the file takes on disk, listed only for a sparse file (fewer
+    /// than `size`): its holes are not carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) alloc: Option<u64>,
 }
 
 impl Entry {
@@ -116,6 +120,7 @@ struct AnyLine {
     skipped: Option<u64>,
     #[serde(default)]
     partials: Vec<PartialUpload>,
+    alloc: Option<u64>,
 }
 
 /// The header line of a DB file.
@@ -266,6 +271,7 @@ impl<R: BufRead> Reader<R> {
             mtime,
             sha256: line.sha256,
             linkdest: line.linkdest,
+            alloc: line.alloc.filter(|&a| a < size),
         }))
     }
 }
@@ -506,13 +512,18 @@ mod tests {
         )
             .prop_map(|(name, size, mode, mtime, sha256, linkdest)| {
                 let sha256 = if linkdest.is_some() { None } else { sha256 };
+                let size = size >> 16;
+                // Some files sparse: fewer bytes allocated than their size.
+                let alloc =
+                    (linkdest.is_none() && size % 3 == 0 && size > 4096).then_some(size / 2);
                 Entry {
                     name,
-                    size: size >> 16,
+                    size,
                     mode,
                     mtime,
                     sha256,
                     linkdest,
+                    alloc,
                 }
             })
     }

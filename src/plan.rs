@@ -185,6 +185,7 @@ mod tests {
             mtime: 1,
             sha256: Some(sha.to_string().repeat(64)),
             linkdest: None,
+            alloc: None,
         }
     }
 
@@ -196,6 +197,7 @@ mod tests {
             mtime: 1,
             sha256: None,
             linkdest: Some(to.into()),
+            alloc: None,
         }
     }
 

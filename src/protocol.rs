@@ -13,6 +13,9 @@ pub(crate) const HDR_MTIME: &str = "x-bitfog-mtime";
 /// `X-Bitfog-Sha256`; naming the PUT's own path changes only mode and
 /// mtime.
 pub(crate) const HDR_FROM: &str = "x-bitfog-from";
+/// A PUT body of data extents (a sparse file), and its logical size.
+pub(crate) const EXTENTS_TYPE: &str = "application/x-bitfog-extents";
+pub(crate) const HDR_SIZE: &str = "x-bitfog-size";
 /// How many bytes of a partial upload the server holds (answers to range
 /// uploads).
 pub(crate) const HDR_HAVE_HEADER: &str = "X-Bitfog-Have";

@@ -301,6 +301,7 @@ mod tests {
             mtime: 1,
             sha256: Some("a".repeat(64)),
             linkdest: None,
+            alloc: None,
         };
         let have = |n| PartialUpload {
             name: "f".into(),

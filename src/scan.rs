@@ -275,6 +275,7 @@ fn entry_for(
         mtime: meta.mtime,
         sha256: None,
         linkdest: None,
+        alloc: (meta.kind == Kind::File && meta.alloc < meta.size).then_some(meta.alloc),
     };
     match meta.kind {
         Kind::Symlink => {

@@ -330,7 +330,9 @@ fn handle(state: &State, req: &mut Request) -> Response {
         Err(why) => return Response::text(400, format!("refused path: {}", why.reason())),
     };
     let reserved = is_reserved(comps[comps.len() - 1]);
+    let query = req.target.split_once('?').map(|(_, q)| q);
     match method {
+        "GET" if !reserved && query == Some("extents") => extents(root, &comps),
         "GET" | "HEAD" if reserved => Response::text(404, "not found"),
         "GET" | "HEAD" => get_file(root, &comps, req),
         "PUT" | "DELETE" if !area.writable => not_allowed(allow),
@@ -688,7 +690,16 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
         dir.sync();
         return resp;
     }
-    let result = if let Some(from) = req.header(protocol::HDR_FROM) {
+    let sparse = req.header("content-type").is_some_and(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(protocol::EXTENTS_TYPE)
+    });
+    let result = if sparse {
+        put_sparse(&dir, last(comps), req)
+    } else if let Some(from) = req.header(protocol::HDR_FROM) {
         let from = from.to_string();
         put_copy(root, comps, &dir, &from, req)
     } else if is_link {
@@ -827,6 +838,106 @@ fn put_copy(
     }
     apply_meta(file).map_err(write_error)?;
     temp.persist(last(comps)).map_err(write_error)
+}
+
+/// `PUT` of a sparse file: the body is its data extents, each framed as
+/// START and LEN (8 bytes each, big-endian) then LEN bytes, in order;
+/// `X-Bitfog-Size` gives the whole size and `X-Bitfog-Sha256` (required)
+/// the whole content's hash, holes counted as zeros. The extents are
+/// written at their offsets of a temporary file, so the holes stay holes,
+/// and it is renamed into place only if the hash matches.
+fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<(), Response> {
+    let Some(want) = req
+        .header(protocol::HDR_SHA256)
+        .map(str::to_ascii_lowercase)
+        .filter(|h| is_sha256_hex(h))
+    else {
+        return Err(Response::text(400, "a sparse upload needs X-Bitfog-Sha256"));
+    };
+    let size: u64 = header_num(req, protocol::HDR_SIZE)?
+        .ok_or_else(|| Response::text(400, "a sparse upload needs X-Bitfog-Size"))?;
+    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
+    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
+    let mut body_left = req.content_length();
+    let temp = TempFile::create(dir).map_err(write_error)?;
+    let file = temp.file.as_ref().expect("fresh temp file");
+    file.set_len(size).map_err(write_error)?;
+    let mut hasher = Hasher::new();
+    let mut pos = 0u64;
+    let cut = || Response::text(400, "request body cut short");
+    while body_left > 0 {
+        let mut frame = [0u8; 16];
+        if body_left < 16 {
+            return Err(Response::text(400, "bad extent frame"));
+        }
+        req.body.read_exact(&mut frame).map_err(|_| cut())?;
+        body_left -= 16;
+        let start = u64::from_be_bytes(frame[..8].try_into().expect("8 bytes"));
+        let len = u64::from_be_bytes(frame[8..].try_into().expect("8 bytes"));
+        let fits =
+            start >= pos && len <= body_left && start.checked_add(len).is_some_and(|e| e <= size);
+        if !fits {
+            return Err(Response::text(
+                400,
+                "extents out of order or outside the file",
+            ));
+        }
+        crate::digest::hash_zeros(&mut hasher, start - pos);
+        (&*file)
+            .seek(io::SeekFrom::Start(start))
+            .map_err(write_error)?;
+        match copy_hashing(
+            &mut req.body,
+            &mut Writeback::new(file, start),
+            &mut hasher,
+            len,
+            |_| {},
+        ) {
+            Ok(n) if n == len => {}
+            Ok(_) | Err(CopyError::Read(_)) => return Err(cut()),
+            Err(CopyError::Write(e)) => return Err(write_error(e)),
+        }
+        body_left -= len;
+        pos = start + len;
+    }
+    crate::digest::hash_zeros(&mut hasher, size - pos);
+    let got = hasher.hex();
+    if got != want {
+        return Err(Response::text(
+            422,
+            format!("sha256 mismatch: body has {got}, header says {want}"),
+        ));
+    }
+    file.set_permissions(fs::Permissions::from_mode(
+        mode.map_or(0o644, |m| m & 0o777),
+    ))
+    .map_err(write_error)?;
+    if let Some(t) = mtime {
+        file.set_modified(epoch_plus(t)).map_err(write_error)?;
+    }
+    file.sync_all().map_err(write_error)?;
+    temp.persist(name).map_err(write_error)
+}
+
+/// `GET /AREA/PATH?extents`: where a file's data is,
+/// `{"size":N,"extents":[[START,LEN],...]}` (see `sparse`); the rest
+/// reads as zeros.
+fn extents(root: &Root, comps: &[&[u8]]) -> Response {
+    let dir = match parent_dir(root, comps, false) {
+        Ok(d) => d,
+        Err(resp) => return resp,
+    };
+    let Ok(file) = dir.open_read(last(comps)) else {
+        return Response::text(404, "not found");
+    };
+    let size = match file.metadata() {
+        Ok(m) if m.is_file() => m.len(),
+        _ => return Response::text(404, "not a regular file"),
+    };
+    let list = crate::sparse::data_extents(&file, size);
+    let body = serde_json::json!({ "size": size, "extents": list });
+    Response::new(200, Body::Bytes(format!("{body}\n").into_bytes()))
+        .with("Content-Type", "application/json")
 }
 
 /// Partial uploads live in the target's directory under reserved names

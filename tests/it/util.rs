@@ -461,6 +461,7 @@ pub fn assert_serving(addr: SocketAddr) {
 pub struct Relay {
     pub addr: SocketAddr,
     pub down_bytes: Arc<AtomicU64>,
+    pub up_bytes: Arc<AtomicU64>,
     pub cut_after: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
@@ -471,9 +472,15 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let down_bytes = Arc::new(AtomicU64::new(0));
+        let up_bytes = Arc::new(AtomicU64::new(0));
         let cut_after = Arc::new(AtomicU64::new(u64::MAX));
         let stop = Arc::new(AtomicBool::new(false));
-        let (db, cut, st) = (down_bytes.clone(), cut_after.clone(), stop.clone());
+        let (db, ub, cut, st) = (
+            down_bytes.clone(),
+            up_bytes.clone(),
+            cut_after.clone(),
+            stop.clone(),
+        );
         thread::spawn(move || {
             for client in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
@@ -484,7 +491,8 @@ impl Relay {
                     continue;
                 };
                 let (c2, u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-                thread::spawn(move || pump(c2, u2, None, Duration::ZERO, None));
+                let ub = ub.clone();
+                thread::spawn(move || pump(c2, u2, Some(ub), Duration::ZERO, None));
                 let (db, cut) = (db.clone(), cut.clone());
                 thread::spawn(move || pump(upstream, client, Some(db), delay, Some(cut)));
             }
@@ -492,6 +500,7 @@ impl Relay {
         Relay {
             addr,
             down_bytes,
+            up_bytes,
             cut_after,
             stop,
         }
@@ -535,6 +544,8 @@ fn pump(
             c.fetch_add(n as u64, Ordering::SeqCst);
         } else if to.write_all(&buf[..n]).is_err() {
             break;
+        } else if let Some(c) = &count {
+            c.fetch_add(n as u64, Ordering::SeqCst);
         }
         if !delay.is_zero() {
             thread::sleep(delay);

@@ -1,0 +1,170 @@
+//! Sparse files: only their data extents travel, holes stay holes.
+//!
+//! The listing gives a sparse file's allocated bytes (`alloc`); `fetch`
+//! asks the server where the data is (`GET PATH?extents`) and downloads
+//! only that, writing each extent at its offset; `store` sends only the
+//! extents in one framed body (`application/x-bitfog-extents`) and the
+//! server writes them at their offsets. The SHA-256 still covers the whole
+//! content: holes are hashed as zeros.
+
+use crate::digest::{Hasher, hash_zeros};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+/// More data extents than this are described as one.
+const MAX_EXTENTS: usize = 65536;
+
+/// Where `file`'s data is, as `(start, len)` in order, from SEEK_DATA and
+/// SEEK_HOLE. A filesystem that cannot tell (or a file with very many
+/// extents) gives one extent covering everything.
+pub(crate) fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let whole = || {
+        if size > 0 {
+            vec![(0, size)]
+        } else {
+            Vec::new()
+        }
+    };
+    let mut list = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor the borrow keeps open.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                return whole();
+            }
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return whole();
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(size));
+        if hole <= pos || data >= size {
+            break;
+        }
+        list.push((data, hole - data));
+        if list.len() > MAX_EXTENTS {
+            return whole();
+        }
+        pos = hole;
+    }
+    list
+}
+
+/// The bytes a framed extent body takes.
+pub(crate) fn body_len(extents: &[(u64, u64)]) -> u64 {
+    extents.iter().map(|(_, len)| 16 + len).sum()
+}
+
+/// Reads a file's extents as a framed body (START and LEN, 8 bytes each,
+/// big-endian, then the bytes), hashing the whole content on the way:
+/// holes as zeros. `hashed` ends as (hash, logical bytes covered).
+pub(crate) struct ExtentBody {
+    file: File,
+    extents: Vec<(u64, u64)>,
+    next: usize,
+    /// Within the current extent: header bytes sent, data bytes sent.
+    head_sent: usize,
+    data_sent: u64,
+    pub(crate) hashed: Arc<Mutex<(Hasher, u64)>>,
+}
+
+impl ExtentBody {
+    pub(crate) fn new(file: File, extents: Vec<(u64, u64)>) -> ExtentBody {
+        ExtentBody {
+            file,
+            extents,
+            next: 0,
+            head_sent: 0,
+            data_sent: 0,
+            hashed: Arc::new(Mutex::new((Hasher::new(), 0))),
+        }
+    }
+}
+
+impl Read for ExtentBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(&(start, len)) = self.extents.get(self.next) else {
+            return Ok(0);
+        };
+        if self.head_sent < 16 {
+            let mut head = [0u8; 16];
+            head[..8].copy_from_slice(&start.to_be_bytes());
+            head[8..].copy_from_slice(&len.to_be_bytes());
+            let n = (16 - self.head_sent).min(buf.len());
+            buf[..n].copy_from_slice(&head[self.head_sent..self.head_sent + n]);
+            self.head_sent += n;
+            if self.head_sent == 16 {
+                let mut h = self.hashed.lock().expect("hasher");
+                let gap = start - h.1;
+                hash_zeros(&mut h.0, gap);
+                h.1 = start;
+            }
+            return Ok(n);
+        }
+        let want = ((len - self.data_sent) as usize).min(buf.len());
+        let n = self
+            .file
+            .read_at(&mut buf[..want], start + self.data_sent)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "courier file shrank while it was sent",
+            ));
+        }
+        {
+            let mut h = self.hashed.lock().expect("hasher");
+            h.0.update(&buf[..n]);
+            h.1 += n as u64;
+        }
+        self.data_sent += n as u64;
+        if self.data_sent == len {
+            self.next += 1;
+            self.head_sent = 0;
+            self.data_sent = 0;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn finds_data_and_frames_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let f = File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_at(&[7u8; 5000], 1 << 20).unwrap();
+        f.write_at(&[9u8; 100], (6 << 20) + 3).unwrap();
+        (&f).flush().unwrap();
+        let f = File::open(&path).unwrap();
+        let ext = data_extents(&f, 8 << 20);
+        // Filesystems round extents to blocks; the data must be inside.
+        assert!(!ext.is_empty());
+        assert!(
+            ext.iter()
+                .any(|&(s, l)| s <= 1 << 20 && s + l >= (1 << 20) + 5000)
+        );
+        assert!(ext.iter().map(|e| e.1).sum::<u64>() < 8 << 20 || ext == [(0, 8 << 20)]);
+        let mut body = ExtentBody::new(File::open(&path).unwrap(), ext.clone());
+        let hashed = Arc::clone(&body.hashed);
+        let mut out = Vec::new();
+        body.read_to_end(&mut out).unwrap();
+        assert_eq!(out.len() as u64, body_len(&ext));
+        let (mut h, at) = std::mem::take(&mut *hashed.lock().unwrap());
+        hash_zeros(&mut h, (8 << 20) - at);
+        let whole = std::fs::read(&path).unwrap();
+        assert_eq!(h.hex(), crate::digest::hash_reader(&whole[..]).unwrap().0);
+    }
+}
