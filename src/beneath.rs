@@ -270,6 +270,39 @@ impl Dir {
         )?))
     }
 
+    /// This directory's own permission bits and mtime.
+    pub(crate) fn own_meta(&self) -> io::Result<(u32, i64)> {
+        // SAFETY: zeroed stat is a valid out-buffer for fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a descriptor we own and a valid out-buffer.
+        check(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
+        Ok((st.st_mode & 0o7777, st.st_mtime))
+    }
+
+    /// Sets this directory's own permission bits and mtime.
+    pub(crate) fn set_own_meta(&self, mode: Option<u32>, mtime: Option<i64>) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        if let Some(m) = mode {
+            // SAFETY: a descriptor we own.
+            check(unsafe { libc::fchmod(fd, (m & 0o777) as libc::mode_t) })?;
+        }
+        if let Some(t) = mtime {
+            let times = [
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                libc::timespec {
+                    tv_sec: t as libc::time_t,
+                    tv_nsec: 0,
+                },
+            ];
+            // SAFETY: a descriptor we own and two valid timespecs.
+            check(unsafe { libc::futimens(fd, times.as_ptr()) })?;
+        }
+        Ok(())
+    }
+
     /// What `name` is, without following it; `None` when absent.
     pub(crate) fn kind(&self, name: &[u8]) -> io::Result<Option<Kind>> {
         Ok(self.stat(name)?.map(|m| m.kind))

@@ -304,6 +304,27 @@ impl Client {
         Ok(outcome(resp))
     }
 
+    /// Makes an empty directory with its mode and mtime. The hash header
+    /// cannot match the empty body, so a server that does not know the
+    /// content type refuses (422) instead of making an empty file.
+    pub(crate) fn put_dir(
+        &self,
+        area: &AreaUrl,
+        d: &crate::manifest::EmptyDir,
+    ) -> Result<std::result::Result<(), Refused>> {
+        const NOT_EMPTY: &str = "4ee6f18ee3e8a3c4cd5e3e6e4f1a6b7d1b3bbbe5b8e2a5ddcc2d6b57c3b4c1e9";
+        let url = area.file(&d.name);
+        let resp = self
+            .auth(self.agent.put(&url))
+            .header("Content-Type", protocol::DIRECTORY_TYPE)
+            .header(protocol::HDR_SHA256, NOT_EMPTY)
+            .header(protocol::HDR_MODE, (d.mode & 0o777).to_string())
+            .header(protocol::HDR_MTIME, d.mtime.to_string())
+            .send(&[][..])
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+
     /// PUTs a symlink.
     pub(crate) fn put_symlink(
         &self,

@@ -26,6 +26,7 @@ pub(crate) fn builddb(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path) -> Res
         .end()
         .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0));
     let skipped = end.skipped;
+    out.dirs = end.dirs;
     let (files, bytes) = out.commit_with(skipped, end.partials)?;
     if skipped > 0 {
         ui.error(format!(

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 /// The longest JSON line accepted (a 4 KiB name and a 4 KiB link target,
 /// both fully escaped, fit with room to spare).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
+/// The end record may be longer, up to this.
+pub(crate) const MAX_END_LINE: usize = 16 << 20;
 /// Consecutive empty lines accepted: a server sends one every 10 s while it
 /// hashes, so this is more than a day of hashing, and a flood of them ends
 /// at once instead of never.
@@ -76,6 +78,18 @@ pub(crate) struct End {
     /// (see `PUT` with `Content-Range`). Not counted in `count`/`bytes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) partials: Vec<PartialUpload>,
+    /// Empty directories (directories with anything in them are implied
+    /// by their entries), in name order. Not counted in `count`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) dirs: Vec<EmptyDir>,
+}
+
+/// An empty directory of an area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EmptyDir {
+    pub(crate) name: String,
+    pub(crate) mode: u32,
+    pub(crate) mtime: i64,
 }
 
 /// A file bigger than a trip, arriving range by range: `have` bytes of
@@ -101,6 +115,7 @@ impl End {
             bytes,
             skipped,
             partials: Vec::new(),
+            dirs: Vec::new(),
         }
     }
 }
@@ -120,6 +135,8 @@ struct AnyLine {
     skipped: Option<u64>,
     #[serde(default)]
     partials: Vec<PartialUpload>,
+    #[serde(default)]
+    dirs: Vec<EmptyDir>,
     alloc: Option<u64>,
 }
 
@@ -173,12 +190,15 @@ impl<R: BufRead> Reader<R> {
         loop {
             self.buf.clear();
             self.line_no += 1;
-            let n = read_line_capped(&mut self.input, &mut self.buf, MAX_LINE)
+            let n = read_line_capped(&mut self.input, &mut self.buf, MAX_END_LINE)
                 .map_err(|e| Error::io(&self.origin, &e))?;
             if n == 0 {
                 return Ok(false);
             }
-            if self.buf.len() > MAX_LINE {
+            // Only the end record may be longer (it lists empty
+            // directories and partial uploads).
+            let long = self.buf.len() > MAX_LINE;
+            if self.buf.len() > MAX_END_LINE || (long && !self.buf.starts_with(b"{\"end\":true")) {
                 return Err(self.bad(format!("line longer than {MAX_LINE} bytes")));
             }
             while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
@@ -237,6 +257,7 @@ impl<R: BufRead> Reader<R> {
             }
             let mut end = End::new(count, bytes, line.skipped.unwrap_or(0));
             end.partials = line.partials;
+            end.dirs = line.dirs;
             self.end = Some(end);
             return Ok(None);
         }
@@ -326,7 +347,7 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
-    let from = len.saturating_sub(MAX_LINE as u64 + 2);
+    let from = len.saturating_sub(MAX_END_LINE as u64 + 2);
     f.seek(SeekFrom::Start(from)).ok()?;
     let mut tail = Vec::new();
     f.read_to_end(&mut tail).ok()?;
@@ -338,6 +359,7 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     }
     let mut end = End::new(line.count?, line.bytes?, line.skipped.unwrap_or(0));
     end.partials = line.partials;
+    end.dirs = line.dirs;
     Some(end)
 }
 
@@ -354,6 +376,8 @@ pub(crate) struct DbWriter {
     out: Option<BufWriter<File>>,
     count: u64,
     bytes: u64,
+    /// Empty directories for the end record.
+    pub(crate) dirs: Vec<EmptyDir>,
 }
 
 impl DbWriter {
@@ -374,6 +398,7 @@ impl DbWriter {
             out: Some(BufWriter::new(file)),
             count: 0,
             bytes: 0,
+            dirs: Vec::new(),
         };
         let header = Header {
             bitfog: VERSION,
@@ -412,6 +437,7 @@ impl DbWriter {
     ) -> Result<(u64, u64)> {
         let mut end = End::new(self.count, self.bytes, skipped);
         end.partials = partials;
+        end.dirs = std::mem::take(&mut self.dirs);
         self.line(&end)?;
         let out = self.out.take().expect("commit twice");
         let what = format!("'{}'", self.tmp.display());
@@ -526,6 +552,30 @@ mod tests {
                     alloc,
                 }
             })
+    }
+
+    #[test]
+    fn only_the_end_record_may_be_long() {
+        let dirs: Vec<String> = (0..5000)
+            .map(|i| format!("{{\"name\":\"dir/number-{i:06}\",\"mode\":493,\"mtime\":1}}"))
+            .collect();
+        let end = format!(
+            "{{\"end\":true,\"count\":0,\"bytes\":0,\"dirs\":[{}]}}\n",
+            dirs.join(",")
+        );
+        assert!(end.len() > MAX_LINE);
+        let text = format!("{{\"bitfog\":1,\"source\":null,\"created\":\"x\"}}\n{end}");
+        let mut r = Reader::new(text.as_bytes(), "t");
+        r.header().unwrap();
+        assert!(r.next_entry().unwrap().is_none());
+        assert_eq!(r.end().unwrap().dirs.len(), 5000);
+        let long_entry = format!(
+            "{{\"bitfog\":1,\"source\":null,\"created\":\"x\"}}\n{{\"name\":\"{}\",\"size\":1,\"mode\":1,\"mtime\":1}}\n",
+            "x".repeat(MAX_LINE)
+        );
+        let mut r = Reader::new(long_entry.as_bytes(), "t");
+        r.header().unwrap();
+        assert!(r.next_entry().is_err());
     }
 
     proptest! {

@@ -13,6 +13,8 @@ pub(crate) const HDR_MTIME: &str = "x-bitfog-mtime";
 /// `X-Bitfog-Sha256`; naming the PUT's own path changes only mode and
 /// mtime.
 pub(crate) const HDR_FROM: &str = "x-bitfog-from";
+/// A PUT that makes a directory.
+pub(crate) const DIRECTORY_TYPE: &str = "application/x-bitfog-directory";
 /// A PUT body of data extents (a sparse file), and its logical size.
 pub(crate) const EXTENTS_TYPE: &str = "application/x-bitfog-extents";
 pub(crate) const HDR_SIZE: &str = "x-bitfog-size";

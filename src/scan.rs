@@ -21,6 +21,8 @@ pub(crate) enum Item {
     Entry(Entry),
     /// A file arriving range by range (its record, with the full name).
     Partial(crate::manifest::PartialUpload),
+    /// A directory with nothing in it.
+    EmptyDir(crate::manifest::EmptyDir),
     /// Left out of the listing (not UTF-8, unreadable, vanished): the
     /// reason, for the log; counted in the end record's `skipped`.
     Skipped(String),
@@ -64,6 +66,8 @@ pub(crate) fn scan(
     let mut lookup = cache.filter(|_| checksum).map(|c| c.reader());
     let mut update = cache.filter(|_| checksum).and_then(|c| c.writer());
     let mut batch = Batch::default();
+    // The last directory seen, until the walk shows whether it has a child.
+    let mut open_dir: Option<PathBuf> = None;
     for dent in walker(root.path()) {
         let dent = match dent {
             Ok(d) => d,
@@ -74,7 +78,18 @@ pub(crate) fn scan(
                 continue;
             }
         };
+        if let Some(d) = open_dir.take() {
+            let path = dent.path();
+            if path == d || !path.starts_with(&d) {
+                if let Some(e) = empty_dir(root, &d) {
+                    batch.push(Found::Ready(Item::EmptyDir(e)));
+                }
+            }
+        }
         let ft = dent.file_type();
+        if dent.depth() > 0 && ft.is_dir() && !is_reserved(dent.file_name().as_bytes()) {
+            open_dir = Some(dent.path());
+        }
         if dent.depth() == 0 || ft.is_dir() || !(ft.is_file() || ft.is_symlink()) {
             continue;
         }
@@ -93,6 +108,9 @@ pub(crate) fn scan(
         if batch.full() && !batch.flush(&mut update, &mut emit) {
             return;
         }
+    }
+    if let Some(e) = open_dir.and_then(|d| empty_dir(root, &d)) {
+        batch.push(Found::Ready(Item::EmptyDir(e)));
     }
     if !batch.flush(&mut update, &mut emit) {
         return;
@@ -208,6 +226,16 @@ fn hash_all(items: &[Found]) -> Vec<Result<String, String>> {
                 .unwrap_or_else(|| Err("not hashed".into()))
         })
         .collect()
+}
+
+/// An empty directory's name (relative, UTF-8), mode and mtime, read
+/// beneath the root.
+fn empty_dir(root: &Root, path: &Path) -> Option<crate::manifest::EmptyDir> {
+    let rel = path.strip_prefix(root.path()).ok()?;
+    let name = rel.to_str()?.to_string();
+    let comps: Vec<&[u8]> = rel.iter().map(|c| c.as_bytes()).collect();
+    let (mode, mtime) = root.dir(&comps, false).ok()?.own_meta().ok()?;
+    Some(crate::manifest::EmptyDir { name, mode, mtime })
 }
 
 /// The record of a partial upload (`.bitfog-part-*.json`, written by the

@@ -58,6 +58,9 @@ const LISTING_KEEPALIVE: Duration = Duration::from_secs(10);
 /// Partial uploads named in a listing's end record, so the line stays
 /// under the 64 KiB clients accept.
 const MAX_PARTIALS_LISTED: usize = 200;
+/// Empty directories named in a listing's end record (a line of a few MB
+/// at most; clients accept end records up to 16 MiB).
+const MAX_DIRS_LISTED: usize = 100_000;
 /// Listing lines are handed to the writer in chunks of about this size...
 const LISTING_CHUNK: usize = 64 << 10;
 /// ...or after this long, whichever comes first.
@@ -390,6 +393,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
             let mut partials = Vec::new();
+            let mut dirs = Vec::new();
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
             let mut since = Instant::now();
             let mut open = true;
@@ -413,6 +417,8 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
                     // Kept for the end record, within its line limit.
                     Item::Partial(p) if partials.len() < MAX_PARTIALS_LISTED => partials.push(p),
                     Item::Partial(_) => {}
+                    Item::EmptyDir(d) if dirs.len() < MAX_DIRS_LISTED => dirs.push(d),
+                    Item::EmptyDir(_) => {}
                 }
                 if chunk.len() >= LISTING_CHUNK
                     || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
@@ -425,6 +431,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
             if open {
                 let mut end = End::new(count, bytes, skipped);
                 end.partials = partials;
+                end.dirs = dirs;
                 let _ = serde_json::to_writer(&mut chunk, &end);
                 chunk.push(b'\n');
                 let _ = tx.send(chunk);
@@ -667,6 +674,15 @@ fn remove_stale_temps(state: &State) {
 fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
     if req.header("content-length").is_none() {
         return Response::text(411, "PUT needs Content-Length");
+    }
+    if req.header("content-type").is_some_and(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(protocol::DIRECTORY_TYPE)
+    }) {
+        return put_dir(root, comps, req);
     }
     let dir = match parent_dir(root, comps, true) {
         Ok(d) => d,
@@ -917,6 +933,43 @@ fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<
     }
     file.sync_all().map_err(write_error)?;
     temp.persist(name).map_err(write_error)
+}
+
+/// `PUT` with `Content-Type: application/x-bitfog-directory` and an empty
+/// body: makes the directory (and its parents) and sets its mode and
+/// mtime. A file in the way is 409. (Clients send an `X-Bitfog-Sha256`
+/// the empty body cannot match, so an older server refuses with 422
+/// instead of making an empty file.)
+fn put_dir(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
+    if req.content_length() != 0 {
+        return Response::text(400, "a directory PUT has no body");
+    }
+    let (mode, mtime) = match (
+        header_num::<u32>(req, protocol::HDR_MODE),
+        header_num::<i64>(req, protocol::HDR_MTIME),
+    ) {
+        (Ok(m), Ok(t)) => (m, t),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let dir = match root.dir(comps, true) {
+        Ok(d) => d,
+        Err(e) => {
+            return match e.raw_os_error() {
+                Some(libc::ENOTDIR | libc::EEXIST) => Response::text(409, "a file is in the way"),
+                Some(libc::ELOOP | libc::EXDEV) => {
+                    Response::text(400, "refused path: symlink in a directory component")
+                }
+                _ => write_error(e),
+            };
+        }
+    };
+    match dir.set_own_meta(mode, mtime) {
+        Ok(()) => {
+            dir.sync();
+            Response::new(204, Body::Empty)
+        }
+        Err(e) => write_error(e),
+    }
 }
 
 /// `GET /AREA/PATH?extents`: where a file's data is,

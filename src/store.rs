@@ -68,6 +68,8 @@ struct StoreSummary {
     updated_files: u64,
     /// Files bigger than a trip that got ranges but are not complete yet.
     partial_files: u64,
+    /// Empty directories made at the destination.
+    dirs_made: u64,
     /// Files SRCDB has that neither the destination nor the courier holds.
     missing_files: u64,
     missing_bytes: u64,
@@ -469,6 +471,39 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     );
     progress.finish();
     let mut sum = results.into_inner().expect("summary");
+    // 5. Empty directories, last, so their mtime stays as SRCDB has it.
+    let dest_end = listing
+        .end()
+        .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0));
+    let mut made = Vec::new();
+    for d in src.end().map(|e| e.dirs).unwrap_or_default() {
+        let there = dest_end
+            .dirs
+            .iter()
+            .any(|x| x.name == d.name && x.mode & 0o777 == d.mode & 0o777 && x.mtime == d.mtime);
+        if there {
+            continue;
+        }
+        if let Err(why) = check_carried_name(&d.name) {
+            ui.error(format!("refusing directory '{}': {}", d.name, why.reason()));
+            sum.failed_files += 1;
+            continue;
+        }
+        match client.put_dir(&opts.dest, &d) {
+            Ok(Ok(())) => {
+                sum.dirs_made += 1;
+                made.push(d);
+            }
+            Ok(Err(r)) => {
+                ui.error(format!("directory '{}': {}", d.name, r.reason));
+                sum.failed_files += 1;
+            }
+            Err(e) => {
+                ui.error(format!("directory '{}': {e}", d.name));
+                sum.failed_files += 1;
+            }
+        }
+    }
     let receipt = receipt.expect("a receipt unless dry run");
     if unsure.into_inner() {
         ui.error("no receipt is left in the courier: an upload's outcome is unknown; run builddb at the destination");
@@ -478,12 +513,13 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         &courier,
         &opts.dest,
         receipt,
-        &failed_names.into_inner().expect("names"),
-        &deleted_names.into_inner().expect("names"),
-        listing
-            .end()
-            .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0)),
-        progress_of.into_inner().expect("progress"),
+        dest_end,
+        Outcomes {
+            failed: failed_names.into_inner().expect("names"),
+            deleted: deleted_names.into_inner().expect("names"),
+            progress: progress_of.into_inner().expect("progress"),
+            made,
+        },
     ) {
         ui.error(format!("cannot leave the receipt in the courier: {e}"));
         sum.failed_files += 1;
@@ -516,17 +552,39 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     })
 }
 
+/// What a run did, for the receipt: names whose upload, link, copy or
+/// ranges did not complete, names deleted, how far each file sent as
+/// ranges got, and the empty directories made.
+struct Outcomes {
+    failed: HashSet<String>,
+    deleted: HashSet<String>,
+    progress: HashMap<String, (Entry, u64)>,
+    made: Vec<crate::manifest::EmptyDir>,
+}
+
 /// Writes `COURIER/.bitfog/receipt.jsonl`: the destination's manifest
 /// after this run, from its listing at the start and what each action did.
 fn write_receipt(
     courier: &Courier,
     dest: &AreaUrl,
     mut lines: Spool<ReceiptLine>,
-    failed: &HashSet<String>,
-    deleted: &HashSet<String>,
     listed: crate::manifest::End,
-    progress: HashMap<String, (Entry, u64)>,
+    outcomes: Outcomes,
 ) -> Result<()> {
+    let Outcomes {
+        failed,
+        deleted,
+        progress,
+        made,
+    } = outcomes;
+    // Empty directories: those listed and those made, less any that an
+    // entry of the receipt now sits in.
+    let mut dirs: std::collections::BTreeMap<String, crate::manifest::EmptyDir> = listed
+        .dirs
+        .iter()
+        .chain(&made)
+        .map(|d| (d.name.clone(), d.clone()))
+        .collect();
     // The destination's partial uploads, as this run left them.
     let mut partials: Vec<crate::manifest::PartialUpload> = listed
         .partials
@@ -563,9 +621,17 @@ fn write_receipt(
             Some(line.e)
         };
         if let Some(e) = e {
+            let mut at = e.name.as_str();
+            while let Some((parent, _)) = at.rsplit_once('/') {
+                dirs.remove(parent);
+                at = parent;
+            }
             out.entry(&e)?;
         }
     }
+    let mut dirs: Vec<_> = dirs.into_values().collect();
+    dirs.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
+    out.dirs = dirs;
     out.commit_with(listed.skipped, partials)?;
     Ok(())
 }

@@ -721,3 +721,65 @@ fn sparse_images_travel_without_their_holes() {
     assert!(s.stderr.contains("damaged"), "{s}");
     assert!(!dst.join("vm.img").exists());
 }
+
+#[test]
+fn empty_directories_are_listed_in_the_end_record_and_recreated() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "full/file", b"x");
+    fs::create_dir_all(src.join("a/b/c")).unwrap();
+    fs::create_dir_all(src.join("empty")).unwrap();
+    chmod(&src, "empty", 0o750);
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
+    fs::File::open(src.join("empty"))
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let courier = t.s("courier");
+
+    // Entries stay files and symlinks; the end record names empty dirs.
+    let listing = get(server.addr, "/src/");
+    let text = String::from_utf8(listing.body).unwrap();
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("{\"name\"")).count(),
+        1,
+        "{text}"
+    );
+    let end: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let names: Vec<&str> = end["dirs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a/b/c", "empty"], "{text}");
+    assert_eq!(end["count"], 1);
+
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let b = bitfog(&["builddb", &su, &t.s("src.db"), "--json"]).ok();
+    assert_eq!(b.num("files"), 1);
+    assert!(
+        fs::read_to_string(t.path("src.db"))
+            .unwrap()
+            .contains("\"dirs\":[{\"name\":\"a/b/c\"")
+    );
+    bitfog(&["fetch", &t.s("dest.db"), &su, &courier]).ok();
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
+    assert_eq!(s.num("dirs_made"), 2, "{s}");
+    assert!(dst.join("a/b/c").is_dir());
+    let m = fs::metadata(dst.join("empty")).unwrap();
+    assert_eq!(
+        (m.permissions().mode() & 0o777, m.modified().unwrap()),
+        (0o750, when)
+    );
+    let receipt = fs::read_to_string(t.path("courier/.bitfog/receipt.jsonl")).unwrap();
+    assert!(
+        receipt.contains("\"dirs\":[{\"name\":\"a/b/c\""),
+        "{receipt}"
+    );
+    // Done once.
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
+    assert_eq!(s.num("dirs_made"), 0, "{s}");
+}
