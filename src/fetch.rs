@@ -90,7 +90,7 @@ struct PlanSummary {
     symlinks: u64,
     refused_files: u64,
     /// With --max-bytes: trips of that size the rest needs, and the files
-    /// bigger than one trip (not counted in `trips`).
+    /// bigger than one trip (they travel in ranges; counted in `trips`).
     #[serde(skip_serializing_if = "Option::is_none")]
     trips: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,7 +163,7 @@ pub(crate) fn plan(
         ));
         if too_big > 0 {
             human.push_str(&format!(
-                "{} bigger than one trip cannot be carried whole\n",
+                "{} bigger than one trip travels in ranges\n",
                 files_bytes(too_big, too_big_bytes)
             ));
         }
@@ -346,11 +346,13 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     });
     // Files under way get the budget first, a range each.
     let mut avail = budget.min(room);
+    // No range smaller than 1 MiB starts, unless a whole trip is smaller.
+    let min_range = ranges::MIN_RANGE.min(avail);
     let mut planned: Vec<(Entry, u64, u64)> = Vec::new();
     for f in &range_files {
         let start = ranges::next_start(f, dest_partials.get(&f.name), &kept_recs);
         let len = (f.size - start).min(avail);
-        if len > 0 && (len == f.size - start || len >= ranges::MIN_RANGE) {
+        if len > 0 && (len == f.size - start || len >= min_range) {
             planned.push((f.clone(), start, len));
             avail -= len;
         }
@@ -388,7 +390,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // What is left of the budget starts the largest file that does not
     // fit whole: a file bigger than the courier arrives over several trips.
     let left = avail - total_bytes;
-    if left >= ranges::MIN_RANGE {
+    if left >= min_range && left > 0 {
         let is_taken: std::collections::HashSet<usize> = taken.iter().copied().collect();
         let mut order: Vec<usize> = (0..sizes.len()).filter(|i| !is_taken.contains(i)).collect();
         order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]));

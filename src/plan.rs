@@ -141,9 +141,19 @@ pub(crate) fn fit_largest_first(
 
 /// How many trips of `budget` bytes carry files of `sizes`, each trip
 /// filled as `fetch` fills it (largest first, then whatever still fits).
-/// Files bigger than the budget never fit; they are counted apart.
-/// Returns (trips, files that never fit, their bytes).
+/// Files bigger than the budget travel in ranges: they take the room the
+/// others leave, then whole trips. Returns (trips, files bigger than one
+/// trip, their bytes).
 pub(crate) fn trips(sizes: &[u64], budget: u64) -> (u64, u64, u64) {
+    let (fit_trips, too_big, too_big_bytes) = whole_trips(sizes, budget);
+    let fit_bytes: u64 = sizes.iter().filter(|&&s| s <= budget).sum();
+    let spare = (fit_trips * budget).saturating_sub(fit_bytes);
+    let extra = too_big_bytes.saturating_sub(spare).div_ceil(budget.max(1));
+    (fit_trips + extra, too_big, too_big_bytes)
+}
+
+/// `trips` for the files that fit whole, counting the others apart.
+fn whole_trips(sizes: &[u64], budget: u64) -> (u64, u64, u64) {
     use std::collections::BTreeMap;
     let mut left_over = BTreeMap::<u64, u64>::new();
     let (mut unfit, mut unfit_bytes) = (0, 0);
@@ -269,7 +279,10 @@ mod tests {
         assert_eq!(trips(&[], 10), (0, 0, 0));
         assert_eq!(trips(&[10, 10, 10], 10), (3, 0, 0));
         assert_eq!(trips(&[6, 5, 4, 3, 2], 10), (2, 0, 0));
-        assert_eq!(trips(&[0, 0, 11, 3], 10), (1, 1, 11));
+        assert_eq!(whole_trips(&[0, 0, 11, 3], 10), (1, 1, 11));
+        // 3 of the first trip's room goes to ranges of the 11; 8 are left.
+        assert_eq!(trips(&[0, 0, 11, 3], 10), (2, 1, 11));
+        assert_eq!(trips(&[100], 30), (4, 1, 100));
     }
 
     proptest! {
@@ -288,7 +301,7 @@ mod tests {
                 }
                 rest = rest.iter().zip(keep).filter(|(_, k)| *k).map(|(s, _)| *s).collect();
             }
-            let (n, unfit, _) = trips(&sizes, budget);
+            let (n, unfit, _) = whole_trips(&sizes, budget);
             prop_assert_eq!(n, expect);
             prop_assert_eq!(unfit as usize, sizes.iter().filter(|&&s| s > budget).count());
             let total: u64 = sizes.iter().filter(|&&s| s <= budget).sum();

@@ -124,6 +124,7 @@ pub(crate) fn scan(
 enum Found {
     Ready(Item),
     /// A file to hash, already open; `id` goes to the cache with its hash.
+    /// (A sparse file's entry has `alloc`: its holes are not read.)
     Hash(Entry, File, [i128; 4]),
     /// A file whose hash came from the cache.
     Cached(Entry, [i128; 4]),
@@ -185,15 +186,29 @@ impl Batch {
 /// The SHA-256 of each `Found::Hash` in `items`, in order, computed by
 /// one thread per core taking files from a shared index.
 fn hash_all(items: &[Found]) -> Vec<Result<String, String>> {
-    let files: Vec<(&File, u64)> = items
+    let files: Vec<(&File, u64, bool)> = items
         .iter()
         .filter_map(|f| match f {
-            Found::Hash(e, file, _) => Some((file, e.size)),
+            Found::Hash(e, file, _) => Some((file, e.size, e.alloc.is_some())),
             _ => None,
         })
         .collect();
-    let hash_one = |(file, size): (&File, u64)| -> Result<String, String> {
-        let (hash, n) = hash_reader(file).map_err(|e| crate::error::describe_io(&e))?;
+    let hash_one = |(file, size, sparse): (&File, u64, bool)| -> Result<String, String> {
+        let io = |e: std::io::Error| crate::error::describe_io(&e);
+        let (hash, n) = if sparse {
+            let (hash, n) = crate::sparse::hash_sparse(file, size).map_err(io)?;
+            // It reads only up to the listed size: see whether it grew.
+            (
+                hash,
+                if file.metadata().map_err(io)?.len() == size {
+                    n
+                } else {
+                    u64::MAX
+                },
+            )
+        } else {
+            hash_reader(file).map_err(io)?
+        };
         if n != size {
             return Err("changed while it was hashed".into());
         }

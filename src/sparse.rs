@@ -58,6 +58,32 @@ pub(crate) fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
     list
 }
 
+/// The SHA-256 of a sparse file's whole content, reading only its data
+/// and hashing the holes as zeros (reading a hole costs the kernel a
+/// zeroed page per 4 KiB: 8 GiB of holes took 20 s that way, against 5 s
+/// of hashing). Returns the hash and the bytes covered.
+pub(crate) fn hash_sparse(file: &File, size: u64) -> io::Result<(String, u64)> {
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; crate::digest::BUF_SIZE];
+    let mut pos = 0u64;
+    for (start, len) in data_extents(file, size) {
+        hash_zeros(&mut hasher, start - pos);
+        let mut done = 0u64;
+        while done < len {
+            let want = ((len - done) as usize).min(buf.len());
+            let n = file.read_at(&mut buf[..want], start + done)?;
+            if n == 0 {
+                return Ok((hasher.hex(), start + done));
+            }
+            hasher.update(&buf[..n]);
+            done += n as u64;
+        }
+        pos = start + len;
+    }
+    hash_zeros(&mut hasher, size - pos);
+    Ok((hasher.hex(), size))
+}
+
 /// The bytes a framed extent body takes.
 pub(crate) fn body_len(extents: &[(u64, u64)]) -> u64 {
     extents.iter().map(|(_, len)| 16 + len).sum()
