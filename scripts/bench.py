@@ -31,6 +31,9 @@ BIG = (256 << 20) if QUICK else (2 << 30)
 SMALL = 5000 if QUICK else 50000
 TINY = 30000 if QUICK else 300000
 MILLION = 100000 if QUICK else 1000000
+# A sparse image: SPARSE bytes long, SPARSE_DATA of them data.
+SPARSE = (1 << 30) if QUICK else (8 << 30)
+SPARSE_DATA = (64 << 20) if QUICK else (512 << 20)
 
 work = tempfile.mkdtemp(prefix="bitfog-bench-", dir=os.environ.get("BENCH_DIR"))
 os.chmod(work, 0o755)
@@ -86,6 +89,20 @@ def make_data():
             os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "t%06d" % i), "wb") as f:
             f.write(r.randbytes(r.randint(0, 100)))
+    # The sparse image: 64 data extents spread evenly; and a plain file of
+    # the same data size, for the time goal.
+    os.makedirs(os.path.join(data, "sparse"))
+    os.makedirs(os.path.join(data, "plain"))
+    chunk = SPARSE_DATA // 64
+    with open(os.path.join(data, "big", "image.bin"), "rb") as src, \
+            open(os.path.join(data, "sparse", "vm.img"), "wb") as img, \
+            open(os.path.join(data, "plain", "data.bin"), "wb") as plain:
+        img.truncate(SPARSE)
+        for k in range(64):
+            piece = src.read(chunk)
+            img.seek(k * (SPARSE // 64) + (1 << 20))
+            img.write(piece)
+            plain.write(piece)
     os.makedirs(dest)
     sh("sync")
     print("data: one %d MiB file, %d files of 1-64 KiB, %d tiny files (%.0f s to make)"
@@ -96,8 +113,9 @@ def bitfog_servers():
     conf = os.path.join(work, "bitfog.json")
     with open(conf, "w") as f:
         f.write('{"big":{"path":"%s/big"},"small":{"path":"%s/small"},"tiny":{"path":"%s/tiny"},'
-                '"tinyfast":{"path":"%s/tiny","checksum":false},"dest":{"path":"%s","writable":true}}'
-                % (data, data, data, data, dest))
+                '"tinyfast":{"path":"%s/tiny","checksum":false},"dest":{"path":"%s","writable":true},'
+                '"sparse":{"path":"%s/sparse"},"plain":{"path":"%s/plain"}}'
+                % (data, data, data, data, dest, data, data))
     urls = {}
     for name, cache in (("main", os.path.join(work, "hashcache")), ("nocache", "none")):
         log = os.path.join(work, "serve-%s.log" % name)
@@ -309,6 +327,21 @@ try:
                                % (courier, rdav), empty_dest))
         compare("store " + which, contenders, {"rsync push": 1.0}, check=(dest, tree_bytes(os.path.join(data, which))))
         shutil.rmtree(courier)
+
+    print("sparse image, %d MiB with %d MiB of data" % (SPARSE >> 20, SPARSE_DATA >> 20), flush=True)
+    compare("fetch sparse image", [
+        ("bitfog", "%s fetch %s %ssparse/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+        ("bitfog, plain file of the data's size", "%s fetch %s %splain/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+        ("rsync --sparse", "rsync -a --sparse %s/data/sparse/ %s/" % (rsyncd, out), rm(out)),
+    ], {"bitfog, plain file of the data's size": 1.5})
+    for label, cmd in (("bitfog", "%s fetch %s %ssparse/ %s -q" % (BIN, edb, urls["main"], out)),
+                       ("rsync --sparse", "rsync -a --sparse %s/data/sparse/ %s/" % (rsyncd, out))):
+        rm(out)()
+        sh(cmd)
+        used = sh("du -B1 -s --exclude=.bitfog %s" % out, capture_output=True, text=True).stdout.split()[0]
+        print("  %s: the copy takes %s bytes on disk for %d bytes of data (%.3fx)"
+              % (label, used, SPARSE_DATA, int(used) / SPARSE_DATA), flush=True)
+    rm(out)()
 
     print("listings, %d tiny files" % TINY, flush=True)
     tdb = os.path.join(work, "tiny.db")
