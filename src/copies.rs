@@ -70,30 +70,20 @@ impl DestIndex {
     }
 }
 
-/// Where a duplicate's content comes from within this trip.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Origin {
-    /// A file the courier already holds.
-    Held(String),
-    /// The needed file with this spool index (if it is fetched).
-    Needed(usize),
-}
-
 /// Collects the instructions of one `fetch`.
 pub(crate) struct Instructions {
-    /// The first file of each content seen in this trip.
-    firsts: HashMap<u64, ([u8; 32], Origin)>,
+    /// Each needed file's hash (first 16 bytes; a false match needs a
+    /// 128-bit collision) and spool index: 20 bytes a file, sorted once
+    /// the merge is done to find duplicates.
+    seen: Vec<([u8; 16], u32)>,
     /// Copies from the destination's own files, in name order.
     tmp: PathBuf,
     out: BufWriter<File>,
     pub(crate) from_dest: u64,
-    /// Duplicates of a file this trip carries, resolved after the
-    /// downloads, in name order.
-    dups: Vec<(Entry, Origin)>,
 }
 
-fn sha_bytes(sha: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
+fn key128(sha: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
     for (i, b) in out.iter_mut().enumerate() {
         *b = u8::from_str_radix(sha.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
@@ -105,21 +95,34 @@ impl Instructions {
         let tmp = state.join(format!("{COPIES}.tmp"));
         let file = File::create(&tmp).map_err(|e| Error::io(format!("'{}'", tmp.display()), &e))?;
         Ok(Instructions {
-            firsts: HashMap::new(),
+            seen: Vec::new(),
             tmp,
             out: BufWriter::new(file),
             from_dest: 0,
-            dups: Vec::new(),
         })
     }
 
-    /// Notes that `e` is in the courier (held) or will be fetched.
-    pub(crate) fn first(&mut self, e: &Entry, origin: Origin) {
-        if let Some(sha) = e.sha256.as_deref() {
-            if let (Some(k), Some(b)) = (key(sha), sha_bytes(sha)) {
-                self.firsts.entry(k).or_insert((b, origin));
-            }
+    /// Notes a needed file (spool index `i`) for `duplicates`.
+    pub(crate) fn needed(&mut self, e: &Entry, i: usize) {
+        if let (Some(k), Ok(i)) = (e.sha256.as_deref().and_then(key128), u32::try_from(i)) {
+            self.seen.push((k, i));
         }
+    }
+
+    /// The needed files whose content an earlier needed file has, as
+    /// (duplicate, original) spool indexes, in duplicate order. The
+    /// caller carries the original and leaves an instruction for each
+    /// duplicate once the original is in the courier.
+    pub(crate) fn duplicates(&mut self) -> Vec<(usize, usize)> {
+        let mut seen = std::mem::take(&mut self.seen);
+        seen.sort_unstable();
+        let mut dups = Vec::new();
+        for run in seen.chunk_by(|a, b| a.0 == b.0) {
+            let first = run[0].1 as usize;
+            dups.extend(run[1..].iter().map(|&(_, i)| (i as usize, first)));
+        }
+        dups.sort_unstable();
+        dups
     }
 
     /// True when the destination has the content of `e` under another
@@ -132,24 +135,6 @@ impl Instructions {
                 Ok(true)
             }
             None => Ok(false),
-        }
-    }
-
-    /// True when `e` duplicates a file this trip holds or fetches
-    /// (resolved by `finish`).
-    pub(crate) fn duplicate(&mut self, e: &Entry) -> bool {
-        let Some(sha) = e.sha256.as_deref() else {
-            return false;
-        };
-        let found = key(sha)
-            .and_then(|k| self.firsts.get(&k))
-            .filter(|(b, _)| Some(*b) == sha_bytes(sha));
-        match found {
-            Some((_, origin)) => {
-                self.dups.push((e.clone(), origin.clone()));
-                true
-            }
-            None => false,
         }
     }
 
@@ -166,28 +151,11 @@ impl Instructions {
     }
 
     /// Writes `COPIES`: the copies from the destination's files, merged in
-    /// name order with the duplicates whose origin `name_of` can name
-    /// (held, or fetched in this run). Returns the duplicates left out.
-    pub(crate) fn finish(
-        mut self,
-        state: &Path,
-        name_of: impl Fn(&Origin) -> Option<String>,
-    ) -> Result<Vec<Entry>> {
+    /// name order with `dups` (instructions for duplicates, in name
+    /// order).
+    pub(crate) fn finish(mut self, state: &Path, dups: Vec<CopyInstr>) -> Result<()> {
         let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
         self.out.flush().map_err(what)?;
-        let mut left = Vec::new();
-        let mut dups = Vec::new();
-        for (e, origin) in std::mem::take(&mut self.dups) {
-            match name_of(&origin) {
-                Some(from) => dups.push(CopyInstr {
-                    name: e.name.clone(),
-                    from,
-                    size: e.size,
-                    sha256: e.sha256.clone().unwrap_or_default(),
-                }),
-                None => left.push(e),
-            }
-        }
         let path = state.join(COPIES);
         let tmp2 = state.join(format!("{COPIES}.new"));
         let mut out = BufWriter::new(File::create(&tmp2).map_err(what)?);
@@ -211,7 +179,7 @@ impl Instructions {
         file.sync_all().map_err(what)?;
         fs::rename(&tmp2, &path).map_err(what)?;
         let _ = fs::remove_file(&self.tmp);
-        Ok(left)
+        Ok(())
     }
 }
 
@@ -267,17 +235,20 @@ mod tests {
 
         let mut ins = Instructions::new(dir.path()).unwrap();
         let orig = file("d1", 9, &c);
-        assert!(!ins.at_dest(&orig, &dest).unwrap() && !ins.duplicate(&orig));
-        ins.first(&orig, Origin::Needed(0));
-        assert!(ins.duplicate(&file("d2", 9, &c)));
+        assert!(!ins.at_dest(&orig, &dest).unwrap());
+        ins.needed(&orig, 0);
+        ins.needed(&file("d2", 9, &c), 1);
         assert!(ins.at_dest(&file("n", 5, &a), &dest).unwrap());
-        assert!(ins.duplicate(&file("z", 9, &c)));
-        let left = ins
-            .finish(dir.path(), |o| {
-                (*o == Origin::Needed(0)).then(|| "d1".to_string())
-            })
-            .unwrap();
-        assert!(left.is_empty());
+        ins.needed(&file("other", 9, &b), 2);
+        ins.needed(&file("z", 9, &c), 3);
+        assert_eq!(ins.duplicates(), [(1, 0), (3, 0)]);
+        let dup = |name: &str| CopyInstr {
+            name: name.into(),
+            from: "d1".into(),
+            size: 9,
+            sha256: c.clone(),
+        };
+        ins.finish(dir.path(), vec![dup("d2"), dup("z")]).unwrap();
         let text = fs::read_to_string(dir.path().join(COPIES)).unwrap();
         let names: Vec<CopyInstr> = text
             .lines()

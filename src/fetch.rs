@@ -7,7 +7,8 @@
 //! after re-hashing the bytes already on disk.
 
 use crate::client::{AreaUrl, Client};
-use crate::copies::{DestIndex, Instructions, Origin};
+use crate::copies::{DestIndex, Instructions};
+use crate::courier::CopyInstr;
 use crate::courier::{self, Carried, Courier, PartialMeta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
@@ -271,10 +272,6 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     new_log.add(&Carried::of(&e))?;
                     held_files += 1;
                     held_bytes += e.size;
-                    instrs.first(&e, Origin::Held(e.name.clone()));
-                    return Ok(());
-                }
-                if instrs.duplicate(&e) {
                     return Ok(());
                 }
                 if in_progress(&e) {
@@ -285,7 +282,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 sizes.push(e.size);
                 // What it takes in the courier: a sparse file its data.
                 costs.push(e.alloc.map_or(e.size, |a| a.min(e.size)));
-                instrs.first(&e, Origin::Needed(i));
+                instrs.needed(&e, i);
                 if let Some((part, sidecar, meta)) = partials.remove(&e.name) {
                     if meta.entry.matches(&e) {
                         let len = fs::metadata(&part).map_or(0, |m| m.len().min(e.size));
@@ -304,6 +301,10 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         Ok(())
     })?;
     needed.finish().map_err(spool_err)?;
+    // A needed file with the content of an earlier one is not carried: its
+    // original is, and an instruction makes the duplicate from it.
+    let dups = instrs.duplicates();
+    let is_dup = |i: usize| dups.binary_search_by_key(&i, |&(d, _)| d).is_ok();
     for (part, sidecar, _) in partials.into_values() {
         discard(&part, &sidecar);
     }
@@ -357,11 +358,17 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             avail -= len;
         }
     }
-    let taken = plan::fit_largest_first(&costs, |i| costs[i] - partial_len(i), avail);
+    let need = |i: usize| {
+        if is_dup(i) {
+            u64::MAX
+        } else {
+            costs[i] - partial_len(i)
+        }
+    };
+    let taken = plan::fit_largest_first(&costs, need, avail);
     // Did the disk, rather than --max-bytes, leave files behind?
-    let disk_bound = room < budget
-        && plan::fit_largest_first(&costs, |i| costs[i] - partial_len(i), budget).len()
-            > taken.len();
+    let disk_bound =
+        room < budget && plan::fit_largest_first(&costs, need, budget).len() > taken.len();
     if disk_bound {
         ui.log(format!(
             "the courier disk is full after {}; {} of free space is kept in reserve",
@@ -392,7 +399,9 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let left = avail - total_bytes;
     if left >= min_range && left > 0 {
         let is_taken: std::collections::HashSet<usize> = taken.iter().copied().collect();
-        let mut order: Vec<usize> = (0..sizes.len()).filter(|i| !is_taken.contains(i)).collect();
+        let mut order: Vec<usize> = (0..sizes.len())
+            .filter(|&i| !is_taken.contains(&i) && !is_dup(i))
+            .collect();
         order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]));
         if let Some(&i) = order
             .first()
@@ -504,21 +513,29 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // wait for the trip that carries their original.
     let fetched: std::collections::HashSet<usize> = done.iter().copied().collect();
     let from_dest = instrs.from_dest;
-    let left = instrs.finish(&courier.state_path(""), |origin| match origin {
-        Origin::Held(name) => Some(name.clone()),
-        Origin::Needed(i) if fetched.contains(i) => needed.get(*i).ok().map(|e| e.name),
-        Origin::Needed(_) => None,
-    });
-    let left = match left {
-        Ok(left) => left,
-        Err(e) => {
-            ui.error(format!(
-                "{e}; renamed and duplicate files are carried whole on a later trip"
-            ));
-            fails.fetch_add(1, Ordering::Relaxed);
-            Vec::new()
+    let mut dup_instrs = Vec::new();
+    let (mut dup_files, mut dup_bytes) = (0u64, 0u64);
+    for &(d, orig) in &dups {
+        if !fetched.contains(&orig) {
+            continue;
         }
-    };
+        if let (Ok(e), Ok(o)) = (needed.get(d), needed.get(orig)) {
+            dup_files += 1;
+            dup_bytes += e.size;
+            dup_instrs.push(CopyInstr {
+                name: e.name,
+                from: o.name,
+                size: e.size,
+                sha256: e.sha256.unwrap_or_default(),
+            });
+        }
+    }
+    if let Err(e) = instrs.finish(&courier.state_path(""), dup_instrs) {
+        ui.error(format!(
+            "{e}; renamed and duplicate files are carried whole on a later trip"
+        ));
+        fails.fetch_add(1, Ordering::Relaxed);
+    }
     let mut sum = FetchSummary {
         fetched_files: done.len() as u64,
         fetched_bytes: done.iter().map(|&i| sizes[i]).sum(),
@@ -529,9 +546,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     };
     sum.courier_files = held_files + sum.fetched_files;
     sum.courier_bytes = held_bytes + sum.fetched_bytes;
-    sum.remaining_files = (needed.len() - done.len() + left.len()) as u64;
-    sum.remaining_bytes =
-        sizes.iter().sum::<u64>() - sum.fetched_bytes + left.iter().map(|e| e.size).sum::<u64>();
+    sum.remaining_files = (needed.len() - done.len()) as u64 - dup_files;
+    sum.remaining_bytes = sizes.iter().sum::<u64>() - sum.fetched_bytes - dup_bytes;
     sum.instructed_files = courier::count_copies(&opts.courier).max(from_dest);
     // Files under way: what is left of each after this run's ranges.
     let now_held = ranges::held(&opts.courier);
