@@ -28,6 +28,7 @@ for i in $(seq 1 200); do
     head -c $((RANDOM % 60000 + 1)) /dev/urandom >"$work/source/logs/site a/log-$i.txt"
 done
 printf 'read me\n' >"$work/source/docs/README"
+mkdir -p "$work/source/docs/drafts" # an empty directory travels too
 : >"$work/source/docs/empty"
 printf 'caf\xc3\xa9\n' >"$work/source/docs/"$'caf\xc3\xa9.txt'
 chmod 600 "$work/source/docs/README"
@@ -53,17 +54,20 @@ echo "destination site: $dst"
 cd "$work"
 say "at the destination: it holds nothing yet"
 "$bin" emptydb dest.db
+say "at the source: how many trips of 30M?"
+"$bin" plan dest.db "$src" --max-bytes 30M
+destdb=dest.db
 for hop in 1 2; do
     say "hop $hop, at the source: fetch what the destination lacks (budget 30M)"
     "$bin" builddb "$src" vms.db
-    "$bin" fetch dest.db "$src" courier --max-bytes 30M
-    say "hop $hop, at the destination: store, then snapshot for the next trip"
+    "$bin" fetch "$destdb" "$src" courier --max-bytes 30M
+    say "hop $hop, at the destination: store (it leaves its receipt in the courier)"
     "$bin" store vms.db "$dst" courier
-    "$bin" builddb "$dst" dest.db
+    destdb=courier # the next fetch reads the receipt: no builddb to forget
 done
 
 say "what is left to carry"
-"$bin" plan dest.db "$src"
+"$bin" plan courier "$src"
 if diff -r --no-dereference source dest >/dev/null; then
     say "the trees are equal: every byte verified with SHA-256"
 else

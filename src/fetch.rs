@@ -574,6 +574,19 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         files_bytes(sum.fetched_files, sum.fetched_bytes),
         files_bytes(sum.courier_files, sum.courier_bytes)
     );
+    if sum.range_bytes > 0 || sum.ranged_files > 0 {
+        human.push_str(&format!(
+            "carried {} as ranges; the courier holds ranges of {} bigger than what the budget had left\n",
+            human_bytes(sum.range_bytes),
+            n_files(sum.ranged_files)
+        ));
+    }
+    if sum.instructed_files > 0 {
+        human.push_str(&format!(
+            "{} will be made at the destination from files it has (renames, copies)\n",
+            n_files(sum.instructed_files)
+        ));
+    }
     if sum.remaining_files > 0 {
         let why = if sum.disk_full {
             "the courier disk filled up; "
