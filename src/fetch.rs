@@ -207,6 +207,16 @@ enum Fail {
     Other(String),
 }
 
+/// An I/O error while fetching: a full disk stops the run, anything else
+/// fails this file.
+fn io_fail(what: &str, err: &io::Error) -> Fail {
+    if is_disk_full(err) {
+        Fail::DiskFull
+    } else {
+        Fail::Other(format!("{what}: {}", describe_io(err)))
+    }
+}
+
 /// `bitfog fetch DESTDB SRCURL COURIER`.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     if opts.dry_run {
@@ -728,13 +738,6 @@ fn download(
     wire: &AtomicU64,
     shown: &AtomicU64,
 ) -> std::result::Result<(), Fail> {
-    let other = |what: &str, err: &io::Error| {
-        if is_disk_full(err) {
-            Fail::DiskFull
-        } else {
-            Fail::Other(format!("{what}: {}", describe_io(err)))
-        }
-    };
     if e.alloc.is_some_and(|a| a < e.size) && e.sha256.is_some() {
         return download_sparse(client, src, courier, e, wire, shown);
     }
@@ -750,12 +753,12 @@ fn download(
         .truncate(false)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&part_path)
-        .map_err(|err| other("cannot open partial file", &err))?;
+        .map_err(|err| io_fail("cannot open partial file", &err))?;
     let mut hasher = Hasher::new();
     // Only a partial that belongs to this version is continued.
     let mut offset = if resume.is_some() {
         rehash_prefix(&mut part, e.size, &mut hasher)
-            .map_err(|err| other("cannot read partial file", &err))?
+            .map_err(|err| io_fail("cannot read partial file", &err))?
     } else {
         0
     };
@@ -763,9 +766,9 @@ fn download(
         hasher = Hasher::new();
     }
     part.set_len(offset)
-        .map_err(|err| other("cannot truncate partial file", &err))?;
+        .map_err(|err| io_fail("cannot truncate partial file", &err))?;
     part.seek(SeekFrom::Start(offset))
-        .map_err(|err| other("cannot seek partial file", &err))?;
+        .map_err(|err| io_fail("cannot seek partial file", &err))?;
 
     let mut last_modified = None;
     if offset < e.size || e.size == 0 {
@@ -780,9 +783,9 @@ fn download(
                     offset = 0;
                     hasher = Hasher::new();
                     part.set_len(0)
-                        .map_err(|err| other("cannot truncate partial file", &err))?;
+                        .map_err(|err| io_fail("cannot truncate partial file", &err))?;
                     part.seek(SeekFrom::Start(0))
-                        .map_err(|err| other("cannot seek partial file", &err))?;
+                        .map_err(|err| io_fail("cannot seek partial file", &err))?;
                 }
                 if dl.content_length.is_some_and(|n| n != e.size) {
                     discard(&part_path, &sidecar);
@@ -803,7 +806,7 @@ fn download(
         if e.size > RESUME_MIN && (dl.etag != meta.etag || resume.is_none()) {
             meta.etag = dl.etag.clone();
             write_sidecar(&sidecar, &meta)
-                .map_err(|err| other("cannot write partial state", &err))?;
+                .map_err(|err| io_fail("cannot write partial state", &err))?;
         }
         let want = e.size - offset;
         let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, offset));
@@ -821,7 +824,7 @@ fn download(
                     e.size
                 )));
             }
-            Err(CopyError::Write(err)) => return Err(other("cannot write courier file", &err)),
+            Err(CopyError::Write(err)) => return Err(io_fail("cannot write courier file", &err)),
             Err(CopyError::Read(err)) => {
                 return Err(Fail::Other(format!(
                     "download failed: {}; rerun to resume",
@@ -829,7 +832,7 @@ fn download(
                 )));
             }
         }
-        flushed.map_err(|err| other("cannot write courier file", &err))?;
+        flushed.map_err(|err| io_fail("cannot write courier file", &err))?;
         let mut extra = [0u8; 1];
         if matches!(dl.body.read(&mut extra), Ok(n) if n > 0) {
             discard(&part_path, &sidecar);
@@ -865,15 +868,8 @@ fn finish(
     part_path: &Path,
     sidecar: &Path,
 ) -> std::result::Result<(), Fail> {
-    let other = |what: &str, err: &io::Error| {
-        if is_disk_full(err) {
-            Fail::DiskFull
-        } else {
-            Fail::Other(format!("{what}: {}", describe_io(err)))
-        }
-    };
     part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600))
-        .map_err(|err| other("cannot set mode", &err))?;
+        .map_err(|err| io_fail("cannot set mode", &err))?;
     let mtime = if e.mtime >= 0 {
         UNIX_EPOCH + Duration::from_secs(e.mtime as u64)
     } else {
@@ -881,24 +877,24 @@ fn finish(
     };
     let _ = part.set_modified(mtime);
     part.sync_all()
-        .map_err(|err| other("cannot sync courier file", &err))?;
+        .map_err(|err| io_fail("cannot sync courier file", &err))?;
     drop(part);
     let final_path = courier
         .prepare(&e.name)
-        .map_err(|err| other("cannot create directory", &err))?;
+        .map_err(|err| io_fail("cannot create directory", &err))?;
     if fs::symlink_metadata(&final_path).is_ok_and(|m| m.is_dir()) {
         return Err(Fail::Other(
             "a directory is in the way in the courier".into(),
         ));
     }
-    fs::rename(part_path, &final_path).map_err(|err| other("cannot move into place", &err))?;
+    fs::rename(part_path, &final_path).map_err(|err| io_fail("cannot move into place", &err))?;
     courier.renamed_in(parent_dir(&final_path));
     if e.size > RESUME_MIN {
         let _ = fs::remove_file(sidecar);
     }
     courier
         .append_log(&Carried::of(e))
-        .map_err(|err| other("cannot record carried file", &err))?;
+        .map_err(|err| io_fail("cannot record carried file", &err))?;
     Ok(())
 }
 
@@ -914,13 +910,6 @@ fn download_sparse(
     wire: &AtomicU64,
     shown: &AtomicU64,
 ) -> std::result::Result<(), Fail> {
-    let other = |what: &str, err: &io::Error| {
-        if is_disk_full(err) {
-            Fail::DiskFull
-        } else {
-            Fail::Other(format!("{what}: {}", describe_io(err)))
-        }
-    };
     let (part_path, sidecar) = courier.partial_paths(&e.name);
     let (size, extents) = client
         .extents(src, &e.name)
@@ -937,9 +926,9 @@ fn download_sparse(
         .truncate(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&part_path)
-        .map_err(|err| other("cannot open partial file", &err))?;
+        .map_err(|err| io_fail("cannot open partial file", &err))?;
     part.set_len(e.size)
-        .map_err(|err| other("cannot size partial file", &err))?;
+        .map_err(|err| io_fail("cannot size partial file", &err))?;
     let mut hasher = Hasher::new();
     let mut pos = 0u64;
     for (start, len) in extents {
@@ -960,7 +949,7 @@ fn download_sparse(
         }
         (&part)
             .seek(SeekFrom::Start(start))
-            .map_err(|err| other("cannot seek partial file", &err))?;
+            .map_err(|err| io_fail("cannot seek partial file", &err))?;
         let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, start));
         let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
             wire.fetch_add(n, Ordering::Relaxed);
@@ -969,12 +958,14 @@ fn download_sparse(
         let flushed = out.flush();
         drop(out);
         match copied {
-            Ok(n) if n == len => flushed.map_err(|err| other("cannot write courier file", &err))?,
+            Ok(n) if n == len => {
+                flushed.map_err(|err| io_fail("cannot write courier file", &err))?
+            }
             Ok(_) | Err(CopyError::Read(_)) => {
                 discard(&part_path, &sidecar);
                 return Err(Fail::Other("download cut short; rerun".into()));
             }
-            Err(CopyError::Write(err)) => return Err(other("cannot write courier file", &err)),
+            Err(CopyError::Write(err)) => return Err(io_fail("cannot write courier file", &err)),
         }
         pos = start + len;
     }

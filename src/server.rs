@@ -773,16 +773,7 @@ fn put_copy(
     if req.content_length() != 0 {
         return Err(Response::text(400, "a PUT with X-Bitfog-From has no body"));
     }
-    let Some(want) = req
-        .header(protocol::HDR_SHA256)
-        .map(str::to_ascii_lowercase)
-        .filter(|h| is_sha256_hex(h))
-    else {
-        return Err(Response::text(
-            400,
-            "X-Bitfog-From needs a valid X-Bitfog-Sha256",
-        ));
-    };
+    let want = required_sha(req, "X-Bitfog-From needs a valid X-Bitfog-Sha256")?;
     let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
     let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let bad_from =
@@ -863,13 +854,7 @@ fn put_copy(
 /// written at their offsets of a temporary file, so the holes stay holes,
 /// and it is renamed into place only if the hash matches.
 fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<(), Response> {
-    let Some(want) = req
-        .header(protocol::HDR_SHA256)
-        .map(str::to_ascii_lowercase)
-        .filter(|h| is_sha256_hex(h))
-    else {
-        return Err(Response::text(400, "a sparse upload needs X-Bitfog-Sha256"));
-    };
+    let want = required_sha(req, "a sparse upload needs X-Bitfog-Sha256")?;
     let size: u64 = header_num(req, protocol::HDR_SIZE)?
         .ok_or_else(|| Response::text(400, "a sparse upload needs X-Bitfog-Size"))?;
     let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
@@ -1037,16 +1022,10 @@ fn put_range(
             "Content-Length does not match Content-Range",
         ));
     }
-    let Some(want) = req
-        .header(protocol::HDR_SHA256)
-        .map(str::to_ascii_lowercase)
-        .filter(|h| is_sha256_hex(h))
-    else {
-        return Err(Response::text(
-            400,
-            "a range upload needs X-Bitfog-Sha256 (the whole file's)",
-        ));
-    };
+    let want = required_sha(
+        req,
+        "a range upload needs X-Bitfog-Sha256 (the whole file's)",
+    )?;
     let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
     let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let (part_name, state_name) = part_names(name, size, &want);
@@ -1154,6 +1133,15 @@ fn put_range(
     dir.rename(&part_name, name).map_err(write_error)?;
     let _ = dir.unlink(&state_name);
     Ok(Response::new(204, Body::Empty))
+}
+
+/// The `X-Bitfog-Sha256` a request cannot do without, lowercased; a 400
+/// saying `why` when it is missing or not a SHA-256.
+fn required_sha(req: &Request, why: &str) -> std::result::Result<String, Response> {
+    req.header(protocol::HDR_SHA256)
+        .map(str::to_ascii_lowercase)
+        .filter(|h| is_sha256_hex(h))
+        .ok_or_else(|| Response::text(400, why))
 }
 
 fn epoch_plus(t: i64) -> SystemTime {

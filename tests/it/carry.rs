@@ -426,13 +426,7 @@ fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
         );
         std::thread::sleep(std::time::Duration::from_millis(2));
     };
-    // SIGKILL the server itself, not strace (whose death would only
-    // detach it).
-    let tracer = server.child.id();
-    let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
-    let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
-    unsafe_kill(pid, 9);
-    server.child.wait().unwrap();
+    kill_9_traced(&mut server);
     putter.join().unwrap();
     assert!(!dst.join("copy").exists(), "no file at the final path");
     assert_eq!(
@@ -448,6 +442,18 @@ fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert!(!temp.exists(), "stale temporary file removed at startup");
+}
+
+/// SIGKILLs a server started under strace: the server itself, since
+/// killing strace would only detach it.
+fn kill_9_traced(server: &mut Server) {
+    let tracer = server.child.id();
+    let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
+    unsafe_kill(
+        children.split_whitespace().next().unwrap().parse().unwrap(),
+        9,
+    );
+    server.child.wait().unwrap();
 }
 
 /// The destination's partial uploads, from a fresh builddb's end record.
@@ -609,13 +615,7 @@ fn a_damaged_range_and_a_server_killed_mid_range_lose_nothing() {
         );
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let tracer = slow.child.id();
-    let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
-    unsafe_kill(
-        children.split_whitespace().next().unwrap().parse().unwrap(),
-        9,
-    );
-    slow.child.wait().unwrap();
+    kill_9_traced(&mut slow);
     let s = store.join().unwrap();
     assert_eq!(s.code, 1, "{s}");
     assert!(!dst.join("big").exists());
