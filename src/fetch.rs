@@ -356,7 +356,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         free.saturating_sub(reserve)
     });
     // Files under way get the budget first, a range each.
-    let mut avail = budget.min(room);
+    let trip_room = budget.min(room);
+    let mut avail = trip_room;
     // No range smaller than 1 MiB starts, unless a whole trip is smaller.
     let min_range = ranges::MIN_RANGE.min(avail);
     let mut planned: Vec<(Entry, u64, u64)> = Vec::new();
@@ -404,8 +405,9 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         ));
     }
 
-    // What is left of the budget starts the largest file that does not
-    // fit whole: a file bigger than the courier arrives over several trips.
+    // What is left of the budget starts the largest file bigger than a
+    // whole trip: it arrives over several trips. A file that fits a trip
+    // waits for one, to travel whole and verified.
     let left = avail - total_bytes;
     if left >= min_range && left > 0 {
         let is_taken: std::collections::HashSet<usize> = taken.iter().copied().collect();
@@ -415,7 +417,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]));
         if let Some(&i) = order
             .first()
-            .filter(|&&i| sizes[i] > left && costs[i] == sizes[i] && !resume.contains_key(&i))
+            .filter(|&&i| sizes[i] > trip_room && costs[i] == sizes[i] && !resume.contains_key(&i))
         {
             if let Ok(e) = needed.get(i) {
                 if e.sha256.is_some() {
