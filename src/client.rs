@@ -114,9 +114,11 @@ impl Client {
     }
 
     /// Streams and validates an area's listing.
+    /// The area's listing, with its empty directories (`?dirs=1`).
     pub(crate) fn listing(&self, area: &AreaUrl) -> Result<Reader<BufReader<BodyReader<'static>>>> {
+        let url = format!("{}?dirs=1", area.as_str());
         let resp = self
-            .auth(self.agent.get(area.as_str()))
+            .auth(self.agent.get(&url))
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
         let resp = success(area.as_str(), resp)?;

@@ -324,6 +324,7 @@ fn handle(state: &State, req: &mut Request) -> Response {
                 std::str::from_utf8(area_name).unwrap_or(""),
                 area,
                 root,
+                wants_dirs(&req.target),
             ),
             _ => not_allowed("GET, HEAD"),
         };
@@ -374,7 +375,16 @@ fn index(state: &State) -> Response {
 
 /// Streams the listing: a walker thread produces lines; this side writes
 /// them and sends an empty line whenever the walker is slow (hashing).
-fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
+/// True when a listing request asks for empty directories (`?dirs=1`).
+/// Without it the end record is exactly as the SPEC shows it, so scripts
+/// that compare it see no new field.
+fn wants_dirs(target: &str) -> bool {
+    target
+        .split_once('?')
+        .is_some_and(|(_, q)| q.split('&').any(|p| p == "dirs=1"))
+}
+
+fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool) -> Response {
     let cache = state
         .cache
         .as_ref()
@@ -417,7 +427,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root) -> Response {
                     // Kept for the end record, within its line limit.
                     Item::Partial(p) if partials.len() < MAX_PARTIALS_LISTED => partials.push(p),
                     Item::Partial(_) => {}
-                    Item::EmptyDir(d) if dirs.len() < MAX_DIRS_LISTED => dirs.push(d),
+                    Item::EmptyDir(d) if with_dirs && dirs.len() < MAX_DIRS_LISTED => dirs.push(d),
                     Item::EmptyDir(_) => {}
                 }
                 if chunk.len() >= LISTING_CHUNK

@@ -745,8 +745,14 @@ fn empty_directories_are_listed_in_the_end_record_and_recreated() {
     let (su, du) = (server.url("src"), server.url("dst"));
     let courier = t.s("courier");
 
+    // Without ?dirs=1 the end record is as the SPEC shows it.
+    let plain = String::from_utf8(get(server.addr, "/src/").body).unwrap();
+    assert_eq!(
+        plain.lines().last().unwrap(),
+        "{\"end\":true,\"count\":1,\"bytes\":1}"
+    );
     // Entries stay files and symlinks; the end record names empty dirs.
-    let listing = get(server.addr, "/src/");
+    let listing = get(server.addr, "/src/?dirs=1");
     let text = String::from_utf8(listing.body).unwrap();
     assert_eq!(
         text.lines().filter(|l| l.starts_with("{\"name\"")).count(),

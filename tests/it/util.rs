@@ -608,7 +608,9 @@ pub fn routes(table: Vec<(String, Vec<u8>)>) -> SocketAddr {
                 let target = first.split_whitespace().nth(1).unwrap_or("").to_string();
                 let resp = table
                     .iter()
-                    .find(|(p, _)| &target == p)
+                    // The query (bitfog asks listings with ?dirs=1) is not
+                    // part of the route.
+                    .find(|(p, _)| target.split('?').next() == Some(p.as_str()))
                     .map(|(_, r)| r.clone())
                     .unwrap_or_else(|| {
                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
