@@ -9,14 +9,12 @@
 //! bytes of each hash with the line's offset (about 32 bytes a file), and
 //! instructions go to a file as the merge finds them, in name order.
 
-use crate::courier::{COPIES, CopyInstr};
+use crate::courier::{COPIES, CopyInstr, LineIndex};
 use crate::error::{Error, Result};
 use crate::manifest::Entry;
 use crate::paths::name_cmp;
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The first 8 bytes of a hex SHA-256, as a map key.
@@ -25,47 +23,22 @@ fn key(sha: &str) -> Option<u64> {
 }
 
 /// DESTDB's files by hash.
-pub(crate) struct DestIndex {
-    file: Option<File>,
-    at: HashMap<u64, (u64, u32)>,
-}
+pub(crate) struct DestIndex(LineIndex);
 
 impl DestIndex {
     /// Indexes the files of the manifest at `db` that carry a hash. A
     /// line that does not parse is left out (the merge reports it).
     pub(crate) fn open(db: &Path) -> DestIndex {
-        let mut at = HashMap::new();
-        let file = File::open(db).ok();
-        if let Some(f) = &file {
-            let mut r = BufReader::new(f);
-            let mut line = Vec::new();
-            let mut offset = 0u64;
-            loop {
-                line.clear();
-                let n = match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                if let Ok(e) = serde_json::from_slice::<Entry>(&line) {
-                    if let Some(k) = e.sha256.as_deref().and_then(key) {
-                        if e.linkdest.is_none() {
-                            at.insert(k, (offset, n as u32));
-                        }
-                    }
-                }
-                offset += n as u64;
-            }
-        }
-        DestIndex { file, at }
+        DestIndex(LineIndex::build(db, |e: &Entry| {
+            e.linkdest.is_none().then_some(())?;
+            key(e.sha256.as_deref()?)
+        }))
     }
 
     /// A destination file with the content of `e`, if DESTDB lists one.
     pub(crate) fn find(&self, e: &Entry) -> Option<String> {
         let sha = e.sha256.as_deref()?;
-        let &(offset, len) = self.at.get(&key(sha)?)?;
-        let mut buf = vec![0u8; len as usize];
-        self.file.as_ref()?.read_exact_at(&mut buf, offset).ok()?;
-        let d: Entry = serde_json::from_slice(&buf).ok()?;
+        let d: Entry = self.0.get(key(sha)?)?;
         (d.size == e.size && d.sha256.as_deref() == Some(sha) && d.name != e.name).then_some(d.name)
     }
 }

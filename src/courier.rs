@@ -394,13 +394,23 @@ impl Drop for LogWriter<'_> {
 /// million records cost about 32 MB instead of 450. Two names sharing a
 /// hash only lose the older record, which is safe: `fetch` then adopts
 /// the file after checking its hash, or leaves it unpruned.
-pub(crate) struct LogIndex {
+pub(crate) struct LogIndex(LineIndex);
+
+/// A JSON-lines file indexed by a 64-bit key of each line's record, with
+/// the line's offset: about 32 bytes a line in memory, the record read
+/// back from the file on lookup. A later line with the same key replaces
+/// an earlier one; a torn last line (no newline) and lines that do not
+/// parse are left out.
+pub(crate) struct LineIndex {
     file: Option<File>,
     at: HashMap<u64, (u64, u32)>,
 }
 
-impl LogIndex {
-    fn open(path: &Path) -> LogIndex {
+impl LineIndex {
+    pub(crate) fn build<T: serde::de::DeserializeOwned>(
+        path: &Path,
+        key: impl Fn(&T) -> Option<u64>,
+    ) -> LineIndex {
         let mut at = HashMap::new();
         let file = File::open(path).ok();
         if let Some(f) = &file {
@@ -409,51 +419,80 @@ impl LogIndex {
             let mut offset = 0u64;
             loop {
                 line.clear();
-                match r.read_until(b'\n', &mut line) {
+                let n = match r.read_until(b'\n', &mut line) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        // A torn last line (no newline) is not a record.
-                        if line.ends_with(b"\n") {
-                            if let Ok(rec) = serde_json::from_slice::<Carried>(&line) {
-                                at.insert(name_key(&rec.name), (offset, n as u32));
-                            }
-                        }
-                        offset += n as u64;
+                    Ok(n) => n,
+                };
+                if line.ends_with(b"\n") {
+                    if let Some(k) = serde_json::from_slice::<T>(&line)
+                        .ok()
+                        .as_ref()
+                        .and_then(&key)
+                    {
+                        at.insert(k, (offset, n as u32));
                     }
                 }
+                offset += n as u64;
             }
         }
-        LogIndex { file, at }
+        LineIndex { file, at }
     }
 
-    fn read(&self, &(offset, len): &(u64, u32)) -> Option<Carried> {
+    fn read<T: serde::de::DeserializeOwned>(&self, &(offset, len): &(u64, u32)) -> Option<T> {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; len as usize];
         self.file.as_ref()?.read_exact_at(&mut buf, offset).ok()?;
         serde_json::from_slice(&buf).ok()
     }
 
-    /// The record for `name`, if any.
-    pub(crate) fn get(&self, name: &str) -> Option<Carried> {
-        let rec = self.read(self.at.get(&name_key(name))?)?;
-        (rec.name == name).then_some(rec)
+    /// The record indexed under `key`, if any.
+    pub(crate) fn get<T: serde::de::DeserializeOwned>(&self, key: u64) -> Option<T> {
+        self.read(self.at.get(&key)?)
     }
 
-    /// Drops `name` from the index (it is accounted for).
-    pub(crate) fn forget(&mut self, name: &str) {
-        if self.get(name).is_some() {
-            self.at.remove(&name_key(name));
-        }
+    pub(crate) fn remove(&mut self, key: u64) {
+        self.at.remove(&key);
     }
 
-    /// The records not forgotten.
-    pub(crate) fn remaining(&self) -> impl Iterator<Item = Carried> + '_ {
+    /// Every record still indexed.
+    pub(crate) fn values<T: serde::de::DeserializeOwned>(&self) -> impl Iterator<Item = T> + '_ {
         self.at.values().filter_map(|at| self.read(at))
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.at.len()
+    }
+}
+
+impl LogIndex {
+    fn open(path: &Path) -> LogIndex {
+        LogIndex(LineIndex::build(path, |c: &Carried| {
+            Some(name_key(&c.name))
+        }))
+    }
+
+    /// The record for `name`, if any.
+    pub(crate) fn get(&self, name: &str) -> Option<Carried> {
+        let rec: Carried = self.0.get(name_key(name))?;
+        (rec.name == name).then_some(rec)
+    }
+
+    /// Drops `name` from the index (it is accounted for).
+    pub(crate) fn forget(&mut self, name: &str) {
+        if self.get(name).is_some() {
+            self.0.remove(name_key(name));
+        }
+    }
+
+    /// The records not forgotten.
+    pub(crate) fn remaining(&self) -> impl Iterator<Item = Carried> + '_ {
+        self.0.values()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
