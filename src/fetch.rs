@@ -96,6 +96,9 @@ struct PlanSummary {
     trips: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     too_big_files: Option<u64>,
+    /// Files the destination has under another name (renames, copies):
+    /// fetch leaves instructions for them, not bytes.
+    instructed_files: u64,
 }
 
 /// `bitfog plan DESTDB SRCURL`. Streams: with `-v` each file is printed
@@ -114,15 +117,19 @@ pub(crate) fn plan(
         refused_files: 0,
         trips: None,
         too_big_files: None,
+        instructed_files: 0,
     };
     // Sizes only, for counting trips: 8 bytes a file.
     let mut sizes = Vec::new();
+    // Content the destination has under another name is not carried.
+    let dest_index = DestIndex::open(&destdb_path(destdb)?);
     let list = ui.verbose && !ui.json && !ui.quiet;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut out_ok = true;
     each_need(client, destdb, src, |need| {
         match need {
             Need::Nothing => {}
+            Need::File(e) if dest_index.find(&e).is_some() => sum.instructed_files += 1,
             Need::File(e) => {
                 sum.remaining_files += 1;
                 sum.remaining_bytes += e.size;
@@ -151,6 +158,12 @@ pub(crate) fn plan(
         human.push_str(&format!(
             "{} symlinks to recreate at store (nothing to carry)\n",
             sum.symlinks
+        ));
+    }
+    if sum.instructed_files > 0 {
+        human.push_str(&format!(
+            "{} the destination has under other names (nothing to carry)\n",
+            n_files(sum.instructed_files)
         ));
     }
     if let Some(budget) = max_bytes {

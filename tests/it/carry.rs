@@ -200,6 +200,14 @@ fn renames_and_duplicates_travel_as_instructions() {
     write(&src, "new/a", &data(99, 300_000));
     write(&src, "new/b", &data(99, 300_000));
     bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    // plan sees the renames and the copy of a file the destination has;
+    // the duplicate pair is two files to carry until fetch finds it.
+    let p = bitfog(&["plan", &courier, &su, "--json"]).ok();
+    assert_eq!(
+        (p.num("remaining_files"), p.num("instructed_files")),
+        (2, 5),
+        "{p}"
+    );
     let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
     assert_eq!(
         (
