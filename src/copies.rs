@@ -55,6 +55,17 @@ pub(crate) struct Instructions {
     pub(crate) from_dest: u64,
 }
 
+/// Marks a held file's index in `Instructions::seen`.
+const HELD: u32 = 1 << 31;
+
+/// Where a duplicate's content is: a file the courier holds, or a needed
+/// file (both by the caller's index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Held(usize),
+    Needed(usize),
+}
+
 fn key128(sha: &str) -> Option<[u8; 16]> {
     let mut out = [0u8; 16];
     for (i, b) in out.iter_mut().enumerate() {
@@ -77,24 +88,45 @@ impl Instructions {
 
     /// Notes a needed file (spool index `i`) for `duplicates`.
     pub(crate) fn needed(&mut self, e: &Entry, i: usize) {
-        if let (Some(k), Ok(i)) = (e.sha256.as_deref().and_then(key128), u32::try_from(i)) {
-            self.seen.push((k, i));
+        self.note(e, i, 0);
+    }
+
+    /// Notes a file the courier holds (index `i` in the caller's list of
+    /// held files): a needed duplicate of it is made from it.
+    pub(crate) fn held(&mut self, e: &Entry, i: usize) {
+        self.note(e, i, HELD);
+    }
+
+    fn note(&mut self, e: &Entry, i: usize, flag: u32) {
+        let i = u32::try_from(i).ok().filter(|i| i & HELD == 0);
+        if let (Some(k), Some(i)) = (e.sha256.as_deref().and_then(key128), i) {
+            self.seen.push((k, i | flag));
         }
     }
 
-    /// The needed files whose content an earlier needed file has, as
-    /// (duplicate, original) spool indexes, in duplicate order. The
+    /// The needed files whose content another file of the trip has, as
+    /// (duplicate, original) in duplicate order. A duplicate is a needed
+    /// index; its original is a held file (`Origin::Held`) when the
+    /// courier has one, else the first needed file with that content. The
     /// caller carries the original and leaves an instruction for each
     /// duplicate once the original is in the courier.
-    pub(crate) fn duplicates(&mut self) -> Vec<(usize, usize)> {
+    pub(crate) fn duplicates(&mut self) -> Vec<(usize, Origin)> {
         let mut seen = std::mem::take(&mut self.seen);
         seen.sort_unstable();
         let mut dups = Vec::new();
         for run in seen.chunk_by(|a, b| a.0 == b.0) {
-            let first = run[0].1 as usize;
-            dups.extend(run[1..].iter().map(|&(_, i)| (i as usize, first)));
+            // Needed indexes sort before held ones (the flag is the top bit).
+            let origin = match run.iter().find(|(_, i)| i & HELD != 0) {
+                Some(&(_, i)) => Origin::Held((i & !HELD) as usize),
+                None => Origin::Needed(run[0].1 as usize),
+            };
+            for &(_, i) in run.iter().filter(|(_, i)| i & HELD == 0) {
+                if origin != Origin::Needed(i as usize) {
+                    dups.push((i as usize, origin));
+                }
+            }
         }
-        dups.sort_unstable();
+        dups.sort_unstable_by_key(|&(d, _)| d);
         dups
     }
 
@@ -214,7 +246,15 @@ mod tests {
         assert!(ins.at_dest(&file("n", 5, &a), &dest).unwrap());
         ins.needed(&file("other", 9, &b), 2);
         ins.needed(&file("z", 9, &c), 3);
-        assert_eq!(ins.duplicates(), [(1, 0), (3, 0)]);
+        ins.held(&file("held", 5, &b), 0);
+        assert_eq!(
+            ins.duplicates(),
+            [
+                (1, Origin::Needed(0)),
+                (2, Origin::Held(0)),
+                (3, Origin::Needed(0))
+            ]
+        );
         let dup = |name: &str| CopyInstr {
             name: name.into(),
             from: "d1".into(),

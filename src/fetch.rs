@@ -7,7 +7,7 @@
 //! after re-hashing the bytes already on disk.
 
 use crate::client::{AreaUrl, Client};
-use crate::copies::{DestIndex, Instructions};
+use crate::copies::{DestIndex, Instructions, Origin};
 use crate::courier::CopyInstr;
 use crate::courier::{self, Carried, Courier, PartialMeta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
@@ -248,6 +248,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let mut new_log = courier.new_log()?;
     let (mut held_files, mut held_bytes) = (0u64, 0u64);
     let mut needed = courier.spool("wanted")?;
+    // What the courier holds, for duplicates made from it.
+    let mut held_names = courier.spool("held")?;
     let mut sizes: Vec<u64> = Vec::new();
     let mut costs: Vec<u64> = Vec::new();
     // Partial downloads: keep those of a needed version, drop the rest.
@@ -293,6 +295,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 if is_held(ui, &courier, &log, &e) {
                     log.forget(&e.name);
                     new_log.add(&Carried::of(&e))?;
+                    let h = held_names.push(&e).map_err(spool_err)?;
+                    instrs.held(&e, h);
                     held_files += 1;
                     held_bytes += e.size;
                     return Ok(());
@@ -324,6 +328,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         Ok(())
     })?;
     needed.finish().map_err(spool_err)?;
+    held_names.finish().map_err(spool_err)?;
     // A needed file with the content of an earlier one is not carried: its
     // original is, and an instruction makes the duplicate from it.
     let dups = instrs.duplicates();
@@ -541,10 +546,12 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let mut dup_instrs = Vec::new();
     let (mut dup_files, mut dup_bytes) = (0u64, 0u64);
     for &(d, orig) in &dups {
-        if !fetched.contains(&orig) {
-            continue;
-        }
-        if let (Ok(e), Ok(o)) = (needed.get(d), needed.get(orig)) {
+        let original = match orig {
+            Origin::Held(h) => held_names.get(h),
+            Origin::Needed(n) if fetched.contains(&n) => needed.get(n),
+            Origin::Needed(_) => continue,
+        };
+        if let (Ok(e), Ok(o)) = (needed.get(d), original) {
             dup_files += 1;
             dup_bytes += e.size;
             dup_instrs.push(CopyInstr {

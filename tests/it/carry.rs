@@ -225,6 +225,18 @@ fn renames_and_duplicates_travel_as_instructions() {
     );
     let copies = fs::read_to_string(t.path("courier/.bitfog/copies.jsonl")).unwrap();
     assert!(copies.len() < 4096, "{copies}");
+    // Fetch again (say, after an interruption): the duplicate is made
+    // from the copy the courier now holds, not carried a second time.
+    let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
+    assert_eq!(
+        (
+            f.num("fetched_files"),
+            f.num("instructed_files"),
+            f.num("courier_bytes")
+        ),
+        (0, 6, 300_000),
+        "{f}"
+    );
     let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--delete", "--json"]).ok();
     assert_eq!(
         (
