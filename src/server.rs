@@ -685,13 +685,7 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
     if req.header("content-length").is_none() {
         return Response::text(411, "PUT needs Content-Length");
     }
-    if req.header("content-type").is_some_and(|t| {
-        t.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case(protocol::DIRECTORY_TYPE)
-    }) {
+    if content_type_is(req, protocol::DIRECTORY_TYPE) {
         return put_dir(root, comps, req);
     }
     let dir = match parent_dir(root, comps, true) {
@@ -701,13 +695,7 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
     if dir.kind(last(comps)).ok().flatten() == Some(Kind::Dir) {
         return Response::text(409, "a directory exists at this path");
     }
-    let is_link = req.header("content-type").is_some_and(|t| {
-        t.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case(protocol::SYMLINK_TYPE)
-    });
+    let is_link = content_type_is(req, protocol::SYMLINK_TYPE);
     if let Some(range) = req.header("content-range") {
         let range = range.to_string();
         let resp = match put_range(&dir, last(comps), &range, req) {
@@ -716,13 +704,7 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
         dir.sync();
         return resp;
     }
-    let sparse = req.header("content-type").is_some_and(|t| {
-        t.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case(protocol::EXTENTS_TYPE)
-    });
+    let sparse = content_type_is(req, protocol::EXTENTS_TYPE);
     let result = if sparse {
         put_sparse(&dir, last(comps), req)
     } else if let Some(from) = req.header(protocol::HDR_FROM) {
@@ -805,22 +787,13 @@ fn put_copy(
             format!("sha256 mismatch: '{from}' has {got}, header says {want}"),
         )
     };
-    let apply_meta = |file: &File| -> io::Result<()> {
-        if let Some(m) = mode {
-            file.set_permissions(fs::Permissions::from_mode(m & 0o777))?;
-        }
-        if let Some(t) = mtime {
-            file.set_modified(epoch_plus(t))?;
-        }
-        file.sync_all()
-    };
     if from_comps == comps {
         // The same file: only its mode and mtime change, in place.
         let (got, _) = crate::digest::hash_reader(&source).map_err(write_error)?;
         if got != want {
             return Err(mismatch(&got));
         }
-        return apply_meta(&source).map_err(write_error);
+        return set_meta_and_sync(&source, mode, mtime).map_err(write_error);
     }
     let temp = TempFile::create(dir).map_err(write_error)?;
     let file = temp.file.as_ref().expect("fresh temp file");
@@ -853,7 +826,7 @@ fn put_copy(
     if got != want {
         return Err(mismatch(&got));
     }
-    apply_meta(file).map_err(write_error)?;
+    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
     temp.persist(last(comps)).map_err(write_error)
 }
 
@@ -919,14 +892,7 @@ fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<
             format!("sha256 mismatch: body has {got}, header says {want}"),
         ));
     }
-    file.set_permissions(fs::Permissions::from_mode(
-        mode.map_or(0o644, |m| m & 0o777),
-    ))
-    .map_err(write_error)?;
-    if let Some(t) = mtime {
-        file.set_modified(epoch_plus(t)).map_err(write_error)?;
-    }
-    file.sync_all().map_err(write_error)?;
+    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
     temp.persist(name).map_err(write_error)
 }
 
@@ -1132,14 +1098,7 @@ fn put_range(
             ),
         ));
     }
-    part.set_permissions(fs::Permissions::from_mode(
-        mode.map_or(0o644, |m| m & 0o777),
-    ))
-    .map_err(write_error)?;
-    if let Some(t) = mtime {
-        part.set_modified(epoch_plus(t)).map_err(write_error)?;
-    }
-    part.sync_all().map_err(write_error)?;
+    set_meta_and_sync(&part, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
     dir.rename(&part_name, name).map_err(write_error)?;
     let _ = dir.unlink(&state_name);
     Ok(Response::new(204, Body::Empty))
@@ -1152,6 +1111,29 @@ fn required_sha(req: &Request, why: &str) -> std::result::Result<String, Respons
         .map(str::to_ascii_lowercase)
         .filter(|h| is_sha256_hex(h))
         .ok_or_else(|| Response::text(400, why))
+}
+
+/// Whether the request's Content-Type (parameters aside) is `ty`.
+fn content_type_is(req: &Request, ty: &str) -> bool {
+    req.header("content-type").is_some_and(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case(ty)
+    })
+}
+
+/// Sets the mode (setuid, setgid and sticky dropped) and mtime a request
+/// asked for, then makes the file durable.
+fn set_meta_and_sync(file: &File, mode: Option<u32>, mtime: Option<i64>) -> io::Result<()> {
+    if let Some(m) = mode {
+        file.set_permissions(fs::Permissions::from_mode(m & 0o777))?;
+    }
+    if let Some(t) = mtime {
+        file.set_modified(epoch_plus(t))?;
+    }
+    file.sync_all()
 }
 
 fn epoch_plus(t: i64) -> SystemTime {
@@ -1232,17 +1214,7 @@ fn put_file(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<()
         }
     }
     let file = temp.file.as_ref().expect("fresh temp file");
-    let perms = fs::Permissions::from_mode(mode.map_or(0o644, |m| m & 0o777));
-    file.set_permissions(perms).map_err(write_error)?;
-    if let Some(t) = mtime {
-        let when = if t >= 0 {
-            UNIX_EPOCH + Duration::from_secs(t as u64)
-        } else {
-            UNIX_EPOCH - Duration::from_secs(t.unsigned_abs())
-        };
-        file.set_modified(when).map_err(write_error)?;
-    }
-    file.sync_all().map_err(write_error)?;
+    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
     temp.persist(name).map_err(write_error)
 }
 

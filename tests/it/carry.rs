@@ -431,21 +431,11 @@ fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let temp = loop {
-        let found = fs::read_dir(&dst).unwrap().map(|e| e.unwrap()).find(|e| {
-            e.file_name().to_string_lossy().starts_with(".bitfog-tmp-")
-                && e.metadata().unwrap().len() > 0
-        });
-        if let Some(e) = found {
-            break e.path();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the copy never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    };
+    let temp = first_growing(
+        &dst,
+        |n| n.starts_with(".bitfog-tmp-"),
+        "the copy never started",
+    );
     kill_9_traced(&mut server);
     putter.join().unwrap();
     assert!(!dst.join("copy").exists(), "no file at the final path");
@@ -462,6 +452,26 @@ fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert!(!temp.exists(), "stale temporary file removed at startup");
+}
+
+/// Waits (up to 20 s) for a non-empty file in `dir` whose name passes
+/// `pick`: the sign that a slowed server is in the middle of writing it.
+fn first_growing(
+    dir: &std::path::Path,
+    pick: impl Fn(&str) -> bool,
+    what: &str,
+) -> std::path::PathBuf {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let found = fs::read_dir(dir).unwrap().map(|e| e.unwrap()).find(|e| {
+            pick(&e.file_name().to_string_lossy()) && e.metadata().is_ok_and(|m| m.len() > 0)
+        });
+        if let Some(e) = found {
+            return e.path();
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// SIGKILLs a server started under strace: the server itself, since
@@ -618,23 +628,11 @@ fn a_damaged_range_and_a_server_killed_mid_range_lose_nothing() {
         let (srcdb, du, courier) = (t.s("src.db"), du.clone(), courier.clone());
         std::thread::spawn(move || bitfog(&["store", &srcdb, &du, &courier]))
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let growing = fs::read_dir(&dst).unwrap().map(|e| e.unwrap()).any(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with(".bitfog-part-")
-                && !n.ends_with(".json")
-                && e.metadata().unwrap().len() > 0
-        });
-        if growing {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upload never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    first_growing(
+        &dst,
+        |n| n.starts_with(".bitfog-part-") && !n.ends_with(".json"),
+        "the upload never started",
+    );
     kill_9_traced(&mut slow);
     let s = store.join().unwrap();
     assert_eq!(s.code, 1, "{s}");
