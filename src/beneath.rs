@@ -395,6 +395,18 @@ impl Dir {
     }
 }
 
+/// What identifies a version of a file without reading it (device, inode,
+/// mtime and ctime in nanoseconds): any write changes the ctime.
+pub(crate) fn identity(m: &std::fs::Metadata) -> [i128; 4] {
+    use std::os::unix::fs::MetadataExt;
+    [
+        m.dev() as i128,
+        m.ino() as i128,
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

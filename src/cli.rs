@@ -24,7 +24,8 @@ usage: bitfog <command> [options] [args]
 commands:
   serve    [--conf FILE] [--addr ADDR] [--threads N] [--cache DIR]
                                                         run the HTTP server
-  builddb  URL DB                                       snapshot an area into a DB
+  builddb  URL DB [--signatures [--signature-min SIZE]]
+                                                        snapshot an area into a DB
   emptydb  DB                                           write a DB of an empty area
   plan     DESTDB SRCURL [--max-bytes SIZE]             show what fetch would carry
   fetch    DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N] [--dry-run]
@@ -62,12 +63,16 @@ options:
         }
         "builddb" => {
             "\
-usage: bitfog builddb URL DB
+usage: bitfog builddb URL DB [--signatures [--signature-min SIZE]]
 
 Reads the listing of the area at URL and writes it to DB as a manifest.
 An interrupted or failed run leaves an existing DB untouched.
 
 options:
+      --signatures   also write block signatures of the large files to
+                     DB.sig, so fetch can carry deltas of their next versions
+      --signature-min SIZE
+                     smallest file to sign (default: 64M)
       --json         print {\"files\":N,\"bytes\":B}
       --token TOKEN  bearer token for the area
 "
@@ -148,6 +153,8 @@ pub(crate) enum Command {
     Builddb {
         url: AreaUrl,
         db: PathBuf,
+        /// With `--signatures`: the smallest file to sign.
+        signatures: Option<u64>,
     },
     Emptydb {
         db: PathBuf,
@@ -183,6 +190,8 @@ struct Raw {
     delete: bool,
     max_delete: Option<String>,
     dry_run: bool,
+    signatures: bool,
+    signature_min: Option<String>,
     free: Vec<OsString>,
 }
 
@@ -219,6 +228,8 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
         delete: p.contains("--delete"),
         max_delete: p.opt_value_from_str("--max-delete").map_err(pico)?,
         dry_run: p.contains("--dry-run"),
+        signatures: p.contains("--signatures"),
+        signature_min: p.opt_value_from_str("--signature-min").map_err(pico)?,
         free: Vec::new(),
     };
     for a in p.finish() {
@@ -240,6 +251,8 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
                 "--delete",
                 "--max-delete",
                 "--dry-run",
+                "--signatures",
+                "--signature-min",
                 "-h",
                 "--help",
                 "-V",
@@ -312,6 +325,8 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
         ("--delete", r.delete, &["store"]),
         ("--max-delete", r.max_delete.is_some(), &["store"]),
         ("--dry-run", r.dry_run, &["fetch", "store"]),
+        ("--signatures", r.signatures, &["builddb"]),
+        ("--signature-min", r.signature_min.is_some(), &["builddb"]),
     ];
     for (opt, present, allowed) in given {
         if present && !allowed.contains(&name.as_str()) {
@@ -360,10 +375,20 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
             })
         }
         "builddb" => {
-            let a = want(2, "URL DB")?;
+            let a = want(2, "URL DB [--signatures [--signature-min SIZE]]")?;
+            if r.signature_min.is_some() && !r.signatures {
+                return Err(Error::usage("--signature-min needs --signatures"));
+            }
+            let min = match r.signature_min.as_deref() {
+                Some(v) => parse_size(v).ok_or_else(|| {
+                    Error::usage(format!("--signature-min: bad size '{v}' (e.g. 64M, 1G)"))
+                })?,
+                None => crate::delta::SIGNATURE_MIN,
+            };
             Command::Builddb {
                 url: url(&a[0])?,
                 db: a[1].clone(),
+                signatures: r.signatures.then_some(min),
             }
         }
         "emptydb" => Command::Emptydb {

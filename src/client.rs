@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::manifest::{Entry, Reader};
 use crate::protocol::{self, percent_encode_path};
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 use ureq::BodyReader;
 
@@ -153,6 +153,62 @@ impl Client {
         Ok((x.size, x.extents))
     }
 
+    /// A file's block signature (`?signature`): its header, record table
+    /// and the file's SHA-256.
+    pub(crate) fn signature(
+        &self,
+        area: &AreaUrl,
+        name: &str,
+    ) -> Result<(crate::delta::SigHeader, Vec<u8>, String)> {
+        use crate::delta::{MAX_HEADER, SIGNATURE_TYPE, SigHeader};
+        let url = format!("{}?signature", area.file(name));
+        let resp = self
+            .auth(self.agent.get(&url))
+            .call()
+            .map_err(|e| transport(&url, e))?;
+        let resp = success(&url, resp)?;
+        let ty = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ty.eq_ignore_ascii_case(SIGNATURE_TYPE) {
+            return Err(Error::failed(format!(
+                "{url}: the server does not make signatures (bitfog too old?)"
+            )));
+        }
+        let fail = |why: String| Error::failed(format!("{url}: {why}"));
+        let mut r = BufReader::new(resp.into_body().into_reader());
+        let mut line = Vec::new();
+        let read_line = |r: &mut BufReader<BodyReader<'static>>, line: &mut Vec<u8>| {
+            line.clear();
+            r.by_ref()
+                .take(MAX_HEADER as u64)
+                .read_until(b'\n', line)
+                .map_err(|e| fail(format!("signature cut short: {e}")))
+        };
+        read_line(&mut r, &mut line)?;
+        let h: SigHeader =
+            serde_json::from_slice(&line).map_err(|e| fail(format!("bad signature: {e}")))?;
+        h.check()
+            .map_err(|why| fail(format!("bad signature: {why}")))?;
+        let mut table = vec![0u8; h.table_len() as usize];
+        r.read_exact(&mut table)
+            .map_err(|e| fail(format!("signature cut short: {e}")))?;
+        read_line(&mut r, &mut line)?;
+        #[derive(serde::Deserialize)]
+        struct End {
+            sha256: String,
+        }
+        let end: End = serde_json::from_slice(&line).map_err(|_| {
+            fail("signature cut short (the file changed while it was signed?)".into())
+        })?;
+        if !crate::digest::is_sha256_hex(&end.sha256) {
+            return Err(fail("bad signature: no SHA-256".into()));
+        }
+        Ok((h, table, end.sha256))
+    }
+
     /// GETs bytes `start..=end` of a file.
     pub(crate) fn get_range(
         &self,
@@ -250,6 +306,31 @@ impl Client {
         let body = BufReader::with_capacity(crate::digest::BUF_SIZE, file.take(entry.size));
         let resp = req
             .send(ureq::SendBody::from_owned_reader(body))
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+
+    /// PUTs a delta (`len` bytes of `body`) that makes `entry` from the
+    /// destination's older version of it.
+    pub(crate) fn put_delta(
+        &self,
+        area: &AreaUrl,
+        entry: &Entry,
+        body: impl Read + Send + 'static,
+        len: u64,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let url = area.file(&entry.name);
+        let resp = self
+            .auth(self.agent.put(&url))
+            .header("Content-Length", len.to_string())
+            .header("Content-Type", crate::delta::DELTA_TYPE)
+            .header(protocol::HDR_SHA256, entry.sha256.as_deref().unwrap_or(""))
+            .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
+            .header(protocol::HDR_MTIME, entry.mtime.to_string())
+            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
+                crate::digest::BUF_SIZE,
+                body.take(len),
+            )))
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
     }

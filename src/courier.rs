@@ -674,7 +674,7 @@ pub(crate) fn usage(root: &Path) -> u64 {
     for (part, _, _) in read_partials(root) {
         total += fs::symlink_metadata(part).map(|m| m.len()).unwrap_or(0);
     }
-    total + crate::ranges::usage(root)
+    total + crate::ranges::usage(root) + crate::deltas::usage(root)
 }
 
 #[cfg(test)]

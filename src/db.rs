@@ -1,9 +1,10 @@
 //! `builddb` and `emptydb`: snapshots of an area written as manifests.
 
 use crate::client::{AreaUrl, Client};
-use crate::error::{Exit, Result};
-use crate::manifest::DbWriter;
-use crate::ui::{Ui, files_bytes};
+use crate::delta;
+use crate::error::{Error, Exit, Result};
+use crate::manifest::{DbWriter, as_usage, open_db};
+use crate::ui::{Ui, files_bytes, human_bytes, n_files};
 use serde::Serialize;
 use std::path::Path;
 
@@ -12,11 +13,22 @@ struct DbSummary {
     files: u64,
     bytes: u64,
     skipped: u64,
+    /// With --signatures: files signed, and the signature file's size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signed_files: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature_bytes: Option<u64>,
 }
 
 /// `bitfog builddb URL DB`: the DB is replaced only after the whole
 /// listing arrived and checked out.
-pub(crate) fn builddb(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path) -> Result<Exit> {
+pub(crate) fn builddb(
+    ui: &Ui,
+    client: &Client,
+    url: &AreaUrl,
+    db: &Path,
+    signatures: Option<u64>,
+) -> Result<Exit> {
     let mut listing = client.listing(url)?;
     let mut out = DbWriter::create(db, Some(url.as_str()))?;
     for entry in listing.by_ref() {
@@ -33,16 +45,76 @@ pub(crate) fn builddb(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path) -> Res
             "{url}: the server left out {skipped} names it could not list (see its log)"
         ));
     }
-    let human = format!("wrote '{}': {}\n", db.display(), files_bytes(files, bytes));
-    ui.summary(
-        &DbSummary {
-            files,
-            bytes,
-            skipped,
-        },
-        &human,
-    );
-    Ok(Exit::Done)
+    let mut human = format!("wrote '{}': {}\n", db.display(), files_bytes(files, bytes));
+    let mut sum = DbSummary {
+        files,
+        bytes,
+        skipped,
+        signed_files: None,
+        signature_bytes: None,
+    };
+    let mut exit = Exit::Done;
+    if let Some(min) = signatures {
+        let (signed, sig_bytes, failed) = sign(ui, client, url, db, min)?;
+        human.push_str(&format!(
+            "wrote '{}': signatures of {} ({})\n",
+            delta::sig_path(db).display(),
+            n_files(signed),
+            human_bytes(sig_bytes)
+        ));
+        sum.signed_files = Some(signed);
+        sum.signature_bytes = Some(sig_bytes);
+        if failed > 0 {
+            human.push_str(&format!("{} could not be signed\n", n_files(failed)));
+            exit = Exit::Failed;
+        }
+    }
+    ui.summary(&sum, &human);
+    Ok(exit)
+}
+
+/// Writes `DB.sig`: the signatures of the DB's files of `min` bytes or
+/// more, asked of the server one by one. A file that changed since the
+/// listing (its signature names another SHA-256) or cannot be signed is
+/// named and left out; fetch then carries it whole. Returns the files
+/// signed, the signature file's size and the failures.
+fn sign(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path, min: u64) -> Result<(u64, u64, u64)> {
+    let io_err = |e: std::io::Error| Error::io(delta::sig_path(db).display().to_string(), &e);
+    let mut out = delta::SigFileWriter::create(db, url.as_str()).map_err(io_err)?;
+    let (_, entries) = open_db(db)?;
+    let (mut signed, mut failed) = (0u64, 0u64);
+    for e in entries {
+        let e = e.map_err(as_usage)?;
+        if e.is_symlink() || e.size < min || e.size == 0 {
+            continue;
+        }
+        let (header, table, sha256) = match client.signature(url, &e.name) {
+            Ok(s) => s,
+            Err(err) => {
+                ui.error(format!("'{}': no signature: {err}", e.name));
+                failed += 1;
+                continue;
+            }
+        };
+        if header.size != e.size || e.sha256.as_ref().is_some_and(|h| *h != sha256) {
+            ui.error(format!(
+                "'{}': changed since the listing; no signature (run builddb again)",
+                e.name
+            ));
+            failed += 1;
+            continue;
+        }
+        let rec = delta::SigRecord {
+            name: e.name.clone(),
+            sha256,
+            header,
+        };
+        out.add(&rec, &table).map_err(io_err)?;
+        signed += 1;
+    }
+    out.commit().map_err(io_err)?;
+    let bytes = std::fs::metadata(delta::sig_path(db)).map_or(0, |m| m.len());
+    Ok((signed, bytes, failed))
 }
 
 /// `bitfog emptydb DB`.
@@ -53,6 +125,8 @@ pub(crate) fn emptydb(ui: &Ui, db: &Path) -> Result<Exit> {
             files: 0,
             bytes: 0,
             skipped: 0,
+            signed_files: None,
+            signature_bytes: None,
         },
         &format!("wrote '{}': empty\n", db.display()),
     );

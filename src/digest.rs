@@ -26,6 +26,11 @@ impl Hasher {
     pub(crate) fn hex(self) -> String {
         hex(&self.0.finalize())
     }
+
+    /// The digest's 32 bytes.
+    pub(crate) fn digest(self) -> [u8; 32] {
+        self.0.finalize().into()
+    }
 }
 
 /// Lowercase hex of some bytes.

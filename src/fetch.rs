@@ -10,6 +10,8 @@ use crate::client::{AreaUrl, Client};
 use crate::copies::{DestIndex, Instructions, Origin};
 use crate::courier::CopyInstr;
 use crate::courier::{self, Carried, Courier, PartialMeta};
+use crate::delta::SigIndex;
+use crate::deltas::{self, NoDelta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
 use crate::manifest::{Entry, as_usage, open_db, parent_dir};
@@ -17,7 +19,7 @@ use crate::plan::{self, Missing, Need};
 use crate::ranges::{self, RangeRecord};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -40,18 +42,27 @@ pub(crate) struct FetchOpts {
     pub(crate) jobs: usize,
 }
 
+/// The destination's version of a file the source changed: its size and
+/// SHA-256 (when DESTDB has one).
+pub(crate) type Old = (u64, Option<String>);
+
 /// Reads DESTDB and the source listing and merges them as streams,
-/// calling `f` with what each name needs.
+/// calling `f` with what each name needs and the destination's older
+/// version of it, if any.
 pub(crate) fn each_need(
     client: &Client,
     destdb: &Path,
     src: &AreaUrl,
-    mut f: impl FnMut(Need) -> Result<()>,
+    mut f: impl FnMut(Need, Option<Old>) -> Result<()>,
 ) -> Result<()> {
     let (_, dst) = open_db(&destdb_path(destdb)?)?;
     let listing = client.listing(src)?;
     plan::merge(listing, dst.map(|r| r.map_err(as_usage)), |pair| {
-        f(plan::need(pair))
+        let old = match &pair {
+            plan::Pair::Both(_, d) if !d.is_symlink() => Some((d.size, d.sha256.clone())),
+            _ => None,
+        };
+        f(plan::need(pair), old)
     })
 }
 
@@ -77,7 +88,7 @@ pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
 /// Everything the destination lacks, held in memory.
 pub(crate) fn missing(client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Missing> {
     let mut m = Missing::default();
-    each_need(client, destdb, src, |need| {
+    each_need(client, destdb, src, |need, _| {
         m.add(need);
         Ok(())
     })?;
@@ -126,7 +137,7 @@ pub(crate) fn plan(
     let list = ui.verbose && !ui.json && !ui.quiet;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut out_ok = true;
-    each_need(client, destdb, src, |need| {
+    each_need(client, destdb, src, |need, _| {
         match need {
             Need::Nothing => {}
             Need::File(e) if dest_index.find(&e).is_some() => sum.instructed_files += 1,
@@ -207,6 +218,11 @@ struct FetchSummary {
     /// and how many files the courier holds ranges of.
     range_bytes: u64,
     ranged_files: u64,
+    /// Files the courier holds deltas of (made by this run or kept), the
+    /// deltas' bytes and the bytes of the files they make.
+    delta_files: u64,
+    delta_bytes: u64,
+    delta_file_bytes: u64,
     budget_stop: bool,
     disk_full: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -286,7 +302,20 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             || held_ranges.iter().any(|(_, r)| r.of(e))
     };
     let mut range_files: Vec<Entry> = Vec::new();
-    each_need(client, &opts.destdb, &opts.src, |need| {
+    // Changed files the destination has an older version of, signed:
+    // candidates for a delta (needed index, old size and SHA-256).
+    let signatures = match SigIndex::open(&destdb_path(&opts.destdb)?) {
+        Ok(s) => s,
+        Err(why) => {
+            ui.error(format!("{why}; changed files are carried whole"));
+            None
+        }
+    };
+    let held_deltas = deltas::held(&opts.courier);
+    let mut kept_deltas: Vec<PathBuf> = Vec::new();
+    let (mut delta_held_files, mut delta_held_bytes, mut delta_held_covers) = (0u64, 0u64, 0u64);
+    let mut delta_cands: Vec<(usize, u64, String)> = Vec::new();
+    each_need(client, &opts.destdb, &opts.src, |need, old| {
         match need {
             Need::File(e) => {
                 if instrs.at_dest(&e, &dest_index)? {
@@ -300,6 +329,25 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     held_files += 1;
                     held_bytes += e.size;
                     return Ok(());
+                }
+                // The destination's version this file can be a delta of.
+                let base = old.filter(|_| e.sha256.is_some()).and_then(|(size, sha)| {
+                    Some((
+                        size,
+                        signatures.as_ref()?.base(&e.name, size, sha.as_deref())?,
+                    ))
+                });
+                if let Some((size, sha)) = &base {
+                    let held = held_deltas
+                        .get(&e.name)
+                        .filter(|h| h.makes(&e) && h.applies_to(*size, Some(sha)));
+                    if let Some(h) = held {
+                        kept_deltas.push(h.path.clone());
+                        delta_held_files += 1;
+                        delta_held_bytes += h.len;
+                        delta_held_covers += e.size;
+                        return Ok(());
+                    }
                 }
                 if in_progress(&e) {
                     range_files.push(e);
@@ -317,6 +365,10 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     } else {
                         discard(&part, &sidecar);
                     }
+                }
+                // A download under way is finished rather than replaced.
+                if let Some((size, sha)) = base.filter(|_| !resume.contains_key(&i)) {
+                    delta_cands.push((i, size, sha));
                 }
             }
             Need::Refused(name, why) => {
@@ -339,6 +391,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     for c in log.remaining() {
         courier.remove_carried(&c.name);
     }
+    deltas::clean(&opts.courier, &kept_deltas);
     drop(log);
     new_log.commit()?;
     if let Err(e) = courier.keep_snapshot(&destdb_path(&opts.destdb)?) {
@@ -387,8 +440,85 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             avail -= len;
         }
     }
+    // Deltas go first: each brings a whole file up to date for a fraction
+    // of its bytes. One that would not be smaller than the file (or than
+    // what is left of the budget) is dropped, and the file competes below.
+    let disk_full = AtomicBool::new(false);
+    let wire = AtomicU64::new(0);
+    let mut delta_done: HashMap<usize, u64> = HashMap::new();
+    delta_cands.sort_by_key(|&(i, _, _)| std::cmp::Reverse(sizes[i]));
+    let delta_total: u64 = delta_cands.iter().map(|&(i, _, _)| sizes[i]).sum();
+    let delta_progress =
+        Progress::start(ui, "making deltas", delta_cands.len() as u64, delta_total);
+    for (i, base_size, base_sha) in &delta_cands {
+        let i = *i;
+        if is_dup(i) || avail == 0 {
+            continue;
+        }
+        let Ok(e) = needed.get(i) else { continue };
+        let Some((_, sig)) = signatures
+            .as_ref()
+            .and_then(|s| s.get(&e.name, *base_size, Some(base_sha)))
+        else {
+            continue;
+        };
+        let limit = avail.min(costs[i].saturating_sub(1));
+        let before = delta_progress.bytes.load(Ordering::Relaxed);
+        let made = deltas::make(
+            client,
+            &opts.src,
+            &opts.courier,
+            &e,
+            (base_sha, &sig),
+            limit,
+            &delta_progress.bytes,
+        );
+        wire.fetch_add(
+            delta_progress.bytes.load(Ordering::Relaxed) - before,
+            Ordering::Relaxed,
+        );
+        delta_progress.files.fetch_add(1, Ordering::Relaxed);
+        match made {
+            Ok(len) => {
+                avail -= len;
+                delta_done.insert(i, len);
+                if ui.verbose {
+                    ui.log(format!(
+                        "made a delta of '{}': {} for {}",
+                        e.name,
+                        human_bytes(len),
+                        human_bytes(e.size)
+                    ));
+                }
+            }
+            Err(NoDelta::TooBig) => {
+                if ui.verbose {
+                    ui.log(format!(
+                        "'{}': a delta would not be smaller than {}; the file travels whole",
+                        e.name,
+                        human_bytes(limit)
+                    ));
+                }
+            }
+            Err(NoDelta::DiskFull) => {
+                disk_full.store(true, Ordering::SeqCst);
+                ui.error(format!(
+                    "'{}': the courier disk is full; stopping (complete files are kept)",
+                    opts.courier.display()
+                ));
+                break;
+            }
+            Err(NoDelta::Failed(why)) => {
+                ui.error(format!(
+                    "'{}': no delta: {why}; the file travels whole",
+                    e.name
+                ));
+            }
+        }
+    }
+    delta_progress.finish();
     let need = |i: usize| {
-        if is_dup(i) {
+        if is_dup(i) || delta_done.contains_key(&i) {
             u64::MAX
         } else {
             costs[i] - partial_len(i)
@@ -430,7 +560,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     if left >= min_range && left > 0 {
         let is_taken: std::collections::HashSet<usize> = taken.iter().copied().collect();
         let mut order: Vec<usize> = (0..sizes.len())
-            .filter(|&i| !is_taken.contains(&i) && !is_dup(i))
+            .filter(|&i| !is_taken.contains(&i) && !is_dup(i) && !delta_done.contains_key(&i))
             .collect();
         order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]));
         if let Some(&i) = order
@@ -447,10 +577,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
 
     let progress = Progress::start(ui, "fetching", taken.len() as u64, total_bytes);
     let next = AtomicUsize::new(0);
-    let disk_full = AtomicBool::new(false);
     let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     let fails = AtomicU64::new(0);
-    let wire = AtomicU64::new(0);
     std::thread::scope(|s| {
         for _ in 0..opts.jobs.clamp(1, 64) {
             s.spawn(|| {
@@ -541,7 +669,11 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let done = done.into_inner().expect("done list");
     // Duplicates of files held or fetched become instructions; the rest
     // wait for the trip that carries their original.
-    let fetched: std::collections::HashSet<usize> = done.iter().copied().collect();
+    let fetched: std::collections::HashSet<usize> = done
+        .iter()
+        .copied()
+        .chain(delta_done.keys().copied())
+        .collect();
     let from_dest = instrs.from_dest;
     let mut dup_instrs = Vec::new();
     let (mut dup_files, mut dup_bytes) = (0u64, 0u64);
@@ -568,18 +700,24 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         ));
         fails.fetch_add(1, Ordering::Relaxed);
     }
+    let whole_bytes: u64 = done.iter().map(|&i| sizes[i]).sum();
+    let new_delta_bytes: u64 = delta_done.values().sum();
+    let delta_covers: u64 = delta_done.keys().map(|&i| sizes[i]).sum();
     let mut sum = FetchSummary {
-        fetched_files: done.len() as u64,
-        fetched_bytes: done.iter().map(|&i| sizes[i]).sum(),
+        fetched_files: (done.len() + delta_done.len()) as u64,
+        fetched_bytes: whole_bytes + new_delta_bytes,
+        delta_files: delta_held_files + delta_done.len() as u64,
+        delta_bytes: delta_held_bytes + new_delta_bytes,
+        delta_file_bytes: delta_held_covers + delta_covers,
         failed_files: failed + fails.load(Ordering::Relaxed),
         downloaded_bytes: wire.load(Ordering::Relaxed),
         disk_full: disk_full.load(Ordering::SeqCst) || disk_bound,
         ..Default::default()
     };
-    sum.courier_files = held_files + sum.fetched_files;
-    sum.courier_bytes = held_bytes + sum.fetched_bytes;
-    sum.remaining_files = (needed.len() - done.len()) as u64 - dup_files;
-    sum.remaining_bytes = sizes.iter().sum::<u64>() - sum.fetched_bytes - dup_bytes;
+    sum.courier_files = held_files + delta_held_files + sum.fetched_files;
+    sum.courier_bytes = held_bytes + delta_held_bytes + sum.fetched_bytes;
+    sum.remaining_files = (needed.len() - done.len() - delta_done.len()) as u64 - dup_files;
+    sum.remaining_bytes = sizes.iter().sum::<u64>() - whole_bytes - delta_covers - dup_bytes;
     sum.instructed_files = courier::count_copies(&opts.courier).max(from_dest);
     // Files under way: what is left of each after this run's ranges.
     let now_held = ranges::held(&opts.courier);
@@ -599,7 +737,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         .collect::<std::collections::HashSet<_>>()
         .len() as u64;
     sum.courier_bytes += now_held.iter().map(|(_, r)| r.len).sum::<u64>();
-    sum.budget_stop = sum.remaining_files > 0 && taken.len() < needed.len();
+    sum.budget_stop = sum.remaining_files > 0 && taken.len() + delta_done.len() < needed.len();
 
     let mut human = format!(
         "fetched {}; the courier holds {} for the destination\n",
@@ -611,6 +749,14 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             "carried {} as ranges; the courier holds ranges of {} bigger than what the budget had left\n",
             human_bytes(sum.range_bytes),
             n_files(sum.ranged_files)
+        ));
+    }
+    if sum.delta_files > 0 {
+        human.push_str(&format!(
+            "{} travel as deltas: {} in the courier for {} of files\n",
+            n_files(sum.delta_files),
+            human_bytes(sum.delta_bytes),
+            human_bytes(sum.delta_file_bytes)
         ));
     }
     if sum.instructed_files > 0 {

@@ -13,7 +13,7 @@ use crate::digest::is_sha256_hex;
 use crate::paths::name_cmp;
 use std::cmp::Ordering;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// The first line of a cache file; a file without it (an older format,
@@ -201,6 +201,96 @@ pub(crate) fn default_dir() -> Option<PathBuf> {
                 .map(|h| PathBuf::from(h).join(".cache"))
         })?;
     Some(base.join("bitfog"))
+}
+
+/// The server's signature cache: one file per large file signed, in a
+/// directory per area beside the hash cache. A file is named after a hash
+/// of the file's name and holds a JSON line (`CachedSig`: the file's size
+/// and identity, its SHA-256 and the signature header) and the record
+/// table. A file whose size or identity changed misses, exactly as in the
+/// hash cache, so a stale signature is never served.
+#[derive(Debug, Clone)]
+pub(crate) struct SigCache {
+    dir: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedSig {
+    /// Device, inode, mtime and ctime (ns), space-separated.
+    id: String,
+    sha256: String,
+    #[serde(flatten)]
+    header: crate::delta::SigHeader,
+}
+
+fn id_text(id: &[i128; 4]) -> String {
+    format!("{} {} {} {}", id[0], id[1], id[2], id[3])
+}
+
+impl SigCache {
+    pub(crate) fn for_area(dir: &Path, area: &str, root: &Path) -> SigCache {
+        let hashes = CacheFile::for_area(dir, area, root).path;
+        SigCache {
+            dir: hashes.with_extension("sigs"),
+        }
+    }
+
+    fn path(&self, name: &[u8]) -> PathBuf {
+        let mut h = crate::digest::Hasher::new();
+        h.update(name);
+        self.dir.join(&h.hex()[..32])
+    }
+
+    /// The cached SHA-256 and signature of `name` (relative path) if its
+    /// size and identity are unchanged; the reader is at the table.
+    pub(crate) fn get(
+        &self,
+        name: &[u8],
+        size: u64,
+        id: &[i128; 4],
+    ) -> Option<(String, crate::delta::SigHeader, BufReader<File>)> {
+        let mut r = BufReader::new(File::open(self.path(name)).ok()?);
+        let mut line = Vec::new();
+        (&mut r)
+            .take(crate::delta::MAX_HEADER as u64)
+            .read_until(b'\n', &mut line)
+            .ok()?;
+        let c: CachedSig = serde_json::from_slice(&line).ok()?;
+        let fits = c.header.size == size && c.id == id_text(id) && c.header.check().is_ok();
+        fits.then_some((c.sha256, c.header, r))
+    }
+
+    /// Keeps a signature (written to a temporary file, then renamed).
+    pub(crate) fn put(
+        &self,
+        name: &[u8],
+        id: &[i128; 4],
+        sha256: &str,
+        header: &crate::delta::SigHeader,
+        table: &[u8],
+    ) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        let path = self.path(name);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let c = CachedSig {
+            id: id_text(id),
+            sha256: sha256.to_string(),
+            header: header.clone(),
+        };
+        let mut out = BufWriter::new(File::create(&tmp)?);
+        let written = serde_json::to_writer(&mut out, &c)
+            .map_err(io::Error::other)
+            .and_then(|()| out.write_all(b"\n"))
+            .and_then(|()| out.write_all(table))
+            .and_then(|()| out.flush());
+        match written.and_then(|()| fs::rename(&tmp, &path)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ mod client;
 mod copies;
 mod courier;
 mod db;
+mod delta;
+mod deltas;
 mod digest;
 mod error;
 mod fetch;
@@ -42,7 +44,11 @@ fn run(cli: cli::Cli) -> Result<Exit> {
             Ok(Exit::Done)
         }
         Command::Serve(opts) => server::serve(opts).map(|()| Exit::Done),
-        Command::Builddb { url, db } => db::builddb(ui, &client(), url, db),
+        Command::Builddb {
+            url,
+            db,
+            signatures,
+        } => db::builddb(ui, &client(), url, db, *signatures),
         Command::Emptydb { db } => db::emptydb(ui, db),
         Command::Plan {
             destdb,

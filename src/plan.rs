@@ -131,7 +131,8 @@ pub(crate) fn fit_largest_first(
     let mut taken = Vec::new();
     for i in order {
         let n = need(i);
-        if n <= left {
+        // u64::MAX says "not this trip", even against an unlimited budget.
+        if n < u64::MAX && n <= left {
             left -= n;
             taken.push(i);
         }

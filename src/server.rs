@@ -9,9 +9,10 @@
 //! never read, create, change or delete anything outside an area.
 
 use crate::beneath::{Dir, Kind, Root};
+use crate::delta;
 use crate::digest::{CopyError, Hasher, Writeback, copy_hashing, is_sha256_hex};
 use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
-use crate::hashcache::CacheFile;
+use crate::hashcache::{CacheFile, SigCache};
 use crate::http::{self, Body, Request, Response};
 use crate::manifest::{End, PartialUpload};
 use crate::paths::{components, is_reserved};
@@ -335,15 +336,23 @@ fn handle(state: &State, req: &mut Request) -> Response {
     };
     let reserved = is_reserved(comps[comps.len() - 1]);
     let query = req.target.split_once('?').map(|(_, q)| q);
+    let sigs = state.cache.as_ref().map(|dir| {
+        SigCache::for_area(
+            dir,
+            std::str::from_utf8(area_name).unwrap_or(""),
+            &area.root,
+        )
+    });
     match method {
         "GET" if !reserved && query == Some("extents") => extents(root, &comps),
+        "GET" if !reserved && query == Some("signature") => signature(root, &comps, sigs),
         "GET" | "HEAD" if reserved => Response::text(404, "not found"),
         "GET" | "HEAD" => get_file(root, &comps, req),
         "PUT" | "DELETE" if !area.writable => not_allowed(allow),
         "PUT" | "DELETE" if reserved => {
             Response::text(400, "names starting with .bitfog are reserved")
         }
-        "PUT" => put(root, &comps, req),
+        "PUT" => put(root, &comps, req, sigs.as_ref()),
         "DELETE" => delete(root, &comps),
         _ => not_allowed(allow),
     }
@@ -681,7 +690,7 @@ fn remove_stale_temps(state: &State) {
     }
 }
 
-fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
+fn put(root: &Root, comps: &[&[u8]], req: &mut Request, sigs: Option<&SigCache>) -> Response {
     if req.header("content-length").is_none() {
         return Response::text(411, "PUT needs Content-Length");
     }
@@ -707,6 +716,8 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
     let sparse = content_type_is(req, protocol::EXTENTS_TYPE);
     let result = if sparse {
         put_sparse(&dir, last(comps), req)
+    } else if content_type_is(req, delta::DELTA_TYPE) {
+        put_delta(&dir, comps, req, sigs)
     } else if let Some(from) = req.header(protocol::HDR_FROM) {
         let from = from.to_string();
         put_copy(root, comps, &dir, &from, req)
@@ -952,6 +963,198 @@ fn extents(root: &Root, comps: &[&[u8]]) -> Response {
     let body = serde_json::json!({ "size": size, "extents": list });
     Response::new(200, Body::Bytes(format!("{body}\n").into_bytes()))
         .with("Content-Type", "application/json")
+}
+
+/// `GET /AREA/PATH?signature`: the file's block signature (see `delta`),
+/// from the cache when the file is unchanged, else computed while it
+/// streams out. A file that changes meanwhile cuts the response short, so
+/// the client never takes a signature of a version that did not exist.
+fn signature(root: &Root, comps: &[&[u8]], sigs: Option<SigCache>) -> Response {
+    let dir = match parent_dir(root, comps, false) {
+        Ok(d) => d,
+        Err(resp) => return resp,
+    };
+    let Ok(file) = dir.open_read(last(comps)) else {
+        return Response::text(404, "not found");
+    };
+    let meta = match file.metadata() {
+        Ok(m) if m.is_file() => m,
+        _ => return Response::text(404, "not a regular file"),
+    };
+    let (size, id) = (meta.len(), crate::beneath::identity(&meta));
+    let name = comps.join(&b'/');
+    let cached = sigs.as_ref().and_then(|c| c.get(&name, size, &id));
+    let produce = move |out: &mut dyn Write| -> io::Result<()> {
+        let trailer = |out: &mut dyn Write, sha: &str| {
+            let line = serde_json::json!({ "sha256": sha });
+            out.write_all(format!("{line}\n").as_bytes())
+        };
+        let line = |h: &delta::SigHeader| {
+            let mut l = serde_json::to_vec(h).unwrap_or_default();
+            l.push(b'\n');
+            l
+        };
+        if let Some((sha, h, mut table)) = cached {
+            out.write_all(&line(&h))?;
+            let n = io::copy(&mut (&mut table).take(h.table_len()), out)?;
+            if n != h.table_len() {
+                return Err(io::Error::other("cached signature cut short"));
+            }
+            return trailer(out, &sha);
+        }
+        let h = delta::SigHeader::new(size);
+        out.write_all(&line(&h))?;
+        let mut table = Vec::with_capacity(h.table_len() as usize);
+        let mut hasher = Hasher::new();
+        {
+            let mut tee = Tee {
+                out: &mut *out,
+                keep: &mut table,
+            };
+            let mut w = delta::SigWriter::new(h.block, &mut tee);
+            let n = match copy_hashing(&mut &file, &mut w, &mut hasher, size, |_| {}) {
+                Ok(n) => n,
+                Err(CopyError::Read(e) | CopyError::Write(e)) => return Err(e),
+            };
+            w.finish()?;
+            let now = file.metadata().map(|m| crate::beneath::identity(&m))?;
+            if n != size || now != id {
+                return Err(io::Error::other("the file changed while it was signed"));
+            }
+        }
+        let sha = hasher.hex();
+        if let Some(c) = &sigs {
+            let _ = c.put(&name, &id, &sha, &h, &table);
+        }
+        trailer(out, &sha)
+    };
+    Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", delta::SIGNATURE_TYPE)
+}
+
+/// Writes to `out` and keeps a copy.
+struct Tee<'a> {
+    out: &'a mut dyn Write,
+    keep: &'a mut Vec<u8>,
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write_all(buf)?;
+        self.keep.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// `PUT` with `Content-Type: application/x-bitfog-delta`: makes the new
+/// version of PATH from its old version and a delta (see `delta`). The
+/// old file must be the version the delta names (size and SHA-256, from
+/// the signature cache when its identity is unchanged, else hashed):
+/// otherwise 409 and nothing changes. The result goes to a temporary file
+/// and replaces PATH only when its SHA-256 matches `X-Bitfog-Sha256`
+/// (else 422) and the old file did not change meanwhile (else 409).
+fn put_delta(
+    dir: &Dir,
+    comps: &[&[u8]],
+    req: &mut Request,
+    sigs: Option<&SigCache>,
+) -> std::result::Result<(), Response> {
+    let want = required_sha(req, "a delta upload needs X-Bitfog-Sha256")?;
+    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
+    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
+    let name = last(comps);
+    let len = req.content_length();
+    let mut body = (&mut req.body).take(len);
+    let mut delta_hash = Hasher::new();
+    let h = delta::read_header(&mut body, &mut delta_hash)
+        .map_err(|e| Response::text(400, e.to_string()))?;
+    if h.sha256 != want {
+        return Err(Response::text(
+            400,
+            "the delta makes another file than X-Bitfog-Sha256 names",
+        ));
+    }
+    let changed = || {
+        Response::text(
+            409,
+            "the file at the destination is not the version the delta was made against",
+        )
+    };
+    let old = match dir.open_read(name) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(changed()),
+        Err(e) => return Err(Response::text(500, describe_io(&e))),
+    };
+    let meta = match old.metadata() {
+        Ok(m) if m.is_file() => m,
+        Ok(_) => return Err(changed()),
+        Err(e) => return Err(Response::text(500, describe_io(&e))),
+    };
+    let id = crate::beneath::identity(&meta);
+    if meta.len() != h.base_size {
+        return Err(changed());
+    }
+    let base = match sigs.and_then(|c| c.get(&comps.join(&b'/'), meta.len(), &id)) {
+        Some((sha, _, _)) => sha,
+        None => {
+            crate::digest::hash_reader(&old)
+                .map_err(|e| Response::text(500, describe_io(&e)))?
+                .0
+        }
+    };
+    if base != h.base_sha256 {
+        return Err(changed());
+    }
+    let temp = TempFile::create(dir).map_err(write_error)?;
+    let file = temp.file.as_ref().expect("fresh temp file");
+    let mut patch = delta::Patch::new(&h, body, &old, delta_hash);
+    let mut hasher = Hasher::new();
+    let bad = |e: io::Error| {
+        if e.kind() == io::ErrorKind::InvalidData {
+            Response::text(422, e.to_string())
+        } else {
+            Response::text(400, "request body cut short")
+        }
+    };
+    match copy_hashing(
+        &mut patch,
+        &mut Writeback::new(file, 0),
+        &mut hasher,
+        h.size,
+        |_| {},
+    ) {
+        Ok(n) if n == h.size => {}
+        Ok(_) => {
+            return Err(Response::text(
+                422,
+                "bad delta: shorter than the header says",
+            ));
+        }
+        Err(CopyError::Read(e)) => return Err(bad(e)),
+        Err(CopyError::Write(e)) => return Err(write_error(e)),
+    }
+    // The end record: the delta's own checksum.
+    if patch.read(&mut [0u8; 1]).map_err(bad)? != 0 {
+        return Err(Response::text(
+            422,
+            "bad delta: longer than the header says",
+        ));
+    }
+    let got = hasher.hex();
+    if got != want {
+        return Err(Response::text(
+            422,
+            format!("sha256 mismatch: the patched file has {got}, header says {want}"),
+        ));
+    }
+    if old.metadata().map(|m| crate::beneath::identity(&m)).ok() != Some(id) {
+        return Err(changed());
+    }
+    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
+    temp.persist(name).map_err(write_error)
 }
 
 /// Partial uploads live in the target's directory under reserved names

@@ -34,6 +34,7 @@ struct ReceiptLine {
     old: Option<Entry>,
 }
 use serde::Serialize;
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -63,6 +64,10 @@ struct StoreSummary {
     kept_files: u64,
     /// Of `stored_files`, those the destination made from its own copies.
     copied_files: u64,
+    /// Of `stored_files`, those patched from their older version with a
+    /// delta, and the delta bytes sent.
+    patched_files: u64,
+    delta_bytes: u64,
     /// Files whose content was there but whose mode or mtime changed
     /// (also counted in `skipped_files`).
     updated_files: u64,
@@ -84,6 +89,9 @@ enum Action {
     /// Appended range by range from `.bitfog/ranges/` (a file bigger than
     /// a trip).
     Ranges(Entry),
+    /// Made at the destination from its older version and the delta in
+    /// `.bitfog/deltas/`.
+    Patch(Entry, PathBuf),
     Delete(String),
 }
 
@@ -95,12 +103,16 @@ struct Task {
     from: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     ranged: bool,
+    /// The delta that makes this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delta: Option<PathBuf>,
 }
 
 impl Task {
     fn action(self) -> Action {
         match self.from {
             _ if self.ranged => Action::Ranges(self.e),
+            _ if self.delta.is_some() => Action::Patch(self.e, self.delta.unwrap_or_default()),
             Some(from) => Action::Copy(self.e, from),
             None if self.e.is_symlink() => Action::Link(self.e),
             None => Action::Upload(self.e),
@@ -160,6 +172,8 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let mut copies = crate::courier::Copies::open(&opts.courier);
     // Ranges of files bigger than a trip.
     let courier_ranges = ranges::held(&opts.courier);
+    // Deltas of files the destination has an older version of.
+    let courier_deltas = crate::deltas::held(&opts.courier);
     // The receipt: what the destination holds after this run, from its
     // listing and the outcome of each action (no second listing, so
     // nothing just stored is hashed again).
@@ -214,6 +228,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                             e: now.clone(),
                             from: Some(now.name.clone()),
                             ranged: false,
+                            delta: None,
                         },
                         &mut actions,
                     )?;
@@ -233,6 +248,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                         e: s.clone(),
                         from: None,
                         ranged: false,
+                        delta: None,
                     },
                     &mut actions,
                 )?;
@@ -243,6 +259,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                         e: s.clone(),
                         from: Some(from),
                         ranged: false,
+                        delta: None,
                     },
                     &mut actions,
                 )?;
@@ -253,10 +270,28 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                         e: s.clone(),
                         from: None,
                         ranged: true,
+                        delta: None,
                     },
                     &mut actions,
                 )?;
                 return note(s, true, d);
+            } else if let Some(h) = courier_deltas.get(&s.name).filter(|h| h.makes(&s)) {
+                let base_there = d
+                    .as_ref()
+                    .is_some_and(|d| !d.is_symlink() && h.applies_to(d.size, d.sha256.as_deref()));
+                if base_there {
+                    task(
+                        Task {
+                            e: s.clone(),
+                            from: None,
+                            ranged: false,
+                            delta: Some(h.path.clone()),
+                        },
+                        &mut actions,
+                    )?;
+                    return note(s, true, d);
+                }
+                refused.push(format!("'{}': {BASE_CHANGED}", s.name));
             } else {
                 sum.missing_files += 1;
                 sum.missing_bytes += s.size;
@@ -293,6 +328,11 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                 )),
                 Action::Ranges(e) => human.push_str(&format!(
                     "would send ranges of '{}' ({} in all)\n",
+                    e.name,
+                    human_bytes(e.size)
+                )),
+                Action::Patch(e, _) => human.push_str(&format!(
+                    "would patch '{}' with a delta ({})\n",
                     e.name,
                     human_bytes(e.size)
                 )),
@@ -340,7 +380,11 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let record = |action: &Action, outcome: std::result::Result<(), String>| {
         match (action, &outcome) {
             (
-                Action::Upload(e) | Action::Link(e) | Action::Copy(e, _) | Action::Ranges(e),
+                Action::Upload(e)
+                | Action::Link(e)
+                | Action::Copy(e, _)
+                | Action::Ranges(e)
+                | Action::Patch(e, _),
                 Err(_),
             ) => {
                 failed_names.lock().expect("names").insert(e.name.clone());
@@ -363,7 +407,8 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     Action::Upload(e)
                     | Action::Link(e)
                     | Action::Copy(e, _)
-                    | Action::Ranges(e) => &e.name,
+                    | Action::Ranges(e)
+                    | Action::Patch(e, _) => &e.name,
                     Action::Delete(n) => n,
                 };
                 ui.error(format!("'{name}': {why}"));
@@ -732,6 +777,12 @@ fn count(sum: &mut StoreSummary, action: &Action) {
             sum.stored_files += 1;
             sum.stored_bytes += e.size;
         }
+        Action::Patch(e, path) => {
+            sum.stored_files += 1;
+            sum.stored_bytes += e.size;
+            sum.patched_files += 1;
+            sum.delta_bytes += std::fs::metadata(path).map_or(0, |m| m.len());
+        }
         Action::Copy(e, from) if *from == e.name => sum.updated_files += 1,
         Action::Copy(e, _) => {
             sum.stored_files += 1;
@@ -794,6 +845,35 @@ fn run(
     };
     match action {
         Action::Ranges(_) => Err("ranges are sent by send_ranges".into()),
+        Action::Patch(e, path) => {
+            let open_err =
+                |err: std::io::Error| format!("cannot read the delta: {}", describe_io(&err));
+            // The whole delta is checked before it leaves: a damaged one
+            // is not sent (the destination would refuse it too).
+            let header = File::open(path)
+                .map_err(open_err)
+                .and_then(|f| {
+                    crate::delta::verify(std::io::BufReader::new(f))
+                        .map_err(|err| format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one"))
+                })?;
+            if !header.name.eq(&e.name) || header.sha256 != e.sha256.clone().unwrap_or_default() {
+                return Err("the delta in the courier is for another version; not sent".into());
+            }
+            let file = File::open(path).map_err(open_err)?;
+            let len = file.metadata().map_err(open_err)?.len();
+            match client
+                .put_delta(dest, e, file, len)
+                .map_err(|e| e.to_string())?
+            {
+                Ok(()) => Ok(()),
+                Err(r) if r.status == 409 => Err(format!("{BASE_CHANGED} ({})", r.reason)),
+                Err(r) if r.status == 400 || r.status == 405 => Err(format!(
+                    "the destination cannot apply deltas ({}); carry the file whole",
+                    r.reason
+                )),
+                Err(r) => Err(refused(r)),
+            }
+        }
         Action::Copy(e, from) => client
             .put_copy(dest, e, from)
             .map_err(|e| e.to_string())?
@@ -893,6 +973,10 @@ fn run(
         }
     }
 }
+
+/// Why a delta is not applied when the destination's file is not the
+/// version it was made against.
+const BASE_CHANGED: &str = "the destination's file changed after its signature was taken; nothing was changed, and the next fetch carries the file whole or as a new delta";
 
 /// Files at least this large are hashed while they are sent instead of
 /// in a pass of their own before.

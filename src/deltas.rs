@@ -1,0 +1,211 @@
+//! Deltas in the courier: made by `fetch`, sent by `store`.
+//!
+//! When DESTDB comes with signatures (`builddb --signatures`, `DB.sig`)
+//! and the destination has an older version of a file the source changed,
+//! `fetch` reads the new version from the source, computes its delta
+//! against the old version's signature (see `delta`) and keeps it in
+//! `COURIER/.bitfog/deltas/ID.delta` when it is smaller than the file.
+//! A delta is self-describing (its header names the file, both versions
+//! and its own checksum), so nothing else records it. `store` checks it
+//! and sends it to the destination, which patches the old file into a
+//! temporary one and publishes the result only when its SHA-256 matches.
+
+use crate::client::{AreaUrl, Client};
+use crate::delta::{self, DeltaHeader, Encoder, Signature};
+use crate::digest::{CopyError, Hasher, copy_hashing};
+use crate::error::{describe_io, is_disk_full};
+use crate::manifest::Entry;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+fn dir(courier: &Path) -> PathBuf {
+    courier.join(crate::paths::COURIER_STATE).join("deltas")
+}
+
+fn id(name: &str, sha: &str, base_sha: &str) -> String {
+    let mut h = Hasher::new();
+    h.update(format!("{name}\0{sha}\0{base_sha}").as_bytes());
+    h.hex()[..24].to_string()
+}
+
+/// A complete delta in the courier.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    pub(crate) path: PathBuf,
+    pub(crate) header: DeltaHeader,
+    pub(crate) len: u64,
+}
+
+impl Held {
+    /// True when this delta makes the listed version of `e`.
+    pub(crate) fn makes(&self, e: &Entry) -> bool {
+        self.header.name == e.name
+            && self.header.size == e.size
+            && e.sha256.as_ref() == Some(&self.header.sha256)
+    }
+
+    /// True when it applies to this version at the destination.
+    pub(crate) fn applies_to(&self, size: u64, sha256: Option<&str>) -> bool {
+        self.header.base_size == size && sha256.is_none_or(|h| h == self.header.base_sha256)
+    }
+}
+
+/// The complete deltas in the courier, by file name (their headers only;
+/// `delta::verify` checks one whole).
+pub(crate) fn held(courier: &Path) -> HashMap<String, Held> {
+    let mut out = HashMap::new();
+    for dent in fs::read_dir(dir(courier)).into_iter().flatten().flatten() {
+        let path = dent.path();
+        if path.extension().is_none_or(|x| x != "delta") {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        let len = file.metadata().map_or(0, |m| m.len());
+        if let Ok(header) = delta::read_header(&mut BufReader::new(file), &mut Hasher::new()) {
+            out.insert(header.name.clone(), Held { path, header, len });
+        }
+    }
+    out
+}
+
+/// Bytes the deltas take (for the budget), complete or not.
+pub(crate) fn usage(courier: &Path) -> u64 {
+    fs::read_dir(dir(courier))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|d| d.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Removes everything in the deltas directory but `keep`.
+pub(crate) fn clean(courier: &Path, keep: &[PathBuf]) {
+    for dent in fs::read_dir(dir(courier)).into_iter().flatten().flatten() {
+        if !keep.contains(&dent.path()) {
+            let _ = fs::remove_file(dent.path());
+        }
+    }
+}
+
+/// Why no delta was kept.
+pub(crate) enum NoDelta {
+    /// It would not have been smaller than its limit.
+    TooBig,
+    DiskFull,
+    Failed(String),
+}
+
+/// Reads the listed version of `e` from the source and keeps its delta
+/// against the signature of the destination's version (`base`: its
+/// SHA-256 and signature) if it stays
+/// within `limit` bytes. The bytes read are checked against the listing's
+/// SHA-256: a file that changed at the source leaves no delta.
+pub(crate) fn make(
+    client: &Client,
+    src: &AreaUrl,
+    courier: &Path,
+    e: &Entry,
+    (base_sha, sig): (&str, &Signature),
+    limit: u64,
+    wire: &AtomicU64,
+) -> Result<u64, NoDelta> {
+    let io_fail = |what: &str, err: &io::Error| {
+        if is_disk_full(err) {
+            NoDelta::DiskFull
+        } else {
+            NoDelta::Failed(format!("{what}: {}", describe_io(err)))
+        }
+    };
+    let sha = e
+        .sha256
+        .clone()
+        .ok_or_else(|| NoDelta::Failed("a delta needs the file's SHA-256".into()))?;
+    let d = dir(courier);
+    fs::create_dir_all(&d).map_err(|err| io_fail("cannot create the deltas directory", &err))?;
+    let path = d.join(format!("{}.delta", id(&e.name, &sha, base_sha)));
+    let tmp = path.with_extension("tmp");
+    let mut dl = client
+        .get(src, &e.name, 0, None)
+        .map_err(|err| NoDelta::Failed(err.to_string()))?;
+    if dl.status != 200 || dl.content_length.is_some_and(|n| n != e.size) {
+        return Err(NoDelta::Failed(
+            "the source no longer has the listed version".into(),
+        ));
+    }
+    if dl.last_modified.is_some_and(|t| t != e.mtime) {
+        return Err(NoDelta::Failed(
+            "modified at the source since the listing".into(),
+        ));
+    }
+    let header = DeltaHeader {
+        bitfog_delta: 1,
+        name: e.name.clone(),
+        size: e.size,
+        sha256: sha.clone(),
+        mode: e.mode & 0o777,
+        mtime: e.mtime,
+        base_size: sig.size,
+        base_sha256: base_sha.to_string(),
+    };
+    let file = File::create(&tmp).map_err(|err| io_fail("cannot create the delta", &err))?;
+    let result = (|| {
+        let out = io::BufWriter::with_capacity(1 << 20, &file);
+        let mut enc = Encoder::new(sig, &header, out, limit).map_err(|err| write_fail(&err))?;
+        let mut hasher = Hasher::new();
+        let n = copy_hashing(&mut dl.body, &mut enc, &mut hasher, e.size, |n| {
+            wire.fetch_add(n, Ordering::Relaxed);
+        })
+        .map_err(|err| match err {
+            CopyError::Write(err) => write_fail(&err),
+            CopyError::Read(err) => {
+                NoDelta::Failed(format!("download failed: {}", describe_io(&err)))
+            }
+        })?;
+        if n != e.size {
+            return Err(NoDelta::Failed(format!(
+                "download cut short after {n} of {} bytes",
+                e.size
+            )));
+        }
+        if hasher.hex() != sha {
+            return Err(NoDelta::Failed(
+                "changed at the source while it was read; not kept".into(),
+            ));
+        }
+        let (mut out, len) = enc.finish().map_err(|err| write_fail(&err))?;
+        out.flush().map_err(|err| write_fail(&err))?;
+        drop(out);
+        file.sync_all().map_err(|err| write_fail(&err))?;
+        Ok(len)
+    })();
+    let len = match result {
+        Ok(len) => len,
+        Err(why) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(why);
+        }
+    };
+    if let Err(err) = fs::rename(&tmp, &path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_fail("cannot keep the delta", &err));
+    }
+    crate::manifest::sync_dir(&d);
+    Ok(len)
+}
+
+fn write_fail(err: &io::Error) -> NoDelta {
+    if err.to_string() == delta::TOO_BIG {
+        NoDelta::TooBig
+    } else if is_disk_full(err) {
+        NoDelta::DiskFull
+    } else {
+        NoDelta::Failed(format!("cannot write the delta: {}", describe_io(err)))
+    }
+}
