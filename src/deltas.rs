@@ -47,6 +47,13 @@ impl Held {
             && e.sha256.as_ref() == Some(&self.header.sha256)
     }
 
+    /// True when the whole delta reads back sound (its end checksum).
+    pub(crate) fn verify(&self) -> bool {
+        File::open(&self.path)
+            .and_then(|f| delta::verify(BufReader::new(f)))
+            .is_ok_and(|h| h == self.header)
+    }
+
     /// True when it applies to this version at the destination.
     pub(crate) fn applies_to(&self, size: u64, sha256: Option<&str>) -> bool {
         self.header.base_size == size && sha256.is_none_or(|h| h == self.header.base_sha256)

@@ -338,9 +338,18 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     ))
                 });
                 if let Some((size, sha)) = &base {
+                    // Checked whole (deltas are small): a damaged one is
+                    // made again.
                     let held = held_deltas
                         .get(&e.name)
-                        .filter(|h| h.makes(&e) && h.applies_to(*size, Some(sha)));
+                        .filter(|h| h.makes(&e) && h.applies_to(*size, Some(sha)))
+                        .filter(|h| {
+                            let sound = h.verify();
+                            if !sound {
+                                ui.log(format!("replacing the damaged delta of '{}'", e.name));
+                            }
+                            sound
+                        });
                     if let Some(h) = held {
                         kept_deltas.push(h.path.clone());
                         delta_held_files += 1;

@@ -850,12 +850,11 @@ fn run(
                 |err: std::io::Error| format!("cannot read the delta: {}", describe_io(&err));
             // The whole delta is checked before it leaves: a damaged one
             // is not sent (the destination would refuse it too).
-            let header = File::open(path)
-                .map_err(open_err)
-                .and_then(|f| {
-                    crate::delta::verify(std::io::BufReader::new(f))
-                        .map_err(|err| format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one"))
-                })?;
+            let header = File::open(path).map_err(open_err).and_then(|f| {
+                crate::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
+                    format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one")
+                })
+            })?;
             if !header.name.eq(&e.name) || header.sha256 != e.sha256.clone().unwrap_or_default() {
                 return Err("the delta in the courier is for another version; not sent".into());
             }

@@ -454,38 +454,6 @@ fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
     assert!(!temp.exists(), "stale temporary file removed at startup");
 }
 
-/// Waits (up to 20 s) for a non-empty file in `dir` whose name passes
-/// `pick`: the sign that a slowed server is in the middle of writing it.
-fn first_growing(
-    dir: &std::path::Path,
-    pick: impl Fn(&str) -> bool,
-    what: &str,
-) -> std::path::PathBuf {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let found = fs::read_dir(dir).unwrap().map(|e| e.unwrap()).find(|e| {
-            pick(&e.file_name().to_string_lossy()) && e.metadata().is_ok_and(|m| m.len() > 0)
-        });
-        if let Some(e) = found {
-            return e.path();
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-}
-
-/// SIGKILLs a server started under strace: the server itself, since
-/// killing strace would only detach it.
-fn kill_9_traced(server: &mut Server) {
-    let tracer = server.child.id();
-    let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
-    unsafe_kill(
-        children.split_whitespace().next().unwrap().parse().unwrap(),
-        9,
-    );
-    server.child.wait().unwrap();
-}
-
 /// The destination's partial uploads, from a fresh builddb's end record.
 fn partials(du: &str, t: &Scratch) -> Vec<(String, u64)> {
     bitfog(&["builddb", du, &t.s("probe.db")]).ok();

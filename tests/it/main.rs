@@ -4,6 +4,7 @@
 
 mod carry;
 mod cli;
+mod delta;
 mod serve;
 mod trip;
 mod util;

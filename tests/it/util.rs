@@ -642,3 +642,35 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Waits (up to 20 s) for a non-empty file in `dir` whose name passes
+/// `pick`: the sign that a slowed server is in the middle of writing it.
+pub fn first_growing(
+    dir: &std::path::Path,
+    pick: impl Fn(&str) -> bool,
+    what: &str,
+) -> std::path::PathBuf {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let found = fs::read_dir(dir).unwrap().map(|e| e.unwrap()).find(|e| {
+            pick(&e.file_name().to_string_lossy()) && e.metadata().is_ok_and(|m| m.len() > 0)
+        });
+        if let Some(e) = found {
+            return e.path();
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// SIGKILLs a server started under strace: the server itself, since
+/// killing strace would only detach it.
+pub fn kill_9_traced(server: &mut Server) {
+    let tracer = server.child.id();
+    let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
+    unsafe_kill(
+        children.split_whitespace().next().unwrap().parse().unwrap(),
+        9,
+    );
+    server.child.wait().unwrap();
+}
