@@ -26,6 +26,11 @@ import time
 BIN = sys.argv[1]
 QUICK = "--quick" in sys.argv
 RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
+# --only delta: just the delta section.
+ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+# The delta workload: a file of DELTA_SIZE with 1 % overwritten in six
+# places, 4 KiB inserted near the end and 4 KiB deleted after that.
+DELTA_SIZE = (64 << 20) if QUICK else (1 << 30)
 SETTLE = 1.0 if QUICK else 2.0
 BIG = (256 << 20) if QUICK else (2 << 30)
 SMALL = 5000 if QUICK else 50000
@@ -202,6 +207,8 @@ def compare(name, contenders, goals, check=None):
         rows.append((name, ours, "", None, None, "", ""))
     print("  %s: %s" % (name, ", ".join("%s %s" % (k, "incomplete" if v is None else "%.2f s" % v)
                                          for k, v in med.items())), flush=True)
+    print("    runs: %s" % "; ".join("%s %s" % (k, " ".join("-" if x is None else "%.2f" % x for x in v))
+                                    for k, v in times.items()), flush=True)
 
 
 def rm(*paths):
@@ -274,103 +281,216 @@ def memory_section():
     return got
 
 
+def delta_section():
+    """A file changed in place and shifted: bitfog's signature, delta and
+    patch against rdiff's, rsync --only-write-batch's batch size, and the
+    courier and signature bytes."""
+    t = time.time()
+    root = os.path.join(work, "delta")
+    old_dir, new_dir, site = (os.path.join(root, n) for n in ("old", "new", "site"))
+    for d in (old_dir, new_dir, site):
+        os.makedirs(d)
+    old, new = os.path.join(old_dir, "vm.img"), os.path.join(new_dir, "vm.img")
+    sh("openssl enc -aes-128-ctr -K 00112233445566778899aabbccddeeff -iv 0 -in /dev/zero 2>/dev/null"
+       " | head -c %d > %s" % (DELTA_SIZE, old))
+    with open(old, "rb") as f:
+        body = bytearray(f.read())
+    r = random.Random(6)
+    n = len(body)
+    piece = n // 100 // 6
+    for k in range(6):
+        at = r.randrange(k * n // 6, (k + 1) * n // 6 - piece)
+        body[at:at + piece] = r.randbytes(piece)
+    at = n - n // 20
+    body[at:at] = r.randbytes(4096)
+    at = n - n // 40
+    del body[at:at + 4096]
+    with open(new, "wb") as f:
+        f.write(body)
+    del body
+    shutil.copy(old, os.path.join(site, "vm.img"))
+    pristine = os.path.join(root, "pristine.img")
+    shutil.copy(old, pristine)
+    sh("sync")
+    print("deltas, a %d MiB file: 1 %% overwritten in six places, 4 KiB in, 4 KiB out (%.0f s to make)"
+          % (DELTA_SIZE >> 20, time.time() - t), flush=True)
+
+    conf = os.path.join(root, "bitfog.json")
+    with open(conf, "w") as f:
+        f.write('{"new":{"path":"%s"},"site":{"path":"%s","writable":true}}' % (new_dir, site))
+    log = os.path.join(root, "serve.log")
+    sigcache = os.path.join(root, "cache")
+    srv = subprocess.Popen([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:0", "-q", "--cache", sigcache],
+                           stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    procs.append(srv)
+    for _ in range(500):
+        line = open(log).readline()
+        if line.endswith("\n"):
+            break
+        time.sleep(0.01)
+    url = line.strip().split("listening on ")[1]
+    ddb, sdb, courier = (os.path.join(root, n) for n in ("dest.db", "src.db", "courier"))
+    rsig, rdelta, rout = (os.path.join(root, n) for n in ("rdiff.sig", "rdiff.delta", "rdiff.out"))
+
+    def drop_sig_cache():
+        shutil.rmtree(sigcache, ignore_errors=True)
+
+    compare("signature (destination)", [
+        ("bitfog", "%s builddb --signatures %ssite/ %s -q" % (BIN, url, ddb), drop_sig_cache),
+        ("rdiff signature", "rdiff -f signature %s %s" % (old, rsig), rm(rsig)),
+    ], {})
+    sh([BIN, "builddb", url + "new/", sdb, "-q"], stdout=subprocess.DEVNULL)
+    compare("delta (source)", [
+        ("bitfog", "%s fetch %s %snew/ %s -q" % (BIN, ddb, url, courier), rm(courier)),
+        ("rdiff signature+delta", "rdiff -f signature %s %s && rdiff -f delta %s %s %s" % (old, rsig, rsig, new, rdelta),
+         rm(rsig, rdelta)),
+        ("rdiff delta", "rdiff -f delta %s %s %s" % (rsig, new, rdelta), rm(rdelta)),
+    ], {"rdiff signature+delta": 1.0})
+    sh("rdiff -f signature %s %s && rdiff -f delta %s %s %s" % (old, rsig, rsig, new, rdelta))
+    sh([BIN, "fetch", ddb, url + "new/", courier, "-q"], stdout=subprocess.DEVNULL)
+
+    def restore_site():
+        # Every contender starts from the same state: the old version back
+        # at the site, signed again (the server's cache then knows it, as
+        # it would after builddb at a real site), rdiff's output removed.
+        # Writing into memory freed seconds before is several times
+        # slower on these VMs, so all pay the same for it.
+        rm(rout)()
+        shutil.copy(pristine, os.path.join(site, "vm.img"))
+        sh([BIN, "builddb", "--signatures", url + "site/", os.path.join(root, "again.db"), "-q"], stdout=subprocess.DEVNULL)
+
+    compare("patch (destination)", [
+        ("bitfog", "%s store %s %ssite/ %s -q" % (BIN, sdb, url, courier), restore_site),
+        ("rdiff patch", "rdiff -f patch %s %s %s" % (old, rdelta, rout), restore_site),
+        ("rdiff patch + openssl sha256", "rdiff -f patch %s %s %s && openssl dgst -sha256 %s"
+         % (old, rdelta, rout, rout), restore_site),
+    ], {"rdiff patch": 1.5})
+    restore_site()
+    sh("%s store %s %ssite/ %s -q" % (BIN, sdb, url, courier), stdout=subprocess.DEVNULL)
+    same = subprocess.run(["cmp", new, os.path.join(site, "vm.img")]).returncode == 0
+    print("  the patched file is %s the new one" % ("byte-identical to" if same else "NOT the same as"), flush=True)
+
+    batch = os.path.join(root, "rsync.batch")
+    compare("rsync --only-write-batch", [
+        ("rsync --only-write-batch", "rsync --ignore-times --no-whole-file --only-write-batch=%s %s %s/" % (batch, new, old_dir),
+         rm(batch, batch + ".sh")),
+    ], {})
+    deltas = os.path.join(courier, ".bitfog", "deltas")
+    ours = sum(os.path.getsize(os.path.join(deltas, f)) for f in os.listdir(deltas))
+    sig = os.path.getsize(ddb + ".sig")
+    sizes.append(("bitfog delta in the courier", ours, "rdiff delta", ours / os.path.getsize(rdelta), 1.1))
+    sizes.append(("bitfog delta in the courier", ours, "rsync batch", ours / os.path.getsize(batch), None))
+    sizes.append(("rdiff delta", os.path.getsize(rdelta), "", None, None))
+    sizes.append(("rsync batch", os.path.getsize(batch), "", None, None))
+    sizes.append(("bitfog signature (DB.sig)", sig, "file size", sig / DELTA_SIZE, 0.005))
+    sizes.append(("rdiff signature", os.path.getsize(rsig), "file size", os.path.getsize(rsig) / DELTA_SIZE, None))
+    sizes.append(("patched file identical to the new one", int(same), "", None, None))
+    srv.send_signal(signal.SIGTERM)
+    srv.wait(timeout=30)
+    shutil.rmtree(root)
+
+
 rows = []
 memory = []
+sizes = []
 try:
-    make_data()
-    urls = bitfog_servers()
-    ports = peer_servers()
-    out = os.path.join(work, "out")
-    edb = os.path.join(work, "empty.db")
-    sh([BIN, "emptydb", edb, "-q"])
-    nginx = "http://127.0.0.1:%d" % ports["nginx"]
-    rsyncd = "rsync://127.0.0.1:%d" % ports["rsync"]
-    rhttp = "http://127.0.0.1:%d" % ports["rclone_http"]
-    rdav = "http://127.0.0.1:%d" % ports["rclone_dav"]
+    if ONLY in (None, "delta"):
+        delta_section()
+    if ONLY is None:
+        make_data()
+        urls = bitfog_servers()
+        ports = peer_servers()
+        out = os.path.join(work, "out")
+        edb = os.path.join(work, "empty.db")
+        sh([BIN, "emptydb", edb, "-q"])
+        nginx = "http://127.0.0.1:%d" % ports["nginx"]
+        rsyncd = "rsync://127.0.0.1:%d" % ports["rsync"]
+        rhttp = "http://127.0.0.1:%d" % ports["rclone_http"]
+        rdav = "http://127.0.0.1:%d" % ports["rclone_dav"]
 
-    print("fetch, one %d MiB file" % (BIG >> 20), flush=True)
-    compare("fetch big", [
-        ("bitfog", "%s fetch %s %sbig/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
-        ("curl+nginx", "mkdir -p %s && curl -sf -o %s/image.bin %s/big/image.bin" % (out, out, nginx), rm(out)),
-        ("rsync", "rsync -a %s/data/big/ %s/" % (rsyncd, out), rm(out)),
-        ("rclone", "rclone copy --http-url %s/big/ :http: %s" % (rhttp, out), rm(out)),
-    ], {"curl+nginx": 1.1, "rsync": 0.6}, check=(out, BIG))
+        print("fetch, one %d MiB file" % (BIG >> 20), flush=True)
+        compare("fetch big", [
+            ("bitfog", "%s fetch %s %sbig/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+            ("curl+nginx", "mkdir -p %s && curl -sf -o %s/image.bin %s/big/image.bin" % (out, out, nginx), rm(out)),
+            ("rsync", "rsync -a %s/data/big/ %s/" % (rsyncd, out), rm(out)),
+            ("rclone", "rclone copy --http-url %s/big/ :http: %s" % (rhttp, out), rm(out)),
+        ], {"curl+nginx": 1.1, "rsync": 0.6}, check=(out, BIG))
 
-    print("fetch, %d small files" % SMALL, flush=True)
-    urlfile = os.path.join(work, "urls.txt")
-    with open(urlfile, "w") as f:
-        for dp, _, fs in os.walk(os.path.join(data, "small")):
-            for n in fs:
-                rel = os.path.relpath(os.path.join(dp, n), data)
-                f.write('url = "%s/%s"\noutput = "%s/%s"\n' % (nginx, rel, out, rel))
-    compare("fetch small", [
-        ("bitfog", "%s fetch %s %ssmall/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
-        ("curl+nginx", "curl -sf -Z --parallel-max 8 --create-dirs -K %s" % urlfile, rm(out)),
-        ("rsync", "rsync -a %s/data/small/ %s/" % (rsyncd, out), rm(out)),
-        ("rclone", "rclone copy --transfers 8 --http-url %s/small/ :http: %s" % (rhttp, out), rm(out)),
-    ], {"rsync": 1.0, "rclone": 0.5}, check=(out, tree_bytes(os.path.join(data, "small"))))
+        print("fetch, %d small files" % SMALL, flush=True)
+        urlfile = os.path.join(work, "urls.txt")
+        with open(urlfile, "w") as f:
+            for dp, _, fs in os.walk(os.path.join(data, "small")):
+                for n in fs:
+                    rel = os.path.relpath(os.path.join(dp, n), data)
+                    f.write('url = "%s/%s"\noutput = "%s/%s"\n' % (nginx, rel, out, rel))
+        compare("fetch small", [
+            ("bitfog", "%s fetch %s %ssmall/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+            ("curl+nginx", "curl -sf -Z --parallel-max 8 --create-dirs -K %s" % urlfile, rm(out)),
+            ("rsync", "rsync -a %s/data/small/ %s/" % (rsyncd, out), rm(out)),
+            ("rclone", "rclone copy --transfers 8 --http-url %s/small/ :http: %s" % (rhttp, out), rm(out)),
+        ], {"rsync": 1.0, "rclone": 0.5}, check=(out, tree_bytes(os.path.join(data, "small"))))
 
-    for which in ("big", "small"):
-        print("store, %s" % which, flush=True)
-        courier = os.path.join(work, "courier-" + which)
-        sdb = os.path.join(work, which + ".db")
-        sh([BIN, "builddb", urls["main"] + which + "/", sdb, "-q"])
-        sh([BIN, "fetch", edb, urls["main"] + which + "/", courier, "-q"])
-        contenders = [
-            ("bitfog", "%s store %s %sdest/ %s -q" % (BIN, sdb, urls["main"], courier), empty_dest),
-            ("rsync push", "rsync -a --exclude=.bitfog %s/ %s/dest/" % (courier, rsyncd), empty_dest),
-        ]
-        # rclone's WebDAV server took 168 s for 5,000 small files here;
-        # at 50,000 it would dominate the run, so it is opt-in for those.
-        if which == "big" or os.environ.get("BENCH_SLOW"):
-            contenders.append(("rclone webdav", "rclone copy --transfers 8 --exclude '.bitfog/**' %s :webdav: --webdav-url %s"
-                               % (courier, rdav), empty_dest))
-        compare("store " + which, contenders, {"rsync push": 1.0}, check=(dest, tree_bytes(os.path.join(data, which))))
-        shutil.rmtree(courier)
+        for which in ("big", "small"):
+            print("store, %s" % which, flush=True)
+            courier = os.path.join(work, "courier-" + which)
+            sdb = os.path.join(work, which + ".db")
+            sh([BIN, "builddb", urls["main"] + which + "/", sdb, "-q"])
+            sh([BIN, "fetch", edb, urls["main"] + which + "/", courier, "-q"])
+            contenders = [
+                ("bitfog", "%s store %s %sdest/ %s -q" % (BIN, sdb, urls["main"], courier), empty_dest),
+                ("rsync push", "rsync -a --exclude=.bitfog %s/ %s/dest/" % (courier, rsyncd), empty_dest),
+            ]
+            # rclone's WebDAV server took 168 s for 5,000 small files here;
+            # at 50,000 it would dominate the run, so it is opt-in for those.
+            if which == "big" or os.environ.get("BENCH_SLOW"):
+                contenders.append(("rclone webdav", "rclone copy --transfers 8 --exclude '.bitfog/**' %s :webdav: --webdav-url %s"
+                                   % (courier, rdav), empty_dest))
+            compare("store " + which, contenders, {"rsync push": 1.0}, check=(dest, tree_bytes(os.path.join(data, which))))
+            shutil.rmtree(courier)
 
-    print("sparse image, %d MiB with %d MiB of data" % (SPARSE >> 20, SPARSE_DATA >> 20), flush=True)
-    compare("fetch sparse image", [
-        ("bitfog", "%s fetch %s %ssparse/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
-        ("bitfog, plain file of the data's size", "%s fetch %s %splain/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
-        ("rsync --sparse", "rsync -a --sparse %s/data/sparse/ %s/" % (rsyncd, out), rm(out)),
-    ], {"bitfog, plain file of the data's size": 1.5})
-    for label, cmd in (("bitfog", "%s fetch %s %ssparse/ %s -q" % (BIN, edb, urls["main"], out)),
-                       ("rsync --sparse", "rsync -a --sparse %s/data/sparse/ %s/" % (rsyncd, out))):
+        print("sparse image, %d MiB with %d MiB of data" % (SPARSE >> 20, SPARSE_DATA >> 20), flush=True)
+        compare("fetch sparse image", [
+            ("bitfog", "%s fetch %s %ssparse/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+            ("bitfog, plain file of the data's size", "%s fetch %s %splain/ %s -q" % (BIN, edb, urls["main"], out), rm(out)),
+            ("rsync --sparse", "rsync -a --sparse %s/data/sparse/ %s/" % (rsyncd, out), rm(out)),
+        ], {"bitfog, plain file of the data's size": 1.5})
+        for label, cmd in (("bitfog", "%s fetch %s %ssparse/ %s -q" % (BIN, edb, urls["main"], out)),
+                           ("rsync --sparse", "rsync -a --sparse %s/data/sparse/ %s/" % (rsyncd, out))):
+            rm(out)()
+            sh(cmd)
+            used = sh("du -B1 -s --exclude=.bitfog %s" % out, capture_output=True, text=True).stdout.split()[0]
+            print("  %s: the copy takes %s bytes on disk for %d bytes of data (%.3fx)"
+                  % (label, used, SPARSE_DATA, int(used) / SPARSE_DATA), flush=True)
         rm(out)()
-        sh(cmd)
-        used = sh("du -B1 -s --exclude=.bitfog %s" % out, capture_output=True, text=True).stdout.split()[0]
-        print("  %s: the copy takes %s bytes on disk for %d bytes of data (%.3fx)"
-              % (label, used, SPARSE_DATA, int(used) / SPARSE_DATA), flush=True)
-    rm(out)()
 
-    print("listings, %d tiny files" % TINY, flush=True)
-    tdb = os.path.join(work, "tiny.db")
-    compare("builddb checksum off", [
-        ("bitfog", "%s builddb %stinyfast/ %s -q" % (BIN, urls["main"], tdb), None),
-        ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
-        ("rsync --list-only", "rsync --list-only -r %s/data/tiny/ > /dev/null" % rsyncd, None),
-    ], {"find": 1.5})
-    cache_files = lambda: [os.remove(os.path.join(work, "hashcache", n)) for n in os.listdir(os.path.join(work, "hashcache"))
-                           if n.startswith("tiny.")] if os.path.isdir(os.path.join(work, "hashcache")) else None
-    compare("builddb cold hash cache", [
-        ("bitfog", "%s builddb %stiny/ %s -q" % (BIN, urls["main"], tdb), cache_files),
-        ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
-    ], {})
-    sh([BIN, "builddb", urls["main"] + "tiny/", tdb, "-q"])
-    compare("builddb warm hash cache", [
-        ("bitfog", "%s builddb %stiny/ %s -q" % (BIN, urls["main"], tdb), None),
-        ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
-    ], {"find": 2.0})
+        print("listings, %d tiny files" % TINY, flush=True)
+        tdb = os.path.join(work, "tiny.db")
+        compare("builddb checksum off", [
+            ("bitfog", "%s builddb %stinyfast/ %s -q" % (BIN, urls["main"], tdb), None),
+            ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
+            ("rsync --list-only", "rsync --list-only -r %s/data/tiny/ > /dev/null" % rsyncd, None),
+        ], {"find": 1.5})
+        cache_files = lambda: [os.remove(os.path.join(work, "hashcache", n)) for n in os.listdir(os.path.join(work, "hashcache"))
+                               if n.startswith("tiny.")] if os.path.isdir(os.path.join(work, "hashcache")) else None
+        compare("builddb cold hash cache", [
+            ("bitfog", "%s builddb %stiny/ %s -q" % (BIN, urls["main"], tdb), cache_files),
+            ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
+        ], {})
+        sh([BIN, "builddb", urls["main"] + "tiny/", tdb, "-q"])
+        compare("builddb warm hash cache", [
+            ("bitfog", "%s builddb %stiny/ %s -q" % (BIN, urls["main"], tdb), None),
+            ("find", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % data, None),
+        ], {"find": 2.0})
 
-    print("SHA-256 of the %d MiB file" % (BIG >> 20), flush=True)
-    image = os.path.join(data, "big", "image.bin")
-    memory = memory_section()
+        print("SHA-256 of the %d MiB file" % (BIG >> 20), flush=True)
+        image = os.path.join(data, "big", "image.bin")
+        memory = memory_section()
 
-    compare("sha256 (a cold listing)", [
-        ("bitfog", "%s builddb %sbig/ %s -q" % (BIN, urls["nocache"], os.path.join(work, "b.db")), None),
-        ("openssl", "openssl dgst -sha256 %s" % image, None),
-        ("sha256sum", "sha256sum %s" % image, None),
-    ], {"openssl": 1.0})
+        compare("sha256 (a cold listing)", [
+            ("bitfog", "%s builddb %sbig/ %s -q" % (BIN, urls["nocache"], os.path.join(work, "b.db")), None),
+            ("openssl", "openssl dgst -sha256 %s" % image, None),
+            ("sha256sum", "sha256sum %s" % image, None),
+        ], {"openssl": 1.0})
 finally:
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -391,8 +511,17 @@ for name, ours, label, theirs, ratio, goal, verdict in rows:
         print("| %s | %s | %s | | | | |" % (name, "incomplete" if ours is None else "%.2f" % ours, label))
     else:
         print("| %s | %.2f | %s | %.2f | %.2f | %s | %s |" % (name, ours, label, theirs, ratio, goal, verdict))
-print("\npeak RSS over %d entries" % MILLION)
-print("| command | peak RSS (MiB) | goal | |")
-print("|---|---|---|---|")
+if memory:
+    print("\npeak RSS over %d entries" % MILLION)
+    print("| command | peak RSS (MiB) | goal | |")
+    print("|---|---|---|---|")
 for name, kib, goal in memory:
     print("| %s | %.1f | < %d MiB | %s |" % (name, kib / 1024, goal, "met" if kib < goal * 1024 else "NOT met"))
+if sizes:
+    print("\nsizes, delta workload (%d MiB file)" % (DELTA_SIZE >> 20))
+    print("| what | bytes | against | ratio | goal | |")
+    print("|---|---|---|---|---|---|")
+    for what, n, against, ratio, goal in sizes:
+        verdict = "" if goal is None else ("met" if ratio <= goal else "NOT MET")
+        print("| %s | %d | %s | %s | %s | %s |" % (what, n, against, "" if ratio is None else "%.4f" % ratio,
+                                               "" if goal is None else "<= %gx" % goal, verdict))

@@ -3,13 +3,14 @@
 # table from one run (medians, ratios from alternating runs). Run by hand:
 #   scripts/bench.sh            # full size: 2 GiB, 50,000, 300,000 and 1,000,000 files
 #   scripts/bench.sh --quick    # small data, to check the script
+#   scripts/bench.sh --only delta   # just deltas against rdiff and rsync batches
 #   BENCH_SLOW=1 scripts/bench.sh   # also rclone webdav for the small-file store
 # Needs about 8 GB of free disk (BENCH_DIR picks where); traffic stays on
 # 127.0.0.1; every server is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
-for tool in nginx:nginx-light rsync:rsync rclone:rclone curl:curl openssl:openssl; do
+for tool in nginx:nginx-light rsync:rsync rclone:rclone curl:curl openssl:openssl rdiff:rdiff; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

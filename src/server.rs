@@ -1154,7 +1154,12 @@ fn put_delta(
         return Err(changed());
     }
     set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
-    temp.persist(name).map_err(write_error)
+    temp.persist(name).map_err(write_error)?;
+    // The rename took the old version's last name; closing it frees its
+    // blocks, which for a large file takes a while (0.3 s for 1 GiB on
+    // ext4 with discard). The answer need not wait for that.
+    std::thread::spawn(move || drop(old));
+    Ok(())
 }
 
 /// Partial uploads live in the target's directory under reserved names
