@@ -67,12 +67,22 @@ pub(crate) struct Rolling {
 const CHAR_OFFSET: u32 = 31;
 
 impl Rolling {
+    /// The checksum of a whole window. `b`, the sum of the running `a`,
+    /// is `L·Σx − Σi·x + offset·L(L+1)/2`: two plain sums the compiler
+    /// vectorizes, several times faster than the running form.
     pub(crate) fn of(data: &[u8]) -> Rolling {
-        let (mut a, mut b) = (0u32, 0u32);
-        for &x in data {
-            a = a.wrapping_add(u32::from(x) + CHAR_OFFSET);
-            b = b.wrapping_add(a);
+        let (mut sum, mut weighted) = (0u32, 0u32);
+        for (i, &x) in data.iter().enumerate() {
+            sum = sum.wrapping_add(u32::from(x));
+            weighted = weighted.wrapping_add((i as u32).wrapping_mul(u32::from(x)));
         }
+        let len = data.len() as u32;
+        let a = sum.wrapping_add(CHAR_OFFSET.wrapping_mul(len));
+        let tri = (u64::from(len) * (u64::from(len) + 1) / 2) as u32;
+        let b = len
+            .wrapping_mul(sum)
+            .wrapping_sub(weighted)
+            .wrapping_add(CHAR_OFFSET.wrapping_mul(tri));
         Rolling { a, b }
     }
 
@@ -973,6 +983,30 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect()
+    }
+
+    /// The running form the closed form must equal.
+    fn running(data: &[u8]) -> Rolling {
+        let (mut a, mut b) = (0u32, 0u32);
+        for &x in data {
+            a = a.wrapping_add(u32::from(x) + CHAR_OFFSET);
+            b = b.wrapping_add(a);
+        }
+        Rolling { a, b }
+    }
+
+    proptest! {
+        #[test]
+        fn closed_form_checksum_is_the_running_one(data in prop::collection::vec(any::<u8>(), 0..3000)) {
+            prop_assert_eq!(Rolling::of(&data), running(&data));
+        }
+    }
+
+    #[test]
+    fn closed_form_checksum_holds_for_long_windows() {
+        // Long enough for every sum to wrap.
+        let data = vec![255u8; 9 << 20];
+        assert_eq!(Rolling::of(&data), running(&data));
     }
 
     #[test]

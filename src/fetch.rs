@@ -553,12 +553,21 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     }
     let total_bytes: u64 = taken.iter().map(|&i| costs[i] - partial_len(i)).sum();
     if let Some(max) = opts.max_bytes {
+        let fit = files_bytes(taken.len() as u64, total_bytes);
+        let whole = needed.len() - delta_done.len();
+        let what = if delta_done.is_empty() {
+            format!("{fit} fit of {whole} missing")
+        } else {
+            format!(
+                "deltas of {} ({}), then {fit} of {whole} missing whole",
+                n_files(delta_done.len() as u64),
+                human_bytes(delta_done.values().sum())
+            )
+        };
         ui.log(format!(
-            "courier holds {} of a {} budget; {} fit of {} missing",
+            "courier holds {} of a {} budget; {what}",
             human_bytes(usage),
             human_bytes(max),
-            files_bytes(taken.len() as u64, total_bytes),
-            needed.len()
         ));
     }
 
@@ -762,8 +771,13 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     }
     if sum.delta_files > 0 {
         human.push_str(&format!(
-            "{} travel as deltas: {} in the courier for {} of files\n",
+            "{} {} as deltas: {} in the courier for {} of files\n",
             n_files(sum.delta_files),
+            if sum.delta_files == 1 {
+                "travels"
+            } else {
+                "travel"
+            },
             human_bytes(sum.delta_bytes),
             human_bytes(sum.delta_file_bytes)
         ));

@@ -576,6 +576,13 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         files_bytes(sum.stored_files, sum.stored_bytes),
         n_files(sum.skipped_files)
     );
+    if sum.patched_files > 0 {
+        human.push_str(&format!(
+            " ({} patched with deltas of {})",
+            n_files(sum.patched_files),
+            human_bytes(sum.delta_bytes)
+        ));
+    }
     if opts.delete {
         human.push_str(&format!("; deleted {}", sum.deleted_files));
     }
