@@ -1150,7 +1150,11 @@ fn put_delta(
             format!("sha256 mismatch: the patched file has {got}, header says {want}"),
         ));
     }
-    if old.metadata().map(|m| crate::beneath::identity(&m)).ok() != Some(id) {
+    // The old version unchanged, and still the file at PATH (not replaced
+    // by another upload meanwhile).
+    let same_file = old.metadata().map(|m| crate::beneath::identity(&m)).ok() == Some(id)
+        && dir.stat(name).ok().flatten().map(|m| m.identity) == Some(id);
+    if !same_file {
         return Err(changed());
     }
     set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;

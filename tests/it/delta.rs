@@ -374,3 +374,57 @@ fn signatures_follow_the_file_not_the_cache() {
     let r = bitfog(&["fetch", "a", "b", "c", "--signatures"]).code(2);
     assert!(r.stderr.contains("does not apply"), "{r}");
 }
+
+#[test]
+fn kill_9_while_making_a_delta_leaves_nothing_half_made() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let old = data(51, 8 * MIB);
+    write(&dst, "vm.img", &old);
+    let new = overwrite(old.clone(), 100, 3 * MIB, 52);
+    write(&src, "vm.img", &new);
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let du = server.url("dst");
+    let relay = Relay::start(server.addr, Duration::from_millis(8));
+    let courier = t.s("courier");
+    signed_builddb(&du, &t.s("dest.db")).ok();
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    let mut child = cmd(&["fetch", &t.s("dest.db"), &relay.url("src"), &courier])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.down_bytes.load(Ordering::SeqCst) < 5 * MIB as u64 {
+        assert!(Instant::now() < deadline, "the delta did not progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = courier_deltas(&courier);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].0.extension().unwrap() == "tmp" && left[0].1 > 3 * MIB as u64,
+        "a delta under way, under a temporary name: {left:?}"
+    );
+    // store finds no delta to send, so the file is left as it was.
+    let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
+    assert_eq!(s.num("missing_files"), 1, "{s}");
+    assert_eq!(fs::read(dst.join("vm.img")).unwrap(), old);
+
+    // The rerun starts the delta afresh and keeps only the finished one.
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &relay.url("src"),
+        &courier,
+        "--json",
+    ])
+    .ok();
+    assert_eq!(f.num("delta_files"), 1, "{f}");
+    let now = courier_deltas(&courier);
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].0.extension().unwrap(), "delta");
+    bitfog(&["store", &t.s("src.db"), &du, &courier]).ok();
+    assert_eq!(fs::read(dst.join("vm.img")).unwrap(), new);
+}
