@@ -74,6 +74,19 @@ def start(cmd, **kw):
     return p
 
 
+def serve_bitfog(conf, log, cache):
+    """Starts `bitfog serve`; returns the process and its base URL."""
+    p = subprocess.Popen([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:0", "-q", "--cache", cache],
+                         stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    procs.append(p)
+    for _ in range(500):
+        line = open(log).readline()
+        if line.endswith("\n"):
+            break
+        time.sleep(0.01)
+    return p, line.strip().split("listening on ")[1]
+
+
 def make_data():
     t = time.time()
     os.makedirs(os.path.join(data, "big"))
@@ -123,16 +136,7 @@ def bitfog_servers():
                 % (data, data, data, data, dest, data, data))
     urls = {}
     for name, cache in (("main", os.path.join(work, "hashcache")), ("nocache", "none")):
-        log = os.path.join(work, "serve-%s.log" % name)
-        p = subprocess.Popen([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:0", "--cache", cache, "-q"],
-                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-        procs.append(p)
-        for _ in range(500):
-            line = open(log).readline()
-            if line.endswith("\n"):
-                break
-            time.sleep(0.01)
-        urls[name] = line.strip().split("listening on ")[1]
+        _, urls[name] = serve_bitfog(conf, os.path.join(work, "serve-%s.log" % name), cache)
     return urls
 
 
@@ -258,17 +262,7 @@ def memory_section():
     conf = os.path.join(work, "million.json")
     with open(conf, "w") as f:
         f.write('{"m":{"path":"%s"},"dest":{"path":"%s","writable":true}}' % (root, mdest))
-    log = os.path.join(work, "serve-million.log")
-    srv = subprocess.Popen([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:0", "-q",
-                            "--cache", os.path.join(work, "million-cache")],
-                           stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    procs.append(srv)
-    for _ in range(500):
-        line = open(log).readline()
-        if line.endswith("\n"):
-            break
-        time.sleep(0.01)
-    url = line.strip().split("listening on ")[1]
+    srv, url = serve_bitfog(conf, os.path.join(work, "serve-million.log"), os.path.join(work, "million-cache"))
     mdb, edb, courier = (os.path.join(work, n) for n in ("million.db", "mempty.db", "mcourier"))
     sh([BIN, "emptydb", edb, "-q"])
     got = []
@@ -324,17 +318,8 @@ def delta_section():
     conf = os.path.join(root, "bitfog.json")
     with open(conf, "w") as f:
         f.write('{"new":{"path":"%s"},"site":{"path":"%s","writable":true}}' % (new_dir, site))
-    log = os.path.join(root, "serve.log")
     sigcache = os.path.join(root, "cache")
-    srv = subprocess.Popen([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:0", "-q", "--cache", sigcache],
-                           stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    procs.append(srv)
-    for _ in range(500):
-        line = open(log).readline()
-        if line.endswith("\n"):
-            break
-        time.sleep(0.01)
-    url = line.strip().split("listening on ")[1]
+    srv, url = serve_bitfog(conf, os.path.join(root, "serve.log"), sigcache)
     ddb, sdb, courier = (os.path.join(root, n) for n in ("dest.db", "src.db", "courier"))
     rsig, rdelta, rout = (os.path.join(root, n) for n in ("rdiff.sig", "rdiff.delta", "rdiff.out"))
 

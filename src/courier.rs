@@ -652,6 +652,20 @@ pub(crate) fn read_partials(root: &Path) -> Vec<(PathBuf, PathBuf, Option<Partia
     out
 }
 
+/// Bytes of the regular files in `dir` (not below it) whose paths pass
+/// `count`.
+pub(crate) fn dir_bytes(dir: &Path, count: impl Fn(&Path) -> bool) -> u64 {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|d| count(&d.path()))
+        .filter_map(|d| d.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// Bytes held in COURIER's files: everything but bitfog's own state,
 /// partial downloads included.
 pub(crate) fn usage(root: &Path) -> u64 {

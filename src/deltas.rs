@@ -82,14 +82,7 @@ pub(crate) fn held(courier: &Path) -> HashMap<String, Held> {
 
 /// Bytes the deltas take (for the budget), complete or not.
 pub(crate) fn usage(courier: &Path) -> u64 {
-    fs::read_dir(dir(courier))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|d| d.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum()
+    crate::courier::dir_bytes(&dir(courier), |_| true)
 }
 
 /// Removes everything in the deltas directory but `keep`.

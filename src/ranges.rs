@@ -85,18 +85,9 @@ pub(crate) fn held(courier: &Path) -> Vec<(PathBuf, RangeRecord)> {
 
 /// Bytes the range files take (for the budget), complete or not.
 pub(crate) fn usage(courier: &Path) -> u64 {
-    fs::read_dir(dir(courier))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|d| {
-            d.path()
-                .extension()
-                .is_some_and(|x| x == "range" || x == "tmp")
-        })
-        .filter_map(|d| d.metadata().ok())
-        .map(|m| m.len())
-        .sum()
+    crate::courier::dir_bytes(&dir(courier), |p| {
+        p.extension().is_some_and(|x| x == "range" || x == "tmp")
+    })
 }
 
 /// Removes a range (data first: a record without data is no range).

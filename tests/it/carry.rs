@@ -446,12 +446,7 @@ fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
     );
     assert!(temp.exists(), "killed mid-copy");
     // The next server removes the leftover (in the background).
-    let _server = Server::start_conf(&conf, &t.path("again.log"), &[]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while temp.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(!temp.exists(), "stale temporary file removed at startup");
+    restart_removing(&conf, &t.path("again.log"), &temp);
 }
 
 /// The destination's partial uploads, from a fresh builddb's end record.

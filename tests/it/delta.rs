@@ -40,6 +40,25 @@ fn signed_builddb(du: &str, db: &str) -> Run {
     ])
 }
 
+/// A site whose destination holds `old` and whose source holds `new` as
+/// `name`, with `dest.db` signed, `src.db` built and the delta fetched
+/// into the courier; gives the server, the destination's URL and the
+/// courier.
+fn delta_in_courier(t: &Scratch, name: &str, old: &[u8], new: &[u8]) -> (Server, String, String) {
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&dst, name, old);
+    write(&src, name, new);
+    let conf = t.path("site.json");
+    fs::write(&conf, two_areas(&src, &dst)).unwrap();
+    let server = Server::start_conf(&conf, &t.path("site.log"), &[]);
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let courier = t.s("courier");
+    signed_builddb(&du, &t.s("dest.db")).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &courier]).ok();
+    (server, du, courier)
+}
+
 #[test]
 fn changed_files_travel_as_deltas_whatever_the_change() {
     let t = Scratch::new();
@@ -131,17 +150,10 @@ fn changed_files_travel_as_deltas_whatever_the_change() {
 #[test]
 fn a_file_changed_after_its_signature_is_never_patched() {
     let t = Scratch::new();
-    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     let old = data(11, 3 * MIB);
-    write(&dst, "disk.img", &old);
     let new = overwrite(old.clone(), MIB, 50_000, 12);
-    write(&src, "disk.img", &new);
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    let courier = t.s("courier");
-    signed_builddb(&du, &t.s("dest.db")).ok();
-    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
-    bitfog(&["fetch", &t.s("dest.db"), &su, &courier]).ok();
+    let (server, du, courier) = delta_in_courier(&t, "disk.img", &old, &new);
+    let (dst, su) = (t.path("dst"), server.url("src"));
     let (delta_path, _) = courier_deltas(&courier).remove(0);
     let delta = fs::read(&delta_path).unwrap();
 
@@ -198,18 +210,11 @@ fn a_file_changed_after_its_signature_is_never_patched() {
 #[test]
 fn a_damaged_delta_is_refused_and_made_again() {
     let t = Scratch::new();
-    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     let old = data(21, 2 * MIB);
-    write(&dst, "f.img", &old);
     let mut new = old.clone();
     new.splice(700_000..700_000, data(22, 30_000));
-    write(&src, "f.img", &new);
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    let courier = t.s("courier");
-    signed_builddb(&du, &t.s("dest.db")).ok();
-    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
-    bitfog(&["fetch", &t.s("dest.db"), &su, &courier]).ok();
+    let (server, du, courier) = delta_in_courier(&t, "f.img", &old, &new);
+    let (dst, su) = (t.path("dst"), server.url("src"));
     let (delta_path, len) = courier_deltas(&courier).remove(0);
     let good = fs::read(&delta_path).unwrap();
 
@@ -255,20 +260,11 @@ fn a_damaged_delta_is_refused_and_made_again() {
 #[test]
 fn kill_9_while_patching_leaves_the_old_file() {
     let t = Scratch::new();
-    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     let old = data(31, 16 * MIB);
-    write(&dst, "big.img", &old);
     let new = overwrite(old.clone(), 9 * MIB, 100_000, 32);
-    write(&src, "big.img", &new);
-    let conf = t.path("site.json");
-    fs::write(&conf, two_areas(&src, &dst)).unwrap();
-    let server = Server::start_conf(&conf, &t.path("site.log"), &[]);
-    let (su, du) = (server.url("src"), server.url("dst"));
-    let courier = t.s("courier");
-    signed_builddb(&du, &t.s("dest.db")).ok();
-    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
-    bitfog(&["fetch", &t.s("dest.db"), &su, &courier]).ok();
+    let (server, _, courier) = delta_in_courier(&t, "big.img", &old, &new);
     drop(server);
+    let (dst, conf) = (t.path("dst"), t.path("site.json"));
 
     // Every write(2) of the destination waits 5 ms: the patch takes seconds.
     let mut slow = Server::start_shell(
@@ -297,12 +293,7 @@ fn kill_9_while_patching_leaves_the_old_file() {
     assert!(temp.exists(), "killed mid-patch");
 
     // A new server removes the leftover; the same delta then applies.
-    let server = Server::start_conf(&conf, &t.path("again.log"), &[]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while temp.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(!temp.exists(), "stale temporary file removed at startup");
+    let server = restart_removing(&conf, &t.path("again.log"), &temp);
     let s = bitfog(&[
         "store",
         &t.s("src.db"),

@@ -674,3 +674,15 @@ pub fn kill_9_traced(server: &mut Server) {
     );
     server.child.wait().unwrap();
 }
+
+/// Starts a server on `conf` again and waits (up to 10 s) for its startup
+/// cleaning to remove `temp`, a temporary file a killed server left.
+pub fn restart_removing(conf: &Path, log: &Path, temp: &Path) -> Server {
+    let server = Server::start_conf(conf, log, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while temp.exists() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!temp.exists(), "stale temporary file removed at startup");
+    server
+}
