@@ -302,8 +302,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             || held_ranges.iter().any(|(_, r)| r.of(e))
     };
     let mut range_files: Vec<Entry> = Vec::new();
-    // Changed files the destination has an older version of, signed:
-    // candidates for a delta (needed index, old size and SHA-256).
+    // Signatures of the destination's large files (DESTDB.sig), and the
+    // deltas the courier holds.
     let signatures = match SigIndex::open(&destdb_path(&opts.destdb)?) {
         Ok(s) => s,
         Err(why) => {
@@ -314,6 +314,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let held_deltas = deltas::held(&opts.courier);
     let mut kept_deltas: Vec<PathBuf> = Vec::new();
     let (mut delta_held_files, mut delta_held_bytes, mut delta_held_covers) = (0u64, 0u64, 0u64);
+    // Changed files the destination has a signed older version of:
+    // candidates for a delta (needed index, old size and SHA-256).
     let mut delta_cands: Vec<(usize, u64, String)> = Vec::new();
     each_need(client, &opts.destdb, &opts.src, |need, old| {
         match need {
@@ -355,6 +357,9 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                         delta_held_files += 1;
                         delta_held_bytes += h.len;
                         delta_held_covers += e.size;
+                        // Its duplicates are made from it once patched.
+                        let at = held_names.push(&e).map_err(spool_err)?;
+                        instrs.held(&e, at);
                         return Ok(());
                     }
                 }
@@ -461,8 +466,8 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         Progress::start(ui, "making deltas", delta_cands.len() as u64, delta_total);
     for (i, base_size, base_sha) in &delta_cands {
         let i = *i;
-        if is_dup(i) || avail == 0 {
-            continue;
+        if avail == 0 {
+            break;
         }
         let Ok(e) = needed.get(i) else { continue };
         let Some((_, sig)) = signatures
@@ -518,7 +523,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 break;
             }
             Err(NoDelta::Failed(why)) => {
-                ui.error(format!(
+                ui.log(format!(
                     "'{}': no delta: {why}; the file travels whole",
                     e.name
                 ));
@@ -695,13 +700,18 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let from_dest = instrs.from_dest;
     let mut dup_instrs = Vec::new();
     let (mut dup_files, mut dup_bytes) = (0u64, 0u64);
+    // A duplicate carried as a delta stands in for its original when the
+    // original did not travel: the original is made from it.
+    let mut stand_in: std::collections::BTreeMap<usize, usize> = Default::default();
     for &(d, orig) in &dups {
-        let original = match orig {
-            Origin::Held(h) => held_names.get(h),
-            Origin::Needed(n) if fetched.contains(&n) => needed.get(n),
-            Origin::Needed(_) => continue,
-        };
-        if let (Ok(e), Ok(o)) = (needed.get(d), original) {
+        if let Origin::Needed(n) = orig {
+            if delta_done.contains_key(&d) && !fetched.contains(&n) {
+                stand_in.entry(n).or_insert(d);
+            }
+        }
+    }
+    let mut instruct = |name: usize, from: std::io::Result<Entry>| {
+        if let (Ok(e), Ok(o)) = (needed.get(name), from) {
             dup_files += 1;
             dup_bytes += e.size;
             dup_instrs.push(CopyInstr {
@@ -711,6 +721,23 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 sha256: e.sha256.unwrap_or_default(),
             });
         }
+    };
+    for &(d, orig) in &dups {
+        if delta_done.contains_key(&d) {
+            continue;
+        }
+        let original = match orig {
+            Origin::Held(h) => held_names.get(h),
+            Origin::Needed(n) if fetched.contains(&n) => needed.get(n),
+            Origin::Needed(n) => match stand_in.get(&n) {
+                Some(&s) => needed.get(s),
+                None => continue,
+            },
+        };
+        instruct(d, original);
+    }
+    for (&n, &s) in &stand_in {
+        instruct(n, needed.get(s));
     }
     if let Err(e) = instrs.finish(&courier.state_path(""), dup_instrs) {
         ui.error(format!(

@@ -804,7 +804,8 @@ fn count(sum: &mut StoreSummary, action: &Action) {
 struct Retry;
 
 /// A copy's first try: a missing source (409) may be a file this run
-/// has yet to upload.
+/// has yet to upload, and a source with other content (422) one it has
+/// yet to patch with a delta.
 fn run_copy(
     client: &Client,
     dest: &AreaUrl,
@@ -814,7 +815,7 @@ fn run_copy(
         unreachable!("only copies")
     };
     match client.put_copy(dest, e, from) {
-        Ok(Err(r)) if r.status == 409 => Err(Retry),
+        Ok(Err(r)) if r.status == 409 || r.status == 422 => Err(Retry),
         Ok(Err(r)) => Ok(Err(copy_refused(from, r))),
         Ok(Ok(())) => Ok(Ok(())),
         Err(e) => Ok(Err(e.to_string())),

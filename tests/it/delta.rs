@@ -89,6 +89,9 @@ fn changed_files_travel_as_deltas_whatever_the_change() {
         write(&dst, name, &old);
         write(&src, name, new);
     }
+    // A duplicate of a changed file: made at the destination from it,
+    // once it is patched.
+    write(&src, "vm/inplace-copy.img", &inplace);
     // Below the signature threshold: carried whole.
     write(&dst, "small", &data(8, 100_000));
     write(&src, "small", &data(9, 100_000));
@@ -119,6 +122,7 @@ fn changed_files_travel_as_deltas_whatever_the_change() {
     assert_eq!(f.num("delta_files"), 4, "{f}");
     assert_eq!(f.num("remaining_files"), 0, "{f}");
     assert_eq!(f.num("fetched_files"), 5, "{f}");
+    assert_eq!(f.num("instructed_files"), 1, "{f}");
     let deltas = courier_deltas(&courier);
     assert_eq!(deltas.len(), 4);
     let delta_bytes: u64 = deltas.iter().map(|d| d.1).sum();
@@ -132,11 +136,13 @@ fn changed_files_travel_as_deltas_whatever_the_change() {
     let again = bitfog(&["fetch", &t.s("dest.db"), &su, &courier, "--json"]).ok();
     assert_eq!(again.num("fetched_files"), 0, "{again}");
     assert_eq!(again.num("delta_files"), 4, "{again}");
+    assert_eq!(again.num("instructed_files"), 1, "{again}");
     assert_eq!(courier_deltas(&courier), deltas);
 
     let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
     assert_eq!(s.num("patched_files"), 4, "{s}");
-    assert_eq!(s.num("stored_files"), 5, "{s}");
+    assert_eq!(s.num("copied_files"), 1, "{s}");
+    assert_eq!(s.num("stored_files"), 6, "{s}");
     assert_eq!(s.num("delta_bytes"), delta_bytes, "{s}");
     assert_same_tree(&src, &dst);
 
