@@ -336,23 +336,26 @@ fn handle(state: &State, req: &mut Request) -> Response {
     };
     let reserved = is_reserved(comps[comps.len() - 1]);
     let query = req.target.split_once('?').map(|(_, q)| q);
-    let sigs = state.cache.as_ref().map(|dir| {
-        SigCache::for_area(
-            dir,
-            std::str::from_utf8(area_name).unwrap_or(""),
-            &area.root,
-        )
-    });
+    // The signature cache, for the two requests that use it.
+    let sigs = || {
+        state.cache.as_ref().map(|dir| {
+            SigCache::for_area(
+                dir,
+                std::str::from_utf8(area_name).unwrap_or(""),
+                &area.root,
+            )
+        })
+    };
     match method {
         "GET" if !reserved && query == Some("extents") => extents(root, &comps),
-        "GET" if !reserved && query == Some("signature") => signature(root, &comps, sigs),
+        "GET" if !reserved && query == Some("signature") => signature(root, &comps, sigs()),
         "GET" | "HEAD" if reserved => Response::text(404, "not found"),
         "GET" | "HEAD" => get_file(root, &comps, req),
         "PUT" | "DELETE" if !area.writable => not_allowed(allow),
         "PUT" | "DELETE" if reserved => {
             Response::text(400, "names starting with .bitfog are reserved")
         }
-        "PUT" => put(root, &comps, req, sigs.as_ref()),
+        "PUT" => put(root, &comps, req, sigs().as_ref()),
         "DELETE" => delete(root, &comps),
         _ => not_allowed(allow),
     }

@@ -110,9 +110,13 @@ struct Task {
 
 impl Task {
     fn action(self) -> Action {
+        if self.ranged {
+            return Action::Ranges(self.e);
+        }
+        if let Some(delta) = self.delta {
+            return Action::Patch(self.e, delta);
+        }
         match self.from {
-            _ if self.ranged => Action::Ranges(self.e),
-            _ if self.delta.is_some() => Action::Patch(self.e, self.delta.unwrap_or_default()),
             Some(from) => Action::Copy(self.e, from),
             None if self.e.is_symlink() => Action::Link(self.e),
             None => Action::Upload(self.e),
