@@ -192,9 +192,16 @@ impl Client {
             serde_json::from_slice(&line).map_err(|e| fail(format!("bad signature: {e}")))?;
         h.check()
             .map_err(|why| fail(format!("bad signature: {why}")))?;
-        let mut table = vec![0u8; h.table_len() as usize];
-        r.read_exact(&mut table)
+        // Grown as it arrives: a header's promise allocates nothing.
+        let mut table = Vec::new();
+        let got = r
+            .by_ref()
+            .take(h.table_len())
+            .read_to_end(&mut table)
             .map_err(|e| fail(format!("signature cut short: {e}")))?;
+        if got as u64 != h.table_len() {
+            return Err(fail("signature cut short".into()));
+        }
         read_line(&mut r, &mut line)?;
         #[derive(serde::Deserialize)]
         struct End {

@@ -39,6 +39,8 @@ pub(crate) const STRONG: usize = 16;
 pub(crate) const RECORD: usize = 4 + STRONG;
 /// The longest literal operation.
 const LITERAL_MAX: usize = 1 << 20;
+/// The most blocks a signature may have.
+const MAX_BLOCKS: u64 = 1 << 24;
 /// The longest JSON line of a signature or delta.
 pub(crate) const MAX_HEADER: usize = 64 * 1024;
 
@@ -145,6 +147,10 @@ impl SigHeader {
         }
         if self.blocks != block_count(self.size, self.block) {
             return Err("block count does not match the size".into());
+        }
+        // 128 TiB at the largest block size: more is no signature of ours.
+        if self.blocks > MAX_BLOCKS {
+            return Err(format!("{} blocks is too many", self.blocks));
         }
         Ok(())
     }
@@ -722,7 +728,7 @@ pub(crate) fn verify(mut r: impl Read) -> io::Result<DeltaHeader> {
                 if off.checked_add(len).is_none_or(|e| e > h.base_size) || len == 0 {
                     return Err(bad("copy outside the old file"));
                 }
-                made += len;
+                made = made.saturating_add(len);
             }
             b'L' => {
                 let mut n = [0u8; 4];

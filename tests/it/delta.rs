@@ -425,3 +425,63 @@ fn kill_9_while_making_a_delta_leaves_nothing_half_made() {
     bitfog(&["store", &t.s("src.db"), &du, &courier]).ok();
     assert_eq!(fs::read(dst.join("vm.img")).unwrap(), new);
 }
+
+#[test]
+fn a_hostile_server_cannot_pass_off_a_signature() {
+    let t = Scratch::new();
+    let sha = "ab".repeat(32);
+    let big = 100 * MIB as u64;
+    let huge = 1u64 << 60;
+    let listing = format!(
+        "{{\"name\":\"cut\",\"size\":{big},\"mode\":420,\"mtime\":1,\"sha256\":\"{sha}\"}}\n\
+         {{\"name\":\"huge\",\"size\":{huge},\"mode\":420,\"mtime\":1,\"sha256\":\"{sha}\"}}\n\
+         {{\"name\":\"plain\",\"size\":{big},\"mode\":420,\"mtime\":1,\"sha256\":\"{sha}\"}}\n\
+         {{\"end\":true,\"count\":3,\"bytes\":{}}}\n",
+        2 * big + huge
+    );
+    let sig = |head: &str, body_len: usize, declared: usize| {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-bitfog-signature\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n{head}\n"
+        )
+        .into_bytes();
+        r.extend(std::iter::repeat_n(7u8, body_len));
+        r
+    };
+    let addr = routes(vec![
+        ("/a/".into(), ndjson_response(&listing)),
+        // A table cut short.
+        (
+            "/a/cut".into(),
+            sig(
+                r#"{"size":104857600,"block":16384,"strong":16,"blocks":6400}"#,
+                100,
+                200_000,
+            ),
+        ),
+        // A header that promises 2^30 blocks.
+        (
+            "/a/huge".into(),
+            sig(
+                r#"{"size":1152921504606846976,"block":1073741824,"strong":16,"blocks":1073741824}"#,
+                10,
+                1 << 30,
+            ),
+        ),
+        // An older server: the file itself.
+        ("/a/plain".into(), body_response(&[1u8; 4096], Some(4096))),
+    ]);
+    let url = format!("http://{addr}/a/");
+    let r = bitfog(&["builddb", &url, &t.s("x.db"), "--signatures", "--json"]).code(1);
+    assert_eq!(r.num("signed_files"), 0, "{r}");
+    assert_eq!(r.num("files"), 3, "{r}");
+    assert!(
+        r.stderr.contains("'cut': no signature") && r.stderr.contains("cut short"),
+        "{r}"
+    );
+    assert!(r.stderr.contains("too many"), "{r}");
+    assert!(r.stderr.contains("does not make signatures"), "{r}");
+    // The DB is written; the signature file holds no record.
+    assert!(t.path("x.db").exists());
+    let sigs = fs::read_to_string(t.path("x.db.sig")).unwrap();
+    assert_eq!(sigs.lines().count(), 1, "{sigs}");
+}
