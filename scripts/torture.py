@@ -12,8 +12,10 @@ to 127.0.0.1 and a temporary directory. Sections:
   inject    I/O errors injected with strace into fetch and into serve
   load      64 clients (listings, ranges, PUTs, all checked) for 60 s with
             500 idle connections open; LOAD_SECONDS changes the duration
+  delta     kill -9 of `fetch` while it makes a delta, and of the server
+            while it patches: the file is always the old or the new version
 
-Usage: torture.py BITFOG [requests|fetch|put ...] [--rounds N]
+Usage: torture.py BITFOG [requests|fetch|put|delta ...] [--rounds N]
 """
 
 import hashlib
@@ -36,7 +38,7 @@ if "--rounds" in ARGS:
     i = ARGS.index("--rounds")
     ROUNDS = int(ARGS[i + 1])
     del ARGS[i:i + 2]
-SECTIONS = ARGS or ["requests", "fetch", "put", "disk", "inject", "load"]
+SECTIONS = ARGS or ["requests", "fetch", "put", "disk", "inject", "load", "delta"]
 SECRET = b"TOPSECRET-OUTSIDE-THE-AREA"
 rng = random.Random(20261126)
 
@@ -825,5 +827,108 @@ def section_disk():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def delta_sound(path):
+    """A delta in the courier is whole: its last 32 bytes are the SHA-256
+    of everything before them, after an 'E'."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return len(data) > 33 and data[-33:-32] == b"E" and hashlib.sha256(data[:-32]).digest() == data[-32:]
+
+
+def section_delta():
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
+    r = random.Random(6)
+    old = r.randbytes(64 << 20)
+    new = bytearray(old)
+    for _ in range(6):
+        at = r.randrange(0, len(new) - 200_000)
+        new[at:at + 100_000] = r.randbytes(100_000)
+    new[len(new) // 2:len(new) // 2] = r.randbytes(4096)
+    new = bytes(new)
+    write(os.path.join(src, "vm.img"), new)
+    write(os.path.join(dst, "vm.img"), old)
+    good = {hashlib.sha256(old).hexdigest(): "old", hashlib.sha256(new).hexdigest(): "new"}
+    conf = os.path.join(work, "c.json")
+    with open(conf, "w") as f:
+        f.write('{"src":{"path":"%s"},"dst":{"path":"%s","writable":true}}' % (src, dst))
+    srv = Server(conf, os.path.join(work, "serve.log"))
+    db = lambda n: os.path.join(work, n)
+    courier = os.path.join(work, "courier")
+    deltas = os.path.join(courier, ".bitfog", "deltas")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run([BIN, "builddb", srv.url("dst"), db("dest.db"), "--signatures", "--signature-min", "1M", "-q"],
+                   check=True, **quiet)
+    subprocess.run([BIN, "builddb", srv.url("src"), db("src.db"), "-q"], check=True, **quiet)
+    fetch = [BIN, "fetch", db("dest.db"), srv.url("src"), courier, "-q"]
+    t = time.time()
+    subprocess.run(fetch, check=True, **quiet)
+    full_fetch = time.time() - t
+    # kill -9 of fetch while it makes the delta.
+    kills = unsound = complete = 0
+    for _ in range(ROUNDS):
+        shutil.rmtree(courier, ignore_errors=True)
+        p = subprocess.Popen(fetch, **quiet)
+        time.sleep(rng.uniform(0, full_fetch * 1.3))
+        if p.poll() is None:
+            p.kill()
+            kills += 1
+        p.wait()
+        for n in os.listdir(deltas) if os.path.isdir(deltas) else []:
+            if n.endswith(".delta"):
+                complete += 1
+                unsound += not delta_sound(os.path.join(deltas, n))
+    fetched = subprocess.run(fetch + ["--json"], capture_output=True, text=True)
+    made = __import__("json").loads(fetched.stdout)
+    # kill -9 of the server while it patches.
+    # The server's port changes with each start.
+    store = lambda: [BIN, "store", db("src.db"), srv.url("dst"), courier, "-q"]
+    # Timed as each round runs it: the old version just written back,
+    # a fresh server (its caches miss the rewritten file).
+    write(os.path.join(dst, "vm.img"), old)
+    srv.stop()
+    srv.start()
+    t = time.time()
+    subprocess.run(store(), check=True, **quiet)
+    full_store = time.time() - t
+    outcomes = {"old": 0, "new": 0}
+    wrong = temps = 0
+    for _ in range(ROUNDS):
+        write(os.path.join(dst, "vm.img"), old)
+        srv.stop()
+        srv.start()
+        p = subprocess.Popen(store(), **quiet)
+        time.sleep(rng.uniform(0, full_store * 1.5))
+        srv.kill9()
+        p.wait()
+        srv.start()
+        time.sleep(0.2)  # startup cleaning runs in the background
+        with open(os.path.join(dst, "vm.img"), "rb") as f:
+            state = good.get(hashlib.sha256(f.read()).hexdigest())
+        if state:
+            outcomes[state] += 1
+        else:
+            wrong += 1
+        temps += sum(".bitfog" in n for n in os.listdir(dst))
+    write(os.path.join(dst, "vm.img"), old)
+    final = subprocess.run(store(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if final.returncode != 0:
+        print(final.stderr)
+    with open(os.path.join(dst, "vm.img"), "rb") as f:
+        equal = f.read() == new
+    srv.stop()
+    print("\ndeltas: a 64 MiB file, 600 KB overwritten and 4 KiB inserted; delta %d bytes" % made["delta_bytes"])
+    print("kill -9 of fetch while it makes the delta: %d rounds (one fetch %.2f s), %d kills mid-run"
+          % (ROUNDS, full_fetch, kills))
+    print("complete deltas left by killed or finished runs: %d, of them damaged: %d; the final fetch: exit %d, %d delta"
+          % (complete, unsound, fetched.returncode, made["delta_files"]))
+    print("kill -9 of the server while it patches: %d rounds (one store %.2f s)" % (ROUNDS, full_store))
+    print("destination file afterwards: old version %d, new version %d, anything else %d; temporary files visible: %d"
+          % (outcomes["old"], outcomes["new"], wrong, temps))
+    print("after a final store the file is the new version: %s" % ("yes" if final.returncode == 0 and equal else "NO"))
+    shutil.rmtree(work, ignore_errors=True)
+
+
 for s in SECTIONS:
-    {"requests": section_requests, "fetch": section_fetch, "put": section_put, "load": section_load, "inject": section_inject, "disk": section_disk}[s]()
+    {"requests": section_requests, "fetch": section_fetch, "put": section_put, "load": section_load,
+     "inject": section_inject, "disk": section_disk, "delta": section_delta}[s]()
