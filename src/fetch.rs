@@ -59,7 +59,9 @@ pub(crate) fn each_need(
     let listing = client.listing(src)?;
     plan::merge(listing, dst.map(|r| r.map_err(as_usage)), |pair| {
         let old = match &pair {
-            plan::Pair::Both(_, d) if !d.is_symlink() => Some((d.size, d.sha256.clone())),
+            plan::Pair::Both(s, d) if !d.is_symlink() && !s.same_content(d) => {
+                Some((d.size, d.sha256.clone()))
+            }
             _ => None,
         };
         f(plan::need(pair), old)
