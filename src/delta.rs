@@ -8,7 +8,8 @@
 //! against it is a list of operations: copy a byte range of the old file,
 //! or insert literal bytes. It names the old version (size, SHA-256) it
 //! applies to and the new one it makes, and ends with the SHA-256 of
-//! everything before, so a damaged delta is refused before it is used.
+//! everything before, so a damaged delta is refused: by `store` before it
+//! is sent, by the server before anything made from it appears.
 //!
 //! Wire and file formats (all integers big-endian):
 //!
