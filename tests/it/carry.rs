@@ -398,12 +398,7 @@ fn the_server_checks_a_copy_before_it_appears() {
 
 #[test]
 fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: strace is needed (apt-get install strace)");
+    if strace_missing() {
         return;
     }
     let t = Scratch::new();
@@ -540,12 +535,7 @@ fn a_file_bigger_than_the_courier_arrives_over_several_trips() {
 
 #[test]
 fn a_damaged_range_and_a_server_killed_mid_range_lose_nothing() {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: strace is needed (apt-get install strace)");
+    if strace_missing() {
         return;
     }
     let t = Scratch::new();

@@ -796,12 +796,7 @@ fn a_listing_of_endless_empty_lines_ends_with_an_error() {
 
 #[test]
 fn writes_failing_with_enospc_stop_fetch_cleanly() {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: strace is needed (apt-get install strace)");
+    if strace_missing() {
         return;
     }
     let t = Scratch::new();

@@ -686,3 +686,13 @@ pub fn restart_removing(conf: &Path, log: &Path, temp: &Path) -> Server {
     assert!(!temp.exists(), "stale temporary file removed at startup");
     server
 }
+
+/// True (after saying so) when strace, which some fault tests run the
+/// server under, is not installed: those tests skip.
+pub fn strace_missing() -> bool {
+    let missing = Command::new("strace").arg("-V").output().is_err();
+    if missing {
+        eprintln!("skipped: strace is needed (apt-get install strace)");
+    }
+    missing
+}
