@@ -555,55 +555,55 @@ fn bad(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("bad delta: {why}"))
 }
 
-/// What an operation still has to produce.
+/// One operation of a delta, checked against its header.
 enum Op {
-    Next,
-    Copy { off: u64, left: u64 },
-    Literal { left: u64 },
-    Done,
+    Copy { off: u64, len: u64 },
+    Literal(u64),
+    End,
 }
 
-/// The new file's bytes, made from a delta's operations (read from
-/// `body`, after its header) and the old file (`base`). Reads fail with
-/// `InvalidData` on a malformed or damaged delta; `Ok(0)` comes only
-/// after a valid end, once the output is exactly `size` bytes.
-pub(crate) struct Patch<'a, R: Read> {
+/// Reads a delta's operations after its header: checks each one (inside
+/// the old file, within the new size) and, at the end, the checksum and
+/// the total. What `Patch` and `verify` share.
+struct Ops<R> {
     body: R,
-    base: &'a std::fs::File,
+    /// Has seen every byte so far, the header line included.
+    hasher: Hasher,
     base_size: u64,
     size: u64,
+    /// Output bytes the operations so far make.
     made: u64,
-    hasher: Hasher,
-    op: Op,
 }
 
-impl<'a, R: Read> Patch<'a, R> {
-    /// `hasher` has seen the header line.
-    pub(crate) fn new(
-        h: &DeltaHeader,
-        body: R,
-        base: &'a std::fs::File,
-        hasher: Hasher,
-    ) -> Patch<'a, R> {
-        Patch {
+impl<R: Read> Ops<R> {
+    fn new(h: &DeltaHeader, body: R, hasher: Hasher) -> Ops<R> {
+        Ops {
             body,
-            base,
+            hasher,
             base_size: h.base_size,
             size: h.size,
             made: 0,
-            hasher,
-            op: Op::Next,
         }
     }
 
     fn take(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.body.read_exact(buf)?;
+        self.body.read_exact(buf).map_err(cut_short)?;
         self.hasher.update(buf);
         Ok(())
     }
 
-    /// Reads the next operation.
-    fn next_op(&mut self) -> io::Result<()> {
+    /// Counts `len` more output bytes.
+    fn grow(&mut self, len: u64) -> io::Result<()> {
+        match self.made.checked_add(len) {
+            Some(m) if m <= self.size => {
+                self.made = m;
+                Ok(())
+            }
+            _ => Err(bad("longer than the header says")),
+        }
+    }
+
+    fn next(&mut self) -> io::Result<Op> {
         let mut tag = [0u8; 1];
         self.take(&mut tag)?;
         match tag[0] {
@@ -616,7 +616,8 @@ impl<'a, R: Read> Patch<'a, R> {
                 if !inside || len == 0 {
                     return Err(bad("copy outside the old file"));
                 }
-                self.op = Op::Copy { off, left: len };
+                self.grow(len)?;
+                Ok(Op::Copy { off, len })
             }
             b'L' => {
                 let mut n = [0u8; 4];
@@ -625,22 +626,74 @@ impl<'a, R: Read> Patch<'a, R> {
                 if len == 0 || len > LITERAL_MAX as u64 {
                     return Err(bad("bad literal length"));
                 }
-                self.op = Op::Literal { left: len };
+                self.grow(len)?;
+                Ok(Op::Literal(len))
             }
             b'E' => {
                 let mut digest = [0u8; 32];
-                self.body.read_exact(&mut digest)?;
+                self.body.read_exact(&mut digest).map_err(cut_short)?;
                 if std::mem::take(&mut self.hasher).digest() != digest {
                     return Err(bad("checksum mismatch (damaged delta)"));
                 }
                 if self.made != self.size {
                     return Err(bad("output size does not match the header"));
                 }
-                self.op = Op::Done;
+                Ok(Op::End)
             }
-            _ => return Err(bad("unknown operation")),
+            _ => Err(bad("unknown operation")),
         }
-        Ok(())
+    }
+
+    /// Some of a literal's bytes, into `buf`.
+    fn literal(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.body.read(buf)?;
+        if n == 0 {
+            return Err(bad("cut short"));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn cut_short(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        bad("cut short")
+    } else {
+        e
+    }
+}
+
+/// Where a `Patch` stands within the current operation.
+enum At {
+    Next,
+    Copy { off: u64, left: u64 },
+    Literal { left: u64 },
+    Done,
+}
+
+/// The new file's bytes, made from a delta's operations (read from
+/// `body`, after its header) and the old file (`base`). Reads fail with
+/// `InvalidData` on a malformed or damaged delta; `Ok(0)` comes only
+/// after a valid end, once the output is exactly `size` bytes.
+pub(crate) struct Patch<'a, R: Read> {
+    ops: Ops<R>,
+    base: &'a std::fs::File,
+    at: At,
+}
+
+impl<'a, R: Read> Patch<'a, R> {
+    /// `hasher` has seen the header line.
+    pub(crate) fn new(
+        h: &DeltaHeader,
+        body: R,
+        base: &'a std::fs::File,
+        hasher: Hasher,
+    ) -> Patch<'a, R> {
+        Patch {
+            ops: Ops::new(h, body, hasher),
+            base,
+            at: At::Next,
+        }
     }
 }
 
@@ -651,56 +704,40 @@ impl<R: Read> Read for Patch<'_, R> {
             return Ok(0);
         }
         loop {
-            match self.op {
-                Op::Done => return Ok(0),
-                Op::Next => self.next_op().map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        bad("cut short")
-                    } else {
-                        e
-                    }
-                })?,
-                Op::Copy { off, left } => {
+            let (n, rest) = match self.at {
+                At::Done => return Ok(0),
+                At::Next => {
+                    self.at = match self.ops.next()? {
+                        Op::Copy { off, len } => At::Copy { off, left: len },
+                        Op::Literal(len) => At::Literal { left: len },
+                        Op::End => At::Done,
+                    };
+                    continue;
+                }
+                At::Copy { off, left } => {
                     let want = left.min(buf.len() as u64) as usize;
-                    if self.made + want as u64 > self.size {
-                        return Err(bad("longer than the header says"));
-                    }
                     let n = self.base.read_at(&mut buf[..want], off)?;
                     if n == 0 {
                         return Err(bad("the old file is shorter than the delta needs"));
                     }
-                    self.made += n as u64;
-                    self.op = if left == n as u64 {
-                        Op::Next
-                    } else {
-                        Op::Copy {
-                            off: off + n as u64,
-                            left: left - n as u64,
-                        }
-                    };
-                    return Ok(n);
+                    let n64 = n as u64;
+                    (
+                        n,
+                        (left > n64).then(|| At::Copy {
+                            off: off + n64,
+                            left: left - n64,
+                        }),
+                    )
                 }
-                Op::Literal { left } => {
+                At::Literal { left } => {
                     let want = left.min(buf.len() as u64) as usize;
-                    if self.made + want as u64 > self.size {
-                        return Err(bad("longer than the header says"));
-                    }
-                    let n = self.body.read(&mut buf[..want])?;
-                    if n == 0 {
-                        return Err(bad("cut short"));
-                    }
-                    self.hasher.update(&buf[..n]);
-                    self.made += n as u64;
-                    self.op = if left == n as u64 {
-                        Op::Next
-                    } else {
-                        Op::Literal {
-                            left: left - n as u64,
-                        }
-                    };
-                    return Ok(n);
+                    let n = self.ops.literal(&mut buf[..want])?;
+                    let n64 = n as u64;
+                    (n, (left > n64).then(|| At::Literal { left: left - n64 }))
                 }
-            }
+            };
+            self.at = rest.unwrap_or(At::Next);
+            return Ok(n);
         }
     }
 }
@@ -710,57 +747,23 @@ impl<R: Read> Read for Patch<'_, R> {
 pub(crate) fn verify(mut r: impl Read) -> io::Result<DeltaHeader> {
     let mut hasher = Hasher::new();
     let h = read_header(&mut r, &mut hasher)?;
-    let mut made = 0u64;
-    let take = |r: &mut dyn Read, buf: &mut [u8], hasher: &mut Hasher| -> io::Result<()> {
-        r.read_exact(buf).map_err(|_| bad("cut short"))?;
-        hasher.update(buf);
-        Ok(())
-    };
+    let mut ops = Ops::new(&h, r, hasher);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let mut tag = [0u8; 1];
-        take(&mut r, &mut tag, &mut hasher)?;
-        match tag[0] {
-            b'C' => {
-                let mut n = [0u8; 16];
-                take(&mut r, &mut n, &mut hasher)?;
-                let off = u64::from_be_bytes(n[..8].try_into().expect("8 bytes"));
-                let len = u64::from_be_bytes(n[8..].try_into().expect("8 bytes"));
-                if off.checked_add(len).is_none_or(|e| e > h.base_size) || len == 0 {
-                    return Err(bad("copy outside the old file"));
-                }
-                made = made.saturating_add(len);
-            }
-            b'L' => {
-                let mut n = [0u8; 4];
-                take(&mut r, &mut n, &mut hasher)?;
-                let mut left = u32::from_be_bytes(n) as usize;
-                if left == 0 || left > LITERAL_MAX {
-                    return Err(bad("bad literal length"));
-                }
-                made += left as u64;
+        match ops.next()? {
+            Op::Copy { .. } => {}
+            Op::Literal(mut left) => {
                 while left > 0 {
-                    let k = left.min(chunk.len());
-                    take(&mut r, &mut chunk[..k], &mut hasher)?;
-                    left -= k;
+                    let k = left.min(chunk.len() as u64) as usize;
+                    left -= ops.literal(&mut chunk[..k])? as u64;
                 }
             }
-            b'E' => {
-                let mut digest = [0u8; 32];
-                r.read_exact(&mut digest).map_err(|_| bad("cut short"))?;
-                if hasher.digest() != digest {
-                    return Err(bad("checksum mismatch (damaged delta)"));
-                }
-                if made != h.size {
-                    return Err(bad("output size does not match the header"));
-                }
-                let mut rest = [0u8; 1];
-                if r.read(&mut rest)? != 0 {
+            Op::End => {
+                if ops.body.read(&mut [0u8; 1])? != 0 {
                     return Err(bad("bytes after the end"));
                 }
                 return Ok(h);
             }
-            _ => return Err(bad("unknown operation")),
         }
     }
 }
