@@ -81,6 +81,8 @@ pub(crate) fn builddb(
 fn sign(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path, min: u64) -> Result<(u64, u64, u64)> {
     let io_err = |e: std::io::Error| Error::io(delta::sig_path(db).display().to_string(), &e);
     let mut out = delta::SigFileWriter::create(db, url.as_str()).map_err(io_err)?;
+    // Read back from the DB just written rather than kept from the
+    // listing: memory stays bounded however low --signature-min goes.
     let (_, entries) = open_db(db)?;
     let (mut signed, mut failed) = (0u64, 0u64);
     for e in entries {
