@@ -300,21 +300,14 @@ impl Client {
         entry: &Entry,
         file: impl Read + Send + 'static,
     ) -> Result<std::result::Result<(), Refused>> {
-        let url = area.file(&entry.name);
-        let mut req = self
-            .auth(self.agent.put(&url))
-            .header("Content-Length", entry.size.to_string())
-            .header("Content-Type", "application/octet-stream")
-            .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
-            .header(protocol::HDR_MTIME, entry.mtime.to_string());
-        if let Some(h) = &entry.sha256 {
-            req = req.header(protocol::HDR_SHA256, h.as_str());
-        }
-        let body = BufReader::with_capacity(crate::digest::BUF_SIZE, file.take(entry.size));
-        let resp = req
-            .send(ureq::SendBody::from_owned_reader(body))
-            .map_err(|e| transport(&url, e))?;
-        Ok(outcome(resp))
+        self.put_body(
+            area,
+            entry,
+            "application/octet-stream",
+            None,
+            entry.size,
+            file,
+        )
     }
 
     /// PUTs a delta (`len` bytes of `body`) that makes `entry` from the
@@ -326,18 +319,37 @@ impl Client {
         body: impl Read + Send + 'static,
         len: u64,
     ) -> Result<std::result::Result<(), Refused>> {
+        self.put_body(area, entry, crate::delta::DELTA_TYPE, None, len, body)
+    }
+
+    /// PUTs `len` bytes of `body` for `entry` as `content_type`, with the
+    /// entry's hash (when known), mode and mtime and the logical size
+    /// when the body is not the content itself.
+    fn put_body(
+        &self,
+        area: &AreaUrl,
+        entry: &Entry,
+        content_type: &str,
+        size: Option<u64>,
+        len: u64,
+        body: impl Read + Send + 'static,
+    ) -> Result<std::result::Result<(), Refused>> {
         let url = area.file(&entry.name);
-        let resp = self
+        let mut req = self
             .auth(self.agent.put(&url))
             .header("Content-Length", len.to_string())
-            .header("Content-Type", crate::delta::DELTA_TYPE)
-            .header(protocol::HDR_SHA256, entry.sha256.as_deref().unwrap_or(""))
+            .header("Content-Type", content_type)
             .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
-            .header(protocol::HDR_MTIME, entry.mtime.to_string())
-            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
-                crate::digest::BUF_SIZE,
-                body.take(len),
-            )))
+            .header(protocol::HDR_MTIME, entry.mtime.to_string());
+        if let Some(h) = &entry.sha256 {
+            req = req.header(protocol::HDR_SHA256, h.as_str());
+        }
+        if let Some(n) = size {
+            req = req.header(protocol::HDR_SIZE, n.to_string());
+        }
+        let body = BufReader::with_capacity(crate::digest::BUF_SIZE, body.take(len));
+        let resp = req
+            .send(ureq::SendBody::from_owned_reader(body))
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
     }
@@ -374,24 +386,8 @@ impl Client {
         body: crate::sparse::ExtentBody,
         body_len: u64,
     ) -> Result<std::result::Result<(), Refused>> {
-        let url = area.file(&entry.name);
-        let resp = self
-            .auth(self.agent.put(&url))
-            .header("Content-Length", body_len.to_string())
-            .header("Content-Type", protocol::EXTENTS_TYPE)
-            .header(protocol::HDR_SIZE, entry.size.to_string())
-            .header(
-                protocol::HDR_SHA256,
-                entry.sha256.as_deref().unwrap_or_default(),
-            )
-            .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
-            .header(protocol::HDR_MTIME, entry.mtime.to_string())
-            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
-                crate::digest::BUF_SIZE,
-                body,
-            )))
-            .map_err(|e| transport(&url, e))?;
-        Ok(outcome(resp))
+        let size = Some(entry.size);
+        self.put_body(area, entry, protocol::EXTENTS_TYPE, size, body_len, body)
     }
 
     /// Makes an empty directory with its mode and mtime. The hash header
