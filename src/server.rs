@@ -214,10 +214,19 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
             }
         }
     });
+    // Each area's signature cache, beside its hash cache.
+    let sigs = match &cache {
+        Some(dir) => config
+            .iter()
+            .map(|(name, area)| (name.clone(), SigCache::for_area(dir, name, &area.root)))
+            .collect(),
+        None => BTreeMap::new(),
+    };
     let state = Arc::new(State {
         config,
         roots,
         cache,
+        sigs,
         quiet: opts.quiet,
     });
     let cleaner = state.clone();
@@ -268,6 +277,8 @@ struct State {
     roots: BTreeMap<String, Root>,
     /// The hash cache directory, if any.
     cache: Option<PathBuf>,
+    /// Each area's signature cache (none without a cache directory).
+    sigs: BTreeMap<String, SigCache>,
     quiet: bool,
 }
 
@@ -336,26 +347,19 @@ fn handle(state: &State, req: &mut Request) -> Response {
     };
     let reserved = is_reserved(comps[comps.len() - 1]);
     let query = req.target.split_once('?').map(|(_, q)| q);
-    // The signature cache, for the two requests that use it.
-    let sigs = || {
-        state.cache.as_ref().map(|dir| {
-            SigCache::for_area(
-                dir,
-                std::str::from_utf8(area_name).unwrap_or(""),
-                &area.root,
-            )
-        })
-    };
+    let sigs = std::str::from_utf8(area_name)
+        .ok()
+        .and_then(|n| state.sigs.get(n));
     match method {
         "GET" if !reserved && query == Some("extents") => extents(root, &comps),
-        "GET" if !reserved && query == Some("signature") => signature(root, &comps, sigs()),
+        "GET" if !reserved && query == Some("signature") => signature(root, &comps, sigs.cloned()),
         "GET" | "HEAD" if reserved => Response::text(404, "not found"),
         "GET" | "HEAD" => get_file(root, &comps, req),
         "PUT" | "DELETE" if !area.writable => not_allowed(allow),
         "PUT" | "DELETE" if reserved => {
             Response::text(400, "names starting with .bitfog are reserved")
         }
-        "PUT" => put(root, &comps, req, sigs().as_ref()),
+        "PUT" => put(root, &comps, req, sigs),
         "DELETE" => delete(root, &comps),
         _ => not_allowed(allow),
     }
