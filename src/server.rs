@@ -1092,7 +1092,10 @@ fn put_delta(
     };
     let old = match dir.open_read(name) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(changed()),
+        // Absent, or a symlink (never followed): no old version to patch.
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(changed());
+        }
         Err(e) => return Err(Response::text(500, describe_io(&e))),
     };
     let meta = match old.metadata() {

@@ -253,6 +253,21 @@ fn a_damaged_delta_is_refused_and_made_again() {
     assert_eq!(put(&good[..good.len() - 10], &sha), 422);
     assert_eq!(put(&good, &sha256_hex(b"other")), 400);
     assert_eq!(put(b"not a delta\n", &sha), 400);
+    // A symlink in the old file's place is not the version the delta
+    // needs (it is never followed).
+    std::os::unix::fs::symlink("f.img", dst.join("link.img")).unwrap();
+    let r = http(
+        server.addr,
+        "PUT",
+        "/dst/link.img",
+        &[
+            ("Content-Type", "application/x-bitfog-delta"),
+            ("X-Bitfog-Sha256", &sha),
+        ],
+        &good,
+    );
+    assert_eq!(r.status, 409);
+    fs::remove_file(dst.join("link.img")).unwrap();
     assert_eq!(fs::read(dst.join("f.img")).unwrap(), old);
     assert_eq!(fs::read_dir(&dst).unwrap().count(), 1, "no temporary file");
 
