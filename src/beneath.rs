@@ -126,10 +126,6 @@ impl Root {
         })
     }
 
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Opens the directory `comps` (relative, checked) beneath the root.
     /// With `create`, missing directories are made one at a time. A symlink
     /// anywhere is refused with ELOOP; a non-directory with ENOTDIR.
@@ -392,6 +388,389 @@ impl Dir {
     pub(crate) fn sync(&self) {
         // SAFETY: fsync on a descriptor we own.
         unsafe { libc::fsync(self.fd.as_raw_fd()) };
+    }
+
+    /// Another handle on the same directory.
+    pub(crate) fn try_clone(&self) -> io::Result<Dir> {
+        Ok(Dir {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Opens the subdirectory `name`; a symlink is refused (ELOOP), a
+    /// non-directory with ENOTDIR. With `create` it is made (mode 0755)
+    /// when absent.
+    pub(crate) fn open_dir(&self, name: &[u8], create: bool) -> io::Result<Dir> {
+        let path = self.path.join(OsStr::from_bytes(name));
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        let fd = match open_at(self.fd.as_raw_fd(), name, flags, 0) {
+            Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                match self.mkdir(name, 0o755) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                open_at(self.fd.as_raw_fd(), name, flags, 0)
+            }
+            other => other,
+        }
+        .map_err(|e| {
+            // O_DIRECTORY|O_NOFOLLOW says ENOTDIR for a symlink too.
+            if e.raw_os_error() == Some(libc::ENOTDIR)
+                && self.kind(name).ok().flatten() == Some(Kind::Symlink)
+            {
+                io::Error::from_raw_os_error(libc::ELOOP)
+            } else {
+                e
+            }
+        })?;
+        Ok(Dir { fd, path })
+    }
+
+    /// Makes the directory `name`.
+    pub(crate) fn mkdir(&self, name: &[u8], mode: libc::mode_t) -> io::Result<()> {
+        let c = cstr(name)?;
+        // SAFETY: a valid descriptor and NUL-terminated name.
+        check(unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), mode) }).map(drop)
+    }
+
+    /// Removes the empty directory `name` (never a link's target).
+    pub(crate) fn remove_dir(&self, name: &[u8]) -> io::Result<()> {
+        let n = cstr(name)?;
+        // SAFETY: a NUL-terminated name and a valid descriptor.
+        check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) })
+            .map(drop)
+    }
+
+    /// Opens the regular file `name` for reading. `Ok(None)` when absent;
+    /// a symlink, FIFO, device or directory is an error and is never
+    /// read or waited on.
+    pub(crate) fn open_file(&self, name: &[u8]) -> io::Result<Option<File>> {
+        match self.open_read(name) {
+            Ok(f) => {
+                regular(&f)?;
+                Ok(Some(f))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(not_followed(e)),
+        }
+    }
+
+    /// Opens the regular file `name` for appending, creating it (mode
+    /// 0600) when absent; never through a link, never a FIFO.
+    pub(crate) fn open_append(&self, name: &[u8]) -> io::Result<File> {
+        let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NONBLOCK;
+        let f = File::from(open_at(self.fd.as_raw_fd(), name, flags, 0o600).map_err(not_followed)?);
+        regular(&f)?;
+        Ok(f)
+    }
+
+    /// Creates `name` afresh for reading and writing (mode 0600): whatever
+    /// was there (a file, a symlink, a FIFO) is unlinked first, never
+    /// followed or opened. A directory in the way is an error.
+    pub(crate) fn create_fresh(&self, name: &[u8]) -> io::Result<File> {
+        match self.unlink(name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
+        Ok(File::from(open_at(
+            self.fd.as_raw_fd(),
+            name,
+            flags,
+            0o600,
+        )?))
+    }
+
+    /// Renames `from` in this directory to `to` in `dest`; replaces a file
+    /// or symlink at `to`, never a directory, never following either.
+    pub(crate) fn rename_to(&self, from: &[u8], dest: &Dir, to: &[u8]) -> io::Result<()> {
+        let (f, t) = (cstr(from)?, cstr(to)?);
+        // SAFETY: NUL-terminated names and valid descriptors.
+        check(unsafe {
+            libc::renameat(
+                self.fd.as_raw_fd(),
+                f.as_ptr(),
+                dest.fd.as_raw_fd(),
+                t.as_ptr(),
+            )
+        })
+        .map(drop)
+    }
+
+    /// The names in this directory (without `.` and `..`), sorted
+    /// bytewise, with their kind when the filesystem says it.
+    pub(crate) fn names(&self) -> io::Result<Vec<(Vec<u8>, Option<Kind>)>> {
+        let dup = self.fd.try_clone()?;
+        // SAFETY: fdopendir takes ownership of a descriptor we own.
+        let dirp = unsafe { libc::fdopendir(dup.as_raw_fd()) };
+        if dirp.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        std::mem::forget(dup);
+        struct Close(*mut libc::DIR);
+        impl Drop for Close {
+            fn drop(&mut self) {
+                // SAFETY: a stream from fdopendir, closed once.
+                unsafe { libc::closedir(self.0) };
+            }
+        }
+        let dirp = Close(dirp);
+        // SAFETY: a valid stream; the dup shares the offset, start over.
+        unsafe { libc::rewinddir(dirp.0) };
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: errno is thread-local; readdir signals errors only
+            // through it.
+            unsafe { *libc::__errno_location() = 0 };
+            // SAFETY: a valid stream.
+            let ent = unsafe { libc::readdir(dirp.0) };
+            if ent.is_null() {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error().unwrap_or(0) != 0 {
+                    return Err(err);
+                }
+                break;
+            }
+            // SAFETY: readdir returned a valid entry with a NUL-terminated name.
+            let (name, d_type) = unsafe {
+                (
+                    std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes(),
+                    (*ent).d_type,
+                )
+            };
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let kind = match d_type {
+                libc::DT_REG => Some(Kind::File),
+                libc::DT_DIR => Some(Kind::Dir),
+                libc::DT_LNK => Some(Kind::Symlink),
+                libc::DT_UNKNOWN => None,
+                _ => Some(Kind::Other),
+            };
+            out.push((name.to_vec(), kind));
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Writes `name` whole and atomically: a fresh temporary file
+    /// `NAME.tmp` (never through a link), synced when `sync`, renamed
+    /// over `name`.
+    pub(crate) fn write_atomic(&self, name: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
+        use std::io::Write;
+        let tmp = format!("{name}.tmp");
+        let written = self.create_fresh(tmp.as_bytes()).and_then(|mut f| {
+            f.write_all(bytes)?;
+            if sync {
+                f.sync_all()?;
+            }
+            self.rename(tmp.as_bytes(), name.as_bytes())
+        });
+        if written.is_err() {
+            let _ = self.unlink(tmp.as_bytes());
+        }
+        written
+    }
+
+    /// Opens a directory named by the user (following a symlink there, as
+    /// the shell would); what is beneath it is then reached through it.
+    pub(crate) fn open_path(path: &Path) -> io::Result<Dir> {
+        let name = cstr(path.as_os_str().as_bytes())?;
+        // SAFETY: a NUL-terminated path.
+        let fd = check(unsafe {
+            libc::open(
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(Dir {
+            // SAFETY: the kernel just gave us this descriptor.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The file system's free bytes for unprivileged writers.
+    pub(crate) fn free_space(&self) -> Option<u64> {
+        // SAFETY: zeroed statvfs is a valid out-buffer.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a descriptor we own and a valid out-buffer.
+        if unsafe { libc::fstatvfs(self.fd.as_raw_fd(), &mut st) } != 0 {
+            return None;
+        }
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+/// Refuses anything but a regular file, with a message that says what it is.
+pub(crate) fn regular(f: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = f.metadata()?.file_type();
+    if ft.is_file() {
+        return Ok(());
+    }
+    let what = if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    Err(io::Error::other(format!("{what}, not a regular file")))
+}
+
+/// ELOOP from an O_NOFOLLOW open means the name is a symlink: say so.
+fn not_followed(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        io::Error::other("a symlink, not a regular file (never followed)")
+    } else {
+        e
+    }
+}
+
+/// What a walk beneath a root finds, in the contract's order (a
+/// depth-first walk visiting each directory's names in byte order).
+pub(crate) enum Found<'a> {
+    /// Anything but a directory: `dir` holds it as `name`; `rel` is its
+    /// path relative to the root.
+    Item {
+        dir: &'a Dir,
+        rel: &'a Path,
+        name: &'a [u8],
+        kind: Kind,
+    },
+    /// A directory that has no names in it at all.
+    Empty { dir: &'a Dir, rel: &'a Path },
+    /// A directory that could not be opened, read or found again (a
+    /// permission, a swap for a symlink, too many open files, an I/O
+    /// error), or a name that could not be looked at: what is there is
+    /// missing from the walk.
+    Unreadable { rel: &'a Path, err: io::Error },
+}
+
+/// Levels of a walk whose directory stays open; deeper ones are found
+/// again from the root when the walk returns to them, so a walk holds a
+/// bounded number of descriptors however deep the tree.
+const OPEN_LEVELS: usize = 32;
+
+/// Walks everything beneath `root` through directory descriptors: each
+/// directory is opened relative to its parent with O_NOFOLLOW, so a
+/// directory swapped for a symlink is reported as unreadable and never
+/// entered. `enter` decides which directories are walked into; `visit`
+/// returns false to stop.
+pub(crate) fn walk(
+    root: &Root,
+    enter: impl Fn(&Path) -> bool,
+    mut visit: impl FnMut(Found<'_>) -> bool,
+) {
+    struct Level {
+        rel: PathBuf,
+        dir: Option<Dir>,
+        names: std::vec::IntoIter<(Vec<u8>, Option<Kind>)>,
+    }
+    let top = root.dir(&[], false).and_then(|d| Ok((d.names()?, d)));
+    let (names, dir) = match top {
+        Ok(x) => x,
+        Err(err) => {
+            visit(Found::Unreadable {
+                rel: Path::new(""),
+                err,
+            });
+            return;
+        }
+    };
+    let mut stack = vec![Level {
+        rel: PathBuf::new(),
+        dir: Some(dir),
+        names: names.into_iter(),
+    }];
+    loop {
+        let depth = stack.len();
+        let Some(level) = stack.last_mut() else {
+            return;
+        };
+        let Some((name, kind)) = level.names.next() else {
+            stack.pop();
+            continue;
+        };
+        if level.dir.is_none() {
+            let comps: Vec<&[u8]> = level.rel.iter().map(|c| c.as_bytes()).collect();
+            match root.dir(&comps, false) {
+                Ok(d) => level.dir = Some(d),
+                Err(err) => {
+                    let rel = std::mem::take(&mut level.rel);
+                    stack.pop();
+                    if !visit(Found::Unreadable { rel: &rel, err }) {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let dir = level.dir.as_ref().expect("opened above");
+        let rel = level.rel.join(OsStr::from_bytes(&name));
+        let kind = match kind {
+            Some(k) => k,
+            None => match dir.kind(&name) {
+                Ok(Some(k)) => k,
+                Ok(None) => continue,
+                Err(err) => {
+                    if !visit(Found::Unreadable { rel: &rel, err }) {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        if kind != Kind::Dir {
+            let item = Found::Item {
+                dir,
+                rel: &rel,
+                name: &name,
+                kind,
+            };
+            if !visit(item) {
+                return;
+            }
+            continue;
+        }
+        if !enter(&rel) {
+            continue;
+        }
+        let child = dir.open_dir(&name, false).and_then(|d| Ok((d.names()?, d)));
+        let (names, child) = match child {
+            Ok(x) => x,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => {
+                if !visit(Found::Unreadable { rel: &rel, err }) {
+                    return;
+                }
+                continue;
+            }
+        };
+        if names.is_empty() {
+            if !visit(Found::Empty {
+                dir: &child,
+                rel: &rel,
+            }) {
+                return;
+            }
+            continue;
+        }
+        if depth > OPEN_LEVELS {
+            level.dir = None;
+        }
+        stack.push(Level {
+            rel,
+            dir: Some(child),
+            names: names.into_iter(),
+        });
     }
 }
 

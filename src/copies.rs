@@ -9,13 +9,14 @@
 //! bytes of each hash with the line's offset (about 32 bytes a file), and
 //! instructions go to a file as the merge finds them, in name order.
 
+use crate::beneath::Dir;
 use crate::courier::{COPIES, CopyInstr, LineIndex};
 use crate::error::{Error, Result};
 use crate::manifest::Entry;
 use crate::paths::name_cmp;
-use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Seek, Write};
+use std::path::Path;
 
 /// The first 8 bytes of a hex SHA-256, as a map key.
 fn key(sha: &str) -> Option<u64> {
@@ -29,10 +30,13 @@ impl DestIndex {
     /// Indexes the files of the manifest at `db` that carry a hash. A
     /// line that does not parse is left out (the merge reports it).
     pub(crate) fn open(db: &Path) -> DestIndex {
-        DestIndex(LineIndex::build(db, |e: &Entry| {
-            e.linkdest.is_none().then_some(())?;
-            key(e.sha256.as_deref()?)
-        }))
+        DestIndex(LineIndex::from_file(
+            crate::manifest::open_input(db).ok(),
+            |e: &Entry| {
+                e.linkdest.is_none().then_some(())?;
+                key(e.sha256.as_deref()?)
+            },
+        ))
     }
 
     /// A destination file with the content of `e`, if DESTDB lists one.
@@ -50,10 +54,13 @@ pub(crate) struct Instructions {
     /// the merge is done to find duplicates.
     seen: Vec<([u8; 16], u32)>,
     /// Copies from the destination's own files, in name order.
-    tmp: PathBuf,
+    dir: Dir,
     out: BufWriter<File>,
     pub(crate) from_dest: u64,
 }
+
+/// Where the copies from the destination's files wait, in name order.
+const TMP: &str = "copies.jsonl.tmp";
 
 /// Marks a held file's index in `Instructions::seen`.
 const HELD: u32 = 1 << 31;
@@ -75,12 +82,14 @@ fn key128(sha: &str) -> Option<[u8; 16]> {
 }
 
 impl Instructions {
-    pub(crate) fn new(state: &Path) -> Result<Instructions> {
-        let tmp = state.join(format!("{COPIES}.tmp"));
-        let file = File::create(&tmp).map_err(|e| Error::io(format!("'{}'", tmp.display()), &e))?;
+    /// Collects into the courier's state directory `state`.
+    pub(crate) fn new(state: &Dir) -> Result<Instructions> {
+        let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
+        let dir = state.try_clone().map_err(what)?;
+        let file = dir.create_fresh(TMP.as_bytes()).map_err(what)?;
         Ok(Instructions {
             seen: Vec::new(),
-            tmp,
+            dir,
             out: BufWriter::new(file),
             from_dest: 0,
         })
@@ -158,14 +167,15 @@ impl Instructions {
     /// Writes `COPIES`: the copies from the destination's files, merged in
     /// name order with `dups` (instructions for duplicates, in name
     /// order).
-    pub(crate) fn finish(mut self, state: &Path, dups: Vec<CopyInstr>) -> Result<()> {
+    pub(crate) fn finish(mut self, dups: Vec<CopyInstr>) -> Result<()> {
         let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
         self.out.flush().map_err(what)?;
-        let path = state.join(COPIES);
-        let tmp2 = state.join(format!("{COPIES}.new"));
-        let mut out = BufWriter::new(File::create(&tmp2).map_err(what)?);
+        let new = format!("{COPIES}.new");
+        let mut out = BufWriter::new(self.dir.create_fresh(new.as_bytes()).map_err(what)?);
         let mut dups = dups.into_iter().peekable();
-        let lines = BufReader::new(File::open(&self.tmp).map_err(what)?).lines();
+        let mut written = self.out.get_ref().try_clone().map_err(what)?;
+        written.seek(io::SeekFrom::Start(0)).map_err(what)?;
+        let lines = BufReader::new(written).lines();
         for line in lines {
             let line = line.map_err(what)?;
             let rec: CopyInstr = serde_json::from_str(&line).map_err(|e| what(e.into()))?;
@@ -182,21 +192,23 @@ impl Instructions {
         }
         let file = out.into_inner().map_err(|e| what(e.into_error()))?;
         file.sync_all().map_err(what)?;
-        fs::rename(&tmp2, &path).map_err(what)?;
-        let _ = fs::remove_file(&self.tmp);
+        self.dir
+            .rename(new.as_bytes(), COPIES.as_bytes())
+            .map_err(what)?;
         Ok(())
     }
 }
 
 impl Drop for Instructions {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.tmp);
+        let _ = self.dir.unlink(TMP.as_bytes());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn file(name: &str, size: u64, sha: &str) -> Entry {
         Entry {
@@ -238,7 +250,7 @@ mod tests {
         );
         assert_eq!(dest.find(&file("same", 5, &b)), None, "not from itself");
 
-        let mut ins = Instructions::new(dir.path()).unwrap();
+        let mut ins = Instructions::new(&Dir::open_path(dir.path()).unwrap()).unwrap();
         let orig = file("d1", 9, &c);
         assert!(!ins.at_dest(&orig, &dest).unwrap());
         ins.needed(&orig, 0);
@@ -261,7 +273,7 @@ mod tests {
             size: 9,
             sha256: c.clone(),
         };
-        ins.finish(dir.path(), vec![dup("d2"), dup("z")]).unwrap();
+        ins.finish(vec![dup("d2"), dup("z")]).unwrap();
         let text = fs::read_to_string(dir.path().join(COPIES)).unwrap();
         let names: Vec<CopyInstr> = text
             .lines()

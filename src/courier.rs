@@ -13,18 +13,19 @@
 //!
 //! It never writes outside COURIER and never follows a symlink inside it.
 
+use crate::beneath::{Dir, Kind, Root};
 use crate::digest::Hasher;
 use crate::error::{Error, Result, describe_io};
-use crate::manifest::{Entry, parent_dir, sync_dir};
+use crate::manifest::Entry;
 use crate::paths::{COURIER_STATE, check_carried_name};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// What the record says of one carried file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,18 +71,33 @@ pub(crate) struct PartialMeta {
     pub(crate) etag: Option<String>,
 }
 
+/// The courier directory, opened once: its root and its state
+/// directories are held as descriptors, and every file operation inside
+/// it is relative to one of them and never follows a symlink (see
+/// `beneath`). A courier is a disk from a stranger: a symlink, FIFO or
+/// device planted anywhere in it is refused or replaced, never followed,
+/// opened for writing, or waited on.
 pub(crate) struct Courier {
-    root: PathBuf,
-    state: PathBuf,
+    /// None only for a read-only look at a courier that does not exist.
+    root: Option<Root>,
+    /// `.bitfog/` and `.bitfog/partial/`: None only read-only, when absent.
+    state: Option<Dir>,
+    partial: Option<Dir>,
     log: Mutex<Option<File>>,
-    /// Directories made or checked by `prepare` in this run.
-    made: Mutex<HashSet<PathBuf>>,
+    /// Directories above carried names, opened by `parent` in this run
+    /// (a bounded cache, by relative name).
+    made: Mutex<HashMap<String, Arc<Dir>>>,
     /// Directories with renames not yet fsynced (see `sync`).
-    dirty: Mutex<HashSet<PathBuf>>,
-    _lock: File,
+    dirty: Mutex<HashMap<String, Arc<Dir>>>,
+    _lock: Option<File>,
 }
 
 const LOG: &str = "carried.jsonl";
+/// Directories above carried names kept open at once.
+const OPEN_DIRS: usize = 256;
+/// The longest record file bitfog reads back from the courier (a
+/// partial download's sidecar, a range record).
+const MAX_RECORD: u64 = 1 << 16;
 
 impl Drop for Courier {
     fn drop(&mut self) {
@@ -89,42 +105,45 @@ impl Drop for Courier {
     }
 }
 
+/// Says what a path is when it should have been a directory.
+fn not_a_dir(path: &Path, err: &io::Error) -> Error {
+    let why = match err.raw_os_error() {
+        Some(libc::ELOOP) => "a symlink, not a directory (never followed in a courier)".into(),
+        Some(libc::ENOTDIR) => "not a directory".into(),
+        _ => describe_io(err),
+    };
+    Error::usage(format!("'{}': {why}", path.display()))
+}
+
 impl Courier {
-    /// Opens (with `create`, creates) COURIER and takes its lock.
+    /// Opens (with `create`, creates) COURIER for a run that changes it,
+    /// and takes its lock. COURIER itself is the path the user gave (it
+    /// may be a symlink); nothing below it is followed.
     pub(crate) fn open(root: &Path, create: bool) -> Result<Courier> {
         let what = format!("'{}'", root.display());
-        match fs::symlink_metadata(root) {
+        match fs::metadata(root) {
             Ok(m) if m.is_dir() => {}
-            Ok(m) if m.file_type().is_symlink() && fs::metadata(root).is_ok_and(|m| m.is_dir()) => {
-            }
             Ok(_) => return Err(Error::usage(format!("{what}: not a directory"))),
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                 fs::create_dir_all(root).map_err(|e| Error::io(&what, &e))?
             }
             Err(e) => return Err(Error::usage(format!("{what}: {}", describe_io(&e)))),
         }
-        let state = root.join(COURIER_STATE);
-        for dir in [state.clone(), state.join("partial")] {
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(format!("'{}'", dir.display()), &e)),
-            }
-            if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-                return Err(Error::usage(format!(
-                    "'{}': not a directory",
-                    dir.display()
-                )));
-            }
-        }
-        let lock_path = state.join("lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("'{}'", lock_path.display()), &e))?;
+        let top =
+            Root::open(root).map_err(|e| Error::usage(format!("{what}: {}", describe_io(&e))))?;
+        let dir = top.dir(&[], false).map_err(|e| Error::io(&what, &e))?;
+        let state = dir
+            .open_dir(COURIER_STATE.as_bytes(), true)
+            .map_err(|e| not_a_dir(&root.join(COURIER_STATE), &e))?;
+        let partial =
+            own_dir(&state, "partial").map_err(|e| not_a_dir(&state.path.join("partial"), &e))?;
+        let lock = state.open_append(b"lock").map_err(|e| {
+            Error::usage(format!(
+                "'{}': {}",
+                state.path.join("lock").display(),
+                describe_io(&e)
+            ))
+        })?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(Error::failed(format!(
@@ -132,44 +151,136 @@ impl Courier {
             )));
         }
         Ok(Courier {
-            root: root.to_path_buf(),
-            state,
+            root: Some(top),
+            state: Some(state),
+            partial: Some(partial),
             log: Mutex::new(None),
             made: Mutex::default(),
             dirty: Mutex::default(),
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// Opens COURIER to look at it only (dry runs): no lock, nothing made;
+    /// a courier that is not there reads as empty.
+    pub(crate) fn open_read(root: &Path) -> Result<Courier> {
+        let what = format!("'{}'", root.display());
+        let top = match Root::open(root) {
+            Ok(r) => Some(r),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::usage(format!("{what}: {}", describe_io(&e)))),
+        };
+        let sub = |d: Option<&Dir>, name: &str| -> Result<Option<Dir>> {
+            let Some(d) = d else { return Ok(None) };
+            match d.open_dir(name.as_bytes(), false) {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(not_a_dir(&d.path.join(name), &e)),
+            }
+        };
+        let dir = match &top {
+            Some(t) => Some(t.dir(&[], false).map_err(|e| Error::io(&what, &e))?),
+            None => None,
+        };
+        let state = sub(dir.as_ref(), COURIER_STATE)?;
+        let partial = sub(state.as_ref(), "partial")?;
+        Ok(Courier {
+            root: top,
+            state,
+            partial,
+            log: Mutex::new(None),
+            made: Mutex::default(),
+            dirty: Mutex::default(),
+            _lock: None,
+        })
+    }
+
+    fn state_rw(&self) -> io::Result<&Dir> {
+        self.state
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
+    /// `.bitfog/` of a courier opened to change it.
+    pub(crate) fn state_dir(&self) -> Result<&Dir> {
+        self.state_rw()
+            .map_err(|e| Error::io("the courier's state directory", &e))
+    }
+
+    /// A directory of `.bitfog/` (`ranges`, `deltas`): `Ok(None)` when it
+    /// is not there and `create` is false; a symlink or a non-directory in
+    /// its place is an error.
+    pub(crate) fn sub(&self, name: &str, create: bool) -> io::Result<Option<Dir>> {
+        let Some(state) = &self.state else {
+            return Ok(None);
+        };
+        if create {
+            return own_dir(state, name).map(Some);
+        }
+        match state.open_dir(name.as_bytes(), false) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The record of carried files, last line per name winning.
     pub(crate) fn load_log(&self) -> LogIndex {
-        LogIndex::open(&self.state.join(LOG))
+        LogIndex(LineIndex::from_file(self.state_file(LOG), |c: &Carried| {
+            Some(name_key(&c.name))
+        }))
     }
 
-    /// A path in the courier's state directory.
-    pub(crate) fn state_path(&self, name: &str) -> PathBuf {
-        self.state.join(name)
+    /// A regular file of `.bitfog/`, if there is one (a symlink, FIFO or
+    /// device there is not read).
+    pub(crate) fn state_file(&self, name: &str) -> Option<File> {
+        self.state.as_ref()?.open_file(name.as_bytes()).ok()?
+    }
+
+    /// The record of carried files, read whole (dry runs).
+    pub(crate) fn read_log(&self) -> HashMap<String, Carried> {
+        let mut map = HashMap::new();
+        let Some(f) = self.state_file(LOG) else {
+            return map;
+        };
+        let mut r = BufReader::new(f);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if !crate::manifest::read_line_capped(&mut r, &mut line, crate::manifest::MAX_LINE)
+                .is_ok_and(|n| n > 0)
+            {
+                break;
+            }
+            if let Ok(rec) = serde_json::from_slice::<Carried>(&line) {
+                map.insert(rec.name.clone(), rec);
+            }
+        }
+        map
     }
 
     /// Removes the receipt, so no stale one is taken for the truth.
     pub(crate) fn drop_receipt(&self) {
-        let _ = fs::remove_file(self.state.join(crate::store::RECEIPT));
+        if let Some(state) = &self.state {
+            let _ = state.unlink(crate::store::RECEIPT.as_bytes());
+        }
     }
 
     /// A new, empty spool for this run, in `.bitfog/NAME.tmp`.
     pub(crate) fn spool<T>(&self, name: &str) -> Result<Spool<T>> {
-        let path = self.state.join(format!("{name}.tmp"));
-        let what = format!("'{}'", path.display());
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        let state = self
+            .state_rw()
+            .and_then(|s| s.try_clone())
+            .map_err(|e| Error::io("the courier's state directory", &e))?;
+        let name = format!("{name}.tmp");
+        let what = format!("'{}'", state.path.join(&name).display());
+        let file = state
+            .create_fresh(name.as_bytes())
             .map_err(|e| Error::io(&what, &e))?;
         let read = file.try_clone().map_err(|e| Error::io(&what, &e))?;
         Ok(Spool {
-            path,
+            dir: state,
+            name,
             out: io::BufWriter::with_capacity(1 << 16, file),
             read,
             offsets: vec![0],
@@ -178,38 +289,191 @@ impl Courier {
         })
     }
 
-    /// Partial downloads present: (part path, sidecar path, what it is).
-    pub(crate) fn partials(&self) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
-        read_partials(&self.root)
+    /// Partial downloads present, each with what it belongs to (None: no
+    /// readable sidecar) and how many bytes it holds.
+    pub(crate) fn partials(&self) -> Vec<Partial> {
+        let Some(dir) = &self.partial else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let names = dir.names().unwrap_or_default();
+        let has = |n: &str| {
+            names
+                .binary_search_by(|(x, _)| x.as_slice().cmp(n.as_bytes()))
+                .is_ok()
+        };
+        for (name, _) in &names {
+            let Ok(name) = std::str::from_utf8(name) else {
+                let _ = dir.unlink(name);
+                continue;
+            };
+            if let Some(id) = name.strip_suffix(".json") {
+                let meta = read_record(dir, name);
+                let len = self.partial_len(id);
+                out.push(Partial {
+                    id: id.to_string(),
+                    meta,
+                    len,
+                });
+            } else if let Some(id) = name.strip_suffix(".part") {
+                if !has(&format!("{id}.json")) {
+                    out.push(Partial {
+                        id: id.to_string(),
+                        meta: None,
+                        len: self.partial_len(id),
+                    });
+                }
+            } else {
+                // Not bitfog's: a leftover temporary or something planted.
+                let _ = dir.unlink(name.as_bytes());
+            }
+        }
+        out
+    }
+
+    /// The id of a name's partial download.
+    pub(crate) fn partial_id(name: &str) -> String {
+        let mut h = Hasher::new();
+        h.update(name.as_bytes());
+        h.hex()[..32].to_string()
+    }
+
+    /// Bytes a partial download holds (0 when none, or not a file).
+    pub(crate) fn partial_len(&self, id: &str) -> u64 {
+        self.partial
+            .as_ref()
+            .and_then(|d| d.stat(format!("{id}.part").as_bytes()).ok().flatten())
+            .filter(|m| m.kind == Kind::File)
+            .map_or(0, |m| m.size)
+    }
+
+    /// Opens a partial download for reading and writing: the one there
+    /// when `keep` and it is a regular file, else a fresh empty one.
+    pub(crate) fn open_partial(&self, id: &str, keep: bool) -> io::Result<File> {
+        let dir = self
+            .partial
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let name = format!("{id}.part");
+        if keep {
+            if let Ok(Some(_)) = dir.open_file(name.as_bytes()) {
+                return dir.open_rw(name.as_bytes());
+            }
+        }
+        dir.create_fresh(name.as_bytes())
+    }
+
+    /// Writes a partial download's sidecar (what it belongs to).
+    pub(crate) fn write_sidecar(&self, id: &str, meta: &PartialMeta) -> io::Result<()> {
+        let dir = self
+            .partial
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        dir.write_atomic(&format!("{id}.json"), &serde_json::to_vec(meta)?, false)
+    }
+
+    /// Removes a partial download's sidecar.
+    pub(crate) fn remove_sidecar(&self, id: &str) {
+        if let Some(d) = &self.partial {
+            let _ = d.unlink(format!("{id}.json").as_bytes());
+        }
+    }
+
+    /// Removes a partial download and its sidecar.
+    pub(crate) fn discard_partial(&self, id: &str) {
+        if let Some(d) = &self.partial {
+            let _ = d.unlink(format!("{id}.part").as_bytes());
+            let _ = d.unlink(format!("{id}.json").as_bytes());
+        }
+    }
+
+    /// Puts a complete partial download at its carried name: the
+    /// directories above it are made (never through a symlink), and a
+    /// directory in the way is an error.
+    pub(crate) fn place(&self, id: &str, name: &str) -> io::Result<()> {
+        let dir = self
+            .partial
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let (parent, key, last) = self.parent(name, true)?;
+        let parent = parent.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        if parent.kind(last.as_bytes())? == Some(Kind::Dir) {
+            return Err(io::Error::other("a directory is in the way in the courier"));
+        }
+        dir.rename_to(format!("{id}.part").as_bytes(), &parent, last.as_bytes())?;
+        self.dirty.lock().expect("dirty dirs").insert(key, parent);
+        Ok(())
     }
 
     /// Bytes held in COURIER's files: everything but bitfog's own state,
     /// partial downloads included.
     pub(crate) fn usage(&self) -> u64 {
-        usage(&self.root)
+        let Some(root) = &self.root else { return 0 };
+        let mut total = 0;
+        crate::beneath::walk(
+            root,
+            |rel| rel != Path::new(COURIER_STATE),
+            |found| {
+                if let crate::beneath::Found::Item {
+                    dir,
+                    name,
+                    kind: Kind::File,
+                    ..
+                } = found
+                {
+                    // A sparse file counts what it takes on disk.
+                    if let Ok(Some(m)) = dir.stat(name) {
+                        total += m.size.min(m.alloc);
+                    }
+                }
+                true
+            },
+        );
+        let part_bytes = self
+            .partial
+            .as_ref()
+            .map_or(0, |d| dir_bytes(d, |n| n.ends_with(b".part")));
+        total + part_bytes + crate::ranges::usage(self) + crate::deltas::usage(self)
+    }
+
+    /// Bytes free on the courier's disk, if it can tell.
+    pub(crate) fn free_space(&self) -> Option<u64> {
+        self.state.as_ref()?.free_space()
     }
 
     /// Keeps a copy of the destination snapshot this trip was planned
     /// from, for `store --delete`.
     /// On failure no snapshot is left, never a stale one.
     pub(crate) fn keep_snapshot(&self, db: &Path) -> io::Result<()> {
-        let path = self.state.join(crate::store::SNAPSHOT);
-        let tmp = self.state.join("destdb.jsonl.tmp");
-        let copied = fs::copy(db, &tmp)
-            .and_then(|_| File::open(&tmp)?.sync_all())
-            .and_then(|()| fs::rename(&tmp, &path));
+        let state = self.state_rw()?;
+        let tmp = b"destdb.jsonl.tmp";
+        let copied = (|| {
+            let mut from = crate::manifest::open_input(db)?;
+            let mut to = state.create_fresh(tmp)?;
+            io::copy(&mut from, &mut to)?;
+            to.sync_all()?;
+            state.rename(tmp, crate::store::SNAPSHOT.as_bytes())
+        })();
         if copied.is_err() {
-            let _ = fs::remove_file(&tmp);
-            let _ = fs::remove_file(&path);
+            let _ = state.unlink(tmp);
+            let _ = state.unlink(crate::store::SNAPSHOT.as_bytes());
         }
         copied
     }
+
     /// Starts a new record; `LogWriter::commit` puts it in place of the
     /// old one, atomically.
     pub(crate) fn new_log(&self) -> Result<LogWriter<'_>> {
-        let tmp = self.state.join("carried.jsonl.tmp");
-        let what = format!("'{}'", tmp.display());
-        let out = io::BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&what, &e))?);
+        let tmp = "carried.jsonl.tmp";
+        let state = self
+            .state_rw()
+            .map_err(|e| Error::io("the courier's state directory", &e))?;
+        let what = format!("'{}'", state.path.join(tmp).display());
+        let out = io::BufWriter::new(
+            state
+                .create_fresh(tmp.as_bytes())
+                .map_err(|e| Error::io(&what, &e))?,
+        );
         Ok(LogWriter {
             courier: self,
             tmp,
@@ -225,12 +489,7 @@ impl Courier {
     pub(crate) fn append_log(&self, rec: &Carried) -> io::Result<()> {
         let mut guard = self.log.lock().expect("log lock");
         if guard.is_none() {
-            *guard = Some(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(self.state.join(LOG))?,
-            );
+            *guard = Some(self.state_rw()?.open_append(LOG.as_bytes())?);
         }
         let mut line = serde_json::to_vec(rec)?;
         line.push(b'\n');
@@ -238,120 +497,152 @@ impl Courier {
         f.write_all(&line)
     }
 
-    /// Notes a rename into `dir`, to be made durable by `sync`.
-    pub(crate) fn renamed_in(&self, dir: &Path) {
-        self.dirty
-            .lock()
-            .expect("dirty dirs")
-            .insert(dir.to_path_buf());
-    }
-
     /// Makes the record and every rename of this run durable.
     pub(crate) fn sync(&self) {
         if let Some(f) = self.log.lock().expect("log lock").as_ref() {
             let _ = f.sync_data();
         }
-        for dir in self.dirty.lock().expect("dirty dirs").drain() {
-            sync_dir(&dir);
+        for (_, dir) in self.dirty.lock().expect("dirty dirs").drain() {
+            dir.sync();
         }
     }
 
-    /// The final path of a carried name (the name must be checked).
-    pub(crate) fn path_of(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-
-    /// The partial file and its sidecar for a name.
-    pub(crate) fn partial_paths(&self, name: &str) -> (PathBuf, PathBuf) {
-        let mut h = Hasher::new();
-        h.update(name.as_bytes());
-        let id = &h.hex()[..32];
-        let dir = self.state.join("partial");
-        (
-            dir.join(format!("{id}.part")),
-            dir.join(format!("{id}.json")),
-        )
-    }
-
-    /// Makes the directories above a carried name, refusing symlinks and
-    /// non-directories on the way; returns the final path.
-    pub(crate) fn prepare(&self, name: &str) -> io::Result<PathBuf> {
+    /// The directory above a carried name (made when `create`; `None`
+    /// when it is not there), its relative name, and the name's last
+    /// component. Each component is opened relative to the one above it
+    /// without following a symlink.
+    fn parent(&self, name: &str, create: bool) -> io::Result<(Option<Arc<Dir>>, String, String)> {
         let rel = check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
-        let mut dir = self.root.clone();
-        let comps: Vec<_> = rel.components().collect();
-        for c in &comps[..comps.len() - 1] {
-            dir.push(c);
-            if self.made.lock().expect("made dirs").contains(&dir) {
-                continue;
+        let (dir_name, last) = match name.rsplit_once('/') {
+            Some((d, l)) => (d.to_string(), l.to_string()),
+            None => (String::new(), name.to_string()),
+        };
+        if let Some(d) = self.made.lock().expect("made dirs").get(&dir_name) {
+            return Ok((Some(d.clone()), dir_name, last));
+        }
+        let Some(root) = &self.root else {
+            return Ok((None, dir_name, last));
+        };
+        let comps: Vec<&[u8]> = rel
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.iter())
+            .map(|c| c.as_bytes())
+            .collect();
+        let dir = match root.dir(&comps, create) {
+            Ok(d) => Arc::new(d),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => {
+                return Ok((None, dir_name, last));
             }
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-            if !fs::symlink_metadata(&dir)?.is_dir() {
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(io::Error::other(format!(
-                    "'{}' is not a directory",
-                    dir.display()
+                    "a symlink is in the way of '{name}' in the courier (never followed)"
                 )));
             }
-            self.made.lock().expect("made dirs").insert(dir.clone());
+            Err(e) => return Err(e),
+        };
+        let mut made = self.made.lock().expect("made dirs");
+        if made.len() >= OPEN_DIRS {
+            made.clear();
         }
-        Ok(self.root.join(rel))
+        made.insert(dir_name.clone(), dir.clone());
+        Ok((Some(dir), dir_name, last))
+    }
+
+    /// What the courier holds at a carried name, not following it; `None`
+    /// when nothing is there.
+    pub(crate) fn carried_meta(&self, name: &str) -> io::Result<Option<crate::beneath::Meta>> {
+        match self.parent(name, false)? {
+            (Some(dir), _, last) => dir.stat(last.as_bytes()),
+            (None, ..) => Ok(None),
+        }
     }
 
     /// Opens a carried file for reading, refusing symlinks anywhere below
-    /// COURIER. `Ok(None)` when it is not there.
+    /// COURIER and anything but a regular file. `Ok(None)` when it is not
+    /// there.
     pub(crate) fn open_carried(&self, name: &str) -> io::Result<Option<File>> {
-        let rel = check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
-        let mut dir = self.root.clone();
-        let comps: Vec<_> = rel.components().collect();
-        for c in &comps[..comps.len() - 1] {
-            dir.push(c);
-            match fs::symlink_metadata(&dir) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(io::Error::other(format!(
-                        "'{}' is not a directory",
-                        dir.display()
-                    )));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
-            }
-        }
-        match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(self.root.join(rel))
-        {
-            Ok(f) if f.metadata()?.is_file() => Ok(Some(f)),
-            Ok(_) => Err(io::Error::other("not a regular file")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        match self.parent(name, false) {
+            Ok((Some(dir), _, last)) => dir.open_file(last.as_bytes()),
+            Ok((None, ..)) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Removes a carried file and the directories it leaves empty.
+    /// Removes a carried file (a file, never what a symlink points to) and
+    /// the directories it leaves empty.
     pub(crate) fn remove_carried(&self, name: &str) {
-        if check_carried_name(name).is_err() {
+        let Ok((Some(dir), mut dir_name, last)) = self.parent(name, false) else {
+            return;
+        };
+        if !dir
+            .stat(last.as_bytes())
+            .is_ok_and(|m| m.is_some_and(|m| m.kind == Kind::File))
+            || dir.unlink(last.as_bytes()).is_err()
+        {
             return;
         }
-        let path = self.root.join(name);
-        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) && fs::remove_file(&path).is_ok()
-        {
-            let mut dir = parent_dir(&path).to_path_buf();
-            while dir != self.root && dir.starts_with(&self.root) && fs::remove_dir(&dir).is_ok() {
-                dir.pop();
+        let Some(root) = &self.root else { return };
+        // Empty directories above it go too, each removed from its parent
+        // opened beneath the root.
+        self.made.lock().expect("made dirs").clear();
+        while !dir_name.is_empty() {
+            let (up, leaf) = match dir_name.rsplit_once('/') {
+                Some((u, l)) => (u.to_string(), l.to_string()),
+                None => (String::new(), dir_name.clone()),
+            };
+            let comps: Vec<&[u8]> = up
+                .split('/')
+                .filter(|c| !c.is_empty())
+                .map(str::as_bytes)
+                .collect();
+            match root.dir(&comps, false) {
+                Ok(d) if d.remove_dir(leaf.as_bytes()).is_ok() => dir_name = up,
+                _ => break,
             }
         }
     }
 }
 
+/// Opens (making it if needed) a directory of bitfog's own in `.bitfog/`.
+/// Whatever else holds its name there (a symlink, a file, a FIFO) was not
+/// put there by bitfog: it is unlinked, never followed, and the directory
+/// made in its place.
+fn own_dir(state: &Dir, name: &str) -> io::Result<Dir> {
+    match state.open_dir(name.as_bytes(), true) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            state.unlink(name.as_bytes())?;
+            state.open_dir(name.as_bytes(), true)
+        }
+        other => other,
+    }
+}
+
+/// A partial download in the courier.
+pub(crate) struct Partial {
+    pub(crate) id: String,
+    pub(crate) meta: Option<PartialMeta>,
+    pub(crate) len: u64,
+}
+
+/// A small JSON record of a state directory (a sidecar, a range record):
+/// `None` unless it is a regular file of at most `MAX_RECORD` bytes that
+/// parses.
+pub(crate) fn read_record<T: serde::de::DeserializeOwned>(dir: &Dir, name: &str) -> Option<T> {
+    use std::io::Read;
+    let f = dir.open_file(name.as_bytes()).ok()??;
+    let mut buf = Vec::new();
+    f.take(MAX_RECORD + 1).read_to_end(&mut buf).ok()?;
+    if buf.len() as u64 > MAX_RECORD {
+        return None;
+    }
+    serde_json::from_slice(&buf).ok()
+}
+
 /// A new record of carried files, being written.
 pub(crate) struct LogWriter<'a> {
     courier: &'a Courier,
-    tmp: PathBuf,
+    tmp: &'static str,
     what: String,
     /// None once committed.
     out: Option<io::BufWriter<File>>,
@@ -373,9 +664,11 @@ impl LogWriter<'_> {
             .into_inner()
             .map_err(|e| Error::io(&what, e.error()))?;
         file.sync_all().map_err(|e| Error::io(&what, &e))?;
-        let state = &self.courier.state;
-        fs::rename(&self.tmp, state.join(LOG)).map_err(|e| Error::io(&what, &e))?;
-        sync_dir(state);
+        let state = self.courier.state_rw().map_err(|e| Error::io(&what, &e))?;
+        state
+            .rename(self.tmp.as_bytes(), LOG.as_bytes())
+            .map_err(|e| Error::io(&what, &e))?;
+        state.sync();
         *self.courier.log.lock().expect("log lock") = None;
         Ok(())
     }
@@ -383,8 +676,8 @@ impl LogWriter<'_> {
 
 impl Drop for LogWriter<'_> {
     fn drop(&mut self) {
-        if self.out.is_some() {
-            let _ = fs::remove_file(&self.tmp);
+        if let (Some(_), Some(state)) = (&self.out, &self.courier.state) {
+            let _ = state.unlink(self.tmp.as_bytes());
         }
     }
 }
@@ -407,23 +700,28 @@ pub(crate) struct LineIndex {
 }
 
 impl LineIndex {
-    pub(crate) fn build<T: serde::de::DeserializeOwned>(
-        path: &Path,
+    /// Indexes the lines of `file` (none when it is `None`). Lines longer
+    /// than `manifest::MAX_LINE` are left out, unread.
+    pub(crate) fn from_file<T: serde::de::DeserializeOwned>(
+        file: Option<File>,
         key: impl Fn(&T) -> Option<u64>,
     ) -> LineIndex {
         let mut at = HashMap::new();
-        let file = File::open(path).ok();
         if let Some(f) = &file {
             let mut r = BufReader::new(f);
             let mut line = Vec::new();
             let mut offset = 0u64;
             loop {
                 line.clear();
-                let n = match r.read_until(b'\n', &mut line) {
+                let n = match crate::manifest::read_line_capped(
+                    &mut r,
+                    &mut line,
+                    crate::manifest::MAX_LINE,
+                ) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                if line.ends_with(b"\n") {
+                if line.ends_with(b"\n") && line.len() <= crate::manifest::MAX_LINE {
                     if let Some(k) = serde_json::from_slice::<T>(&line)
                         .ok()
                         .as_ref()
@@ -466,12 +764,6 @@ impl LineIndex {
 }
 
 impl LogIndex {
-    fn open(path: &Path) -> LogIndex {
-        LogIndex(LineIndex::build(path, |c: &Carried| {
-            Some(name_key(&c.name))
-        }))
-    }
-
     /// The record for `name`, if any.
     pub(crate) fn get(&self, name: &str) -> Option<Carried> {
         let rec: Carried = self.0.get(name_key(name))?;
@@ -515,24 +807,35 @@ pub(crate) struct CopyInstr {
 }
 
 /// How many instructions the courier holds.
-pub(crate) fn count_copies(root: &Path) -> u64 {
-    File::open(root.join(COURIER_STATE).join(COPIES))
-        .map(|f| BufReader::new(f).lines().count() as u64)
+pub(crate) fn count_copies(courier: &Courier) -> u64 {
+    courier
+        .state_file(COPIES)
+        .map(|f| BufReader::new(f).split(b'\n').count() as u64)
         .unwrap_or(0)
 }
 
 /// Reads `COPIES` as a stream, looked up in name order.
 pub(crate) struct Copies {
-    lines: Option<std::io::Lines<BufReader<File>>>,
+    lines: Option<BufReader<File>>,
     next: Option<CopyInstr>,
 }
 
 impl Copies {
-    pub(crate) fn open(courier_root: &Path) -> Copies {
-        let lines = File::open(courier_root.join(COURIER_STATE).join(COPIES))
-            .ok()
-            .map(|f| BufReader::new(f).lines());
+    pub(crate) fn open(courier: &Courier) -> Copies {
+        let lines = courier.state_file(COPIES).map(BufReader::new);
         Copies { lines, next: None }
+    }
+
+    /// The next instruction; a line too long or not an instruction ends
+    /// the stream.
+    fn read(&mut self) -> Option<CopyInstr> {
+        let r = self.lines.as_mut()?;
+        let mut line = Vec::new();
+        let n = crate::manifest::read_line_capped(r, &mut line, crate::manifest::MAX_LINE).ok()?;
+        if n == 0 || line.len() > crate::manifest::MAX_LINE {
+            return None;
+        }
+        serde_json::from_slice(&line).ok()
     }
 
     /// Where the destination can make `e` from, if `fetch` left an
@@ -540,8 +843,7 @@ impl Copies {
     pub(crate) fn find(&mut self, e: &Entry) -> Option<String> {
         loop {
             if self.next.is_none() {
-                let line = self.lines.as_mut()?.next()?.ok()?;
-                self.next = Some(serde_json::from_str(&line).ok()?);
+                self.next = Some(self.read()?);
             }
             let rec = self.next.as_ref()?;
             match crate::paths::name_cmp(&rec.name, &e.name) {
@@ -562,7 +864,8 @@ impl Copies {
 /// holds 8 bytes for each instead of the entry. The file is removed when
 /// the spool is dropped.
 pub(crate) struct Spool<T = Entry> {
-    path: PathBuf,
+    dir: Dir,
+    name: String,
     out: io::BufWriter<File>,
     read: File,
     /// Where each entry starts; the last value is where the file ends.
@@ -602,93 +905,20 @@ impl<T: Serialize + serde::de::DeserializeOwned> Spool<T> {
 
 impl<T> Drop for Spool<T> {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        let _ = self.dir.unlink(self.name.as_bytes());
     }
 }
 
-/// The record of carried files in COURIER, last line per name winning.
-/// Reads only.
-pub(crate) fn read_log(root: &Path) -> HashMap<String, Carried> {
-    let mut map = HashMap::new();
-    if let Ok(f) = File::open(root.join(COURIER_STATE).join(LOG)) {
-        for line in BufReader::new(f).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(rec) = serde_json::from_str::<Carried>(&line) {
-                map.insert(rec.name.clone(), rec);
-            }
-        }
-    }
-    map
-}
-
-/// Bytes available to unprivileged writers on the filesystem holding
-/// `dir`; `None` if it cannot tell.
-pub(crate) fn free_space(dir: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: zeroed statvfs is a valid out-buffer.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a valid out-buffer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Partial downloads in COURIER: (part path, sidecar path, what it is).
-pub(crate) fn read_partials(root: &Path) -> Vec<(PathBuf, PathBuf, Option<PartialMeta>)> {
-    let dir = root.join(COURIER_STATE).join("partial");
-    let mut out = Vec::new();
-    for dent in fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let p = dent.path();
-        if p.extension().is_some_and(|x| x == "json") {
-            let meta = fs::read(&p)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            out.push((p.with_extension("part"), p, meta));
-        } else if p.extension().is_some_and(|x| x == "part") && !p.with_extension("json").exists() {
-            out.push((p.clone(), p.with_extension("json"), None));
-        }
-    }
-    out
-}
-
-/// Bytes of the regular files in `dir` (not below it) whose paths pass
-/// `count`.
-pub(crate) fn dir_bytes(dir: &Path, count: impl Fn(&Path) -> bool) -> u64 {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|d| count(&d.path()))
-        .filter_map(|d| d.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
+/// Bytes of the regular files directly in `dir` whose names pass `count`.
+pub(crate) fn dir_bytes(dir: &Dir, count: impl Fn(&[u8]) -> bool) -> u64 {
+    dir.names()
+        .unwrap_or_default()
+        .iter()
+        .filter(|(n, _)| count(n))
+        .filter_map(|(n, _)| dir.stat(n).ok().flatten())
+        .filter(|m| m.kind == Kind::File)
+        .map(|m| m.size)
         .sum()
-}
-
-/// Bytes held in COURIER's files: everything but bitfog's own state,
-/// partial downloads included.
-pub(crate) fn usage(root: &Path) -> u64 {
-    let state = root.join(COURIER_STATE);
-    let mut total = 0;
-    for dent in crate::scan::walker(root).into_iter().flatten() {
-        if dent.depth() == 1 && dent.file_name() == COURIER_STATE {
-            continue;
-        }
-        if dent.file_type().is_file() && !dent.path().starts_with(&state) {
-            // A sparse file counts what it takes on disk.
-            total += fs::symlink_metadata(dent.path())
-                .map(|m| {
-                    m.len()
-                        .min(std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-                })
-                .unwrap_or(0);
-        }
-    }
-    for (part, _, _) in read_partials(root) {
-        total += fs::symlink_metadata(part).map(|m| m.len()).unwrap_or(0);
-    }
-    total + crate::ranges::usage(root) + crate::deltas::usage(root)
 }
 
 #[cfg(test)]
@@ -738,14 +968,30 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let c = Courier::open(dir.path(), true).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
-        assert!(c.prepare("link/x").is_err());
-        assert!(c.prepare("../x").is_err());
-        assert!(c.prepare(".bitfog/x").is_err());
-        assert_eq!(c.prepare("d/e/f").unwrap(), dir.path().join("d/e/f"));
+        let part = |id: &str| {
+            c.open_partial(id, false).unwrap();
+        };
+        part("a");
+        assert!(c.place("a", "link/x").is_err());
+        assert!(c.place("a", "../x").is_err());
+        assert!(c.place("a", ".bitfog/x").is_err());
+        c.place("a", "d/e/f").unwrap();
+        assert!(dir.path().join("d/e/f").is_file());
         fs::write(outside.path().join("x"), "secret").unwrap();
         assert!(c.open_carried("link/x").is_err());
         std::os::unix::fs::symlink(outside.path().join("x"), dir.path().join("y")).unwrap();
         assert!(c.open_carried("y").is_err());
         assert!(c.open_carried("nope").unwrap().is_none());
+        c.remove_carried("link/x");
+        c.remove_carried("y");
+        assert!(
+            outside.path().join("x").is_file(),
+            "never removed through a link"
+        );
+        assert!(
+            fs::symlink_metadata(dir.path().join("y")).is_ok(),
+            "a link is not a carried file"
+        );
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 1);
     }
 }

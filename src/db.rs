@@ -39,10 +39,17 @@ pub(crate) fn builddb(
         .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0));
     let skipped = end.skipped;
     out.dirs = end.dirs;
+    out.dirs_omitted = end.dirs_omitted;
     let (files, bytes) = out.commit_with(skipped, end.partials)?;
     if skipped > 0 {
         ui.error(format!(
             "{url}: the server left out {skipped} names it could not list (see its log)"
+        ));
+    }
+    if end.dirs_omitted > 0 {
+        ui.error(format!(
+            "{url}: the listing names only some of the area's empty directories ({} more did not fit in its end record); those are not recreated by store",
+            end.dirs_omitted
         ));
     }
     let mut human = format!("wrote '{}': {}\n", db.display(), files_bytes(files, bytes));

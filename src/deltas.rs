@@ -11,19 +11,17 @@
 //! temporary one and publishes the result only when its SHA-256 matches.
 
 use crate::client::{AreaUrl, Client};
+use crate::courier::Courier;
 use crate::delta::{self, DeltaHeader, Encoder, Signature};
 use crate::digest::{CopyError, Hasher, copy_hashing};
 use crate::error::{describe_io, is_disk_full};
 use crate::manifest::Entry;
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-fn dir(courier: &Path) -> PathBuf {
-    courier.join(crate::paths::COURIER_STATE).join("deltas")
-}
+const DIR: &str = "deltas";
 
 fn id(name: &str, sha: &str, base_sha: &str) -> String {
     let mut h = Hasher::new();
@@ -34,7 +32,8 @@ fn id(name: &str, sha: &str, base_sha: &str) -> String {
 /// A complete delta in the courier.
 #[derive(Debug, Clone)]
 pub(crate) struct Held {
-    pub(crate) path: PathBuf,
+    /// Its file name in `.bitfog/deltas/`.
+    pub(crate) file: String,
     pub(crate) header: DeltaHeader,
     pub(crate) len: u64,
 }
@@ -48,8 +47,8 @@ impl Held {
     }
 
     /// True when the whole delta reads back sound (its end checksum).
-    pub(crate) fn verify(&self) -> bool {
-        File::open(&self.path)
+    pub(crate) fn verify(&self, courier: &Courier) -> bool {
+        open(courier, &self.file)
             .and_then(|f| delta::verify(BufReader::new(f)))
             .is_ok_and(|h| h == self.header)
     }
@@ -60,36 +59,63 @@ impl Held {
     }
 }
 
+/// Opens the delta `file` of `.bitfog/deltas/` (a regular file, never
+/// through a link).
+pub(crate) fn open(courier: &Courier, file: &str) -> io::Result<File> {
+    courier
+        .sub(DIR, false)?
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?
+        .open_file(file.as_bytes())?
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+}
+
 /// The complete deltas in the courier, by file name (their headers only;
 /// `delta::verify` checks one whole).
-pub(crate) fn held(courier: &Path) -> HashMap<String, Held> {
+pub(crate) fn held(courier: &Courier) -> HashMap<String, Held> {
     let mut out = HashMap::new();
-    for dent in fs::read_dir(dir(courier)).into_iter().flatten().flatten() {
-        let path = dent.path();
-        if path.extension().is_none_or(|x| x != "delta") {
+    let Ok(Some(dir)) = courier.sub(DIR, false) else {
+        return out;
+    };
+    for (name, _) in dir.names().unwrap_or_default() {
+        let Ok(file_name) = String::from_utf8(name) else {
+            continue;
+        };
+        if !file_name.ends_with(".delta") {
             continue;
         }
-        let Ok(file) = File::open(&path) else {
+        let Ok(Some(file)) = dir.open_file(file_name.as_bytes()) else {
             continue;
         };
         let len = file.metadata().map_or(0, |m| m.len());
         if let Ok(header) = delta::read_header(&mut BufReader::new(file), &mut Hasher::new()) {
-            out.insert(header.name.clone(), Held { path, header, len });
+            let held = Held {
+                file: file_name,
+                header,
+                len,
+            };
+            out.insert(held.header.name.clone(), held);
         }
     }
     out
 }
 
 /// Bytes the deltas take (for the budget), complete or not.
-pub(crate) fn usage(courier: &Path) -> u64 {
-    crate::courier::dir_bytes(&dir(courier), |_| true)
+pub(crate) fn usage(courier: &Courier) -> u64 {
+    courier
+        .sub(DIR, false)
+        .ok()
+        .flatten()
+        .map_or(0, |d| crate::courier::dir_bytes(&d, |_| true))
 }
 
-/// Removes everything in the deltas directory but `keep`.
-pub(crate) fn clean(courier: &Path, keep: &[PathBuf]) {
-    for dent in fs::read_dir(dir(courier)).into_iter().flatten().flatten() {
-        if !keep.contains(&dent.path()) {
-            let _ = fs::remove_file(dent.path());
+/// Removes everything in the deltas directory but `keep` (file names).
+pub(crate) fn clean(courier: &Courier, keep: &[String]) {
+    let Ok(Some(dir)) = courier.sub(DIR, false) else {
+        return;
+    };
+    for (name, _) in dir.names().unwrap_or_default() {
+        if !keep.iter().any(|k| k.as_bytes() == name.as_slice()) {
+            let _ = dir.unlink(&name);
         }
     }
 }
@@ -110,7 +136,7 @@ pub(crate) enum NoDelta {
 pub(crate) fn make(
     client: &Client,
     src: &AreaUrl,
-    courier: &Path,
+    courier: &Courier,
     e: &Entry,
     (base_sha, sig): (&str, &Signature),
     limit: u64,
@@ -127,10 +153,12 @@ pub(crate) fn make(
         .sha256
         .clone()
         .ok_or_else(|| NoDelta::Failed("a delta needs the file's SHA-256".into()))?;
-    let d = dir(courier);
-    fs::create_dir_all(&d).map_err(|err| io_fail("cannot create the deltas directory", &err))?;
-    let path = d.join(format!("{}.delta", id(&e.name, &sha, base_sha)));
-    let tmp = path.with_extension("tmp");
+    let d = courier
+        .sub(DIR, true)
+        .map_err(|err| io_fail("cannot create the deltas directory", &err))?
+        .ok_or_else(|| NoDelta::Failed("no deltas directory".into()))?;
+    let base = id(&e.name, &sha, base_sha);
+    let (path, tmp) = (format!("{base}.delta"), format!("{base}.tmp"));
     let mut dl = client
         .get(src, &e.name, 0, None)
         .map_err(|err| NoDelta::Failed(err.to_string()))?;
@@ -154,7 +182,9 @@ pub(crate) fn make(
         base_size: sig.size,
         base_sha256: base_sha.to_string(),
     };
-    let file = File::create(&tmp).map_err(|err| io_fail("cannot create the delta", &err))?;
+    let file = d
+        .create_fresh(tmp.as_bytes())
+        .map_err(|err| io_fail("cannot create the delta", &err))?;
     let result = (|| {
         let out = io::BufWriter::with_capacity(1 << 20, &file);
         let mut enc = Encoder::new(sig, &header, out, limit).map_err(|err| write_fail(&err))?;
@@ -188,15 +218,15 @@ pub(crate) fn make(
     let len = match result {
         Ok(len) => len,
         Err(why) => {
-            let _ = fs::remove_file(&tmp);
+            let _ = d.unlink(tmp.as_bytes());
             return Err(why);
         }
     };
-    if let Err(err) = fs::rename(&tmp, &path) {
-        let _ = fs::remove_file(&tmp);
+    if let Err(err) = d.rename(tmp.as_bytes(), path.as_bytes()) {
+        let _ = d.unlink(tmp.as_bytes());
         return Err(io_fail("cannot keep the delta", &err));
     }
-    crate::manifest::sync_dir(&d);
+    d.sync();
     Ok(len)
 }
 

@@ -77,9 +77,11 @@ pub(crate) fn is_disk_full(err: &io::Error) -> bool {
 }
 
 /// Prints `bitfog: MESSAGE` on stderr in one write, so lines from several
-/// threads or processes sharing a log never interleave.
+/// threads or processes sharing a log never interleave. Control characters
+/// (from names in a listing, a DB or a courier) are escaped.
 pub(crate) fn print_error(msg: impl fmt::Display) {
     use std::io::Write;
-    let line = format!("bitfog: {msg}\n");
+    let msg = msg.to_string();
+    let line = format!("bitfog: {}\n", crate::ui::escape(&msg));
     let _ = std::io::stderr().write_all(line.as_bytes());
 }

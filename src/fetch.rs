@@ -14,7 +14,7 @@ use crate::delta::SigIndex;
 use crate::deltas::{self, NoDelta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
-use crate::manifest::{Entry, as_usage, open_db, parent_dir};
+use crate::manifest::{Entry, as_usage, open_db};
 use crate::plan::{self, Missing, Need};
 use crate::ranges::{self, RangeRecord};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
@@ -22,7 +22,7 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -48,16 +48,18 @@ pub(crate) type Old = (u64, Option<String>);
 
 /// Reads DESTDB and the source listing and merges them as streams,
 /// calling `f` with what each name needs and the destination's older
-/// version of it, if any.
+/// version of it, if any. Returns how many entries the source's listing
+/// says it skipped (they are not carried); says so when there are any.
 pub(crate) fn each_need(
+    ui: &Ui,
     client: &Client,
     destdb: &Path,
     src: &AreaUrl,
     mut f: impl FnMut(Need, Option<Old>) -> Result<()>,
-) -> Result<()> {
+) -> Result<u64> {
     let (_, dst) = open_db(&destdb_path(destdb)?)?;
-    let listing = client.listing(src)?;
-    plan::merge(listing, dst.map(|r| r.map_err(as_usage)), |pair| {
+    let mut listing = client.listing(src)?;
+    plan::merge(listing.by_ref(), dst.map(|r| r.map_err(as_usage)), |pair| {
         let old = match &pair {
             plan::Pair::Both(s, d) if !d.is_symlink() && !s.same_content(d) => {
                 Some((d.size, d.sha256.clone()))
@@ -65,7 +67,14 @@ pub(crate) fn each_need(
             _ => None,
         };
         f(plan::need(pair), old)
-    })
+    })?;
+    let skipped = listing.end().map_or(0, |e| e.skipped);
+    if skipped > 0 {
+        ui.error(format!(
+            "{src}: the source's listing skipped {skipped} entries it could not read (see its server log); they are not carried"
+        ));
+    }
+    Ok(skipped)
 }
 
 /// DESTDB itself, or the receipt `store` left when DESTDB is a courier
@@ -74,11 +83,15 @@ pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
     if !destdb.is_dir() {
         return Ok(destdb.to_path_buf());
     }
-    let receipt = destdb
-        .join(crate::paths::COURIER_STATE)
-        .join(crate::store::RECEIPT);
-    if receipt.is_file() {
-        Ok(receipt)
+    // The receipt is read where it is: a regular file in a real `.bitfog`
+    // directory (a courier's symlinks are never followed).
+    let held = Courier::open_read(destdb)?
+        .state_file(crate::store::RECEIPT)
+        .is_some();
+    if held {
+        Ok(destdb
+            .join(crate::paths::COURIER_STATE)
+            .join(crate::store::RECEIPT))
     } else {
         Err(crate::error::Error::usage(format!(
             "'{}' is a directory without a receipt (store leaves one in a courier); give a DESTDB made by builddb or emptydb",
@@ -88,9 +101,9 @@ pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
 }
 
 /// Everything the destination lacks, held in memory.
-pub(crate) fn missing(client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Missing> {
+pub(crate) fn missing(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Missing> {
     let mut m = Missing::default();
-    each_need(client, destdb, src, |need, _| {
+    m.skipped = each_need(ui, client, destdb, src, |need, _| {
         m.add(need);
         Ok(())
     })?;
@@ -112,6 +125,8 @@ struct PlanSummary {
     /// Files the destination has under another name (renames, copies):
     /// fetch leaves instructions for them, not bytes.
     instructed_files: u64,
+    /// Entries the source's listing left out (unreadable): not carried.
+    skipped: u64,
 }
 
 /// `bitfog plan DESTDB SRCURL`. Streams: with `-v` each file is printed
@@ -131,6 +146,7 @@ pub(crate) fn plan(
         trips: None,
         too_big_files: None,
         instructed_files: 0,
+        skipped: 0,
     };
     // Sizes only, for counting trips: 8 bytes a file.
     let mut sizes = Vec::new();
@@ -139,7 +155,7 @@ pub(crate) fn plan(
     let list = ui.verbose && !ui.json && !ui.quiet;
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut out_ok = true;
-    each_need(client, destdb, src, |need, _| {
+    sum.skipped = each_need(ui, client, destdb, src, |need, _| {
         match need {
             Need::Nothing => {}
             Need::File(e) if dest_index.find(&e).is_some() => sum.instructed_files += 1,
@@ -150,7 +166,7 @@ pub(crate) fn plan(
                     sizes.push(e.size);
                 }
                 if list && out_ok {
-                    out_ok = writeln!(out, "{:>14} {}", e.size, e.name).is_ok();
+                    out_ok = writeln!(out, "{:>14} {}", e.size, crate::ui::escape(&e.name)).is_ok();
                 }
             }
             Need::Link => sum.symlinks += 1,
@@ -227,6 +243,8 @@ struct FetchSummary {
     delta_file_bytes: u64,
     budget_stop: bool,
     disk_full: bool,
+    /// Entries the source's listing left out (unreadable): not carried.
+    skipped: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     dry_run: bool,
 }
@@ -251,7 +269,7 @@ fn io_fail(what: &str, err: &io::Error) -> Fail {
 /// `bitfog fetch DESTDB SRCURL COURIER`.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     if opts.dry_run {
-        let m = missing(client, &opts.destdb, &opts.src)?;
+        let m = missing(ui, client, &opts.destdb, &opts.src)?;
         return dry_run(ui, opts, m);
     }
     let courier = Courier::open(&opts.courier, true)?;
@@ -271,14 +289,13 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let mut sizes: Vec<u64> = Vec::new();
     let mut costs: Vec<u64> = Vec::new();
     // Partial downloads: keep those of a needed version, drop the rest.
-    let mut partials: std::collections::HashMap<String, (PathBuf, PathBuf, PartialMeta)> =
-        std::collections::HashMap::new();
-    for (part, sidecar, meta) in courier.partials() {
-        match meta {
+    let mut partials: HashMap<String, courier::Partial> = HashMap::new();
+    for p in courier.partials() {
+        match &p.meta {
             Some(m) => {
-                partials.insert(m.entry.name.clone(), (part, sidecar, m));
+                partials.insert(m.entry.name.clone(), p);
             }
-            None => discard(&part, &sidecar),
+            None => courier.discard_partial(&p.id),
         }
     }
     let mut resume: std::collections::HashMap<usize, (u64, PartialMeta)> =
@@ -287,7 +304,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // Content the destination already has, or that this trip carries
     // under another name, becomes an instruction instead of bytes.
     let dest_index = DestIndex::open(&destdb_path(&opts.destdb)?);
-    let mut instrs = Instructions::new(&courier.state_path(""))?;
+    let mut instrs = Instructions::new(courier.state_dir()?)?;
     // Files arriving a range per trip: those the destination has begun
     // (its partial uploads, from DESTDB's end record) or the courier holds
     // ranges of. They are carried on from where they stand.
@@ -296,7 +313,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             .map(|e| e.partials)
             .unwrap_or_default(),
     );
-    let held_ranges = ranges::held(&opts.courier);
+    let held_ranges = ranges::held(&courier);
     let in_progress = |e: &Entry| {
         dest_partials
             .get(&e.name)
@@ -313,13 +330,13 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             None
         }
     };
-    let held_deltas = deltas::held(&opts.courier);
-    let mut kept_deltas: Vec<PathBuf> = Vec::new();
+    let held_deltas = deltas::held(&courier);
+    let mut kept_deltas: Vec<String> = Vec::new();
     let (mut delta_held_files, mut delta_held_bytes, mut delta_held_covers) = (0u64, 0u64, 0u64);
     // Changed files the destination has a signed older version of:
     // candidates for a delta (needed index, old size and SHA-256).
     let mut delta_cands: Vec<(usize, u64, String)> = Vec::new();
-    each_need(client, &opts.destdb, &opts.src, |need, old| {
+    let src_skipped = each_need(ui, client, &opts.destdb, &opts.src, |need, old| {
         match need {
             Need::File(e) => {
                 if instrs.at_dest(&e, &dest_index)? {
@@ -348,14 +365,14 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                         .get(&e.name)
                         .filter(|h| h.makes(&e) && h.applies_to(*size, Some(sha)))
                         .filter(|h| {
-                            let sound = h.verify();
+                            let sound = h.verify(&courier);
                             if !sound {
                                 ui.log(format!("replacing the damaged delta of '{}'", e.name));
                             }
                             sound
                         });
                     if let Some(h) = held {
-                        kept_deltas.push(h.path.clone());
+                        kept_deltas.push(h.file.clone());
                         delta_held_files += 1;
                         delta_held_bytes += h.len;
                         delta_held_covers += e.size;
@@ -374,12 +391,12 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 // What it takes in the courier: a sparse file its data.
                 costs.push(e.alloc.map_or(e.size, |a| a.min(e.size)));
                 instrs.needed(&e, i);
-                if let Some((part, sidecar, meta)) = partials.remove(&e.name) {
-                    if meta.entry.matches(&e) {
-                        let len = fs::metadata(&part).map_or(0, |m| m.len().min(e.size));
-                        resume.insert(i, (len, meta));
-                    } else {
-                        discard(&part, &sidecar);
+                if let Some(p) = partials.remove(&e.name) {
+                    match p.meta {
+                        Some(meta) if meta.entry.matches(&e) => {
+                            resume.insert(i, (p.len.min(e.size), meta));
+                        }
+                        _ => courier.discard_partial(&p.id),
                     }
                 }
                 // A download under way is finished rather than replaced.
@@ -401,13 +418,13 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // original is, and an instruction makes the duplicate from it.
     let dups = instrs.duplicates();
     let is_dup = |i: usize| dups.binary_search_by_key(&i, |&(d, _)| d).is_ok();
-    for (part, sidecar, _) in partials.into_values() {
-        discard(&part, &sidecar);
+    for p in partials.into_values() {
+        courier.discard_partial(&p.id);
     }
     for c in log.remaining() {
         courier.remove_carried(&c.name);
     }
-    deltas::clean(&opts.courier, &kept_deltas);
+    deltas::clean(&courier, &kept_deltas);
     drop(log);
     new_log.commit()?;
     if let Err(e) = courier.keep_snapshot(&destdb_path(&opts.destdb)?) {
@@ -420,7 +437,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
 
     // Ranges the destination still lacks are kept; the rest is removed.
     let dest_have = |e: &Entry| ranges::next_start(e, dest_partials.get(&e.name), &[]);
-    let kept_ranges: Vec<(PathBuf, RangeRecord)> = held_ranges
+    let kept_ranges: Vec<(String, RangeRecord)> = held_ranges
         .iter()
         .filter(|(_, r)| {
             range_files
@@ -429,7 +446,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         })
         .cloned()
         .collect();
-    ranges::clean(&opts.courier, &kept_ranges);
+    ranges::clean(&courier, &kept_ranges);
     let kept_recs: Vec<RangeRecord> = kept_ranges.iter().map(|(_, r)| r.clone()).collect();
 
     let usage = courier.usage();
@@ -438,7 +455,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         .map_or(u64::MAX, |max| max.saturating_sub(usage));
     // Plan for the space the disk has, too, so files that fit are chosen
     // instead of running into a full disk with several half-done.
-    let room = courier::free_space(&opts.courier).map_or(u64::MAX, |free| {
+    let room = courier.free_space().map_or(u64::MAX, |free| {
         let reserve = (free / 100).clamp(1 << 20, 64 << 20);
         free.saturating_sub(reserve)
     });
@@ -483,7 +500,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         let made = deltas::make(
             client,
             &opts.src,
-            &opts.courier,
+            &courier,
             &e,
             (base_sha, &sig),
             limit,
@@ -551,11 +568,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 taken.len() as u64,
                 taken.iter().map(|&i| costs[i] - partial_len(i)).sum()
             ),
-            human_bytes(
-                courier::free_space(&opts.courier)
-                    .unwrap_or(0)
-                    .saturating_sub(room)
-            )
+            human_bytes(courier.free_space().unwrap_or(0).saturating_sub(room))
         ));
     }
     let total_bytes: u64 = taken.iter().map(|&i| costs[i] - partial_len(i)).sum();
@@ -625,7 +638,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     let outcome = download(client, &opts.src, &courier, e, resume.get(&i).map(|(_, m)| m), &wire, &progress.bytes);
                     if outcome.is_err() && e.size <= RESUME_MIN {
                         // A small file's partial cannot resume: drop it.
-                        let _ = fs::remove_file(courier.partial_paths(&e.name).0);
+                        courier.discard_partial(&Courier::partial_id(&e.name));
                     }
                     match outcome {
                         Ok(()) => {
@@ -660,7 +673,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         if disk_full.load(Ordering::SeqCst) {
             break;
         }
-        match ranges::download(client, &opts.src, &opts.courier, e, *start, *len, &wire) {
+        match ranges::download(client, &opts.src, &courier, e, *start, *len, &wire) {
             Ok(_) => {
                 range_bytes += len;
                 if !range_files.iter().any(|f| f.name == e.name) {
@@ -741,7 +754,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     for (&n, &s) in &stand_in {
         instruct(n, needed.get(s));
     }
-    if let Err(e) = instrs.finish(&courier.state_path(""), dup_instrs) {
+    if let Err(e) = instrs.finish(dup_instrs) {
         ui.error(format!(
             "{e}; renamed and duplicate files are carried whole on a later trip"
         ));
@@ -759,15 +772,16 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         failed_files: failed + fails.load(Ordering::Relaxed),
         downloaded_bytes: wire.load(Ordering::Relaxed),
         disk_full: disk_full.load(Ordering::SeqCst) || disk_bound,
+        skipped: src_skipped,
         ..Default::default()
     };
     sum.courier_files = held_files + delta_held_files + sum.fetched_files;
     sum.courier_bytes = held_bytes + delta_held_bytes + sum.fetched_bytes;
     sum.remaining_files = (needed.len() - done.len() - delta_done.len()) as u64 - dup_files;
     sum.remaining_bytes = sizes.iter().sum::<u64>() - whole_bytes - delta_covers - dup_bytes;
-    sum.instructed_files = courier::count_copies(&opts.courier).max(from_dest);
+    sum.instructed_files = courier::count_copies(&courier).max(from_dest);
     // Files under way: what is left of each after this run's ranges.
-    let now_held = ranges::held(&opts.courier);
+    let now_held = ranges::held(&courier);
     let now_recs: Vec<RangeRecord> = now_held.iter().map(|(_, r)| r.clone()).collect();
     for f in &range_files {
         let at = ranges::next_start(f, dest_partials.get(&f.name), &now_recs);
@@ -851,11 +865,16 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
 /// `fetch --dry-run`: what a run would fetch and remove, from the record
 /// alone (no file is hashed, created or removed, and no lock is taken).
 fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
-    let log = courier::read_log(&opts.courier);
-    let on_disk = |e: &Entry| {
-        fs::symlink_metadata(opts.courier.join(&e.name))
-            .is_ok_and(|md| md.is_file() && md.len() == e.size)
+    let c = Courier::open_read(&opts.courier)?;
+    let log = c.read_log();
+    let file_len = |name: &str| {
+        c.carried_meta(name)
+            .ok()
+            .flatten()
+            .filter(|m| m.kind == crate::beneath::Kind::File)
+            .map(|m| m.size)
     };
+    let on_disk = |e: &Entry| file_len(&e.name) == Some(e.size);
     let (held, needed): (Vec<Entry>, Vec<Entry>) = m
         .files
         .into_iter()
@@ -864,16 +883,17 @@ fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
     let mut human = String::new();
     let mut freed = 0;
     for c in log.values().filter(|c| !keep.contains(c.name.as_str())) {
-        if fs::symlink_metadata(opts.courier.join(&c.name)).is_ok_and(|md| md.is_file()) {
+        if file_len(&c.name).is_some() {
             human.push_str(&format!("would remove '{}' from the courier\n", c.name));
             freed += c.size;
         }
     }
-    let partial: std::collections::HashMap<String, u64> = courier::read_partials(&opts.courier)
+    let partial: HashMap<String, u64> = c
+        .partials()
         .into_iter()
-        .filter_map(|(part, _, meta)| Some((meta?.entry.name, fs::metadata(part).ok()?.len())))
+        .filter_map(|p| Some((p.meta?.entry.name, p.len)))
         .collect();
-    let usage = courier::usage(&opts.courier).saturating_sub(freed);
+    let usage = c.usage().saturating_sub(freed);
     let budget = opts
         .max_bytes
         .map_or(u64::MAX, |max| max.saturating_sub(usage));
@@ -906,6 +926,7 @@ fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
         remaining_bytes: sizes.iter().sum::<u64>() - fetched_bytes,
         failed_files: m.refused.len() as u64,
         budget_stop: taken.len() < needed.len(),
+        skipped: m.skipped,
         dry_run: true,
         ..Default::default()
     };
@@ -926,17 +947,16 @@ fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
 /// found in place but not in the record (a run killed between rename and
 /// record) is adopted after its hash checks; anything else there is stale.
 fn is_held(ui: &Ui, courier: &Courier, log: &courier::LogIndex, e: &Entry) -> bool {
-    let path = courier.path_of(&e.name);
-    let Ok(meta) = fs::symlink_metadata(&path) else {
+    let Ok(Some(meta)) = courier.carried_meta(&e.name) else {
         return false;
     };
-    if !meta.is_file() {
+    if meta.kind != crate::beneath::Kind::File {
         return false;
     }
-    if meta.len() == e.size && log.get(&e.name).is_some_and(|c| c.matches(e)) {
+    if meta.size == e.size && log.get(&e.name).is_some_and(|c| c.matches(e)) {
         return true;
     }
-    if meta.len() == e.size {
+    if meta.size == e.size {
         if let (Some(want), Ok(Some(f))) = (&e.sha256, courier.open_carried(&e.name)) {
             if crate::digest::hash_reader(f).is_ok_and(|(h, _)| &h == want) {
                 return courier.append_log(&Carried::of(e)).is_ok();
@@ -961,18 +981,13 @@ fn download(
     if e.alloc.is_some_and(|a| a < e.size) && e.sha256.is_some() {
         return download_sparse(client, src, courier, e, wire, shown);
     }
-    let (part_path, sidecar) = courier.partial_paths(&e.name);
+    let id = Courier::partial_id(&e.name);
     let mut meta = resume.cloned().unwrap_or(PartialMeta {
         entry: Carried::of(e),
         etag: None,
     });
-    let mut part = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&part_path)
+    let mut part = courier
+        .open_partial(&id, resume.is_some())
         .map_err(|err| io_fail("cannot open partial file", &err))?;
     let mut hasher = Hasher::new();
     // Only a partial that belongs to this version is continued.
@@ -1008,7 +1023,7 @@ fn download(
                         .map_err(|err| io_fail("cannot seek partial file", &err))?;
                 }
                 if dl.content_length.is_some_and(|n| n != e.size) {
-                    discard(&part_path, &sidecar);
+                    courier.discard_partial(&id);
                     return Err(Fail::Other(
                         "size changed at the source since the listing".into(),
                     ));
@@ -1025,7 +1040,8 @@ fn download(
         // a sidecar for each would cost a file creation and an unlink.
         if e.size > RESUME_MIN && (dl.etag != meta.etag || resume.is_none()) {
             meta.etag = dl.etag.clone();
-            write_sidecar(&sidecar, &meta)
+            courier
+                .write_sidecar(&id, &meta)
                 .map_err(|err| io_fail("cannot write partial state", &err))?;
         }
         let want = e.size - offset;
@@ -1055,7 +1071,7 @@ fn download(
         flushed.map_err(|err| io_fail("cannot write courier file", &err))?;
         let mut extra = [0u8; 1];
         if matches!(dl.body.read(&mut extra), Ok(n) if n > 0) {
-            discard(&part_path, &sidecar);
+            courier.discard_partial(&id);
             return Err(Fail::Other(
                 "the server sent more bytes than listed (changed at the source?)".into(),
             ));
@@ -1068,7 +1084,7 @@ fn download(
         None => last_modified.is_none_or(|t| t == e.mtime),
     };
     if !verified {
-        discard(&part_path, &sidecar);
+        courier.discard_partial(&id);
         return Err(Fail::Other(match &e.sha256 {
             Some(want) => format!(
                 "sha256 mismatch: got {got}, listed {want} (changed at the source?); not kept"
@@ -1076,18 +1092,12 @@ fn download(
             None => "modified at the source since the listing; not kept".into(),
         }));
     }
-    finish(courier, e, part, &part_path, &sidecar)
+    finish(courier, e, part, &id)
 }
 
 /// Puts a verified partial file in place: mode, mtime, fsync, rename, and
 /// the record of what the courier carries.
-fn finish(
-    courier: &Courier,
-    e: &Entry,
-    part: File,
-    part_path: &Path,
-    sidecar: &Path,
-) -> std::result::Result<(), Fail> {
+fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Result<(), Fail> {
     part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600))
         .map_err(|err| io_fail("cannot set mode", &err))?;
     let mtime = if e.mtime >= 0 {
@@ -1099,18 +1109,11 @@ fn finish(
     part.sync_all()
         .map_err(|err| io_fail("cannot sync courier file", &err))?;
     drop(part);
-    let final_path = courier
-        .prepare(&e.name)
-        .map_err(|err| io_fail("cannot create directory", &err))?;
-    if fs::symlink_metadata(&final_path).is_ok_and(|m| m.is_dir()) {
-        return Err(Fail::Other(
-            "a directory is in the way in the courier".into(),
-        ));
-    }
-    fs::rename(part_path, &final_path).map_err(|err| io_fail("cannot move into place", &err))?;
-    courier.renamed_in(parent_dir(&final_path));
+    courier
+        .place(id, &e.name)
+        .map_err(|err| io_fail("cannot move into place", &err))?;
     if e.size > RESUME_MIN {
-        let _ = fs::remove_file(sidecar);
+        courier.remove_sidecar(id);
     }
     courier
         .append_log(&Carried::of(e))
@@ -1130,7 +1133,7 @@ fn download_sparse(
     wire: &AtomicU64,
     shown: &AtomicU64,
 ) -> std::result::Result<(), Fail> {
-    let (part_path, sidecar) = courier.partial_paths(&e.name);
+    let id = Courier::partial_id(&e.name);
     let (size, extents) = client
         .extents(src, &e.name)
         .map_err(|err| Fail::Other(err.to_string()))?;
@@ -1139,13 +1142,8 @@ fn download_sparse(
             "size changed at the source since the listing".into(),
         ));
     }
-    let part = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&part_path)
+    let part = courier
+        .open_partial(&id, false)
         .map_err(|err| io_fail("cannot open partial file", &err))?;
     part.set_len(e.size)
         .map_err(|err| io_fail("cannot size partial file", &err))?;
@@ -1153,7 +1151,7 @@ fn download_sparse(
     let mut pos = 0u64;
     for (start, len) in extents {
         if start < pos || len == 0 || start.checked_add(len).is_none_or(|end| end > size) {
-            discard(&part_path, &sidecar);
+            courier.discard_partial(&id);
             return Err(Fail::Other("the server sent a bad extent list".into()));
         }
         crate::digest::hash_zeros(&mut hasher, start - pos);
@@ -1162,7 +1160,7 @@ fn download_sparse(
             .map_err(|err| Fail::Other(err.to_string()))?;
         let whole = dl.content_range == Some((start, start + len - 1, size));
         if dl.status != 206 || !whole || dl.last_modified.is_some_and(|t| t != e.mtime) {
-            discard(&part_path, &sidecar);
+            courier.discard_partial(&id);
             return Err(Fail::Other(
                 "changed at the source since the listing; not kept".into(),
             ));
@@ -1182,7 +1180,7 @@ fn download_sparse(
                 flushed.map_err(|err| io_fail("cannot write courier file", &err))?
             }
             Ok(_) | Err(CopyError::Read(_)) => {
-                discard(&part_path, &sidecar);
+                courier.discard_partial(&id);
                 return Err(Fail::Other("download cut short; rerun".into()));
             }
             Err(CopyError::Write(err)) => return Err(io_fail("cannot write courier file", &err)),
@@ -1192,12 +1190,12 @@ fn download_sparse(
     crate::digest::hash_zeros(&mut hasher, size - pos);
     let got = hasher.hex();
     if e.sha256.as_deref() != Some(got.as_str()) {
-        discard(&part_path, &sidecar);
+        courier.discard_partial(&id);
         return Err(Fail::Other(format!(
             "sha256 mismatch: got {got} (changed at the source?); not kept"
         )));
     }
-    finish(courier, e, part, &part_path, &sidecar)
+    finish(courier, e, part, &id)
 }
 
 /// Hashes the bytes already in a partial file (at most `size`); returns
@@ -1217,15 +1215,4 @@ fn rehash_prefix(part: &mut File, size: u64, hasher: &mut Hasher) -> io::Result<
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-}
-
-fn write_sidecar(path: &Path, meta: &PartialMeta) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec(meta)?)?;
-    fs::rename(&tmp, path)
-}
-
-fn discard(part: &Path, sidecar: &Path) {
-    let _ = fs::remove_file(part);
-    let _ = fs::remove_file(sidecar);
 }

@@ -5,14 +5,17 @@
 //! in strictly increasing contract order, the end record present and
 //! matching. It never holds more than one line in memory.
 
+use crate::beneath::Dir;
 use crate::digest::is_sha256_hex;
 use crate::error::{Error, Result};
 use crate::paths::name_cmp;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
-use std::fs::{self, File};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// The longest JSON line accepted (a 4 KiB name and a 4 KiB link target,
 /// both fully escaped, fit with room to spare).
@@ -82,6 +85,10 @@ pub(crate) struct End {
     /// by their entries), in name order. Not counted in `count`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) dirs: Vec<EmptyDir>,
+    /// Empty directories the area has but `dirs` leaves out, so that the
+    /// record stays well under what clients accept (`MAX_END_LINE`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) dirs_omitted: u64,
 }
 
 /// An empty directory of an area.
@@ -116,6 +123,7 @@ impl End {
             skipped,
             partials: Vec::new(),
             dirs: Vec::new(),
+            dirs_omitted: 0,
         }
     }
 }
@@ -137,6 +145,8 @@ struct AnyLine {
     partials: Vec<PartialUpload>,
     #[serde(default)]
     dirs: Vec<EmptyDir>,
+    #[serde(default)]
+    dirs_omitted: u64,
     alloc: Option<u64>,
 }
 
@@ -198,7 +208,13 @@ impl<R: BufRead> Reader<R> {
             // Only the end record may be longer (it lists empty
             // directories and partial uploads).
             let long = self.buf.len() > MAX_LINE;
-            if self.buf.len() > MAX_END_LINE || (long && !self.buf.starts_with(b"{\"end\":true")) {
+            let end = self.buf.starts_with(b"{\"end\":true");
+            if end && self.buf.len() > MAX_END_LINE {
+                return Err(self.bad(format!(
+                    "end record longer than {MAX_END_LINE} bytes (more empty directories or partial uploads than a listing may name)"
+                )));
+            }
+            if long && !end {
                 return Err(self.bad(format!("line longer than {MAX_LINE} bytes")));
             }
             while matches!(self.buf.last(), Some(b'\n' | b'\r')) {
@@ -258,6 +274,7 @@ impl<R: BufRead> Reader<R> {
             let mut end = End::new(count, bytes, line.skipped.unwrap_or(0));
             end.partials = line.partials;
             end.dirs = line.dirs;
+            end.dirs_omitted = line.dirs_omitted;
             self.end = Some(end);
             return Ok(None);
         }
@@ -292,7 +309,10 @@ impl<R: BufRead> Reader<R> {
             mtime,
             sha256: line.sha256,
             linkdest: line.linkdest,
-            alloc: line.alloc.filter(|&a| a < size),
+            // A file sparser than bitfog hashes travels as an ordinary one.
+            alloc: line
+                .alloc
+                .filter(|&a| a < size && crate::sparse::holes_within_bounds(size, a)),
         }))
     }
 }
@@ -306,7 +326,11 @@ impl<R: BufRead> Iterator for Reader<R> {
 
 /// Reads one line of at most `cap` bytes (plus one, so the caller can see
 /// that it was longer); the rest of an overlong line is not read.
-fn read_line_capped(r: &mut impl BufRead, out: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
+pub(crate) fn read_line_capped(
+    r: &mut impl BufRead,
+    out: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<usize> {
     let mut total = 0;
     loop {
         let avail = match r.fill_buf() {
@@ -331,11 +355,32 @@ fn read_line_capped(r: &mut impl BufRead, out: &mut Vec<u8>, cap: usize) -> io::
     }
 }
 
+/// Opens a file bitfog reads as input (a DB, a receipt): a FIFO, device
+/// or directory there is refused rather than waited on.
+pub(crate) fn open_input(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    crate::beneath::regular(&f)?;
+    Ok(f)
+}
+
 /// Opens a DB file and checks its header; exit 2 on anything wrong.
 pub(crate) fn open_db(path: &Path) -> Result<(Header, Reader<BufReader<File>>)> {
     let origin = format!("'{}'", path.display());
-    let file = File::open(path)
+    let file = open_input(path)
         .map_err(|e| Error::usage(format!("{origin}: {}", crate::error::describe_io(&e))))?;
+    open_db_file(file, origin)
+}
+
+/// Reads a DB from an open file (`origin` names it in messages) and
+/// checks its header; exit 2 on anything wrong.
+pub(crate) fn open_db_file(
+    file: File,
+    origin: String,
+) -> Result<(Header, Reader<BufReader<File>>)> {
     let mut reader = Reader::new(BufReader::with_capacity(256 * 1024, file), origin);
     let header = reader.header().map_err(as_usage)?;
     Ok((header, reader))
@@ -345,7 +390,7 @@ pub(crate) fn open_db(path: &Path) -> Result<(Header, Reader<BufReader<File>>)> 
 /// merge that reads the whole DB checks it; this is for what comes first).
 pub(crate) fn read_end(path: &Path) -> Option<End> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = File::open(path).ok()?;
+    let mut f = open_input(path).ok()?;
     let len = f.metadata().ok()?.len();
     let from = len.saturating_sub(MAX_END_LINE as u64 + 2);
     f.seek(SeekFrom::Start(from)).ok()?;
@@ -360,6 +405,7 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     let mut end = End::new(line.count?, line.bytes?, line.skipped.unwrap_or(0));
     end.partials = line.partials;
     end.dirs = line.dirs;
+    end.dirs_omitted = line.dirs_omitted;
     Some(end)
 }
 
@@ -370,35 +416,53 @@ pub(crate) fn as_usage(e: Error) -> Error {
 
 /// Writes a DB atomically: a temporary file beside the target, renamed
 /// into place by `commit`. Dropped without commit, it leaves no trace.
+/// The temporary file is created new (never through a symlink) in the
+/// target's directory, held open.
 pub(crate) struct DbWriter {
-    path: PathBuf,
-    tmp: PathBuf,
+    dir: Dir,
+    name: Vec<u8>,
+    tmp: Vec<u8>,
     out: Option<BufWriter<File>>,
     count: u64,
     bytes: u64,
-    /// Empty directories for the end record.
+    /// Empty directories for the end record, and how many more there
+    /// are that the record leaves out.
     pub(crate) dirs: Vec<EmptyDir>,
+    pub(crate) dirs_omitted: u64,
 }
 
 impl DbWriter {
+    /// A DB at a path the user named.
     pub(crate) fn create(path: &Path, source: Option<&str>) -> Result<DbWriter> {
-        let dir = parent_dir(path);
         let file_name = path
             .file_name()
             .ok_or_else(|| Error::usage(format!("'{}': not a file name", path.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.bitfog-tmp-{}",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = File::create(&tmp).map_err(|e| Error::io(format!("'{}'", tmp.display()), &e))?;
+        let parent = parent_dir(path);
+        let dir =
+            Dir::open_path(parent).map_err(|e| Error::io(format!("'{}'", parent.display()), &e))?;
+        DbWriter::create_in(dir, file_name.as_bytes(), source)
+    }
+
+    /// A DB named `name` in `dir`.
+    pub(crate) fn create_in(dir: Dir, name: &[u8], source: Option<&str>) -> Result<DbWriter> {
+        let mut tmp = b".".to_vec();
+        tmp.extend_from_slice(name);
+        tmp.extend_from_slice(format!(".bitfog-tmp-{}", std::process::id()).as_bytes());
+        let file = dir.create_fresh(&tmp).map_err(|e| {
+            Error::io(
+                format!("'{}'", dir.path.join(OsStr::from_bytes(&tmp)).display()),
+                &e,
+            )
+        })?;
         let mut w = DbWriter {
-            path: path.to_path_buf(),
+            dir,
+            name: name.to_vec(),
             tmp,
             out: Some(BufWriter::new(file)),
             count: 0,
             bytes: 0,
             dirs: Vec::new(),
+            dirs_omitted: 0,
         };
         let header = Header {
             bitfog: VERSION,
@@ -409,13 +473,20 @@ impl DbWriter {
         Ok(w)
     }
 
+    fn what(&self, name: &[u8]) -> String {
+        format!(
+            "'{}'",
+            self.dir.path.join(OsStr::from_bytes(name)).display()
+        )
+    }
+
     fn line(&mut self, value: &impl Serialize) -> Result<()> {
-        let tmp = &self.tmp;
+        let what = self.what(&self.tmp);
         let out = self.out.as_mut().expect("writer used after commit");
         serde_json::to_writer(&mut *out, value)
             .map_err(io::Error::from)
             .and_then(|()| out.write_all(b"\n"))
-            .map_err(|e| Error::io(format!("'{}'", tmp.display()), &e))
+            .map_err(|e| Error::io(what, &e))
     }
 
     pub(crate) fn entry(&mut self, e: &Entry) -> Result<()> {
@@ -438,14 +509,17 @@ impl DbWriter {
         let mut end = End::new(self.count, self.bytes, skipped);
         end.partials = partials;
         end.dirs = std::mem::take(&mut self.dirs);
+        end.dirs_omitted = self.dirs_omitted;
         self.line(&end)?;
         let out = self.out.take().expect("commit twice");
-        let what = format!("'{}'", self.tmp.display());
+        let what = self.what(&self.tmp);
         let file = out.into_inner().map_err(|e| Error::io(&what, e.error()))?;
         file.sync_all().map_err(|e| Error::io(&what, &e))?;
-        fs::rename(&self.tmp, &self.path)
-            .map_err(|e| Error::io(format!("'{}'", self.path.display()), &e))?;
-        sync_dir(parent_dir(&self.path));
+        if let Err(e) = self.dir.rename(&self.tmp, &self.name) {
+            let _ = self.dir.unlink(&self.tmp);
+            return Err(Error::io(self.what(&self.name), &e));
+        }
+        self.dir.sync();
         Ok((self.count, self.bytes))
     }
 }
@@ -453,7 +527,7 @@ impl DbWriter {
 impl Drop for DbWriter {
     fn drop(&mut self) {
         if self.out.is_some() {
-            let _ = fs::remove_file(&self.tmp);
+            let _ = self.dir.unlink(&self.tmp);
         }
     }
 }
@@ -463,13 +537,6 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    }
-}
-
-/// Best-effort fsync of a directory, so a rename in it is durable.
-pub(crate) fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
     }
 }
 
@@ -484,6 +551,7 @@ pub(crate) fn now_secs() -> i64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::fs;
 
     fn read_all(text: &str) -> Result<Vec<Entry>> {
         Reader::new(text.as_bytes(), "test").collect()

@@ -64,6 +64,8 @@ pub(crate) struct Missing {
     pub(crate) links: u64,
     /// Names that may not be written under a local directory.
     pub(crate) refused: Vec<(String, BadName)>,
+    /// Entries the source's listing left out (unreadable).
+    pub(crate) skipped: u64,
 }
 
 impl Missing {

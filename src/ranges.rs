@@ -11,15 +11,15 @@
 //! When the last range arrives the destination checks the whole file's
 //! SHA-256 and only then makes it appear.
 
+use crate::beneath::Kind;
 use crate::client::{AreaUrl, Client};
+use crate::courier::{Courier, read_record};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing, hash_reader};
 use crate::error::describe_io;
 use crate::manifest::{Entry, PartialUpload};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// No range is started smaller than this unless it ends the file.
@@ -50,9 +50,7 @@ impl RangeRecord {
     }
 }
 
-fn dir(courier: &Path) -> PathBuf {
-    courier.join(crate::paths::COURIER_STATE).join("ranges")
-}
+const DIR: &str = "ranges";
 
 fn id(name: &str, size: u64, sha: &str) -> String {
     let mut h = Hasher::new();
@@ -60,23 +58,32 @@ fn id(name: &str, size: u64, sha: &str) -> String {
     h.hex()[..24].to_string()
 }
 
-/// The complete ranges in the courier, with their data files. Anything
-/// else in the directory (a range cut short, a record without data) is
-/// not a range.
-pub(crate) fn held(courier: &Path) -> Vec<(PathBuf, RangeRecord)> {
+/// The complete ranges in the courier, with the names of their data files
+/// in `.bitfog/ranges/`. Anything else in the directory (a range cut
+/// short, a record without data, something planted) is not a range.
+pub(crate) fn held(courier: &Courier) -> Vec<(String, RangeRecord)> {
+    let Ok(Some(dir)) = courier.sub(DIR, false) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    for dent in fs::read_dir(dir(courier)).into_iter().flatten().flatten() {
-        let p = dent.path();
-        if p.extension().is_some_and(|x| x == "json") {
-            let data = p.with_extension("range");
-            let rec = fs::read(&p)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<RangeRecord>(&b).ok());
-            if let Some(rec) = rec {
-                if fs::metadata(&data).is_ok_and(|m| m.len() == rec.len) {
-                    out.push((data, rec));
-                }
-            }
+    for (name, _) in dir.names().unwrap_or_default() {
+        let Some(base) = std::str::from_utf8(&name)
+            .ok()
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let data = format!("{base}.range");
+        let Some(rec) = read_record::<RangeRecord>(&dir, &format!("{base}.json")) else {
+            continue;
+        };
+        let sound = dir
+            .stat(data.as_bytes())
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.kind == Kind::File && m.size == rec.len);
+        if sound {
+            out.push((data, rec));
         }
     }
     out.sort_by(|a, b| (&a.1.name, a.1.start).cmp(&(&b.1.name, b.1.start)));
@@ -84,29 +91,28 @@ pub(crate) fn held(courier: &Path) -> Vec<(PathBuf, RangeRecord)> {
 }
 
 /// Bytes the range files take (for the budget), complete or not.
-pub(crate) fn usage(courier: &Path) -> u64 {
-    crate::courier::dir_bytes(&dir(courier), |p| {
-        p.extension().is_some_and(|x| x == "range" || x == "tmp")
+pub(crate) fn usage(courier: &Courier) -> u64 {
+    courier.sub(DIR, false).ok().flatten().map_or(0, |d| {
+        crate::courier::dir_bytes(&d, |n| n.ends_with(b".range") || n.ends_with(b".tmp"))
     })
 }
 
-/// Removes a range (data first: a record without data is no range).
-pub(crate) fn remove(data: &Path) {
-    let _ = fs::remove_file(data);
-    let _ = fs::remove_file(data.with_extension("json"));
-}
-
-/// Removes what is not a complete range: data cut short, stray records.
-pub(crate) fn clean(courier: &Path, keep: &[(PathBuf, RangeRecord)]) {
-    for dent in fs::read_dir(dir(courier)).into_iter().flatten().flatten() {
-        let p = dent.path();
-        let data = if p.extension().is_some_and(|x| x == "json") {
-            p.with_extension("range")
-        } else {
-            p.clone()
+/// Removes what is not a complete range in `keep` (by data file name):
+/// data cut short, stray records, anything planted.
+pub(crate) fn clean(courier: &Courier, keep: &[(String, RangeRecord)]) {
+    let Ok(Some(dir)) = courier.sub(DIR, false) else {
+        return;
+    };
+    for (name, _) in dir.names().unwrap_or_default() {
+        let data = match std::str::from_utf8(&name)
+            .ok()
+            .and_then(|n| n.strip_suffix(".json"))
+        {
+            Some(base) => format!("{base}.range"),
+            None => String::from_utf8_lossy(&name).into_owned(),
         };
         if !keep.iter().any(|(d, _)| *d == data) {
-            let _ = fs::remove_file(&p);
+            let _ = dir.unlink(&name);
         }
     }
 }
@@ -137,7 +143,7 @@ pub(crate) fn by_name(partials: Vec<PartialUpload>) -> HashMap<String, PartialUp
 pub(crate) fn download(
     client: &Client,
     src: &AreaUrl,
-    courier: &Path,
+    courier: &Courier,
     e: &Entry,
     start: u64,
     len: u64,
@@ -153,10 +159,12 @@ pub(crate) fn download(
     let sha = e.sha256.clone().ok_or(Some(
         "a range needs the file's SHA-256 in the listing".to_string(),
     ))?;
-    let d = dir(courier);
-    fs::create_dir_all(&d).map_err(|err| why("cannot create the ranges directory", &err))?;
-    let data = d.join(format!("{}-{start}.range", id(&e.name, e.size, &sha)));
-    let tmp = data.with_extension("tmp");
+    let d = courier
+        .sub(DIR, true)
+        .map_err(|err| why("cannot create the ranges directory", &err))?
+        .ok_or_else(|| Some("no ranges directory".to_string()))?;
+    let base = format!("{}-{start}", id(&e.name, e.size, &sha));
+    let (data, tmp) = (format!("{base}.range"), format!("{base}.tmp"));
     let mut dl = client
         .get_range(src, &e.name, start, start + len - 1)
         .map_err(|err| Some(err.to_string()))?;
@@ -176,7 +184,9 @@ pub(crate) fn download(
             "modified at the source since the listing; not kept".into(),
         ));
     }
-    let file = File::create(&tmp).map_err(|err| why("cannot create range file", &err))?;
+    let file = d
+        .create_fresh(tmp.as_bytes())
+        .map_err(|err| why("cannot create range file", &err))?;
     let mut hasher = Hasher::new();
     let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&file, 0));
     let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
@@ -196,7 +206,7 @@ pub(crate) fn download(
         file.sync_all()
             .map_err(|err| why("cannot sync range file", &err))
     }) {
-        let _ = fs::remove_file(&tmp);
+        let _ = d.unlink(tmp.as_bytes());
         return Err(err);
     }
     let rec = RangeRecord {
@@ -209,18 +219,14 @@ pub(crate) fn download(
         len,
         range_sha256: hasher.hex(),
     };
-    let record = data.with_extension("json");
-    let record_tmp = data.with_extension("rectmp");
-    let written = fs::rename(&tmp, &data)
-        .and_then(|()| fs::write(&record_tmp, serde_json::to_vec(&rec)?))
-        .and_then(|()| File::open(&record_tmp)?.sync_all())
-        .and_then(|()| fs::rename(&record_tmp, &record));
+    let written = d
+        .rename(tmp.as_bytes(), data.as_bytes())
+        .and_then(|()| d.write_atomic(&format!("{base}.json"), &serde_json::to_vec(&rec)?, true));
     if let Err(err) = written {
-        remove(&data);
-        let _ = fs::remove_file(&record_tmp);
+        let _ = d.unlink(data.as_bytes());
         return Err(why("cannot record range", &err));
     }
-    crate::manifest::sync_dir(&d);
+    d.sync();
     Ok(rec)
 }
 
@@ -236,11 +242,19 @@ pub(crate) enum Sent {
 pub(crate) fn upload(
     client: &Client,
     dest: &AreaUrl,
-    data: &Path,
+    courier: &Courier,
+    data: &str,
     rec: &RangeRecord,
 ) -> Result<Sent, String> {
-    let file =
-        File::open(data).map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))?;
+    let open = || {
+        courier
+            .sub(DIR, false)
+            .and_then(|d| d.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT)))
+            .and_then(|d| d.open_file(data.as_bytes()))
+            .and_then(|f| f.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT)))
+            .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))
+    };
+    let file = open()?;
     let (got, n) = hash_reader(&file)
         .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))?;
     if n != rec.len || got != rec.range_sha256 {
@@ -250,8 +264,7 @@ pub(crate) fn upload(
             rec.end() - 1
         ));
     }
-    let file =
-        File::open(data).map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))?;
+    let file = open()?;
     match client
         .put_range(dest, rec, file)
         .map_err(|e| e.to_string())?

@@ -5,14 +5,14 @@
 //! reserved (`.bitfog*`) are never yielded. It never follows a symlink,
 //! never reads outside the area, and never writes.
 
-use crate::beneath::{Dir, Kind, Root};
+use crate::beneath::{Dir, Found as Walked, Kind, Root};
 use crate::digest::hash_reader;
 use crate::hashcache::{CacheFile, Lookup, Update};
 use crate::manifest::Entry;
 use crate::paths::is_reserved;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -28,30 +28,21 @@ pub(crate) enum Item {
     Skipped(String),
 }
 
-/// A walker that does not follow links, visits hidden files, and sorts
-/// each directory's entries bytewise (jwalk's defaults differ).
-pub(crate) fn walker(root: &Path) -> jwalk::WalkDir {
-    jwalk::WalkDir::new(root)
-        .sort(true)
-        .skip_hidden(false)
-        .follow_links(false)
-        .parallelism(jwalk::Parallelism::Serial)
-}
-
 /// At most this many entries wait for their hashes at once.
 const BATCH_ENTRIES: usize = 256;
 /// A batch is hashed once this many bytes wait to be read.
 const BATCH_BYTES: u64 = 256 << 20;
 
 /// Walks the area, calling `emit` for each item in order until it
-/// returns false. jwalk only enumerates names; each entry's stat, link
-/// target and contents are read relative to its directory resolved beneath
-/// `root` (see `beneath`), so a directory swapped for a symlink mid-walk
-/// yields a skipped entry, never a name, size or hash from outside.
+/// returns false. Directories are read through descriptors beneath `root`
+/// (see `beneath::walk`), so a directory swapped for a symlink mid-walk
+/// is reported and skipped, never followed. A directory that cannot be
+/// read (a permission, a name too long, too many open files, an I/O
+/// error) is an `Item::Skipped`: the listing then says it is incomplete.
+/// Reserved directories (`.bitfog*`) are never entered.
 ///
-/// The walk is serial (jwalk's parallel walk reads directories ahead
-/// without bound: 160 MB for a million entries), but files whose hash is
-/// not cached are hashed in batches on every core, then emitted in order.
+/// Files whose hash is not cached are hashed in batches on every core,
+/// then emitted in order.
 ///
 /// With a hash cache, a file whose size and identity are unchanged since
 /// the last complete listing is not read again, and the cache is replaced
@@ -62,62 +53,57 @@ pub(crate) fn scan(
     cache: Option<&CacheFile>,
     mut emit: impl FnMut(Item) -> bool,
 ) {
-    let mut cached: Option<(PathBuf, Dir)> = None;
     let mut lookup = cache.filter(|_| checksum).map(|c| c.reader());
     let mut update = cache.filter(|_| checksum).and_then(|c| c.writer());
     let mut batch = Batch::default();
-    // The last directory seen, until the walk shows whether it has a child.
-    let mut open_dir: Option<PathBuf> = None;
-    for dent in walker(root.path()) {
-        let dent = match dent {
-            Ok(d) => d,
-            Err(e) => {
-                batch.push(Found::Ready(Item::Skipped(format!("walk error: {e}"))));
+    let mut open = true;
+    let enter = |rel: &Path| !rel.file_name().is_some_and(|n| is_reserved(n.as_bytes()));
+    crate::beneath::walk(root, enter, |found| {
+        match found {
+            Walked::Unreadable { rel, err } => {
                 // An incomplete walk must not replace the cache.
                 update = None;
-                continue;
+                batch.push(Found::Ready(Item::Skipped(format!(
+                    "'{}': {}",
+                    shown(rel),
+                    crate::error::describe_io(&err)
+                ))));
             }
-        };
-        if let Some(d) = open_dir.take() {
-            let path = dent.path();
-            if path == d || !path.starts_with(&d) {
-                if let Some(e) = empty_dir(root, &d) {
+            Walked::Empty { dir, rel } => {
+                if let Some(e) = empty_dir(dir, rel) {
                     batch.push(Found::Ready(Item::EmptyDir(e)));
                 }
             }
-        }
-        let ft = dent.file_type();
-        if dent.depth() > 0 && ft.is_dir() && !is_reserved(dent.file_name().as_bytes()) {
-            open_dir = Some(dent.path());
-        }
-        if dent.depth() == 0 || ft.is_dir() || !(ft.is_file() || ft.is_symlink()) {
-            continue;
-        }
-        if is_reserved(dent.file_name().as_bytes()) {
-            if let Some(p) = partial_record(root, &mut cached, &dent.path()) {
-                batch.push(Found::Ready(Item::Partial(p)));
+            Walked::Item { kind, .. } if !matches!(kind, Kind::File | Kind::Symlink) => {}
+            Walked::Item { dir, rel, name, .. } if is_reserved(name) => {
+                if let Some(p) = partial_record(dir, rel, name) {
+                    batch.push(Found::Ready(Item::Partial(p)));
+                }
             }
-            continue;
+            Walked::Item { dir, rel, name, .. } => {
+                let found = match entry_for(dir, rel, name, checksum, lookup.as_mut()) {
+                    Ok(f) => f,
+                    Err(why) => Found::Ready(Item::Skipped(format!("'{}': {why}", shown(rel)))),
+                };
+                batch.push(found);
+            }
         }
-        let path = dent.path();
-        let found = match entry_for(root, &mut cached, &path, checksum, lookup.as_mut()) {
-            Ok(f) => f,
-            Err(why) => Found::Ready(Item::Skipped(format!("'{}': {why}", path.display()))),
-        };
-        batch.push(found);
-        if batch.full() && !batch.flush(&mut update, &mut emit) {
-            return;
+        if batch.full() {
+            open = batch.flush(&mut update, &mut emit);
         }
-    }
-    if let Some(e) = open_dir.and_then(|d| empty_dir(root, &d)) {
-        batch.push(Found::Ready(Item::EmptyDir(e)));
-    }
-    if !batch.flush(&mut update, &mut emit) {
+        open
+    });
+    if !open || !batch.flush(&mut update, &mut emit) {
         return;
     }
     if let Some(update) = update {
         let _ = update.commit();
     }
+}
+
+/// A relative path for the log (which escapes control characters).
+fn shown(rel: &Path) -> std::path::Display<'_> {
+    rel.display()
 }
 
 /// What the walk found at one path, before hashing.
@@ -243,40 +229,30 @@ fn hash_all(items: &[Found]) -> Vec<Result<String, String>> {
         .collect()
 }
 
-/// An empty directory's name (relative, UTF-8), mode and mtime, read
-/// beneath the root.
-fn empty_dir(root: &Root, path: &Path) -> Option<crate::manifest::EmptyDir> {
-    let rel = path.strip_prefix(root.path()).ok()?;
+/// An empty directory's name (relative, UTF-8), mode and mtime.
+fn empty_dir(dir: &Dir, rel: &Path) -> Option<crate::manifest::EmptyDir> {
     let name = rel.to_str()?.to_string();
-    let comps: Vec<&[u8]> = rel.iter().map(|c| c.as_bytes()).collect();
-    let (mode, mtime) = root.dir(&comps, false).ok()?.own_meta().ok()?;
+    let (mode, mtime) = dir.own_meta().ok()?;
     Some(crate::manifest::EmptyDir { name, mode, mtime })
 }
 
 /// The record of a partial upload (`.bitfog-part-*.json`, written by the
 /// server), with the name made relative to the area.
 fn partial_record(
-    root: &Root,
-    cached: &mut Option<(PathBuf, Dir)>,
-    path: &Path,
+    dir: &Dir,
+    rel: &Path,
+    file_name: &[u8],
 ) -> Option<crate::manifest::PartialUpload> {
-    let file_name = path.file_name()?.as_bytes();
     if !(file_name.starts_with(b".bitfog-part-") && file_name.ends_with(b".json")) {
         return None;
     }
-    let rel = path.strip_prefix(root.path()).ok()?;
-    let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-    if cached.as_ref().is_none_or(|(p, _)| *p != parent) {
-        let comps: Vec<&[u8]> = parent.iter().map(|c| c.as_bytes()).collect();
-        *cached = Some((parent.clone(), root.dir(&comps, false).ok()?));
-    }
-    let (_, dir) = cached.as_ref()?;
+    let file = dir.open_file(file_name).ok()??;
     let mut p: crate::manifest::PartialUpload =
-        serde_json::from_reader(dir.open_read(file_name).ok()?).ok()?;
+        serde_json::from_reader(std::io::Read::take(file, 1 << 16)).ok()?;
     if p.name.contains('/') || crate::paths::is_reserved(p.name.as_bytes()) {
         return None;
     }
-    let parent = parent.to_str()?;
+    let parent = rel.parent().unwrap_or(Path::new("")).to_str()?;
     if !parent.is_empty() {
         p.name = format!("{parent}/{}", p.name);
     }
@@ -286,30 +262,17 @@ fn partial_record(
 /// Builds the entry for one file or symlink; a file whose hash is not
 /// cached comes back open, to be hashed with its batch.
 fn entry_for(
-    root: &Root,
-    cached: &mut Option<(PathBuf, Dir)>,
-    path: &Path,
+    dir: &Dir,
+    rel: &Path,
+    file_name: &[u8],
     checksum: bool,
     lookup: Option<&mut Lookup>,
 ) -> Result<Found, String> {
     let io = |e: std::io::Error| crate::error::describe_io(&e);
-    let rel = path
-        .strip_prefix(root.path())
-        .map_err(|_| "outside the area".to_string())?;
     let name = rel.to_str().ok_or("name is not valid UTF-8")?.to_string();
-    let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-    if cached.as_ref().is_none_or(|(p, _)| *p != parent) {
-        let comps: Vec<&[u8]> = parent.iter().map(|c| c.as_bytes()).collect();
-        let dir = root
-            .dir(&comps, false)
-            .map_err(|e| format!("directory changed during the listing ({})", io(e)))?;
-        *cached = Some((parent, dir));
+    if name.len() > crate::paths::MAX_NAME {
+        return Err("name longer than 4096 bytes".into());
     }
-    let (_, dir) = cached.as_ref().expect("cached above");
-    let file_name = rel
-        .file_name()
-        .map(|n| n.as_bytes())
-        .ok_or("no file name")?;
     let meta = dir.stat(file_name).map_err(io)?.ok_or("vanished")?;
     let mut entry = Entry {
         name,

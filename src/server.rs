@@ -56,12 +56,13 @@ pub(crate) type Config = BTreeMap<String, Area>;
 
 /// An empty line is sent on a listing after this long without output.
 const LISTING_KEEPALIVE: Duration = Duration::from_secs(10);
-/// Partial uploads named in a listing's end record, so the line stays
-/// under the 64 KiB clients accept.
+/// Partial uploads named in a listing's end record.
 const MAX_PARTIALS_LISTED: usize = 200;
-/// Empty directories named in a listing's end record (a line of a few MB
-/// at most; clients accept end records up to 16 MiB).
-const MAX_DIRS_LISTED: usize = 100_000;
+/// Bytes of JSON the empty directories and partial uploads named in a
+/// listing's end record may take: half of what clients accept
+/// (`manifest::MAX_END_LINE`), whatever the names. Empty directories past
+/// it are counted in `dirs_omitted` instead.
+const END_RECORD_BUDGET: usize = crate::manifest::MAX_END_LINE / 2;
 /// Listing lines are handed to the writer in chunks of about this size...
 const LISTING_CHUNK: usize = 64 << 10;
 /// ...or after this long, whichever comes first.
@@ -400,6 +401,11 @@ fn wants_dirs(target: &str) -> bool {
         .is_some_and(|(_, q)| q.split('&').any(|p| p == "dirs=1"))
 }
 
+/// The bytes `v` takes in a JSON array (its JSON and a comma).
+fn json_len(v: &impl serde::Serialize) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX / 2, |j| j.len() + 1)
+}
+
 fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool) -> Response {
     let cache = state
         .cache
@@ -420,6 +426,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
             let mut partials = Vec::new();
             let mut dirs = Vec::new();
+            let (mut dirs_omitted, mut end_bytes) = (0u64, 0usize);
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
             let mut since = Instant::now();
             let mut open = true;
@@ -440,10 +447,25 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                             print_error(format!("listing skips {why}"));
                         }
                     }
-                    // Kept for the end record, within its line limit.
-                    Item::Partial(p) if partials.len() < MAX_PARTIALS_LISTED => partials.push(p),
-                    Item::Partial(_) => {}
-                    Item::EmptyDir(d) if with_dirs && dirs.len() < MAX_DIRS_LISTED => dirs.push(d),
+                    // Kept for the end record, within its budget.
+                    Item::Partial(p) => {
+                        let n = json_len(&p);
+                        if partials.len() < MAX_PARTIALS_LISTED
+                            && end_bytes + n <= END_RECORD_BUDGET
+                        {
+                            end_bytes += n;
+                            partials.push(p);
+                        }
+                    }
+                    Item::EmptyDir(d) if with_dirs => {
+                        let n = json_len(&d);
+                        if end_bytes + n <= END_RECORD_BUDGET {
+                            end_bytes += n;
+                            dirs.push(d);
+                        } else {
+                            dirs_omitted += 1;
+                        }
+                    }
                     Item::EmptyDir(_) => {}
                 }
                 if chunk.len() >= LISTING_CHUNK
@@ -458,6 +480,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                 let mut end = End::new(count, bytes, skipped);
                 end.partials = partials;
                 end.dirs = dirs;
+                end.dirs_omitted = dirs_omitted;
                 let _ = serde_json::to_writer(&mut chunk, &end);
                 chunk.push(b'\n');
                 let _ = tx.send(chunk);
@@ -672,28 +695,26 @@ fn remove_stale_temps(state: &State) {
         let Some(root) = state.roots.get(name) else {
             continue;
         };
-        for dent in scan::walker(&area.root).into_iter().flatten() {
-            let file = dent.file_name().as_bytes();
-            if !file.starts_with(TEMP_PREFIX.as_bytes())
-                || file.starts_with(mine.as_bytes())
-                || dent.file_type().is_dir()
-            {
-                continue;
-            }
-            let path = dent.path();
-            let Ok(rel) = path.strip_prefix(&area.root) else {
-                continue;
-            };
-            let comps: Vec<&[u8]> = rel
-                .parent()
-                .into_iter()
-                .flat_map(|p| p.iter())
-                .map(|c| c.as_bytes())
-                .collect();
-            if root.dir(&comps, false).and_then(|d| d.unlink(file)).is_ok() {
-                state.log(format!("removed stale temporary file '{}'", path.display()));
-            }
-        }
+        let reserved = |rel: &Path| rel.file_name().is_some_and(|n| is_reserved(n.as_bytes()));
+        crate::beneath::walk(
+            root,
+            |rel| !reserved(rel),
+            |found| {
+                let crate::beneath::Found::Item { dir, rel, name, .. } = found else {
+                    return true;
+                };
+                if name.starts_with(TEMP_PREFIX.as_bytes())
+                    && !name.starts_with(mine.as_bytes())
+                    && dir.unlink(name).is_ok()
+                {
+                    state.log(format!(
+                        "removed stale temporary file '{}'",
+                        area.root.join(rel).display()
+                    ));
+                }
+                true
+            },
+        );
     }
 }
 
@@ -710,6 +731,20 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request, sigs: Option<&SigCache>)
     };
     if dir.kind(last(comps)).ok().flatten() == Some(Kind::Dir) {
         return Response::text(409, "a directory exists at this path");
+    }
+    // A body that cannot fit is refused before any of it is written (a
+    // modest one is read, so the client sees the answer).
+    if let Some(free) = dir.free_space().filter(|&f| req.content_length() > f) {
+        if req.content_length() <= DRAIN_LIMIT {
+            let _ = io::copy(&mut req.body, &mut io::sink());
+        }
+        return Response::text(
+            507,
+            format!(
+                "the destination disk is full: {} bytes to write, {free} free",
+                req.content_length()
+            ),
+        );
     }
     let is_link = content_type_is(req, protocol::SYMLINK_TYPE);
     if let Some(range) = req.header("content-range") {
@@ -861,6 +896,15 @@ fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<
     let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
     let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let mut body_left = req.content_length();
+    // Holes are hashed as zeros: their size is bounded by the data sent.
+    if !crate::sparse::holes_within_bounds(size, body_left) {
+        return Err(Response::text(
+            413,
+            format!(
+                "a sparse upload of {size} bytes needs more than {body_left} bytes of data; send it as an ordinary file"
+            ),
+        ));
+    }
     let temp = TempFile::create(dir).map_err(write_error)?;
     let file = temp.file.as_ref().expect("fresh temp file");
     file.set_len(size).map_err(write_error)?;

@@ -17,6 +17,20 @@ use std::sync::{Arc, Mutex};
 /// More data extents than this are described as one.
 const MAX_EXTENTS: usize = 65536;
 
+/// Holes are hashed as zeros (about 1.5 GB/s a core), so the holes a
+/// sparse transfer may declare are bounded by the data it carries: at most
+/// `HOLE_BASE` plus `HOLE_RATIO` bytes of hole per byte of data. A request
+/// of a few bytes can then never cost hours of hashing. A file sparser
+/// than that still travels, as an ordinary file (its zeros on the wire).
+pub(crate) const HOLE_BASE: u64 = 1 << 30;
+pub(crate) const HOLE_RATIO: u64 = 4096;
+
+/// True when a file of `size` bytes with `data` bytes of data may travel
+/// as a sparse file (see `HOLE_BASE`).
+pub(crate) fn holes_within_bounds(size: u64, data: u64) -> bool {
+    size.saturating_sub(data) <= HOLE_BASE.saturating_add(data.saturating_mul(HOLE_RATIO))
+}
+
 /// Where `file`'s data is, as `(start, len)` in order, from SEEK_DATA and
 /// SEEK_HOLE. A filesystem that cannot tell (or a file with very many
 /// extents) gives one extent covering everything.

@@ -34,7 +34,6 @@ struct ReceiptLine {
     old: Option<Entry>,
 }
 use serde::Serialize;
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -91,7 +90,7 @@ enum Action {
     Ranges(Entry),
     /// Made at the destination from its older version and the delta in
     /// `.bitfog/deltas/`.
-    Patch(Entry, PathBuf),
+    Patch(Entry, String, u64),
     Delete(String),
 }
 
@@ -105,7 +104,7 @@ struct Task {
     ranged: bool,
     /// The delta that makes this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    delta: Option<PathBuf>,
+    delta: Option<(String, u64)>,
 }
 
 impl Task {
@@ -113,8 +112,8 @@ impl Task {
         if self.ranged {
             return Action::Ranges(self.e);
         }
-        if let Some(delta) = self.delta {
-            return Action::Patch(self.e, delta);
+        if let Some((file, len)) = self.delta {
+            return Action::Patch(self.e, file, len);
         }
         match self.from {
             Some(from) => Action::Copy(self.e, from),
@@ -141,9 +140,9 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     }
     // A dry run neither locks nor writes anything in the courier.
     let courier = if opts.dry_run {
-        None
+        Courier::open_read(&opts.courier)?
     } else {
-        Some(Courier::open(&opts.courier, false)?)
+        Courier::open(&opts.courier, false)?
     };
     let listing = client.listing(&opts.dest)?;
 
@@ -153,9 +152,9 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     // under .bitfog/, read back one at a time by the workers, so a
     // million-file courier is not held in memory.
     let mut actions = Vec::new();
-    let mut spool: Option<Spool<Task>> = match &courier {
-        Some(c) => Some(c.spool("store")?),
-        None => None,
+    let mut spool: Option<Spool<Task>> = match opts.dry_run {
+        false => Some(courier.spool("store")?),
+        true => None,
     };
     // Which spooled tasks are copies (they run in phases of their own).
     let mut copy_at: Vec<bool> = Vec::new();
@@ -173,21 +172,21 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     };
     // Files fetch left as instructions: made at the destination from a
     // file it already has.
-    let mut copies = crate::courier::Copies::open(&opts.courier);
+    let mut copies = crate::courier::Copies::open(&courier);
     // Ranges of files bigger than a trip.
-    let courier_ranges = ranges::held(&opts.courier);
+    let courier_ranges = ranges::held(&courier);
     // Deltas of files the destination has an older version of.
-    let courier_deltas = crate::deltas::held(&opts.courier);
+    let courier_deltas = crate::deltas::held(&courier);
     // The receipt: what the destination holds after this run, from its
     // listing and the outcome of each action (no second listing, so
     // nothing just stored is hashed again).
-    let mut receipt: Option<Spool<ReceiptLine>> = match &courier {
-        Some(c) => {
+    let mut receipt: Option<Spool<ReceiptLine>> = match opts.dry_run {
+        false => {
             // A run that dies leaves no receipt rather than a stale one.
-            c.drop_receipt();
-            Some(c.spool("receipt")?)
+            courier.drop_receipt();
+            Some(courier.spool("receipt")?)
         }
-        None => None,
+        true => None,
     };
     let mut note = |e: Entry, up: bool, old: Option<Entry>| -> Result<()> {
         match receipt.as_mut() {
@@ -243,7 +242,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             };
             if let Err(why) = check_carried_name(&s.name) {
                 refused.push(format!("refusing '{}': {}", s.name, why.reason()));
-            } else if s.is_symlink() || opts.courier.join(&s.name).symlink_metadata().is_ok() {
+            } else if s.is_symlink() || !matches!(courier.carried_meta(&s.name), Ok(None)) {
                 if !s.is_symlink() {
                     total_bytes += s.size;
                 }
@@ -289,7 +288,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                             e: s.clone(),
                             from: None,
                             ranged: false,
-                            delta: Some(h.path.clone()),
+                            delta: Some((h.file.clone(), h.len)),
                         },
                         &mut actions,
                     )?;
@@ -314,7 +313,19 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         ui.error(msg);
     }
     sum.failed_files += refused.len() as u64;
-    let over_limit = choose_deletions(ui, opts, doomed, &mut actions, &mut sum)?;
+    let src_skipped = src.end().map_or(0, |e| e.skipped);
+    let over_limit = if opts.delete && src_skipped > 0 && !doomed.is_empty() {
+        // Names the source could not list may be exactly these: a listing
+        // that is not complete never decides a deletion.
+        ui.error(format!(
+            "not deleting anything: '{}' says its source listing skipped {src_skipped} entries it could not read (see the source server's log); fix that and run builddb again",
+            opts.srcdb.display()
+        ));
+        sum.kept_files += doomed.len() as u64;
+        true
+    } else {
+        choose_deletions(ui, opts, &courier, doomed, &mut actions, &mut sum)?
+    };
 
     if opts.dry_run {
         let mut human = String::new();
@@ -335,7 +346,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     e.name,
                     human_bytes(e.size)
                 )),
-                Action::Patch(e, _) => human.push_str(&format!(
+                Action::Patch(e, ..) => human.push_str(&format!(
                     "would patch '{}' with a delta ({})\n",
                     e.name,
                     human_bytes(e.size)
@@ -365,7 +376,6 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             Exit::Done
         });
     }
-    let courier = courier.expect("opened unless dry run");
 
     // Only deletions (with --delete) are in `actions` now; the rest is
     // spooled.
@@ -388,7 +398,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                 | Action::Link(e)
                 | Action::Copy(e, _)
                 | Action::Ranges(e)
-                | Action::Patch(e, _),
+                | Action::Patch(e, ..),
                 Err(_),
             ) => {
                 failed_names.lock().expect("names").insert(e.name.clone());
@@ -412,7 +422,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                     | Action::Link(e)
                     | Action::Copy(e, _)
                     | Action::Ranges(e)
-                    | Action::Patch(e, _) => &e.name,
+                    | Action::Patch(e, ..) => &e.name,
                     Action::Delete(n) => n,
                 };
                 ui.error(format!("'{name}': {why}"));
@@ -479,7 +489,8 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             if !copy_at[i] {
                 match spooled(i) {
                     Some(Action::Ranges(e)) => {
-                        let outcome = send_ranges(client, &opts.dest, &courier_ranges, &e);
+                        let outcome =
+                            send_ranges(client, &opts.dest, &courier, &courier_ranges, &e);
                         match outcome {
                             Ok(Some(have)) => {
                                 // Under way, not failed: the receipt shows
@@ -660,7 +671,11 @@ fn write_receipt(
     partials.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
     let what = |e: std::io::Error| Error::io("the courier's receipt spool", &e);
     lines.finish().map_err(what)?;
-    let mut out = DbWriter::create(&courier.state_path(RECEIPT), Some(dest.as_str()))?;
+    let state = courier
+        .state_dir()?
+        .try_clone()
+        .map_err(|e| Error::io("the courier's state directory", &e))?;
+    let mut out = DbWriter::create_in(state, RECEIPT.as_bytes(), Some(dest.as_str()))?;
     for i in 0..lines.len() {
         let line = lines.get(i).map_err(what)?;
         let e = if line.up && failed.contains(&line.e.name) {
@@ -688,6 +703,7 @@ fn write_receipt(
     let mut dirs: Vec<_> = dirs.into_values().collect();
     dirs.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
     out.dirs = dirs;
+    out.dirs_omitted = listed.dirs_omitted;
     out.commit_with(listed.skipped, partials)?;
     Ok(())
 }
@@ -706,6 +722,7 @@ struct DryRun<'a> {
 fn choose_deletions(
     ui: &Ui,
     opts: &StoreOpts,
+    courier: &Courier,
     doomed: Vec<Entry>,
     actions: &mut Vec<Action>,
     sum: &mut StoreSummary,
@@ -713,12 +730,16 @@ fn choose_deletions(
     if doomed.is_empty() {
         return Ok(false);
     }
-    let snapshot = opts.courier.join(".bitfog").join(SNAPSHOT);
-    let mut allowed: Vec<Entry> = if snapshot.exists() {
+    let snapshot = courier.state_file(SNAPSHOT);
+    let mut allowed: Vec<Entry> = if let Some(snapshot) = snapshot {
         let mut known: HashMap<String, Entry> =
             doomed.into_iter().map(|e| (e.name.clone(), e)).collect();
         let mut keep = Vec::new();
-        let (_, snap) = open_db(&snapshot)?;
+        let origin = format!(
+            "'{}'",
+            opts.courier.join(".bitfog").join(SNAPSHOT).display()
+        );
+        let (_, snap) = crate::manifest::open_db_file(snapshot, origin)?;
         for entry in snap {
             let entry = entry.map_err(as_usage)?;
             if let Some(now) = known.remove(&entry.name) {
@@ -768,12 +789,13 @@ fn choose_deletions(
 fn send_ranges(
     client: &Client,
     dest: &AreaUrl,
-    held: &[(PathBuf, ranges::RangeRecord)],
+    courier: &Courier,
+    held: &[(String, ranges::RangeRecord)],
     e: &Entry,
 ) -> std::result::Result<Option<u64>, String> {
     let mut have = None;
     for (data, rec) in held.iter().filter(|(_, r)| r.of(e)) {
-        match ranges::upload(client, dest, data, rec)? {
+        match ranges::upload(client, dest, courier, data, rec)? {
             ranges::Sent::Complete => return Ok(None),
             ranges::Sent::Partial(h) => have = Some(h),
         }
@@ -788,11 +810,11 @@ fn count(sum: &mut StoreSummary, action: &Action) {
             sum.stored_files += 1;
             sum.stored_bytes += e.size;
         }
-        Action::Patch(e, path) => {
+        Action::Patch(e, _, len) => {
             sum.stored_files += 1;
             sum.stored_bytes += e.size;
             sum.patched_files += 1;
-            sum.delta_bytes += std::fs::metadata(path).map_or(0, |m| m.len());
+            sum.delta_bytes += len;
         }
         Action::Copy(e, from) if *from == e.name => sum.updated_files += 1,
         Action::Copy(e, _) => {
@@ -857,12 +879,12 @@ fn run(
     };
     match action {
         Action::Ranges(_) => Err("ranges are sent by send_ranges".into()),
-        Action::Patch(e, path) => {
+        Action::Patch(e, file, _) => {
             let open_err =
                 |err: std::io::Error| format!("cannot read the delta: {}", describe_io(&err));
             // The whole delta is checked before it leaves: a damaged one
             // is not sent (the destination would refuse it too).
-            let header = File::open(path).map_err(open_err).and_then(|f| {
+            let header = crate::deltas::open(courier, file).map_err(open_err).and_then(|f| {
                 crate::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
                     format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one")
                 })
@@ -870,7 +892,7 @@ fn run(
             if !header.name.eq(&e.name) || header.sha256 != e.sha256.clone().unwrap_or_default() {
                 return Err("the delta in the courier is for another version; not sent".into());
             }
-            let file = File::open(path).map_err(open_err)?;
+            let file = crate::deltas::open(courier, file).map_err(open_err)?;
             let len = file.metadata().map_err(open_err)?.len();
             match client
                 .put_delta(dest, e, file, len)
@@ -922,10 +944,15 @@ fn run(
             let sparse = file.metadata().is_ok_and(|m| {
                 std::os::unix::fs::MetadataExt::blocks(&m) * 512 + (1 << 20) <= m.len()
             });
+            let extents = match sparse {
+                true => crate::sparse::data_extents(&file, e.size),
+                false => Vec::new(),
+            };
+            let data: u64 = extents.iter().map(|&(_, l)| l).sum();
+            let sparse = sparse && crate::sparse::holes_within_bounds(e.size, data);
             if let (true, Some(want)) = (sparse, &e.sha256) {
                 // Only the data extents travel; the hash covers the whole
                 // content (holes as zeros) and is checked on both sides.
-                let extents = crate::sparse::data_extents(&file, e.size);
                 let body_len = crate::sparse::body_len(&extents);
                 let data_end = extents.last().map_or(0, |&(s, l)| s + l);
                 let body = crate::sparse::ExtentBody::new(file, extents);

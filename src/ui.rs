@@ -37,10 +37,42 @@ impl Ui {
             s.push('\n');
             s
         } else {
-            human.to_string()
+            escape_lines(human).into_owned()
         };
         print_stdout(&text);
     }
+}
+
+/// Text that is safe on a terminal: every control character (C0, DEL and
+/// C1, newlines included) becomes `\xNN` or `\u{NNNN}`, so a file name
+/// with an escape sequence in it cannot drive the terminal. Names never
+/// hold a backslash (see `paths`), so the escapes cannot be confused with
+/// a name's own text.
+pub(crate) fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_with(s, false)
+}
+
+/// `escape`, keeping line breaks: for text of several lines.
+pub(crate) fn escape_lines(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_with(s, true)
+}
+
+fn escape_with(s: &str, keep_newlines: bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && !(keep_newlines && c == '\n');
+    if !s.contains(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if !bad(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:04x}}}", c as u32));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Writes to stdout; a closed stdout (a pipe to `head`) is not an error.

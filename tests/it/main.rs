@@ -5,6 +5,7 @@
 mod carry;
 mod cli;
 mod delta;
+mod hostile;
 mod serve;
 mod trip;
 mod util;

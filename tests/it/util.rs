@@ -110,6 +110,42 @@ pub fn bitfog(args: &[&str]) -> Run {
     }
 }
 
+/// Runs bitfog, failing the test (after killing it) if it has not ended
+/// within `secs`: for inputs that once made it wait forever.
+#[track_caller]
+pub fn bitfog_within(secs: u64, args: &[&str]) -> Run {
+    let mut child = cmd(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "bitfog {} still ran after {secs} s\n--- stderr\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Run {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+}
+
 /// A running `bitfog serve`, killed on drop.
 pub struct Server {
     pub child: Child,

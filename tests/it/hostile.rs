@@ -1,0 +1,333 @@
+//! Inputs from strangers: a courier disk prepared by someone else
+//! (symlinks at every state path and above carried names, FIFOs, crafted
+//! records) and a source whose listing cannot be complete. Nothing outside
+//! the courier or the destination area may change, nothing may hang, and
+//! an incomplete listing never decides a deletion.
+
+use crate::util::*;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+/// A directory of precious files that no bitfog command may touch.
+fn victim(t: &Scratch, name: &str) -> PathBuf {
+    let v = t.mkdir(name);
+    write(&v, "file1.doc", b"precious one");
+    write(&v, "keep/file2.doc", b"precious two");
+    v
+}
+
+/// The id `fetch` gives a name's partial download.
+fn partial_id(name: &str) -> String {
+    sha256_hex(name.as_bytes())[..32].to_string()
+}
+
+fn append(path: &Path, line: &str) {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(line.as_bytes()).unwrap();
+}
+
+/// A source with small files, one bigger than the trip (ranges) and one
+/// big enough to keep a sidecar; a first trip under a budget fills the
+/// courier with records, ranges and held files.
+fn first_trip(t: &Scratch) -> (Server, PathBuf, PathBuf) {
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..6u64 {
+        write(&src, &format!("d/f{i}"), &data(i, 3000 + 100 * i as usize));
+    }
+    write(&src, "big", &data(99, 3 << 20));
+    let server = Server::start(t, "sites", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+        "--max-bytes",
+        "2M",
+    ])
+    .ok();
+    assert!(
+        t.path("courier/.bitfog/ranges").is_dir(),
+        "a range was carried"
+    );
+    (server, src, dst)
+}
+
+#[test]
+fn a_courier_with_planted_symlinks_changes_nothing_outside_it() {
+    let t = Scratch::new();
+    let (server, src, dst) = first_trip(&t);
+    let courier = t.path("courier");
+    let state = courier.join(".bitfog");
+
+    // A symlinked parent of a carried name, with a record that makes the
+    // next fetch prune "sub/file1.doc".
+    let sub = victim(&t, "victim-sub");
+    symlink(&sub, courier.join("sub")).unwrap();
+    append(
+        &state.join("carried.jsonl"),
+        "{\"name\":\"sub/file1.doc\",\"size\":12,\"mtime\":1,\"sha256\":null}\n",
+    );
+    // The state directories bitfog empties, as symlinks.
+    let ranges = victim(&t, "victim-ranges");
+    let deltas = victim(&t, "victim-deltas");
+    fs::remove_dir_all(state.join("ranges")).unwrap();
+    symlink(&ranges, state.join("ranges")).unwrap();
+    symlink(&deltas, state.join("deltas")).unwrap();
+    // Every temporary and state file bitfog writes, as a symlink to a file
+    // outside.
+    let files = victim(&t, "victim-files");
+    let planted = [
+        "wanted.tmp".to_string(),
+        "held.tmp".into(),
+        "destdb.jsonl.tmp".into(),
+        "carried.jsonl.tmp".into(),
+        "copies.jsonl.tmp".into(),
+        "copies.jsonl.new".into(),
+        "store.tmp".into(),
+        "receipt.tmp".into(),
+        format!("partial/{}.json.tmp", partial_id("big2")),
+        format!("partial/{}.part", partial_id("d/f5")),
+    ];
+    for (i, name) in planted.iter().enumerate() {
+        write(&files, &format!("t{i}"), b"precious target");
+        symlink(files.join(format!("t{i}")), state.join(name)).unwrap();
+    }
+    let before: Vec<_> = [&sub, &ranges, &deltas, &files]
+        .iter()
+        .map(|v| tree(v))
+        .collect();
+
+    // The source moves on; the next trips run over the planted courier.
+    write(&src, "d/f0", b"changed at the source");
+    write(&src, "big2", &data(7, 1_500_000));
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+        "--json",
+    ]);
+    assert_eq!(f.code, 0, "{f}");
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &server.url("dst"),
+        &t.s("courier"),
+        "--delete",
+    ])
+    .ok();
+
+    let after: Vec<_> = [&sub, &ranges, &deltas, &files]
+        .iter()
+        .map(|v| tree(v))
+        .collect();
+    assert_eq!(before, after, "nothing outside the courier changed");
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn fifos_in_a_courier_never_make_fetch_or_store_wait() {
+    let t = Scratch::new();
+    let (server, src, dst) = first_trip(&t);
+    let state = t.path("courier/.bitfog");
+    fs::create_dir_all(state.join("deltas")).unwrap();
+    let fifo = |p: PathBuf| {
+        let _ = fs::remove_file(&p);
+        mkfifo(&p);
+    };
+    for name in [
+        "deltas/x.delta",
+        "partial/y.json",
+        "partial/z.part",
+        "ranges/r.json",
+        "copies.jsonl",
+        "destdb.jsonl",
+        "receipt.jsonl",
+    ] {
+        fifo(state.join(name));
+    }
+    fifo(t.path("courier/d/f1"));
+
+    // A courier whose receipt is a FIFO is no DESTDB.
+    let r = bitfog_within(60, &["plan", &t.s("courier"), &server.url("src")]);
+    assert_eq!(r.code, 2, "{r}");
+    // A store over FIFOs refuses them by name and goes on.
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    let s = bitfog_within(
+        60,
+        &[
+            "store",
+            &t.s("src.db"),
+            &server.url("dst"),
+            &t.s("courier"),
+            "--delete",
+        ],
+    );
+    assert_eq!(s.code, 1, "{s}");
+    assert!(
+        s.stderr.contains("'d/f1'") && s.stderr.contains("FIFO"),
+        "{s}"
+    );
+    // fetch replaces what it cannot use, and the trips complete.
+    let f = bitfog_within(
+        60,
+        &[
+            "fetch",
+            &t.s("dest.db"),
+            &server.url("src"),
+            &t.s("courier"),
+        ],
+    );
+    assert_eq!(f.code, 0, "{f}");
+    bitfog_within(
+        60,
+        &[
+            "store",
+            &t.s("src.db"),
+            &server.url("dst"),
+            &t.s("courier"),
+            "--delete",
+        ],
+    )
+    .ok();
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn a_symlinked_state_directory_is_refused_before_anything_is_written() {
+    let t = Scratch::new();
+    let (server, _src, _dst) = first_trip(&t);
+    let elsewhere = victim(&t, "victim-state");
+    let state = t.path("courier/.bitfog");
+    fs::rename(&state, t.path("old-state")).unwrap();
+    symlink(&elsewhere, &state).unwrap();
+    let before = tree(&elsewhere);
+    for args in [
+        vec!["fetch", "dest.db", "SRC", "courier"],
+        vec!["store", "dest.db", "DST", "courier"],
+    ] {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| match *a {
+                "SRC" => server.url("src"),
+                "DST" => server.url("dst"),
+                "courier" | "dest.db" => t.s(a),
+                other => other.to_string(),
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = bitfog_within(60, &args).code(2);
+        assert!(r.stderr.contains("symlink"), "{r}");
+    }
+    assert_eq!(tree(&elsewhere), before);
+}
+
+/// Makes `depth` nested directories of 200-byte names below `root` (more
+/// than PATH_MAX in all) with a file at the bottom, each made relative to
+/// the one above it (Python's `dir_fd`), which PATH_MAX does not bound.
+fn deep_tree(root: &Path, depth: usize) {
+    let script = format!(
+        "import os, sys\n\
+         fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+         for _ in range({depth}):\n\
+         \x20   os.mkdir('d' * 200, dir_fd=fd)\n\
+         \x20   fd = os.open('d' * 200, os.O_RDONLY, dir_fd=fd)\n\
+         f = os.open('file', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)\n\
+         os.write(f, b'deep')\n"
+    );
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .arg(root)
+        .status()
+        .expect("python3 makes the deep tree")
+        .success();
+    assert!(ok);
+}
+
+/// The unreadable part of a source must not read as "deleted there".
+fn assert_delete_refused(t: &Scratch, server: &Server, dst: &Path, skipped_at_least: u64) {
+    let b = bitfog(&["builddb", &server.url("src"), &t.s("src.db"), "--json"]).ok();
+    assert!(b.num("skipped") >= skipped_at_least, "{b}");
+    let p = bitfog(&["plan", &t.s("dest.db"), &server.url("src"), "--json"]).ok();
+    assert!(p.num("skipped") >= skipped_at_least, "{p}");
+    assert!(p.stderr.contains("skipped"), "{p}");
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+        "--json",
+    ])
+    .ok();
+    assert!(f.num("skipped") >= skipped_at_least, "{f}");
+    let s = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &server.url("dst"),
+        &t.s("courier"),
+        "--delete",
+        "--json",
+    ])
+    .code(1);
+    assert!(s.stderr.contains("not deleting anything"), "{s}");
+    assert_eq!(s.num("deleted_files"), 0, "{s}");
+    assert_eq!(
+        fs::read(dst.join("b/y")).unwrap(),
+        b"only copy of y",
+        "the destination keeps what the source could not list"
+    );
+}
+
+#[test]
+fn a_path_longer_than_path_max_is_skipped_and_blocks_deletion() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", b"a");
+    deep_tree(&src, 24);
+    write(&dst, "b/y", b"only copy of y");
+    let server = Server::start(&t, "sites", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    assert_delete_refused(&t, &server, &dst, 1);
+    assert!(server.log_text().contains("listing skips"));
+}
+
+#[test]
+#[ignore = "needs root: runs the server as nobody (setpriv)"]
+fn an_unreadable_source_directory_is_skipped_and_blocks_deletion() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Scratch::new();
+    fs::set_permissions(t.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", b"a");
+    write(&src, "b/y", b"y at the source");
+    write(&src, "b/z", b"z at the source");
+    write(&dst, "b/y", b"only copy of y");
+    write(&dst, "b/z", b"only copy of z");
+    for d in [&src, &dst, &dst.join("b")] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    for f in ["b/y", "b/z"] {
+        fs::set_permissions(dst.join(f), fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    fs::set_permissions(src.join("b"), fs::Permissions::from_mode(0o000)).unwrap();
+    let conf = t.path("sites.json");
+    fs::write(&conf, two_areas(&src, &dst)).unwrap();
+    let server = Server::start_shell(
+        &conf,
+        &t.path("sites.log"),
+        &[],
+        "setpriv --reuid=65534 --regid=65534 --clear-groups",
+    );
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    assert_delete_refused(&t, &server, &dst, 1);
+    assert!(fs::read(dst.join("b/z")).is_ok());
+    let log = server.log_text();
+    assert!(
+        log.contains("listing skips 'b': permission denied"),
+        "the server names the directory: {log}"
+    );
+}
