@@ -606,6 +606,36 @@ impl Dir {
     }
 }
 
+/// A new file with no name in `dir` (O_TMPFILE), removed by the kernel
+/// when closed; where the file system cannot do that, a fresh file that
+/// is unlinked at once.
+pub(crate) fn anonymous_file(dir: &Path) -> io::Result<File> {
+    let d = cstr(dir.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            d.as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: the kernel just gave us this descriptor.
+        return Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+    }
+    let dir = Dir::open_path(dir)?;
+    let name = format!(
+        ".bitfog-scratch-{}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let f = dir.create_new(name.as_bytes())?;
+    let _ = dir.unlink(name.as_bytes());
+    Ok(f)
+}
+
 /// Refuses anything but a regular file, with a message that says what it is.
 pub(crate) fn regular(f: &File) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
@@ -789,6 +819,43 @@ pub(crate) fn identity(m: &std::fs::Metadata) -> [i128; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_mid_walk_is_not_entered() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("area");
+        let outside = t.path().join("outside");
+        for d in ["a", "b", "c"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+            std::fs::write(root.join(d).join("f"), d).unwrap();
+        }
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "x").unwrap();
+        let r = Root::open(&root).unwrap();
+        let mut seen = Vec::new();
+        let mut unreadable = Vec::new();
+        walk(
+            &r,
+            |_| true,
+            |found| {
+                match found {
+                    Found::Item { rel, .. } => {
+                        // While a/ is walked, b/ becomes a link to outside.
+                        if rel == Path::new("a/f") {
+                            std::fs::rename(root.join("b"), t.path().join("b-moved")).unwrap();
+                            std::os::unix::fs::symlink(&outside, root.join("b")).unwrap();
+                        }
+                        seen.push(rel.to_path_buf());
+                    }
+                    Found::Unreadable { rel, .. } => unreadable.push(rel.to_path_buf()),
+                    Found::Empty { .. } => {}
+                }
+                true
+            },
+        );
+        assert_eq!(seen, [Path::new("a/f"), Path::new("c/f")]);
+        assert_eq!(unreadable, [Path::new("b")], "reported, never entered");
+    }
 
     #[test]
     fn refuses_symlinks_everywhere() {

@@ -74,7 +74,7 @@ pub(crate) struct Download {
     /// `(start, end, total)` of a 206.
     pub(crate) content_range: Option<(u64, u64, u64)>,
     pub(crate) content_length: Option<u64>,
-    pub(crate) body: BodyReader<'static>,
+    pub(crate) body: Stall<BodyReader<'static>>,
 }
 
 pub(crate) struct Client {
@@ -115,14 +115,17 @@ impl Client {
 
     /// Streams and validates an area's listing.
     /// The area's listing, with its empty directories (`?dirs=1`).
-    pub(crate) fn listing(&self, area: &AreaUrl) -> Result<Reader<BufReader<BodyReader<'static>>>> {
+    pub(crate) fn listing(
+        &self,
+        area: &AreaUrl,
+    ) -> Result<Reader<BufReader<Stall<BodyReader<'static>>>>> {
         let url = format!("{}?dirs=1", area.as_str());
         let resp = self
             .auth(self.agent.get(&url))
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
         let resp = success(area.as_str(), resp)?;
-        let body = resp.into_body().into_reader();
+        let body = Stall::lines(resp.into_body().into_reader());
         Ok(Reader::new(
             BufReader::with_capacity(256 * 1024, body),
             area.as_str().to_string(),
@@ -178,9 +181,9 @@ impl Client {
             )));
         }
         let fail = |why: String| Error::failed(format!("{url}: {why}"));
-        let mut r = BufReader::new(resp.into_body().into_reader());
+        let mut r = BufReader::new(Stall::bytes(resp.into_body().into_reader()));
         let mut line = Vec::new();
-        let read_line = |r: &mut BufReader<BodyReader<'static>>, line: &mut Vec<u8>| {
+        let read_line = |r: &mut BufReader<Stall<BodyReader<'static>>>, line: &mut Vec<u8>| {
             line.clear();
             r.by_ref()
                 .take(MAX_HEADER as u64)
@@ -454,7 +457,77 @@ fn download(resp: ureq::http::Response<ureq::Body>) -> Download {
         last_modified: header("last-modified").and_then(|d| protocol::parse_http_date(&d)),
         content_range: header("content-range").and_then(|v| protocol::parse_content_range(&v)),
         content_length: header("content-length").and_then(|v| protocol::parse_digits(&v)),
-        body: resp.into_body().into_reader(),
+        body: Stall::bytes(resp.into_body().into_reader()),
+    }
+}
+
+/// A listing must complete a line at least this often: the server sends
+/// an empty one every 10 s while it hashes.
+const LINE_STALL: Duration = Duration::from_secs(60);
+/// A body must bring `STALL_BYTES` at least this often.
+const BODY_STALL: Duration = Duration::from_secs(300);
+const STALL_BYTES: u64 = 16 << 10;
+
+/// Ends a transfer that has stopped making progress, whatever trickle
+/// keeps each read alive: a listing that completes no line in
+/// `LINE_STALL`, a body that brings fewer than `STALL_BYTES` in
+/// `BODY_STALL`. A server that drips a byte a minute cannot hold a client
+/// forever. Only time spent waiting for the server counts, not time the
+/// reader spends elsewhere (hashing a held file, say).
+pub(crate) struct Stall<R> {
+    inner: R,
+    lines: bool,
+    window: Duration,
+    waited: Duration,
+    got: u64,
+}
+
+impl<R> Stall<R> {
+    pub(crate) fn lines(inner: R) -> Stall<R> {
+        Stall {
+            inner,
+            lines: true,
+            window: LINE_STALL,
+            waited: Duration::ZERO,
+            got: 0,
+        }
+    }
+
+    pub(crate) fn bytes(inner: R) -> Stall<R> {
+        Stall {
+            lines: false,
+            window: BODY_STALL,
+            ..Stall::lines(inner)
+        }
+    }
+}
+
+impl<R: Read> Read for Stall<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let t = std::time::Instant::now();
+        let n = self.inner.read(buf)?;
+        self.waited += t.elapsed();
+        self.got += n as u64;
+        let progress = if self.lines {
+            buf[..n].contains(&b'\n')
+        } else {
+            self.got >= STALL_BYTES
+        };
+        if progress || n == 0 {
+            self.waited = Duration::ZERO;
+            self.got = 0;
+            return Ok(n);
+        }
+        if self.waited > self.window {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the server stalled: no progress for {} s",
+                    self.window.as_secs()
+                ),
+            ));
+        }
+        Ok(n)
     }
 }
 
@@ -504,6 +577,52 @@ fn outcome(resp: ureq::http::Response<ureq::Body>) -> std::result::Result<(), Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gives `chunk` once every `every`, forever.
+    struct Drip {
+        chunk: &'static [u8],
+        every: Duration,
+    }
+
+    impl Read for Drip {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::thread::sleep(self.every);
+            let n = self.chunk.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.chunk[..n]);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_dripping_server_is_cut_off() {
+        let every = Duration::from_millis(20);
+        let window = Duration::from_millis(200);
+        let drain = |mut r: Stall<Drip>, reads: usize| {
+            r.window = window;
+            let mut buf = [0u8; 8192];
+            (0..reads).try_for_each(|_| r.read(&mut buf).map(drop))
+        };
+        // Bytes without a line end, and a body's trickle: cut off.
+        let e = drain(Stall::lines(Drip { chunk: b"x", every }), 100).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(drain(Stall::bytes(Drip { chunk: b"x", every }), 100).is_err());
+        // A line at a time (keep-alive lines too), or enough bytes: fine.
+        assert!(
+            drain(
+                Stall::lines(Drip {
+                    chunk: b"\n",
+                    every
+                }),
+                30
+            )
+            .is_ok()
+        );
+        let steady = Drip {
+            chunk: &[0u8; 8192],
+            every: Duration::from_millis(5),
+        };
+        assert!(drain(Stall::bytes(steady), 100).is_ok());
+    }
 
     #[test]
     fn area_urls() {

@@ -278,15 +278,7 @@ impl Courier {
             .create_fresh(name.as_bytes())
             .map_err(|e| Error::io(&what, &e))?;
         let read = file.try_clone().map_err(|e| Error::io(&what, &e))?;
-        Ok(Spool {
-            dir: state,
-            name,
-            out: io::BufWriter::with_capacity(1 << 16, file),
-            read,
-            offsets: vec![0],
-            line: Vec::new(),
-            kind: std::marker::PhantomData,
-        })
+        Ok(Spool::over(file, read, Some((state, name))))
     }
 
     /// Partial downloads present, each with what it belongs to (None: no
@@ -864,14 +856,36 @@ impl Copies {
 /// holds 8 bytes for each instead of the entry. The file is removed when
 /// the spool is dropped.
 pub(crate) struct Spool<T = Entry> {
-    dir: Dir,
-    name: String,
+    /// Where it has a name, removed on drop (none when anonymous).
+    named: Option<(Dir, String)>,
     out: io::BufWriter<File>,
     read: File,
     /// Where each entry starts; the last value is where the file ends.
     offsets: Vec<u64>,
     line: Vec<u8>,
     kind: std::marker::PhantomData<T>,
+}
+
+impl<T> Spool<T> {
+    fn over(file: File, read: File, named: Option<(Dir, String)>) -> Spool<T> {
+        Spool {
+            named,
+            out: io::BufWriter::with_capacity(1 << 16, file),
+            read,
+            offsets: vec![0],
+            line: Vec::new(),
+            kind: std::marker::PhantomData,
+        }
+    }
+
+    /// A spool in an unnamed file of the temporary directory (`TMPDIR`),
+    /// gone when it is dropped or the process dies: for runs that write
+    /// nothing in the courier.
+    pub(crate) fn anonymous() -> io::Result<Spool<T>> {
+        let file = crate::beneath::anonymous_file(&std::env::temp_dir())?;
+        let read = file.try_clone()?;
+        Ok(Spool::over(file, read, None))
+    }
 }
 
 impl<T: Serialize + serde::de::DeserializeOwned> Spool<T> {
@@ -905,7 +919,9 @@ impl<T: Serialize + serde::de::DeserializeOwned> Spool<T> {
 
 impl<T> Drop for Spool<T> {
     fn drop(&mut self) {
-        let _ = self.dir.unlink(self.name.as_bytes());
+        if let Some((dir, name)) = &self.named {
+            let _ = dir.unlink(name.as_bytes());
+        }
     }
 }
 

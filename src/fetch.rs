@@ -15,7 +15,7 @@ use crate::deltas::{self, NoDelta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
 use crate::manifest::{Entry, as_usage, open_db};
-use crate::plan::{self, Missing, Need};
+use crate::plan::{self, Need};
 use crate::ranges::{self, RangeRecord};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use serde::Serialize;
@@ -98,16 +98,6 @@ pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
             destdb.display()
         )))
     }
-}
-
-/// Everything the destination lacks, held in memory.
-pub(crate) fn missing(ui: &Ui, client: &Client, destdb: &Path, src: &AreaUrl) -> Result<Missing> {
-    let mut m = Missing::default();
-    m.skipped = each_need(ui, client, destdb, src, |need, _| {
-        m.add(need);
-        Ok(())
-    })?;
-    Ok(m)
 }
 
 #[derive(Serialize)]
@@ -269,8 +259,7 @@ fn io_fail(what: &str, err: &io::Error) -> Fail {
 /// `bitfog fetch DESTDB SRCURL COURIER`.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     if opts.dry_run {
-        let m = missing(ui, client, &opts.destdb, &opts.src)?;
-        return dry_run(ui, opts, m);
+        return dry_run(ui, client, opts);
     }
     let courier = Courier::open(&opts.courier, true)?;
     let mut failed = 0u64;
@@ -864,7 +853,9 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
 
 /// `fetch --dry-run`: what a run would fetch and remove, from the record
 /// alone (no file is hashed, created or removed, and no lock is taken).
-fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
+/// The missing entries wait in an anonymous spool file, so memory holds
+/// 8 bytes of each however long the listing.
+fn dry_run(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     let c = Courier::open_read(&opts.courier)?;
     let log = c.read_log();
     let file_len = |name: &str| {
@@ -874,15 +865,36 @@ fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
             .filter(|m| m.kind == crate::beneath::Kind::File)
             .map(|m| m.size)
     };
-    let on_disk = |e: &Entry| file_len(&e.name) == Some(e.size);
-    let (held, needed): (Vec<Entry>, Vec<Entry>) = m
-        .files
-        .into_iter()
-        .partition(|e| log.get(&e.name).is_some_and(|c| c.matches(e)) && on_disk(e));
-    let keep: HashSet<&str> = held.iter().map(|e| e.name.as_str()).collect();
+    let spool_err = |e: io::Error| crate::error::Error::io("a scratch file for the plan", &e);
+    let mut needed: courier::Spool<Entry> = courier::Spool::anonymous().map_err(spool_err)?;
+    let mut sizes: Vec<u64> = Vec::new();
+    let mut keep: HashSet<String> = HashSet::new();
+    let (mut held_bytes, mut refused) = (0u64, 0u64);
+    let skipped = each_need(ui, client, &opts.destdb, &opts.src, |need, _| {
+        match need {
+            Need::File(e) => {
+                let held = log.get(&e.name).is_some_and(|c| c.matches(&e))
+                    && file_len(&e.name) == Some(e.size);
+                if held {
+                    held_bytes += e.size;
+                    keep.insert(e.name);
+                } else {
+                    needed.push(&e).map_err(spool_err)?;
+                    sizes.push(e.size);
+                }
+            }
+            Need::Refused(name, why) => {
+                ui.error(format!("refusing '{name}': {}", why.reason()));
+                refused += 1;
+            }
+            Need::Link | Need::Nothing => {}
+        }
+        Ok(())
+    })?;
+    needed.finish().map_err(spool_err)?;
     let mut human = String::new();
     let mut freed = 0;
-    for c in log.values().filter(|c| !keep.contains(c.name.as_str())) {
+    for c in log.values().filter(|c| !keep.contains(&c.name)) {
         if file_len(&c.name).is_some() {
             human.push_str(&format!("would remove '{}' from the courier\n", c.name));
             freed += c.size;
@@ -897,36 +909,48 @@ fn dry_run(ui: &Ui, opts: &FetchOpts, m: Missing) -> Result<Exit> {
     let budget = opts
         .max_bytes
         .map_or(u64::MAX, |max| max.saturating_sub(usage));
-    let sizes: Vec<u64> = needed.iter().map(|e| e.size).collect();
     let have = |i: usize| {
-        partial
-            .get(&needed[i].name)
-            .copied()
+        needed
+            .get(i)
+            .ok()
+            .and_then(|e| partial.get(&e.name).copied())
             .unwrap_or(0)
             .min(sizes[i])
     };
-    let taken = plan::fit_largest_first(&sizes, |i| sizes[i] - have(i), budget);
-    for &i in &taken {
-        human.push_str(&format!(
-            "would fetch '{}' ({})\n",
-            needed[i].name,
-            human_bytes(sizes[i])
-        ));
-    }
-    for (name, why) in &m.refused {
-        ui.error(format!("refusing '{name}': {}", why.reason()));
+    let taken = if partial.is_empty() {
+        plan::fit_largest_first(&sizes, |i| sizes[i], budget)
+    } else {
+        plan::fit_largest_first(&sizes, |i| sizes[i] - have(i), budget)
+    };
+    // The files it would fetch are listed as they are read back, never
+    // gathered in memory.
+    if !ui.json {
+        crate::ui::print_stdout(&crate::ui::escape_lines(&human));
+        human.clear();
+        let mut out = io::BufWriter::new(io::stdout().lock());
+        for &i in &taken {
+            let e = needed.get(i).map_err(spool_err)?;
+            let line = format!("would fetch '{}' ({})\n", e.name, human_bytes(e.size));
+            if out
+                .write_all(crate::ui::escape_lines(&line).as_bytes())
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = out.flush();
     }
     let fetched_bytes: u64 = taken.iter().map(|&i| sizes[i]).sum();
     let sum = FetchSummary {
         fetched_files: taken.len() as u64,
         fetched_bytes,
-        courier_files: (held.len() + taken.len()) as u64,
-        courier_bytes: held.iter().map(|e| e.size).sum::<u64>() + fetched_bytes,
-        remaining_files: (needed.len() - taken.len()) as u64,
+        courier_files: (keep.len() + taken.len()) as u64,
+        courier_bytes: held_bytes + fetched_bytes,
+        remaining_files: (sizes.len() - taken.len()) as u64,
         remaining_bytes: sizes.iter().sum::<u64>() - fetched_bytes,
-        failed_files: m.refused.len() as u64,
-        budget_stop: taken.len() < needed.len(),
-        skipped: m.skipped,
+        failed_files: refused,
+        budget_stop: taken.len() < sizes.len(),
+        skipped,
         dry_run: true,
         ..Default::default()
     };

@@ -209,6 +209,14 @@ pub(crate) fn default_dir() -> Option<PathBuf> {
 /// and identity, its SHA-256 and the signature header) and the record
 /// table. A file whose size or identity changed misses, exactly as in the
 /// hash cache, so a stale signature is never served.
+/// Files smaller than this get no cached signature.
+const SIG_CACHE_MIN: u64 = 16 << 20;
+/// The signature cache of an area holds at most this many files...
+const SIG_CACHE_FILES: usize = 100_000;
+/// ...and this many bytes (a 1 GiB file's signature takes 640 KiB); the
+/// oldest go first.
+const SIG_CACHE_BYTES: u64 = 1 << 30;
+
 #[derive(Debug, Clone)]
 pub(crate) struct SigCache {
     dir: PathBuf,
@@ -235,10 +243,70 @@ impl SigCache {
         }
     }
 
-    fn path(&self, name: &[u8]) -> PathBuf {
+    /// The cache file's name for an area name.
+    pub(crate) fn key(name: &[u8]) -> String {
         let mut h = crate::digest::Hasher::new();
         h.update(name);
-        self.dir.join(&h.hex()[..32])
+        h.hex()[..32].to_string()
+    }
+
+    fn path(&self, name: &[u8]) -> PathBuf {
+        self.dir.join(SigCache::key(name))
+    }
+
+    /// True when a file of `size` bytes is worth keeping a signature of:
+    /// smaller ones are signed again on request, which costs little.
+    pub(crate) fn worth(size: u64) -> bool {
+        size >= SIG_CACHE_MIN
+    }
+
+    /// The cached signatures, with their mtime (for eviction) and size.
+    fn entries(&self) -> Vec<(std::time::SystemTime, u64, PathBuf)> {
+        fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|d| d.file_name().len() == 32)
+            .filter_map(|d| {
+                let m = d.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), d.path()))
+            })
+            .collect()
+    }
+
+    /// Removes the oldest signatures until the cache holds at most
+    /// `SIG_CACHE_FILES` files and `SIG_CACHE_BYTES` bytes.
+    fn evict(&self) {
+        let mut all = self.entries();
+        let mut bytes: u64 = all.iter().map(|e| e.1).sum();
+        if all.len() <= SIG_CACHE_FILES && bytes <= SIG_CACHE_BYTES {
+            return;
+        }
+        all.sort();
+        let mut left = all.len();
+        for (_, len, path) in all {
+            if left <= SIG_CACHE_FILES && bytes <= SIG_CACHE_BYTES {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                left -= 1;
+                bytes -= len;
+            }
+        }
+    }
+
+    /// After a complete listing: removes the signatures of files the
+    /// area no longer has (`keep` holds the keys of those it has).
+    pub(crate) fn prune(&self, keep: &std::collections::HashSet<String>) {
+        for (_, _, path) in self.entries() {
+            let stale = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !keep.contains(n));
+            if stale {
+                let _ = fs::remove_file(&path);
+            }
+        }
     }
 
     /// The cached SHA-256 and signature of `name` (relative path) if its
@@ -269,6 +337,9 @@ impl SigCache {
         header: &crate::delta::SigHeader,
         table: &[u8],
     ) -> io::Result<()> {
+        if !SigCache::worth(header.size) {
+            return Ok(());
+        }
         fs::create_dir_all(&self.dir)?;
         let path = self.path(name);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -284,7 +355,10 @@ impl SigCache {
             .and_then(|()| out.write_all(table))
             .and_then(|()| out.flush());
         match written.and_then(|()| fs::rename(&tmp, &path)) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.evict();
+                Ok(())
+            }
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 Err(e)

@@ -153,6 +153,8 @@ pub(crate) struct Request<'a> {
     headers: Vec<(String, String)>,
     /// The body, exactly `Content-Length` bytes.
     pub(crate) body: BodyReader<'a>,
+    /// The client's address, without its port.
+    pub(crate) peer_ip: String,
 }
 
 impl Request<'_> {
@@ -778,7 +780,13 @@ where
     let mut keep_alive = head.minor == 1 && !has_token("connection", "close");
 
     let (status, sent, body_ok) = {
+        let peer_ip = conn
+            .peer
+            .rsplit_once(':')
+            .map_or(conn.peer.as_str(), |(ip, _)| ip)
+            .to_string();
         let mut req = Request {
+            peer_ip,
             method: head.method.clone(),
             target: head.target.clone(),
             headers: head.headers,

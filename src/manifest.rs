@@ -17,6 +17,9 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// The most entries a listing or DB may have; a longer one (an endless
+/// listing from a hostile server) is refused rather than held.
+pub(crate) const MAX_ENTRIES: u64 = 100_000_000;
 /// The longest JSON line accepted (a 4 KiB name and a 4 KiB link target,
 /// both fully escaped, fit with room to spare).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
@@ -297,6 +300,11 @@ impl<R: BufRead> Reader<R> {
             }
         }
         self.count += 1;
+        if self.count > MAX_ENTRIES {
+            return Err(self.bad(format!(
+                "more than {MAX_ENTRIES} entries; bitfog carries at most that many per area"
+            )));
+        }
         self.bytes = self
             .bytes
             .checked_add(size)
@@ -555,6 +563,23 @@ mod tests {
 
     fn read_all(text: &str) -> Result<Vec<Entry>> {
         Reader::new(text.as_bytes(), "test").collect()
+    }
+
+    #[test]
+    fn a_file_sparser_than_bitfog_hashes_is_not_treated_as_sparse() {
+        let line = |size: u64, alloc: u64| {
+            format!(
+                "{{\"name\":\"a\",\"size\":{size},\"mode\":420,\"mtime\":5,\"alloc\":{alloc}}}\n{{\"end\":true,\"count\":1,\"bytes\":{size}}}\n"
+            )
+        };
+        let alloc = |size, alloc| read_all(&line(size, alloc)).unwrap()[0].alloc;
+        assert_eq!(
+            alloc(100 << 20, 4096),
+            Some(4096),
+            "100 MiB, a block of data"
+        );
+        assert_eq!(alloc(17_592_186_040_320, 4096), None, "16 TiB of holes");
+        assert_eq!(alloc(4096, 4096), None, "not sparse at all");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 pub(crate) const MAX_NAME: usize = 4096;
 /// Longest single component, in bytes (Linux's NAME_MAX).
 pub(crate) const MAX_COMPONENT: usize = 255;
-/// Names whose last component starts with this are the server's own.
+/// Names with a component that starts with this are the server's own.
 pub(crate) const RESERVED_PREFIX: &[u8] = b".bitfog";
 /// The courier's state directory; no carried name may start with it.
 pub(crate) const COURIER_STATE: &str = ".bitfog";
@@ -81,12 +81,18 @@ pub(crate) fn is_reserved(component: &[u8]) -> bool {
     component.starts_with(RESERVED_PREFIX)
 }
 
+/// True when any component of a name is reserved: nothing inside a
+/// `.bitfog*` directory is listed, served or written either.
+pub(crate) fn has_reserved(comps: &[&[u8]]) -> bool {
+    comps.iter().any(|c| is_reserved(c))
+}
+
 /// Checks a name from a listing or DB before a client writes or reads it
 /// under a local directory (COURIER): normal components only, not inside
 /// the courier's state directory, and not a server-reserved name.
 pub(crate) fn check_carried_name(name: &str) -> Result<PathBuf, BadName> {
     let comps = components(name.as_bytes())?;
-    if comps[0] == COURIER_STATE.as_bytes() || is_reserved(comps[comps.len() - 1]) {
+    if has_reserved(&comps) {
         return Err(BadName::Reserved);
     }
     Ok(PathBuf::from(OsStr::from_bytes(name.as_bytes())))
@@ -136,7 +142,12 @@ mod tests {
             check_carried_name("x/.bitfog-tmp-1"),
             Err(BadName::Reserved)
         );
-        assert!(check_carried_name("x/.bitfog/y").is_ok());
+        assert_eq!(check_carried_name("x/.bitfog/y"), Err(BadName::Reserved));
+        assert_eq!(
+            check_carried_name(".bitfog-part-1/x"),
+            Err(BadName::Reserved)
+        );
+        assert!(check_carried_name("x/a.bitfog/y").is_ok());
         assert!(check_carried_name("..a/b..").is_ok());
     }
 

@@ -15,10 +15,10 @@ use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
 use crate::hashcache::{CacheFile, SigCache};
 use crate::http::{self, Body, Request, Response};
 use crate::manifest::{End, PartialUpload};
-use crate::paths::{components, is_reserved};
+use crate::paths::{components, has_reserved, is_reserved};
 use crate::protocol::{self, RangeAsk};
 use crate::scan::{self, Item};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
@@ -231,7 +231,12 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         quiet: opts.quiet,
     });
     let cleaner = state.clone();
-    std::thread::spawn(move || remove_stale_temps(&cleaner));
+    std::thread::spawn(move || {
+        loop {
+            clean_areas(&cleaner);
+            std::thread::sleep(CLEAN_EVERY);
+        }
+    });
     let limits = http::Limits {
         threads: opts.threads,
         max_conns: max_connections(),
@@ -319,8 +324,14 @@ fn handle(state: &State, req: &mut Request) -> Response {
         return Response::text(404, "no such area");
     };
     if let Some(token) = &area.token {
+        if let Some(wait) = auth_backoff(&req.peer_ip) {
+            return Response::text(429, "too many wrong tokens from this address; wait")
+                .with("Retry-After", wait.to_string());
+        }
         let given = req.header("authorization").and_then(bearer).unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        let ok = token_matches(given, token);
+        auth_outcome(&req.peer_ip, ok);
+        if !ok {
             return Response::text(401, "this area needs a valid Authorization: Bearer token")
                 .with("WWW-Authenticate", "Bearer");
         }
@@ -346,7 +357,7 @@ fn handle(state: &State, req: &mut Request) -> Response {
         Ok(c) => c,
         Err(why) => return Response::text(400, format!("refused path: {}", why.reason())),
     };
-    let reserved = is_reserved(comps[comps.len() - 1]);
+    let reserved = has_reserved(&comps);
     let query = req.target.split_once('?').map(|(_, q)| q);
     let sigs = std::str::from_utf8(area_name)
         .ok()
@@ -379,8 +390,64 @@ fn bearer(value: &str) -> Option<&str> {
         .then(|| rest.trim_start_matches(' '))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares a given token with the area's in time that depends on neither:
+/// both are hashed to 32 bytes first, so not even the length shows.
+fn token_matches(given: &str, token: &str) -> bool {
+    let digest = |t: &str| {
+        let mut h = Hasher::new();
+        h.update(t.as_bytes());
+        h.digest()
+    };
+    let (a, b) = (digest(given), digest(token));
+    a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Wrong tokens an address may send before it must wait.
+const AUTH_FREE_FAILURES: u32 = 5;
+/// The longest wait, in seconds; it doubles with each failure past the
+/// free ones.
+const AUTH_MAX_WAIT: u64 = 60;
+/// Addresses remembered at once (the oldest are forgotten first).
+const AUTH_MAX_CLIENTS: usize = 4096;
+
+/// Per address: wrong tokens in a row, and until when it must wait.
+fn auth_failures() -> &'static Mutex<HashMap<String, (u32, Instant)>> {
+    static FAILURES: OnceLock<Mutex<HashMap<String, (u32, Instant)>>> = OnceLock::new();
+    FAILURES.get_or_init(Default::default)
+}
+
+/// Seconds an address must still wait before its token is looked at.
+fn auth_backoff(ip: &str) -> Option<u64> {
+    let map = auth_failures().lock().ok()?;
+    let &(_, until) = map.get(ip)?;
+    let left = until.saturating_duration_since(Instant::now());
+    (!left.is_zero()).then(|| left.as_secs().max(1))
+}
+
+/// Records a token check: a right one clears the address, a wrong one
+/// past `AUTH_FREE_FAILURES` makes it wait 1, 2, 4... up to
+/// `AUTH_MAX_WAIT` seconds. The worker answers at once either way (429
+/// while it waits), so waiting clients hold no thread.
+fn auth_outcome(ip: &str, ok: bool) {
+    let Ok(mut map) = auth_failures().lock() else {
+        return;
+    };
+    if ok {
+        map.remove(ip);
+        return;
+    }
+    if map.len() >= AUTH_MAX_CLIENTS && !map.contains_key(ip) {
+        if let Some(oldest) = map.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| k.clone()) {
+            map.remove(&oldest);
+        }
+    }
+    let now = Instant::now();
+    let e = map.entry(ip.to_string()).or_insert((0, now));
+    e.0 = e.0.saturating_add(1);
+    if e.0 > AUTH_FREE_FAILURES {
+        let wait = 1u64 << (e.0 - AUTH_FREE_FAILURES - 1).min(6);
+        e.1 = now + Duration::from_secs(wait.min(AUTH_MAX_WAIT));
+    }
 }
 
 fn index(state: &State) -> Response {
@@ -411,6 +478,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
         .cache
         .as_ref()
         .map(|dir| CacheFile::for_area(dir, name, &area.root));
+    let sigs = state.sigs.get(name).cloned();
     let root = match root.try_clone() {
         Ok(r) => r,
         Err(e) => return Response::text(500, format!("cannot open the area: {}", describe_io(&e))),
@@ -427,6 +495,8 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
             let mut partials = Vec::new();
             let mut dirs = Vec::new();
             let (mut dirs_omitted, mut end_bytes) = (0u64, 0usize);
+            // Signatures worth keeping: those of the files listed.
+            let mut signed = HashSet::new();
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
             let mut since = Instant::now();
             let mut open = true;
@@ -435,6 +505,9 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                     Item::Entry(e) => {
                         count += 1;
                         bytes += e.size;
+                        if sigs.is_some() && SigCache::worth(e.size) && e.linkdest.is_none() {
+                            signed.insert(SigCache::key(e.name.as_bytes()));
+                        }
                         if chunk.is_empty() {
                             since = Instant::now();
                         }
@@ -476,6 +549,10 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                 }
                 open
             });
+            if let (true, 0, Some(sigs)) = (open, skipped, &sigs) {
+                // A complete walk: signatures of files now gone go too.
+                sigs.prune(&signed);
+            }
             if open {
                 let mut end = End::new(count, bytes, skipped);
                 end.partials = partials;
@@ -687,9 +764,19 @@ fn remove_live_temps() {
     }
 }
 
-/// Removes temporary files left by a crashed server in writable areas;
-/// each is unlinked relative to its directory resolved beneath the root.
-fn remove_stale_temps(state: &State) {
+/// Partial uploads (`.bitfog-part-*`) that no range has extended for this
+/// long are removed: the next trip carries their file again from the start.
+const PART_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+/// The cleaning of writable areas runs at startup and then this often.
+const CLEAN_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Cleans the writable areas: removes temporary files left by a crashed
+/// server and partial uploads older than `PART_MAX_AGE`; each is unlinked
+/// relative to its directory resolved beneath the root.
+fn clean_areas(state: &State) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let mine = format!("{TEMP_PREFIX}{}-", session_tag());
     for (name, area) in state.config.iter().filter(|(_, a)| a.writable) {
         let Some(root) = state.roots.get(name) else {
@@ -709,6 +796,20 @@ fn remove_stale_temps(state: &State) {
                 {
                     state.log(format!(
                         "removed stale temporary file '{}'",
+                        area.root.join(rel).display()
+                    ));
+                }
+                let old = |m: crate::beneath::Meta| {
+                    now.saturating_sub(m.mtime) as u64 > PART_MAX_AGE.as_secs()
+                };
+                if name.starts_with(PART_PREFIX.as_bytes())
+                    && dir.stat(name).ok().flatten().is_some_and(old)
+                    && !part_busy(dir, name)
+                    && dir.unlink(name).is_ok()
+                {
+                    state.log(format!(
+                        "removed a partial upload not extended for {} days: '{}'",
+                        PART_MAX_AGE.as_secs() / 86400,
                         area.root.join(rel).display()
                     ));
                 }
@@ -825,7 +926,7 @@ fn put_copy(
         |why: &str| Response::text(400, format!("bad {} header: {why}", protocol::HDR_FROM));
     let decoded = protocol::percent_decode(from).ok_or_else(|| bad_from("bad percent-encoding"))?;
     let from_comps = components(&decoded).map_err(|why| bad_from(why.reason()))?;
-    if is_reserved(last(&from_comps)) {
+    if has_reserved(&from_comps) {
         return Err(bad_from("names starting with .bitfog are reserved"));
     }
     let gone = || Response::text(409, format!("copy source '{from}' not found"));
@@ -1235,6 +1336,14 @@ fn part_names(name: &[u8], size: u64, sha: &str) -> (Vec<u8>, Vec<u8>) {
     (id.clone().into_bytes(), format!("{id}.json").into_bytes())
 }
 
+/// True while a range is being written to the partial upload `name` (its
+/// data or record) in `dir`.
+fn part_busy(dir: &Dir, name: &[u8]) -> bool {
+    let data = name.strip_suffix(b".json").unwrap_or(name);
+    let key = [dir.path.as_os_str().as_bytes(), b"/", data].concat();
+    busy_parts().lock().map_or(true, |b| b.contains(&key))
+}
+
 /// Partial uploads being written right now; a second PUT for the same one
 /// waits its turn by being refused (409).
 fn busy_parts() -> &'static Mutex<HashSet<Vec<u8>>> {
@@ -1521,6 +1630,14 @@ mod tests {
         assert_eq!(parse_addr("[::1]:80").unwrap().to_string(), "[::1]:80");
         for bad in ["8675", ":", ":99999", "host", ":-1"] {
             assert!(parse_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_match_exactly() {
+        assert!(token_matches("s3cret", "s3cret"));
+        for wrong in ["", "s3cre", "s3cret ", "S3cret", "s3cret\0"] {
+            assert!(!token_matches(wrong, "s3cret"), "{wrong:?}");
         }
     }
 
