@@ -14,6 +14,15 @@ to 127.0.0.1 and a temporary directory. Sections:
             500 idle connections open; LOAD_SECONDS changes the duration
   delta     kill -9 of `fetch` while it makes a delta, and of the server
             while it patches: the file is always the old or the new version
+  courier   hostile couriers: symlinks at state paths, state directories and
+            above carried names, FIFOs and crafted records, then fetch and
+            store: nothing outside changes, nothing hangs
+  unreadable  source directories the server (as nobody) cannot read: each
+            counted in `skipped`, store --delete deletes nothing (root)
+  record    4,500 long empty directories made over HTTP: the end record
+            stays within what clients accept
+  cpu       small requests that ask for much work: server CPU per request,
+            also after the client left
 
 Usage: torture.py BITFOG [requests|fetch|put|delta ...] [--rounds N]
 """
@@ -38,7 +47,8 @@ if "--rounds" in ARGS:
     i = ARGS.index("--rounds")
     ROUNDS = int(ARGS[i + 1])
     del ARGS[i:i + 2]
-SECTIONS = ARGS or ["requests", "fetch", "put", "disk", "inject", "load", "delta"]
+SECTIONS = ARGS or ["requests", "fetch", "put", "disk", "inject", "load", "delta", "courier",
+                    "unreadable", "record", "cpu"]
 SECRET = b"TOPSECRET-OUTSIDE-THE-AREA"
 rng = random.Random(20261126)
 
@@ -929,6 +939,287 @@ def section_delta():
     shutil.rmtree(work, ignore_errors=True)
 
 
+def run_bounded(args, timeout=60):
+    """Runs bitfog; returns (exit code, hung). A run past `timeout` is
+    killed and counts as hung."""
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = p.communicate(timeout=timeout)
+        return p.returncode, False, err.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        return -9, True, ""
+
+
+def sites(work, extra_src=""):
+    src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
+    os.makedirs(src, exist_ok=True)
+    os.makedirs(dst, exist_ok=True)
+    conf = os.path.join(work, "c.json")
+    with open(conf, "w") as f:
+        f.write('{"src":{"path":"%s"%s},"dst":{"path":"%s","writable":true}}' % (src, extra_src, dst))
+    return src, dst, conf
+
+
+def trees_equal(a, b):
+    strip = lambda snap, root: {os.path.relpath(k, root): v for k, v in snap.items()}
+    return strip(snapshot(a), a) == strip(snapshot(b), b)
+
+
+def section_courier():
+    """A courier prepared by someone else: each round plants a random mix
+    of symlinks (at state paths, state directories and above carried
+    names, all pointing outside), FIFOs and crafted records, then runs
+    fetch and store. Nothing outside may change and nothing may hang."""
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src, dst, conf = sites(work)
+    for i in range(12):
+        write(os.path.join(src, "d%d" % (i % 3), "f%02d" % i), os.urandom(rng.randrange(1, 3 << 20)))
+    outside = os.path.join(work, "outside")
+    srv = Server(conf, os.path.join(work, "serve.log"))
+    dest_db, src_db = os.path.join(work, "dest.db"), os.path.join(work, "src.db")
+    subprocess.run([BIN, "emptydb", dest_db], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([BIN, "builddb", srv.url("src"), src_db], check=True, stdout=subprocess.DEVNULL)
+    state_files = ["wanted.tmp", "held.tmp", "destdb.jsonl.tmp", "destdb.jsonl", "carried.jsonl.tmp",
+                   "carried.jsonl", "copies.jsonl.tmp", "copies.jsonl.new", "copies.jsonl", "store.tmp",
+                   "receipt.tmp", "receipt.jsonl", "lock", "partial/x.json", "partial/x.part",
+                   "partial/x.json.tmp", "ranges/r.json", "ranges/r.range", "deltas/x.delta"]
+    state_dirs = ["partial", "ranges", "deltas"]
+    crafted = [
+        '{"name":"../../outside/v0","size":1,"mtime":1,"sha256":null}',
+        '{"name":"/etc/passwd","size":1,"mtime":1,"sha256":null}',
+        '{"name":"up/v0","size":12,"mtime":1,"sha256":null}',
+        '{"name":".bitfog/lock","size":0,"mtime":1,"sha256":null}',
+        '{"name":"x","size":18446744073709551615,"mtime":-1}',
+        '{"name":"' + "a/" * 3000 + 'b","size":1,"mtime":1,"sha256":null}',
+        "x" * 200000,
+    ]
+    planted = {"symlink": 0, "dir-symlink": 0, "parent-symlink": 0, "fifo": 0, "record": 0}
+    changed = hangs = crashes = rounds_ok = 0
+    for r in range(ROUNDS):
+        shutil.rmtree(outside, ignore_errors=True)
+        for i in range(4):
+            write(os.path.join(outside, "v%d" % i), b"precious %d" % i)
+        courier = os.path.join(work, "courier")
+        shutil.rmtree(courier, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.makedirs(dst)
+        budget = rng.choice(["1M", "4M", "16M"])
+        subprocess.run([BIN, "fetch", dest_db, srv.url("src"), courier, "--max-bytes", budget, "-q"],
+                       stdout=subprocess.DEVNULL)
+        state = os.path.join(courier, ".bitfog")
+        for _ in range(rng.randrange(1, 8)):
+            kind = rng.choice(list(planted))
+            target = os.path.join(outside, "v%d" % rng.randrange(4))
+            try:
+                if kind == "symlink":
+                    p = os.path.join(state, rng.choice(state_files))
+                elif kind == "dir-symlink":
+                    p, target = os.path.join(state, rng.choice(state_dirs)), outside
+                elif kind == "parent-symlink":
+                    p, target = os.path.join(courier, rng.choice(["d0", "d1", "d2", "up"])), outside
+                elif kind == "fifo":
+                    p = rng.choice([os.path.join(state, rng.choice(state_files)),
+                                    os.path.join(courier, "d%d" % rng.randrange(3), "f%02d" % rng.randrange(12))])
+                else:
+                    p = os.path.join(state, rng.choice(["carried.jsonl", "copies.jsonl"]))
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                if kind == "record":
+                    with open(p, "a") as f:
+                        f.write(rng.choice(crafted) + "\n")
+                else:
+                    if os.path.isdir(p) and not os.path.islink(p):
+                        shutil.rmtree(p)
+                    elif os.path.lexists(p):
+                        os.unlink(p)
+                    if kind == "fifo":
+                        os.mkfifo(p)
+                    else:
+                        os.symlink(target, p)
+                planted[kind] += 1
+            except OSError:
+                pass
+        before = snapshot(outside)
+        codes = []
+        for args in ([BIN, "fetch", dest_db, srv.url("src"), courier, "-q"],
+                     [BIN, "store", src_db, srv.url("dst"), courier, "--delete", "-q"],
+                     [BIN, "fetch", courier, srv.url("src"), courier, "-q"],
+                     [BIN, "fetch", dest_db, srv.url("src"), courier, "--dry-run", "-q"]):
+            code, hung, err = run_bounded(args)
+            codes.append(code)
+            hangs += hung
+            if code not in (0, 1, 2) and not hung:
+                crashes += 1
+                print("  CRASH (exit %d): %s\n%s" % (code, " ".join(args[1:2]), err[-2000:]))
+        if snapshot(outside) != before:
+            changed += 1
+            print("  OUTSIDE CHANGED in round %d" % r)
+        # The courier can always be brought back to a good trip.
+        shutil.rmtree(courier, ignore_errors=True)
+        rounds_ok += 1
+    # Control: the detector sees a change outside.
+    before = snapshot(outside)
+    write(os.path.join(outside, "v0"), b"changed")
+    control = snapshot(outside) != before
+    srv.stop()
+    print("\nhostile couriers: %d rounds, planted: %s" % (ROUNDS, ", ".join("%s %d" % kv for kv in planted.items())))
+    print("rounds in which anything outside the courier changed: %d (control detects a change: %s)"
+          % (changed, "yes" if control else "NO"))
+    print("runs that hung (over 60 s): %d; crashed (exit other than 0/1/2): %d" % (hangs, crashes))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def section_unreadable():
+    """Directories the server cannot read: every one is counted in
+    `skipped`, and store --delete then deletes nothing. Needs root (the
+    server runs as nobody)."""
+    if os.geteuid() != 0:
+        print("\nunreadable: needs root (the server runs as nobody); not run")
+        return
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    os.chmod(work, 0o755)
+    src, dst, conf = sites(work)
+    made = counted = deleted = lost = wrong_count = 0
+    for r in range(ROUNDS):
+        for d in (src, dst):
+            subprocess.run(["chmod", "-R", "u+rwx", d])
+            shutil.rmtree(d)
+            os.makedirs(d)
+        for i in range(rng.randrange(3, 12)):
+            rel = os.path.join(*["d%d" % rng.randrange(3) for _ in range(rng.randrange(1, 4))], "f%d" % i)
+            write(os.path.join(src, rel), b"x" * i)
+            write(os.path.join(dst, rel), b"x" * i)
+        write(os.path.join(dst, "only-at-dest"), b"extra")
+        dirs = sorted({os.path.dirname(os.path.join(dp, n)) for dp, _, fs in os.walk(src) for n in fs})
+        dirs = [d for d in dirs if d != src]
+        locked = rng.sample(dirs, rng.randrange(1, len(dirs) + 1)) if dirs else []
+        # A locked directory below a locked one is not reached at all.
+        locked = [d for d in locked if not any(d != o and d.startswith(o + "/") for o in locked)]
+        for d in (src, dst):
+            subprocess.run(["chmod", "-R", "a+rwX", d])
+        for d in locked:
+            os.chmod(d, 0)
+        made += len(locked)
+        before = snapshot(dst)
+        srv = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", BIN, "serve",
+                                "--conf", conf, "--addr", "127.0.0.1:0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        line = srv.stderr.readline().decode()
+        url = line.strip().split("listening on ")[1]
+        db = os.path.join(work, "src.db")
+        out = subprocess.run([BIN, "builddb", url + "src/", db, "--json", "-q"], capture_output=True, text=True)
+        import json
+        skipped = json.loads(out.stdout)["skipped"]
+        counted += skipped
+        wrong_count += skipped != len(locked)
+        st = subprocess.run([BIN, "store", db, url + "dst/", os.path.join(work, "courier"), "--delete", "--json", "-q"],
+                            capture_output=True, text=True)
+        deleted += json.loads(st.stdout)["deleted_files"] if st.stdout else 0
+        after = snapshot(dst)
+        lost += sum(1 for k in before if k not in after)
+        srv.terminate()
+        srv.wait()
+    print("\nunreadable source directories: %d rounds, %d directories locked (mode 000, server as nobody)" % (ROUNDS, made))
+    print("skipped counted by the listings: %d; listings whose count was wrong: %d" % (counted, wrong_count))
+    print("files store --delete deleted at the destination: %d; files lost there: %d" % (deleted, lost))
+    subprocess.run(["chmod", "-R", "u+rwx", work])
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def section_record():
+    """Thousands of empty directories with long names, made over HTTP:
+    the end record stays within what clients accept."""
+    import json
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src, dst, conf = sites(work)
+    srv = Server(conf, os.path.join(work, "serve.log"))
+    long = "/".join("%02d%s" % (i, "x" * 253) for i in range(15))
+    n = 4500
+    t = time.time()
+    sent = 0
+    s = socket.create_connection(srv.addr)
+    for i in range(n):
+        req = ("PUT /dst/d%04d/%s HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-bitfog-directory\r\n"
+               "Content-Length: 0\r\n\r\n" % (i, long)).encode()
+        s.sendall(req)
+        sent += len(req)
+        resp = b""
+        while b"\r\n\r\n" not in resp:
+            resp += s.recv(4096)
+    s.close()
+    traffic = time.time() - t
+    db = os.path.join(work, "dst.db")
+    t = time.time()
+    out = subprocess.run([BIN, "builddb", srv.url("dst"), db, "--json"], capture_output=True, text=True)
+    listing = time.time() - t
+    with open(db) as f:
+        end = f.read().splitlines()[-1] if out.returncode == 0 else "{}"
+    e = json.loads(end)
+    srv.stop()
+    print("\noversized end record: %d directory PUTs with %d-byte names, %d bytes sent in %.1f s"
+          % (n, len(long) + 6, sent, traffic))
+    print("builddb: exit %d in %.1f s; end record %d bytes (clients accept %d); %d directories named, %d counted in dirs_omitted"
+          % (out.returncode, listing, len(end), 16 << 20, len(e.get("dirs", [])), e.get("dirs_omitted", 0)))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def section_cpu():
+    """Requests that are small on the wire and ask for much work: the
+    server CPU each costs, measured from /proc, during and after it."""
+    work = tempfile.mkdtemp(prefix="bitfog-torture-")
+    src, dst, conf = sites(work)
+    with open(os.path.join(src, "huge.img"), "wb") as f:
+        f.truncate(64 << 30)  # 64 GiB of holes
+    srv = Server(conf, os.path.join(work, "serve.log"))
+    rows = []
+
+    def measure(name, raw, linger=0.0):
+        before = cpu_seconds(srv.proc.pid)
+        t = time.time()
+        s = socket.create_connection(srv.addr, timeout=120)
+        s.sendall(raw)
+        status = b""
+        try:
+            status = s.recv(64)
+            if linger:
+                time.sleep(linger)
+        except socket.timeout:
+            pass
+        s.close()
+        answered = time.time() - t
+        time.sleep(25)  # what it goes on doing after the client left
+        rows.append((name, len(raw), status.split(b"\r\n")[0].decode(errors="replace"), answered,
+                     cpu_seconds(srv.proc.pid) - before))
+
+    zero = "0" * 64
+    measure("sparse PUT declaring 16 TiB, empty body",
+            request("PUT", "/dst/a", [("Content-Type", "application/x-bitfog-extents"),
+                                      ("X-Bitfog-Size", "17592186040320"), ("X-Bitfog-Sha256", zero)]))
+    body = (0).to_bytes(8, "big") + (4096).to_bytes(8, "big") + b"\0" * 4096
+    at_cap = (1 << 30) + 4096 * 4112 + 4112
+    measure("sparse PUT at the cap (1 GiB + 4096 x data)",
+            request("PUT", "/dst/b", [("Content-Type", "application/x-bitfog-extents"),
+                                      ("X-Bitfog-Size", str(at_cap)), ("X-Bitfog-Sha256", zero)], body))
+    measure("listing of a 64 GiB sparse file, client gone after 1 s",
+            request("GET", "/src/"), linger=1.0)
+    measure("signature of a 64 GiB sparse file, client gone after 1 s",
+            request("GET", "/src/huge.img?signature"), linger=1.0)
+    srv.stop()
+    print("\nCPU without traffic (server CPU seconds, including 25 s after the client left):")
+    print("%-58s %10s %-28s %8s %8s" % ("request", "bytes", "answer", "wall s", "CPU s"))
+    for r in rows:
+        print("%-58s %10d %-28s %8.2f %8.2f" % r)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 for s in SECTIONS:
     {"requests": section_requests, "fetch": section_fetch, "put": section_put, "load": section_load,
-     "inject": section_inject, "disk": section_disk, "delta": section_delta}[s]()
+     "inject": section_inject, "disk": section_disk, "delta": section_delta, "courier": section_courier,
+     "unreadable": section_unreadable, "record": section_record, "cpu": section_cpu}[s]()

@@ -87,6 +87,23 @@ pub(crate) fn hash_reader(mut reader: impl Read) -> io::Result<(String, u64)> {
     })
 }
 
+/// A reader that fails once `cancel` is set: hashing for a client that
+/// has gone away stops at the next buffer instead of running to the end
+/// of a file that may take hours.
+pub(crate) struct Cancellable<'a, R> {
+    pub(crate) inner: R,
+    pub(crate) cancel: &'a std::sync::atomic::AtomicBool,
+}
+
+impl<R: Read> Read for Cancellable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::other("abandoned"));
+        }
+        self.inner.read(buf)
+    }
+}
+
 /// Copies above this size hash on a second thread while the first reads
 /// and writes.
 const OVERLAP_MIN: u64 = 8 << 20;
@@ -247,6 +264,24 @@ impl Write for Writeback<'_> {
 }
 
 /// Feeds `n` zero bytes (a hole) to the hash.
+/// `hash_zeros`, stopping early (with an error) once `cancel` is set.
+pub(crate) fn hash_zeros_until(
+    hasher: &mut Hasher,
+    mut n: u64,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> io::Result<()> {
+    const STEP: u64 = 64 << 20;
+    while n > 0 {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::other("abandoned"));
+        }
+        let k = n.min(STEP);
+        hash_zeros(hasher, k);
+        n -= k;
+    }
+    Ok(())
+}
+
 pub(crate) fn hash_zeros(hasher: &mut Hasher, mut n: u64) {
     static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
     while n > 0 {

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// What the walk found at one path.
 pub(crate) enum Item {
@@ -51,6 +51,7 @@ pub(crate) fn scan(
     root: &Root,
     checksum: bool,
     cache: Option<&CacheFile>,
+    cancel: &AtomicBool,
     mut emit: impl FnMut(Item) -> bool,
 ) {
     let mut lookup = cache.filter(|_| checksum).map(|c| c.reader());
@@ -89,11 +90,11 @@ pub(crate) fn scan(
             }
         }
         if batch.full() {
-            open = batch.flush(&mut update, &mut emit);
+            open = batch.flush(&mut update, cancel, &mut emit);
         }
         open
     });
-    if !open || !batch.flush(&mut update, &mut emit) {
+    if !open || !batch.flush(&mut update, cancel, &mut emit) {
         return;
     }
     if let Some(update) = update {
@@ -137,10 +138,18 @@ impl Batch {
     /// Hashes what waits, on every core, then emits the batch in order
     /// and records the hashes in the cache update. False when `emit`
     /// asked to stop.
-    fn flush(&mut self, update: &mut Option<Update>, emit: &mut impl FnMut(Item) -> bool) -> bool {
+    fn flush(
+        &mut self,
+        update: &mut Option<Update>,
+        cancel: &AtomicBool,
+        emit: &mut impl FnMut(Item) -> bool,
+    ) -> bool {
         let items = std::mem::take(&mut self.items);
         self.bytes = 0;
-        let mut hashes = hash_all(&items).into_iter();
+        let mut hashes = hash_all(&items, cancel).into_iter();
+        if cancel.load(Ordering::Relaxed) {
+            return false;
+        }
         for found in items {
             let item = match found {
                 Found::Ready(item) => item,
@@ -171,7 +180,8 @@ impl Batch {
 
 /// The SHA-256 of each `Found::Hash` in `items`, in order, computed by
 /// one thread per core taking files from a shared index.
-fn hash_all(items: &[Found]) -> Vec<Result<String, String>> {
+/// Stops early (every result an error) once `cancel` is set.
+fn hash_all(items: &[Found], cancel: &AtomicBool) -> Vec<Result<String, String>> {
     let files: Vec<(&File, u64, bool)> = items
         .iter()
         .filter_map(|f| match f {
@@ -182,7 +192,7 @@ fn hash_all(items: &[Found]) -> Vec<Result<String, String>> {
     let hash_one = |(file, size, sparse): (&File, u64, bool)| -> Result<String, String> {
         let io = |e: std::io::Error| crate::error::describe_io(&e);
         let (hash, n) = if sparse {
-            let (hash, n) = crate::sparse::hash_sparse(file, size).map_err(io)?;
+            let (hash, n) = crate::sparse::hash_sparse(file, size, cancel).map_err(io)?;
             // It reads only up to the listed size: see whether it grew.
             (
                 hash,
@@ -193,7 +203,11 @@ fn hash_all(items: &[Found]) -> Vec<Result<String, String>> {
                 },
             )
         } else {
-            hash_reader(file).map_err(io)?
+            hash_reader(crate::digest::Cancellable {
+                inner: file,
+                cancel,
+            })
+            .map_err(io)?
         };
         if n != size {
             return Err("changed while it was hashed".into());

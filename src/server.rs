@@ -490,6 +490,9 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
         // switch per entry. A chunk goes when it is full or has waited
         // LISTING_CHUNK_WAIT, so a slow (hashing) walk still streams.
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(16);
+        // Set when the client is gone: hashing for it stops.
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abandon = Arc::clone(&gone);
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
             let mut partials = Vec::new();
@@ -500,7 +503,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
             let mut since = Instant::now();
             let mut open = true;
-            scan::scan(&root, checksum, cache.as_ref(), |item| {
+            scan::scan(&root, checksum, cache.as_ref(), &gone, |item| {
                 match item {
                     Item::Entry(e) => {
                         count += 1;
@@ -563,7 +566,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                 let _ = tx.send(chunk);
             }
         });
-        loop {
+        let sent = (|| loop {
             match rx.recv_timeout(LISTING_KEEPALIVE) {
                 Ok(chunk) => out.write_all(&chunk)?,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -572,7 +575,11 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
+        })();
+        if sent.is_err() {
+            abandon.store(true, Ordering::Relaxed);
         }
+        sent
     };
     Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", protocol::NDJSON_TYPE)
 }

@@ -9,6 +9,8 @@ mod error;
 mod http;
 #[path = "../../src/protocol.rs"]
 mod protocol;
+#[path = "../../src/ui.rs"]
+mod ui;
 
 use libfuzzer_sys::fuzz_target;
 

@@ -3,6 +3,8 @@
 #![no_main]
 #![allow(dead_code)]
 
+#[path = "../../src/beneath.rs"]
+mod beneath;
 #[path = "../../src/digest.rs"]
 mod digest;
 #[path = "../../src/error.rs"]
@@ -13,6 +15,10 @@ mod manifest;
 mod paths;
 #[path = "../../src/protocol.rs"]
 mod protocol;
+#[path = "../../src/sparse.rs"]
+mod sparse;
+#[path = "../../src/ui.rs"]
+mod ui;
 
 use libfuzzer_sys::fuzz_target;
 
