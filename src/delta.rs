@@ -849,9 +849,17 @@ pub(crate) struct SigIndex {
 impl SigIndex {
     /// Reads the records of `DB.sig`; `Ok(None)` when there is none.
     pub(crate) fn open(db: &Path) -> Result<Option<SigIndex>, String> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = sig_path(db);
-        let file = match File::open(&path) {
-            Ok(f) => f,
+        // Non-blocking, and a regular file only: a FIFO planted beside a
+        // receipt in a courier is refused, not waited on.
+        let opened = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path);
+        let file = match opened {
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => f,
+            Ok(_) => return Err(format!("'{}': not a regular file", path.display())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("'{}': {e}", path.display())),
         };

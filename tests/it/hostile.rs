@@ -195,6 +195,20 @@ fn fifos_in_a_courier_never_make_fetch_or_store_wait() {
     )
     .ok();
     assert_same_tree(&src, &dst);
+    // A receipt now stands in the courier; a FIFO beside it as its
+    // signatures is refused, not waited on.
+    fifo(state.join("receipt.jsonl.sig"));
+    let f = bitfog_within(
+        60,
+        &[
+            "fetch",
+            &t.s("courier"),
+            &server.url("src"),
+            &t.s("courier"),
+        ],
+    )
+    .ok();
+    assert!(f.stderr.contains("not a regular file"), "{f}");
 }
 
 #[test]
