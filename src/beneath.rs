@@ -98,20 +98,9 @@ impl Root {
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
         )
-        .or_else(|_| {
-            // The root itself may be a symlink to a directory; that one
-            // is followed once, at startup, by the configuration.
-            let name = cstr(path.as_os_str().as_bytes())?;
-            // SAFETY: a NUL-terminated path.
-            let fd = check(unsafe {
-                libc::open(
-                    name.as_ptr(),
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-            })?;
-            // SAFETY: the kernel just gave us this descriptor.
-            Ok::<_, io::Error>(unsafe { OwnedFd::from_raw_fd(fd) })
-        })?;
+        // The root itself may be a symlink to a directory; that one is
+        // followed once, as the configuration or the user names it.
+        .or_else(|_| Dir::open_path(path).map(|d| d.fd))?;
         Ok(Root {
             fd,
             path: path.to_path_buf(),

@@ -66,7 +66,11 @@ pub(crate) fn each_need(
             }
             _ => None,
         };
-        f(plan::need(pair), old)
+        let need = plan::need(pair);
+        if let Need::Refused(name, why) = &need {
+            ui.error(format!("refusing '{name}': {}", why.reason()));
+        }
+        f(need, old)
     })?;
     let skipped = listing.end().map_or(0, |e| e.skipped);
     if skipped > 0 {
@@ -160,10 +164,7 @@ pub(crate) fn plan(
                 }
             }
             Need::Link => sum.symlinks += 1,
-            Need::Refused(name, why) => {
-                sum.refused_files += 1;
-                ui.error(format!("refusing '{name}': {}", why.reason()));
-            }
+            Need::Refused(..) => sum.refused_files += 1,
         }
         Ok(())
     })?;
@@ -393,10 +394,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     delta_cands.push((i, size, sha));
                 }
             }
-            Need::Refused(name, why) => {
-                ui.error(format!("refusing '{name}': {}", why.reason()));
-                failed += 1;
-            }
+            Need::Refused(..) => failed += 1,
             Need::Link | Need::Nothing => {}
         }
         Ok(())
@@ -883,10 +881,7 @@ fn dry_run(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
                     sizes.push(e.size);
                 }
             }
-            Need::Refused(name, why) => {
-                ui.error(format!("refusing '{name}': {}", why.reason()));
-                refused += 1;
-            }
+            Need::Refused(..) => refused += 1,
             Need::Link | Need::Nothing => {}
         }
         Ok(())
