@@ -2,10 +2,10 @@
 //! into one options struct per command. Leftover arguments are errors.
 
 use crate::client::AreaUrl;
+use crate::cmd::fetch::FetchOpts;
+use crate::cmd::store::StoreOpts;
 use crate::error::{Error, Result};
-use crate::fetch::FetchOpts;
 use crate::server::ServeOpts;
-use crate::store::StoreOpts;
 use crate::ui::{Ui, parse_size};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -369,7 +369,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
                 cache: match r.cache {
                     Some(c) if c == "none" => None,
                     Some(c) => Some(PathBuf::from(c)),
-                    None => crate::hashcache::default_dir(),
+                    None => crate::server::hashcache::default_dir(),
                 },
                 quiet: r.ui.quiet,
             })
@@ -383,7 +383,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
                 Some(v) => parse_size(v).ok_or_else(|| {
                     Error::usage(format!("--signature-min: bad size '{v}' (e.g. 64M, 1G)"))
                 })?,
-                None => crate::delta::SIGNATURE_MIN,
+                None => crate::wire::delta::SIGNATURE_MIN,
             };
             Command::Builddb {
                 url: url(&a[0])?,

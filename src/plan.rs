@@ -3,8 +3,8 @@
 //! Both inputs are in the contract's order, so they merge as streams;
 //! only the entries that must be acted on are kept in memory.
 
-use crate::manifest::Entry;
-use crate::paths::{BadName, check_carried_name, name_cmp};
+use crate::wire::manifest::Entry;
+use crate::wire::paths::{BadName, check_carried_name, name_cmp};
 use std::cmp::Ordering;
 
 /// One step of a merge of source and destination entries.

@@ -12,8 +12,8 @@
 use crate::beneath::Dir;
 use crate::courier::{COPIES, CopyInstr, LineIndex};
 use crate::error::{Error, Result};
-use crate::manifest::Entry;
-use crate::paths::name_cmp;
+use crate::wire::manifest::Entry;
+use crate::wire::paths::name_cmp;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Seek, Write};
 use std::path::Path;
@@ -31,7 +31,7 @@ impl DestIndex {
     /// line that does not parse is left out (the merge reports it).
     pub(crate) fn open(db: &Path) -> DestIndex {
         DestIndex(LineIndex::from_file(
-            crate::manifest::open_input(db).ok(),
+            crate::wire::manifest::open_input(db).ok(),
             |e: &Entry| {
                 e.linkdest.is_none().then_some(())?;
                 key(e.sha256.as_deref()?)

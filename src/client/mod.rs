@@ -6,8 +6,8 @@
 //! that name the URL and the server's one-line reason.
 
 use crate::error::{Error, Result};
-use crate::manifest::{Entry, Reader};
-use crate::protocol::{self, percent_encode_path};
+use crate::wire::manifest::{Entry, Reader};
+use crate::wire::protocol::{self, percent_encode_path};
 use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 use ureq::BodyReader;
@@ -35,7 +35,7 @@ impl AreaUrl {
             return Err(bad("bad host"));
         }
         let area = path.strip_suffix('/').unwrap_or(path);
-        if !crate::server::valid_area_name(area) {
+        if !crate::wire::paths::valid_area_name(area) {
             return Err(bad("bad area name"));
         }
         let scheme = &s[..s.len() - rest.len()];
@@ -162,8 +162,8 @@ impl Client {
         &self,
         area: &AreaUrl,
         name: &str,
-    ) -> Result<(crate::delta::SigHeader, Vec<u8>, String)> {
-        use crate::delta::{MAX_HEADER, SIGNATURE_TYPE, SigHeader};
+    ) -> Result<(crate::wire::delta::SigHeader, Vec<u8>, String)> {
+        use crate::wire::delta::{MAX_HEADER, SIGNATURE_TYPE, SigHeader};
         let url = format!("{}?signature", area.file(name));
         let resp = self
             .auth(self.agent.get(&url))
@@ -241,24 +241,25 @@ impl Client {
     pub(crate) fn put_range(
         &self,
         area: &AreaUrl,
-        rec: &crate::ranges::RangeRecord,
+        e: &Entry,
+        (start, len): (u64, u64),
         body: impl Read + Send + 'static,
     ) -> Result<std::result::Result<(u16, u64), Refused>> {
-        let url = area.file(&rec.name);
+        let url = area.file(&e.name);
         let resp = self
             .auth(self.agent.put(&url))
-            .header("Content-Length", rec.len.to_string())
+            .header("Content-Length", len.to_string())
             .header(
                 "Content-Range",
-                format!("bytes {}-{}/{}", rec.start, rec.end() - 1, rec.size),
+                format!("bytes {start}-{}/{}", start + len - 1, e.size),
             )
             .header("Content-Type", "application/octet-stream")
-            .header(protocol::HDR_SHA256, rec.sha256.as_str())
-            .header(protocol::HDR_MODE, (rec.mode & 0o777).to_string())
-            .header(protocol::HDR_MTIME, rec.mtime.to_string())
+            .header(protocol::HDR_SHA256, e.sha256.as_deref().unwrap_or(""))
+            .header(protocol::HDR_MODE, (e.mode & 0o777).to_string())
+            .header(protocol::HDR_MTIME, e.mtime.to_string())
             .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
                 crate::digest::BUF_SIZE,
-                body.take(rec.len),
+                body.take(len),
             )))
             .map_err(|e| transport(&url, e))?;
         let status = resp.status().as_u16();
@@ -268,7 +269,7 @@ impl Client {
                 .get(protocol::HDR_HAVE_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(protocol::parse_digits)
-                .unwrap_or(if status == 204 { rec.size } else { 0 });
+                .unwrap_or(if status == 204 { e.size } else { 0 });
             return Ok(Ok((status, have)));
         }
         Ok(Err(reason(resp)))
@@ -322,7 +323,7 @@ impl Client {
         body: impl Read + Send + 'static,
         len: u64,
     ) -> Result<std::result::Result<(), Refused>> {
-        self.put_body(area, entry, crate::delta::DELTA_TYPE, None, len, body)
+        self.put_body(area, entry, crate::wire::delta::DELTA_TYPE, None, len, body)
     }
 
     /// PUTs `len` bytes of `body` for `entry` as `content_type`, with the
@@ -386,7 +387,7 @@ impl Client {
         &self,
         area: &AreaUrl,
         entry: &Entry,
-        body: crate::sparse::ExtentBody,
+        body: crate::wire::sparse::ExtentBody,
         body_len: u64,
     ) -> Result<std::result::Result<(), Refused>> {
         let size = Some(entry.size);
@@ -399,7 +400,7 @@ impl Client {
     pub(crate) fn put_dir(
         &self,
         area: &AreaUrl,
-        d: &crate::manifest::EmptyDir,
+        d: &crate::wire::manifest::EmptyDir,
     ) -> Result<std::result::Result<(), Refused>> {
         const NOT_EMPTY: &str = "4ee6f18ee3e8a3c4cd5e3e6e4f1a6b7d1b3bbbe5b8e2a5ddcc2d6b57c3b4c1e9";
         let url = area.file(&d.name);

@@ -12,15 +12,12 @@
 //! SHA-256 and only then makes it appear.
 
 use crate::beneath::Kind;
-use crate::client::{AreaUrl, Client};
-use crate::courier::{Courier, read_record};
-use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing, hash_reader};
-use crate::error::describe_io;
-use crate::manifest::{Entry, PartialUpload};
+use crate::courier::{Courier, NewFile, read_record};
+use crate::digest::Hasher;
+use crate::wire::manifest::{Entry, PartialUpload};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io;
 
 /// No range is started smaller than this unless it ends the file.
 pub(crate) const MIN_RANGE: u64 = 1 << 20;
@@ -138,145 +135,26 @@ pub(crate) fn by_name(partials: Vec<PartialUpload>) -> HashMap<String, PartialUp
     partials.into_iter().map(|p| (p.name.clone(), p)).collect()
 }
 
-/// Downloads `len` bytes of `e` from `start` into the courier as a range.
-/// Errors are one-line reasons; a full disk says so (`Err(None)`).
-pub(crate) fn download(
-    client: &Client,
-    src: &AreaUrl,
-    courier: &Courier,
-    e: &Entry,
-    start: u64,
-    len: u64,
-    wire: &AtomicU64,
-) -> Result<RangeRecord, Option<String>> {
-    let why = |what: &str, err: &io::Error| {
-        if crate::error::is_disk_full(err) {
-            None
-        } else {
-            Some(format!("{what}: {}", describe_io(err)))
-        }
-    };
-    let sha = e.sha256.clone().ok_or(Some(
-        "a range needs the file's SHA-256 in the listing".to_string(),
-    ))?;
-    let d = courier
-        .sub(DIR, true)
-        .map_err(|err| why("cannot create the ranges directory", &err))?
-        .ok_or_else(|| Some("no ranges directory".to_string()))?;
-    let base = format!("{}-{start}", id(&e.name, e.size, &sha));
-    let (data, tmp) = (format!("{base}.range"), format!("{base}.tmp"));
-    let mut dl = client
-        .get_range(src, &e.name, start, start + len - 1)
-        .map_err(|err| Some(err.to_string()))?;
-    match dl.content_range {
-        Some((a, b, total))
-            if dl.status == 206 && a == start && b == start + len - 1 && total == e.size => {}
-        _ => {
-            return Err(Some(format!(
-                "the server did not send bytes {start}-{} of {} (changed at the source?)",
-                start + len - 1,
-                e.size
-            )));
-        }
-    }
-    if dl.last_modified.is_some_and(|t| t != e.mtime) {
-        return Err(Some(
-            "modified at the source since the listing; not kept".into(),
-        ));
-    }
-    let file = d
-        .create_fresh(tmp.as_bytes())
-        .map_err(|err| why("cannot create range file", &err))?;
-    let mut hasher = Hasher::new();
-    let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&file, 0));
-    let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
-        wire.fetch_add(n, Ordering::Relaxed);
-    });
-    let flushed = out.flush();
-    drop(out);
-    let result = match copied {
-        Ok(n) if n == len => flushed.map_err(|err| why("cannot write range file", &err)),
-        Ok(n) => Err(Some(format!(
-            "download cut short after {n} of {len} bytes; rerun"
-        ))),
-        Err(CopyError::Write(err)) => Err(why("cannot write range file", &err)),
-        Err(CopyError::Read(err)) => Err(Some(format!("download failed: {}", describe_io(&err)))),
-    };
-    if let Err(err) = result.and_then(|()| {
-        file.sync_all()
-            .map_err(|err| why("cannot sync range file", &err))
-    }) {
-        let _ = d.unlink(tmp.as_bytes());
-        return Err(err);
-    }
-    let rec = RangeRecord {
-        name: e.name.clone(),
-        size: e.size,
-        sha256: sha,
-        mode: e.mode,
-        mtime: e.mtime,
-        start,
-        len,
-        range_sha256: hasher.hex(),
-    };
-    let written = d
-        .rename(tmp.as_bytes(), data.as_bytes())
-        .and_then(|()| d.write_atomic(&format!("{base}.json"), &serde_json::to_vec(&rec)?, true));
-    if let Err(err) = written {
-        let _ = d.unlink(data.as_bytes());
-        return Err(why("cannot record range", &err));
-    }
-    d.sync();
-    Ok(rec)
+/// A new range of `e` from `start`, to be written and then kept with
+/// its record (see `NewFile::keep`).
+pub(crate) fn create(courier: &Courier, e: &Entry, sha: &str, start: u64) -> io::Result<NewFile> {
+    let base = format!("{}-{start}", id(&e.name, e.size, sha));
+    NewFile::create(courier, DIR, format!("{base}.range"))
 }
 
-/// What the destination said to one range.
-pub(crate) enum Sent {
-    /// It holds this many bytes of the file now.
-    Partial(u64),
-    /// The file is complete and verified at its path.
-    Complete,
+/// Keeps a range written through `create`, with its record.
+pub(crate) fn keep(range: NewFile, rec: &RangeRecord) -> io::Result<()> {
+    let base = format!("{}-{}", id(&rec.name, rec.size, &rec.sha256), rec.start);
+    range.keep(Some((&format!("{base}.json"), &serde_json::to_vec(rec)?)))
 }
 
-/// Sends one courier range to the destination, after checking it.
-pub(crate) fn upload(
-    client: &Client,
-    dest: &AreaUrl,
-    courier: &Courier,
-    data: &str,
-    rec: &RangeRecord,
-) -> Result<Sent, String> {
-    let open = || {
-        courier
-            .sub(DIR, false)
-            .and_then(|d| d.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT)))
-            .and_then(|d| d.open_file(data.as_bytes()))
-            .and_then(|f| f.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT)))
-            .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))
-    };
-    let file = open()?;
-    let (got, n) = hash_reader(&file)
-        .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))?;
-    if n != rec.len || got != rec.range_sha256 {
-        return Err(format!(
-            "courier range {}-{} is damaged; not uploaded (the next fetch carries it again)",
-            rec.start,
-            rec.end() - 1
-        ));
-    }
-    let file = open()?;
-    match client
-        .put_range(dest, rec, file)
-        .map_err(|e| e.to_string())?
-    {
-        Ok((204, _)) => Ok(Sent::Complete),
-        Ok((_, have)) => Ok(Sent::Partial(have)),
-        Err(r) if r.status == 422 => Err(format!(
-            "the assembled file did not match its SHA-256 ({}); the destination dropped it and it starts over",
-            r.reason
-        )),
-        Err(r) => Err(r.reason),
-    }
+/// Opens the range data file `data` (a regular file, never a link).
+pub(crate) fn open(courier: &Courier, data: &str) -> io::Result<std::fs::File> {
+    courier
+        .sub(DIR, false)?
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?
+        .open_file(data.as_bytes())?
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
 #[cfg(test)]

@@ -7,17 +7,18 @@
 //! after re-hashing the bytes already on disk.
 
 use crate::client::{AreaUrl, Client};
-use crate::copies::{DestIndex, Instructions, Origin};
+use crate::cmd::carry::{self, NoDelta};
 use crate::courier::CopyInstr;
+use crate::courier::copies::{DestIndex, Instructions, Origin};
+use crate::courier::deltas;
+use crate::courier::ranges::{self, RangeRecord};
 use crate::courier::{self, Carried, Courier, PartialMeta};
-use crate::delta::SigIndex;
-use crate::deltas::{self, NoDelta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io, is_disk_full};
-use crate::manifest::{Entry, as_usage, open_db};
 use crate::plan::{self, Need};
-use crate::ranges::{self, RangeRecord};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
+use crate::wire::delta::SigIndex;
+use crate::wire::manifest::{Entry, as_usage, open_db};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -90,12 +91,12 @@ pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
     // The receipt is read where it is: a regular file in a real `.bitfog`
     // directory (a courier's symlinks are never followed).
     let held = Courier::open_read(destdb)?
-        .state_file(crate::store::RECEIPT)
+        .state_file(crate::courier::RECEIPT)
         .is_some();
     if held {
         Ok(destdb
-            .join(crate::paths::COURIER_STATE)
-            .join(crate::store::RECEIPT))
+            .join(crate::wire::paths::COURIER_STATE)
+            .join(crate::courier::RECEIPT))
     } else {
         Err(crate::error::Error::usage(format!(
             "'{}' is a directory without a receipt (store leaves one in a courier); give a DESTDB made by builddb or emptydb",
@@ -299,7 +300,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // (its partial uploads, from DESTDB's end record) or the courier holds
     // ranges of. They are carried on from where they stand.
     let dest_partials = ranges::by_name(
-        crate::manifest::read_end(&destdb_path(&opts.destdb)?)
+        crate::wire::manifest::read_end(&destdb_path(&opts.destdb)?)
             .map(|e| e.partials)
             .unwrap_or_default(),
     );
@@ -484,7 +485,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         };
         let limit = avail.min(costs[i].saturating_sub(1));
         let before = delta_progress.bytes.load(Ordering::Relaxed);
-        let made = deltas::make(
+        let made = carry::make_delta(
             client,
             &opts.src,
             &courier,
@@ -660,7 +661,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         if disk_full.load(Ordering::SeqCst) {
             break;
         }
-        match ranges::download(client, &opts.src, &courier, e, *start, *len, &wire) {
+        match carry::download_range(client, &opts.src, &courier, e, (*start, *len), &wire) {
             Ok(_) => {
                 range_bytes += len;
                 if !range_files.iter().any(|f| f.name == e.name) {

@@ -766,7 +766,7 @@ where
     let lengths: Vec<&str> = values("content-length").collect();
     let len = match lengths.as_slice() {
         [] => 0,
-        [one] => match crate::protocol::parse_digits(one) {
+        [one] => match parse_digits(one) {
             Some(n) => n,
             None => return refuse(&mut conn, 400, "bad Content-Length"),
         },
@@ -1053,6 +1053,15 @@ fn reason(status: u16) -> &'static str {
         507 => "Insufficient Storage",
         _ => "Unknown",
     }
+}
+
+/// A decimal number of digits only (no sign, no spaces), as HTTP wants a
+/// Content-Length.
+fn parse_digits(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 #[cfg(test)]

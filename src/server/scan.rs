@@ -7,9 +7,9 @@
 
 use crate::beneath::{Dir, Found as Walked, Kind, Root};
 use crate::digest::hash_reader;
-use crate::hashcache::{CacheFile, Lookup, Update};
-use crate::manifest::Entry;
-use crate::paths::is_reserved;
+use crate::server::hashcache::{CacheFile, Lookup, Update};
+use crate::wire::manifest::Entry;
+use crate::wire::paths::is_reserved;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub(crate) enum Item {
     Entry(Entry),
     /// A file arriving range by range (its record, with the full name).
-    Partial(crate::manifest::PartialUpload),
+    Partial(crate::wire::manifest::PartialUpload),
     /// A directory with nothing in it.
-    EmptyDir(crate::manifest::EmptyDir),
+    EmptyDir(crate::wire::manifest::EmptyDir),
     /// Left out of the listing (not UTF-8, unreadable, vanished): the
     /// reason, for the log; counted in the end record's `skipped`.
     Skipped(String),
@@ -192,7 +192,7 @@ fn hash_all(items: &[Found], cancel: &AtomicBool) -> Vec<Result<String, String>>
     let hash_one = |(file, size, sparse): (&File, u64, bool)| -> Result<String, String> {
         let io = |e: std::io::Error| crate::error::describe_io(&e);
         let (hash, n) = if sparse {
-            let (hash, n) = crate::sparse::hash_sparse(file, size, cancel).map_err(io)?;
+            let (hash, n) = crate::wire::sparse::hash_sparse(file, size, cancel).map_err(io)?;
             // It reads only up to the listed size: see whether it grew.
             (
                 hash,
@@ -244,10 +244,10 @@ fn hash_all(items: &[Found], cancel: &AtomicBool) -> Vec<Result<String, String>>
 }
 
 /// An empty directory's name (relative, UTF-8), mode and mtime.
-fn empty_dir(dir: &Dir, rel: &Path) -> Option<crate::manifest::EmptyDir> {
+fn empty_dir(dir: &Dir, rel: &Path) -> Option<crate::wire::manifest::EmptyDir> {
     let name = rel.to_str()?.to_string();
     let (mode, mtime) = dir.own_meta().ok()?;
-    Some(crate::manifest::EmptyDir { name, mode, mtime })
+    Some(crate::wire::manifest::EmptyDir { name, mode, mtime })
 }
 
 /// The record of a partial upload (`.bitfog-part-*.json`, written by the
@@ -256,14 +256,14 @@ fn partial_record(
     dir: &Dir,
     rel: &Path,
     file_name: &[u8],
-) -> Option<crate::manifest::PartialUpload> {
+) -> Option<crate::wire::manifest::PartialUpload> {
     if !(file_name.starts_with(b".bitfog-part-") && file_name.ends_with(b".json")) {
         return None;
     }
     let file = dir.open_file(file_name).ok()??;
-    let mut p: crate::manifest::PartialUpload =
+    let mut p: crate::wire::manifest::PartialUpload =
         serde_json::from_reader(std::io::Read::take(file, 1 << 16)).ok()?;
-    if p.name.contains('/') || crate::paths::is_reserved(p.name.as_bytes()) {
+    if p.name.contains('/') || crate::wire::paths::is_reserved(p.name.as_bytes()) {
         return None;
     }
     let parent = rel.parent().unwrap_or(Path::new("")).to_str()?;
@@ -284,7 +284,7 @@ fn entry_for(
 ) -> Result<Found, String> {
     let io = |e: std::io::Error| crate::error::describe_io(&e);
     let name = rel.to_str().ok_or("name is not valid UTF-8")?.to_string();
-    if name.len() > crate::paths::MAX_NAME {
+    if name.len() > crate::wire::paths::MAX_NAME {
         return Err("name longer than 4096 bytes".into());
     }
     let meta = dir.stat(file_name).map_err(io)?.ok_or("vanished")?;

@@ -5,22 +5,18 @@
 //! the destination without `--delete`.
 
 use crate::client::{AreaUrl, Client};
+use crate::courier::ranges;
 use crate::courier::{Carried, Courier, Spool};
 use crate::digest::{Hasher, hash_reader};
 use crate::error::{Error, Exit, Result, describe_io};
-use crate::manifest::{DbWriter, Entry, as_usage, open_db};
-use crate::paths::check_carried_name;
 use crate::plan::{self, Pair};
-use crate::ranges;
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
+use crate::wire::manifest::{DbWriter, Entry, as_usage, open_db};
+use crate::wire::paths::check_carried_name;
 use std::collections::{HashMap, HashSet};
 
-/// The destination snapshot `fetch` keeps in `COURIER/.bitfog/`.
-pub(crate) const SNAPSHOT: &str = "destdb.jsonl";
-/// The destination's manifest as `store` left it, in `COURIER/.bitfog/`:
-/// `fetch` and `plan` take the courier directory in place of DESTDB and
-/// read this.
-pub(crate) const RECEIPT: &str = "receipt.jsonl";
+use crate::cmd::carry;
+use crate::courier::{RECEIPT, SNAPSHOT};
 
 /// One name of the receipt being made: the entry the destination has
 /// once the actions succeed, and whether that waits on an upload (then
@@ -176,7 +172,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     // Ranges of files bigger than a trip.
     let courier_ranges = ranges::held(&courier);
     // Deltas of files the destination has an older version of.
-    let courier_deltas = crate::deltas::held(&courier);
+    let courier_deltas = crate::courier::deltas::held(&courier);
     // The receipt: what the destination holds after this run, from its
     // listing and the outcome of each action (no second listing, so
     // nothing just stored is hashed again).
@@ -534,7 +530,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     // 5. Empty directories, last, so their mtime stays as SRCDB has it.
     let dest_end = listing
         .end()
-        .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0));
+        .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
     let mut made = Vec::new();
     for d in src.end().map(|e| e.dirs).unwrap_or_default() {
         let there = dest_end
@@ -626,7 +622,7 @@ struct Outcomes {
     failed: HashSet<String>,
     deleted: HashSet<String>,
     progress: HashMap<String, (Entry, u64)>,
-    made: Vec<crate::manifest::EmptyDir>,
+    made: Vec<crate::wire::manifest::EmptyDir>,
 }
 
 /// Writes `COURIER/.bitfog/receipt.jsonl`: the destination's manifest
@@ -635,7 +631,7 @@ fn write_receipt(
     courier: &Courier,
     dest: &AreaUrl,
     mut lines: Spool<ReceiptLine>,
-    listed: crate::manifest::End,
+    listed: crate::wire::manifest::End,
     outcomes: Outcomes,
 ) -> Result<()> {
     let Outcomes {
@@ -646,21 +642,21 @@ fn write_receipt(
     } = outcomes;
     // Empty directories: those listed and those made, less any that an
     // entry of the receipt now sits in.
-    let mut dirs: std::collections::BTreeMap<String, crate::manifest::EmptyDir> = listed
+    let mut dirs: std::collections::BTreeMap<String, crate::wire::manifest::EmptyDir> = listed
         .dirs
         .iter()
         .chain(&made)
         .map(|d| (d.name.clone(), d.clone()))
         .collect();
     // The destination's partial uploads, as this run left them.
-    let mut partials: Vec<crate::manifest::PartialUpload> = listed
+    let mut partials: Vec<crate::wire::manifest::PartialUpload> = listed
         .partials
         .into_iter()
         .filter(|p| !progress.contains_key(&p.name))
         .collect();
     for (name, (e, have)) in progress {
         if have < e.size {
-            partials.push(crate::manifest::PartialUpload {
+            partials.push(crate::wire::manifest::PartialUpload {
                 name,
                 size: e.size,
                 sha256: e.sha256.unwrap_or_default(),
@@ -668,7 +664,7 @@ fn write_receipt(
             });
         }
     }
-    partials.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
+    partials.sort_by(|a, b| crate::wire::paths::name_cmp(&a.name, &b.name));
     let what = |e: std::io::Error| Error::io("the courier's receipt spool", &e);
     lines.finish().map_err(what)?;
     let state = courier
@@ -701,7 +697,7 @@ fn write_receipt(
         }
     }
     let mut dirs: Vec<_> = dirs.into_values().collect();
-    dirs.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
+    dirs.sort_by(|a, b| crate::wire::paths::name_cmp(&a.name, &b.name));
     out.dirs = dirs;
     out.dirs_omitted = listed.dirs_omitted;
     out.commit_with(listed.skipped, partials)?;
@@ -739,7 +735,7 @@ fn choose_deletions(
             "'{}'",
             opts.courier.join(".bitfog").join(SNAPSHOT).display()
         );
-        let (_, snap) = crate::manifest::open_db_file(snapshot, origin)?;
+        let (_, snap) = crate::wire::manifest::open_db_file(snapshot, origin)?;
         for entry in snap {
             let entry = entry.map_err(as_usage)?;
             if let Some(now) = known.remove(&entry.name) {
@@ -760,7 +756,7 @@ fn choose_deletions(
             ));
             sum.kept_files += 1;
         }
-        keep.sort_by(|a, b| crate::paths::name_cmp(&a.name, &b.name));
+        keep.sort_by(|a, b| crate::wire::paths::name_cmp(&a.name, &b.name));
         keep
     } else {
         ui.log("no destination snapshot in the courier (fetch keeps one); deleting by SRCDB alone");
@@ -795,9 +791,9 @@ fn send_ranges(
 ) -> std::result::Result<Option<u64>, String> {
     let mut have = None;
     for (data, rec) in held.iter().filter(|(_, r)| r.of(e)) {
-        match ranges::upload(client, dest, courier, data, rec)? {
-            ranges::Sent::Complete => return Ok(None),
-            ranges::Sent::Partial(h) => have = Some(h),
+        match carry::upload_range(client, dest, courier, (data, rec), e)? {
+            carry::Sent::Complete => return Ok(None),
+            carry::Sent::Partial(h) => have = Some(h),
         }
     }
     Ok(have)
@@ -884,15 +880,15 @@ fn run(
                 |err: std::io::Error| format!("cannot read the delta: {}", describe_io(&err));
             // The whole delta is checked before it leaves: a damaged one
             // is not sent (the destination would refuse it too).
-            let header = crate::deltas::open(courier, file).map_err(open_err).and_then(|f| {
-                crate::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
+            let header = crate::courier::deltas::open(courier, file).map_err(open_err).and_then(|f| {
+                crate::wire::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
                     format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one")
                 })
             })?;
             if !header.name.eq(&e.name) || header.sha256 != e.sha256.clone().unwrap_or_default() {
                 return Err("the delta in the courier is for another version; not sent".into());
             }
-            let file = crate::deltas::open(courier, file).map_err(open_err)?;
+            let file = crate::courier::deltas::open(courier, file).map_err(open_err)?;
             let len = file.metadata().map_err(open_err)?.len();
             match client
                 .put_delta(dest, e, file, len)
@@ -945,17 +941,17 @@ fn run(
                 std::os::unix::fs::MetadataExt::blocks(&m) * 512 + (1 << 20) <= m.len()
             });
             let extents = match sparse {
-                true => crate::sparse::data_extents(&file, e.size),
+                true => crate::wire::sparse::data_extents(&file, e.size),
                 false => Vec::new(),
             };
             let data: u64 = extents.iter().map(|&(_, l)| l).sum();
-            let sparse = sparse && crate::sparse::holes_within_bounds(e.size, data);
+            let sparse = sparse && crate::wire::sparse::holes_within_bounds(e.size, data);
             if let (true, Some(want)) = (sparse, &e.sha256) {
                 // Only the data extents travel; the hash covers the whole
                 // content (holes as zeros) and is checked on both sides.
-                let body_len = crate::sparse::body_len(&extents);
+                let body_len = crate::wire::sparse::body_len(&extents);
                 let data_end = extents.last().map_or(0, |&(s, l)| s + l);
-                let body = crate::sparse::ExtentBody::new(file, extents);
+                let body = crate::wire::sparse::ExtentBody::new(file, extents);
                 let hashed = Arc::clone(&body.hashed);
                 let sent = client.put_sparse(dest, e, body, body_len);
                 let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));

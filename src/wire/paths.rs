@@ -76,6 +76,17 @@ pub(crate) fn components(name: &[u8]) -> Result<Vec<&[u8]>, BadName> {
     Ok(out)
 }
 
+/// True for an area name: letters, digits, `.`, `_` and `-`, and not `.`
+/// or `..`.
+pub(crate) fn valid_area_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// True when a component is reserved for the server's own files.
 pub(crate) fn is_reserved(component: &[u8]) -> bool {
     component.starts_with(RESERVED_PREFIX)

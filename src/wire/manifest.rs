@@ -8,7 +8,7 @@
 use crate::beneath::Dir;
 use crate::digest::is_sha256_hex;
 use crate::error::{Error, Result};
-use crate::paths::name_cmp;
+use crate::wire::paths::name_cmp;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::ffi::OsStr;
@@ -320,7 +320,7 @@ impl<R: BufRead> Reader<R> {
             // A file sparser than bitfog hashes travels as an ordinary one.
             alloc: line
                 .alloc
-                .filter(|&a| a < size && crate::sparse::holes_within_bounds(size, a)),
+                .filter(|&a| a < size && crate::wire::sparse::holes_within_bounds(size, a)),
         }))
     }
 }
@@ -475,7 +475,7 @@ impl DbWriter {
         let header = Header {
             bitfog: VERSION,
             source: source.map(str::to_string),
-            created: crate::protocol::rfc3339(now_secs()),
+            created: crate::wire::protocol::rfc3339(now_secs()),
         };
         w.line(&header)?;
         Ok(w)

@@ -13,11 +13,15 @@
 //!
 //! It never writes outside COURIER and never follows a symlink inside it.
 
+pub(crate) mod copies;
+pub(crate) mod deltas;
+pub(crate) mod ranges;
+
 use crate::beneath::{Dir, Kind, Root};
 use crate::digest::Hasher;
 use crate::error::{Error, Result, describe_io};
-use crate::manifest::Entry;
-use crate::paths::{COURIER_STATE, check_carried_name};
+use crate::wire::manifest::Entry;
+use crate::wire::paths::{COURIER_STATE, check_carried_name};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -93,6 +97,12 @@ pub(crate) struct Courier {
 }
 
 const LOG: &str = "carried.jsonl";
+/// The destination snapshot `fetch` keeps in `.bitfog/`, for `store
+/// --delete`.
+pub(crate) const SNAPSHOT: &str = "destdb.jsonl";
+/// The destination's manifest as `store` left it, in `.bitfog/`: `fetch`
+/// and `plan` take the courier directory in place of DESTDB and read this.
+pub(crate) const RECEIPT: &str = "receipt.jsonl";
 /// Directories above carried names kept open at once.
 const OPEN_DIRS: usize = 256;
 /// The longest record file bitfog reads back from the courier (a
@@ -247,8 +257,12 @@ impl Courier {
         let mut line = Vec::new();
         loop {
             line.clear();
-            if !crate::manifest::read_line_capped(&mut r, &mut line, crate::manifest::MAX_LINE)
-                .is_ok_and(|n| n > 0)
+            if !crate::wire::manifest::read_line_capped(
+                &mut r,
+                &mut line,
+                crate::wire::manifest::MAX_LINE,
+            )
+            .is_ok_and(|n| n > 0)
             {
                 break;
             }
@@ -262,7 +276,7 @@ impl Courier {
     /// Removes the receipt, so no stale one is taken for the truth.
     pub(crate) fn drop_receipt(&self) {
         if let Some(state) = &self.state {
-            let _ = state.unlink(crate::store::RECEIPT.as_bytes());
+            let _ = state.unlink(RECEIPT.as_bytes());
         }
     }
 
@@ -425,7 +439,10 @@ impl Courier {
             .partial
             .as_ref()
             .map_or(0, |d| dir_bytes(d, |n| n.ends_with(b".part")));
-        total + part_bytes + crate::ranges::usage(self) + crate::deltas::usage(self)
+        total
+            + part_bytes
+            + crate::courier::ranges::usage(self)
+            + crate::courier::deltas::usage(self)
     }
 
     /// Bytes free on the courier's disk, if it can tell.
@@ -440,15 +457,15 @@ impl Courier {
         let state = self.state_rw()?;
         let tmp = b"destdb.jsonl.tmp";
         let copied = (|| {
-            let mut from = crate::manifest::open_input(db)?;
+            let mut from = crate::wire::manifest::open_input(db)?;
             let mut to = state.create_fresh(tmp)?;
             io::copy(&mut from, &mut to)?;
             to.sync_all()?;
-            state.rename(tmp, crate::store::SNAPSHOT.as_bytes())
+            state.rename(tmp, SNAPSHOT.as_bytes())
         })();
         if copied.is_err() {
             let _ = state.unlink(tmp);
-            let _ = state.unlink(crate::store::SNAPSHOT.as_bytes());
+            let _ = state.unlink(SNAPSHOT.as_bytes());
         }
         copied
     }
@@ -610,6 +627,67 @@ fn own_dir(state: &Dir, name: &str) -> io::Result<Dir> {
     }
 }
 
+/// A file being written into a directory of `.bitfog/` (a range, a
+/// delta): it grows under a temporary name and appears under its own only
+/// when `keep` has synced it. Dropped without `keep`, it leaves nothing.
+pub(crate) struct NewFile {
+    dir: Dir,
+    tmp: String,
+    name: String,
+    file: File,
+    kept: bool,
+}
+
+impl NewFile {
+    /// Starts `name` in the `.bitfog/` directory `sub` (made if needed).
+    pub(crate) fn create(courier: &Courier, sub: &str, name: String) -> io::Result<NewFile> {
+        let dir = courier
+            .sub(sub, true)?
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let tmp = match name.rsplit_once('.') {
+            Some((base, _)) => format!("{base}.tmp"),
+            None => format!("{name}.tmp"),
+        };
+        let file = dir.create_fresh(tmp.as_bytes())?;
+        Ok(NewFile {
+            dir,
+            tmp,
+            name,
+            file,
+            kept: false,
+        })
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Syncs the file and puts it under its name; then `record` (if any)
+    /// is written beside it, atomically and synced, so a record never
+    /// stands without its data.
+    pub(crate) fn keep(mut self, record: Option<(&str, &[u8])>) -> io::Result<()> {
+        self.file.sync_all()?;
+        self.dir.rename(self.tmp.as_bytes(), self.name.as_bytes())?;
+        if let Some((name, bytes)) = record {
+            if let Err(e) = self.dir.write_atomic(name, bytes, true) {
+                let _ = self.dir.unlink(self.name.as_bytes());
+                return Err(e);
+            }
+        }
+        self.dir.sync();
+        self.kept = true;
+        Ok(())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = self.dir.unlink(self.tmp.as_bytes());
+        }
+    }
+}
+
 /// A partial download in the courier.
 pub(crate) struct Partial {
     pub(crate) id: String,
@@ -705,15 +783,15 @@ impl LineIndex {
             let mut offset = 0u64;
             loop {
                 line.clear();
-                let n = match crate::manifest::read_line_capped(
+                let n = match crate::wire::manifest::read_line_capped(
                     &mut r,
                     &mut line,
-                    crate::manifest::MAX_LINE,
+                    crate::wire::manifest::MAX_LINE,
                 ) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                if line.ends_with(b"\n") && line.len() <= crate::manifest::MAX_LINE {
+                if line.ends_with(b"\n") && line.len() <= crate::wire::manifest::MAX_LINE {
                     if let Some(k) = serde_json::from_slice::<T>(&line)
                         .ok()
                         .as_ref()
@@ -823,8 +901,10 @@ impl Copies {
     fn read(&mut self) -> Option<CopyInstr> {
         let r = self.lines.as_mut()?;
         let mut line = Vec::new();
-        let n = crate::manifest::read_line_capped(r, &mut line, crate::manifest::MAX_LINE).ok()?;
-        if n == 0 || line.len() > crate::manifest::MAX_LINE {
+        let n =
+            crate::wire::manifest::read_line_capped(r, &mut line, crate::wire::manifest::MAX_LINE)
+                .ok()?;
+        if n == 0 || line.len() > crate::wire::manifest::MAX_LINE {
             return None;
         }
         serde_json::from_slice(&line).ok()
@@ -838,7 +918,7 @@ impl Copies {
                 self.next = Some(self.read()?);
             }
             let rec = self.next.as_ref()?;
-            match crate::paths::name_cmp(&rec.name, &e.name) {
+            match crate::wire::paths::name_cmp(&rec.name, &e.name) {
                 std::cmp::Ordering::Less => self.next = None,
                 std::cmp::Ordering::Greater => return None,
                 std::cmp::Ordering::Equal => {

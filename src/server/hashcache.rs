@@ -10,7 +10,7 @@
 //! treated as empty.
 
 use crate::digest::is_sha256_hex;
-use crate::paths::name_cmp;
+use crate::wire::paths::name_cmp;
 use std::cmp::Ordering;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -228,7 +228,7 @@ struct CachedSig {
     id: String,
     sha256: String,
     #[serde(flatten)]
-    header: crate::delta::SigHeader,
+    header: crate::wire::delta::SigHeader,
 }
 
 fn id_text(id: &[i128; 4]) -> String {
@@ -316,11 +316,11 @@ impl SigCache {
         name: &[u8],
         size: u64,
         id: &[i128; 4],
-    ) -> Option<(String, crate::delta::SigHeader, BufReader<File>)> {
+    ) -> Option<(String, crate::wire::delta::SigHeader, BufReader<File>)> {
         let mut r = BufReader::new(File::open(self.path(name)).ok()?);
         let mut line = Vec::new();
         (&mut r)
-            .take(crate::delta::MAX_HEADER as u64)
+            .take(crate::wire::delta::MAX_HEADER as u64)
             .read_until(b'\n', &mut line)
             .ok()?;
         let c: CachedSig = serde_json::from_slice(&line).ok()?;
@@ -334,7 +334,7 @@ impl SigCache {
         name: &[u8],
         id: &[i128; 4],
         sha256: &str,
-        header: &crate::delta::SigHeader,
+        header: &crate::wire::delta::SigHeader,
         table: &[u8],
     ) -> io::Result<()> {
         if !SigCache::worth(header.size) {

@@ -8,16 +8,19 @@
 //! and become visible only by rename, after hashing and fsync. It must
 //! never read, create, change or delete anything outside an area.
 
+pub(crate) mod hashcache;
+pub(crate) mod scan;
+
 use crate::beneath::{Dir, Kind, Root};
-use crate::delta;
 use crate::digest::{CopyError, Hasher, Writeback, copy_hashing, is_sha256_hex};
 use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
-use crate::hashcache::{CacheFile, SigCache};
 use crate::http::{self, Body, Request, Response};
-use crate::manifest::{End, PartialUpload};
-use crate::paths::{components, has_reserved, is_reserved};
-use crate::protocol::{self, RangeAsk};
-use crate::scan::{self, Item};
+use crate::wire::delta;
+use crate::wire::manifest::{End, PartialUpload};
+use crate::wire::paths::{components, has_reserved, is_reserved};
+use crate::wire::protocol::{self, RangeAsk};
+use hashcache::{CacheFile, SigCache};
+use scan::Item;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -62,7 +65,7 @@ const MAX_PARTIALS_LISTED: usize = 200;
 /// listing's end record may take: half of what clients accept
 /// (`manifest::MAX_END_LINE`), whatever the names. Empty directories past
 /// it are counted in `dirs_omitted` instead.
-const END_RECORD_BUDGET: usize = crate::manifest::MAX_END_LINE / 2;
+const END_RECORD_BUDGET: usize = crate::wire::manifest::MAX_END_LINE / 2;
 /// Listing lines are handed to the writer in chunks of about this size...
 const LISTING_CHUNK: usize = 64 << 10;
 /// ...or after this long, whichever comes first.
@@ -72,15 +75,6 @@ const LISTING_CHUNK_WAIT: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: u64 = 16 << 20;
 /// In-flight requests get this long to finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-pub(crate) fn valid_area_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
 
 /// Reads and checks `bitfog.json`; every error names the file, the area
 /// and the key, and exits 2.
@@ -99,7 +93,7 @@ pub(crate) fn load_config(path: &Path) -> Result<Config> {
     let mut config = Config::new();
     for (name, v) in map {
         let at = format!("{file}: area '{name}'");
-        if !valid_area_name(&name) {
+        if !crate::wire::paths::valid_area_name(&name) {
             return Err(Error::usage(format!(
                 "{at}: area names take letters, digits, '.', '_' and '-'"
             )));
@@ -1005,7 +999,7 @@ fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<
     let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let mut body_left = req.content_length();
     // Holes are hashed as zeros: their size is bounded by the data sent.
-    if !crate::sparse::holes_within_bounds(size, body_left) {
+    if !crate::wire::sparse::holes_within_bounds(size, body_left) {
         return Err(Response::text(
             413,
             format!(
@@ -1118,7 +1112,7 @@ fn extents(root: &Root, comps: &[&[u8]]) -> Response {
         Ok(m) if m.is_file() => m.len(),
         _ => return Response::text(404, "not a regular file"),
     };
-    let list = crate::sparse::data_extents(&file, size);
+    let list = crate::wire::sparse::data_extents(&file, size);
     let body = serde_json::json!({ "size": size, "extents": list });
     Response::new(200, Body::Bytes(format!("{body}\n").into_bytes()))
         .with("Content-Type", "application/json")
@@ -1659,9 +1653,9 @@ mod tests {
 
     #[test]
     fn area_names() {
-        assert!(valid_area_name("vm_images-2.x"));
+        assert!(crate::wire::paths::valid_area_name("vm_images-2.x"));
         for bad in ["", ".", "..", "a/b", "a b", "é"] {
-            assert!(!valid_area_name(bad), "{bad}");
+            assert!(!crate::wire::paths::valid_area_name(bad), "{bad}");
         }
     }
 

@@ -1,10 +1,10 @@
 //! `builddb` and `emptydb`: snapshots of an area written as manifests.
 
 use crate::client::{AreaUrl, Client};
-use crate::delta;
 use crate::error::{Error, Exit, Result};
-use crate::manifest::{DbWriter, as_usage, open_db};
 use crate::ui::{Ui, files_bytes, human_bytes, n_files};
+use crate::wire::delta;
+use crate::wire::manifest::{DbWriter, as_usage, open_db};
 use serde::Serialize;
 use std::path::Path;
 
@@ -36,7 +36,7 @@ pub(crate) fn builddb(
     }
     let end = listing
         .end()
-        .unwrap_or_else(|| crate::manifest::End::new(0, 0, 0));
+        .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
     let skipped = end.skipped;
     out.dirs = end.dirs;
     out.dirs_omitted = end.dirs_omitted;

@@ -1,0 +1,221 @@
+//! Moving bytes between a server and the courier's state directories:
+//! byte ranges of files bigger than a trip (`download_range`,
+//! `upload_range`) and deltas of changed files (`make_delta`). The
+//! courier module knows how these live on disk; this one fetches and
+//! sends them.
+
+use crate::client::{AreaUrl, Client};
+use crate::courier::ranges::{self, RangeRecord};
+use crate::courier::{Courier, deltas};
+use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing, hash_reader};
+use crate::error::{describe_io, is_disk_full};
+use crate::wire::delta::{self, DeltaHeader, Encoder, Signature};
+use crate::wire::manifest::Entry;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Downloads `len` bytes of `e` from `start` into the courier as a range.
+/// Errors are one-line reasons; a full disk says so (`Err(None)`).
+pub(crate) fn download_range(
+    client: &Client,
+    src: &AreaUrl,
+    courier: &Courier,
+    e: &Entry,
+    (start, len): (u64, u64),
+    wire: &AtomicU64,
+) -> Result<RangeRecord, Option<String>> {
+    let why = |what: &str, err: &io::Error| {
+        if is_disk_full(err) {
+            None
+        } else {
+            Some(format!("{what}: {}", describe_io(err)))
+        }
+    };
+    let sha = e.sha256.clone().ok_or(Some(
+        "a range needs the file's SHA-256 in the listing".to_string(),
+    ))?;
+    let mut dl = client
+        .get_range(src, &e.name, start, start + len - 1)
+        .map_err(|err| Some(err.to_string()))?;
+    match dl.content_range {
+        Some((a, b, total))
+            if dl.status == 206 && a == start && b == start + len - 1 && total == e.size => {}
+        _ => {
+            return Err(Some(format!(
+                "the server did not send bytes {start}-{} of {} (changed at the source?)",
+                start + len - 1,
+                e.size
+            )));
+        }
+    }
+    if dl.last_modified.is_some_and(|t| t != e.mtime) {
+        return Err(Some(
+            "modified at the source since the listing; not kept".into(),
+        ));
+    }
+    let range = ranges::create(courier, e, &sha, start)
+        .map_err(|err| why("cannot create range file", &err))?;
+    let mut hasher = Hasher::new();
+    let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(range.file(), 0));
+    let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
+        wire.fetch_add(n, Ordering::Relaxed);
+    });
+    let flushed = out.flush();
+    drop(out);
+    match copied {
+        Ok(n) if n == len => flushed.map_err(|err| why("cannot write range file", &err))?,
+        Ok(n) => {
+            return Err(Some(format!(
+                "download cut short after {n} of {len} bytes; rerun"
+            )));
+        }
+        Err(CopyError::Write(err)) => return Err(why("cannot write range file", &err)),
+        Err(CopyError::Read(err)) => {
+            return Err(Some(format!("download failed: {}", describe_io(&err))));
+        }
+    }
+    let rec = RangeRecord {
+        name: e.name.clone(),
+        size: e.size,
+        sha256: sha,
+        mode: e.mode,
+        mtime: e.mtime,
+        start,
+        len,
+        range_sha256: hasher.hex(),
+    };
+    ranges::keep(range, &rec).map_err(|err| why("cannot record range", &err))?;
+    Ok(rec)
+}
+
+/// What the destination said to one range.
+pub(crate) enum Sent {
+    /// It holds this many bytes of the file now.
+    Partial(u64),
+    /// The file is complete and verified at its path.
+    Complete,
+}
+
+/// Sends one courier range of `e` (SRCDB's entry) to the destination,
+/// after checking it.
+pub(crate) fn upload_range(
+    client: &Client,
+    dest: &AreaUrl,
+    courier: &Courier,
+    (data, rec): (&str, &RangeRecord),
+    e: &Entry,
+) -> Result<Sent, String> {
+    let open = || {
+        ranges::open(courier, data)
+            .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))
+    };
+    let (got, n) = hash_reader(open()?)
+        .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))?;
+    if n != rec.len || got != rec.range_sha256 {
+        return Err(format!(
+            "courier range {}-{} is damaged; not uploaded (the next fetch carries it again)",
+            rec.start,
+            rec.end() - 1
+        ));
+    }
+    match client
+        .put_range(dest, e, (rec.start, rec.len), open()?)
+        .map_err(|e| e.to_string())?
+    {
+        Ok((204, _)) => Ok(Sent::Complete),
+        Ok((_, have)) => Ok(Sent::Partial(have)),
+        Err(r) if r.status == 422 => Err(format!(
+            "the assembled file did not match its SHA-256 ({}); the destination dropped it and it starts over",
+            r.reason
+        )),
+        Err(r) => Err(r.reason),
+    }
+}
+
+/// Why no delta was kept.
+pub(crate) enum NoDelta {
+    /// It would not have been smaller than its limit.
+    TooBig,
+    DiskFull,
+    Failed(String),
+}
+
+/// Reads the listed version of `e` from the source and keeps its delta
+/// against the signature of the destination's version (`base`: its
+/// SHA-256 and signature) if it stays within `limit` bytes. The bytes
+/// read are checked against the listing's SHA-256: a file that changed
+/// at the source leaves no delta.
+pub(crate) fn make_delta(
+    client: &Client,
+    src: &AreaUrl,
+    courier: &Courier,
+    e: &Entry,
+    (base_sha, sig): (&str, &Signature),
+    limit: u64,
+    wire: &AtomicU64,
+) -> Result<u64, NoDelta> {
+    let sha = e
+        .sha256
+        .clone()
+        .ok_or_else(|| NoDelta::Failed("a delta needs the file's SHA-256".into()))?;
+    let mut dl = client
+        .get(src, &e.name, 0, None)
+        .map_err(|err| NoDelta::Failed(err.to_string()))?;
+    if dl.status != 200 || dl.content_length.is_some_and(|n| n != e.size) {
+        return Err(NoDelta::Failed(
+            "the source no longer has the listed version".into(),
+        ));
+    }
+    if dl.last_modified.is_some_and(|t| t != e.mtime) {
+        return Err(NoDelta::Failed(
+            "modified at the source since the listing".into(),
+        ));
+    }
+    let header = DeltaHeader {
+        bitfog_delta: 1,
+        name: e.name.clone(),
+        size: e.size,
+        sha256: sha.clone(),
+        mode: e.mode & 0o777,
+        mtime: e.mtime,
+        base_size: sig.size,
+        base_sha256: base_sha.to_string(),
+    };
+    let made = deltas::create(courier, &e.name, &sha, base_sha).map_err(|err| write_fail(&err))?;
+    let out = io::BufWriter::with_capacity(1 << 20, made.file());
+    let mut enc = Encoder::new(sig, &header, out, limit).map_err(|err| write_fail(&err))?;
+    let mut hasher = Hasher::new();
+    let n = copy_hashing(&mut dl.body, &mut enc, &mut hasher, e.size, |n| {
+        wire.fetch_add(n, Ordering::Relaxed);
+    })
+    .map_err(|err| match err {
+        CopyError::Write(err) => write_fail(&err),
+        CopyError::Read(err) => NoDelta::Failed(format!("download failed: {}", describe_io(&err))),
+    })?;
+    if n != e.size {
+        return Err(NoDelta::Failed(format!(
+            "download cut short after {n} of {} bytes",
+            e.size
+        )));
+    }
+    if hasher.hex() != sha {
+        return Err(NoDelta::Failed(
+            "changed at the source while it was read; not kept".into(),
+        ));
+    }
+    let (mut out, len) = enc.finish().map_err(|err| write_fail(&err))?;
+    out.flush().map_err(|err| write_fail(&err))?;
+    drop(out);
+    made.keep(None).map_err(|err| write_fail(&err))?;
+    Ok(len)
+}
+
+fn write_fail(err: &io::Error) -> NoDelta {
+    if err.to_string() == delta::TOO_BIG {
+        NoDelta::TooBig
+    } else if is_disk_full(err) {
+        NoDelta::DiskFull
+    } else {
+        NoDelta::Failed(format!("cannot write the delta: {}", describe_io(err)))
+    }
+}

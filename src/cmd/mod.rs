@@ -1,0 +1,8 @@
+//! The commands that move data: `builddb` and `emptydb` (`db`), `plan` and
+//! `fetch` (`fetch`), `store` (`store`). They use the client, the courier,
+//! the plan and the wire formats; nothing uses them but `lib.rs`.
+
+pub(crate) mod carry;
+pub(crate) mod db;
+pub(crate) mod fetch;
+pub(crate) mod store;
