@@ -397,10 +397,9 @@ fn the_server_checks_a_copy_before_it_appears() {
 }
 
 #[test]
+#[ignore = "needs strace (.ci/run installs it)"]
 fn kill_9_during_a_server_side_copy_leaves_everything_as_it_was() {
-    if strace_missing() {
-        return;
-    }
+    require_strace();
     let t = Scratch::new();
     let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     let body = data(6, 32 << 20);
@@ -534,10 +533,9 @@ fn a_file_bigger_than_the_courier_arrives_over_several_trips() {
 }
 
 #[test]
+#[ignore = "needs strace (.ci/run installs it)"]
 fn a_damaged_range_and_a_server_killed_mid_range_lose_nothing() {
-    if strace_missing() {
-        return;
-    }
+    require_strace();
     let t = Scratch::new();
     let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     let body = data(43, 12 << 20);
@@ -613,6 +611,7 @@ fn a_damaged_range_and_a_server_killed_mid_range_lose_nothing() {
 }
 
 #[test]
+#[ignore = "needs a TMPDIR whose filesystem keeps holes"]
 fn sparse_images_travel_without_their_holes() {
     use std::os::unix::fs::FileExt;
     let t = Scratch::new();
@@ -624,10 +623,10 @@ fn sparse_images_travel_without_their_holes() {
     img.write_all_at(&data(8, 1 << 20), 20 << 20).unwrap();
     drop(img);
     let src_alloc = fs::metadata(src.join("vm.img")).unwrap().blocks() * 512;
-    if src_alloc >= 16 << 20 {
-        eprintln!("skipped: this filesystem does not keep holes");
-        return;
-    }
+    assert!(
+        src_alloc < 16 << 20,
+        "this test needs a TMPDIR whose filesystem keeps holes"
+    );
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let relay = Relay::start(server.addr, std::time::Duration::ZERO);
     let (su, du) = (relay.url("src"), relay.url("dst"));

@@ -279,10 +279,9 @@ fn a_damaged_delta_is_refused_and_made_again() {
 }
 
 #[test]
+#[ignore = "needs strace (.ci/run installs it)"]
 fn kill_9_while_patching_leaves_the_old_file() {
-    if strace_missing() {
-        return;
-    }
+    require_strace();
     let t = Scratch::new();
     let old = data(31, 16 * MIB);
     let new = overwrite(old.clone(), 9 * MIB, 100_000, 32);

@@ -344,9 +344,10 @@ fn a_body_cut_short_changes_nothing() {
     let mut s = TcpStream::connect(server.addr).unwrap();
     s.write_all(b"PUT /dst/f HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\npartial body")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
     drop(s);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the server to finish with the cut PUT", || {
+        server.log_text().contains("\"PUT /dst/f\"")
+    });
     assert_eq!(fs::read(dst.join("f")).unwrap(), b"old");
     assert_no_temps(&dst);
     assert_serving(server.addr);
@@ -592,18 +593,22 @@ fn connection_cap_and_descriptor_exhaustion() {
     for _ in 0..60 {
         held.push(TcpStream::connect(a).unwrap());
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let answer = raw(
-        a,
-        b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
-        Duration::from_secs(2),
-    );
+    // The event thread takes the connections in as it gets to them.
+    let mut answer = String::new();
+    wait_until("a 503 once the connections are held", || {
+        answer = raw(
+            a,
+            b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+            Duration::from_secs(2),
+        );
+        answer.starts_with("HTTP/1.1 503")
+    });
     assert!(
         answer.starts_with("HTTP/1.1 503") && answer.ends_with("too many open connections\n"),
         "{answer}"
     );
     drop(held);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the server to serve again", || get(a, "/").status == 200);
     assert!(server.alive(), "the server survives a connection flood");
     assert_serving(a);
     assert_eq!(get(a, "/src/f").body, data(1, 5000));

@@ -422,7 +422,7 @@ fn hostile_listing_names_never_land_outside_the_courier() {
 }
 
 /// Mounts a tmpfs of `size` at `dir`; false when this machine cannot.
-fn mount_tmpfs(dir: &std::path::Path, size: &str) -> bool {
+fn mount_tmpfs(dir: &std::path::Path, size: &str) {
     fs::create_dir_all(dir).unwrap();
     let ok = std::process::Command::new("mount")
         .args([
@@ -433,13 +433,9 @@ fn mount_tmpfs(dir: &std::path::Path, size: &str) -> bool {
             "tmpfs",
             dir.to_str().unwrap(),
         ])
-        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-    }
-    ok
+    assert!(ok, "this test needs root: it mounts a tmpfs");
 }
 
 struct Unmount(std::path::PathBuf);
@@ -454,6 +450,7 @@ impl Drop for Unmount {
 }
 
 #[test]
+#[ignore = "needs root (mounts a tmpfs)"]
 fn a_full_courier_disk_stops_fetch_cleanly_and_resumes() {
     let t = Scratch::new();
     let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
@@ -461,9 +458,7 @@ fn a_full_courier_disk_stops_fetch_cleanly_and_resumes() {
         write(&src, &format!("f{i}"), &data(i, len));
     }
     let courier = t.path("courier");
-    if !mount_tmpfs(&courier, "2M") {
-        return;
-    }
+    mount_tmpfs(&courier, "2M");
     let _guard = Unmount(courier.clone());
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let (su, du) = (server.url("src"), server.url("dst"));
@@ -509,15 +504,14 @@ fn a_full_courier_disk_stops_fetch_cleanly_and_resumes() {
 }
 
 #[test]
+#[ignore = "needs root (mounts a tmpfs)"]
 fn a_full_destination_disk_answers_507_and_keeps_nothing_partial() {
     let t = Scratch::new();
     let src = t.mkdir("src");
     write(&src, "small", &data(1, 100_000));
     write(&src, "large", &data(2, 3_000_000));
     let dst = t.path("dst");
-    if !mount_tmpfs(&dst, "1M") {
-        return;
-    }
+    mount_tmpfs(&dst, "1M");
     let _guard = Unmount(dst.clone());
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let (su, du) = (server.url("src"), server.url("dst"));
@@ -795,10 +789,9 @@ fn a_listing_of_endless_empty_lines_ends_with_an_error() {
 }
 
 #[test]
+#[ignore = "needs strace (.ci/run installs it)"]
 fn writes_failing_with_enospc_stop_fetch_cleanly() {
-    if strace_missing() {
-        return;
-    }
+    require_strace();
     let t = Scratch::new();
     let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     for i in 0..4 {

@@ -479,6 +479,16 @@ pub fn get(addr: SocketAddr, path: &str) -> Resp {
     http(addr, "GET", path, &[], b"")
 }
 
+/// Polls `cond` until it holds, failing the test after 20 s with `what`.
+#[track_caller]
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Checks the server still answers a normal request promptly.
 #[track_caller]
 pub fn assert_serving(addr: SocketAddr) {
@@ -723,12 +733,12 @@ pub fn restart_removing(conf: &Path, log: &Path, temp: &Path) -> Server {
     server
 }
 
-/// True (after saying so) when strace, which some fault tests run the
-/// server under, is not installed: those tests skip.
-pub fn strace_missing() -> bool {
-    let missing = Command::new("strace").arg("-V").output().is_err();
-    if missing {
-        eprintln!("skipped: strace is needed (apt-get install strace)");
-    }
-    missing
+/// Fails the test at once, with the reason, when strace (which some fault
+/// tests run the server under) is not installed.
+#[track_caller]
+pub fn require_strace() {
+    assert!(
+        Command::new("strace").arg("-V").output().is_ok(),
+        "this test needs strace (apt-get install strace; .ci/run does)"
+    );
 }
