@@ -14,8 +14,53 @@ use crate::wire::manifest::Entry;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Why moving one file, range or delta did not complete, matched by
+/// variant: a full disk stops the run cleanly; anything else fails that
+/// item and the run goes on.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The disk being written (the courier's) is full.
+    DiskFull,
+    /// The source no longer has the listed version (size, hash or mtime
+    /// changed, or the server sent more or other bytes).
+    SourceChanged(String),
+    /// What the courier holds does not match its record.
+    Damaged(String),
+    /// A delta would not be smaller than what it may take.
+    TooBig,
+    /// The other end answered with a refusal.
+    Refused(String),
+    /// Any other failure of the disk or the network.
+    Io(String),
+}
+
+impl Failure {
+    /// An I/O error while doing `what`: a full disk is `DiskFull`.
+    pub(crate) fn io(what: &str, err: &io::Error) -> Failure {
+        if is_disk_full(err) {
+            Failure::DiskFull
+        } else if delta::is_too_big(err) {
+            Failure::TooBig
+        } else {
+            Failure::Io(format!("{what}: {}", describe_io(err)))
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::DiskFull => f.write_str("the disk is full"),
+            Failure::TooBig => f.write_str("the delta would not be smaller than its limit"),
+            Failure::SourceChanged(why)
+            | Failure::Damaged(why)
+            | Failure::Refused(why)
+            | Failure::Io(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Downloads `len` bytes of `e` from `start` into the courier as a range.
-/// Errors are one-line reasons; a full disk says so (`Err(None)`).
 pub(crate) fn download_range(
     client: &Client,
     src: &AreaUrl,
@@ -23,25 +68,19 @@ pub(crate) fn download_range(
     e: &Entry,
     (start, len): (u64, u64),
     wire: &AtomicU64,
-) -> Result<RangeRecord, Option<String>> {
-    let why = |what: &str, err: &io::Error| {
-        if is_disk_full(err) {
-            None
-        } else {
-            Some(format!("{what}: {}", describe_io(err)))
-        }
-    };
-    let sha = e.sha256.clone().ok_or(Some(
+) -> Result<RangeRecord, Failure> {
+    let why = Failure::io;
+    let sha = e.sha256.clone().ok_or(Failure::Refused(
         "a range needs the file's SHA-256 in the listing".to_string(),
     ))?;
     let mut dl = client
         .get_range(src, &e.name, start, start + len - 1)
-        .map_err(|err| Some(err.to_string()))?;
+        .map_err(|err| Failure::Io(err.to_string()))?;
     match dl.content_range {
         Some((a, b, total))
             if dl.status == 206 && a == start && b == start + len - 1 && total == e.size => {}
         _ => {
-            return Err(Some(format!(
+            return Err(Failure::SourceChanged(format!(
                 "the server did not send bytes {start}-{} of {} (changed at the source?)",
                 start + len - 1,
                 e.size
@@ -49,7 +88,7 @@ pub(crate) fn download_range(
         }
     }
     if dl.last_modified.is_some_and(|t| t != e.mtime) {
-        return Err(Some(
+        return Err(Failure::SourceChanged(
             "modified at the source since the listing; not kept".into(),
         ));
     }
@@ -65,13 +104,16 @@ pub(crate) fn download_range(
     match copied {
         Ok(n) if n == len => flushed.map_err(|err| why("cannot write range file", &err))?,
         Ok(n) => {
-            return Err(Some(format!(
+            return Err(Failure::Io(format!(
                 "download cut short after {n} of {len} bytes; rerun"
             )));
         }
         Err(CopyError::Write(err)) => return Err(why("cannot write range file", &err)),
         Err(CopyError::Read(err)) => {
-            return Err(Some(format!("download failed: {}", describe_io(&err))));
+            return Err(Failure::Io(format!(
+                "download failed: {}",
+                describe_io(&err)
+            )));
         }
     }
     let rec = RangeRecord {
@@ -104,40 +146,30 @@ pub(crate) fn upload_range(
     courier: &Courier,
     (data, rec): (&str, &RangeRecord),
     e: &Entry,
-) -> Result<Sent, String> {
-    let open = || {
-        ranges::open(courier, data)
-            .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))
-    };
-    let (got, n) = hash_reader(open()?)
-        .map_err(|e| format!("cannot read courier range: {}", describe_io(&e)))?;
+) -> Result<Sent, Failure> {
+    let open =
+        || ranges::open(courier, data).map_err(|e| Failure::io("cannot read courier range", &e));
+    let (got, n) =
+        hash_reader(open()?).map_err(|e| Failure::io("cannot read courier range", &e))?;
     if n != rec.len || got != rec.range_sha256 {
-        return Err(format!(
+        return Err(Failure::Damaged(format!(
             "courier range {}-{} is damaged; not uploaded (the next fetch carries it again)",
             rec.start,
             rec.end() - 1
-        ));
+        )));
     }
     match client
         .put_range(dest, e, (rec.start, rec.len), open()?)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Failure::Io(e.to_string()))?
     {
         Ok((204, _)) => Ok(Sent::Complete),
         Ok((_, have)) => Ok(Sent::Partial(have)),
-        Err(r) if r.status == 422 => Err(format!(
+        Err(r) if r.status == 422 => Err(Failure::Refused(format!(
             "the assembled file did not match its SHA-256 ({}); the destination dropped it and it starts over",
             r.reason
-        )),
-        Err(r) => Err(r.reason),
+        ))),
+        Err(r) => Err(Failure::Refused(r.reason)),
     }
-}
-
-/// Why no delta was kept.
-pub(crate) enum NoDelta {
-    /// It would not have been smaller than its limit.
-    TooBig,
-    DiskFull,
-    Failed(String),
 }
 
 /// Reads the listed version of `e` from the source and keeps its delta
@@ -153,21 +185,21 @@ pub(crate) fn make_delta(
     (base_sha, sig): (&str, &Signature),
     limit: u64,
     wire: &AtomicU64,
-) -> Result<u64, NoDelta> {
+) -> Result<u64, Failure> {
     let sha = e
         .sha256
         .clone()
-        .ok_or_else(|| NoDelta::Failed("a delta needs the file's SHA-256".into()))?;
+        .ok_or_else(|| Failure::Refused("a delta needs the file's SHA-256".into()))?;
     let mut dl = client
         .get(src, &e.name, 0, None)
-        .map_err(|err| NoDelta::Failed(err.to_string()))?;
+        .map_err(|err| Failure::Io(err.to_string()))?;
     if dl.status != 200 || dl.content_length.is_some_and(|n| n != e.size) {
-        return Err(NoDelta::Failed(
+        return Err(Failure::SourceChanged(
             "the source no longer has the listed version".into(),
         ));
     }
     if dl.last_modified.is_some_and(|t| t != e.mtime) {
-        return Err(NoDelta::Failed(
+        return Err(Failure::SourceChanged(
             "modified at the source since the listing".into(),
         ));
     }
@@ -190,16 +222,16 @@ pub(crate) fn make_delta(
     })
     .map_err(|err| match err {
         CopyError::Write(err) => write_fail(&err),
-        CopyError::Read(err) => NoDelta::Failed(format!("download failed: {}", describe_io(&err))),
+        CopyError::Read(err) => Failure::Io(format!("download failed: {}", describe_io(&err))),
     })?;
     if n != e.size {
-        return Err(NoDelta::Failed(format!(
+        return Err(Failure::Io(format!(
             "download cut short after {n} of {} bytes",
             e.size
         )));
     }
     if hasher.hex() != sha {
-        return Err(NoDelta::Failed(
+        return Err(Failure::SourceChanged(
             "changed at the source while it was read; not kept".into(),
         ));
     }
@@ -210,12 +242,6 @@ pub(crate) fn make_delta(
     Ok(len)
 }
 
-fn write_fail(err: &io::Error) -> NoDelta {
-    if err.to_string() == delta::TOO_BIG {
-        NoDelta::TooBig
-    } else if is_disk_full(err) {
-        NoDelta::DiskFull
-    } else {
-        NoDelta::Failed(format!("cannot write the delta: {}", describe_io(err)))
-    }
+fn write_fail(err: &io::Error) -> Failure {
+    Failure::io("cannot write the delta", err)
 }

@@ -7,14 +7,14 @@
 //! after re-hashing the bytes already on disk.
 
 use crate::client::{AreaUrl, Client};
-use crate::cmd::carry::{self, NoDelta};
+use crate::cmd::carry::{self, Failure};
 use crate::courier::CopyInstr;
 use crate::courier::copies::{DestIndex, Instructions, Origin};
 use crate::courier::deltas;
 use crate::courier::ranges::{self, RangeRecord};
 use crate::courier::{self, Carried, Courier, PartialMeta};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
-use crate::error::{Exit, Result, describe_io, is_disk_full};
+use crate::error::{Exit, Result, describe_io};
 use crate::plan::{self, Need};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
 use crate::wire::delta::SigIndex;
@@ -239,23 +239,6 @@ struct FetchSummary {
     skipped: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     dry_run: bool,
-}
-
-/// Why one download failed.
-enum Fail {
-    /// The courier's disk is full; the partial file is kept.
-    DiskFull,
-    Other(String),
-}
-
-/// An I/O error while fetching: a full disk stops the run, anything else
-/// fails this file.
-fn io_fail(what: &str, err: &io::Error) -> Fail {
-    if is_disk_full(err) {
-        Fail::DiskFull
-    } else {
-        Fail::Other(format!("{what}: {}", describe_io(err)))
-    }
 }
 
 /// `bitfog fetch DESTDB SRCURL COURIER`.
@@ -512,7 +495,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     ));
                 }
             }
-            Err(NoDelta::TooBig) => {
+            Err(Failure::TooBig) => {
                 if ui.verbose {
                     ui.log(format!(
                         "'{}': a delta would not be smaller than {}; the file travels whole",
@@ -521,7 +504,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     ));
                 }
             }
-            Err(NoDelta::DiskFull) => {
+            Err(Failure::DiskFull) => {
                 disk_full.store(true, Ordering::SeqCst);
                 ui.error(format!(
                     "'{}': the courier disk is full; stopping (complete files are kept)",
@@ -529,7 +512,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                 ));
                 break;
             }
-            Err(NoDelta::Failed(why)) => {
+            Err(why) => {
                 ui.log(format!(
                     "'{}': no delta: {why}; the file travels whole",
                     e.name
@@ -636,7 +619,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                             progress.files.fetch_add(1, Ordering::Relaxed);
                             done.lock().expect("done list").push(i);
                         }
-                        Err(Fail::DiskFull) => {
+                        Err(Failure::DiskFull) => {
                             if !disk_full.swap(true, Ordering::SeqCst) {
                                 ui.error(format!(
                                     "'{}': the courier disk is full; stopping (complete files are kept)",
@@ -644,7 +627,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                                 ));
                             }
                         }
-                        Err(Fail::Other(why)) => {
+                        Err(why) => {
                             ui.error(format!("'{}': {why}", e.name));
                             fails.fetch_add(1, Ordering::Relaxed);
                         }
@@ -677,14 +660,14 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
                     ));
                 }
             }
-            Err(None) => {
+            Err(Failure::DiskFull) => {
                 disk_full.store(true, Ordering::SeqCst);
                 ui.error(format!(
                     "'{}': the courier disk is full; stopping (complete files are kept)",
                     opts.courier.display()
                 ));
             }
-            Err(Some(why)) => {
+            Err(why) => {
                 ui.error(format!("'{}' (bytes from {start}): {why}", e.name));
                 fails.fetch_add(1, Ordering::Relaxed);
             }
@@ -997,7 +980,7 @@ fn download(
     resume: Option<&PartialMeta>,
     wire: &AtomicU64,
     shown: &AtomicU64,
-) -> std::result::Result<(), Fail> {
+) -> std::result::Result<(), Failure> {
     if e.alloc.is_some_and(|a| a < e.size) && e.sha256.is_some() {
         return download_sparse(client, src, courier, e, wire, shown);
     }
@@ -1008,12 +991,12 @@ fn download(
     });
     let mut part = courier
         .open_partial(&id, resume.is_some())
-        .map_err(|err| io_fail("cannot open partial file", &err))?;
+        .map_err(|err| Failure::io("cannot open partial file", &err))?;
     let mut hasher = Hasher::new();
     // Only a partial that belongs to this version is continued.
     let mut offset = if resume.is_some() {
         rehash_prefix(&mut part, e.size, &mut hasher)
-            .map_err(|err| io_fail("cannot read partial file", &err))?
+            .map_err(|err| Failure::io("cannot read partial file", &err))?
     } else {
         0
     };
@@ -1021,15 +1004,15 @@ fn download(
         hasher = Hasher::new();
     }
     part.set_len(offset)
-        .map_err(|err| io_fail("cannot truncate partial file", &err))?;
+        .map_err(|err| Failure::io("cannot truncate partial file", &err))?;
     part.seek(SeekFrom::Start(offset))
-        .map_err(|err| io_fail("cannot seek partial file", &err))?;
+        .map_err(|err| Failure::io("cannot seek partial file", &err))?;
 
     let mut last_modified = None;
     if offset < e.size || e.size == 0 {
         let mut dl = client
             .get(src, &e.name, offset, meta.etag.as_deref())
-            .map_err(|err| Fail::Other(err.to_string()))?;
+            .map_err(|err| Failure::Io(err.to_string()))?;
         match (dl.status, dl.content_range) {
             (206, Some((start, _, total))) if start == offset && total == e.size => {}
             (200, _) => {
@@ -1038,19 +1021,19 @@ fn download(
                     offset = 0;
                     hasher = Hasher::new();
                     part.set_len(0)
-                        .map_err(|err| io_fail("cannot truncate partial file", &err))?;
+                        .map_err(|err| Failure::io("cannot truncate partial file", &err))?;
                     part.seek(SeekFrom::Start(0))
-                        .map_err(|err| io_fail("cannot seek partial file", &err))?;
+                        .map_err(|err| Failure::io("cannot seek partial file", &err))?;
                 }
                 if dl.content_length.is_some_and(|n| n != e.size) {
                     courier.discard_partial(&id);
-                    return Err(Fail::Other(
+                    return Err(Failure::SourceChanged(
                         "size changed at the source since the listing".into(),
                     ));
                 }
             }
             (status, _) => {
-                return Err(Fail::Other(format!(
+                return Err(Failure::Refused(format!(
                     "unexpected answer {status} to a range request"
                 )));
             }
@@ -1062,7 +1045,7 @@ fn download(
             meta.etag = dl.etag.clone();
             courier
                 .write_sidecar(&id, &meta)
-                .map_err(|err| io_fail("cannot write partial state", &err))?;
+                .map_err(|err| Failure::io("cannot write partial state", &err))?;
         }
         let want = e.size - offset;
         let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, offset));
@@ -1074,25 +1057,27 @@ fn download(
         match copied {
             Ok(n) if n == want => {}
             Ok(n) => {
-                return Err(Fail::Other(format!(
+                return Err(Failure::Io(format!(
                     "download cut short after {} of {} bytes; rerun to resume",
                     offset + n,
                     e.size
                 )));
             }
-            Err(CopyError::Write(err)) => return Err(io_fail("cannot write courier file", &err)),
+            Err(CopyError::Write(err)) => {
+                return Err(Failure::io("cannot write courier file", &err));
+            }
             Err(CopyError::Read(err)) => {
-                return Err(Fail::Other(format!(
+                return Err(Failure::Io(format!(
                     "download failed: {}; rerun to resume",
                     describe_io(&err)
                 )));
             }
         }
-        flushed.map_err(|err| io_fail("cannot write courier file", &err))?;
+        flushed.map_err(|err| Failure::io("cannot write courier file", &err))?;
         let mut extra = [0u8; 1];
         if matches!(dl.body.read(&mut extra), Ok(n) if n > 0) {
             courier.discard_partial(&id);
-            return Err(Fail::Other(
+            return Err(Failure::SourceChanged(
                 "the server sent more bytes than listed (changed at the source?)".into(),
             ));
         }
@@ -1105,7 +1090,7 @@ fn download(
     };
     if !verified {
         courier.discard_partial(&id);
-        return Err(Fail::Other(match &e.sha256 {
+        return Err(Failure::SourceChanged(match &e.sha256 {
             Some(want) => format!(
                 "sha256 mismatch: got {got}, listed {want} (changed at the source?); not kept"
             ),
@@ -1117,9 +1102,9 @@ fn download(
 
 /// Puts a verified partial file in place: mode, mtime, fsync, rename, and
 /// the record of what the courier carries.
-fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Result<(), Fail> {
+fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Result<(), Failure> {
     part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600))
-        .map_err(|err| io_fail("cannot set mode", &err))?;
+        .map_err(|err| Failure::io("cannot set mode", &err))?;
     let mtime = if e.mtime >= 0 {
         UNIX_EPOCH + Duration::from_secs(e.mtime as u64)
     } else {
@@ -1127,17 +1112,17 @@ fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Re
     };
     let _ = part.set_modified(mtime);
     part.sync_all()
-        .map_err(|err| io_fail("cannot sync courier file", &err))?;
+        .map_err(|err| Failure::io("cannot sync courier file", &err))?;
     drop(part);
     courier
         .place(id, &e.name)
-        .map_err(|err| io_fail("cannot move into place", &err))?;
+        .map_err(|err| Failure::io("cannot move into place", &err))?;
     if e.size > RESUME_MIN {
         courier.remove_sidecar(id);
     }
     courier
         .append_log(&Carried::of(e))
-        .map_err(|err| io_fail("cannot record carried file", &err))?;
+        .map_err(|err| Failure::io("cannot record carried file", &err))?;
     Ok(())
 }
 
@@ -1152,42 +1137,42 @@ fn download_sparse(
     e: &Entry,
     wire: &AtomicU64,
     shown: &AtomicU64,
-) -> std::result::Result<(), Fail> {
+) -> std::result::Result<(), Failure> {
     let id = Courier::partial_id(&e.name);
     let (size, extents) = client
         .extents(src, &e.name)
-        .map_err(|err| Fail::Other(err.to_string()))?;
+        .map_err(|err| Failure::Io(err.to_string()))?;
     if size != e.size {
-        return Err(Fail::Other(
+        return Err(Failure::SourceChanged(
             "size changed at the source since the listing".into(),
         ));
     }
     let part = courier
         .open_partial(&id, false)
-        .map_err(|err| io_fail("cannot open partial file", &err))?;
+        .map_err(|err| Failure::io("cannot open partial file", &err))?;
     part.set_len(e.size)
-        .map_err(|err| io_fail("cannot size partial file", &err))?;
+        .map_err(|err| Failure::io("cannot size partial file", &err))?;
     let mut hasher = Hasher::new();
     let mut pos = 0u64;
     for (start, len) in extents {
         if start < pos || len == 0 || start.checked_add(len).is_none_or(|end| end > size) {
             courier.discard_partial(&id);
-            return Err(Fail::Other("the server sent a bad extent list".into()));
+            return Err(Failure::Io("the server sent a bad extent list".into()));
         }
         crate::digest::hash_zeros(&mut hasher, start - pos);
         let mut dl = client
             .get_range(src, &e.name, start, start + len - 1)
-            .map_err(|err| Fail::Other(err.to_string()))?;
+            .map_err(|err| Failure::Io(err.to_string()))?;
         let whole = dl.content_range == Some((start, start + len - 1, size));
         if dl.status != 206 || !whole || dl.last_modified.is_some_and(|t| t != e.mtime) {
             courier.discard_partial(&id);
-            return Err(Fail::Other(
+            return Err(Failure::SourceChanged(
                 "changed at the source since the listing; not kept".into(),
             ));
         }
         (&part)
             .seek(SeekFrom::Start(start))
-            .map_err(|err| io_fail("cannot seek partial file", &err))?;
+            .map_err(|err| Failure::io("cannot seek partial file", &err))?;
         let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, start));
         let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
             wire.fetch_add(n, Ordering::Relaxed);
@@ -1197,13 +1182,15 @@ fn download_sparse(
         drop(out);
         match copied {
             Ok(n) if n == len => {
-                flushed.map_err(|err| io_fail("cannot write courier file", &err))?
+                flushed.map_err(|err| Failure::io("cannot write courier file", &err))?
             }
             Ok(_) | Err(CopyError::Read(_)) => {
                 courier.discard_partial(&id);
-                return Err(Fail::Other("download cut short; rerun".into()));
+                return Err(Failure::Io("download cut short; rerun".into()));
             }
-            Err(CopyError::Write(err)) => return Err(io_fail("cannot write courier file", &err)),
+            Err(CopyError::Write(err)) => {
+                return Err(Failure::io("cannot write courier file", &err));
+            }
         }
         pos = start + len;
     }
@@ -1211,7 +1198,7 @@ fn download_sparse(
     let got = hasher.hex();
     if e.sha256.as_deref() != Some(got.as_str()) {
         courier.discard_partial(&id);
-        return Err(Fail::Other(format!(
+        return Err(Failure::SourceChanged(format!(
             "sha256 mismatch: got {got} (changed at the source?); not kept"
         )));
     }

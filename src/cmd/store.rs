@@ -15,7 +15,7 @@ use crate::wire::manifest::{DbWriter, Entry, as_usage, open_db};
 use crate::wire::paths::check_carried_name;
 use std::collections::{HashMap, HashSet};
 
-use crate::cmd::carry;
+use crate::cmd::carry::{self, Failure};
 use crate::courier::{RECEIPT, SNAPSHOT};
 
 /// One name of the receipt being made: the entry the destination has
@@ -387,7 +387,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let unsure = AtomicBool::new(false);
     // Files sent as ranges: how much of each the destination holds now.
     let progress_of: Mutex<HashMap<String, (Entry, u64)>> = Mutex::new(HashMap::new());
-    let record = |action: &Action, outcome: std::result::Result<(), String>| {
+    let record = |action: &Action, outcome: std::result::Result<(), Failure>| {
         match (action, &outcome) {
             (
                 Action::Upload(e)
@@ -788,7 +788,7 @@ fn send_ranges(
     courier: &Courier,
     held: &[(String, ranges::RangeRecord)],
     e: &Entry,
-) -> std::result::Result<Option<u64>, String> {
+) -> std::result::Result<Option<u64>, Failure> {
     let mut have = None;
     for (data, rec) in held.iter().filter(|(_, r)| r.of(e)) {
         match carry::upload_range(client, dest, courier, (data, rec), e)? {
@@ -832,7 +832,7 @@ fn run_copy(
     client: &Client,
     dest: &AreaUrl,
     action: &Action,
-) -> std::result::Result<std::result::Result<(), String>, Retry> {
+) -> std::result::Result<std::result::Result<(), Failure>, Retry> {
     let Action::Copy(e, from) = action else {
         unreachable!("only copies")
     };
@@ -840,12 +840,12 @@ fn run_copy(
         Ok(Err(r)) if r.status == 409 || r.status == 422 => Err(Retry),
         Ok(Err(r)) => Ok(Err(copy_refused(from, r))),
         Ok(Ok(())) => Ok(Ok(())),
-        Err(e) => Ok(Err(e.to_string())),
+        Err(e) => Ok(Err(Failure::Io(e.to_string()))),
     }
 }
 
-fn copy_refused(from: &str, r: crate::client::Refused) -> String {
-    match r.status {
+fn copy_refused(from: &str, r: crate::client::Refused) -> Failure {
+    Failure::Refused(match r.status {
         409 | 422 => format!(
             "the destination no longer has '{from}' as listed ({}); the next fetch carries the file",
             r.reason
@@ -856,7 +856,7 @@ fn copy_refused(from: &str, r: crate::client::Refused) -> String {
         ),
         507 => format!("the destination disk is full ({})", r.reason),
         _ => r.reason,
-    }
+    })
 }
 
 fn run(
@@ -864,64 +864,68 @@ fn run(
     courier: &Courier,
     dest: &AreaUrl,
     action: &Action,
-) -> std::result::Result<(), String> {
-    let refused = |r: crate::client::Refused| match r.status {
-        507 => format!("the destination disk is full ({})", r.reason),
-        422 => format!(
-            "the destination refused the content as changed ({})",
-            r.reason
-        ),
-        _ => r.reason,
+) -> std::result::Result<(), Failure> {
+    let refused = |r: crate::client::Refused| {
+        Failure::Refused(match r.status {
+            507 => format!("the destination disk is full ({})", r.reason),
+            422 => format!(
+                "the destination refused the content as changed ({})",
+                r.reason
+            ),
+            _ => r.reason,
+        })
     };
     match action {
-        Action::Ranges(_) => Err("ranges are sent by send_ranges".into()),
+        Action::Ranges(_) => Err(Failure::Io("ranges are sent by send_ranges".into())),
         Action::Patch(e, file, _) => {
-            let open_err =
-                |err: std::io::Error| format!("cannot read the delta: {}", describe_io(&err));
+            let open_err = |err: std::io::Error| Failure::io("cannot read the delta", &err);
             // The whole delta is checked before it leaves: a damaged one
             // is not sent (the destination would refuse it too).
             let header = crate::courier::deltas::open(courier, file).map_err(open_err).and_then(|f| {
                 crate::wire::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
-                    format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one")
+                    Failure::Damaged(format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one"))
                 })
             })?;
             if !header.name.eq(&e.name) || header.sha256 != e.sha256.clone().unwrap_or_default() {
-                return Err("the delta in the courier is for another version; not sent".into());
+                return Err(Failure::Damaged(
+                    "the delta in the courier is for another version; not sent".into(),
+                ));
             }
             let file = crate::courier::deltas::open(courier, file).map_err(open_err)?;
             let len = file.metadata().map_err(open_err)?.len();
             match client
                 .put_delta(dest, e, file, len)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| Failure::Io(e.to_string()))?
             {
                 Ok(()) => Ok(()),
-                Err(r) if r.status == 409 => Err(format!("{BASE_CHANGED} ({})", r.reason)),
-                Err(r) if r.status == 400 || r.status == 405 => Err(format!(
+                Err(r) if r.status == 409 => {
+                    Err(Failure::Refused(format!("{BASE_CHANGED} ({})", r.reason)))
+                }
+                Err(r) if r.status == 400 || r.status == 405 => Err(Failure::Refused(format!(
                     "the destination cannot apply deltas ({}); carry the file whole",
                     r.reason
-                )),
+                ))),
                 Err(r) => Err(refused(r)),
             }
         }
         Action::Copy(e, from) => client
             .put_copy(dest, e, from)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Failure::Io(e.to_string()))?
             .map_err(|r| copy_refused(from, r)),
         Action::Delete(name) => client
             .delete(dest, name)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Failure::Io(e.to_string()))?
             .map_err(refused),
         Action::Link(e) => client
             .put_symlink(dest, &e.name, e.linkdest.as_deref().unwrap_or_default())
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Failure::Io(e.to_string()))?
             .map_err(refused),
         Action::Upload(e) => {
-            let open_err =
-                |err: std::io::Error| format!("cannot read courier copy: {}", describe_io(&err));
+            let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
             let mut file = courier
                 .open_carried(&e.name)
                 .map_err(open_err)?
-                .ok_or("courier copy vanished")?;
+                .ok_or(Failure::Damaged("courier copy vanished".into()))?;
             let len = file.metadata().map_err(open_err)?.len();
             let damaged = |why: String| {
                 let mark = Carried {
@@ -929,7 +933,9 @@ fn run(
                     ..Carried::of(e)
                 };
                 let _ = courier.append_log(&mark);
-                Err(format!("{why}; not uploaded (the next fetch replaces it)"))
+                Err(Failure::Damaged(format!(
+                    "{why}; not uploaded (the next fetch replaces it)"
+                )))
             };
             if len != e.size {
                 return damaged(format!(
@@ -963,12 +969,14 @@ fn run(
                         "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
                     ));
                 }
-                return sent.map_err(|e| e.to_string())?.map_err(refused);
+                return sent
+                    .map_err(|e| Failure::Io(e.to_string()))?
+                    .map_err(refused);
             }
             let Some(want) = &e.sha256 else {
                 return client
                     .put_file(dest, e, file)
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| Failure::Io(e.to_string()))?
                     .map_err(refused);
             };
             if e.size < STREAM_CHECK_MIN {
@@ -981,7 +989,7 @@ fn run(
                 file.seek(SeekFrom::Start(0)).map_err(open_err)?;
                 return client
                     .put_file(dest, e, file)
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| Failure::Io(e.to_string()))?
                     .map_err(refused);
             }
             // A large file is checked as it streams, saving a whole read
@@ -1003,7 +1011,8 @@ fn run(
                     "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
                 ));
             }
-            sent.map_err(|e| e.to_string())?.map_err(refused)
+            sent.map_err(|e| Failure::Io(e.to_string()))?
+                .map_err(refused)
         }
     }
 }

@@ -314,11 +314,27 @@ pub(crate) struct DeltaHeader {
     pub(crate) base_sha256: String,
 }
 
-/// Why an encoder stopped early.
-pub(crate) const TOO_BIG: &str = "the delta would not be smaller than its limit";
+/// Why an encoder stopped early: the delta would not be smaller than its
+/// limit. Carried inside the `io::Error` its writes fail with, and told
+/// apart by type (`is_too_big`), never by message.
+#[derive(Debug)]
+pub(crate) struct TooBig;
+
+impl std::fmt::Display for TooBig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the delta would not be smaller than its limit")
+    }
+}
+
+impl std::error::Error for TooBig {}
+
+/// True when `err` is an encoder's `TooBig`.
+pub(crate) fn is_too_big(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|e| e.is::<TooBig>())
+}
 
 /// Writes the delta of the bytes written in against a signature.
-/// Output goes to `out`; writes fail with `TOO_BIG` once the delta
+/// Output goes to `out`; writes fail with `TooBig` once the delta
 /// would pass `limit` bytes.
 pub(crate) struct Encoder<'s, W: Write> {
     sig: &'s Signature,
@@ -372,7 +388,7 @@ impl<'s, W: Write> Encoder<'s, W> {
     fn emit(&mut self, data: &[u8]) -> io::Result<()> {
         self.written += data.len() as u64;
         if self.written > self.limit {
-            return Err(io::Error::other(TOO_BIG));
+            return Err(io::Error::other(TooBig));
         }
         self.hasher.update(data);
         self.out.write_all(data)
@@ -506,7 +522,7 @@ impl<'s, W: Write> Encoder<'s, W> {
         end[1..].copy_from_slice(&digest);
         self.written += end.len() as u64;
         if self.written > self.limit {
-            return Err(io::Error::other(TOO_BIG));
+            return Err(io::Error::other(TooBig));
         }
         self.out.write_all(&end)?;
         Ok((self.out, self.written))
@@ -1089,7 +1105,7 @@ mod tests {
         let sig = signature_of(&old, 1024);
         let mut e = Encoder::new(&sig, &header(&new, &old), Vec::new(), 40_000).unwrap();
         let err = e.write_all(&new).and_then(|_| e.finish().map(drop));
-        assert_eq!(err.unwrap_err().to_string(), TOO_BIG);
+        assert!(is_too_big(&err.unwrap_err()));
     }
 
     #[test]
