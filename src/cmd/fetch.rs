@@ -12,7 +12,7 @@ use crate::courier::CopyInstr;
 use crate::courier::copies::{DestIndex, Instructions, Origin};
 use crate::courier::deltas;
 use crate::courier::ranges::{self, RangeRecord};
-use crate::courier::{self, Carried, Courier, PartialMeta};
+use crate::courier::{self, Carried, Courier, PartialMeta, Spool};
 use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
 use crate::error::{Exit, Result, describe_io};
 use crate::plan::{self, Need};
@@ -241,29 +241,157 @@ struct FetchSummary {
     dry_run: bool,
 }
 
-/// `bitfog fetch DESTDB SRCURL COURIER`.
+/// `bitfog fetch DESTDB SRCURL COURIER`: read what the destination says,
+/// survey what it lacks against what the courier holds, prune the rest,
+/// measure the room, then carry: ranges of files under way, deltas, whole
+/// files largest first, duplicates as instructions; then the summary.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     if opts.dry_run {
         return dry_run(ui, client, opts);
     }
     let courier = Courier::open(&opts.courier, true)?;
-    let mut failed = 0u64;
+    let dest = Dest::read(ui, &opts.destdb)?;
+    let mut survey = survey(ui, client, opts, &courier, &dest)?;
+    let dups = survey.instrs.duplicates();
+    let kept_ranges = prune(ui, &courier, &dest, &mut survey)?;
+    let trip = Trip {
+        ui,
+        client,
+        opts,
+        courier: &courier,
+        disk_full: AtomicBool::new(false),
+        wire: AtomicU64::new(0),
+        fails: AtomicU64::new(0),
+    };
+    let room = Room::measure(&courier, opts.max_bytes);
+    let mut avail = room.trip;
+    let mut planned = plan_ranges(&survey, &dest, &kept_ranges, &mut avail);
+    let made = trip.make_deltas(&survey, &dest, &mut avail);
+    let picked = select(&trip, &survey, &dups, &made, &room, avail);
+    if let Some(next) = next_big_range(&survey, &dups, &made, &picked, &room) {
+        planned.push(next);
+    }
+    let done = trip.download_all(&survey, &picked);
+    let ranged = trip.carry_ranges(&planned, &survey.range_files);
+    courier.sync();
+    let dup = instructions(&trip, &mut survey, &dups, &done, &made);
+    let sum = summarize(
+        &trip,
+        &survey,
+        &dest,
+        (&done, &made, &picked, &dup, &ranged),
+    );
+    report(ui, &sum);
+    Ok(if sum.failed_files > 0 {
+        Exit::Failed
+    } else {
+        Exit::Done
+    })
+}
 
-    // What the courier already holds of what is missing is kept (and
-    // rewritten into a fresh record); what is missing and not held goes to
-    // the spool, with only its size in memory. The rest of what bitfog
-    // carried earlier is pruned (the destination has it now, or the
-    // source no longer lists that version).
-    let mut log = courier.load_log();
-    let mut new_log = courier.new_log()?;
-    let (mut held_files, mut held_bytes) = (0u64, 0u64);
-    let mut needed = courier.spool("wanted")?;
-    // What the courier holds, for duplicates made from it.
-    let mut held_names = courier.spool("held")?;
-    let mut sizes: Vec<u64> = Vec::new();
-    let mut costs: Vec<u64> = Vec::new();
-    // Partial downloads: keep those of a needed version, drop the rest.
-    let mut partials: HashMap<String, courier::Partial> = HashMap::new();
+/// What DESTDB says besides its entries: where it is (itself or a
+/// courier's receipt), the content it has by hash, its partial uploads and
+/// its signatures.
+struct Dest {
+    path: PathBuf,
+    index: DestIndex,
+    partials: HashMap<String, crate::wire::manifest::PartialUpload>,
+    signatures: Option<SigIndex>,
+}
+
+impl Dest {
+    fn read(ui: &Ui, destdb: &Path) -> Result<Dest> {
+        let path = destdb_path(destdb)?;
+        // Files arriving a range per trip that the destination has begun
+        // (its partial uploads, from DESTDB's end record).
+        let partials = ranges::by_name(
+            crate::wire::manifest::read_end(&path)
+                .map(|e| e.partials)
+                .unwrap_or_default(),
+        );
+        let signatures = match SigIndex::open(&path) {
+            Ok(s) => s,
+            Err(why) => {
+                ui.error(format!("{why}; changed files are carried whole"));
+                None
+            }
+        };
+        Ok(Dest {
+            index: DestIndex::open(&path),
+            path,
+            partials,
+            signatures,
+        })
+    }
+
+    /// True when the destination has begun `e` (a partial upload of this
+    /// version).
+    fn has_begun(&self, e: &Entry) -> bool {
+        self.partials
+            .get(&e.name)
+            .is_some_and(|p| p.size == e.size && e.sha256.as_ref() == Some(&p.sha256))
+    }
+}
+
+/// Files and bytes.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    files: u64,
+    bytes: u64,
+}
+
+/// What the survey found, name by name, in one pass over DESTDB and the
+/// source's listing. Missing files wait in a spool with only their size
+/// and courier cost in memory (same index in `needed`, `sizes`, `costs`).
+struct Survey<'c> {
+    /// Missing and not held: the candidates for this trip.
+    needed: Spool<Entry>,
+    sizes: Vec<u64>,
+    /// What each takes in the courier: a sparse file its data.
+    costs: Vec<u64>,
+    /// Held by the courier (whole or as a delta), for duplicates made from
+    /// them.
+    held_names: Spool<Entry>,
+    held: Tally,
+    /// Deltas the courier holds and keeps: files, bytes, and the bytes of
+    /// the files they make.
+    deltas_held: Tally,
+    deltas_held_covers: u64,
+    kept_deltas: Vec<String>,
+    /// Partial downloads to continue, by needed index: bytes held, and what
+    /// they belong to.
+    resume: HashMap<usize, (u64, PartialMeta)>,
+    /// Changed files the destination has a signed older version of:
+    /// needed index, old size and SHA-256.
+    delta_cands: Vec<(usize, u64, String)>,
+    /// Files arriving a range per trip.
+    range_files: Vec<Entry>,
+    instrs: Instructions,
+    refused: u64,
+    skipped: u64,
+    /// What the courier carried before and is not accounted for yet, the
+    /// fresh record being written, and partial downloads not claimed yet.
+    log: courier::LogIndex,
+    new_log: Option<courier::LogWriter<'c>>,
+    partials: HashMap<String, courier::Partial>,
+}
+
+fn spool_err(e: io::Error) -> crate::error::Error {
+    crate::error::Error::io("the courier's plan spool", &e)
+}
+
+/// Stage 1: one pass over DESTDB and the source's listing, deciding for
+/// each missing file whether the destination can make it (an
+/// instruction), the courier holds it (whole or as a delta), it is under
+/// way (ranges), or it is needed.
+fn survey<'c>(
+    ui: &Ui,
+    client: &Client,
+    opts: &FetchOpts,
+    courier: &'c Courier,
+    dest: &Dest,
+) -> Result<Survey<'c>> {
+    let mut partials = HashMap::new();
     for p in courier.partials() {
         match &p.meta {
             Some(m) => {
@@ -272,435 +400,594 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             None => courier.discard_partial(&p.id),
         }
     }
-    let mut resume: std::collections::HashMap<usize, (u64, PartialMeta)> =
-        std::collections::HashMap::new();
-    let spool_err = |e: io::Error| crate::error::Error::io("the courier's plan spool", &e);
-    // Content the destination already has, or that this trip carries
-    // under another name, becomes an instruction instead of bytes.
-    let dest_index = DestIndex::open(&destdb_path(&opts.destdb)?);
-    let mut instrs = Instructions::new(courier.state_dir()?)?;
-    // Files arriving a range per trip: those the destination has begun
-    // (its partial uploads, from DESTDB's end record) or the courier holds
-    // ranges of. They are carried on from where they stand.
-    let dest_partials = ranges::by_name(
-        crate::wire::manifest::read_end(&destdb_path(&opts.destdb)?)
-            .map(|e| e.partials)
-            .unwrap_or_default(),
-    );
-    let held_ranges = ranges::held(&courier);
-    let in_progress = |e: &Entry| {
-        dest_partials
-            .get(&e.name)
-            .is_some_and(|p| p.size == e.size && e.sha256.as_ref() == Some(&p.sha256))
-            || held_ranges.iter().any(|(_, r)| r.of(e))
+    let mut s = Survey {
+        needed: courier.spool("wanted")?,
+        sizes: Vec::new(),
+        costs: Vec::new(),
+        held_names: courier.spool("held")?,
+        held: Tally::default(),
+        deltas_held: Tally::default(),
+        deltas_held_covers: 0,
+        kept_deltas: Vec::new(),
+        resume: HashMap::new(),
+        delta_cands: Vec::new(),
+        range_files: Vec::new(),
+        instrs: Instructions::new(courier.state_dir()?)?,
+        refused: 0,
+        skipped: 0,
+        log: courier.load_log(),
+        new_log: Some(courier.new_log()?),
+        partials,
     };
-    let mut range_files: Vec<Entry> = Vec::new();
-    // Signatures of the destination's large files (DESTDB.sig), and the
-    // deltas the courier holds.
-    let signatures = match SigIndex::open(&destdb_path(&opts.destdb)?) {
-        Ok(s) => s,
-        Err(why) => {
-            ui.error(format!("{why}; changed files are carried whole"));
-            None
-        }
-    };
-    let held_deltas = deltas::held(&courier);
-    let mut kept_deltas: Vec<String> = Vec::new();
-    let (mut delta_held_files, mut delta_held_bytes, mut delta_held_covers) = (0u64, 0u64, 0u64);
-    // Changed files the destination has a signed older version of:
-    // candidates for a delta (needed index, old size and SHA-256).
-    let mut delta_cands: Vec<(usize, u64, String)> = Vec::new();
-    let src_skipped = each_need(ui, client, &opts.destdb, &opts.src, |need, old| {
-        match need {
-            Need::File(e) => {
-                if instrs.at_dest(&e, &dest_index)? {
-                    return Ok(());
-                }
-                if is_held(ui, &courier, &log, &e) {
-                    log.forget(&e.name);
-                    new_log.add(&Carried::of(&e))?;
-                    let h = held_names.push(&e).map_err(spool_err)?;
-                    instrs.held(&e, h);
-                    held_files += 1;
-                    held_bytes += e.size;
-                    return Ok(());
-                }
-                // The destination's version this file can be a delta of.
-                let base = old.filter(|_| e.sha256.is_some()).and_then(|(size, sha)| {
-                    Some((
-                        size,
-                        signatures.as_ref()?.base(&e.name, size, sha.as_deref())?,
-                    ))
-                });
-                if let Some((size, sha)) = &base {
-                    // Checked whole (deltas are small): a damaged one is
-                    // made again.
-                    let held = held_deltas
-                        .get(&e.name)
-                        .filter(|h| h.makes(&e) && h.applies_to(*size, Some(sha)))
-                        .filter(|h| {
-                            let sound = h.verify(&courier);
-                            if !sound {
-                                ui.log(format!("replacing the damaged delta of '{}'", e.name));
-                            }
-                            sound
-                        });
-                    if let Some(h) = held {
-                        kept_deltas.push(h.file.clone());
-                        delta_held_files += 1;
-                        delta_held_bytes += h.len;
-                        delta_held_covers += e.size;
-                        // Its duplicates are made from it once patched.
-                        let at = held_names.push(&e).map_err(spool_err)?;
-                        instrs.held(&e, at);
-                        return Ok(());
-                    }
-                }
-                if in_progress(&e) {
-                    range_files.push(e);
-                    return Ok(());
-                }
-                let i = needed.push(&e).map_err(spool_err)?;
-                sizes.push(e.size);
-                // What it takes in the courier: a sparse file its data.
-                costs.push(e.alloc.map_or(e.size, |a| a.min(e.size)));
-                instrs.needed(&e, i);
-                if let Some(p) = partials.remove(&e.name) {
-                    match p.meta {
-                        Some(meta) if meta.entry.matches(&e) => {
-                            resume.insert(i, (p.len.min(e.size), meta));
-                        }
-                        _ => courier.discard_partial(&p.id),
-                    }
-                }
-                // A download under way is finished rather than replaced.
-                if let Some((size, sha)) = base.filter(|_| !resume.contains_key(&i)) {
-                    delta_cands.push((i, size, sha));
-                }
+    let held_ranges = ranges::held(courier);
+    let held_deltas = deltas::held(courier);
+    s.skipped = each_need(
+        ui,
+        client,
+        &opts.destdb,
+        &opts.src,
+        |need, old| match need {
+            Need::File(e) => s.file(ui, courier, dest, (&held_ranges, &held_deltas), e, old),
+            Need::Refused(..) => {
+                s.refused += 1;
+                Ok(())
             }
-            Need::Refused(..) => failed += 1,
-            Need::Link | Need::Nothing => {}
+            Need::Link | Need::Nothing => Ok(()),
+        },
+    )?;
+    s.needed.finish().map_err(spool_err)?;
+    s.held_names.finish().map_err(spool_err)?;
+    Ok(s)
+}
+
+impl Survey<'_> {
+    /// Classifies one missing file (see `survey`).
+    fn file(
+        &mut self,
+        ui: &Ui,
+        courier: &Courier,
+        dest: &Dest,
+        (held_ranges, held_deltas): (&[(String, RangeRecord)], &HashMap<String, deltas::Held>),
+        e: Entry,
+        old: Option<Old>,
+    ) -> Result<()> {
+        if self.instrs.at_dest(&e, &dest.index)? {
+            return Ok(());
+        }
+        if is_held(ui, courier, &self.log, &e) {
+            self.log.forget(&e.name);
+            self.new_log
+                .as_mut()
+                .expect("open until pruned")
+                .add(&Carried::of(&e))?;
+            let h = self.held_names.push(&e).map_err(spool_err)?;
+            self.instrs.held(&e, h);
+            self.held.files += 1;
+            self.held.bytes += e.size;
+            return Ok(());
+        }
+        // The destination's version this file can be a delta of.
+        let base = old.filter(|_| e.sha256.is_some()).and_then(|(size, sha)| {
+            Some((
+                size,
+                dest.signatures
+                    .as_ref()?
+                    .base(&e.name, size, sha.as_deref())?,
+            ))
+        });
+        if let Some((size, sha)) = &base {
+            // Checked whole (deltas are small): a damaged one is made again.
+            let held = held_deltas
+                .get(&e.name)
+                .filter(|h| h.makes(&e) && h.applies_to(*size, Some(sha)))
+                .filter(|h| {
+                    let sound = h.verify(courier);
+                    if !sound {
+                        ui.log(format!("replacing the damaged delta of '{}'", e.name));
+                    }
+                    sound
+                });
+            if let Some(h) = held {
+                self.kept_deltas.push(h.file.clone());
+                self.deltas_held.files += 1;
+                self.deltas_held.bytes += h.len;
+                self.deltas_held_covers += e.size;
+                // Its duplicates are made from it once patched.
+                let at = self.held_names.push(&e).map_err(spool_err)?;
+                self.instrs.held(&e, at);
+                return Ok(());
+            }
+        }
+        // Under way: begun at the destination or held as ranges.
+        if dest.has_begun(&e) || held_ranges.iter().any(|(_, r)| r.of(&e)) {
+            self.range_files.push(e);
+            return Ok(());
+        }
+        let i = self.needed.push(&e).map_err(spool_err)?;
+        self.sizes.push(e.size);
+        self.costs.push(e.alloc.map_or(e.size, |a| a.min(e.size)));
+        self.instrs.needed(&e, i);
+        if let Some(p) = self.partials.remove(&e.name) {
+            match p.meta {
+                Some(meta) if meta.entry.matches(&e) => {
+                    self.resume.insert(i, (p.len.min(e.size), meta));
+                }
+                _ => courier.discard_partial(&p.id),
+            }
+        }
+        // A download under way is finished rather than replaced.
+        if let Some((size, sha)) = base.filter(|_| !self.resume.contains_key(&i)) {
+            self.delta_cands.push((i, size, sha));
         }
         Ok(())
-    })?;
-    needed.finish().map_err(spool_err)?;
-    held_names.finish().map_err(spool_err)?;
-    // A needed file with the content of an earlier one is not carried: its
-    // original is, and an instruction makes the duplicate from it.
-    let dups = instrs.duplicates();
-    let is_dup = |i: usize| dups.binary_search_by_key(&i, |&(d, _)| d).is_ok();
-    for p in partials.into_values() {
+    }
+
+    /// Bytes a needed file still needs in the courier (less what a
+    /// partial download holds).
+    fn partial_len(&self, i: usize) -> u64 {
+        self.resume.get(&i).map_or(0, |(len, _)| *len)
+    }
+}
+
+/// Stage 2: what the courier carried and the destination no longer
+/// lacks goes (files, partial downloads, deltas, ranges the destination
+/// has); the fresh record replaces the old; the destination snapshot is
+/// kept for `store --delete`. Returns the ranges kept.
+fn prune(
+    ui: &Ui,
+    courier: &Courier,
+    dest: &Dest,
+    s: &mut Survey,
+) -> Result<Vec<(String, RangeRecord)>> {
+    for (_, p) in s.partials.drain() {
         courier.discard_partial(&p.id);
     }
-    for c in log.remaining() {
+    for c in s.log.remaining() {
         courier.remove_carried(&c.name);
     }
-    deltas::clean(&courier, &kept_deltas);
-    drop(log);
-    new_log.commit()?;
-    if let Err(e) = courier.keep_snapshot(&destdb_path(&opts.destdb)?) {
+    deltas::clean(courier, &s.kept_deltas);
+    s.new_log.take().expect("pruned once").commit()?;
+    if let Err(e) = courier.keep_snapshot(&dest.path) {
         ui.error(format!(
             "cannot keep the destination snapshot in the courier ({}); store --delete will go by SRCDB alone",
             describe_io(&e)
         ));
     }
-    let partial_len = |i: usize| resume.get(&i).map_or(0, |(len, _)| *len);
-
     // Ranges the destination still lacks are kept; the rest is removed.
-    let dest_have = |e: &Entry| ranges::next_start(e, dest_partials.get(&e.name), &[]);
-    let kept_ranges: Vec<(String, RangeRecord)> = held_ranges
-        .iter()
+    let dest_have = |e: &Entry| ranges::next_start(e, dest.partials.get(&e.name), &[]);
+    let kept: Vec<(String, RangeRecord)> = ranges::held(courier)
+        .into_iter()
         .filter(|(_, r)| {
-            range_files
+            s.range_files
                 .iter()
                 .any(|f| r.of(f) && r.end() > dest_have(f))
         })
-        .cloned()
         .collect();
-    ranges::clean(&courier, &kept_ranges);
-    let kept_recs: Vec<RangeRecord> = kept_ranges.iter().map(|(_, r)| r.clone()).collect();
+    ranges::clean(courier, &kept);
+    Ok(kept)
+}
 
-    let usage = courier.usage();
-    let budget = opts
-        .max_bytes
-        .map_or(u64::MAX, |max| max.saturating_sub(usage));
-    // Plan for the space the disk has, too, so files that fit are chosen
-    // instead of running into a full disk with several half-done.
-    let room = courier.free_space().map_or(u64::MAX, |free| {
-        let reserve = (free / 100).clamp(1 << 20, 64 << 20);
-        free.saturating_sub(reserve)
-    });
-    // Files under way get the budget first, a range each.
-    let trip_room = budget.min(room);
-    let mut avail = trip_room;
+/// How much this trip may put in the courier.
+struct Room {
+    /// Bytes the courier holds now.
+    usage: u64,
+    /// What `--max-bytes` leaves (unbounded without it).
+    budget: u64,
+    /// What the disk leaves, less a reserve.
+    disk: u64,
+    /// The smaller of the two.
+    trip: u64,
+}
+
+impl Room {
+    fn measure(courier: &Courier, max_bytes: Option<u64>) -> Room {
+        let usage = courier.usage();
+        let budget = max_bytes.map_or(u64::MAX, |max| max.saturating_sub(usage));
+        // Plan for the space the disk has, too, so files that fit are
+        // chosen instead of running into a full disk with several half-done.
+        let disk = courier.free_space().map_or(u64::MAX, |free| {
+            let reserve = (free / 100).clamp(1 << 20, 64 << 20);
+            free.saturating_sub(reserve)
+        });
+        Room {
+            usage,
+            budget,
+            disk,
+            trip: budget.min(disk),
+        }
+    }
+}
+
+/// A byte range to carry: the file, where it starts, how long it is.
+type PlannedRange = (Entry, u64, u64);
+
+/// Stage 3: files under way get the budget first, a range each, from
+/// where the destination and the courier stand.
+fn plan_ranges(
+    s: &Survey,
+    dest: &Dest,
+    kept: &[(String, RangeRecord)],
+    avail: &mut u64,
+) -> Vec<PlannedRange> {
+    let kept_recs: Vec<RangeRecord> = kept.iter().map(|(_, r)| r.clone()).collect();
     // No range smaller than 1 MiB starts, unless a whole trip is smaller.
-    let min_range = ranges::MIN_RANGE.min(avail);
-    let mut planned: Vec<(Entry, u64, u64)> = Vec::new();
-    for f in &range_files {
-        let start = ranges::next_start(f, dest_partials.get(&f.name), &kept_recs);
-        let len = (f.size - start).min(avail);
+    let min_range = ranges::MIN_RANGE.min(*avail);
+    let mut planned = Vec::new();
+    for f in &s.range_files {
+        let start = ranges::next_start(f, dest.partials.get(&f.name), &kept_recs);
+        let len = (f.size - start).min(*avail);
         if len > 0 && (len == f.size - start || len >= min_range) {
             planned.push((f.clone(), start, len));
-            avail -= len;
+            *avail -= len;
         }
     }
-    // Deltas go first: each brings a whole file up to date for a fraction
-    // of its bytes. One that would not be smaller than the file (or than
-    // what is left of the budget) is dropped, and the file competes below.
-    let disk_full = AtomicBool::new(false);
-    let wire = AtomicU64::new(0);
-    let mut delta_done: HashMap<usize, u64> = HashMap::new();
-    delta_cands.sort_by_key(|&(i, _, _)| std::cmp::Reverse(sizes[i]));
-    let delta_total: u64 = delta_cands.iter().map(|&(i, _, _)| sizes[i]).sum();
-    let delta_progress =
-        Progress::start(ui, "making deltas", delta_cands.len() as u64, delta_total);
-    for (i, base_size, base_sha) in &delta_cands {
-        let i = *i;
-        if avail == 0 {
-            break;
+    planned
+}
+
+/// One fetch run's shared state, for the stages that move bytes.
+struct Trip<'a> {
+    ui: &'a Ui,
+    client: &'a Client,
+    opts: &'a FetchOpts,
+    courier: &'a Courier,
+    disk_full: AtomicBool,
+    /// Bytes over the wire.
+    wire: AtomicU64,
+    fails: AtomicU64,
+}
+
+impl Trip<'_> {
+    /// Says once that the courier disk is full, and stops what follows.
+    fn stop_disk_full(&self) {
+        if !self.disk_full.swap(true, Ordering::SeqCst) {
+            self.ui.error(format!(
+                "'{}': the courier disk is full; stopping (complete files are kept)",
+                self.opts.courier.display()
+            ));
         }
-        let Ok(e) = needed.get(i) else { continue };
-        let Some((_, sig)) = signatures
-            .as_ref()
-            .and_then(|s| s.get(&e.name, *base_size, Some(base_sha)))
-        else {
-            continue;
-        };
-        let limit = avail.min(costs[i].saturating_sub(1));
-        let before = delta_progress.bytes.load(Ordering::Relaxed);
-        let made = carry::make_delta(
-            client,
-            &opts.src,
-            &courier,
-            &e,
-            (base_sha, &sig),
-            limit,
-            &delta_progress.bytes,
-        );
-        wire.fetch_add(
-            delta_progress.bytes.load(Ordering::Relaxed) - before,
-            Ordering::Relaxed,
-        );
-        delta_progress.files.fetch_add(1, Ordering::Relaxed);
-        match made {
-            Ok(len) => {
-                avail -= len;
-                delta_done.insert(i, len);
-                if ui.verbose {
-                    ui.log(format!(
-                        "made a delta of '{}': {} for {}",
-                        e.name,
-                        human_bytes(len),
-                        human_bytes(e.size)
-                    ));
-                }
-            }
-            Err(Failure::TooBig) => {
-                if ui.verbose {
-                    ui.log(format!(
-                        "'{}': a delta would not be smaller than {}; the file travels whole",
-                        e.name,
-                        human_bytes(limit)
-                    ));
-                }
-            }
-            Err(Failure::DiskFull) => {
-                disk_full.store(true, Ordering::SeqCst);
-                ui.error(format!(
-                    "'{}': the courier disk is full; stopping (complete files are kept)",
-                    opts.courier.display()
-                ));
+    }
+
+    /// Stage 4: deltas go first, largest file first: each brings a whole
+    /// file up to date for a fraction of its bytes. One that would not be
+    /// smaller than the file (or than what is left of the budget) is
+    /// dropped, and the file competes whole. Returns the deltas made, by
+    /// needed index, with their bytes.
+    fn make_deltas(&self, s: &Survey, dest: &Dest, avail: &mut u64) -> HashMap<usize, u64> {
+        let mut made = HashMap::new();
+        let mut cands: Vec<&(usize, u64, String)> = s.delta_cands.iter().collect();
+        cands.sort_by_key(|&&(i, _, _)| std::cmp::Reverse(s.sizes[i]));
+        let total: u64 = cands.iter().map(|&&(i, _, _)| s.sizes[i]).sum();
+        let progress = Progress::start(self.ui, "making deltas", cands.len() as u64, total);
+        for &&(i, base_size, ref base_sha) in &cands {
+            if *avail == 0 {
                 break;
             }
-            Err(why) => {
-                ui.log(format!(
-                    "'{}': no delta: {why}; the file travels whole",
-                    e.name
+            let Ok(e) = s.needed.get(i) else { continue };
+            let Some((_, sig)) = dest
+                .signatures
+                .as_ref()
+                .and_then(|sigs| sigs.get(&e.name, base_size, Some(base_sha)))
+            else {
+                continue;
+            };
+            let limit = (*avail).min(s.costs[i].saturating_sub(1));
+            let before = progress.bytes.load(Ordering::Relaxed);
+            let outcome = carry::make_delta(
+                self.client,
+                &self.opts.src,
+                self.courier,
+                &e,
+                (base_sha, &sig),
+                limit,
+                &progress.bytes,
+            );
+            self.wire.fetch_add(
+                progress.bytes.load(Ordering::Relaxed) - before,
+                Ordering::Relaxed,
+            );
+            progress.files.fetch_add(1, Ordering::Relaxed);
+            match outcome {
+                Ok(len) => {
+                    *avail -= len;
+                    made.insert(i, len);
+                    if self.ui.verbose {
+                        self.ui.log(format!(
+                            "made a delta of '{}': {} for {}",
+                            e.name,
+                            human_bytes(len),
+                            human_bytes(e.size)
+                        ));
+                    }
+                }
+                Err(Failure::TooBig) => {
+                    if self.ui.verbose {
+                        self.ui.log(format!(
+                            "'{}': a delta would not be smaller than {}; the file travels whole",
+                            e.name,
+                            human_bytes(limit)
+                        ));
+                    }
+                }
+                Err(Failure::DiskFull) => {
+                    self.stop_disk_full();
+                    break;
+                }
+                Err(why) => {
+                    self.ui.log(format!(
+                        "'{}': no delta: {why}; the file travels whole",
+                        e.name
+                    ));
+                }
+            }
+        }
+        progress.finish();
+        made
+    }
+
+    /// Stage 6: downloads the picked files on `--jobs` threads; returns
+    /// the needed indexes completed.
+    fn download_all(&self, s: &Survey, picked: &Picked) -> Vec<usize> {
+        let progress =
+            Progress::start(self.ui, "fetching", picked.files.len() as u64, picked.bytes);
+        let next = AtomicUsize::new(0);
+        let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..self.opts.jobs.clamp(1, 64) {
+                scope.spawn(|| {
+                    while !self.disk_full.load(Ordering::SeqCst) {
+                        let k = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(&i) = picked.files.get(k) else {
+                            return;
+                        };
+                        if self.download_one(s, i, &progress) {
+                            done.lock().expect("done list").push(i);
+                        }
+                    }
+                });
+            }
+        });
+        progress.finish();
+        done.into_inner().expect("done list")
+    }
+
+    /// Downloads needed file `i`; true when it is in place.
+    fn download_one(&self, s: &Survey, i: usize, progress: &Progress) -> bool {
+        let e = match s.needed.get(i) {
+            Ok(e) => e,
+            Err(err) => {
+                self.ui.error(format!(
+                    "cannot read the courier's plan spool: {}",
+                    describe_io(&err)
                 ));
+                self.fails.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        };
+        let resume = s.resume.get(&i).map(|(_, m)| m);
+        let outcome = download(
+            self.client,
+            &self.opts.src,
+            self.courier,
+            &e,
+            resume,
+            &self.wire,
+            &progress.bytes,
+        );
+        if outcome.is_err() && e.size <= RESUME_MIN {
+            // A small file's partial cannot resume: drop it.
+            self.courier.discard_partial(&Courier::partial_id(&e.name));
+        }
+        match outcome {
+            Ok(()) => {
+                if self.ui.verbose {
+                    self.ui
+                        .log(format!("fetched '{}' ({})", e.name, human_bytes(e.size)));
+                }
+                progress.files.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(Failure::DiskFull) => {
+                self.stop_disk_full();
+                false
+            }
+            Err(why) => {
+                self.ui.error(format!("'{}': {why}", e.name));
+                self.fails.fetch_add(1, Ordering::Relaxed);
+                false
             }
         }
     }
-    delta_progress.finish();
+
+    /// Stage 7: the planned ranges, one after another.
+    fn carry_ranges(&self, planned: &[PlannedRange], range_files: &[Entry]) -> Ranged {
+        let mut r = Ranged::default();
+        for (e, start, len) in planned {
+            if self.disk_full.load(Ordering::SeqCst) {
+                break;
+            }
+            let got = carry::download_range(
+                self.client,
+                &self.opts.src,
+                self.courier,
+                e,
+                (*start, *len),
+                &self.wire,
+            );
+            match got {
+                Ok(_) => {
+                    r.bytes += len;
+                    if !range_files.iter().any(|f| f.name == e.name) {
+                        r.of_needed += len;
+                    }
+                    if self.ui.verbose {
+                        self.ui.log(format!(
+                            "fetched bytes {start}-{} of '{}' ({} of {})",
+                            start + len - 1,
+                            e.name,
+                            human_bytes(*len),
+                            human_bytes(e.size)
+                        ));
+                    }
+                }
+                Err(Failure::DiskFull) => self.stop_disk_full(),
+                Err(why) => {
+                    self.ui
+                        .error(format!("'{}' (bytes from {start}): {why}", e.name));
+                    self.fails.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        r
+    }
+}
+
+/// Bytes carried as ranges by this run, and of them those of files not
+/// under way before (a needed file started this trip).
+#[derive(Default)]
+struct Ranged {
+    bytes: u64,
+    of_needed: u64,
+}
+
+/// The whole files picked for this trip.
+struct Picked {
+    /// Needed indexes, in the order to fetch them.
+    files: Vec<usize>,
+    /// Bytes they still need in the courier.
+    bytes: u64,
+    /// True when the disk, rather than `--max-bytes`, left files behind.
+    disk_bound: bool,
+    /// What is left of the trip after them.
+    left: u64,
+}
+
+/// Stage 5: fits the needed files (not duplicates, not carried as deltas)
+/// into what is left, largest first, and says what decided it.
+fn select(
+    trip: &Trip,
+    s: &Survey,
+    dups: &[(usize, Origin)],
+    made: &HashMap<usize, u64>,
+    room: &Room,
+    avail: u64,
+) -> Picked {
+    let is_dup = |i: usize| dups.binary_search_by_key(&i, |&(d, _)| d).is_ok();
     let need = |i: usize| {
-        if is_dup(i) || delta_done.contains_key(&i) {
+        if is_dup(i) || made.contains_key(&i) {
             u64::MAX
         } else {
-            costs[i] - partial_len(i)
+            s.costs[i] - s.partial_len(i)
         }
     };
-    let taken = plan::fit_largest_first(&costs, need, avail);
-    // Did the disk, rather than --max-bytes, leave files behind?
-    let disk_bound =
-        room < budget && plan::fit_largest_first(&costs, need, budget).len() > taken.len();
+    let files = plan::fit_largest_first(&s.costs, need, avail);
+    let bytes: u64 = files.iter().map(|&i| s.costs[i] - s.partial_len(i)).sum();
+    let disk_bound = room.disk < room.budget
+        && plan::fit_largest_first(&s.costs, need, room.budget).len() > files.len();
+    let ui = trip.ui;
     if disk_bound {
         ui.log(format!(
             "the courier disk is full after {}; {} of free space is kept in reserve",
-            files_bytes(
-                taken.len() as u64,
-                taken.iter().map(|&i| costs[i] - partial_len(i)).sum()
-            ),
-            human_bytes(courier.free_space().unwrap_or(0).saturating_sub(room))
+            files_bytes(files.len() as u64, bytes),
+            human_bytes(
+                trip.courier
+                    .free_space()
+                    .unwrap_or(0)
+                    .saturating_sub(room.disk)
+            )
         ));
     }
-    let total_bytes: u64 = taken.iter().map(|&i| costs[i] - partial_len(i)).sum();
-    if let Some(max) = opts.max_bytes {
-        let fit = files_bytes(taken.len() as u64, total_bytes);
-        let whole = needed.len() - delta_done.len();
-        let what = if delta_done.is_empty() {
+    if let Some(max) = trip.opts.max_bytes {
+        let fit = files_bytes(files.len() as u64, bytes);
+        let whole = s.needed.len() - made.len();
+        let what = if made.is_empty() {
             format!("{fit} fit of {whole} missing")
         } else {
             format!(
                 "deltas of {} ({}), then {fit} of {whole} missing whole",
-                n_files(delta_done.len() as u64),
-                human_bytes(delta_done.values().sum())
+                n_files(made.len() as u64),
+                human_bytes(made.values().sum())
             )
         };
         ui.log(format!(
             "courier holds {} of a {} budget; {what}",
-            human_bytes(usage),
+            human_bytes(room.usage),
             human_bytes(max),
         ));
     }
-
-    // What is left of the budget starts the largest file bigger than a
-    // whole trip: it arrives over several trips. A file that fits a trip
-    // waits for one, to travel whole and verified.
-    let left = avail - total_bytes;
-    if left >= min_range && left > 0 {
-        let is_taken: std::collections::HashSet<usize> = taken.iter().copied().collect();
-        let mut order: Vec<usize> = (0..sizes.len())
-            .filter(|&i| !is_taken.contains(&i) && !is_dup(i) && !delta_done.contains_key(&i))
-            .collect();
-        order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]));
-        if let Some(&i) = order
-            .first()
-            .filter(|&&i| sizes[i] > trip_room && costs[i] == sizes[i] && !resume.contains_key(&i))
-        {
-            if let Ok(e) = needed.get(i) {
-                if e.sha256.is_some() {
-                    planned.push((e, 0, left));
-                }
-            }
-        }
+    Picked {
+        files,
+        bytes,
+        disk_bound,
+        left: avail - bytes,
     }
+}
 
-    let progress = Progress::start(ui, "fetching", taken.len() as u64, total_bytes);
-    let next = AtomicUsize::new(0);
-    let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    let fails = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..opts.jobs.clamp(1, 64) {
-            s.spawn(|| {
-                loop {
-                    if disk_full.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let k = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(&i) = taken.get(k) else { return };
-                    let e = match needed.get(i) {
-                        Ok(e) => e,
-                        Err(err) => {
-                            ui.error(format!("cannot read the courier's plan spool: {}", describe_io(&err)));
-                            fails.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                    };
-                    let e = &e;
-                    let outcome = download(client, &opts.src, &courier, e, resume.get(&i).map(|(_, m)| m), &wire, &progress.bytes);
-                    if outcome.is_err() && e.size <= RESUME_MIN {
-                        // A small file's partial cannot resume: drop it.
-                        courier.discard_partial(&Courier::partial_id(&e.name));
-                    }
-                    match outcome {
-                        Ok(()) => {
-                            if ui.verbose {
-                                ui.log(format!("fetched '{}' ({})", e.name, human_bytes(e.size)));
-                            }
-                            progress.files.fetch_add(1, Ordering::Relaxed);
-                            done.lock().expect("done list").push(i);
-                        }
-                        Err(Failure::DiskFull) => {
-                            if !disk_full.swap(true, Ordering::SeqCst) {
-                                ui.error(format!(
-                                    "'{}': the courier disk is full; stopping (complete files are kept)",
-                                    opts.courier.display()
-                                ));
-                            }
-                        }
-                        Err(why) => {
-                            ui.error(format!("'{}': {why}", e.name));
-                            fails.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            });
-        }
-    });
-    progress.finish();
-    // Ranges, one after another.
-    let mut range_bytes = 0u64;
-    let mut new_range_of_needed = 0u64;
-    for (e, start, len) in &planned {
-        if disk_full.load(Ordering::SeqCst) {
-            break;
-        }
-        match carry::download_range(client, &opts.src, &courier, e, (*start, *len), &wire) {
-            Ok(_) => {
-                range_bytes += len;
-                if !range_files.iter().any(|f| f.name == e.name) {
-                    new_range_of_needed += len;
-                }
-                if ui.verbose {
-                    ui.log(format!(
-                        "fetched bytes {start}-{} of '{}' ({} of {})",
-                        start + len - 1,
-                        e.name,
-                        human_bytes(*len),
-                        human_bytes(e.size)
-                    ));
-                }
-            }
-            Err(Failure::DiskFull) => {
-                disk_full.store(true, Ordering::SeqCst);
-                ui.error(format!(
-                    "'{}': the courier disk is full; stopping (complete files are kept)",
-                    opts.courier.display()
-                ));
-            }
-            Err(why) => {
-                ui.error(format!("'{}' (bytes from {start}): {why}", e.name));
-                fails.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+/// What is left of the budget after the picked files starts the largest
+/// file bigger than a whole trip: it arrives over several trips. A file
+/// that fits a trip waits for one, to travel whole and verified.
+fn next_big_range(
+    s: &Survey,
+    dups: &[(usize, Origin)],
+    made: &HashMap<usize, u64>,
+    picked: &Picked,
+    room: &Room,
+) -> Option<PlannedRange> {
+    let left = picked.left;
+    if left == 0 || left < ranges::MIN_RANGE.min(room.trip) {
+        return None;
     }
-    courier.sync();
-
-    let done = done.into_inner().expect("done list");
-    // Duplicates of files held or fetched become instructions; the rest
-    // wait for the trip that carries their original.
-    let fetched: std::collections::HashSet<usize> = done
-        .iter()
-        .copied()
-        .chain(delta_done.keys().copied())
+    let is_dup = |i: usize| dups.binary_search_by_key(&i, |&(d, _)| d).is_ok();
+    let taken: HashSet<usize> = picked.files.iter().copied().collect();
+    let mut order: Vec<usize> = (0..s.sizes.len())
+        .filter(|&i| !taken.contains(&i) && !is_dup(i) && !made.contains_key(&i))
         .collect();
-    let from_dest = instrs.from_dest;
-    let mut dup_instrs = Vec::new();
-    let (mut dup_files, mut dup_bytes) = (0u64, 0u64);
-    // A duplicate carried as a delta stands in for its original when the
-    // original did not travel: the original is made from it.
+    order.sort_by(|&a, &b| s.sizes[b].cmp(&s.sizes[a]));
+    let &i = order.first().filter(|&&i| {
+        s.sizes[i] > room.trip && s.costs[i] == s.sizes[i] && !s.resume.contains_key(&i)
+    })?;
+    let e = s.needed.get(i).ok()?;
+    e.sha256.is_some().then_some((e, 0, left))
+}
+
+/// Duplicates that became instructions: files and bytes, and how many
+/// instructions point at the destination's own files.
+struct Dups {
+    files: u64,
+    bytes: u64,
+    from_dest: u64,
+}
+
+/// Stage 8: duplicates of files held or fetched become instructions to
+/// copy them at the destination; the rest wait for the trip that carries
+/// their original. A duplicate carried as a delta stands in for its
+/// original when the original did not travel.
+fn instructions(
+    trip: &Trip,
+    s: &mut Survey,
+    dups: &[(usize, Origin)],
+    done: &[usize],
+    made: &HashMap<usize, u64>,
+) -> Dups {
+    let fetched: HashSet<usize> = done.iter().copied().chain(made.keys().copied()).collect();
     let mut stand_in: std::collections::BTreeMap<usize, usize> = Default::default();
-    for &(d, orig) in &dups {
+    for &(d, orig) in dups {
         if let Origin::Needed(n) = orig {
-            if delta_done.contains_key(&d) && !fetched.contains(&n) {
+            if made.contains_key(&d) && !fetched.contains(&n) {
                 stand_in.entry(n).or_insert(d);
             }
         }
     }
-    let mut instruct = |name: usize, from: std::io::Result<Entry>| {
-        if let (Ok(e), Ok(o)) = (needed.get(name), from) {
-            dup_files += 1;
-            dup_bytes += e.size;
-            dup_instrs.push(CopyInstr {
+    let mut out = Dups {
+        files: 0,
+        bytes: 0,
+        from_dest: s.instrs.from_dest,
+    };
+    let mut copies = Vec::new();
+    let mut instruct = |name: usize, from: io::Result<Entry>| {
+        if let (Ok(e), Ok(o)) = (s.needed.get(name), from) {
+            out.files += 1;
+            out.bytes += e.size;
+            copies.push(CopyInstr {
                 name: e.name,
                 from: o.name,
                 size: e.size,
@@ -708,69 +995,84 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
             });
         }
     };
-    for &(d, orig) in &dups {
-        if delta_done.contains_key(&d) {
+    for &(d, orig) in dups {
+        if made.contains_key(&d) {
             continue;
         }
         let original = match orig {
-            Origin::Held(h) => held_names.get(h),
-            Origin::Needed(n) if fetched.contains(&n) => needed.get(n),
+            Origin::Held(h) => s.held_names.get(h),
+            Origin::Needed(n) if fetched.contains(&n) => s.needed.get(n),
             Origin::Needed(n) => match stand_in.get(&n) {
-                Some(&s) => needed.get(s),
+                Some(&d) => s.needed.get(d),
                 None => continue,
             },
         };
         instruct(d, original);
     }
-    for (&n, &s) in &stand_in {
-        instruct(n, needed.get(s));
+    for (&n, &d) in &stand_in {
+        instruct(n, s.needed.get(d));
     }
-    if let Err(e) = instrs.finish(dup_instrs) {
-        ui.error(format!(
+    if let Err(e) = s.instrs.finish(copies) {
+        trip.ui.error(format!(
             "{e}; renamed and duplicate files are carried whole on a later trip"
         ));
-        fails.fetch_add(1, Ordering::Relaxed);
+        trip.fails.fetch_add(1, Ordering::Relaxed);
     }
-    let whole_bytes: u64 = done.iter().map(|&i| sizes[i]).sum();
-    let new_delta_bytes: u64 = delta_done.values().sum();
-    let delta_covers: u64 = delta_done.keys().map(|&i| sizes[i]).sum();
+    out
+}
+
+/// Stage 9: the run's figures: what it fetched, what the courier holds,
+/// what is left (files under way counted by what they still lack).
+fn summarize(
+    trip: &Trip,
+    s: &Survey,
+    dest: &Dest,
+    (done, made, picked, dup, ranged): (&[usize], &HashMap<usize, u64>, &Picked, &Dups, &Ranged),
+) -> FetchSummary {
+    let whole_bytes: u64 = done.iter().map(|&i| s.sizes[i]).sum();
+    let new_delta_bytes: u64 = made.values().sum();
+    let delta_covers: u64 = made.keys().map(|&i| s.sizes[i]).sum();
     let mut sum = FetchSummary {
-        fetched_files: (done.len() + delta_done.len()) as u64,
+        fetched_files: (done.len() + made.len()) as u64,
         fetched_bytes: whole_bytes + new_delta_bytes,
-        delta_files: delta_held_files + delta_done.len() as u64,
-        delta_bytes: delta_held_bytes + new_delta_bytes,
-        delta_file_bytes: delta_held_covers + delta_covers,
-        failed_files: failed + fails.load(Ordering::Relaxed),
-        downloaded_bytes: wire.load(Ordering::Relaxed),
-        disk_full: disk_full.load(Ordering::SeqCst) || disk_bound,
-        skipped: src_skipped,
+        delta_files: s.deltas_held.files + made.len() as u64,
+        delta_bytes: s.deltas_held.bytes + new_delta_bytes,
+        delta_file_bytes: s.deltas_held_covers + delta_covers,
+        failed_files: s.refused + trip.fails.load(Ordering::Relaxed),
+        downloaded_bytes: trip.wire.load(Ordering::Relaxed),
+        disk_full: trip.disk_full.load(Ordering::SeqCst) || picked.disk_bound,
+        skipped: s.skipped,
         ..Default::default()
     };
-    sum.courier_files = held_files + delta_held_files + sum.fetched_files;
-    sum.courier_bytes = held_bytes + delta_held_bytes + sum.fetched_bytes;
-    sum.remaining_files = (needed.len() - done.len() - delta_done.len()) as u64 - dup_files;
-    sum.remaining_bytes = sizes.iter().sum::<u64>() - whole_bytes - delta_covers - dup_bytes;
-    sum.instructed_files = courier::count_copies(&courier).max(from_dest);
+    sum.courier_files = s.held.files + s.deltas_held.files + sum.fetched_files;
+    sum.courier_bytes = s.held.bytes + s.deltas_held.bytes + sum.fetched_bytes;
+    sum.remaining_files = (s.needed.len() - done.len() - made.len()) as u64 - dup.files;
+    sum.remaining_bytes = s.sizes.iter().sum::<u64>() - whole_bytes - delta_covers - dup.bytes;
+    sum.instructed_files = courier::count_copies(trip.courier).max(dup.from_dest);
     // Files under way: what is left of each after this run's ranges.
-    let now_held = ranges::held(&courier);
+    let now_held = ranges::held(trip.courier);
     let now_recs: Vec<RangeRecord> = now_held.iter().map(|(_, r)| r.clone()).collect();
-    for f in &range_files {
-        let at = ranges::next_start(f, dest_partials.get(&f.name), &now_recs);
+    for f in &s.range_files {
+        let at = ranges::next_start(f, dest.partials.get(&f.name), &now_recs);
         if at < f.size {
             sum.remaining_files += 1;
             sum.remaining_bytes += f.size - at;
         }
     }
-    sum.remaining_bytes -= new_range_of_needed;
-    sum.range_bytes = range_bytes;
+    sum.remaining_bytes -= ranged.of_needed;
+    sum.range_bytes = ranged.bytes;
     sum.ranged_files = now_held
         .iter()
         .map(|(_, r)| r.name.as_str())
-        .collect::<std::collections::HashSet<_>>()
+        .collect::<HashSet<_>>()
         .len() as u64;
     sum.courier_bytes += now_held.iter().map(|(_, r)| r.len).sum::<u64>();
-    sum.budget_stop = sum.remaining_files > 0 && taken.len() + delta_done.len() < needed.len();
+    sum.budget_stop = sum.remaining_files > 0 && picked.files.len() + made.len() < s.needed.len();
+    sum
+}
 
+/// The summary, as JSON or as lines for a person.
+fn report(ui: &Ui, sum: &FetchSummary) {
     let mut human = format!(
         "fetched {}; the courier holds {} for the destination\n",
         files_bytes(sum.fetched_files, sum.fetched_bytes),
@@ -825,12 +1127,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     if sum.failed_files > 0 {
         human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
     }
-    ui.summary(&sum, &human);
-    Ok(if sum.failed_files > 0 {
-        Exit::Failed
-    } else {
-        Exit::Done
-    })
+    ui.summary(sum, &human);
 }
 
 /// `fetch --dry-run`: what a run would fetch and remove, from the record

@@ -167,7 +167,7 @@ impl Instructions {
     /// Writes `COPIES`: the copies from the destination's files, merged in
     /// name order with `dups` (instructions for duplicates, in name
     /// order).
-    pub(crate) fn finish(mut self, dups: Vec<CopyInstr>) -> Result<()> {
+    pub(crate) fn finish(&mut self, dups: Vec<CopyInstr>) -> Result<()> {
         let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
         self.out.flush().map_err(what)?;
         let new = format!("{COPIES}.new");

@@ -48,7 +48,7 @@ pub(crate) const MAX_HEADER: usize = 64 * 1024;
 /// The block size for a file of `size` bytes: the power of two at or
 /// above its square root, from 8 KiB to 8 MiB. Signatures then take
 /// 20 bytes per block: at most 0.25 % of a file of 64 MiB or more, and
-/// less as files grow (see the README's table).
+/// less as files grow (see the table in docs/design.md).
 pub(crate) fn block_size(size: u64) -> u64 {
     let root = (size as f64).sqrt().ceil() as u64;
     root.next_power_of_two().clamp(8 << 10, 8 << 20)
