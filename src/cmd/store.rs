@@ -119,10 +119,70 @@ impl Task {
     }
 }
 
-/// `bitfog store SRCDB DESTURL COURIER`.
+/// `bitfog store SRCDB DESTURL COURIER`: open the inputs, classify each
+/// name of SRCDB against the destination's listing, choose deletions,
+/// then either say what would happen (`--dry-run`) or do it by phases,
+/// make the empty directories, leave the receipt and report.
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
     let (header, mut src) = open_db(&opts.srcdb)?;
-    if opts.delete && header.source.is_none() {
+    check_inputs(opts, header.source.is_none())?;
+    // A dry run neither locks nor writes anything in the courier.
+    let courier = if opts.dry_run {
+        Courier::open_read(&opts.courier)?
+    } else {
+        Courier::open(&opts.courier, false)?
+    };
+    let mut listing = client.listing(&opts.dest)?;
+    let mut plan = Plan::new(opts, &courier)?;
+    plan.classify(opts, &courier, &mut src, &mut listing)?;
+    if opts.delete && src.end().is_some_and(|e| e.count == 0) {
+        return Err(Error::usage(format!(
+            "'{}' lists nothing; refusing --delete, which would empty the destination",
+            opts.srcdb.display()
+        )));
+    }
+    for msg in &plan.refused {
+        ui.error(msg);
+    }
+    plan.sum.failed_files += plan.refused.len() as u64;
+    let src_skipped = src.end().map_or(0, |e| e.skipped);
+    let over_limit = plan.deletions(ui, opts, &courier, src_skipped)?;
+    if opts.dry_run {
+        return Ok(dry_run(ui, plan, over_limit));
+    }
+    let (mut sum, outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan)?;
+    let dest_end = listing
+        .end()
+        .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
+    let made = make_dirs(ui, client, opts, src.end(), &dest_end, &mut sum);
+    let receipt = plan.receipt.take().expect("a receipt unless dry run");
+    if unsure {
+        ui.error("no receipt is left in the courier: an upload's outcome is unknown; run builddb at the destination");
+        sum.failed_files += 1;
+        courier.drop_receipt();
+    } else if let Err(e) = write_receipt(
+        &courier,
+        &opts.dest,
+        receipt,
+        dest_end,
+        Outcomes { made, ..outcomes },
+    ) {
+        ui.error(format!("cannot leave the receipt in the courier: {e}"));
+        sum.failed_files += 1;
+        courier.drop_receipt();
+    }
+    report(ui, opts, &sum);
+    Ok(if sum.failed_files > 0 || over_limit {
+        Exit::Failed
+    } else {
+        Exit::Done
+    })
+}
+
+/// Refuses, before anything is touched, a `--delete` by a DB made by
+/// `emptydb`, and a courier that is not there.
+fn check_inputs(opts: &StoreOpts, from_emptydb: bool) -> Result<()> {
+    if opts.delete && from_emptydb {
         return Err(Error::usage(format!(
             "'{}' was made by emptydb; refusing --delete, which would empty the destination",
             opts.srcdb.display()
@@ -134,306 +194,332 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             opts.courier.display()
         )));
     }
-    // A dry run neither locks nor writes anything in the courier.
-    let courier = if opts.dry_run {
-        Courier::open_read(&opts.courier)?
-    } else {
-        Courier::open(&opts.courier, false)?
-    };
-    let listing = client.listing(&opts.dest)?;
+    Ok(())
+}
 
-    let mut sum = StoreSummary::default();
-    let spool_err = |e: std::io::Error| Error::io("the courier's plan spool", &e);
-    // Uploads and links: in memory for a dry run; otherwise in a spool
-    // under .bitfog/, read back one at a time by the workers, so a
-    // million-file courier is not held in memory.
-    let mut actions = Vec::new();
-    let mut spool: Option<Spool<Task>> = match opts.dry_run {
-        false => Some(courier.spool("store")?),
-        true => None,
-    };
-    // Which spooled tasks are copies (they run in phases of their own).
-    let mut copy_at: Vec<bool> = Vec::new();
-    let mut task = |t: Task, actions: &mut Vec<Action>| -> Result<()> {
-        match spool.as_mut() {
+fn spool_err(e: std::io::Error) -> Error {
+    Error::io("the courier's plan spool", &e)
+}
+
+/// What `store` will do, decided name by name. Uploads, links and copies
+/// go to a spool under `.bitfog/` (read back one at a time by the
+/// workers, so a million-file courier is not held in memory); a dry run
+/// keeps them in `actions`. Deletions are always in `actions`.
+struct Plan {
+    actions: Vec<Action>,
+    spool: Option<Spool<Task>>,
+    /// Which spooled tasks are copies (they run in phases of their own).
+    copy_at: Vec<bool>,
+    /// The receipt's lines: what the destination holds after this run,
+    /// from its listing and the outcome of each action (no second
+    /// listing, so nothing just stored is hashed again).
+    receipt: Option<Spool<ReceiptLine>>,
+    sum: StoreSummary,
+    /// Bytes to upload, for the progress line.
+    total_bytes: u64,
+    refused: Vec<String>,
+    /// Destination files SRCDB does not have (with `--delete`).
+    doomed: Vec<Entry>,
+}
+
+impl Plan {
+    fn new(opts: &StoreOpts, courier: &Courier) -> Result<Plan> {
+        let (spool, receipt) = if opts.dry_run {
+            (None, None)
+        } else {
+            let spool = courier.spool("store")?;
+            // A run that dies leaves no receipt rather than a stale one.
+            courier.drop_receipt();
+            (Some(spool), Some(courier.spool("receipt")?))
+        };
+        Ok(Plan {
+            actions: Vec::new(),
+            spool,
+            copy_at: Vec::new(),
+            receipt,
+            sum: StoreSummary::default(),
+            total_bytes: 0,
+            refused: Vec::new(),
+            doomed: Vec::new(),
+        })
+    }
+
+    /// Adds an upload, link or copy.
+    fn task(&mut self, t: Task) -> Result<()> {
+        match self.spool.as_mut() {
             Some(spool) => {
-                copy_at.push(t.from.is_some());
+                self.copy_at.push(t.from.is_some());
                 spool.push(&t).map(drop).map_err(spool_err)
             }
             None => {
-                actions.push(t.action());
+                self.actions.push(t.action());
                 Ok(())
             }
         }
-    };
-    // Files fetch left as instructions: made at the destination from a
-    // file it already has.
-    let mut copies = crate::courier::Copies::open(&courier);
-    // Ranges of files bigger than a trip.
-    let courier_ranges = ranges::held(&courier);
-    // Deltas of files the destination has an older version of.
-    let courier_deltas = crate::courier::deltas::held(&courier);
-    // The receipt: what the destination holds after this run, from its
-    // listing and the outcome of each action (no second listing, so
-    // nothing just stored is hashed again).
-    let mut receipt: Option<Spool<ReceiptLine>> = match opts.dry_run {
-        false => {
-            // A run that dies leaves no receipt rather than a stale one.
-            courier.drop_receipt();
-            Some(courier.spool("receipt")?)
-        }
-        true => None,
-    };
-    let mut note = |e: Entry, up: bool, old: Option<Entry>| -> Result<()> {
-        match receipt.as_mut() {
+    }
+
+    /// Notes a name for the receipt: `e` as the destination has it, or
+    /// will have it if the action (`up`) succeeds; `old` if it fails.
+    fn note(&mut self, e: Entry, up: bool, old: Option<Entry>) -> Result<()> {
+        match self.receipt.as_mut() {
             Some(r) => r
                 .push(&ReceiptLine { e, up, old })
                 .map_err(spool_err)
                 .map(drop),
             None => Ok(()),
         }
-    };
-    let mut total_bytes = 0;
-    let mut refused = Vec::new();
-    let mut doomed: Vec<Entry> = Vec::new();
-    let mut listing = listing;
-    plan::merge(
-        src.by_ref().map(|r| r.map_err(as_usage)),
-        listing.by_ref(),
-        |pair| {
-            let (s, d) = match pair {
-                Pair::Dst(d) => {
-                    if opts.delete {
-                        doomed.push(d.clone());
-                    }
-                    return note(d, false, None);
-                }
-                Pair::Both(s, d) if s.same_content(&d) => {
-                    sum.skipped_files += 1;
-                    let hash = s.sha256.clone().or_else(|| d.sha256.clone());
-                    let meta_differs = s.mode & 0o777 != d.mode & 0o777 || s.mtime != d.mtime;
-                    if s.is_symlink() || !meta_differs || hash.is_none() {
-                        return note(d, false, None);
-                    }
-                    // Same content, new mode or mtime: set them in place.
-                    let now = Entry {
-                        mode: s.mode & 0o777,
-                        mtime: s.mtime,
-                        sha256: hash,
-                        ..d.clone()
-                    };
-                    task(
-                        Task {
-                            e: now.clone(),
-                            from: Some(now.name.clone()),
-                            ranged: false,
-                            delta: None,
-                        },
-                        &mut actions,
-                    )?;
-                    return note(now, true, Some(d));
-                }
-                Pair::Src(s) => (s, None),
-                Pair::Both(s, d) => (s, Some(d)),
-            };
-            if let Err(why) = check_carried_name(&s.name) {
-                refused.push(format!("refusing '{}': {}", s.name, why.reason()));
-            } else if s.is_symlink() || !matches!(courier.carried_meta(&s.name), Ok(None)) {
-                if !s.is_symlink() {
-                    total_bytes += s.size;
-                }
-                task(
-                    Task {
-                        e: s.clone(),
-                        from: None,
-                        ranged: false,
-                        delta: None,
-                    },
-                    &mut actions,
-                )?;
-                return note(s, true, d);
-            } else if let Some(from) = copies.find(&s) {
-                task(
-                    Task {
-                        e: s.clone(),
-                        from: Some(from),
-                        ranged: false,
-                        delta: None,
-                    },
-                    &mut actions,
-                )?;
-                return note(s, true, d);
-            } else if courier_ranges.iter().any(|(_, r)| r.of(&s)) {
-                task(
-                    Task {
-                        e: s.clone(),
-                        from: None,
-                        ranged: true,
-                        delta: None,
-                    },
-                    &mut actions,
-                )?;
-                return note(s, true, d);
-            } else if let Some(h) = courier_deltas.get(&s.name).filter(|h| h.makes(&s)) {
-                let base_there = d
-                    .as_ref()
-                    .is_some_and(|d| !d.is_symlink() && h.applies_to(d.size, d.sha256.as_deref()));
-                if base_there {
-                    task(
-                        Task {
-                            e: s.clone(),
-                            from: None,
-                            ranged: false,
-                            delta: Some((h.file.clone(), h.len)),
-                        },
-                        &mut actions,
-                    )?;
-                    return note(s, true, d);
-                }
-                refused.push(format!("'{}': {BASE_CHANGED}", s.name));
-            } else {
-                sum.missing_files += 1;
-                sum.missing_bytes += s.size;
-            }
-            // The destination keeps what it had under this name.
-            d.map_or(Ok(()), |d| note(d, false, None))
-        },
-    )?;
-    if opts.delete && src.end().is_some_and(|e| e.count == 0) {
-        return Err(Error::usage(format!(
-            "'{}' lists nothing; refusing --delete, which would empty the destination",
-            opts.srcdb.display()
-        )));
     }
-    for msg in &refused {
-        ui.error(msg);
-    }
-    sum.failed_files += refused.len() as u64;
-    let src_skipped = src.end().map_or(0, |e| e.skipped);
-    let over_limit = if opts.delete && src_skipped > 0 && !doomed.is_empty() {
-        // Names the source could not list may be exactly these: a listing
-        // that is not complete never decides a deletion.
-        ui.error(format!(
-            "not deleting anything: '{}' says its source listing skipped {src_skipped} entries it could not read (see the source server's log); fix that and run builddb again",
-            opts.srcdb.display()
-        ));
-        sum.kept_files += doomed.len() as u64;
-        true
-    } else {
-        choose_deletions(ui, opts, &courier, doomed, &mut actions, &mut sum)?
-    };
 
-    if opts.dry_run {
-        let mut human = String::new();
-        for a in &actions {
-            match a {
-                Action::Upload(e) => human.push_str(&format!(
-                    "would upload '{}' ({})\n",
-                    e.name,
-                    human_bytes(e.size)
-                )),
-                Action::Link(e) => human.push_str(&format!(
-                    "would link '{}' -> '{}'\n",
-                    e.name,
-                    e.linkdest.as_deref().unwrap_or_default()
-                )),
-                Action::Ranges(e) => human.push_str(&format!(
-                    "would send ranges of '{}' ({} in all)\n",
-                    e.name,
-                    human_bytes(e.size)
-                )),
-                Action::Patch(e, ..) => human.push_str(&format!(
-                    "would patch '{}' with a delta ({})\n",
-                    e.name,
-                    human_bytes(e.size)
-                )),
-                Action::Copy(e, from) if *from == e.name => {
-                    human.push_str(&format!("would set the mode and mtime of '{from}'\n"));
+    /// Stage 1: merges SRCDB with the destination's listing and decides
+    /// what each name needs.
+    fn classify(
+        &mut self,
+        opts: &StoreOpts,
+        courier: &Courier,
+        src: &mut DbReader,
+        listing: &mut ListingReader,
+    ) -> Result<()> {
+        let mut found = Found {
+            copies: crate::courier::Copies::open(courier),
+            ranges: ranges::held(courier),
+            deltas: crate::courier::deltas::held(courier),
+        };
+        plan::merge(
+            src.by_ref().map(|r| r.map_err(as_usage)),
+            listing.by_ref(),
+            |pair| self.pair(opts, courier, &mut found, pair),
+        )
+    }
+
+    /// Decides one name of the merge.
+    fn pair(
+        &mut self,
+        opts: &StoreOpts,
+        courier: &Courier,
+        found: &mut Found,
+        pair: Pair,
+    ) -> Result<()> {
+        let (s, d) = match pair {
+            Pair::Dst(d) => {
+                if opts.delete {
+                    self.doomed.push(d.clone());
                 }
-                Action::Copy(e, from) => human.push_str(&format!(
-                    "would make '{}' from '{from}' at the destination\n",
-                    e.name
-                )),
-                Action::Delete(n) => human.push_str(&format!("would delete '{n}'\n")),
+                return self.note(d, false, None);
             }
-            count(&mut sum, a);
-        }
-        human.push_str("dry run: nothing was changed\n");
-        ui.summary(
-            &DryRun {
-                dry_run: true,
-                summary: &sum,
-            },
-            &human,
-        );
-        return Ok(if sum.failed_files > 0 || over_limit {
-            Exit::Failed
+            Pair::Both(s, d) if s.same_content(&d) => return self.present(s, d),
+            Pair::Src(s) => (s, None),
+            Pair::Both(s, d) => (s, Some(d)),
+        };
+        let task = |from: Option<String>, ranged: bool, delta: Option<(String, u64)>| Task {
+            e: s.clone(),
+            from,
+            ranged,
+            delta,
+        };
+        if let Err(why) = check_carried_name(&s.name) {
+            self.refused
+                .push(format!("refusing '{}': {}", s.name, why.reason()));
+        } else if s.is_symlink() || !matches!(courier.carried_meta(&s.name), Ok(None)) {
+            if !s.is_symlink() {
+                self.total_bytes += s.size;
+            }
+            self.task(task(None, false, None))?;
+            return self.note(s, true, d);
+        } else if let Some(from) = found.copies.find(&s) {
+            self.task(task(Some(from), false, None))?;
+            return self.note(s, true, d);
+        } else if found.ranges.iter().any(|(_, r)| r.of(&s)) {
+            self.task(task(None, true, None))?;
+            return self.note(s, true, d);
+        } else if let Some(h) = found.deltas.get(&s.name).filter(|h| h.makes(&s)) {
+            let base_there = d
+                .as_ref()
+                .is_some_and(|d| !d.is_symlink() && h.applies_to(d.size, d.sha256.as_deref()));
+            if base_there {
+                self.task(task(None, false, Some((h.file.clone(), h.len))))?;
+                return self.note(s, true, d);
+            }
+            self.refused.push(format!("'{}': {BASE_CHANGED}", s.name));
         } else {
-            Exit::Done
-        });
+            self.sum.missing_files += 1;
+            self.sum.missing_bytes += s.size;
+        }
+        // The destination keeps what it had under this name.
+        d.map_or(Ok(()), |d| self.note(d, false, None))
     }
 
-    // Only deletions (with --delete) are in `actions` now; the rest is
-    // spooled.
-    let deletes = actions;
-    let mut spool = spool.expect("a spool unless dry run");
-    spool.finish().map_err(spool_err)?;
-    let progress = Progress::start(ui, "storing", spool.len() as u64, total_bytes);
-    let results: Mutex<StoreSummary> = Mutex::new(sum);
-    // Names whose upload, link or copy failed, and names deleted: the
-    // receipt follows them.
-    let failed_names: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
-    let deleted_names: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
-    let unsure = AtomicBool::new(false);
-    // Files sent as ranges: how much of each the destination holds now.
-    let progress_of: Mutex<HashMap<String, (Entry, u64)>> = Mutex::new(HashMap::new());
-    let record = |action: &Action, outcome: std::result::Result<(), Failure>| {
-        match (action, &outcome) {
-            (
-                Action::Upload(e)
-                | Action::Link(e)
-                | Action::Copy(e, _)
-                | Action::Ranges(e)
-                | Action::Patch(e, ..),
-                Err(_),
-            ) => {
-                failed_names.lock().expect("names").insert(e.name.clone());
-            }
-            (Action::Delete(n), Ok(())) => {
-                deleted_names.lock().expect("names").insert(n.clone());
-            }
-            _ => {}
+    /// A name whose content the destination has: nothing to do, or its
+    /// mode and mtime to set in place.
+    fn present(&mut self, s: Entry, d: Entry) -> Result<()> {
+        self.sum.skipped_files += 1;
+        let hash = s.sha256.clone().or_else(|| d.sha256.clone());
+        let meta_differs = s.mode & 0o777 != d.mode & 0o777 || s.mtime != d.mtime;
+        if s.is_symlink() || !meta_differs || hash.is_none() {
+            return self.note(d, false, None);
         }
-        let mut sum = results.lock().expect("summary");
+        let now = Entry {
+            mode: s.mode & 0o777,
+            mtime: s.mtime,
+            sha256: hash,
+            ..d.clone()
+        };
+        self.task(Task {
+            e: now.clone(),
+            from: Some(now.name.clone()),
+            ranged: false,
+            delta: None,
+        })?;
+        self.note(now, true, Some(d))
+    }
+
+    /// Stage 2: the deletions `--delete` may do (see `choose_deletions`);
+    /// none at all when SRCDB's listing skipped entries. True when some
+    /// were held back.
+    fn deletions(
+        &mut self,
+        ui: &Ui,
+        opts: &StoreOpts,
+        courier: &Courier,
+        src_skipped: u64,
+    ) -> Result<bool> {
+        let doomed = std::mem::take(&mut self.doomed);
+        if opts.delete && src_skipped > 0 && !doomed.is_empty() {
+            // Names the source could not list may be exactly these: a
+            // listing that is not complete never decides a deletion.
+            ui.error(format!(
+                "not deleting anything: '{}' says its source listing skipped {src_skipped} entries it could not read (see the source server's log); fix that and run builddb again",
+                opts.srcdb.display()
+            ));
+            self.sum.kept_files += doomed.len() as u64;
+            return Ok(true);
+        }
+        choose_deletions(ui, opts, courier, doomed, &mut self.actions, &mut self.sum)
+    }
+}
+
+/// What the courier holds besides files: instructions, ranges, deltas.
+struct Found {
+    copies: crate::courier::Copies,
+    ranges: Vec<(String, ranges::RangeRecord)>,
+    deltas: HashMap<String, crate::courier::deltas::Held>,
+}
+
+type DbReader = crate::wire::manifest::Reader<std::io::BufReader<std::fs::File>>;
+type ListingReader = crate::wire::manifest::Reader<
+    std::io::BufReader<crate::client::Stall<ureq::BodyReader<'static>>>,
+>;
+
+/// `store --dry-run`: what would happen, and the summary it would give.
+fn dry_run(ui: &Ui, plan: Plan, over_limit: bool) -> Exit {
+    let mut sum = plan.sum;
+    let mut human = String::new();
+    for a in &plan.actions {
+        human.push_str(&match a {
+            Action::Upload(e) => format!("would upload '{}' ({})\n", e.name, human_bytes(e.size)),
+            Action::Link(e) => format!(
+                "would link '{}' -> '{}'\n",
+                e.name,
+                e.linkdest.as_deref().unwrap_or_default()
+            ),
+            Action::Ranges(e) => format!(
+                "would send ranges of '{}' ({} in all)\n",
+                e.name,
+                human_bytes(e.size)
+            ),
+            Action::Patch(e, ..) => format!(
+                "would patch '{}' with a delta ({})\n",
+                e.name,
+                human_bytes(e.size)
+            ),
+            Action::Copy(e, from) if *from == e.name => {
+                format!("would set the mode and mtime of '{from}'\n")
+            }
+            Action::Copy(e, from) => {
+                format!("would make '{}' from '{from}' at the destination\n", e.name)
+            }
+            Action::Delete(n) => format!("would delete '{n}'\n"),
+        });
+        count(&mut sum, a);
+    }
+    human.push_str("dry run: nothing was changed\n");
+    ui.summary(
+        &DryRun {
+            dry_run: true,
+            summary: &sum,
+        },
+        &human,
+    );
+    if sum.failed_files > 0 || over_limit {
+        Exit::Failed
+    } else {
+        Exit::Done
+    }
+}
+
+/// The phases' shared state: the plan's spool, what each action did.
+struct Execution<'a> {
+    ui: &'a Ui,
+    client: &'a Client,
+    opts: &'a StoreOpts,
+    courier: &'a Courier,
+    spool: &'a Spool<Task>,
+    progress: Progress,
+    results: Mutex<StoreSummary>,
+    /// Names whose upload, link or copy failed, and names deleted: the
+    /// receipt follows them.
+    failed: Mutex<HashSet<String>>,
+    deleted: Mutex<HashSet<String>>,
+    /// Files sent as ranges: how much of each the destination holds now.
+    ranged: Mutex<HashMap<String, (Entry, u64)>>,
+    /// Set when an action could not be read back: the receipt cannot be
+    /// vouched for.
+    unsure: AtomicBool,
+}
+
+impl Execution<'_> {
+    /// Counts an action's outcome and names a failure.
+    fn record(&self, action: &Action, outcome: std::result::Result<(), Failure>) {
+        let name = match action {
+            Action::Upload(e)
+            | Action::Link(e)
+            | Action::Copy(e, _)
+            | Action::Ranges(e)
+            | Action::Patch(e, ..) => &e.name,
+            Action::Delete(n) => n,
+        };
+        match (action, &outcome) {
+            (Action::Delete(_), Ok(())) => {
+                self.deleted.lock().expect("names").insert(name.clone());
+            }
+            (Action::Delete(_), Err(_)) => {}
+            (_, Err(_)) => {
+                self.failed.lock().expect("names").insert(name.clone());
+            }
+            (_, Ok(())) => {}
+        }
+        let mut sum = self.results.lock().expect("summary");
         match outcome {
             Ok(()) => {
                 count(&mut sum, action);
                 if let Action::Upload(e) = action {
-                    progress.bytes.fetch_add(e.size, Ordering::Relaxed);
+                    self.progress.bytes.fetch_add(e.size, Ordering::Relaxed);
                 }
             }
             Err(why) => {
-                let name = match action {
-                    Action::Upload(e)
-                    | Action::Link(e)
-                    | Action::Copy(e, _)
-                    | Action::Ranges(e)
-                    | Action::Patch(e, ..) => &e.name,
-                    Action::Delete(n) => n,
-                };
-                ui.error(format!("'{name}': {why}"));
+                self.ui.error(format!("'{name}': {why}"));
                 sum.failed_files += 1;
             }
         }
         if !matches!(action, Action::Delete(_)) {
-            progress.files.fetch_add(1, Ordering::Relaxed);
+            self.progress.files.fetch_add(1, Ordering::Relaxed);
         }
-    };
-    // Each phase runs its share of the work on `jobs` threads.
-    let phase = |work: &(dyn Fn(usize) + Sync), n: usize| {
+    }
+
+    /// Runs `work(0..n)` on `--jobs` threads.
+    fn phase(&self, n: usize, work: &(dyn Fn(usize) + Sync)) {
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for _ in 0..opts.jobs.clamp(1, 64) {
+            for _ in 0..self.opts.jobs.clamp(1, 64) {
                 s.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
@@ -445,94 +531,146 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                 });
             }
         });
-    };
-    let spooled = |i: usize| match spool.get(i) {
-        Ok(t) => Some(t.action()),
-        Err(err) => {
-            ui.error(format!(
-                "cannot read the courier's plan spool: {}",
-                describe_io(&err)
-            ));
-            results.lock().expect("summary").failed_files += 1;
-            unsure.store(true, Ordering::Relaxed);
-            None
+    }
+
+    /// Spooled action `i`; `None` (counted as a failure) when it cannot
+    /// be read back.
+    fn spooled(&self, i: usize) -> Option<Action> {
+        match self.spool.get(i) {
+            Ok(t) => Some(t.action()),
+            Err(err) => {
+                self.ui.error(format!(
+                    "cannot read the courier's plan spool: {}",
+                    describe_io(&err)
+                ));
+                self.results.lock().expect("summary").failed_files += 1;
+                self.unsure.store(true, Ordering::Relaxed);
+                None
+            }
         }
+    }
+
+    /// Does one action.
+    fn run(&self, action: &Action) {
+        self.record(
+            action,
+            run(self.client, self.courier, &self.opts.dest, action),
+        );
+    }
+
+    /// Sends the ranges of `e`; a file still under way is not a failure,
+    /// but the receipt shows its progress and not the file.
+    fn ranges(&self, e: Entry, held: &[(String, ranges::RangeRecord)]) {
+        match send_ranges(self.client, &self.opts.dest, self.courier, held, &e) {
+            Ok(Some(have)) => {
+                self.failed.lock().expect("names").insert(e.name.clone());
+                self.ranged
+                    .lock()
+                    .expect("progress")
+                    .insert(e.name.clone(), (e, have));
+                self.results.lock().expect("summary").partial_files += 1;
+            }
+            Ok(None) => {
+                let size = e.size;
+                self.ranged
+                    .lock()
+                    .expect("progress")
+                    .insert(e.name.clone(), (e.clone(), size));
+                self.record(&Action::Ranges(e), Ok(()));
+            }
+            Err(why) => self.record(&Action::Ranges(e), Err(why)),
+        }
+    }
+}
+
+/// Stage 3: runs the plan in phases, each on `--jobs` threads: copies
+/// (a renamed file's old name may be deleted next), deletions (so a name
+/// can change from file to directory), uploads, links, ranges and
+/// patches, then the copies whose source has arrived since. Returns the
+/// summary, what happened to each name, and whether an outcome is
+/// unknown.
+fn execute(
+    ui: &Ui,
+    client: &Client,
+    opts: &StoreOpts,
+    courier: &Courier,
+    plan: &mut Plan,
+) -> Result<(StoreSummary, Outcomes, bool)> {
+    let mut spool = plan.spool.take().expect("a spool unless dry run");
+    spool.finish().map_err(spool_err)?;
+    let held = ranges::held(courier);
+    let deletes = std::mem::take(&mut plan.actions);
+    let copy_at = &plan.copy_at;
+    let x = Execution {
+        ui,
+        client,
+        opts,
+        courier,
+        spool: &spool,
+        progress: Progress::start(ui, "storing", spool.len() as u64, plan.total_bytes),
+        results: Mutex::new(std::mem::take(&mut plan.sum)),
+        failed: Mutex::default(),
+        deleted: Mutex::default(),
+        ranged: Mutex::default(),
+        unsure: AtomicBool::new(false),
     };
-    // 1. Copies first: a renamed file's old name may be deleted below.
-    //    One whose source is not there yet (a duplicate of a file this
-    //    run uploads) is tried again at the end.
+    // 1. Copies. One whose source is not there yet (a duplicate of a file
+    //    this run uploads) is tried again at the end.
     let again: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    phase(
-        &|i| {
-            if let Some(Some(a @ Action::Copy(..))) = copy_at[i].then(|| spooled(i)) {
-                match run_copy(client, &opts.dest, &a) {
-                    Err(Retry) => again.lock().expect("again").push(i),
-                    Ok(outcome) => record(&a, outcome),
-                }
+    x.phase(spool.len(), &|i| {
+        if let Some(Some(a @ Action::Copy(..))) = copy_at[i].then(|| x.spooled(i)) {
+            match run_copy(client, &opts.dest, &a) {
+                Err(Retry) => again.lock().expect("again").push(i),
+                Ok(outcome) => x.record(&a, outcome),
             }
-        },
-        spool.len(),
-    );
-    // 2. Deletions (only with --delete), so a name can change from file
-    //    to directory.
-    phase(
-        &|i| record(&deletes[i], run(client, &courier, &opts.dest, &deletes[i])),
-        deletes.len(),
-    );
-    // 3. Uploads and links.
-    phase(
-        &|i| {
-            if !copy_at[i] {
-                match spooled(i) {
-                    Some(Action::Ranges(e)) => {
-                        let outcome =
-                            send_ranges(client, &opts.dest, &courier, &courier_ranges, &e);
-                        match outcome {
-                            Ok(Some(have)) => {
-                                // Under way, not failed: the receipt shows
-                                // the progress and not the file.
-                                failed_names.lock().expect("names").insert(e.name.clone());
-                                progress_of
-                                    .lock()
-                                    .expect("progress")
-                                    .insert(e.name.clone(), (e.clone(), have));
-                                results.lock().expect("summary").partial_files += 1;
-                            }
-                            Ok(None) => {
-                                progress_of
-                                    .lock()
-                                    .expect("progress")
-                                    .insert(e.name.clone(), (e.clone(), e.size));
-                                record(&Action::Ranges(e), Ok(()));
-                            }
-                            Err(why) => record(&Action::Ranges(e), Err(why)),
-                        }
-                    }
-                    Some(a) => record(&a, run(client, &courier, &opts.dest, &a)),
-                    None => {}
-                }
+        }
+    });
+    // 2. Deletions (only with --delete).
+    x.phase(deletes.len(), &|i| x.run(&deletes[i]));
+    // 3. Uploads, links, ranges and patches.
+    x.phase(spool.len(), &|i| {
+        if !copy_at[i] {
+            match x.spooled(i) {
+                Some(Action::Ranges(e)) => x.ranges(e, &held),
+                Some(a) => x.run(&a),
+                None => {}
             }
-        },
-        spool.len(),
-    );
+        }
+    });
     // 4. Copies whose source has arrived since.
     let again = again.into_inner().expect("again");
-    phase(
-        &|k| {
-            if let Some(a) = spooled(again[k]) {
-                record(&a, run(client, &courier, &opts.dest, &a));
-            }
-        },
-        again.len(),
-    );
-    progress.finish();
-    let mut sum = results.into_inner().expect("summary");
-    // 5. Empty directories, last, so their mtime stays as SRCDB has it.
-    let dest_end = listing
-        .end()
-        .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
+    x.phase(again.len(), &|k| {
+        if let Some(a) = x.spooled(again[k]) {
+            x.run(&a);
+        }
+    });
+    x.progress.finish();
+    let outcomes = Outcomes {
+        failed: x.failed.into_inner().expect("names"),
+        deleted: x.deleted.into_inner().expect("names"),
+        progress: x.ranged.into_inner().expect("progress"),
+        made: Vec::new(),
+    };
+    Ok((
+        x.results.into_inner().expect("summary"),
+        outcomes,
+        x.unsure.into_inner(),
+    ))
+}
+
+/// Stage 4: the empty directories of SRCDB the destination does not
+/// have as listed, last, so their mtime stays as SRCDB has it. Returns
+/// those made.
+fn make_dirs(
+    ui: &Ui,
+    client: &Client,
+    opts: &StoreOpts,
+    src_end: Option<crate::wire::manifest::End>,
+    dest_end: &crate::wire::manifest::End,
+    sum: &mut StoreSummary,
+) -> Vec<crate::wire::manifest::EmptyDir> {
     let mut made = Vec::new();
-    for d in src.end().map(|e| e.dirs).unwrap_or_default() {
+    for d in src_end.map(|e| e.dirs).unwrap_or_default() {
         let there = dest_end
             .dirs
             .iter()
@@ -560,28 +698,11 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             }
         }
     }
-    let receipt = receipt.expect("a receipt unless dry run");
-    if unsure.into_inner() {
-        ui.error("no receipt is left in the courier: an upload's outcome is unknown; run builddb at the destination");
-        sum.failed_files += 1;
-        courier.drop_receipt();
-    } else if let Err(e) = write_receipt(
-        &courier,
-        &opts.dest,
-        receipt,
-        dest_end,
-        Outcomes {
-            failed: failed_names.into_inner().expect("names"),
-            deleted: deleted_names.into_inner().expect("names"),
-            progress: progress_of.into_inner().expect("progress"),
-            made,
-        },
-    ) {
-        ui.error(format!("cannot leave the receipt in the courier: {e}"));
-        sum.failed_files += 1;
-        courier.drop_receipt();
-    }
+    made
+}
 
+/// The summary, as JSON or as lines for a person.
+fn report(ui: &Ui, opts: &StoreOpts, sum: &StoreSummary) {
     let mut human = format!(
         "stored {}; {} already at the destination",
         files_bytes(sum.stored_files, sum.stored_bytes),
@@ -607,12 +728,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     if sum.failed_files > 0 {
         human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
     }
-    ui.summary(&sum, &human);
-    Ok(if sum.failed_files > 0 || over_limit {
-        Exit::Failed
-    } else {
-        Exit::Done
-    })
+    ui.summary(sum, &human);
 }
 
 /// What a run did, for the receipt: names whose upload, link, copy or
