@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 
+sys.stdout.reconfigure(line_buffering=True)
 BIN = sys.argv[1]
 ARGS = sys.argv[2:]
 ROUNDS = 100
@@ -1026,8 +1027,11 @@ def section_courier():
                     p = os.path.join(state, rng.choice(["carried.jsonl", "copies.jsonl"]))
                 os.makedirs(os.path.dirname(p), exist_ok=True)
                 if kind == "record":
-                    with open(p, "a") as f:
-                        f.write(rng.choice(crafted) + "\n")
+                    # Only into the record itself: never through something
+                    # planted there earlier in the round.
+                    if os.path.isfile(p) and not os.path.islink(p):
+                        with open(p, "a") as f:
+                            f.write(rng.choice(crafted) + "\n")
                 else:
                     if os.path.isdir(p) and not os.path.islink(p):
                         shutil.rmtree(p)
