@@ -1,5 +1,9 @@
-//! Help texts and argument parsing: raw values first, then validation
-//! into one options struct per command. Leftover arguments are errors.
+//! The command line, from one table: `COMMANDS` and `OPTIONS` define every
+//! command and option once, and the parser, the checks of which command
+//! takes which option, `--help` and the usage lines all come from them (a
+//! test checks the man page names the same options). Parsing runs in two
+//! stages, as pico-args users do: raw values first, then validation into
+//! one options struct per command; leftovers are errors.
 
 use crate::client::AreaUrl;
 use crate::cmd::fetch::FetchOpts;
@@ -7,6 +11,7 @@ use crate::cmd::store::StoreOpts;
 use crate::error::{Error, Result};
 use crate::server::ServeOpts;
 use crate::ui::{Ui, parse_size};
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -16,138 +21,346 @@ pub(crate) const DEFAULT_JOBS: usize = 4;
 /// Default `--threads` for `serve`.
 pub(crate) const DEFAULT_THREADS: usize = 16;
 
-pub(crate) const USAGE: &str = "\
-bitfog: move terabytes between sites on a carried disk, verified with SHA-256
+/// A command: its name, positional arguments, one-line summary and what
+/// its `--help` says.
+struct Cmd {
+    name: &'static str,
+    args: &'static str,
+    summary: &'static str,
+    about: &'static str,
+}
 
-usage: bitfog <command> [options] [args]
+const COMMANDS: &[Cmd] = &[
+    Cmd {
+        name: "serve",
+        args: "",
+        summary: "run the HTTP server",
+        about: "Serves the areas of the configuration over HTTP until SIGINT or SIGTERM.",
+    },
+    Cmd {
+        name: "builddb",
+        args: "URL DB",
+        summary: "snapshot an area into a DB",
+        about: "Reads the listing of the area at URL and writes it to DB as a manifest.\n\
+                An interrupted or failed run leaves an existing DB untouched.",
+    },
+    Cmd {
+        name: "emptydb",
+        args: "DB",
+        summary: "write a DB of an empty area",
+        about: "Writes a manifest that says the area holds nothing.",
+    },
+    Cmd {
+        name: "plan",
+        args: "DESTDB SRCURL",
+        summary: "show what fetch would carry",
+        about: "Prints what fetch would carry (file count and bytes); downloads nothing.\n\
+                DESTDB may be a courier directory: the receipt store left there is used.",
+    },
+    Cmd {
+        name: "fetch",
+        args: "DESTDB SRCURL COURIER",
+        summary: "fill COURIER with what DESTDB lacks",
+        about: "Downloads into COURIER what the destination (described by DESTDB) lacks\n\
+                from SRCURL, largest files first, each verified before it appears.\n\
+                Resumable: rerun after any interruption. DESTDB may be a courier\n\
+                directory: the receipt store left there is used. Renamed and duplicate\n\
+                files become instructions for the destination instead of bytes.",
+    },
+    Cmd {
+        name: "store",
+        args: "SRCDB DESTURL COURIER",
+        summary: "empty COURIER into DESTURL",
+        about: "Uploads from COURIER to DESTURL what DESTURL lacks according to SRCDB,\n\
+                checking each file's SHA-256 first. Recreates symlinks and empty\n\
+                directories from SRCDB, carries out fetch's copy instructions, fixes\n\
+                mode and mtime in place, and leaves the destination's manifest in\n\
+                COURIER/.bitfog/receipt.jsonl.",
+    },
+];
 
-commands:
-  serve    [--conf FILE] [--addr ADDR] [--threads N] [--cache DIR]
-                                                        run the HTTP server
-  builddb  URL DB [--signatures [--signature-min SIZE]]
-                                                        snapshot an area into a DB
-  emptydb  DB                                           write a DB of an empty area
-  plan     DESTDB SRCURL [--max-bytes SIZE]             show what fetch would carry
-  fetch    DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N] [--dry-run]
-                                                        fill COURIER with what DESTDB lacks
-  store    SRCDB DESTURL COURIER [--delete [--max-delete N]] [--jobs N] [--dry-run]
-                                                        empty COURIER into DESTURL
+/// An option: its names, the name of its value (none for a flag), the
+/// commands that take it (`ALL`: every one), the option it needs, and its
+/// help.
+struct Opt {
+    long: &'static str,
+    short: Option<&'static str>,
+    value: Option<&'static str>,
+    commands: &'static [&'static str],
+    needs: Option<&'static str>,
+    help: &'static str,
+}
 
-global options:
-  -q, --quiet        errors only on stderr
-  -v, --verbose      more detail (plan lists files, fetch names each file)
-      --json         print the final summary as one JSON object
-      --token TOKEN  send Authorization: Bearer TOKEN (or set BITFOG_TOKEN)
-  -h, --help         this help; 'bitfog <command> --help' for a command
-  -V, --version      print the version
+const ALL: &[&str] = &["serve", "builddb", "emptydb", "plan", "fetch", "store"];
+const CLIENTS: &[&str] = &["builddb", "plan", "fetch", "store"];
 
-exit status: 0 done, 1 something failed, 2 bad usage or unusable input
-";
+/// Every option. Those of one command come before the global ones, in the
+/// order `--help` shows them.
+const OPTIONS: &[Opt] = &[
+    Opt {
+        long: "--conf",
+        short: None,
+        value: Some("FILE"),
+        commands: &["serve"],
+        needs: None,
+        help: "configuration (default: bitfog.json)",
+    },
+    Opt {
+        long: "--addr",
+        short: None,
+        value: Some("ADDR"),
+        commands: &["serve"],
+        needs: None,
+        help: ":PORT, HOST:PORT or [V6]:PORT (default: :8675)",
+    },
+    Opt {
+        long: "--threads",
+        short: None,
+        value: Some("N"),
+        commands: &["serve"],
+        needs: None,
+        help: "worker threads (default: 16)",
+    },
+    Opt {
+        long: "--cache",
+        short: None,
+        value: Some("DIR"),
+        commands: &["serve"],
+        needs: None,
+        help: "SHA-256 cache, outside the areas (default: $XDG_CACHE_HOME/bitfog\n\
+               or ~/.cache/bitfog; none: off)",
+    },
+    Opt {
+        long: "--signatures",
+        short: None,
+        value: None,
+        commands: &["builddb"],
+        needs: None,
+        help: "also write block signatures of the large files to DB.sig,\n\
+               so fetch can carry deltas of their next versions",
+    },
+    Opt {
+        long: "--signature-min",
+        short: None,
+        value: Some("SIZE"),
+        commands: &["builddb"],
+        needs: Some("--signatures"),
+        help: "smallest file to sign (default: 64M)",
+    },
+    Opt {
+        long: "--max-bytes",
+        short: None,
+        value: Some("SIZE"),
+        commands: &["plan", "fetch"],
+        needs: None,
+        help: "cap on bytes held in COURIER; with plan, also say how many trips\n\
+               of SIZE the rest needs (K M G T and KiB..TiB are powers of 1024,\n\
+               KB MB GB TB of 1000: 200G, 1.5T, 512MiB, 2TB)",
+    },
+    Opt {
+        long: "--delete",
+        short: None,
+        value: None,
+        commands: &["store"],
+        needs: None,
+        help: "remove from DESTURL the files SRCDB does not have, if they are as\n\
+               the destination snapshot fetch saw (refused when SRCDB lists\n\
+               nothing or was made by emptydb; nothing is deleted when SRCDB's\n\
+               listing skipped entries)",
+    },
+    Opt {
+        long: "--max-delete",
+        short: None,
+        value: Some("N"),
+        commands: &["store"],
+        needs: Some("--delete"),
+        help: "delete at most N files (exit 1 when more were due)",
+    },
+    Opt {
+        long: "--jobs",
+        short: None,
+        value: Some("N"),
+        commands: &["fetch", "store"],
+        needs: None,
+        help: "parallel transfers (default: 4)",
+    },
+    Opt {
+        long: "--dry-run",
+        short: None,
+        value: None,
+        commands: &["fetch", "store"],
+        needs: None,
+        help: "show what would be done; change nothing",
+    },
+    Opt {
+        long: "--quiet",
+        short: Some("-q"),
+        value: None,
+        commands: ALL,
+        needs: None,
+        help: "errors only on stderr (serve: no request log)",
+    },
+    Opt {
+        long: "--verbose",
+        short: Some("-v"),
+        value: None,
+        commands: &["plan", "fetch"],
+        needs: None,
+        help: "more detail (plan lists each file, fetch names each file)",
+    },
+    Opt {
+        long: "--json",
+        short: None,
+        value: None,
+        commands: CLIENTS_AND_EMPTYDB,
+        needs: None,
+        help: "print the final summary as one JSON object",
+    },
+    Opt {
+        long: "--token",
+        short: None,
+        value: Some("TOKEN"),
+        commands: CLIENTS,
+        needs: None,
+        help: "send Authorization: Bearer TOKEN (or set BITFOG_TOKEN)",
+    },
+    Opt {
+        long: "--help",
+        short: Some("-h"),
+        value: None,
+        commands: ALL,
+        needs: None,
+        help: "this help",
+    },
+    Opt {
+        long: "--version",
+        short: Some("-V"),
+        value: None,
+        commands: ALL,
+        needs: None,
+        help: "print the version",
+    },
+];
 
-fn command_help(cmd: &str) -> Option<&'static str> {
-    Some(match cmd {
-        "serve" => {
-            "\
-usage: bitfog serve [--conf FILE] [--addr ADDR] [--threads N] [--cache DIR]
+const CLIENTS_AND_EMPTYDB: &[&str] = &["builddb", "emptydb", "plan", "fetch", "store"];
 
-Serves the areas of FILE over HTTP until SIGINT or SIGTERM.
+/// The options shown as global, in `bitfog --help` and after each
+/// command's own.
+const GLOBAL: &[&str] = &[
+    "--quiet",
+    "--verbose",
+    "--json",
+    "--token",
+    "--help",
+    "--version",
+];
 
-options:
-      --conf FILE    configuration (default: bitfog.json)
-      --addr ADDR    :PORT, HOST:PORT or [V6]:PORT (default: :8675)
-      --threads N    worker threads (default: 16)
-      --cache DIR    SHA-256 cache, outside the areas (default:
-                     $XDG_CACHE_HOME/bitfog or ~/.cache/bitfog; none: off)
-  -q, --quiet        no request log
-"
+impl Opt {
+    /// `--long VALUE` or `--flag`, as usage lines show it.
+    fn usage(&self) -> String {
+        match self.value {
+            Some(v) => format!("{} {v}", self.long),
+            None => self.long.to_string(),
         }
-        "builddb" => {
-            "\
-usage: bitfog builddb URL DB [--signatures [--signature-min SIZE]]
+    }
 
-Reads the listing of the area at URL and writes it to DB as a manifest.
-An interrupted or failed run leaves an existing DB untouched.
+    /// True for the options `bitfog --help` lists as global (each command
+    /// still takes only those its `commands` name).
+    fn global(&self) -> bool {
+        GLOBAL.contains(&self.long)
+    }
+}
 
-options:
-      --signatures   also write block signatures of the large files to
-                     DB.sig, so fetch can carry deltas of their next versions
-      --signature-min SIZE
-                     smallest file to sign (default: 64M)
-      --json         print {\"files\":N,\"bytes\":B}
-      --token TOKEN  bearer token for the area
-"
+/// The usage line of a command: its arguments, then its own options in
+/// brackets, an option that needs another nested inside it.
+fn usage_line(cmd: &Cmd) -> String {
+    let mut line = format!("bitfog {}", cmd.name);
+    if !cmd.args.is_empty() {
+        line.push(' ');
+        line.push_str(cmd.args);
+    }
+    let own: Vec<&Opt> = OPTIONS
+        .iter()
+        .filter(|o| !o.global() && o.commands.contains(&cmd.name))
+        .collect();
+    for o in own.iter().filter(|o| o.needs.is_none()) {
+        let nested: Vec<String> = own
+            .iter()
+            .filter(|n| n.needs == Some(o.long))
+            .map(|n| format!(" [{}]", n.usage()))
+            .collect();
+        line.push_str(&format!(" [{}{}]", o.usage(), nested.concat()));
+    }
+    line
+}
+
+/// Option help lines, aligned, continuation lines indented.
+fn option_lines(opts: &[&Opt]) -> String {
+    let mut out = String::new();
+    for o in opts {
+        let names = match o.short {
+            Some(s) => format!("  {s}, {}", o.usage()),
+            None => format!("      {}", o.usage()),
+        };
+        let mut lines = o.help.lines();
+        let first = lines.next().unwrap_or("");
+        if names.len() < 22 {
+            out.push_str(&format!("{names:<22} {first}\n"));
+        } else {
+            out.push_str(&format!("{names}\n{:<22} {first}\n", ""));
         }
-        "emptydb" => {
-            "\
-usage: bitfog emptydb DB
-
-Writes a manifest that says the area holds nothing.
-
-options:
-      --json         print {\"files\":0,\"bytes\":0}
-"
+        for l in lines {
+            out.push_str(&format!("{:<22} {}\n", "", l.trim_start()));
         }
-        "plan" => {
-            "\
-usage: bitfog plan DESTDB SRCURL [--max-bytes SIZE]
+    }
+    out
+}
 
-Prints what fetch would carry (file count and bytes); downloads nothing.
-DESTDB may be a courier directory: the receipt store left there is used.
-
-options:
-      --max-bytes SIZE  also say how many trips of SIZE the rest needs
-  -v, --verbose      list each file with its size
-      --json         print remaining_files and remaining_bytes (and trips)
-      --token TOKEN  bearer token for the source area
-"
+/// `bitfog --help`.
+fn general_help() -> String {
+    let mut out = String::from(
+        "bitfog: move terabytes between sites on a carried disk, verified with SHA-256\n\n\
+         usage: bitfog <command> [options] [args]\n\ncommands:\n",
+    );
+    for c in COMMANDS {
+        let line = usage_line(c);
+        let line = line.strip_prefix("bitfog ").unwrap_or(&line);
+        if line.len() <= 52 {
+            out.push_str(&format!("  {line:<52} {}\n", c.summary));
+        } else {
+            out.push_str(&format!("  {line}\n  {:<52} {}\n", "", c.summary));
         }
-        "fetch" => {
-            "\
-usage: bitfog fetch DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N] [--dry-run]
+    }
+    out.push_str("\nglobal options:\n");
+    let global: Vec<&Opt> = OPTIONS.iter().filter(|o| o.global()).collect();
+    out.push_str(&option_lines(&global));
+    out.push_str("\n'bitfog <command> --help' for a command.\n");
+    out.push_str("exit status: 0 done, 1 something failed, 2 bad usage or unusable input\n");
+    out
+}
 
-Downloads into COURIER what the destination (described by DESTDB) lacks
-from SRCURL, largest files first, each verified before it appears.
-Resumable: rerun after any interruption. DESTDB may be a courier directory:
-the receipt store left there is used. Renamed and duplicate files become
-instructions for the destination instead of bytes.
-
-options:
-      --max-bytes SIZE  cap on bytes held in COURIER (e.g. 200G, 1.5T, 512MiB)
-      --jobs N          parallel downloads (default: 4)
-      --dry-run         show what would be fetched and removed; change nothing
-  -v, --verbose         name each fetched file
-      --json            print the summary as JSON
-      --token TOKEN     bearer token for the source area
-"
-        }
-        "store" => {
-            "\
-usage: bitfog store SRCDB DESTURL COURIER [--delete [--max-delete N]] [--jobs N] [--dry-run]
-
-Uploads from COURIER to DESTURL what DESTURL lacks according to SRCDB,
-checking each file's SHA-256 first. Recreates symlinks from SRCDB, carries
-out fetch's copy instructions, fixes mode and mtime in place, and leaves
-the destination's manifest in COURIER/.bitfog/receipt.jsonl.
-
-options:
-      --delete       remove from DESTURL the files SRCDB does not have, if they
-                     are as the destination snapshot fetch saw (refused when
-                     SRCDB lists nothing or was made by emptydb)
-      --max-delete N delete at most N files (exit 1 when more were due)
-      --jobs N       parallel uploads (default: 4)
-      --dry-run      show what would be uploaded and deleted; change nothing
-      --json         print the summary as JSON
-      --token TOKEN  bearer token for the destination area
-"
-        }
-        _ => return None,
-    })
+/// `bitfog COMMAND --help`.
+fn command_help(cmd: &Cmd) -> String {
+    let opts: Vec<&Opt> = OPTIONS
+        .iter()
+        .filter(|o| o.commands.contains(&cmd.name) && o.long != "--help" && o.long != "--version")
+        .collect();
+    format!(
+        "usage: {}\n\n{}\n\noptions:\n{}",
+        usage_line(cmd),
+        cmd.about
+            .lines()
+            .map(str::trim_start)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        option_lines(&opts)
+    )
 }
 
 /// What to run.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Help(&'static str),
+    Help(String),
     Version,
     Serve(ServeOpts),
     Builddb {
@@ -175,24 +388,24 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
-/// Raw values, before validation.
+/// Stage 1: raw values, by option, and the positional arguments.
 struct Raw {
-    help: bool,
-    version: bool,
-    ui: Ui,
-    token: Option<String>,
-    conf: Option<OsString>,
-    cache: Option<OsString>,
-    addr: Option<String>,
-    threads: Option<String>,
-    max_bytes: Option<String>,
-    jobs: Option<String>,
-    delete: bool,
-    max_delete: Option<String>,
-    dry_run: bool,
-    signatures: bool,
-    signature_min: Option<String>,
+    given: HashMap<&'static str, Option<OsString>>,
     free: Vec<OsString>,
+}
+
+impl Raw {
+    fn flag(&self, long: &str) -> bool {
+        self.given.contains_key(long)
+    }
+
+    fn os(&self, long: &str) -> Option<&OsString> {
+        self.given.get(long).and_then(Option::as_ref)
+    }
+
+    fn text(&self, long: &str) -> Option<String> {
+        self.os(long).map(|v| v.to_string_lossy().into_owned())
+    }
 }
 
 fn pico(e: pico_args::Error) -> Error {
@@ -206,69 +419,46 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
         None => (args, Vec::new()),
     };
     let mut p = pico_args::Arguments::from_vec(args);
-    let mut r = Raw {
-        help: p.contains(["-h", "--help"]),
-        version: p.contains(["-V", "--version"]),
-        ui: Ui {
-            quiet: p.contains(["-q", "--quiet"]),
-            json: p.contains("--json"),
-            verbose: p.contains(["-v", "--verbose"]),
-        },
-        token: p.opt_value_from_str("--token").map_err(pico)?,
-        conf: p
-            .opt_value_from_os_str("--conf", |s| Ok::<_, String>(s.to_os_string()))
-            .map_err(pico)?,
-        addr: p.opt_value_from_str("--addr").map_err(pico)?,
-        cache: p
-            .opt_value_from_os_str("--cache", |s| Ok::<_, String>(s.to_os_string()))
-            .map_err(pico)?,
-        threads: p.opt_value_from_str("--threads").map_err(pico)?,
-        max_bytes: p.opt_value_from_str("--max-bytes").map_err(pico)?,
-        jobs: p.opt_value_from_str("--jobs").map_err(pico)?,
-        delete: p.contains("--delete"),
-        max_delete: p.opt_value_from_str("--max-delete").map_err(pico)?,
-        dry_run: p.contains("--dry-run"),
-        signatures: p.contains("--signatures"),
-        signature_min: p.opt_value_from_str("--signature-min").map_err(pico)?,
-        free: Vec::new(),
-    };
+    let mut given = HashMap::new();
+    for o in OPTIONS {
+        let keys: pico_args::Keys = match o.short {
+            Some(s) => [s, o.long].into(),
+            None => o.long.into(),
+        };
+        if let Some(value) = o.value {
+            // Paths may be any bytes; other values are text and may also
+            // come as `--name=value`.
+            let v = if matches!(value, "FILE" | "DIR") {
+                p.opt_value_from_os_str(keys, |s| Ok::<_, String>(s.to_os_string()))
+            } else {
+                p.opt_value_from_fn(keys, |s| Ok::<_, String>(OsString::from(s)))
+            }
+            .map_err(pico)?;
+            if let Some(v) = v {
+                given.insert(o.long, Some(v));
+            }
+        } else if p.contains(keys) {
+            given.insert(o.long, None);
+        }
+    }
+    let mut free = Vec::new();
     for a in p.finish() {
         let s = a.to_string_lossy();
         if s.starts_with('-') && s.len() > 1 {
-            let known = [
-                "--token",
-                "--conf",
-                "--addr",
-                "--cache",
-                "--threads",
-                "--max-bytes",
-                "--jobs",
-                "-q",
-                "--quiet",
-                "--json",
-                "-v",
-                "--verbose",
-                "--delete",
-                "--max-delete",
-                "--dry-run",
-                "--signatures",
-                "--signature-min",
-                "-h",
-                "--help",
-                "-V",
-                "--version",
-            ];
             let key = s.split('=').next().unwrap_or(&s);
-            return Err(Error::usage(if known.contains(&key) {
+            let known = OPTIONS
+                .iter()
+                .any(|o| o.long == key || o.short == Some(key));
+            return Err(Error::usage(if known {
                 format!("option '{key}' given twice")
             } else {
                 format!("unknown option '{s}' (see 'bitfog --help')")
             }));
         }
-        r.free.push(a);
+        free.push(a);
     }
-    r.free.extend(after);
-    Ok(r)
+    free.extend(after);
+    Ok(Raw { given, free })
 }
 
 fn count(name: &str, value: &str, max: usize) -> Result<usize> {
@@ -280,171 +470,171 @@ fn count(name: &str, value: &str, max: usize) -> Result<usize> {
     }
 }
 
+fn size(name: &str, value: &str) -> Result<u64> {
+    parse_size(value).ok_or_else(|| {
+        Error::usage(format!(
+            "{name}: bad size '{value}' (e.g. 200G, 1.5T, 512MiB, 2TB)"
+        ))
+    })
+}
+
 /// Parses the command line (without the program name).
 pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
     let r = raw(args)?;
+    let ui = Ui {
+        quiet: r.flag("--quiet"),
+        json: r.flag("--json"),
+        verbose: r.flag("--verbose"),
+    };
     let token = r
-        .token
-        .clone()
+        .text("--token")
         .or_else(|| std::env::var("BITFOG_TOKEN").ok().filter(|t| !t.is_empty()));
     let cli = |command| {
         Ok(Cli {
-            ui: r.ui,
+            ui,
             token: token.clone(),
             command,
         })
     };
     let Some(name) = r.free.first().map(|s| s.to_string_lossy().into_owned()) else {
-        if r.version {
+        if r.flag("--version") {
             return cli(Command::Version);
         }
-        if r.help {
-            return cli(Command::Help(USAGE));
+        if r.flag("--help") {
+            return cli(Command::Help(general_help()));
         }
         return Err(Error::usage("no command given (see 'bitfog --help')"));
     };
-    let Some(help) = command_help(&name) else {
+    let Some(cmd) = COMMANDS.iter().find(|c| c.name == name) else {
         return Err(Error::usage(format!(
             "unknown command '{name}' (see 'bitfog --help')"
         )));
     };
-    if r.help {
-        return cli(Command::Help(help));
+    if r.flag("--help") {
+        return cli(Command::Help(command_help(cmd)));
     }
-    if r.version {
+    if r.flag("--version") {
         return cli(Command::Version);
     }
-    // Options that belong to other commands are errors here.
-    let given = [
-        ("--conf", r.conf.is_some(), &["serve"][..]),
-        ("--addr", r.addr.is_some(), &["serve"]),
-        ("--cache", r.cache.is_some(), &["serve"]),
-        ("--threads", r.threads.is_some(), &["serve"]),
-        ("--max-bytes", r.max_bytes.is_some(), &["fetch", "plan"]),
-        ("--jobs", r.jobs.is_some(), &["fetch", "store"]),
-        ("--delete", r.delete, &["store"]),
-        ("--max-delete", r.max_delete.is_some(), &["store"]),
-        ("--dry-run", r.dry_run, &["fetch", "store"]),
-        ("--signatures", r.signatures, &["builddb"]),
-        ("--signature-min", r.signature_min.is_some(), &["builddb"]),
-    ];
-    for (opt, present, allowed) in given {
-        if present && !allowed.contains(&name.as_str()) {
-            return Err(Error::usage(format!(
-                "option '{opt}' does not apply to '{name}'"
-            )));
-        }
-    }
+    check_options(cmd, &r)?;
     let args = &r.free[1..];
-    let want = |n: usize, names: &str| -> Result<Vec<PathBuf>> {
+    let want = |n: usize| -> Result<Vec<PathBuf>> {
         if args.len() != n {
             let what = if args.len() < n {
                 "missing argument"
             } else {
                 "too many arguments"
             };
-            return Err(Error::usage(format!(
-                "{what}: usage: bitfog {name} {names}"
-            )));
+            return Err(Error::usage(format!("{what}: usage: {}", usage_line(cmd))));
         }
         Ok(args.iter().map(PathBuf::from).collect())
     };
+    cli(command(cmd.name, &r, ui, want)?)
+}
+
+/// Every option given must apply to the command, with what it needs.
+fn check_options(cmd: &Cmd, r: &Raw) -> Result<()> {
+    for o in OPTIONS.iter().filter(|o| r.flag(o.long)) {
+        if !o.commands.contains(&cmd.name) {
+            return Err(Error::usage(format!(
+                "option '{}' does not apply to '{}'",
+                o.long, cmd.name
+            )));
+        }
+        if let Some(needed) = o.needs.filter(|n| !r.flag(n)) {
+            return Err(Error::usage(format!("{} needs {needed}", o.long)));
+        }
+    }
+    Ok(())
+}
+
+/// Stage 2: the checked options of one command.
+fn command(
+    name: &str,
+    r: &Raw,
+    ui: Ui,
+    want: impl Fn(usize) -> Result<Vec<PathBuf>>,
+) -> Result<Command> {
     let url = |p: &PathBuf| AreaUrl::parse(&p.to_string_lossy());
     let jobs = r
-        .jobs
-        .as_deref()
-        .map_or(Ok(DEFAULT_JOBS), |j| count("--jobs", j, 64))?;
-    let command = match name.as_str() {
+        .text("--jobs")
+        .map_or(Ok(DEFAULT_JOBS), |j| count("--jobs", &j, 64))?;
+    let max_bytes = r
+        .text("--max-bytes")
+        .map(|s| size("--max-bytes", &s))
+        .transpose()?;
+    Ok(match name {
         "serve" => {
-            want(0, "[--conf FILE] [--addr ADDR] [--threads N]")?;
+            want(0)?;
             Command::Serve(ServeOpts {
                 conf: r
-                    .conf
+                    .os("--conf")
                     .map_or_else(|| PathBuf::from("bitfog.json"), PathBuf::from),
-                addr: r.addr.unwrap_or_else(|| ":8675".to_string()),
+                addr: r.text("--addr").unwrap_or_else(|| ":8675".to_string()),
                 threads: r
-                    .threads
-                    .as_deref()
-                    .map_or(Ok(DEFAULT_THREADS), |t| count("--threads", t, 1024))?,
-                cache: match r.cache {
+                    .text("--threads")
+                    .map_or(Ok(DEFAULT_THREADS), |t| count("--threads", &t, 1024))?,
+                cache: match r.os("--cache") {
                     Some(c) if c == "none" => None,
                     Some(c) => Some(PathBuf::from(c)),
                     None => crate::server::hashcache::default_dir(),
                 },
-                quiet: r.ui.quiet,
+                quiet: ui.quiet,
             })
         }
         "builddb" => {
-            let a = want(2, "URL DB [--signatures [--signature-min SIZE]]")?;
-            if r.signature_min.is_some() && !r.signatures {
-                return Err(Error::usage("--signature-min needs --signatures"));
-            }
-            let min = match r.signature_min.as_deref() {
-                Some(v) => parse_size(v).ok_or_else(|| {
-                    Error::usage(format!("--signature-min: bad size '{v}' (e.g. 64M, 1G)"))
-                })?,
+            let a = want(2)?;
+            let min = match r.text("--signature-min") {
+                Some(v) => size("--signature-min", &v)?,
                 None => crate::wire::delta::SIGNATURE_MIN,
             };
             Command::Builddb {
                 url: url(&a[0])?,
                 db: a[1].clone(),
-                signatures: r.signatures.then_some(min),
+                signatures: r.flag("--signatures").then_some(min),
             }
         }
         "emptydb" => Command::Emptydb {
-            db: want(1, "DB")?.remove(0),
+            db: want(1)?.remove(0),
         },
         "plan" => {
-            let a = want(2, "DESTDB SRCURL [--max-bytes SIZE]")?;
+            let a = want(2)?;
             Command::Plan {
                 destdb: a[0].clone(),
                 src: url(&a[1])?,
-                max_bytes: max_bytes(r.max_bytes.as_deref())?,
+                max_bytes,
             }
         }
         "fetch" => {
-            let a = want(3, "DESTDB SRCURL COURIER [--max-bytes SIZE] [--jobs N]")?;
-            let max_bytes = max_bytes(r.max_bytes.as_deref())?;
+            let a = want(3)?;
             Command::Fetch(FetchOpts {
                 destdb: a[0].clone(),
                 src: url(&a[1])?,
                 courier: a[2].clone(),
                 max_bytes,
-                dry_run: r.dry_run,
+                dry_run: r.flag("--dry-run"),
                 jobs,
             })
         }
         "store" => {
-            let a = want(3, "SRCDB DESTURL COURIER [--delete] [--jobs N]")?;
+            let a = want(3)?;
             Command::Store(StoreOpts {
                 srcdb: a[0].clone(),
                 dest: url(&a[1])?,
                 courier: a[2].clone(),
-                delete: r.delete,
-                max_delete: match r.max_delete.as_deref() {
+                delete: r.flag("--delete"),
+                max_delete: match r.text("--max-delete") {
                     None => None,
                     Some(n) => Some(n.parse().map_err(|_| {
                         Error::usage(format!("--max-delete takes a whole number, not '{n}'"))
                     })?),
                 },
-                dry_run: r.dry_run,
+                dry_run: r.flag("--dry-run"),
                 jobs,
             })
         }
-        _ => unreachable!("command_help knows every command"),
-    };
-    cli(command)
-}
-
-fn max_bytes(arg: Option<&str>) -> Result<Option<u64>> {
-    arg.map(|s| {
-        parse_size(s).ok_or_else(|| {
-            Error::usage(format!(
-                "--max-bytes: bad size '{s}' (e.g. 200G, 1.5T, 512MiB)"
-            ))
-        })
+        _ => unreachable!("COMMANDS names every command"),
     })
-    .transpose()
 }
 
 #[cfg(test)]
@@ -491,6 +681,30 @@ mod tests {
     }
 
     #[test]
+    fn help_and_usage_come_from_the_table() {
+        for c in COMMANDS {
+            let help = command_help(c);
+            assert!(help.starts_with(&format!("usage: bitfog {}", c.name)));
+            for o in OPTIONS.iter().filter(|o| o.commands.contains(&c.name)) {
+                if o.long != "--help" && o.long != "--version" {
+                    assert!(help.contains(o.long), "{} --help lacks {}", c.name, o.long);
+                }
+            }
+            assert!(general_help().contains(&usage_line(c)["bitfog ".len()..]));
+        }
+        assert!(usage_line(&COMMANDS[5]).contains("[--delete [--max-delete N]]"));
+        // Every option is taken by some command, and what one needs exists.
+        for o in OPTIONS {
+            assert!(
+                o.commands
+                    .iter()
+                    .all(|c| COMMANDS.iter().any(|k| k.name == *c))
+            );
+            assert!(o.needs.is_none_or(|n| OPTIONS.iter().any(|x| x.long == n)));
+        }
+    }
+
+    #[test]
     fn usage_errors() {
         for args in [
             &[][..],
@@ -505,6 +719,15 @@ mod tests {
             &["serve", "--threads", "x"],
             &["serve", "--addr"],
             &["emptydb", "a", "--jobs", "1", "--jobs", "2"],
+            // An option the command does not take is an error, never
+            // silently ignored.
+            &["serve", "--token", "x"],
+            &["serve", "--json"],
+            &["serve", "-v"],
+            &["emptydb", "a.db", "--token", "x"],
+            &["store", "s.db", "http://h/a/", "c", "--max-delete", "3"],
+            &["builddb", "http://h/a/", "d.db", "--signature-min", "1M"],
+            &["store", "s.db", "http://h/a/", "c", "-v"],
         ] {
             let err = parse_str(args).unwrap_err();
             assert_eq!(err.exit, crate::error::Exit::Usage, "{args:?}");
