@@ -441,7 +441,6 @@ where
     let waker = Arc::new(Waker::new()?);
     WAKE_FD.store(waker.w, Ordering::SeqCst);
     listener.set_nonblocking(true)?;
-
     let shared = Arc::new(Shared {
         handler,
         limits: limits.clone(),
@@ -466,178 +465,37 @@ where
         );
     }
     drop(back_tx);
-
-    let open = Arc::new(AtomicUsize::new(0));
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut accept_pause: Option<Instant> = None;
-    let mut read_buf = vec![0u8; 8192];
+    let mut ev = EventLoop {
+        listener,
+        limits,
+        waker,
+        shared: Arc::clone(&shared),
+        job_tx,
+        back_rx,
+        open: Arc::new(AtomicUsize::new(0)),
+        pending: Vec::new(),
+        accept_pause: None,
+        read_buf: vec![0u8; 8192],
+    };
     while !STOP.load(Ordering::SeqCst) {
-        let now = Instant::now();
-        if accept_pause.is_some_and(|t| now >= t) {
-            accept_pause = None;
+        let Some(ready) = ev.poll()? else { continue };
+        ev.read_heads(&ready.conns);
+        if ready.woken {
+            ev.take_back();
         }
-        let accepting = accept_pause.is_none();
-        let mut fds = Vec::with_capacity(pending.len() + 2);
-        fds.push(libc::pollfd {
-            fd: waker.r,
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        fds.push(libc::pollfd {
-            fd: if accepting { listener.as_raw_fd() } else { -1 },
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        for p in &pending {
-            fds.push(libc::pollfd {
-                fd: p.conn.stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+        if ready.listener {
+            ev.accept();
         }
-        let mut wait = pending
-            .iter()
-            .map(|p| p.deadline.saturating_duration_since(now))
-            .min();
-        if let Some(t) = accept_pause {
-            wait = Some(wait.map_or(t - now, |w| w.min(t - now)));
-        }
-        let timeout_ms = wait.map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
-        // SAFETY: fds is a valid, correctly sized array of pollfd.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // Polled connections first, while their indexes in `fds` are valid.
-        let mut i = pending.len();
-        while i > 0 {
-            i -= 1;
-            let revents = fds[i + 2].revents;
-            if revents == 0 {
-                continue;
-            }
-            let p = &mut pending[i];
-            let n = match p.conn.stream.read(&mut read_buf) {
-                Ok(n) => n,
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::Interrupted =>
-                {
-                    continue;
-                }
-                Err(_) => 0,
-            };
-            if n == 0 {
-                pending.swap_remove(i);
-                continue;
-            }
-            p.conn.buf.extend_from_slice(&read_buf[..n]);
-            if p.idle {
-                p.idle = false;
-                p.deadline = Instant::now() + limits.head_timeout;
-            }
-            match head_state(&p.conn.buf, limits.max_head) {
-                Head::Partial => {}
-                Head::Complete => {
-                    let p = pending.swap_remove(i);
-                    shared.waiting.fetch_add(1, Ordering::SeqCst);
-                    let _ = job_tx.send(p.conn);
-                }
-                Head::TooLarge => reject(
-                    pending.swap_remove(i).conn,
-                    431,
-                    "request header fields too large",
-                ),
-                Head::Bad => reject(pending.swap_remove(i).conn, 400, "malformed request head"),
-            }
-        }
-        if fds[0].revents != 0 {
-            waker.drain();
-            while let Ok(mut conn) = back_rx.try_recv() {
-                conn.compact();
-                match head_state(&conn.buf, limits.max_head) {
-                    Head::Complete => {
-                        shared.waiting.fetch_add(1, Ordering::SeqCst);
-                        let _ = job_tx.send(conn);
-                    }
-                    _ if conn.buf.is_empty() => pending.push(Pending {
-                        conn,
-                        deadline: Instant::now() + limits.idle_timeout,
-                        idle: true,
-                    }),
-                    _ => pending.push(Pending {
-                        conn,
-                        deadline: Instant::now() + limits.head_timeout,
-                        idle: false,
-                    }),
-                }
-            }
-        }
-        if accepting && fds[1].revents != 0 {
-            loop {
-                match listener.accept() {
-                    Ok((stream, addr)) => {
-                        if open.load(Ordering::SeqCst) >= limits.max_conns {
-                            let _ = stream.set_nonblocking(true);
-                            let _ = (&stream).write(
-                                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-                                  Content-Length: 26\r\nConnection: close\r\n\r\ntoo many open connections\n",
-                            );
-                            continue;
-                        }
-                        open.fetch_add(1, Ordering::SeqCst);
-                        let slot = Slot(open.clone());
-                        if stream.set_nonblocking(true).is_err() {
-                            continue;
-                        }
-                        let _ = stream.set_nodelay(true);
-                        let conn = Conn {
-                            stream,
-                            buf: Vec::new(),
-                            pos: 0,
-                            peer: addr.to_string(),
-                            _slot: slot,
-                        };
-                        pending.push(Pending {
-                            conn,
-                            deadline: Instant::now() + limits.head_timeout,
-                            idle: true,
-                        });
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // Out of descriptors or similar: back off instead of spinning.
-                        if limits.log {
-                            crate::error::print_error(format!(
-                                "accept: {}",
-                                crate::error::describe_io(&e)
-                            ));
-                        }
-                        accept_pause = Some(Instant::now() + Duration::from_millis(100));
-                        break;
-                    }
-                }
-            }
-        }
-        let now = Instant::now();
-        let mut i = pending.len();
-        while i > 0 {
-            i -= 1;
-            if pending[i].deadline <= now {
-                let p = pending.swap_remove(i);
-                if !p.idle {
-                    reject(p.conn, 408, "request head timed out");
-                }
-            }
-        }
+        ev.expire();
     }
-
     // Stop: no new connections or requests; in-flight ones get `grace`.
+    let EventLoop {
+        listener,
+        pending,
+        job_tx,
+        back_rx,
+        ..
+    } = ev;
     drop(listener);
     drop(pending);
     shared.stopping.store(true, Ordering::SeqCst);
@@ -648,6 +506,238 @@ where
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// The event thread: it accepts connections, reads request heads
+/// without blocking, holds idle keep-alive connections, and hands each
+/// complete head to a worker; workers hand kept-alive connections back.
+struct EventLoop<H> {
+    listener: TcpListener,
+    limits: Limits,
+    waker: Arc<Waker>,
+    /// What the workers share (the count of heads waiting for one).
+    shared: Arc<Shared<H>>,
+    job_tx: mpsc::Sender<Conn>,
+    back_rx: mpsc::Receiver<Conn>,
+    /// Open connections, for the cap.
+    open: Arc<AtomicUsize>,
+    /// Connections whose head is not complete yet, or idle.
+    pending: Vec<Pending>,
+    /// Accepting is paused until then (after an accept failure).
+    accept_pause: Option<Instant>,
+    read_buf: Vec<u8>,
+}
+
+/// What one `poll` found ready.
+struct Ready {
+    woken: bool,
+    listener: bool,
+    /// `revents` of each pending connection, by index.
+    conns: Vec<libc::c_short>,
+}
+
+impl<H> EventLoop<H> {
+    /// Waits for a connection, the listener, the waker or the nearest
+    /// deadline. `None` when interrupted by a signal.
+    fn poll(&mut self) -> io::Result<Option<Ready>> {
+        let now = Instant::now();
+        if self.accept_pause.is_some_and(|t| now >= t) {
+            self.accept_pause = None;
+        }
+        let accepting = self.accept_pause.is_none();
+        let mut fds = Vec::with_capacity(self.pending.len() + 2);
+        fds.push(libc::pollfd {
+            fd: self.waker.r,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.push(libc::pollfd {
+            fd: if accepting {
+                self.listener.as_raw_fd()
+            } else {
+                -1
+            },
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for p in &self.pending {
+            fds.push(libc::pollfd {
+                fd: p.conn.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let mut wait = self
+            .pending
+            .iter()
+            .map(|p| p.deadline.saturating_duration_since(now))
+            .min();
+        if let Some(t) = self.accept_pause {
+            wait = Some(wait.map_or(t - now, |w| w.min(t - now)));
+        }
+        let timeout_ms = wait.map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
+        // SAFETY: fds is a valid, correctly sized array of pollfd.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(Ready {
+            woken: fds[0].revents != 0,
+            listener: accepting && fds[1].revents != 0,
+            conns: fds[2..].iter().map(|f| f.revents).collect(),
+        }))
+    }
+
+    /// Hands a complete head to a worker.
+    fn dispatch(&self, conn: Conn) {
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let _ = self.job_tx.send(conn);
+    }
+
+    /// Reads what arrived on pending connections (from the last, so the
+    /// indexes of `ready` stay valid as they are removed); a complete head
+    /// goes to a worker, a bad or oversized one is answered and closed.
+    fn read_heads(&mut self, ready: &[libc::c_short]) {
+        let mut i = self.pending.len().min(ready.len());
+        while i > 0 {
+            i -= 1;
+            if ready[i] == 0 {
+                continue;
+            }
+            let p = &mut self.pending[i];
+            let n = match p.conn.stream.read(&mut self.read_buf) {
+                Ok(n) => n,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    continue;
+                }
+                Err(_) => 0,
+            };
+            if n == 0 {
+                self.pending.swap_remove(i);
+                continue;
+            }
+            p.conn.buf.extend_from_slice(&self.read_buf[..n]);
+            if p.idle {
+                p.idle = false;
+                p.deadline = Instant::now() + self.limits.head_timeout;
+            }
+            match head_state(&p.conn.buf, self.limits.max_head) {
+                Head::Partial => {}
+                Head::Complete => {
+                    let p = self.pending.swap_remove(i);
+                    self.dispatch(p.conn);
+                }
+                Head::TooLarge => reject(
+                    self.pending.swap_remove(i).conn,
+                    431,
+                    "request header fields too large",
+                ),
+                Head::Bad => reject(
+                    self.pending.swap_remove(i).conn,
+                    400,
+                    "malformed request head",
+                ),
+            }
+        }
+    }
+
+    /// Takes back the connections workers kept alive: one with a complete
+    /// next head goes straight back to a worker, the rest wait here.
+    fn take_back(&mut self) {
+        self.waker.drain();
+        while let Ok(mut conn) = self.back_rx.try_recv() {
+            conn.compact();
+            match head_state(&conn.buf, self.limits.max_head) {
+                Head::Complete => self.dispatch(conn),
+                _ => {
+                    let idle = conn.buf.is_empty();
+                    let wait = if idle {
+                        self.limits.idle_timeout
+                    } else {
+                        self.limits.head_timeout
+                    };
+                    self.pending.push(Pending {
+                        conn,
+                        deadline: Instant::now() + wait,
+                        idle,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Accepts every waiting connection, up to the cap (503 past it); an
+    /// accept failure (out of descriptors) pauses accepting instead of
+    /// spinning.
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, addr)) => {
+                    if self.open.load(Ordering::SeqCst) >= self.limits.max_conns {
+                        let _ = stream.set_nonblocking(true);
+                        let _ = (&stream).write(
+                            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                              Content-Length: 26\r\nConnection: close\r\n\r\ntoo many open connections\n",
+                        );
+                        continue;
+                    }
+                    self.open.fetch_add(1, Ordering::SeqCst);
+                    let slot = Slot(self.open.clone());
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let conn = Conn {
+                        stream,
+                        buf: Vec::new(),
+                        pos: 0,
+                        peer: addr.to_string(),
+                        _slot: slot,
+                    };
+                    self.pending.push(Pending {
+                        conn,
+                        deadline: Instant::now() + self.limits.head_timeout,
+                        idle: true,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if self.limits.log {
+                        crate::error::print_error(format!(
+                            "accept: {}",
+                            crate::error::describe_io(&e)
+                        ));
+                    }
+                    self.accept_pause = Some(Instant::now() + Duration::from_millis(100));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Drops connections past their deadline: an idle one quietly, one
+    /// whose head is incomplete with 408.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let mut i = self.pending.len();
+        while i > 0 {
+            i -= 1;
+            if self.pending[i].deadline <= now {
+                let p = self.pending.swap_remove(i);
+                if !p.idle {
+                    reject(p.conn, 408, "request head timed out");
+                }
+            }
+        }
+    }
 }
 
 /// Best-effort short answer from the event thread, then close.
