@@ -292,83 +292,169 @@ impl State {
 
 /// The route: one `match` on method and path.
 fn handle(state: &State, req: &mut Request) -> Response {
-    let path = req.target.split('?').next().unwrap_or("");
-    if !path.starts_with('/') {
-        return Response::text(400, "request target must be an absolute path");
-    }
-    let method = req.method.as_str();
-    if path == "/" {
-        return match method {
-            "GET" | "HEAD" => index(state),
-            _ => not_allowed("GET, HEAD"),
+    let Routed { area, route } = route(&state.config, &req.method, &req.target);
+    let Some(name) = area else {
+        return match route {
+            Route::Answer(resp) => resp,
+            _ => index(state),
         };
+    };
+    let (Some(area), Some(root)) = (state.config.get(&name), state.roots.get(&name)) else {
+        return Response::text(404, "no such area");
+    };
+    if let Some(refused) = authorize(area, req) {
+        return refused;
+    }
+    let owned;
+    let comps: Vec<&[u8]> = match &route {
+        Route::File(_, path) => {
+            owned = path;
+            owned.iter().map(Vec::as_slice).collect()
+        }
+        _ => Vec::new(),
+    };
+    let sigs = state.sigs.get(&name);
+    match route {
+        Route::Listing { dirs } => listing(state, &name, area, root, dirs),
+        Route::File(FileOp::Get, _) => get_file(root, &comps, req),
+        Route::File(FileOp::Extents, _) => extents(root, &comps),
+        Route::File(FileOp::Signature, _) => signature(root, &comps, sigs.cloned()),
+        Route::File(FileOp::Put, _) => put(root, &comps, req, sigs),
+        Route::File(FileOp::Delete, _) => delete(root, &comps),
+        Route::Answer(resp) => resp,
+        Route::Index => index(state),
+    }
+}
+
+/// What a request asks of an area's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileOp {
+    Get,
+    Extents,
+    Signature,
+    Put,
+    Delete,
+}
+
+/// Where a request goes, decided from its method and target and the
+/// configuration alone (no I/O): `route`'s answer.
+enum Route {
+    /// `GET /`.
+    Index,
+    /// The listing of the area (`dirs`: with its empty directories).
+    Listing { dirs: bool },
+    /// A file of the area, by its checked components, and what to do.
+    File(FileOp, Vec<Vec<u8>>),
+    /// Answered as it is: a bad target or path, a reserved name, a
+    /// method the area does not allow.
+    Answer(Response),
+}
+
+/// A route, and the area whose token (if any) the request must carry
+/// before it is followed; `None` for what needs no area.
+struct Routed {
+    area: Option<String>,
+    route: Route,
+}
+
+/// Decides where a request goes. The answers come in the contract's
+/// order of precedence: a bad target, an unknown area (404), then (in
+/// `handle`) a missing token (401), then the rest.
+fn route(config: &Config, method: &str, target: &str) -> Routed {
+    let none = |route| Routed { area: None, route };
+    let path = target.split('?').next().unwrap_or("");
+    if !path.starts_with('/') {
+        return none(Route::Answer(Response::text(
+            400,
+            "request target must be an absolute path",
+        )));
+    }
+    if path == "/" {
+        return none(match method {
+            "GET" | "HEAD" => Route::Index,
+            _ => Route::Answer(not_allowed("GET, HEAD")),
+        });
     }
     let Some(decoded) = protocol::percent_decode(path) else {
-        return Response::text(400, "bad percent-encoding in path");
+        return none(Route::Answer(Response::text(
+            400,
+            "bad percent-encoding in path",
+        )));
     };
     let rest = &decoded[1..];
     let (area_name, file) = match rest.iter().position(|&b| b == b'/') {
         Some(i) => (&rest[..i], &rest[i + 1..]),
         None => (rest, &[][..]),
     };
-    let found = std::str::from_utf8(area_name)
+    let Some(area) = std::str::from_utf8(area_name)
         .ok()
-        .and_then(|n| Some((state.config.get(n)?, state.roots.get(n)?)));
-    let Some((area, root)) = found else {
-        return Response::text(404, "no such area");
+        .filter(|n| config.contains_key(*n))
+    else {
+        return none(Route::Answer(Response::text(404, "no such area")));
     };
-    if let Some(token) = &area.token {
-        if let Some(wait) = auth_backoff(&req.peer_ip) {
-            return Response::text(429, "too many wrong tokens from this address; wait")
-                .with("Retry-After", wait.to_string());
-        }
-        let given = req.header("authorization").and_then(bearer).unwrap_or("");
-        let ok = token_matches(given, token);
-        auth_outcome(&req.peer_ip, ok);
-        if !ok {
-            return Response::text(401, "this area needs a valid Authorization: Bearer token")
-                .with("WWW-Authenticate", "Bearer");
-        }
+    let routed = |route| Routed {
+        area: Some(area.to_string()),
+        route,
+    };
+    if file.is_empty() {
+        return routed(match method {
+            "GET" | "HEAD" => Route::Listing {
+                dirs: wants_dirs(target),
+            },
+            _ => Route::Answer(not_allowed("GET, HEAD")),
+        });
     }
-    let allow = if area.writable {
+    let comps = match components(file) {
+        Ok(c) => c,
+        Err(why) => {
+            return routed(Route::Answer(Response::text(
+                400,
+                format!("refused path: {}", why.reason()),
+            )));
+        }
+    };
+    let reserved = has_reserved(&comps);
+    let owned = || comps.iter().map(|c| c.to_vec()).collect();
+    let query = target.split_once('?').map(|(_, q)| q);
+    let writable = config[area].writable;
+    let allow = if writable {
         "GET, HEAD, PUT, DELETE"
     } else {
         "GET, HEAD"
     };
-    if file.is_empty() {
-        return match method {
-            "GET" | "HEAD" => listing(
-                state,
-                std::str::from_utf8(area_name).unwrap_or(""),
-                area,
-                root,
-                wants_dirs(&req.target),
-            ),
-            _ => not_allowed("GET, HEAD"),
-        };
+    routed(match method {
+        "GET" if !reserved && query == Some("extents") => Route::File(FileOp::Extents, owned()),
+        "GET" if !reserved && query == Some("signature") => Route::File(FileOp::Signature, owned()),
+        "GET" | "HEAD" if reserved => Route::Answer(Response::text(404, "not found")),
+        "GET" | "HEAD" => Route::File(FileOp::Get, owned()),
+        "PUT" | "DELETE" if !writable => Route::Answer(not_allowed(allow)),
+        "PUT" | "DELETE" if reserved => Route::Answer(Response::text(
+            400,
+            "names starting with .bitfog are reserved",
+        )),
+        "PUT" => Route::File(FileOp::Put, owned()),
+        "DELETE" => Route::File(FileOp::Delete, owned()),
+        _ => Route::Answer(not_allowed(allow)),
+    })
+}
+
+/// The token check of an area that has one: `None` when the request may
+/// go on, else the answer (429 while its address must wait, 401).
+fn authorize(area: &Area, req: &Request) -> Option<Response> {
+    let token = area.token.as_ref()?;
+    if let Some(wait) = auth_backoff(&req.peer_ip) {
+        return Some(
+            Response::text(429, "too many wrong tokens from this address; wait")
+                .with("Retry-After", wait.to_string()),
+        );
     }
-    let comps = match components(file) {
-        Ok(c) => c,
-        Err(why) => return Response::text(400, format!("refused path: {}", why.reason())),
-    };
-    let reserved = has_reserved(&comps);
-    let query = req.target.split_once('?').map(|(_, q)| q);
-    let sigs = std::str::from_utf8(area_name)
-        .ok()
-        .and_then(|n| state.sigs.get(n));
-    match method {
-        "GET" if !reserved && query == Some("extents") => extents(root, &comps),
-        "GET" if !reserved && query == Some("signature") => signature(root, &comps, sigs.cloned()),
-        "GET" | "HEAD" if reserved => Response::text(404, "not found"),
-        "GET" | "HEAD" => get_file(root, &comps, req),
-        "PUT" | "DELETE" if !area.writable => not_allowed(allow),
-        "PUT" | "DELETE" if reserved => {
-            Response::text(400, "names starting with .bitfog are reserved")
-        }
-        "PUT" => put(root, &comps, req, sigs),
-        "DELETE" => delete(root, &comps),
-        _ => not_allowed(allow),
-    }
+    let given = req.header("authorization").and_then(bearer).unwrap_or("");
+    let ok = token_matches(given, token);
+    auth_outcome(&req.peer_ip, ok);
+    (!ok).then(|| {
+        Response::text(401, "this area needs a valid Authorization: Bearer token")
+            .with("WWW-Authenticate", "Bearer")
+    })
 }
 
 fn not_allowed(allow: &str) -> Response {
@@ -1632,6 +1718,58 @@ mod tests {
         for bad in ["8675", ":", ":99999", "host", ":-1"] {
             assert!(parse_addr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn routes_in_the_order_of_precedence() {
+        let area = |writable| Area {
+            root: PathBuf::from("/nonexistent"),
+            writable,
+            checksum: true,
+            token: None,
+        };
+        let config: Config = [
+            ("ro".to_string(), area(false)),
+            ("rw".to_string(), area(true)),
+        ]
+        .into_iter()
+        .collect();
+        let go = |method: &str, target: &str| {
+            let r = route(&config, method, target);
+            let what = match &r.route {
+                Route::Index => "index".to_string(),
+                Route::Listing { dirs } => format!("listing dirs={dirs}"),
+                Route::File(op, comps) => format!("{op:?} {}", comps.join(&b'/').escape_ascii()),
+                Route::Answer(resp) => resp.status.to_string(),
+            };
+            (r.area, what)
+        };
+        let none = |w: &str| (None, w.to_string());
+        let ro = |w: &str| (Some("ro".to_string()), w.to_string());
+        let rw = |w: &str| (Some("rw".to_string()), w.to_string());
+        assert_eq!(go("GET", "/"), none("index"));
+        assert_eq!(go("POST", "/"), none("405"));
+        assert_eq!(go("GET", "relative"), none("400"));
+        assert_eq!(go("GET", "/%zz/"), none("400"));
+        assert_eq!(go("GET", "/missing/x"), none("404"));
+        assert_eq!(go("GET", "/ro/"), ro("listing dirs=false"));
+        assert_eq!(go("GET", "/ro/?dirs=1"), ro("listing dirs=true"));
+        assert_eq!(go("PUT", "/rw/"), rw("405"));
+        // A bad path is answered only after the area's token was checked.
+        assert_eq!(go("GET", "/ro/a/../b"), ro("400"));
+        assert_eq!(go("GET", "/ro/a%2f..%2fb"), ro("400"));
+        assert_eq!(go("GET", "/ro/a/b?extents"), ro("Extents a/b"));
+        assert_eq!(go("GET", "/ro/a/b?signature"), ro("Signature a/b"));
+        assert_eq!(go("HEAD", "/ro/a%20b"), ro("Get a b"));
+        assert_eq!(go("GET", "/ro/.bitfog-x/y"), ro("404"));
+        assert_eq!(go("GET", "/ro/.bitfog-x/y?signature"), ro("404"));
+        assert_eq!(go("PUT", "/ro/x"), ro("405"));
+        assert_eq!(go("PUT", "/ro/.bitfog/x"), ro("405"));
+        assert_eq!(go("PUT", "/rw/.bitfog/x"), rw("400"));
+        assert_eq!(go("DELETE", "/rw/a/.bitfog-part-1"), rw("400"));
+        assert_eq!(go("PUT", "/rw/x"), rw("Put x"));
+        assert_eq!(go("DELETE", "/rw/d/x"), rw("Delete d/x"));
+        assert_eq!(go("POST", "/rw/x"), rw("405"));
     }
 
     #[test]
