@@ -981,49 +981,9 @@ fn run(
     dest: &AreaUrl,
     action: &Action,
 ) -> std::result::Result<(), Failure> {
-    let refused = |r: crate::client::Refused| {
-        Failure::Refused(match r.status {
-            507 => format!("the destination disk is full ({})", r.reason),
-            422 => format!(
-                "the destination refused the content as changed ({})",
-                r.reason
-            ),
-            _ => r.reason,
-        })
-    };
     match action {
         Action::Ranges(_) => Err(Failure::Io("ranges are sent by send_ranges".into())),
-        Action::Patch(e, file, _) => {
-            let open_err = |err: std::io::Error| Failure::io("cannot read the delta", &err);
-            // The whole delta is checked before it leaves: a damaged one
-            // is not sent (the destination would refuse it too).
-            let header = crate::courier::deltas::open(courier, file).map_err(open_err).and_then(|f| {
-                crate::wire::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
-                    Failure::Damaged(format!("damaged delta in the courier ({err}); not sent, the next fetch makes a new one"))
-                })
-            })?;
-            if !header.name.eq(&e.name) || header.sha256 != e.sha256.clone().unwrap_or_default() {
-                return Err(Failure::Damaged(
-                    "the delta in the courier is for another version; not sent".into(),
-                ));
-            }
-            let file = crate::courier::deltas::open(courier, file).map_err(open_err)?;
-            let len = file.metadata().map_err(open_err)?.len();
-            match client
-                .put_delta(dest, e, file, len)
-                .map_err(|e| Failure::Io(e.to_string()))?
-            {
-                Ok(()) => Ok(()),
-                Err(r) if r.status == 409 => {
-                    Err(Failure::Refused(format!("{BASE_CHANGED} ({})", r.reason)))
-                }
-                Err(r) if r.status == 400 || r.status == 405 => Err(Failure::Refused(format!(
-                    "the destination cannot apply deltas ({}); carry the file whole",
-                    r.reason
-                ))),
-                Err(r) => Err(refused(r)),
-            }
-        }
+        Action::Patch(e, file, _) => patch(client, courier, dest, e, file),
         Action::Copy(e, from) => client
             .put_copy(dest, e, from)
             .map_err(|e| Failure::Io(e.to_string()))?
@@ -1036,101 +996,168 @@ fn run(
             .put_symlink(dest, &e.name, e.linkdest.as_deref().unwrap_or_default())
             .map_err(|e| Failure::Io(e.to_string()))?
             .map_err(refused),
-        Action::Upload(e) => {
-            let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
-            let mut file = courier
-                .open_carried(&e.name)
-                .map_err(open_err)?
-                .ok_or(Failure::Damaged("courier copy vanished".into()))?;
-            let len = file.metadata().map_err(open_err)?.len();
-            let damaged = |why: String| {
-                let mark = Carried {
-                    damaged: true,
-                    ..Carried::of(e)
-                };
-                let _ = courier.append_log(&mark);
-                Err(Failure::Damaged(format!(
-                    "{why}; not uploaded (the next fetch replaces it)"
-                )))
-            };
-            if len != e.size {
-                return damaged(format!(
-                    "courier copy has {len} bytes, SRCDB lists {}",
-                    e.size
-                ));
-            }
-            let sparse = file.metadata().is_ok_and(|m| {
-                std::os::unix::fs::MetadataExt::blocks(&m) * 512 + (1 << 20) <= m.len()
-            });
-            let extents = match sparse {
-                true => crate::wire::sparse::data_extents(&file, e.size),
-                false => Vec::new(),
-            };
-            let data: u64 = extents.iter().map(|&(_, l)| l).sum();
-            let sparse = sparse && crate::wire::sparse::holes_within_bounds(e.size, data);
-            if let (true, Some(want)) = (sparse, &e.sha256) {
-                // Only the data extents travel; the hash covers the whole
-                // content (holes as zeros) and is checked on both sides.
-                let body_len = crate::wire::sparse::body_len(&extents);
-                let data_end = extents.last().map_or(0, |&(s, l)| s + l);
-                let body = crate::wire::sparse::ExtentBody::new(file, extents);
-                let hashed = Arc::clone(&body.hashed);
-                let sent = client.put_sparse(dest, e, body, body_len);
-                let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));
-                crate::digest::hash_zeros(&mut h, e.size.saturating_sub(at));
-                let got = h.hex();
-                // Only a copy read to its end can be judged.
-                if at == data_end && &got != want {
-                    return damaged(format!(
-                        "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
-                    ));
-                }
-                return sent
-                    .map_err(|e| Failure::Io(e.to_string()))?
-                    .map_err(refused);
-            }
-            let Some(want) = &e.sha256 else {
-                return client
-                    .put_file(dest, e, file)
-                    .map_err(|e| Failure::Io(e.to_string()))?
-                    .map_err(refused);
-            };
-            if e.size < STREAM_CHECK_MIN {
-                let (got, _) = hash_reader(&mut file).map_err(open_err)?;
-                if &got != want {
-                    return damaged(format!(
-                        "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
-                    ));
-                }
-                file.seek(SeekFrom::Start(0)).map_err(open_err)?;
-                return client
-                    .put_file(dest, e, file)
-                    .map_err(|e| Failure::Io(e.to_string()))?
-                    .map_err(refused);
-            }
-            // A large file is checked as it streams, saving a whole read
-            // and hash pass; the server checks the same hash (it comes
-            // as X-Bitfog-Sha256) before anything appears, so a damaged
-            // copy is refused there (422) and never stored.
-            let hasher = Arc::new(Mutex::new((Hasher::new(), 0u64)));
-            let body = HashingReader {
-                inner: file,
-                hasher: Arc::clone(&hasher),
-            };
-            let sent = client.put_file(dest, e, body);
-            let (h, read) = std::mem::take(&mut *hasher.lock().expect("hasher"));
-            let got = h.hex();
-            // Only a copy read to its end can be judged; a transfer cut
-            // short says so below.
-            if read == e.size && &got != want {
-                return damaged(format!(
-                    "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
-                ));
-            }
-            sent.map_err(|e| Failure::Io(e.to_string()))?
-                .map_err(refused)
-        }
+        Action::Upload(e) => upload(client, courier, dest, e),
     }
+}
+
+/// The refusal of an upload, in words: a full disk, changed content.
+fn refused(r: crate::client::Refused) -> Failure {
+    Failure::Refused(match r.status {
+        507 => format!("the destination disk is full ({})", r.reason),
+        422 => format!(
+            "the destination refused the content as changed ({})",
+            r.reason
+        ),
+        _ => r.reason,
+    })
+}
+
+/// Sends a delta, checked whole first (a damaged one is not sent; the
+/// destination would refuse it too).
+fn patch(
+    client: &Client,
+    courier: &Courier,
+    dest: &AreaUrl,
+    e: &Entry,
+    file: &str,
+) -> std::result::Result<(), Failure> {
+    let open_err = |err: std::io::Error| Failure::io("cannot read the delta", &err);
+    // The whole delta is checked before it leaves: a damaged one
+    // is not sent (the destination would refuse it too).
+    let header = crate::courier::deltas::open(courier, file)
+        .map_err(open_err)
+        .and_then(|f| {
+            crate::wire::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
+                Failure::Damaged(format!(
+                    "damaged delta in the courier ({err}); not sent, the next fetch makes a new one"
+                ))
+            })
+        })?;
+    if !header.name.eq(&e.name) || header.sha256 != e.sha256.clone().unwrap_or_default() {
+        return Err(Failure::Damaged(
+            "the delta in the courier is for another version; not sent".into(),
+        ));
+    }
+    let file = crate::courier::deltas::open(courier, file).map_err(open_err)?;
+    let len = file.metadata().map_err(open_err)?.len();
+    match client
+        .put_delta(dest, e, file, len)
+        .map_err(|e| Failure::Io(e.to_string()))?
+    {
+        Ok(()) => Ok(()),
+        Err(r) if r.status == 409 => {
+            Err(Failure::Refused(format!("{BASE_CHANGED} ({})", r.reason)))
+        }
+        Err(r) if r.status == 400 || r.status == 405 => Err(Failure::Refused(format!(
+            "the destination cannot apply deltas ({}); carry the file whole",
+            r.reason
+        ))),
+        Err(r) => Err(refused(r)),
+    }
+}
+
+/// Uploads a courier file, checking its SHA-256 against SRCDB's: before
+/// it is sent when small, while it is sent when large (the server checks
+/// the same hash before anything appears); a sparse file as its data
+/// extents. A damaged copy is marked for the next fetch.
+fn upload(
+    client: &Client,
+    courier: &Courier,
+    dest: &AreaUrl,
+    e: &Entry,
+) -> std::result::Result<(), Failure> {
+    let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
+    let mut file = courier
+        .open_carried(&e.name)
+        .map_err(open_err)?
+        .ok_or(Failure::Damaged("courier copy vanished".into()))?;
+    let len = file.metadata().map_err(open_err)?.len();
+    let damaged = |why: String| {
+        let mark = Carried {
+            damaged: true,
+            ..Carried::of(e)
+        };
+        let _ = courier.append_log(&mark);
+        Err(Failure::Damaged(format!(
+            "{why}; not uploaded (the next fetch replaces it)"
+        )))
+    };
+    if len != e.size {
+        return damaged(format!(
+            "courier copy has {len} bytes, SRCDB lists {}",
+            e.size
+        ));
+    }
+    let sparse = file
+        .metadata()
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512 + (1 << 20) <= m.len());
+    let extents = match sparse {
+        true => crate::wire::sparse::data_extents(&file, e.size),
+        false => Vec::new(),
+    };
+    let data: u64 = extents.iter().map(|&(_, l)| l).sum();
+    let sparse = sparse && crate::wire::sparse::holes_within_bounds(e.size, data);
+    if let (true, Some(want)) = (sparse, &e.sha256) {
+        // Only the data extents travel; the hash covers the whole
+        // content (holes as zeros) and is checked on both sides.
+        let body_len = crate::wire::sparse::body_len(&extents);
+        let data_end = extents.last().map_or(0, |&(s, l)| s + l);
+        let body = crate::wire::sparse::ExtentBody::new(file, extents);
+        let hashed = Arc::clone(&body.hashed);
+        let sent = client.put_sparse(dest, e, body, body_len);
+        let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));
+        crate::digest::hash_zeros(&mut h, e.size.saturating_sub(at));
+        let got = h.hex();
+        // Only a copy read to its end can be judged.
+        if at == data_end && &got != want {
+            return damaged(format!(
+                "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
+            ));
+        }
+        return sent
+            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(refused);
+    }
+    let Some(want) = &e.sha256 else {
+        return client
+            .put_file(dest, e, file)
+            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(refused);
+    };
+    if e.size < STREAM_CHECK_MIN {
+        let (got, _) = hash_reader(&mut file).map_err(open_err)?;
+        if &got != want {
+            return damaged(format!(
+                "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
+            ));
+        }
+        file.seek(SeekFrom::Start(0)).map_err(open_err)?;
+        return client
+            .put_file(dest, e, file)
+            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(refused);
+    }
+    // A large file is checked as it streams, saving a whole read
+    // and hash pass; the server checks the same hash (it comes
+    // as X-Bitfog-Sha256) before anything appears, so a damaged
+    // copy is refused there (422) and never stored.
+    let hasher = Arc::new(Mutex::new((Hasher::new(), 0u64)));
+    let body = HashingReader {
+        inner: file,
+        hasher: Arc::clone(&hasher),
+    };
+    let sent = client.put_file(dest, e, body);
+    let (h, read) = std::mem::take(&mut *hasher.lock().expect("hasher"));
+    let got = h.hex();
+    // Only a copy read to its end can be judged; a transfer cut
+    // short says so below.
+    if read == e.size && &got != want {
+        return damaged(format!(
+            "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
+        ));
+    }
+    sent.map_err(|e| Failure::Io(e.to_string()))?
+        .map_err(refused)
 }
 
 /// Why a delta is not applied when the destination's file is not the
