@@ -577,7 +577,7 @@ fn command(
                 cache: match r.os("--cache") {
                     Some(c) if c == "none" => None,
                     Some(c) => Some(PathBuf::from(c)),
-                    None => crate::server::hashcache::default_dir(),
+                    None => crate::server::default_dir(),
                 },
                 quiet: ui.quiet,
             })

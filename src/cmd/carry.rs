@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// variant: a full disk stops the run cleanly; anything else fails that
 /// item and the run goes on.
 #[derive(Debug)]
-pub(crate) enum Failure {
+pub(super) enum Failure {
     /// The disk being written (the courier's) is full.
     DiskFull,
     /// The source no longer has the listed version (size, hash or mtime
@@ -36,7 +36,7 @@ pub(crate) enum Failure {
 
 impl Failure {
     /// An I/O error while doing `what`: a full disk is `DiskFull`.
-    pub(crate) fn io(what: &str, err: &io::Error) -> Failure {
+    pub(super) fn io(what: &str, err: &io::Error) -> Failure {
         if is_disk_full(err) {
             Failure::DiskFull
         } else if delta::is_too_big(err) {
@@ -61,7 +61,7 @@ impl std::fmt::Display for Failure {
 }
 
 /// Downloads `len` bytes of `e` from `start` into the courier as a range.
-pub(crate) fn download_range(
+pub(super) fn download_range(
     client: &Client,
     src: &AreaUrl,
     courier: &Courier,
@@ -131,7 +131,7 @@ pub(crate) fn download_range(
 }
 
 /// What the destination said to one range.
-pub(crate) enum Sent {
+pub(super) enum Sent {
     /// It holds this many bytes of the file now.
     Partial(u64),
     /// The file is complete and verified at its path.
@@ -140,7 +140,7 @@ pub(crate) enum Sent {
 
 /// Sends one courier range of `e` (SRCDB's entry) to the destination,
 /// after checking it.
-pub(crate) fn upload_range(
+pub(super) fn upload_range(
     client: &Client,
     dest: &AreaUrl,
     courier: &Courier,
@@ -177,7 +177,7 @@ pub(crate) fn upload_range(
 /// SHA-256 and signature) if it stays within `limit` bytes. The bytes
 /// read are checked against the listing's SHA-256: a file that changed
 /// at the source leaves no delta.
-pub(crate) fn make_delta(
+pub(super) fn make_delta(
     client: &Client,
     src: &AreaUrl,
     courier: &Courier,

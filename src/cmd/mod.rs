@@ -2,7 +2,7 @@
 //! `fetch` (`fetch`), `store` (`store`). They use the client, the courier,
 //! the plan and the wire formats; nothing uses them but `lib.rs`.
 
-pub(crate) mod carry;
+mod carry;
 pub(crate) mod db;
 pub(crate) mod fetch;
 pub(crate) mod store;

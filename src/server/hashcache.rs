@@ -67,14 +67,14 @@ impl Record {
 
 /// Where an area's cache lives.
 #[derive(Debug, Clone)]
-pub(crate) struct CacheFile {
+pub(super) struct CacheFile {
     path: PathBuf,
 }
 
 impl CacheFile {
     /// The cache file for the area at `root` (named after the area and a
     /// hash of its path, so two configurations never share one).
-    pub(crate) fn for_area(dir: &Path, area: &str, root: &Path) -> CacheFile {
+    pub(super) fn for_area(dir: &Path, area: &str, root: &Path) -> CacheFile {
         let mut h = crate::digest::Hasher::new();
         h.update(root.as_os_str().as_encoded_bytes());
         CacheFile {
@@ -83,7 +83,7 @@ impl CacheFile {
     }
 
     /// Opens the previous listing's records (empty when there are none).
-    pub(crate) fn reader(&self) -> Lookup {
+    pub(super) fn reader(&self) -> Lookup {
         let lines = File::open(&self.path)
             .ok()
             .map(BufReader::new)
@@ -96,7 +96,7 @@ impl CacheFile {
     }
 
     /// Starts the next cache file; `commit` puts it in place.
-    pub(crate) fn writer(&self) -> Option<Update> {
+    pub(super) fn writer(&self) -> Option<Update> {
         let tmp = self
             .path
             .with_extension(format!("tmp{}", std::process::id()));
@@ -112,7 +112,7 @@ impl CacheFile {
 }
 
 /// Looks names up in a cache file, in name order.
-pub(crate) struct Lookup {
+pub(super) struct Lookup {
     lines: Option<BufReader<File>>,
     next: Option<Record>,
 }
@@ -120,7 +120,7 @@ pub(crate) struct Lookup {
 impl Lookup {
     /// The cached hash of `name` if its size and identity are unchanged.
     /// Names must be asked in contract order.
-    pub(crate) fn get(&mut self, name: &str, size: u64, id: &[i128; 4]) -> Option<String> {
+    pub(super) fn get(&mut self, name: &str, size: u64, id: &[i128; 4]) -> Option<String> {
         loop {
             if self.next.is_none() {
                 let mut line = Vec::with_capacity(160);
@@ -149,14 +149,14 @@ impl Lookup {
 }
 
 /// The cache file being written by a listing.
-pub(crate) struct Update {
+pub(super) struct Update {
     tmp: PathBuf,
     path: PathBuf,
     out: Option<BufWriter<File>>,
 }
 
 impl Update {
-    pub(crate) fn add(&mut self, name: &str, size: u64, id: &[i128; 4], sha256: &str) {
+    pub(super) fn add(&mut self, name: &str, size: u64, id: &[i128; 4], sha256: &str) {
         if name.contains('\n') || !is_sha256_hex(sha256) {
             return;
         }
@@ -169,7 +169,7 @@ impl Update {
     }
 
     /// Puts the new cache in place (after a complete listing).
-    pub(crate) fn commit(mut self) -> io::Result<()> {
+    pub(super) fn commit(mut self) -> io::Result<()> {
         let out = self
             .out
             .take()
@@ -218,7 +218,7 @@ const SIG_CACHE_FILES: usize = 100_000;
 const SIG_CACHE_BYTES: u64 = 1 << 30;
 
 #[derive(Debug, Clone)]
-pub(crate) struct SigCache {
+pub(super) struct SigCache {
     dir: PathBuf,
 }
 
@@ -236,7 +236,7 @@ fn id_text(id: &[i128; 4]) -> String {
 }
 
 impl SigCache {
-    pub(crate) fn for_area(dir: &Path, area: &str, root: &Path) -> SigCache {
+    pub(super) fn for_area(dir: &Path, area: &str, root: &Path) -> SigCache {
         let hashes = CacheFile::for_area(dir, area, root).path;
         SigCache {
             dir: hashes.with_extension("sigs"),
@@ -244,7 +244,7 @@ impl SigCache {
     }
 
     /// The cache file's name for an area name.
-    pub(crate) fn key(name: &[u8]) -> String {
+    pub(super) fn key(name: &[u8]) -> String {
         let mut h = crate::digest::Hasher::new();
         h.update(name);
         h.hex()[..32].to_string()
@@ -256,7 +256,7 @@ impl SigCache {
 
     /// True when a file of `size` bytes is worth keeping a signature of:
     /// smaller ones are signed again on request, which costs little.
-    pub(crate) fn worth(size: u64) -> bool {
+    pub(super) fn worth(size: u64) -> bool {
         size >= SIG_CACHE_MIN
     }
 
@@ -297,7 +297,7 @@ impl SigCache {
 
     /// After a complete listing: removes the signatures of files the
     /// area no longer has (`keep` holds the keys of those it has).
-    pub(crate) fn prune(&self, keep: &std::collections::HashSet<String>) {
+    pub(super) fn prune(&self, keep: &std::collections::HashSet<String>) {
         for (_, _, path) in self.entries() {
             let stale = path
                 .file_name()
@@ -311,7 +311,7 @@ impl SigCache {
 
     /// The cached SHA-256 and signature of `name` (relative path) if its
     /// size and identity are unchanged; the reader is at the table.
-    pub(crate) fn get(
+    pub(super) fn get(
         &self,
         name: &[u8],
         size: u64,
@@ -329,7 +329,7 @@ impl SigCache {
     }
 
     /// Keeps a signature (written to a temporary file, then renamed).
-    pub(crate) fn put(
+    pub(super) fn put(
         &self,
         name: &[u8],
         id: &[i128; 4],

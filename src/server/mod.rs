@@ -8,8 +8,10 @@
 //! and become visible only by rename, after hashing and fsync. It must
 //! never read, create, change or delete anything outside an area.
 
-pub(crate) mod hashcache;
-pub(crate) mod scan;
+mod hashcache;
+mod scan;
+
+pub(crate) use hashcache::default_dir;
 
 use crate::beneath::{Dir, Kind, Root};
 use crate::digest::{CopyError, Hasher, Writeback, copy_hashing, is_sha256_hex};
@@ -47,7 +49,7 @@ pub(crate) struct ServeOpts {
 
 /// One area of the configuration.
 #[derive(Debug, Clone)]
-pub(crate) struct Area {
+struct Area {
     pub(crate) root: PathBuf,
     pub(crate) writable: bool,
     pub(crate) checksum: bool,
@@ -55,7 +57,7 @@ pub(crate) struct Area {
 }
 
 /// The parsed configuration: areas by name, sorted.
-pub(crate) type Config = BTreeMap<String, Area>;
+type Config = BTreeMap<String, Area>;
 
 /// An empty line is sent on a listing after this long without output.
 const LISTING_KEEPALIVE: Duration = Duration::from_secs(10);
@@ -78,7 +80,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Reads and checks `bitfog.json`; every error names the file, the area
 /// and the key, and exits 2.
-pub(crate) fn load_config(path: &Path) -> Result<Config> {
+fn load_config(path: &Path) -> Result<Config> {
     let file = format!("'{}'", path.display());
     let text = fs::read_to_string(path)
         .map_err(|e| Error::usage(format!("{file}: cannot read config: {}", describe_io(&e))))?;
@@ -147,7 +149,7 @@ pub(crate) fn load_config(path: &Path) -> Result<Config> {
 }
 
 /// Parses `:PORT`, `HOST:PORT` or `[V6]:PORT`.
-pub(crate) fn parse_addr(addr: &str) -> Result<SocketAddr> {
+fn parse_addr(addr: &str) -> Result<SocketAddr> {
     let bad = || {
         Error::usage(format!(
             "bad --addr '{addr}': expected :PORT, HOST:PORT or [V6]:PORT"

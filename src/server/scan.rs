@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// What the walk found at one path.
-pub(crate) enum Item {
+pub(super) enum Item {
     Entry(Entry),
     /// A file arriving range by range (its record, with the full name).
     Partial(crate::wire::manifest::PartialUpload),
@@ -47,7 +47,7 @@ const BATCH_BYTES: u64 = 256 << 20;
 /// With a hash cache, a file whose size and identity are unchanged since
 /// the last complete listing is not read again, and the cache is replaced
 /// when this walk completes.
-pub(crate) fn scan(
+pub(super) fn scan(
     root: &Root,
     checksum: bool,
     cache: Option<&CacheFile>,
