@@ -235,7 +235,12 @@ impl Dir {
 
     /// Creates a new file (never an existing one, never through a link).
     pub(crate) fn create_new(&self, name: &[u8]) -> io::Result<File> {
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        self.create_excl(name, libc::O_WRONLY)
+    }
+
+    /// Creates a new file, mode 0600, opened with `access`.
+    fn create_excl(&self, name: &[u8], access: libc::c_int) -> io::Result<File> {
+        let flags = access | libc::O_CREAT | libc::O_EXCL;
         Ok(File::from(open_at(
             self.fd.as_raw_fd(),
             name,
@@ -464,13 +469,7 @@ impl Dir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
-        Ok(File::from(open_at(
-            self.fd.as_raw_fd(),
-            name,
-            flags,
-            0o600,
-        )?))
+        self.create_excl(name, libc::O_RDWR)
     }
 
     /// Renames `from` in this directory to `to` in `dest`; replaces a file
