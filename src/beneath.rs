@@ -17,8 +17,20 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Set once openat2 answered ENOSYS; the component walk is used from then.
+/// Set once openat2 answered ENOSYS (a kernel before 5.6) or EPERM (a
+/// container whose seccomp profile refuses unknown system calls that
+/// way); the component walk, with the same guarantees, is used from then.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// Switches to the component walk, saying why once.
+fn without_openat2(err: &io::Error) {
+    if !NO_OPENAT2.swap(true, Ordering::Relaxed) {
+        crate::error::print_error(format!(
+            "openat2 is not available here ({}); opening paths one component at a time instead, with the same guarantees",
+            crate::error::describe_io(err)
+        ));
+    }
+}
 
 fn cstr(name: &[u8]) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -135,8 +147,8 @@ impl Root {
             let rel: Vec<u8> = comps.join(&b'/');
             match openat2_beneath(self.fd.as_raw_fd(), &rel) {
                 Ok(fd) => return Ok(Dir { fd, path }),
-                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                    NO_OPENAT2.store(true, Ordering::Relaxed)
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                    without_openat2(&e)
                 }
                 Err(e) => return Err(e),
             }

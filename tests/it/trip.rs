@@ -900,3 +900,36 @@ fn a_hostile_srcdb_never_uploads_from_outside_the_courier() {
         "no upload was even attempted"
     );
 }
+
+#[test]
+#[ignore = "needs strace (.ci/run installs it)"]
+fn a_trip_works_where_openat2_is_refused_with_eperm_or_enosys() {
+    require_strace();
+    for errno in ["EPERM", "ENOSYS"] {
+        let t = Scratch::new();
+        let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+        awkward_tree(&src);
+        write(&src, "deep/er/still/f", b"three levels down");
+        let conf = t.path("sites.json");
+        fs::write(&conf, two_areas(&src, &dst)).unwrap();
+        // As in a container whose seccomp profile refuses openat2.
+        let server = Server::start_shell(
+            &conf,
+            &t.path("sites.log"),
+            &[],
+            &format!("strace -f -o /dev/null -e trace=openat2 -e inject=openat2:error={errno}"),
+        );
+        let (su, du) = (server.url("src"), server.url("dst"));
+        bitfog(&["emptydb", &t.s("dest.db")]).ok();
+        bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+        bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier")]).ok();
+        bitfog(&["store", &t.s("src.db"), &du, &t.s("courier")]).ok();
+        assert_same_tree(&src, &dst);
+        let log = server.log_text();
+        assert_eq!(
+            log.matches("openat2 is not available here").count(),
+            1,
+            "{errno}: said once: {log}"
+        );
+    }
+}
