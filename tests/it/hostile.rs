@@ -345,3 +345,44 @@ fn an_unreadable_source_directory_is_skipped_and_blocks_deletion() {
         "the server names the directory: {log}"
     );
 }
+
+#[test]
+fn running_out_of_descriptors_is_skipped_and_blocks_deletion() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for d in 0..40 {
+        for f in 0..5 {
+            write(&src, &format!("d{d:02}/e/f{f}"), b"x");
+        }
+    }
+    write(&dst, "b/y", b"only copy of y");
+    let conf = t.path("sites.json");
+    fs::write(&conf, two_areas(&src, &dst)).unwrap();
+    // 20 descriptors: the walk runs out of them (EMFILE) part of the way.
+    let server = Server::start_shell(&conf, &t.path("sites.log"), &[], "ulimit -n 20;");
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let b = bitfog(&["builddb", &server.url("src"), &t.s("src.db"), "--json"]).ok();
+    assert!(b.num("skipped") > 0, "{b}");
+    assert!(server.log_text().contains("too many open files"));
+    let s = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &server.url("dst"),
+        &t.s("courier-none"),
+        "--delete",
+        "--dry-run",
+    ]);
+    assert_eq!(s.code, 2, "no courier: {s}");
+    fs::create_dir(t.path("courier")).unwrap();
+    let s = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &server.url("dst"),
+        &t.s("courier"),
+        "--delete",
+        "--json",
+    ])
+    .code(1);
+    assert!(s.stderr.contains("not deleting anything"), "{s}");
+    assert_eq!(fs::read(dst.join("b/y")).unwrap(), b"only copy of y");
+}
