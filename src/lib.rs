@@ -40,15 +40,25 @@ use error::{Exit, Result};
 /// Parses `args` (without the program name), runs one command, and
 /// returns the exit code (see EXIT STATUS in the man page).
 pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
-    let outcome = cli::parse(args).and_then(run);
-    let code = match outcome {
-        Ok(exit) => exit,
+    // With --json, however the run ends, stdout carries one JSON object
+    // (help and version stay plain text).
+    let json = args.iter().any(|a| a == "--json");
+    let mut plain = false;
+    let outcome = cli::parse(args).and_then(|cli| {
+        plain = matches!(cli.command, cli::Command::Help(_) | cli::Command::Version);
+        run(cli)
+    });
+    let (code, failure) = match outcome {
+        Ok(exit) => (exit as i32, None),
         Err(e) => {
             error::print_error(&e);
-            e.exit
+            (e.exit as i32, Some(e.to_string()))
         }
     };
-    code as i32
+    if json && !plain {
+        ui::finish_json(code, failure);
+    }
+    code
 }
 
 fn run(cli: cli::Cli) -> Result<Exit> {

@@ -24,23 +24,66 @@ impl Ui {
         }
     }
 
-    /// An error line (always shown).
+    /// An error line (always shown). With `--json`, the last one is also
+    /// the `error` of a failed run's JSON object.
     pub(crate) fn error(&self, msg: impl std::fmt::Display) {
+        let msg = msg.to_string();
+        if self.json {
+            *last_error().lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
+        }
         crate::error::print_error(msg);
     }
 
-    /// Prints the final summary on stdout: `value` as one JSON object with
-    /// `--json`, else the human lines. A closed stdout is not an error.
+    /// The final summary: with `--json`, kept for `finish_json` (which
+    /// prints one object however the run ends); else the human lines on
+    /// stdout. A closed stdout is not an error.
     pub(crate) fn summary(&self, value: &impl Serialize, human: &str) {
-        let text = if self.json {
-            let mut s = serde_json::to_string(value).unwrap_or_default();
-            s.push('\n');
-            s
+        if self.json {
+            let v = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+            *kept_summary().lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
         } else {
-            escape_lines(human).into_owned()
-        };
-        print_stdout(&text);
+            print_stdout(&escape_lines(human));
+        }
     }
+}
+
+fn kept_summary() -> &'static std::sync::Mutex<Option<serde_json::Value>> {
+    static KEPT: std::sync::Mutex<Option<serde_json::Value>> = std::sync::Mutex::new(None);
+    &KEPT
+}
+
+fn last_error() -> &'static std::sync::Mutex<Option<String>> {
+    static LAST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    &LAST
+}
+
+/// Prints the one JSON object of a `--json` run: the summary the command
+/// gave (if it got that far) and, when it did not succeed, `exit` (the
+/// code) and `error` (`failure`, the message that ended it, else the last
+/// error line). A run that succeeds prints its summary as it is.
+pub(crate) fn finish_json(code: i32, failure: Option<String>) {
+    let summary = kept_summary()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let mut obj = match summary {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    if code != 0 {
+        let last = last_error()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let error = failure
+            .or(last)
+            .unwrap_or_else(|| "something failed (see stderr)".to_string());
+        obj.insert("error".into(), error.into());
+        obj.insert("exit".into(), code.into());
+    }
+    let mut s = serde_json::Value::Object(obj).to_string();
+    s.push('\n');
+    print_stdout(&s);
 }
 
 /// Text that is safe on a terminal: every control character (C0, DEL and

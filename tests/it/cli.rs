@@ -221,3 +221,58 @@ fn man_page_renders_without_warnings() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_failing_json_run_still_prints_one_object_with_error_and_exit() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "good", b"good");
+    write(&src, "bad", b"will be damaged");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let one_object = |r: &Run| {
+        assert_eq!(r.stdout.lines().count(), 1, "{r}");
+        r.json()
+    };
+    // Usage (exit 2), before any command runs.
+    let r = bitfog(&["plan", "--json", &t.s("dest.db")]).code(2);
+    let j = one_object(&r);
+    assert_eq!(j["exit"], 2);
+    assert!(
+        j["error"].as_str().unwrap().contains("missing argument"),
+        "{r}"
+    );
+    // A server that cannot be reached (exit 1): no summary, the reason.
+    let r = bitfog(&["builddb", "http://127.0.0.1:1/src/", &t.s("x.db"), "--json"]).code(1);
+    let j = one_object(&r);
+    assert_eq!(j["exit"], 1);
+    assert!(j["error"].as_str().unwrap().contains("127.0.0.1:1"), "{r}");
+    // A store in which one file fails: the summary, with error and exit.
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+    ])
+    .ok();
+    fs::write(t.path("courier/bad"), b"damaged in transit").unwrap();
+    let r = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &server.url("dst"),
+        &t.s("courier"),
+        "--json",
+    ])
+    .code(1);
+    let j = one_object(&r);
+    assert_eq!(
+        (j["stored_files"].as_u64(), j["failed_files"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(j["exit"], 1);
+    assert!(j["error"].as_str().unwrap().contains("'bad'"), "{r}");
+    // A run that succeeds prints its summary as before.
+    let r = bitfog(&["plan", &t.s("dest.db"), &server.url("src"), "--json"]).ok();
+    assert!(one_object(&r).get("exit").is_none(), "{r}");
+}
