@@ -430,7 +430,11 @@ def served_file_bytes(log, area):
     with open(log, errors="replace") as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 6 and parts[2] == '"GET' and parts[3].startswith("/%s/" % area) and parts[3] != "/%s/\"" % area:
+            # [TIME] bitfog: PEER "METHOD TARGET" STATUS BYTES
+            at = next((k for k, p in enumerate(parts) if p.startswith('"')), None)
+            if at is None or len(parts) < at + 4:
+                continue
+            if parts[at] == '"GET' and parts[at + 1].startswith("/%s/" % area) and parts[at + 1] != "/%s/\"" % area:
                 total += int(parts[-1])
     return total
 

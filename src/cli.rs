@@ -579,6 +579,10 @@ fn command(
                     Some(c) => Some(PathBuf::from(c)),
                     None => crate::server::default_dir(),
                 },
+                cache_off: match r.os("--cache") {
+                    Some(_) => "--cache none",
+                    None => "neither XDG_CACHE_HOME nor HOME is set; give --cache DIR",
+                },
                 quiet: ui.quiet,
             })
         }

@@ -76,12 +76,22 @@ pub(crate) fn is_disk_full(err: &io::Error) -> bool {
         || err.kind() == io::ErrorKind::StorageFull
 }
 
+/// Once set, every line `print_error` writes starts with the time this
+/// gives (the server's log, after its startup line).
+static STAMP: std::sync::OnceLock<fn() -> String> = std::sync::OnceLock::new();
+
+/// Starts every later line on stderr with `stamp()` (an RFC 3339 time).
+pub(crate) fn stamp_lines(stamp: fn() -> String) {
+    let _ = STAMP.set(stamp);
+}
+
 /// Prints `bitfog: MESSAGE` on stderr in one write, so lines from several
 /// threads or processes sharing a log never interleave. Control characters
 /// (from names in a listing, a DB or a courier) are escaped.
 pub(crate) fn print_error(msg: impl fmt::Display) {
     use std::io::Write;
     let msg = msg.to_string();
-    let line = format!("bitfog: {}\n", crate::ui::escape(&msg));
+    let time = STAMP.get().map(|f| f() + " ").unwrap_or_default();
+    let line = format!("{time}bitfog: {}\n", crate::ui::escape(&msg));
     let _ = std::io::stderr().write_all(line.as_bytes());
 }

@@ -44,6 +44,8 @@ pub(crate) struct ServeOpts {
     pub(crate) threads: usize,
     /// Where SHA-256 results are cached; `None` turns the cache off.
     pub(crate) cache: Option<PathBuf>,
+    /// Why `cache` is `None`, for the log.
+    pub(crate) cache_off: &'static str,
     pub(crate) quiet: bool,
 }
 
@@ -184,6 +186,32 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         .map_err(|e| Error::io("listener", &e))?;
     // One write, so a script reading the log never sees half a line.
     print_error(format!("listening on http://{local}/"));
+    // Every later line of the log says when.
+    crate::error::stamp_lines(|| protocol::rfc3339(crate::wire::manifest::now_secs()));
+    if !opts.quiet {
+        for (name, area) in &config {
+            print_error(format!(
+                "area '{name}': '{}' ({}, {})",
+                area.root.display(),
+                if area.writable {
+                    "writable"
+                } else {
+                    "read-only"
+                },
+                if area.token.is_some() {
+                    "token required"
+                } else {
+                    "no token"
+                }
+            ));
+        }
+    }
+    if opts.cache.is_none() {
+        print_error(format!(
+            "the hash cache is off ({}): every listing hashes every file",
+            opts.cache_off
+        ));
+    }
 
     let mut roots = BTreeMap::new();
     for (name, area) in &config {

@@ -793,3 +793,55 @@ fn a_signal_right_after_the_startup_line_still_exits_0() {
         assert_eq!(status.code(), Some(0), "signal {signal}");
     }
 }
+
+#[test]
+fn the_log_says_when_names_the_areas_and_warns_without_a_hash_cache() {
+    use std::io::BufRead;
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    fs::write(t.path("c.json"), two_areas(&src, &dst)).unwrap();
+    let mut child = cmd(&[
+        "serve",
+        "--conf",
+        &t.s("c.json"),
+        "--addr",
+        "127.0.0.1:0",
+        "--cache",
+        "none",
+    ])
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next = || lines.next().unwrap().unwrap();
+    let first = next();
+    assert!(
+        first.starts_with("bitfog: listening on http://127.0.0.1:"),
+        "{first}"
+    );
+    let addr: std::net::SocketAddr = first
+        .trim_start_matches("bitfog: listening on http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let rest = [next(), next(), next()];
+    let _ = get(addr, "/");
+    let request = next();
+    let _ = child.kill();
+    let _ = child.wait();
+    // RFC 3339 UTC: 2026-11-30T12:34:56Z
+    let stamped = |l: &str| {
+        let (time, msg) = l.split_once(' ').unwrap();
+        time.len() == 20
+            && time.ends_with('Z')
+            && time.as_bytes()[10] == b'T'
+            && msg.starts_with("bitfog: ")
+    };
+    for l in rest.iter().chain([&request]) {
+        assert!(stamped(l), "{l}");
+    }
+    assert!(rest[0].contains("area 'dst'") && rest[0].contains("(writable, no token)"));
+    assert!(rest[1].contains("area 'src'") && rest[1].contains("(read-only, no token)"));
+    assert!(rest[2].contains("the hash cache is off (--cache none)"));
+    assert!(request.contains("\"GET /\" 200"), "{request}");
+}
