@@ -149,8 +149,10 @@ pub(crate) fn human_bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
-/// Parses a size: digits with an optional fraction, then an optional K, M,
-/// G or T (powers of 1024), optionally followed by `B` or `iB`.
+/// Parses a size: digits with an optional fraction, then an optional unit:
+/// K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), or KB, MB, GB, TB
+/// (powers of 1000, as in rsync and coreutils: a disk sold as 2 TB holds
+/// 2×10^12 bytes); `B` alone is bytes. Units are case-insensitive.
 pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -160,27 +162,31 @@ pub(crate) fn parse_size(s: &str) -> Option<u64> {
     {
         return None;
     }
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
+    let unit = unit.to_ascii_uppercase();
+    let scale: u128 = match unit.as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "T" | "TIB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
         _ => return None,
     };
     let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-    let int: u64 = int.parse().ok()?;
-    let mut total = int.checked_mul(1u64 << shift)?;
+    let int: u128 = int.parse().ok()?;
+    let mut total = int.checked_mul(scale)?;
     if !frac.is_empty() {
         let digits = frac.len().min(18) as u32;
         let f: u128 = frac[..digits as usize].parse().ok()?;
-        let add = f * (1u128 << shift) / 10u128.pow(digits);
-        total = total.checked_add(add as u64)?;
-        if shift == 0 && f != 0 {
+        if scale == 1 && f != 0 {
             return None;
         }
+        total = total.checked_add(f * scale / 10u128.pow(digits))?;
     }
-    Some(total)
+    u64::try_from(total).ok()
 }
 
 /// A live progress line on stderr, drawn only when stderr is a terminal.
@@ -243,7 +249,10 @@ mod tests {
         assert_eq!(parse_size("200G"), Some(200 << 30));
         assert_eq!(parse_size("1.5T"), Some(3 << 39));
         assert_eq!(parse_size("512MiB"), Some(512 << 20));
-        assert_eq!(parse_size("512MB"), Some(512 << 20));
+        assert_eq!(parse_size("512MB"), Some(512_000_000));
+        assert_eq!(parse_size("2TB"), Some(2_000_000_000_000));
+        assert_eq!(parse_size("1.5KB"), Some(1500));
+        assert_eq!(parse_size("1.5kib"), Some(1536));
         assert_eq!(parse_size("30m"), Some(30 << 20));
         assert_eq!(parse_size("100"), Some(100));
         assert_eq!(parse_size("100B"), Some(100));
@@ -267,8 +276,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn sizes_with_units_scale(n in 0u64..100_000, unit in prop::sample::select(vec![("K", 10), ("M", 20), ("G", 30), ("T", 40)]), tail in prop::sample::select(vec!["", "B", "iB"])) {
-            prop_assert_eq!(parse_size(&format!("{n}{}{tail}", unit.0)), Some(n << unit.1));
+        fn sizes_with_units_scale(n in 0u64..100_000, unit in prop::sample::select(vec![("K", 1u32), ("M", 2), ("G", 3), ("T", 4)]), tail in prop::sample::select(vec!["", "B", "iB"])) {
+            let want = if tail == "B" {
+                n * 1000u64.pow(unit.1)
+            } else {
+                n << (10 * unit.1)
+            };
+            prop_assert_eq!(parse_size(&format!("{n}{}{tail}", unit.0)), Some(want));
         }
     }
 }
