@@ -193,6 +193,15 @@ const OPTIONS: &[Opt] = &[
         help: "show what would be done; change nothing",
     },
     Opt {
+        long: "--progress-interval",
+        short: None,
+        value: Some("SECS"),
+        commands: &["builddb", "fetch", "store"],
+        needs: None,
+        help: "without a terminal, a progress line every SECS seconds\n\
+               (default: 60; 0: none)",
+    },
+    Opt {
         long: "--quiet",
         short: Some("-q"),
         value: None,
@@ -481,10 +490,19 @@ fn size(name: &str, value: &str) -> Result<u64> {
 /// Parses the command line (without the program name).
 pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
     let r = raw(args)?;
+    let progress_secs = match r.text("--progress-interval") {
+        None => crate::ui::PROGRESS_SECS,
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            Error::usage(format!(
+                "--progress-interval takes a whole number of seconds, not '{v}'"
+            ))
+        })?,
+    };
     let ui = Ui {
         quiet: r.flag("--quiet"),
         json: r.flag("--json"),
         verbose: r.flag("--verbose"),
+        progress_secs,
     };
     let token = r
         .text("--token")

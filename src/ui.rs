@@ -14,7 +14,13 @@ pub(crate) struct Ui {
     pub(crate) quiet: bool,
     pub(crate) json: bool,
     pub(crate) verbose: bool,
+    /// Seconds between progress lines when stderr is not a terminal (0:
+    /// none).
+    pub(crate) progress_secs: u64,
 }
+
+/// The default `--progress-interval`.
+pub(crate) const PROGRESS_SECS: u64 = 60;
 
 impl Ui {
     /// A log line (suppressed by `--quiet`).
@@ -189,13 +195,27 @@ pub(crate) fn parse_size(s: &str) -> Option<u64> {
     u64::try_from(total).ok()
 }
 
-/// A live progress line on stderr, drawn only when stderr is a terminal.
+/// Progress on stderr: on a terminal a live line (files, bytes, rate and
+/// time left) redrawn five times a second; otherwise a plain line every
+/// `Ui::progress_secs` (scripts and ssh sessions see that work goes on).
+/// The rate is over the last 10 seconds, so a stall shows as one.
 pub(crate) struct Progress {
     pub(crate) files: Arc<AtomicU64>,
     pub(crate) bytes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     drawer: Option<thread::JoinHandle<()>>,
 }
+
+/// What a progress line counts and how far there is to go (0: unknown).
+#[derive(Clone, Copy)]
+struct Goal {
+    verb: &'static str,
+    files: u64,
+    bytes: u64,
+}
+
+/// The rate window.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Progress {
     pub(crate) fn start(
@@ -207,21 +227,20 @@ impl Progress {
         let files = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let drawer = (!ui.quiet && std::io::stderr().is_terminal()).then(|| {
+        let live = std::io::stderr().is_terminal();
+        let every = match live {
+            true => Some(Duration::from_millis(200)),
+            false if ui.progress_secs > 0 => Some(Duration::from_secs(ui.progress_secs)),
+            false => None,
+        };
+        let goal = Goal {
+            verb,
+            files: total_files,
+            bytes: total_bytes,
+        };
+        let drawer = every.filter(|_| !ui.quiet).map(|every| {
             let (files, bytes, stop) = (files.clone(), bytes.clone(), stop.clone());
-            thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let line = format!(
-                        "\r\x1b[Kbitfog: {verb} {}/{total_files} files, {} of {}",
-                        files.load(Ordering::Relaxed),
-                        human_bytes(bytes.load(Ordering::Relaxed)),
-                        human_bytes(total_bytes)
-                    );
-                    let _ = std::io::stderr().write_all(line.as_bytes());
-                    thread::sleep(Duration::from_millis(200));
-                }
-                let _ = std::io::stderr().write_all(b"\r\x1b[K");
-            })
+            thread::spawn(move || draw(goal, (&files, &bytes), &stop, live, every))
         });
         Progress {
             files,
@@ -231,7 +250,12 @@ impl Progress {
         }
     }
 
-    pub(crate) fn finish(mut self) {
+    /// Stops drawing (the line is cleared on a terminal).
+    pub(crate) fn finish(self) {}
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(d) = self.drawer.take() {
             let _ = d.join();
@@ -239,10 +263,109 @@ impl Progress {
     }
 }
 
+/// The drawing thread: until `stop`, a line every `every`.
+fn draw(
+    goal: Goal,
+    (files, bytes): (&AtomicU64, &AtomicU64),
+    stop: &AtomicBool,
+    live: bool,
+    every: Duration,
+) {
+    let mut samples: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    let mut last = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(200).min(every));
+        let now = std::time::Instant::now();
+        let done = bytes.load(Ordering::Relaxed);
+        samples.push_back((now, done));
+        while samples.len() > 2 && now - samples[0].0 > RATE_WINDOW {
+            samples.pop_front();
+        }
+        if now - last < every {
+            continue;
+        }
+        last = now;
+        let (t0, b0) = samples[0];
+        let secs = (now - t0).as_secs_f64();
+        let rate = if secs > 0.0 {
+            (done - b0.min(done)) as f64 / secs
+        } else {
+            0.0
+        };
+        let text = progress_line(goal, files.load(Ordering::Relaxed), done, rate);
+        if live {
+            let _ = std::io::stderr().write_all(format!("\r\x1b[Kbitfog: {text}").as_bytes());
+        } else {
+            crate::error::print_error(text);
+        }
+    }
+    if live {
+        let _ = std::io::stderr().write_all(b"\r\x1b[K");
+    }
+}
+
+/// `fetching 3/10 files, 1.2 GiB of 4.0 GiB, 85.3 MiB/s, 34 s left`.
+fn progress_line(goal: Goal, files: u64, bytes: u64, rate: f64) -> String {
+    let mut line = match goal.files {
+        0 => format!("{} {}, {}", goal.verb, n_files(files), human_bytes(bytes)),
+        n => format!(
+            "{} {files}/{n} files, {} of {}",
+            goal.verb,
+            human_bytes(bytes),
+            human_bytes(goal.bytes)
+        ),
+    };
+    line.push_str(&format!(", {}/s", human_bytes(rate as u64)));
+    if goal.bytes > bytes && rate >= 1.0 {
+        line.push_str(&format!(
+            ", {} left",
+            duration((goal.bytes - bytes) as f64 / rate)
+        ));
+    } else if goal.bytes > bytes {
+        line.push_str(", stalled");
+    }
+    line
+}
+
+/// `34 s`, `12 min`, `3.5 h`.
+fn duration(secs: f64) -> String {
+    if secs < 100.0 {
+        format!("{secs:.0} s")
+    } else if secs < 6000.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{:.1} h", secs / 3600.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn progress_lines_say_rate_and_time_left() {
+        let goal = Goal {
+            verb: "fetching",
+            files: 10,
+            bytes: 4 << 30,
+        };
+        assert_eq!(
+            progress_line(goal, 3, 1 << 30, (100 << 20) as f64),
+            "fetching 3/10 files, 1.0 GiB of 4.0 GiB, 100.0 MiB/s, 31 s left"
+        );
+        assert!(progress_line(goal, 3, 1 << 30, 0.0).ends_with("0 bytes/s, stalled"));
+        let open = Goal {
+            verb: "listing",
+            files: 0,
+            bytes: 0,
+        };
+        assert_eq!(
+            progress_line(open, 5, 2048, 1024.0),
+            "listing 5 files, 2.0 KiB, 1.0 KiB/s"
+        );
+        assert_eq!(duration(7200.0), "2.0 h");
+    }
 
     #[test]
     fn sizes() {

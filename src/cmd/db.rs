@@ -31,9 +31,19 @@ pub(crate) fn builddb(
 ) -> Result<Exit> {
     let mut listing = client.listing(url)?;
     let mut out = DbWriter::create(db, Some(url.as_str()))?;
+    // The server hashes as it lists: the rate is its hashing.
+    let progress = crate::ui::Progress::start(ui, "listing", 0, 0);
     for entry in listing.by_ref() {
-        out.entry(&entry?)?;
+        let entry = entry?;
+        progress
+            .files
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        progress
+            .bytes
+            .fetch_add(entry.size, std::sync::atomic::Ordering::Relaxed);
+        out.entry(&entry)?;
     }
+    progress.finish();
     let end = listing
         .end()
         .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));

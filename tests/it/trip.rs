@@ -933,3 +933,47 @@ fn a_trip_works_where_openat2_is_refused_with_eperm_or_enosys() {
         );
     }
 }
+
+#[test]
+fn without_a_terminal_progress_comes_as_periodic_lines_with_a_rate() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "big", &data(4, 3 << 20));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    // About 50 ms per 64 KiB: the download takes some 2.5 s.
+    let relay = Relay::start(server.addr, Duration::from_millis(50));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &relay.url("src"),
+        &t.s("courier"),
+        "--progress-interval",
+        "1",
+    ])
+    .ok();
+    let lines: Vec<&str> = f
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("bitfog: fetching 0/1 files"))
+        .collect();
+    assert!(lines.len() >= 2, "periodic lines: {f}");
+    assert!(lines.iter().all(|l| l.contains("/s")), "{f}");
+    assert!(!f.stderr.contains('\r'), "plain lines, no redrawing: {f}");
+    // The default (a line a minute) and 0 say nothing in a short run, nor
+    // does -q in a slow one.
+    fs::remove_dir_all(t.path("courier")).unwrap();
+    let (db, c2) = (t.s("dest.db"), t.s("c2"));
+    let (slow, fast) = (relay.url("src"), server.url("src"));
+    for (url, extra) in [
+        (&fast, &[][..]),
+        (&fast, &["--progress-interval", "0"]),
+        (&slow, &["-q", "--progress-interval", "1"]),
+    ] {
+        let mut args = vec!["fetch", db.as_str(), url.as_str(), c2.as_str()];
+        args.extend_from_slice(extra);
+        let f = bitfog(&args).ok();
+        assert!(!f.stderr.contains("fetching"), "{extra:?}: {f}");
+        fs::remove_dir_all(t.path("c2")).unwrap();
+    }
+}
