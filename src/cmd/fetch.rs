@@ -105,6 +105,57 @@ pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
     }
 }
 
+/// `-v`: each file on stdout as the plan goes, as a line for a person
+/// (`SIZE NAME`) or, with `--json`, as a JSON record
+/// `{"name","size","action"}` before the summary object.
+struct FileList<'a> {
+    out: Option<io::BufWriter<io::StdoutLock<'a>>>,
+    json: bool,
+}
+
+impl FileList<'_> {
+    fn new(ui: &Ui) -> FileList<'static> {
+        let on = ui.verbose && !ui.quiet;
+        FileList {
+            out: on.then(|| io::BufWriter::new(io::stdout().lock())),
+            json: ui.json,
+        }
+    }
+
+    /// The person's line, without `--json`.
+    fn human(&mut self, e: &Entry) {
+        if !self.json {
+            let line = format!("{:>14} {}\n", e.size, crate::ui::escape(&e.name));
+            self.write(line.as_bytes());
+        }
+    }
+
+    /// The JSON record, with `--json`.
+    fn record(&mut self, e: &Entry, action: &str) {
+        if self.json {
+            let rec = serde_json::json!({ "name": e.name, "size": e.size, "action": action });
+            self.write(format!("{rec}\n").as_bytes());
+        }
+    }
+
+    /// Writes; a closed stdout ends the list, not the run.
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(out) = self.out.as_mut() {
+            if out.write_all(bytes).is_err() {
+                self.out = None;
+            }
+        }
+    }
+}
+
+impl Drop for FileList<'_> {
+    fn drop(&mut self) {
+        if let Some(out) = self.out.as_mut() {
+            let _ = out.flush();
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct PlanSummary {
     remaining_files: u64,
@@ -147,30 +198,29 @@ pub(crate) fn plan(
     let mut sizes = Vec::new();
     // Content the destination has under another name is not carried.
     let dest_index = DestIndex::open(&destdb_path(destdb)?);
-    let list = ui.verbose && !ui.json && !ui.quiet;
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let mut out_ok = true;
+    let mut list = FileList::new(ui);
     sum.skipped = each_need(ui, client, destdb, src, |need, _| {
         match need {
             Need::Nothing => {}
-            Need::File(e) if dest_index.find(&e).is_some() => sum.instructed_files += 1,
+            Need::File(e) if dest_index.find(&e).is_some() => {
+                sum.instructed_files += 1;
+                list.record(&e, "copy");
+            }
             Need::File(e) => {
                 sum.remaining_files += 1;
                 sum.remaining_bytes += e.size;
                 if max_bytes.is_some() {
                     sizes.push(e.size);
                 }
-                if list && out_ok {
-                    out_ok = writeln!(out, "{:>14} {}", e.size, crate::ui::escape(&e.name)).is_ok();
-                }
+                list.human(&e);
+                list.record(&e, "carry");
             }
             Need::Link => sum.symlinks += 1,
             Need::Refused(..) => sum.refused_files += 1,
         }
         Ok(())
     })?;
-    let _ = out.flush();
-    drop(out);
+    drop(list);
     let mut human = format!(
         "{} to carry\n",
         files_bytes(sum.remaining_files, sum.remaining_bytes)
@@ -1200,7 +1250,19 @@ fn dry_run(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     };
     // The files it would fetch are listed as they are read back, never
     // gathered in memory.
-    if !ui.json {
+    if ui.json && ui.verbose && !ui.quiet {
+        let mut list = FileList::new(ui);
+        for c in log.values().filter(|c| !keep.contains(&c.name)) {
+            if file_len(&c.name).is_some() {
+                let rec = serde_json::json!({ "name": c.name, "size": c.size, "action": "remove" });
+                list.write(format!("{rec}\n").as_bytes());
+            }
+        }
+        for &i in &taken {
+            let e = needed.get(i).map_err(spool_err)?;
+            list.record(&e, "fetch");
+        }
+    } else if !ui.json {
         crate::ui::print_stdout(&crate::ui::escape_lines(&human));
         human.clear();
         let mut out = io::BufWriter::new(io::stdout().lock());

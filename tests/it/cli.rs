@@ -276,3 +276,50 @@ fn a_failing_json_run_still_prints_one_object_with_error_and_exit() {
     let r = bitfog(&["plan", &t.s("dest.db"), &server.url("src"), "--json"]).ok();
     assert!(one_object(&r).get("exit").is_none(), "{r}");
 }
+
+#[test]
+fn json_verbose_plans_are_one_record_per_file_then_the_summary() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", b"aaaa");
+    write(&src, "b/c", b"cc");
+    write(&dst, "old", b"aaaa");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["builddb", &server.url("dst"), &t.s("dest.db")]).ok();
+    let lines = |r: &Run| -> Vec<serde_json::Value> {
+        r.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{r}")))
+            .collect()
+    };
+    let p = bitfog(&["plan", &t.s("dest.db"), &server.url("src"), "--json", "-v"]).ok();
+    let v = lines(&p);
+    assert_eq!(v.len(), 3, "{p}");
+    assert_eq!(v[0]["name"], "a");
+    assert_eq!(
+        v[0]["action"], "copy",
+        "the destination has its content as 'old'"
+    );
+    assert_eq!(
+        (&v[1]["name"], &v[1]["size"], &v[1]["action"]),
+        (&"b/c".into(), &2.into(), &"carry".into())
+    );
+    assert_eq!(v[2]["remaining_files"], 1);
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &server.url("src"),
+        &t.s("courier"),
+        "--dry-run",
+        "--json",
+        "-v",
+    ])
+    .ok();
+    let v = lines(&f);
+    assert!(
+        v.iter()
+            .any(|r| r["name"] == "b/c" && r["action"] == "fetch"),
+        "{f}"
+    );
+    assert_eq!(v.last().unwrap()["dry_run"], true);
+}
