@@ -323,3 +323,92 @@ fn json_verbose_plans_are_one_record_per_file_then_the_summary() {
     );
     assert_eq!(v.last().unwrap()["dry_run"], true);
 }
+
+fn man_page() -> String {
+    fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/bitfog.1")).unwrap()
+}
+
+#[test]
+fn the_man_page_carries_the_version_of_the_package() {
+    let man = man_page();
+    let th = man.lines().find(|l| l.starts_with(".TH ")).unwrap();
+    assert!(
+        th.contains(&format!("\"bitfog {}\"", env!("CARGO_PKG_VERSION"))),
+        "{th}"
+    );
+}
+
+#[test]
+fn json_output_in_the_man_page_names_every_key() {
+    let man = man_page().replace("\\-", "-");
+    let section = &man[man.find(".SH JSON OUTPUT").unwrap()..man.find(".SH ENVIRONMENT").unwrap()];
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", &data(1, 1000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let runs = [
+        bitfog(&["emptydb", &t.s("dest.db"), "--json"]),
+        bitfog(&["builddb", &su, &t.s("src.db"), "--json", "--signatures"]),
+        bitfog(&["plan", &t.s("dest.db"), &su, "--json", "--max-bytes", "1M"]),
+        bitfog(&[
+            "fetch",
+            &t.s("dest.db"),
+            &su,
+            &t.s("c"),
+            "--json",
+            "--dry-run",
+        ]),
+        bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("c"), "--json"]),
+        bitfog(&[
+            "store",
+            &t.s("src.db"),
+            &du,
+            &t.s("c"),
+            "--json",
+            "--dry-run",
+        ]),
+        bitfog(&["store", &t.s("src.db"), &du, &t.s("c"), "--json"]),
+    ];
+    for r in runs {
+        let r = r.ok();
+        for key in r.json().as_object().unwrap().keys() {
+            assert!(
+                section.contains(key.as_str()),
+                "JSON OUTPUT lacks '{key}' ({r})"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_completions_offer_every_option_of_every_command() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/completions/");
+    let bash = fs::read_to_string(format!("{dir}bitfog.bash")).unwrap();
+    let zsh = fs::read_to_string(format!("{dir}_bitfog")).unwrap();
+    for c in ["serve", "builddb", "emptydb", "plan", "fetch", "store"] {
+        let help = bitfog(&[c, "--help"]).ok().stdout;
+        // The bash line for this command, and the zsh function.
+        let line = bash
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{c})")))
+            .unwrap_or_else(|| panic!("bash: no case for {c}"));
+        let func = &zsh[zsh.find(&format!("_bitfog_{c}() {{")).unwrap()..];
+        let func = &func[..func.find("\n}").unwrap()];
+        for opt in options_in(&help) {
+            if ["-h", "--help", "-q", "--quiet", "-V", "--version"].contains(&opt.as_str()) {
+                continue;
+            }
+            assert!(line.contains(&opt), "bash completion of {c} lacks {opt}");
+            let zsh_has = func.contains(&opt)
+                || (["--json", "--token"].contains(&opt.as_str()) && func.contains("$client"));
+            assert!(zsh_has, "zsh completion of {c} lacks {opt}");
+        }
+    }
+    let ok = std::process::Command::new("bash")
+        .args(["-n", &format!("{dir}bitfog.bash")])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "bash syntax");
+}

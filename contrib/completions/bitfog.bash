@@ -1,0 +1,43 @@
+# bash completion for bitfog. Install: copy to
+# /usr/share/bash-completion/completions/bitfog (or source it from ~/.bashrc).
+_bitfog() {
+    local cur prev cmd i
+    cur=${COMP_WORDS[COMP_CWORD]}
+    prev=${COMP_WORDS[COMP_CWORD-1]}
+    cmd=
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+            serve|builddb|emptydb|plan|fetch|store) cmd=${COMP_WORDS[i]}; break ;;
+        esac
+    done
+    case $prev in
+        --conf) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --cache) COMPREPLY=($(compgen -d -- "$cur") $(compgen -W none -- "$cur")); return ;;
+        --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval)
+            return ;;
+    esac
+    local global="-q --quiet -h --help -V --version"
+    local opts
+    case $cmd in
+        serve) opts="--conf --addr --threads --cache" ;;
+        builddb) opts="--signatures --signature-min --progress-interval --json --token" ;;
+        emptydb) opts="--json" ;;
+        plan) opts="--max-bytes -v --verbose --json --token" ;;
+        fetch) opts="--max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token" ;;
+        store) opts="--delete --max-delete --jobs --dry-run --progress-interval --json --token" ;;
+        *)
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "$global" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "serve builddb emptydb plan fetch store" -- "$cur"))
+            fi
+            return ;;
+    esac
+    if [[ $cur == -* ]]; then
+        COMPREPLY=($(compgen -W "$opts $global" -- "$cur"))
+    else
+        # DB, DESTDB, SRCDB and COURIER are files and directories.
+        COMPREPLY=($(compgen -f -- "$cur"))
+    fi
+}
+complete -o filenames -F _bitfog bitfog
