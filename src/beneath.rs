@@ -278,7 +278,7 @@ impl Dir {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: a descriptor we own and a valid out-buffer.
         check(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
-        Ok((st.st_mode & 0o7777, st.st_mtime))
+        Ok((st.st_mode & 0o7777, time(st.st_mtime)))
     }
 
     /// Sets this directory's own permission bits and mtime.
@@ -295,7 +295,7 @@ impl Dir {
                     tv_nsec: libc::UTIME_OMIT,
                 },
                 libc::timespec {
-                    tv_sec: t as libc::time_t,
+                    tv_sec: to_time(t),
                     tv_nsec: 0,
                 },
             ];
@@ -335,7 +335,7 @@ impl Dir {
                 size: st.st_size as u64,
                 alloc: st.st_blocks as u64 * 512,
                 mode: st.st_mode & 0o7777,
-                mtime: st.st_mtime,
+                mtime: time(st.st_mtime),
                 identity: [
                     st.st_dev as i128,
                     st.st_ino as i128,
@@ -634,6 +634,23 @@ pub(crate) fn anonymous_file(dir: &Path) -> io::Result<File> {
     let f = dir.create_new(name.as_bytes())?;
     let _ = dir.unlink(name.as_bytes());
     Ok(f)
+}
+
+/// A `time_t` as seconds: 64 bits on most targets, 32 on older 32-bit
+/// ones (armv7 glibc).
+#[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+fn time(t: libc::time_t) -> i64 {
+    t as i64
+}
+
+/// Seconds as a `time_t`, clamped where it is 32 bits wide.
+#[allow(clippy::useless_conversion, deprecated)]
+fn to_time(t: i64) -> libc::time_t {
+    t.try_into().unwrap_or(if t < 0 {
+        libc::time_t::MIN
+    } else {
+        libc::time_t::MAX
+    })
 }
 
 /// Refuses anything but a regular file, with a message that says what it is.
