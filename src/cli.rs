@@ -226,6 +226,16 @@ const OPTIONS: &[Opt] = &[
         help: "print the final summary as one JSON object",
     },
     Opt {
+        long: "--cacert",
+        short: None,
+        value: Some("FILE"),
+        commands: CLIENTS,
+        needs: None,
+        help: "trust the PEM certificates in FILE (a CA, or a proxy's\n\
+               self-signed certificate) instead of the bundled roots\n\
+               (or set BITFOG_CACERT)",
+    },
+    Opt {
         long: "--token",
         short: None,
         value: Some("TOKEN"),
@@ -394,6 +404,8 @@ pub(crate) enum Command {
 pub(crate) struct Cli {
     pub(crate) ui: Ui,
     pub(crate) token: Option<String>,
+    /// `--cacert` or `BITFOG_CACERT`.
+    pub(crate) cacert: Option<PathBuf>,
     pub(crate) command: Command,
 }
 
@@ -504,6 +516,11 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
         verbose: r.flag("--verbose"),
         progress_secs,
     };
+    let cacert = r.os("--cacert").map(PathBuf::from).or_else(|| {
+        std::env::var_os("BITFOG_CACERT")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
     let token = r
         .text("--token")
         .or_else(|| std::env::var("BITFOG_TOKEN").ok().filter(|t| !t.is_empty()));
@@ -511,6 +528,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
         Ok(Cli {
             ui,
             token: token.clone(),
+            cacert: cacert.clone(),
             command,
         })
     };

@@ -63,7 +63,21 @@ pub fn main(args: Vec<std::ffi::OsString>) -> i32 {
 
 fn run(cli: cli::Cli) -> Result<Exit> {
     let ui = &cli.ui;
-    let client = || Client::new(cli.token.clone());
+    let roots = match &cli.cacert {
+        Some(path)
+            if matches!(
+                cli.command,
+                Command::Builddb { .. }
+                    | Command::Plan { .. }
+                    | Command::Fetch(_)
+                    | Command::Store(_)
+            ) =>
+        {
+            Some(client::load_roots(path)?)
+        }
+        _ => None,
+    };
+    let client = || Client::new(cli.token.clone(), roots.as_deref());
     match &cli.command {
         // Plain text even with --json: there is no summary to give.
         Command::Help(text) => {

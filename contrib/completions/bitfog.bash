@@ -13,6 +13,7 @@ _bitfog() {
     case $prev in
         --conf) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --cache) COMPREPLY=($(compgen -d -- "$cur") $(compgen -W none -- "$cur")); return ;;
+        --cacert) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval)
             return ;;
     esac
@@ -20,11 +21,11 @@ _bitfog() {
     local opts
     case $cmd in
         serve) opts="--conf --addr --threads --cache" ;;
-        builddb) opts="--signatures --signature-min --progress-interval --json --token" ;;
+        builddb) opts="--signatures --signature-min --progress-interval --json --token --cacert" ;;
         emptydb) opts="--json" ;;
-        plan) opts="--max-bytes -v --verbose --json --token" ;;
-        fetch) opts="--max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token" ;;
-        store) opts="--delete --max-delete --jobs --dry-run --progress-interval --json --token" ;;
+        plan) opts="--max-bytes -v --verbose --json --token --cacert" ;;
+        fetch) opts="--max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token --cacert" ;;
+        store) opts="--delete --max-delete --jobs --dry-run --progress-interval --json --token --cacert" ;;
         *)
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W "$global" -- "$cur"))

@@ -12,7 +12,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 use ureq::BodyReader;
 
-/// A URL that names an area: `http://host:port/AREA/`.
+/// A URL that names an area: `http://host:port/AREA/`, or behind a
+/// reverse proxy under a path prefix, `https://host/PREFIX/AREA/` (the
+/// last component is the area).
 #[derive(Debug, Clone)]
 pub(crate) struct AreaUrl {
     base: String,
@@ -34,13 +36,35 @@ impl AreaUrl {
         if host.is_empty() || host.contains(['@', '?', '#']) {
             return Err(bad("bad host"));
         }
-        let area = path.strip_suffix('/').unwrap_or(path);
+        let path = path.strip_suffix('/').unwrap_or(path);
+        let (prefix, area) = match path.rsplit_once('/') {
+            Some(("", _)) => return Err(bad("empty path component")),
+            Some((prefix, area)) => (prefix, area),
+            None => ("", path),
+        };
         if !crate::wire::paths::valid_area_name(area) {
             return Err(bad("bad area name"));
         }
+        // A proxy's path prefix: plain path components, sent as they are.
+        let prefix_ok = prefix.split('/').all(|c| {
+            prefix.is_empty()
+                || (!c.is_empty()
+                    && c != "."
+                    && c != ".."
+                    && !c.contains(['?', '#', '\\'])
+                    && !c.bytes().any(|b| b.is_ascii_control() || b == b' '))
+        });
+        if !prefix_ok {
+            return Err(bad("bad path prefix"));
+        }
         let scheme = &s[..s.len() - rest.len()];
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
         Ok(AreaUrl {
-            base: format!("{scheme}{host}/{area}/"),
+            base: format!("{scheme}{host}/{prefix}{area}/"),
         })
     }
 
@@ -57,6 +81,27 @@ impl std::fmt::Display for AreaUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.base)
     }
+}
+
+/// The certificates of a PEM file (`--cacert`), to trust instead of the
+/// bundled roots: a CA, or a proxy's self-signed certificate. Exit 2 when
+/// the file cannot be read or holds none.
+pub(crate) fn load_roots(path: &std::path::Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let what = format!("'{}'", path.display());
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::usage(format!("{what}: {}", crate::error::describe_io(&e))))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => return Err(Error::usage(format!("{what}: {e}"))),
+        }
+    }
+    if certs.is_empty() {
+        return Err(Error::usage(format!("{what}: no PEM certificate in it")));
+    }
+    Ok(certs)
 }
 
 /// An HTTP answer that was not a success: status and the server's reason.
@@ -90,8 +135,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Client {
-    pub(crate) fn new(token: Option<String>) -> Client {
+    /// A client sending `token` (if any), trusting `roots` (if given:
+    /// those certificates instead of the bundled WebPKI roots, as curl's
+    /// `--cacert` does).
+    pub(crate) fn new(
+        token: Option<String>,
+        roots: Option<&[ureq::tls::Certificate<'static>]>,
+    ) -> Client {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(certs) = roots {
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(certs));
+        }
         let config = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_per_read(Some(IO_TIMEOUT))
             .timeout_per_write(Some(IO_TIMEOUT))
@@ -639,11 +695,23 @@ mod tests {
             AreaUrl::parse("http://h:1/vms/").unwrap().file("a b/c"),
             "http://h:1/vms/a%20b/c"
         );
+        assert_eq!(
+            AreaUrl::parse("https://nas.example/bitfog/vms/")
+                .unwrap()
+                .file("a b"),
+            "https://nas.example/bitfog/vms/a%20b"
+        );
+        assert_eq!(
+            AreaUrl::parse("https://h/p/q/vms").unwrap().as_str(),
+            "https://h/p/q/vms/"
+        );
         for bad in [
+            "https://h//vms/",
+            "https://h/../vms/",
+            "https://h/a?b/vms/",
             "ftp://h/a/",
             "http://h",
             "http://h/",
-            "http://h/a/b",
             "http:///a/",
             "h:1/a/",
         ] {
