@@ -765,3 +765,27 @@ fn empty_directories_are_listed_in_the_end_record_and_recreated() {
     let s = bitfog(&["store", &t.s("src.db"), &du, &courier, "--json"]).ok();
     assert_eq!(s.num("dirs_made"), 0, "{s}");
 }
+
+#[test]
+fn sizes_read_as_in_rsync_kb_is_1000_and_k_is_1024() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "f", &data(7, 1010));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    let too_big = |size: &str| {
+        let p = bitfog(&[
+            "plan",
+            &t.s("e.db"),
+            &server.url("src"),
+            "--max-bytes",
+            size,
+            "--json",
+        ])
+        .ok();
+        p.num("too_big_files")
+    };
+    for (size, want) in [("1KB", 1), ("1kb", 1), ("1K", 0), ("1KiB", 0), ("1.01KB", 0)] {
+        assert_eq!(too_big(size), want, "--max-bytes {size}");
+    }
+}
