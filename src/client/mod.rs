@@ -104,6 +104,14 @@ pub(crate) fn load_roots(path: &std::path::Path) -> Result<Vec<ureq::tls::Certif
     Ok(certs)
 }
 
+fn area_id_of<B>(resp: &ureq::http::Response<B>) -> Option<String> {
+    resp.headers()
+        .get(crate::wire::protocol::AREA_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string)
+}
+
 /// An HTTP answer that was not a success: status and the server's reason.
 #[derive(Debug)]
 pub(crate) struct Refused {
@@ -181,11 +189,25 @@ impl Client {
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
         let resp = success(area.as_str(), resp)?;
+        let id = area_id_of(&resp);
         let body = Stall::lines(resp.into_body().into_reader());
-        Ok(Reader::new(
+        let mut reader = Reader::new(
             BufReader::with_capacity(256 * 1024, body),
             area.as_str().to_string(),
-        ))
+        );
+        reader.area_id = id;
+        Ok(reader)
+    }
+
+    /// The area's identity, asked with a `HEAD` of its listing (which
+    /// lists nothing); `None` from a server too old to give one.
+    pub(crate) fn area_id(&self, area: &AreaUrl) -> Result<Option<String>> {
+        let resp = self
+            .auth(self.agent.head(area.as_str()))
+            .call()
+            .map_err(|e| transport(area.as_str(), e))?;
+        let resp = success(area.as_str(), resp)?;
+        Ok(area_id_of(&resp))
     }
 
     /// Where a sparse file's data is: `(size, [(start, len)])`.

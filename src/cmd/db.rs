@@ -30,7 +30,7 @@ pub(crate) fn builddb(
     signatures: Option<u64>,
 ) -> Result<Exit> {
     let mut listing = client.listing(url)?;
-    let mut out = DbWriter::create(db, Some(url.as_str()))?;
+    let mut out = DbWriter::create(db, Some(url.as_str()), listing.area_id.as_deref())?;
     // The server hashes as it lists: the rate is its hashing.
     let progress = crate::ui::Progress::start(ui, "listing", 0, 0);
     for entry in listing.by_ref() {
@@ -138,7 +138,7 @@ fn sign(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path, min: u64) -> Result<
 
 /// `bitfog emptydb DB`.
 pub(crate) fn emptydb(ui: &Ui, db: &Path) -> Result<Exit> {
-    DbWriter::create(db, None)?.commit(0)?;
+    DbWriter::create(db, None, None)?.commit(0)?;
     ui.summary(
         &DbSummary {
             files: 0,

@@ -82,6 +82,27 @@ pub(crate) fn each_need(
     Ok(skipped)
 }
 
+/// Refuses, before the courier is touched, a DESTDB that describes the
+/// source area itself (the two DBs swapped): against it nothing would be
+/// carried and the courier's unstored files would be pruned. Areas are
+/// compared by identity, not URL, so `localhost` and `127.0.0.1` (or two
+/// names of one NAS) cannot hide it. DBs without an identity (emptydb,
+/// older DBs) pass.
+pub(crate) fn check_destdb(client: &Client, destdb: &Path, src: &AreaUrl) -> Result<()> {
+    let (header, _) = open_db(&destdb_path(destdb)?)?;
+    let Some(dest_id) = header.area_id else {
+        return Ok(());
+    };
+    if client.area_id(src)?.as_deref() == Some(dest_id.as_str()) {
+        return Err(crate::error::Error::usage(format!(
+            "'{}' describes the source area {src} itself (it was made from {}); give the destination's DB: builddb at the destination, or the courier after store",
+            destdb.display(),
+            header.source.as_deref().unwrap_or("it")
+        )));
+    }
+    Ok(())
+}
+
 /// DESTDB itself, or the receipt `store` left when DESTDB is a courier
 /// directory.
 pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
@@ -184,6 +205,7 @@ pub(crate) fn plan(
     src: &AreaUrl,
     max_bytes: Option<u64>,
 ) -> Result<Exit> {
+    check_destdb(client, destdb, src)?;
     let mut sum = PlanSummary {
         remaining_files: 0,
         remaining_bytes: 0,
@@ -296,6 +318,7 @@ struct FetchSummary {
 /// measure the room, then carry: ranges of files under way, deltas, whole
 /// files largest first, duplicates as instructions; then the summary.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
+    check_destdb(client, &opts.destdb, &opts.src)?;
     if opts.dry_run {
         return dry_run(ui, client, opts);
     }

@@ -126,6 +126,15 @@ impl Task {
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
     let (header, mut src) = open_db(&opts.srcdb)?;
     check_inputs(opts, header.source.is_none())?;
+    if let Some(id) = &header.area_id {
+        if client.area_id(&opts.dest)?.as_ref() == Some(id) {
+            return Err(Error::usage(format!(
+                "'{}' describes the destination area {} itself; give the source's DB (builddb at the source before fetch)",
+                opts.srcdb.display(),
+                opts.dest
+            )));
+        }
+    }
     // A dry run neither locks nor writes anything in the courier.
     let courier = if opts.dry_run {
         Courier::open_read(&opts.courier)?
@@ -787,7 +796,12 @@ fn write_receipt(
         .state_dir()?
         .try_clone()
         .map_err(|e| Error::io("the courier's state directory", &e))?;
-    let mut out = DbWriter::create_in(state, RECEIPT.as_bytes(), Some(dest.as_str()))?;
+    let mut out = DbWriter::create_in(
+        state,
+        RECEIPT.as_bytes(),
+        Some(dest.as_str()),
+        listed.area_id.as_deref(),
+    )?;
     for i in 0..lines.len() {
         let line = lines.get(i).map_err(what)?;
         let e = if line.up && failed.contains(&line.e.name) {

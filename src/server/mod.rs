@@ -224,6 +224,10 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         })?;
         roots.insert(name.clone(), root);
     }
+    let ids = config
+        .iter()
+        .map(|(name, area)| (name.clone(), area_id(&area.root)))
+        .collect();
     let cache = opts.cache.as_ref().and_then(|dir| {
         let made = fs::create_dir_all(dir)
             .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)));
@@ -250,6 +254,7 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     let state = Arc::new(State {
         config,
         roots,
+        ids,
         cache,
         sigs,
         quiet: opts.quiet,
@@ -276,6 +281,40 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     );
     remove_live_temps();
     result.map_err(|e| Error::io("server", &e))
+}
+
+/// An area's identity: the same whatever name or address reaches the
+/// server, the same after a restart, different for another directory or
+/// another machine. Clients compare identities to catch a DB of the wrong
+/// area (the destination's DB given as the source's, and the reverse).
+/// Made from the machine's id (`/etc/machine-id`, else its host name),
+/// the area root's canonical path and its inode; never from a device
+/// number, which may change at a reboot.
+fn area_id(root: &Path) -> String {
+    let machine = [
+        "/etc/machine-id",
+        "/var/lib/dbus/machine-id",
+        "/proc/sys/kernel/hostname",
+    ]
+    .iter()
+    .find_map(|p| {
+        fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .unwrap_or_default();
+    let canon = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let ino = fs::metadata(root).map_or(0, |m| m.ino());
+    let mut h = Hasher::new();
+    h.update(b"bitfog area\0");
+    h.update(machine.as_bytes());
+    h.update(b"\0");
+    h.update(canon.as_os_str().as_bytes());
+    h.update(format!("\0{ino}").as_bytes());
+    let mut id = h.hex();
+    id.truncate(32);
+    id
 }
 
 /// Open connections allowed: raise the descriptor limit as far as we may
@@ -305,6 +344,8 @@ struct State {
     /// Each area's root directory, held open: every request resolves
     /// beneath it.
     roots: BTreeMap<String, Root>,
+    /// Each area's identity (`area_id`).
+    ids: BTreeMap<String, String>,
     /// The hash cache directory, if any.
     cache: Option<PathBuf>,
     /// Each area's signature cache (none without a cache directory).
@@ -344,7 +385,8 @@ fn handle(state: &State, req: &mut Request) -> Response {
         _ => Vec::new(),
     };
     let sigs = state.sigs.get(&name);
-    match route {
+    let id = state.ids.get(&name).cloned().unwrap_or_default();
+    let resp = match route {
         Route::Listing { dirs } => listing(state, &name, area, root, dirs),
         Route::File(FileOp::Get, _) => get_file(root, &comps, req),
         Route::File(FileOp::Extents, _) => extents(root, &comps),
@@ -353,7 +395,8 @@ fn handle(state: &State, req: &mut Request) -> Response {
         Route::File(FileOp::Delete, _) => delete(root, &comps),
         Route::Answer(resp) => resp,
         Route::Index => index(state),
-    }
+    };
+    resp.with(protocol::AREA_ID_HEADER, id)
 }
 
 /// What a request asks of an area's file.
@@ -595,6 +638,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
     };
     let checksum = area.checksum;
     let quiet = state.quiet;
+    let id = state.ids.get(name).cloned().unwrap_or_default();
     let produce = move |out: &mut dyn Write| -> io::Result<()> {
         // Lines travel in chunks: one hand-over per line cost a context
         // switch per entry. A chunk goes when it is full or has waited
@@ -671,6 +715,11 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                 end.partials = partials;
                 end.dirs = dirs;
                 end.dirs_omitted = dirs_omitted;
+                // Like `dirs`, only for clients that ask for the extended
+                // end record: a plain listing's stays as it always was.
+                if with_dirs {
+                    end.area_id = Some(id);
+                }
                 let _ = serde_json::to_writer(&mut chunk, &end);
                 chunk.push(b'\n');
                 let _ = tx.send(chunk);

@@ -92,6 +92,9 @@ pub(crate) struct End {
     /// record stays well under what clients accept (`MAX_END_LINE`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) dirs_omitted: u64,
+    /// The listed area's identity (the server's `X-Bitfog-Area`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) area_id: Option<String>,
 }
 
 /// An empty directory of an area.
@@ -127,6 +130,7 @@ impl End {
             partials: Vec::new(),
             dirs: Vec::new(),
             dirs_omitted: 0,
+            area_id: None,
         }
     }
 }
@@ -150,6 +154,7 @@ struct AnyLine {
     dirs: Vec<EmptyDir>,
     #[serde(default)]
     dirs_omitted: u64,
+    area_id: Option<String>,
     alloc: Option<u64>,
 }
 
@@ -159,6 +164,9 @@ pub(crate) struct Header {
     pub(crate) bitfog: u64,
     pub(crate) source: Option<String>,
     pub(crate) created: String,
+    /// The identity of the area the DB describes, when its server gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) area_id: Option<String>,
 }
 
 /// Streams and validates entries from a listing or a DB body.
@@ -171,6 +179,9 @@ pub(crate) struct Reader<R> {
     count: u64,
     bytes: u64,
     end: Option<End>,
+    /// The area's identity, as its server named it when it sent the
+    /// listing (`X-Bitfog-Area`); a DB's is in its header.
+    pub(crate) area_id: Option<String>,
 }
 
 impl<R: BufRead> Reader<R> {
@@ -185,6 +196,7 @@ impl<R: BufRead> Reader<R> {
             count: 0,
             bytes: 0,
             end: None,
+            area_id: None,
         }
     }
 
@@ -278,6 +290,7 @@ impl<R: BufRead> Reader<R> {
             end.partials = line.partials;
             end.dirs = line.dirs;
             end.dirs_omitted = line.dirs_omitted;
+            end.area_id = line.area_id;
             self.end = Some(end);
             return Ok(None);
         }
@@ -414,6 +427,7 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     end.partials = line.partials;
     end.dirs = line.dirs;
     end.dirs_omitted = line.dirs_omitted;
+    end.area_id = line.area_id;
     Some(end)
 }
 
@@ -441,18 +455,27 @@ pub(crate) struct DbWriter {
 
 impl DbWriter {
     /// A DB at a path the user named.
-    pub(crate) fn create(path: &Path, source: Option<&str>) -> Result<DbWriter> {
+    pub(crate) fn create(
+        path: &Path,
+        source: Option<&str>,
+        area_id: Option<&str>,
+    ) -> Result<DbWriter> {
         let file_name = path
             .file_name()
             .ok_or_else(|| Error::usage(format!("'{}': not a file name", path.display())))?;
         let parent = parent_dir(path);
         let dir =
             Dir::open_path(parent).map_err(|e| Error::io(format!("'{}'", parent.display()), &e))?;
-        DbWriter::create_in(dir, file_name.as_bytes(), source)
+        DbWriter::create_in(dir, file_name.as_bytes(), source, area_id)
     }
 
     /// A DB named `name` in `dir`.
-    pub(crate) fn create_in(dir: Dir, name: &[u8], source: Option<&str>) -> Result<DbWriter> {
+    pub(crate) fn create_in(
+        dir: Dir,
+        name: &[u8],
+        source: Option<&str>,
+        area_id: Option<&str>,
+    ) -> Result<DbWriter> {
         let mut tmp = b".".to_vec();
         tmp.extend_from_slice(name);
         tmp.extend_from_slice(format!(".bitfog-tmp-{}", std::process::id()).as_bytes());
@@ -476,6 +499,7 @@ impl DbWriter {
             bitfog: VERSION,
             source: source.map(str::to_string),
             created: crate::wire::protocol::rfc3339(now_secs()),
+            area_id: area_id.map(str::to_string),
         };
         w.line(&header)?;
         Ok(w)
@@ -678,7 +702,7 @@ mod tests {
             entries.dedup_by(|a, b| a.name == b.name);
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("x.db");
-            let mut w = DbWriter::create(&path, Some("http://h/a/")).unwrap();
+            let mut w = DbWriter::create(&path, Some("http://h/a/"), None).unwrap();
             for e in &entries {
                 w.entry(e).unwrap();
             }

@@ -21,6 +21,8 @@ pub(crate) const HDR_SIZE: &str = "x-bitfog-size";
 /// How many bytes of a partial upload the server holds (answers to range
 /// uploads).
 pub(crate) const HDR_HAVE_HEADER: &str = "X-Bitfog-Have";
+/// On every answer about an area: the area's identity (see `area_id`).
+pub(crate) const AREA_ID_HEADER: &str = "X-Bitfog-Area";
 /// Content type of a PUT whose body is a symlink target.
 pub(crate) const SYMLINK_TYPE: &str = "application/symlink";
 /// Content type of an area listing.

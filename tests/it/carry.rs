@@ -785,7 +785,13 @@ fn sizes_read_as_in_rsync_kb_is_1000_and_k_is_1024() {
         .ok();
         p.num("too_big_files")
     };
-    for (size, want) in [("1KB", 1), ("1kb", 1), ("1K", 0), ("1KiB", 0), ("1.01KB", 0)] {
+    for (size, want) in [
+        ("1KB", 1),
+        ("1kb", 1),
+        ("1K", 0),
+        ("1KiB", 0),
+        ("1.01KB", 0),
+    ] {
         assert_eq!(too_big(size), want, "--max-bytes {size}");
     }
 }

@@ -7,6 +7,7 @@ mod carry;
 mod cli;
 mod delta;
 mod hostile;
+mod identity;
 mod proxy;
 mod serve;
 mod trip;

@@ -1,0 +1,130 @@
+//! Wrong DBs caught by area identity, whatever URL reaches the server.
+
+use crate::util::*;
+use std::fs;
+
+fn header(db: &std::path::Path) -> serde_json::Value {
+    let text = fs::read_to_string(db).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+/// Every file under `dir`, with its contents.
+fn tree(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in walk(dir) {
+        if e.1.is_file() {
+            out.push((e.0.clone(), fs::read(&e.1).unwrap()));
+        }
+    }
+    out
+}
+
+fn walk(dir: &std::path::Path) -> Vec<(String, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push((rel, p));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn swapped_dbs_are_refused_before_anything_is_touched() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "new", &data(1, 5_000));
+    write(&dst, "only-at-dest", &data(2, 5_000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    // The same server under another name: identity, not URL, decides.
+    let other = |u: String| u.replace("127.0.0.1", "localhost");
+    let (src_url, dst_url) = (server.url("src"), server.url("dst"));
+    bitfog(&["builddb", &src_url, &t.s("src.db")]).ok();
+    bitfog(&["builddb", &dst_url, &t.s("dst.db")]).ok();
+    let (hs, hd) = (header(&t.path("src.db")), header(&t.path("dst.db")));
+    let id = |h: &serde_json::Value| h["area_id"].as_str().unwrap().to_string();
+    assert_eq!(id(&hs).len(), 32, "{hs}");
+    assert_ne!(id(&hs), id(&hd));
+    // The extended end record carries it too; a plain listing's does not.
+    let end = |target: &str| {
+        let body = String::from_utf8(get(server.addr, target).body).unwrap();
+        serde_json::from_str::<serde_json::Value>(body.lines().last().unwrap()).unwrap()
+    };
+    assert_eq!(end("/src/?dirs=1")["area_id"], hs["area_id"]);
+    assert!(end("/src/").get("area_id").is_none());
+    // The same area reached by another name has the same identity.
+    bitfog(&["builddb", &other(src_url.clone()), &t.s("src2.db")]).ok();
+    assert_eq!(id(&header(&t.path("src2.db"))), id(&hs));
+
+    // The source's DB given as DESTDB.
+    for cmd in [
+        vec!["plan", &t.s("src.db"), &other(src_url.clone())],
+        vec![
+            "fetch",
+            &t.s("src.db"),
+            &other(src_url.clone()),
+            &t.s("courier"),
+        ],
+        vec![
+            "fetch",
+            &t.s("src.db"),
+            &other(src_url.clone()),
+            &t.s("courier"),
+            "--dry-run",
+        ],
+    ] {
+        let r = bitfog(&cmd).code(2);
+        assert!(r.stderr.contains("describes the source area"), "{r}");
+        assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    }
+    assert!(!t.path("courier").exists(), "fetch touched the courier");
+
+    // A real trip, then the destination's DB given as SRCDB.
+    bitfog(&["fetch", &t.s("dst.db"), &src_url, &t.s("courier")]).ok();
+    let before = (tree(&dst), tree(&t.path("courier")));
+    let (dst_db, dst_other, courier) = (t.s("dst.db"), other(dst_url.clone()), t.s("courier"));
+    for extra in [&[][..], &["--delete"][..], &["--dry-run", "--delete"][..]] {
+        let mut cmd = vec!["store", &dst_db, &dst_other, &courier];
+        cmd.extend_from_slice(extra);
+        let r = bitfog(&cmd).code(2);
+        assert!(r.stderr.contains("describes the destination area"), "{r}");
+    }
+    assert_eq!((tree(&dst), tree(&t.path("courier"))), before);
+
+    // The right DBs work; the receipt names the destination, so it is a
+    // good DESTDB on the way back, and a bad SRCDB for the destination.
+    bitfog(&["store", &t.s("src.db"), &dst_url, &t.s("courier")]).ok();
+    assert_eq!(fs::read(dst.join("new")).unwrap(), data(1, 5_000));
+    let receipt = t.path("courier/.bitfog/receipt.jsonl");
+    assert_eq!(id(&header(&receipt)), id(&hd));
+    bitfog(&["plan", &t.s("courier"), &src_url]).ok();
+    let r = bitfog(&["plan", &t.s("courier"), &dst_url]).code(2);
+    assert!(r.stderr.contains("describes the source area"), "{r}");
+}
+
+#[test]
+fn dbs_without_an_identity_still_work() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "f", &data(3, 4_000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    assert!(header(&t.path("e.db")).get("area_id").is_none());
+    // An older DB: a header with no area_id.
+    bitfog(&["builddb", &server.url("src"), &t.s("old.db")]).ok();
+    let text = fs::read_to_string(t.path("old.db")).unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let mut h: serde_json::Value = serde_json::from_str(first).unwrap();
+    h.as_object_mut().unwrap().remove("area_id");
+    fs::write(t.path("old.db"), format!("{h}\n{rest}")).unwrap();
+    bitfog(&["fetch", &t.s("e.db"), &server.url("src"), &t.s("c")]).ok();
+    bitfog(&["store", &t.s("old.db"), &server.url("dst"), &t.s("c")]).ok();
+    assert_eq!(fs::read(dst.join("f")).unwrap(), data(3, 4_000));
+}
