@@ -75,7 +75,8 @@ const COMMANDS: &[Cmd] = &[
                 checking each file's SHA-256 first. Recreates symlinks and empty\n\
                 directories from SRCDB, carries out fetch's copy instructions, fixes\n\
                 mode and mtime in place, and leaves the destination's manifest in\n\
-                COURIER/.bitfog/receipt.jsonl.",
+                COURIER/.bitfog/receipt.jsonl. SRCDB may be the courier itself: the\n\
+                source listing fetch left there is used.",
     },
 ];
 

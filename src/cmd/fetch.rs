@@ -51,16 +51,29 @@ pub(crate) type Old = (u64, Option<String>);
 /// calling `f` with what each name needs and the destination's older
 /// version of it, if any. Returns how many entries the source's listing
 /// says it skipped (they are not carried); says so when there are any.
+/// With `keep`, the listing is also kept in that courier as its source
+/// manifest (`SOURCE`), which `store` can take in place of SRCDB.
 pub(crate) fn each_need(
     ui: &Ui,
     client: &Client,
     destdb: &Path,
     src: &AreaUrl,
+    keep: Option<&Courier>,
     mut f: impl FnMut(Need, Option<Old>) -> Result<()>,
 ) -> Result<u64> {
     let (_, dst) = open_db(&destdb_path(destdb)?)?;
     let mut listing = client.listing(src)?;
-    plan::merge(listing.by_ref(), dst.map(|r| r.map_err(as_usage)), |pair| {
+    let mut tee = match keep {
+        Some(c) => Some(source_writer(c, src, listing.area_id.as_deref())?),
+        None => None,
+    };
+    let mut tee_err = None;
+    let entries = listing.by_ref().inspect(|r| {
+        if let (Ok(e), Some(t), None) = (r, tee.as_mut(), &tee_err) {
+            tee_err = t.entry(e).err();
+        }
+    });
+    plan::merge(entries, dst.map(|r| r.map_err(as_usage)), |pair| {
         let old = match &pair {
             plan::Pair::Both(s, d) if !d.is_symlink() && !s.same_content(d) => {
                 Some((d.size, d.sha256.clone()))
@@ -74,12 +87,44 @@ pub(crate) fn each_need(
         f(need, old)
     })?;
     let skipped = listing.end().map_or(0, |e| e.skipped);
+    if let (Some(mut t), Some(end), Some(c)) = (tee, listing.end(), keep) {
+        t.dirs = end.dirs.clone();
+        t.dirs_omitted = end.dirs_omitted;
+        let kept = match tee_err {
+            Some(e) => Err(e),
+            None => t.commit_with(end.skipped, end.partials.clone()).map(drop),
+        };
+        if let Err(e) = kept {
+            c.drop_state_file(crate::courier::SOURCE);
+            ui.error(format!(
+                "cannot keep the source's manifest in the courier ({e}); store will need SRCDB"
+            ));
+        }
+    }
     if skipped > 0 {
         ui.error(format!(
             "{src}: the source's listing skipped {skipped} entries it could not read (see its server log); they are not carried"
         ));
     }
     Ok(skipped)
+}
+
+/// The courier's source manifest, written beside the state it describes.
+fn source_writer(
+    courier: &Courier,
+    src: &AreaUrl,
+    area_id: Option<&str>,
+) -> Result<crate::wire::manifest::DbWriter> {
+    let state = courier
+        .state_dir()?
+        .try_clone()
+        .map_err(|e| crate::error::Error::io("the courier's state directory", &e))?;
+    crate::wire::manifest::DbWriter::create_in(
+        state,
+        crate::courier::SOURCE.as_bytes(),
+        Some(src.as_str()),
+        area_id,
+    )
 }
 
 /// Refuses, before the courier is touched, a DESTDB that describes the
@@ -221,7 +266,7 @@ pub(crate) fn plan(
     // Content the destination has under another name is not carried.
     let dest_index = DestIndex::open(&destdb_path(destdb)?);
     let mut list = FileList::new(ui);
-    sum.skipped = each_need(ui, client, destdb, src, |need, _| {
+    sum.skipped = each_need(ui, client, destdb, src, None, |need, _| {
         match need {
             Need::Nothing => {}
             Need::File(e) if dest_index.find(&e).is_some() => {
@@ -499,6 +544,7 @@ fn survey<'c>(
         client,
         &opts.destdb,
         &opts.src,
+        Some(courier),
         |need, old| match need {
             Need::File(e) => s.file(ui, courier, dest, (&held_ranges, &held_deltas), e, old),
             Need::Refused(..) => {
@@ -1222,7 +1268,7 @@ fn dry_run(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     let mut sizes: Vec<u64> = Vec::new();
     let mut keep: HashSet<String> = HashSet::new();
     let (mut held_bytes, mut refused) = (0u64, 0u64);
-    let skipped = each_need(ui, client, &opts.destdb, &opts.src, |need, _| {
+    let skipped = each_need(ui, client, &opts.destdb, &opts.src, None, |need, _| {
         match need {
             Need::File(e) => {
                 let held = log.get(&e.name).is_some_and(|c| c.matches(&e))

@@ -16,7 +16,7 @@ use crate::wire::paths::check_carried_name;
 use std::collections::{HashMap, HashSet};
 
 use crate::cmd::carry::{self, Failure};
-use crate::courier::{RECEIPT, SNAPSHOT};
+use crate::courier::{RECEIPT, SNAPSHOT, SOURCE};
 
 /// One name of the receipt being made: the entry the destination has
 /// once the actions succeed, and whether that waits on an upload (then
@@ -124,7 +124,7 @@ impl Task {
 /// then either say what would happen (`--dry-run`) or do it by phases,
 /// make the empty directories, leave the receipt and report.
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
-    let (header, mut src) = open_db(&opts.srcdb)?;
+    let (header, mut src) = open_db(&srcdb_path(&opts.srcdb)?)?;
     check_inputs(opts, header.source.is_none())?;
     if let Some(id) = &header.area_id {
         if client.area_id(&opts.dest)?.as_ref() == Some(id) {
@@ -134,6 +134,9 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
                 opts.dest
             )));
         }
+    }
+    if !opts.srcdb.is_dir() {
+        check_against_courier(opts, &header)?;
     }
     // A dry run neither locks nor writes anything in the courier.
     let courier = if opts.dry_run {
@@ -186,6 +189,89 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     } else {
         Exit::Done
     })
+}
+
+/// SRCDB itself, or the source manifest `fetch` left when SRCDB is a
+/// courier directory.
+fn srcdb_path(srcdb: &std::path::Path) -> Result<PathBuf> {
+    if !srcdb.is_dir() {
+        return Ok(srcdb.to_path_buf());
+    }
+    // Read where it is: a regular file in a real `.bitfog` directory.
+    if Courier::open_read(srcdb)?.state_file(SOURCE).is_some() {
+        Ok(srcdb.join(crate::wire::paths::COURIER_STATE).join(SOURCE))
+    } else {
+        Err(Error::usage(format!(
+            "'{}' is a directory without a source manifest (fetch leaves one in a courier); give a SRCDB made by builddb at the source",
+            srcdb.display()
+        )))
+    }
+}
+
+/// Refuses an explicit SRCDB that does not describe what the courier
+/// holds: one of another area than the courier was filled from (exit 2),
+/// or one older than the courier, which lacks files the courier carries
+/// or lists them with other contents (exit 1; those files would be left
+/// behind without a word). Nothing is touched either way.
+fn check_against_courier(opts: &StoreOpts, header: &crate::wire::manifest::Header) -> Result<()> {
+    if !opts.courier.is_dir() {
+        return Ok(());
+    }
+    let courier = Courier::open_read(&opts.courier)?;
+    if courier.state_file(SOURCE).is_some() {
+        let path = opts
+            .courier
+            .join(crate::wire::paths::COURIER_STATE)
+            .join(SOURCE);
+        let (theirs, _) = open_db(&path)?;
+        if let (Some(a), Some(b)) = (&theirs.area_id, &header.area_id) {
+            if a != b {
+                return Err(Error::usage(format!(
+                    "'{}' describes another area ({}) than the courier was filled from ({}); give the courier itself as SRCDB, or that area's DB",
+                    opts.srcdb.display(),
+                    header.source.as_deref().unwrap_or("unknown"),
+                    theirs.source.as_deref().unwrap_or("unknown"),
+                )));
+            }
+        }
+    }
+    let mut held: std::collections::HashMap<String, crate::courier::Carried> = courier
+        .read_log()
+        .into_iter()
+        .filter(|(name, c)| {
+            !c.damaged
+                && courier
+                    .carried_meta(name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.kind == crate::beneath::Kind::File)
+        })
+        .collect();
+    let (_, entries) = open_db(&opts.srcdb)?;
+    for e in entries {
+        let e = e.map_err(as_usage)?;
+        if held.get(&e.name).is_some_and(|c| c.matches(&e)) {
+            held.remove(&e.name);
+        }
+    }
+    if held.is_empty() {
+        return Ok(());
+    }
+    let mut names: Vec<&String> = held.keys().collect();
+    names.sort();
+    let shown: Vec<String> = names
+        .iter()
+        .take(3)
+        .map(|n| format!("'{}'", crate::ui::escape(n)))
+        .collect();
+    let more = if names.len() > 3 { ", ..." } else { "" };
+    Err(Error::failed(format!(
+        "'{}' is older than the courier: {} it holds {} not in it or differ ({}{more}); run builddb at the source again, or give the courier itself as SRCDB",
+        opts.srcdb.display(),
+        crate::ui::n_files(names.len() as u64),
+        if names.len() == 1 { "is" } else { "are" },
+        shown.join(", ")
+    )))
 }
 
 /// Refuses, before anything is touched, a `--delete` by a DB made by

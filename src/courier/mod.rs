@@ -103,6 +103,9 @@ pub(crate) const SNAPSHOT: &str = "destdb.jsonl";
 /// The destination's manifest as `store` left it, in `.bitfog/`: `fetch`
 /// and `plan` take the courier directory in place of DESTDB and read this.
 pub(crate) const RECEIPT: &str = "receipt.jsonl";
+/// The source listing `fetch` last planned from, in `.bitfog/`: `store`
+/// takes the courier directory in place of SRCDB and reads this.
+pub(crate) const SOURCE: &str = "source.jsonl";
 /// Directories above carried names kept open at once.
 const OPEN_DIRS: usize = 256;
 /// The longest record file bitfog reads back from the courier (a
@@ -271,6 +274,13 @@ impl Courier {
             }
         }
         map
+    }
+
+    /// Removes a state file, so no stale one is taken for the truth.
+    pub(crate) fn drop_state_file(&self, name: &str) {
+        if let Some(state) = &self.state {
+            let _ = state.unlink(name.as_bytes());
+        }
     }
 
     /// Removes the receipt, so no stale one is taken for the truth.

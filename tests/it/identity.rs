@@ -128,3 +128,53 @@ fn dbs_without_an_identity_still_work() {
     bitfog(&["store", &t.s("old.db"), &server.url("dst"), &t.s("c")]).ok();
     assert_eq!(fs::read(dst.join("f")).unwrap(), data(3, 4_000));
 }
+
+#[test]
+fn the_courier_carries_its_own_source_manifest() {
+    let t = Scratch::new();
+    let (src, dst, other) = (t.mkdir("src"), t.mkdir("dst"), t.mkdir("other"));
+    write(&src, "a/one", &data(1, 9_000));
+    write(&src, "two", &data(2, 7_000));
+    write(&other, "x", &data(3, 100));
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"other\":{{\"path\":{:?}}}}}",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        other.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let c = t.s("courier");
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    // An SRCDB made before the source changed.
+    bitfog(&["builddb", &su, &t.s("stale.db")]).ok();
+    bitfog(&["builddb", &server.url("other"), &t.s("other.db")]).ok();
+    write(&src, "three", &data(4, 3_000));
+    write(&src, "two", &data(5, 7_000));
+
+    // Two commands, no builddb at the source.
+    bitfog(&["fetch", &t.s("e.db"), &su, &c]).ok();
+    let manifest = t.path("courier/.bitfog/source.jsonl");
+    assert_eq!(header(&manifest)["source"], su.as_str());
+
+    // Wrong SRCDBs are refused and change nothing.
+    let before = (tree(&dst), tree(&t.path("courier")));
+    let r = bitfog(&["store", &t.s("stale.db"), &du, &c]).code(1);
+    assert!(
+        r.stderr.contains("older than the courier")
+            && r.stderr.contains("'three'")
+            && r.stderr.contains("'two'")
+            && !r.stderr.contains("'a/one'"),
+        "{r}"
+    );
+    let r = bitfog(&["store", &t.s("other.db"), &du, &c]).code(2);
+    assert!(r.stderr.contains("another area"), "{r}");
+    assert_eq!((tree(&dst), tree(&t.path("courier"))), before);
+
+    bitfog(&["store", &c, &du, &c]).ok();
+    assert_eq!(tree(&dst), tree(&src));
+
+    // A directory without a manifest is not taken for an SRCDB.
+    let r = bitfog(&["store", &t.s("e.db").replace("e.db", ""), &du, &c]).code(2);
+    assert!(r.stderr.contains("without a source manifest"), "{r}");
+}
