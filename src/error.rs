@@ -22,6 +22,9 @@ pub(crate) enum Exit {
 pub(crate) struct Error {
     pub(crate) exit: Exit,
     msg: String,
+    /// The server could not be reached or stopped answering (refused,
+    /// reset, timed out): what follows would fail the same way.
+    pub(crate) unreachable: bool,
 }
 
 pub(crate) type Result<T> = std::result::Result<T, Error>;
@@ -32,6 +35,7 @@ impl Error {
         Error {
             exit: Exit::Usage,
             msg: msg.into(),
+            unreachable: false,
         }
     }
 
@@ -40,6 +44,15 @@ impl Error {
         Error {
             exit: Exit::Failed,
             msg: msg.into(),
+            unreachable: false,
+        }
+    }
+
+    /// The server could not be reached or stopped answering: exit 1.
+    pub(crate) fn unreachable(msg: impl Into<String>) -> Error {
+        Error {
+            unreachable: true,
+            ..Error::failed(msg)
         }
     }
 
@@ -53,6 +66,21 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.msg)
     }
+}
+
+/// True for the errors of a connection that is gone or never came:
+/// refused, reset, aborted, timed out.
+pub(crate) fn is_connection_lost(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
 }
 
 /// A short lowercase description of an I/O error, without Rust's

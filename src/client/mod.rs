@@ -611,7 +611,16 @@ impl<R: Read> Read for Stall<R> {
 }
 
 fn transport(url: &str, e: ureq::Error) -> Error {
-    Error::failed(format!("{url}: {e}"))
+    let lost = match &e {
+        ureq::Error::Io(io) => crate::error::is_connection_lost(io),
+        ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed => true,
+        _ => false,
+    };
+    if lost {
+        Error::unreachable(format!("{url}: {e}"))
+    } else {
+        Error::failed(format!("{url}: {e}"))
+    }
 }
 
 /// Reads at most 1 KiB of an error body as the server's reason.

@@ -30,15 +30,29 @@ pub(super) enum Failure {
     TooBig,
     /// The other end answered with a refusal.
     Refused(String),
+    /// The server could not be reached or stopped answering: the run
+    /// stops starting transfers.
+    Unreachable(String),
     /// Any other failure of the disk or the network.
     Io(String),
 }
 
 impl Failure {
+    /// A client error: one that says the server is gone is `Unreachable`.
+    pub(super) fn client(err: crate::error::Error) -> Failure {
+        if err.unreachable {
+            Failure::Unreachable(err.to_string())
+        } else {
+            Failure::Io(err.to_string())
+        }
+    }
+
     /// An I/O error while doing `what`: a full disk is `DiskFull`.
     pub(super) fn io(what: &str, err: &io::Error) -> Failure {
         if is_disk_full(err) {
             Failure::DiskFull
+        } else if crate::error::is_connection_lost(err) {
+            Failure::Unreachable(format!("{what}: {}", describe_io(err)))
         } else if delta::is_too_big(err) {
             Failure::TooBig
         } else {
@@ -55,6 +69,7 @@ impl std::fmt::Display for Failure {
             Failure::SourceChanged(why)
             | Failure::Damaged(why)
             | Failure::Refused(why)
+            | Failure::Unreachable(why)
             | Failure::Io(why) => f.write_str(why),
         }
     }
@@ -75,7 +90,7 @@ pub(super) fn download_range(
     ))?;
     let mut dl = client
         .get_range(src, &e.name, start, start + len - 1)
-        .map_err(|err| Failure::Io(err.to_string()))?;
+        .map_err(Failure::client)?;
     match dl.content_range {
         Some((a, b, total))
             if dl.status == 206 && a == start && b == start + len - 1 && total == e.size => {}
@@ -160,7 +175,7 @@ pub(super) fn upload_range(
     }
     match client
         .put_range(dest, e, (rec.start, rec.len), open()?)
-        .map_err(|e| Failure::Io(e.to_string()))?
+        .map_err(Failure::client)?
     {
         Ok((204, _)) => Ok(Sent::Complete),
         Ok((_, have)) => Ok(Sent::Partial(have)),
@@ -190,9 +205,7 @@ pub(super) fn make_delta(
         .sha256
         .clone()
         .ok_or_else(|| Failure::Refused("a delta needs the file's SHA-256".into()))?;
-    let mut dl = client
-        .get(src, &e.name, 0, None)
-        .map_err(|err| Failure::Io(err.to_string()))?;
+    let mut dl = client.get(src, &e.name, 0, None).map_err(Failure::client)?;
     if dl.status != 200 || dl.content_length.is_some_and(|n| n != e.size) {
         return Err(Failure::SourceChanged(
             "the source no longer has the listed version".into(),
@@ -222,7 +235,7 @@ pub(super) fn make_delta(
     })
     .map_err(|err| match err {
         CopyError::Write(err) => write_fail(&err),
-        CopyError::Read(err) => Failure::Io(format!("download failed: {}", describe_io(&err))),
+        CopyError::Read(err) => Failure::io("download failed", &err),
     })?;
     if n != e.size {
         return Err(Failure::Io(format!(

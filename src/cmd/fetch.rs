@@ -352,6 +352,9 @@ struct FetchSummary {
     delta_file_bytes: u64,
     budget_stop: bool,
     disk_full: bool,
+    /// The source server stopped answering; the run stopped there.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    server_gone: bool,
     /// Entries the source's listing left out (unreadable): not carried.
     skipped: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -378,6 +381,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
         opts,
         courier: &courier,
         disk_full: AtomicBool::new(false),
+        server_gone: AtomicBool::new(false),
         wire: AtomicU64::new(0),
         fails: AtomicU64::new(0),
     };
@@ -750,12 +754,35 @@ struct Trip<'a> {
     opts: &'a FetchOpts,
     courier: &'a Courier,
     disk_full: AtomicBool,
+    /// Set when the source server stopped answering.
+    server_gone: AtomicBool,
     /// Bytes over the wire.
     wire: AtomicU64,
     fails: AtomicU64,
 }
 
 impl Trip<'_> {
+    /// Says once that the source server is gone, and stops what follows.
+    fn stop_server_gone(&self, why: &str) {
+        if !self.server_gone.swap(true, Ordering::SeqCst) {
+            self.ui.error(format!(
+                "the source server stopped answering ({why}); stopping: every file verified so far is kept, rerun fetch to continue"
+            ));
+        }
+    }
+
+    /// After a transfer failed: true when the source server does not
+    /// answer at all (a connection cut mid-body looks like any other
+    /// failure until asked).
+    fn source_unreachable(&self) -> bool {
+        matches!(self.client.area_id(&self.opts.src), Err(e) if e.unreachable)
+    }
+
+    /// True once the run must start no more transfers.
+    fn stopping(&self) -> bool {
+        self.disk_full.load(Ordering::SeqCst) || self.server_gone.load(Ordering::SeqCst)
+    }
+
     /// Says once that the courier disk is full, and stops what follows.
     fn stop_disk_full(&self) {
         if !self.disk_full.swap(true, Ordering::SeqCst) {
@@ -831,6 +858,11 @@ impl Trip<'_> {
                     self.stop_disk_full();
                     break;
                 }
+                Err(Failure::Unreachable(why)) => {
+                    self.stop_server_gone(&why);
+                    self.fails.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
                 Err(why) => {
                     self.ui.log(format!(
                         "'{}': no delta: {why}; the file travels whole",
@@ -853,7 +885,7 @@ impl Trip<'_> {
         std::thread::scope(|scope| {
             for _ in 0..self.opts.jobs.clamp(1, 64) {
                 scope.spawn(|| {
-                    while !self.disk_full.load(Ordering::SeqCst) {
+                    while !self.stopping() {
                         let k = next.fetch_add(1, Ordering::SeqCst);
                         let Some(&i) = picked.files.get(k) else {
                             return;
@@ -909,6 +941,16 @@ impl Trip<'_> {
                 self.stop_disk_full();
                 false
             }
+            Err(Failure::Unreachable(why)) => {
+                self.stop_server_gone(&why);
+                self.fails.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(why) if self.server_gone.load(Ordering::SeqCst) || self.source_unreachable() => {
+                self.stop_server_gone(&why.to_string());
+                self.fails.fetch_add(1, Ordering::Relaxed);
+                false
+            }
             Err(why) => {
                 self.ui.error(format!("'{}': {why}", e.name));
                 self.fails.fetch_add(1, Ordering::Relaxed);
@@ -921,7 +963,7 @@ impl Trip<'_> {
     fn carry_ranges(&self, planned: &[PlannedRange], range_files: &[Entry]) -> Ranged {
         let mut r = Ranged::default();
         for (e, start, len) in planned {
-            if self.disk_full.load(Ordering::SeqCst) {
+            if self.stopping() {
                 break;
             }
             let got = carry::download_range(
@@ -949,6 +991,14 @@ impl Trip<'_> {
                     }
                 }
                 Err(Failure::DiskFull) => self.stop_disk_full(),
+                Err(Failure::Unreachable(why)) => {
+                    self.stop_server_gone(&why);
+                    self.fails.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(why) if self.source_unreachable() => {
+                    self.stop_server_gone(&why.to_string());
+                    self.fails.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(why) => {
                     self.ui
                         .error(format!("'{}' (bytes from {start}): {why}", e.name));
@@ -1160,6 +1210,7 @@ fn summarize(
         failed_files: s.refused + trip.fails.load(Ordering::Relaxed),
         downloaded_bytes: trip.wire.load(Ordering::Relaxed),
         disk_full: trip.disk_full.load(Ordering::SeqCst) || picked.disk_bound,
+        server_gone: trip.server_gone.load(Ordering::SeqCst),
         skipped: s.skipped,
         ..Default::default()
     };
@@ -1224,7 +1275,9 @@ fn report(ui: &Ui, sum: &FetchSummary) {
         ));
     }
     if sum.remaining_files > 0 {
-        let why = if sum.disk_full {
+        let why = if sum.server_gone {
+            "stopped: the source server stopped answering; "
+        } else if sum.disk_full {
             "the courier disk filled up; "
         } else if sum.budget_stop {
             "stopped at the budget; "
@@ -1440,7 +1493,7 @@ fn download(
     if offset < e.size || e.size == 0 {
         let mut dl = client
             .get(src, &e.name, offset, meta.etag.as_deref())
-            .map_err(|err| Failure::Io(err.to_string()))?;
+            .map_err(Failure::client)?;
         match (dl.status, dl.content_range) {
             (206, Some((start, _, total))) if start == offset && total == e.size => {}
             (200, _) => {
@@ -1493,6 +1546,12 @@ fn download(
             }
             Err(CopyError::Write(err)) => {
                 return Err(Failure::io("cannot write courier file", &err));
+            }
+            Err(CopyError::Read(err)) if crate::error::is_connection_lost(&err) => {
+                return Err(Failure::Unreachable(format!(
+                    "download failed: {}",
+                    describe_io(&err)
+                )));
             }
             Err(CopyError::Read(err)) => {
                 return Err(Failure::Io(format!(
@@ -1567,9 +1626,7 @@ fn download_sparse(
     shown: &AtomicU64,
 ) -> std::result::Result<(), Failure> {
     let id = Courier::partial_id(&e.name);
-    let (size, extents) = client
-        .extents(src, &e.name)
-        .map_err(|err| Failure::Io(err.to_string()))?;
+    let (size, extents) = client.extents(src, &e.name).map_err(Failure::client)?;
     if size != e.size {
         return Err(Failure::SourceChanged(
             "size changed at the source since the listing".into(),
@@ -1590,7 +1647,7 @@ fn download_sparse(
         crate::digest::hash_zeros(&mut hasher, start - pos);
         let mut dl = client
             .get_range(src, &e.name, start, start + len - 1)
-            .map_err(|err| Failure::Io(err.to_string()))?;
+            .map_err(Failure::client)?;
         let whole = dl.content_range == Some((start, start + len - 1, size));
         if dl.status != 206 || !whole || dl.last_modified.is_some_and(|t| t != e.mtime) {
             courier.discard_partial(&id);

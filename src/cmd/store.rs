@@ -70,6 +70,9 @@ struct StoreSummary {
     partial_files: u64,
     /// Empty directories made at the destination.
     dirs_made: u64,
+    /// The destination server stopped answering; the run stopped there.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    server_gone: bool,
     /// Files SRCDB has that neither the destination nor the courier holds.
     missing_files: u64,
     missing_bytes: u64,
@@ -166,7 +169,11 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let dest_end = listing
         .end()
         .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
-    let made = make_dirs(ui, client, opts, src.end(), &dest_end, &mut sum);
+    let made = if sum.server_gone {
+        Vec::new()
+    } else {
+        make_dirs(ui, client, opts, src.end(), &dest_end, &mut sum)
+    };
     let receipt = plan.receipt.take().expect("a receipt unless dry run");
     if unsure {
         ui.error("no receipt is left in the courier: an upload's outcome is unknown; run builddb at the destination");
@@ -569,6 +576,10 @@ struct Execution<'a> {
     /// Set when an action could not be read back: the receipt cannot be
     /// vouched for.
     unsure: AtomicBool,
+    /// Set when the destination server stopped answering: no more
+    /// actions are tried, each left counts as failed (so the receipt
+    /// leaves its name as the destination had it).
+    gone: AtomicBool,
 }
 
 impl Execution<'_> {
@@ -601,8 +612,19 @@ impl Execution<'_> {
                 }
             }
             Err(why) => {
-                self.ui.error(format!("'{name}': {why}"));
                 sum.failed_files += 1;
+                drop(sum);
+                let lost = matches!(why, Failure::Unreachable(_));
+                if self.gone.load(Ordering::SeqCst) {
+                } else if lost || self.dest_unreachable() {
+                    if !self.gone.swap(true, Ordering::SeqCst) {
+                        self.ui.error(format!(
+                            "the destination server stopped answering ({why}); stopping: what was stored is kept, rerun store to continue"
+                        ));
+                    }
+                } else {
+                    self.ui.error(format!("'{name}': {why}"));
+                }
             }
         }
         if !matches!(action, Action::Delete(_)) {
@@ -647,15 +669,30 @@ impl Execution<'_> {
 
     /// Does one action.
     fn run(&self, action: &Action) {
+        if self.gone.load(Ordering::SeqCst) {
+            return self.record(action, Err(Failure::Unreachable("not tried".into())));
+        }
         self.record(
             action,
             run(self.client, self.courier, &self.opts.dest, action),
         );
     }
 
+    /// After an action failed: true when the destination server does not
+    /// answer at all.
+    fn dest_unreachable(&self) -> bool {
+        matches!(self.client.area_id(&self.opts.dest), Err(e) if e.unreachable)
+    }
+
     /// Sends the ranges of `e`; a file still under way is not a failure,
     /// but the receipt shows its progress and not the file.
     fn ranges(&self, e: Entry, held: &[(String, ranges::RangeRecord)]) {
+        if self.gone.load(Ordering::SeqCst) {
+            return self.record(
+                &Action::Ranges(e),
+                Err(Failure::Unreachable("not tried".into())),
+            );
+        }
         match send_ranges(self.client, &self.opts.dest, self.courier, held, &e) {
             Ok(Some(have)) => {
                 self.failed.lock().expect("names").insert(e.name.clone());
@@ -708,6 +745,7 @@ fn execute(
         deleted: Mutex::default(),
         ranged: Mutex::default(),
         unsure: AtomicBool::new(false),
+        gone: AtomicBool::new(false),
     };
     // 1. Copies. One whose source is not there yet (a duplicate of a file
     //    this run uploads) is tried again at the end.
@@ -740,6 +778,7 @@ fn execute(
         }
     });
     x.progress.finish();
+    x.results.lock().expect("summary").server_gone = x.gone.load(Ordering::SeqCst);
     let outcomes = Outcomes {
         failed: x.failed.into_inner().expect("names"),
         deleted: x.deleted.into_inner().expect("names"),
@@ -819,6 +858,11 @@ fn report(ui: &Ui, opts: &StoreOpts, sum: &StoreSummary) {
             "{} not in the courier yet; carry them on a later trip\n",
             files_bytes(sum.missing_files, sum.missing_bytes)
         ));
+    }
+    if sum.server_gone {
+        human.push_str(
+            "stopped: the destination server stopped answering; rerun store to continue\n",
+        );
     }
     if sum.failed_files > 0 {
         human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
@@ -1056,7 +1100,7 @@ fn run_copy(
         Ok(Err(r)) if r.status == 409 || r.status == 422 => Err(Retry),
         Ok(Err(r)) => Ok(Err(copy_refused(from, r))),
         Ok(Ok(())) => Ok(Ok(())),
-        Err(e) => Ok(Err(Failure::Io(e.to_string()))),
+        Err(e) => Ok(Err(Failure::client(e))),
     }
 }
 
@@ -1086,15 +1130,15 @@ fn run(
         Action::Patch(e, file, _) => patch(client, courier, dest, e, file),
         Action::Copy(e, from) => client
             .put_copy(dest, e, from)
-            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(Failure::client)?
             .map_err(|r| copy_refused(from, r)),
         Action::Delete(name) => client
             .delete(dest, name)
-            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(Failure::client)?
             .map_err(refused),
         Action::Link(e) => client
             .put_symlink(dest, &e.name, e.linkdest.as_deref().unwrap_or_default())
-            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(Failure::client)?
             .map_err(refused),
         Action::Upload(e) => upload(client, courier, dest, e),
     }
@@ -1142,7 +1186,7 @@ fn patch(
     let len = file.metadata().map_err(open_err)?.len();
     match client
         .put_delta(dest, e, file, len)
-        .map_err(|e| Failure::Io(e.to_string()))?
+        .map_err(Failure::client)?
     {
         Ok(()) => Ok(()),
         Err(r) if r.status == 409 => {
@@ -1214,14 +1258,12 @@ fn upload(
                 "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
             ));
         }
-        return sent
-            .map_err(|e| Failure::Io(e.to_string()))?
-            .map_err(refused);
+        return sent.map_err(Failure::client)?.map_err(refused);
     }
     let Some(want) = &e.sha256 else {
         return client
             .put_file(dest, e, file)
-            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(Failure::client)?
             .map_err(refused);
     };
     if e.size < STREAM_CHECK_MIN {
@@ -1234,7 +1276,7 @@ fn upload(
         file.seek(SeekFrom::Start(0)).map_err(open_err)?;
         return client
             .put_file(dest, e, file)
-            .map_err(|e| Failure::Io(e.to_string()))?
+            .map_err(Failure::client)?
             .map_err(refused);
     }
     // A large file is checked as it streams, saving a whole read
@@ -1256,8 +1298,7 @@ fn upload(
             "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
         ));
     }
-    sent.map_err(|e| Failure::Io(e.to_string()))?
-        .map_err(refused)
+    sent.map_err(Failure::client)?.map_err(refused)
 }
 
 /// Why a delta is not applied when the destination's file is not the

@@ -983,3 +983,129 @@ fn without_a_terminal_progress_comes_as_periodic_lines_with_a_rate() {
         fs::remove_dir_all(t.path("c2")).unwrap();
     }
 }
+
+#[test]
+fn a_source_server_killed_mid_fetch_is_one_line_and_exit_1() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let n = 400;
+    for i in 0..n {
+        write(&src, &format!("f{i:03}"), &data(i, 128 * 1024));
+    }
+    let mut server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    let courier = t.path("c");
+    let child = cmd(&[
+        "fetch",
+        &t.s("e.db"),
+        &server.url("src"),
+        &t.s("c"),
+        "--jobs",
+        "1",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let held = || {
+        fs::read_dir(&courier).map_or(0, |d| {
+            d.filter(|e| e.as_ref().unwrap().file_name() != ".bitfog")
+                .count()
+        })
+    };
+    wait_until("a few files fetched", || held() >= 5);
+    unsafe_kill(server.child.id(), 9);
+    let _ = server.child.wait();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("stopped answering"), "{stderr}");
+    assert!(
+        stdout.contains("stopped: the source server stopped answering"),
+        "{stdout}"
+    );
+    // Everything in the courier is complete and verified.
+    let kept = held();
+    assert!(kept >= 5 && kept < n as usize, "{kept}");
+    for e in fs::read_dir(&courier).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name != ".bitfog" {
+            assert_eq!(
+                fs::read(courier.join(&name)).unwrap(),
+                fs::read(src.join(&name)).unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_destination_server_killed_mid_store_is_one_line_and_an_honest_receipt() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let n = 400;
+    for i in 0..n {
+        write(&src, &format!("f{i:03}"), &data(i, 128 * 1024));
+    }
+    let conf = two_areas(&src, &dst);
+    let mut server = Server::start(&t, "site", &conf);
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    bitfog(&["fetch", &t.s("e.db"), &server.url("src"), &t.s("c")]).ok();
+    let child = cmd(&[
+        "store",
+        &t.s("c"),
+        &server.url("dst"),
+        &t.s("c"),
+        "--jobs",
+        "1",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The killed server's upload in flight stays hidden under a reserved
+    // temporary name, removed when it restarts.
+    let visible = || {
+        fs::read_dir(&dst)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| !n.to_string_lossy().starts_with(".bitfog"))
+            .collect::<Vec<_>>()
+    };
+    let stored = || visible().len();
+    wait_until("a few files stored", || stored() >= 5);
+    unsafe_kill(server.child.id(), 9);
+    let _ = server.child.wait();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("destination server stopped answering"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("stopped: the destination server"),
+        "{stdout}"
+    );
+    let kept = stored();
+    assert!(kept < n as usize, "{kept}");
+    for name in visible() {
+        assert_eq!(
+            fs::read(dst.join(&name)).unwrap(),
+            fs::read(src.join(&name)).unwrap()
+        );
+    }
+    // The receipt claims only what was stored: the way back plans the rest.
+    let server = Server::start(&t, "site2", &conf);
+    let p = bitfog(&["plan", &t.s("c"), &server.url("src"), "--json"]).ok();
+    assert_eq!(p.num("remaining_files"), (n as usize - kept) as u64, "{p}");
+    bitfog(&["store", &t.s("c"), &server.url("dst"), &t.s("c")]).ok();
+    assert_same_tree(&src, &dst);
+}
