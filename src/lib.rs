@@ -78,6 +78,12 @@ fn run(cli: cli::Cli) -> Result<Exit> {
         _ => None,
     };
     let client = || Client::new(cli.token.clone(), roots.as_deref());
+    if matches!(
+        cli.command,
+        Command::Builddb { .. } | Command::Plan { .. } | Command::Fetch(_) | Command::Store(_)
+    ) {
+        ui::say_what_is_kept_on_interrupt(ui.json);
+    }
     match &cli.command {
         // Plain text even with --json: there is no summary to give.
         Command::Help(text) => {

@@ -338,6 +338,57 @@ fn duration(secs: f64) -> String {
     }
 }
 
+static INTERRUPT_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static INTERRUPT_TTY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The line an interrupted client command leaves: everything it wrote is
+/// either complete and verified or a partial file a rerun resumes, as
+/// after `kill -9`, so the handler only has to say so and exit.
+const INTERRUPTED: &[u8] =
+    b"bitfog: interrupted: everything completed and verified so far is kept; rerun to continue\n";
+
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    use std::sync::atomic::Ordering;
+    let code = 128 + sig;
+    // SAFETY: only write(2) and _exit(2), both async-signal-safe, on
+    // static buffers.
+    unsafe {
+        if INTERRUPT_TTY.load(Ordering::Relaxed) {
+            // Off the progress line first.
+            libc::write(2, b"\r\x1b[K".as_ptr().cast(), 4);
+        }
+        libc::write(2, INTERRUPTED.as_ptr().cast(), INTERRUPTED.len());
+        if INTERRUPT_JSON.load(Ordering::Relaxed) {
+            let out: &[u8] = if sig == libc::SIGINT {
+                b"{\"error\":\"interrupted\",\"exit\":130}\n"
+            } else {
+                b"{\"error\":\"interrupted\",\"exit\":143}\n"
+            };
+            libc::write(1, out.as_ptr().cast(), out.len());
+        }
+        libc::_exit(code);
+    }
+}
+
+/// For client commands: SIGINT and SIGTERM print one line saying what is
+/// kept (and, with `--json`, the error object) and exit 128 + the signal.
+pub(crate) fn say_what_is_kept_on_interrupt(json: bool) {
+    use std::io::IsTerminal;
+    use std::sync::atomic::Ordering;
+    INTERRUPT_JSON.store(json, Ordering::Relaxed);
+    INTERRUPT_TTY.store(std::io::stderr().is_terminal(), Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs a handler that only calls async-signal-safe
+        // functions.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_interrupt as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1109,3 +1109,54 @@ fn a_destination_server_killed_mid_store_is_one_line_and_an_honest_receipt() {
     bitfog(&["store", &t.s("c"), &server.url("dst"), &t.s("c")]).ok();
     assert_same_tree(&src, &dst);
 }
+
+#[test]
+fn an_interrupted_fetch_says_what_is_kept_in_one_line() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..40 {
+        write(&src, &format!("f{i:02}"), &data(i, 256 * 1024));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    // 64 KiB every 20 ms: about 3 MiB/s, so the run is still going.
+    let relay = Relay::start(server.addr, Duration::from_millis(20));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    for (sig, code, json) in [(2, 130, false), (15, 143, true)] {
+        let mut args = vec!["fetch".to_string(), t.s("e.db"), relay.url("src"), t.s("c")];
+        if json {
+            args.push("--json".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = cmd(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let before = fs::read_dir(t.path("c")).map_or(0, |d| d.count());
+        wait_until("one more file fetched", || {
+            fs::read_dir(t.path("c")).map_or(0, |d| d.count()) > before + 1
+        });
+        unsafe_kill(child.id(), sig);
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(code), "{stdout}{stderr}");
+        assert_eq!(
+            stderr,
+            "bitfog: interrupted: everything completed and verified so far is kept; rerun to continue\n"
+        );
+        if json {
+            let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+            assert_eq!(
+                (v["error"].as_str(), v["exit"].as_u64()),
+                (Some("interrupted"), Some(143))
+            );
+        }
+    }
+    drop(relay);
+    bitfog(&["fetch", &t.s("e.db"), &server.url("src"), &t.s("c")]).ok();
+    bitfog(&["store", &t.s("c"), &server.url("dst"), &t.s("c")]).ok();
+    assert_same_tree(&src, &dst);
+}
