@@ -390,6 +390,14 @@ impl Dir {
         check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), 0) }).map(drop)
     }
 
+    /// Removes the empty directory `name` (ENOTEMPTY otherwise).
+    pub(crate) fn rmdir(&self, name: &[u8]) -> io::Result<()> {
+        let n = cstr(name)?;
+        // SAFETY: a NUL-terminated name and a valid descriptor.
+        check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) })
+            .map(drop)
+    }
+
     /// Makes renames and unlinks in this directory durable.
     pub(crate) fn sync(&self) {
         // SAFETY: fsync on a descriptor we own.

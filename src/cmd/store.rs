@@ -70,6 +70,9 @@ struct StoreSummary {
     partial_files: u64,
     /// Empty directories made at the destination.
     dirs_made: u64,
+    /// Directories the source does not have, removed once empty
+    /// (`--delete`).
+    dirs_removed: u64,
     /// The destination server stopped answering; the run stopped there.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     server_gone: bool,
@@ -169,6 +172,12 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let dest_end = listing
         .end()
         .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
+    let removed = if sum.server_gone || !opts.delete || src_skipped > 0 {
+        HashSet::new()
+    } else {
+        let doomed = doomed_dirs(&mut plan, src.end().as_ref(), &dest_end);
+        remove_dirs(client, opts, doomed, &mut sum)
+    };
     let made = if sum.server_gone {
         Vec::new()
     } else {
@@ -184,7 +193,11 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         &opts.dest,
         receipt,
         dest_end,
-        Outcomes { made, ..outcomes },
+        Outcomes {
+            made,
+            removed,
+            ..outcomes
+        },
     ) {
         ui.error(format!("cannot leave the receipt in the courier: {e}"));
         sum.failed_files += 1;
@@ -322,6 +335,10 @@ struct Plan {
     refused: Vec<String>,
     /// Destination files SRCDB does not have (with `--delete`).
     doomed: Vec<Entry>,
+    /// With `--delete`: the directories SRCDB's entries sit in, and the
+    /// destination's.
+    src_dirs: HashSet<String>,
+    dst_dirs: HashSet<String>,
 }
 
 impl Plan {
@@ -343,6 +360,8 @@ impl Plan {
             total_bytes: 0,
             refused: Vec::new(),
             doomed: Vec::new(),
+            src_dirs: HashSet::new(),
+            dst_dirs: HashSet::new(),
         })
     }
 
@@ -401,6 +420,16 @@ impl Plan {
         found: &mut Found,
         pair: Pair,
     ) -> Result<()> {
+        if opts.delete {
+            match &pair {
+                Pair::Dst(d) => add_parents(&mut self.dst_dirs, &d.name),
+                Pair::Src(s) => add_parents(&mut self.src_dirs, &s.name),
+                Pair::Both(s, _) => {
+                    add_parents(&mut self.src_dirs, &s.name);
+                    add_parents(&mut self.dst_dirs, &s.name);
+                }
+            }
+        }
         let (s, d) = match pair {
             Pair::Dst(d) => {
                 if opts.delete {
@@ -784,12 +813,78 @@ fn execute(
         deleted: x.deleted.into_inner().expect("names"),
         progress: x.ranged.into_inner().expect("progress"),
         made: Vec::new(),
+        removed: HashSet::new(),
     };
     Ok((
         x.results.into_inner().expect("summary"),
         outcomes,
         x.unsure.into_inner(),
     ))
+}
+
+/// Adds the directories `name` sits in.
+fn add_parents(dirs: &mut HashSet<String>, name: &str) {
+    let mut at = name;
+    while let Some((parent, _)) = at.rsplit_once('/') {
+        if !dirs.insert(parent.to_string()) {
+            return;
+        }
+        at = parent;
+    }
+}
+
+/// The destination's directories SRCDB does not have, deepest first;
+/// none when SRCDB may not name all of its empty directories.
+fn doomed_dirs(
+    plan: &mut Plan,
+    src_end: Option<&crate::wire::manifest::End>,
+    dest_end: &crate::wire::manifest::End,
+) -> Vec<String> {
+    let Some(src_end) = src_end.filter(|e| e.dirs_omitted == 0) else {
+        return Vec::new();
+    };
+    let mut src_dirs = std::mem::take(&mut plan.src_dirs);
+    for d in &src_end.dirs {
+        src_dirs.insert(d.name.clone());
+        add_parents(&mut src_dirs, &d.name);
+    }
+    let mut dst_dirs = std::mem::take(&mut plan.dst_dirs);
+    for d in &dest_end.dirs {
+        dst_dirs.insert(d.name.clone());
+        add_parents(&mut dst_dirs, &d.name);
+    }
+    let mut doomed: Vec<String> = dst_dirs
+        .into_iter()
+        .filter(|d| {
+            !src_dirs.contains(d)
+                && !d
+                    .split('/')
+                    .any(|c| crate::wire::paths::is_reserved(c.as_bytes()))
+        })
+        .collect();
+    doomed.sort_by(|a, b| {
+        let depth = |s: &str| s.matches('/').count();
+        depth(b).cmp(&depth(a)).then_with(|| b.cmp(a))
+    });
+    doomed
+}
+
+/// Removes each directory in `doomed` that is empty by now; one with
+/// anything in it (a file kept or new at the destination) stays.
+fn remove_dirs(
+    client: &Client,
+    opts: &StoreOpts,
+    doomed: Vec<String>,
+    sum: &mut StoreSummary,
+) -> HashSet<String> {
+    let mut removed = HashSet::new();
+    for d in doomed {
+        if let Ok(Ok(())) = client.delete(&opts.dest, &d) {
+            sum.dirs_removed += 1;
+            removed.insert(d);
+        }
+    }
+    removed
 }
 
 /// Stage 4: the empty directories of SRCDB the destination does not
@@ -878,6 +973,8 @@ struct Outcomes {
     deleted: HashSet<String>,
     progress: HashMap<String, (Entry, u64)>,
     made: Vec<crate::wire::manifest::EmptyDir>,
+    /// Directories removed (`--delete`).
+    removed: HashSet<String>,
 }
 
 /// Writes `COURIER/.bitfog/receipt.jsonl`: the destination's manifest
@@ -894,12 +991,14 @@ fn write_receipt(
         deleted,
         progress,
         made,
+        removed,
     } = outcomes;
-    // Empty directories: those listed and those made, less any that an
-    // entry of the receipt now sits in.
+    // Empty directories: those listed and not removed and those made,
+    // less any that an entry of the receipt now sits in.
     let mut dirs: std::collections::BTreeMap<String, crate::wire::manifest::EmptyDir> = listed
         .dirs
         .iter()
+        .filter(|d| !removed.contains(&d.name))
         .chain(&made)
         .map(|d| (d.name.clone(), d.clone()))
         .collect();

@@ -1766,7 +1766,21 @@ fn delete(root: &Root, comps: &[&[u8]]) -> Response {
     };
     match dir.kind(last(comps)) {
         Ok(None) | Err(_) => return Response::text(404, "not found"),
-        Ok(Some(Kind::Dir)) => return Response::text(409, "a directory exists at this path"),
+        // An empty directory goes (store --delete removes the ones the
+        // source does not have); one with anything in it stays.
+        Ok(Some(Kind::Dir)) => {
+            return match dir.rmdir(last(comps)) {
+                Ok(()) => {
+                    dir.sync();
+                    Response::new(204, Body::Empty)
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Response::text(404, "not found"),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    Response::text(409, "a directory that is not empty exists at this path")
+                }
+                Err(e) => Response::text(500, format!("delete failed: {}", describe_io(&e))),
+            };
+        }
         Ok(Some(_)) => {}
     }
     match dir.unlink(last(comps)) {

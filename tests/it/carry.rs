@@ -795,3 +795,69 @@ fn sizes_read_as_in_rsync_kb_is_1000_and_k_is_1024() {
         assert_eq!(too_big(size), want, "--max-bytes {size}");
     }
 }
+
+/// Every directory under `root`, relative, sorted.
+fn dirs(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn delete_removes_directories_the_source_does_not_have_and_keeps_its_own() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "keep/a", b"a");
+    write(&src, "photos/été 2024/p1", &data(1, 3000));
+    fs::create_dir_all(src.join("src-empty/inner")).unwrap();
+    fs::create_dir_all(src.join("keep/empty-too")).unwrap();
+    write(&dst, "keep/a", b"a");
+    write(&dst, "photos/summer/p1", &data(1, 3000));
+    write(&dst, "deep/a/b/c/d/file", b"gone");
+    fs::create_dir_all(dst.join("dst-empty/x")).unwrap();
+    fs::create_dir_all(dst.join("src-empty")).unwrap();
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("c")]).ok();
+    // Without --delete, nothing goes.
+    bitfog(&["store", &t.s("c"), &du, &t.s("c")]).ok();
+    assert!(dst.join("deep/a/b/c/d").is_dir() && dst.join("dst-empty/x").is_dir());
+    // A file written at the destination keeps its directory.
+    write(&dst, "deep/a/new-here", b"n");
+    let s = bitfog(&["store", &t.s("c"), &du, &t.s("c"), "--delete", "--json"]).ok();
+    // deep/a/b/c/d, c, b; dst-empty/x, dst-empty; photos/summer.
+    assert_eq!(s.num("dirs_removed"), 6, "{s}");
+    assert_eq!(
+        dirs(&dst),
+        [
+            "deep",
+            "deep/a",
+            "keep",
+            "keep/empty-too",
+            "photos",
+            "photos/été 2024",
+            "src-empty",
+            "src-empty/inner"
+        ]
+    );
+    fs::remove_file(dst.join("deep/a/new-here")).unwrap();
+    // The receipt agrees: the way back plans nothing, and a fresh
+    // --delete trip now leaves an exact mirror.
+    let p = bitfog(&["plan", &t.s("c"), &su, "--json"]).ok();
+    assert_eq!(p.num("remaining_files"), 0, "{p}");
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["store", &t.s("src.db"), &du, &t.s("c"), "--delete"]).ok();
+    assert_eq!(dirs(&dst), dirs(&src));
+    assert_same_tree(&src, &dst);
+}
