@@ -643,16 +643,16 @@ impl Execution<'_> {
             Err(why) => {
                 sum.failed_files += 1;
                 drop(sum);
-                let lost = matches!(why, Failure::Unreachable(_));
-                if self.gone.load(Ordering::SeqCst) {
-                } else if lost || self.dest_unreachable() {
-                    if !self.gone.swap(true, Ordering::SeqCst) {
-                        self.ui.error(format!(
-                            "the destination server stopped answering ({why}); stopping: what was stored is kept, rerun store to continue"
-                        ));
-                    }
-                } else {
+                // Once the server is gone, failures are not named one by one.
+                let gone = self.gone.load(Ordering::SeqCst)
+                    || matches!(why, Failure::Unreachable(_))
+                    || self.dest_unreachable();
+                if !gone {
                     self.ui.error(format!("'{name}': {why}"));
+                } else if !self.gone.swap(true, Ordering::SeqCst) {
+                    self.ui.error(format!(
+                        "the destination server stopped answering ({why}); stopping: what was stored is kept, rerun store to continue"
+                    ));
                 }
             }
         }

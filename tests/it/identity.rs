@@ -8,34 +8,6 @@ fn header(db: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(text.lines().next().unwrap()).unwrap()
 }
 
-/// Every file under `dir`, with its contents.
-fn tree(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for e in walk(dir) {
-        if e.1.is_file() {
-            out.push((e.0.clone(), fs::read(&e.1).unwrap()));
-        }
-    }
-    out
-}
-
-fn walk(dir: &std::path::Path) -> Vec<(String, std::path::PathBuf)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(dir).unwrap().display().to_string();
-            if p.is_dir() {
-                stack.push(p.clone());
-            }
-            out.push((rel, p));
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn swapped_dbs_are_refused_before_anything_is_touched() {
     let t = Scratch::new();
