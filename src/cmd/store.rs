@@ -166,7 +166,15 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     let src_skipped = src.end().map_or(0, |e| e.skipped);
     let over_limit = plan.deletions(ui, opts, &courier, src_skipped)?;
     if opts.dry_run {
-        return Ok(dry_run(ui, plan, over_limit));
+        let dirs = if opts.delete && src_skipped == 0 {
+            let dest_end = listing
+                .end()
+                .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
+            doomed_dirs(&mut plan, src.end().as_ref(), &dest_end)
+        } else {
+            Vec::new()
+        };
+        return Ok(dry_run(ui, plan, &dirs, over_limit));
     }
     let (mut sum, outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan)?;
     let dest_end = listing
@@ -541,7 +549,7 @@ type ListingReader = crate::wire::manifest::Reader<
 >;
 
 /// `store --dry-run`: what would happen, and the summary it would give.
-fn dry_run(ui: &Ui, plan: Plan, over_limit: bool) -> Exit {
+fn dry_run(ui: &Ui, plan: Plan, doomed_dirs: &[String], over_limit: bool) -> Exit {
     let mut sum = plan.sum;
     let mut human = String::new();
     for a in &plan.actions {
@@ -572,6 +580,13 @@ fn dry_run(ui: &Ui, plan: Plan, over_limit: bool) -> Exit {
         });
         count(&mut sum, a);
     }
+    for d in doomed_dirs {
+        human.push_str(&format!(
+            "would remove the directory '{}' once empty\n",
+            crate::ui::escape(d)
+        ));
+    }
+    sum.dirs_removed = doomed_dirs.len() as u64;
     human.push_str("dry run: nothing was changed\n");
     ui.summary(
         &DryRun {

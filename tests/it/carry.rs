@@ -835,6 +835,16 @@ fn delete_removes_directories_the_source_does_not_have_and_keeps_its_own() {
     assert!(dst.join("deep/a/b/c/d").is_dir() && dst.join("dst-empty/x").is_dir());
     // A file written at the destination keeps its directory.
     write(&dst, "deep/a/new-here", b"n");
+    let before = dirs(&dst);
+    let d = bitfog(&["store", &t.s("c"), &du, &t.s("c"), "--delete", "--dry-run"]).ok();
+    assert!(
+        d.stdout
+            .contains("would remove the directory 'deep/a/b/c/d' once empty")
+            && !d.stdout.contains("'keep'")
+            && !d.stdout.contains("'src-empty'"),
+        "{d}"
+    );
+    assert_eq!(dirs(&dst), before, "a dry run removes nothing");
     let s = bitfog(&["store", &t.s("c"), &du, &t.s("c"), "--delete", "--json"]).ok();
     // deep/a/b/c/d, c, b; dst-empty/x, dst-empty; photos/summer.
     assert_eq!(s.num("dirs_removed"), 6, "{s}");
