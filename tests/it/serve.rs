@@ -845,3 +845,27 @@ fn the_log_says_when_names_the_areas_and_warns_without_a_hash_cache() {
     assert!(rest[2].contains("the hash cache is off (--cache none)"));
     assert!(request.contains("\"GET /\" 200"), "{request}");
 }
+
+#[test]
+fn delete_removes_an_empty_directory_only_and_answers_name_the_area() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    fs::create_dir_all(dst.join("empty")).unwrap();
+    write(&dst, "full/f", b"x");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let a = server.addr;
+    assert_eq!(http(a, "DELETE", "/dst/full", &[], b"").status, 409);
+    assert!(dst.join("full/f").is_file());
+    assert_eq!(http(a, "DELETE", "/dst/empty", &[], b"").status, 204);
+    assert!(!dst.join("empty").exists());
+    assert_eq!(http(a, "DELETE", "/dst/empty", &[], b"").status, 404);
+    // Every answer about an area names its identity.
+    let id = |path: &str| {
+        http(a, "GET", path, &[], b"")
+            .header("X-Bitfog-Area")
+            .unwrap()
+    };
+    assert_eq!(id("/src/nothing").len(), 32);
+    assert_ne!(id("/src/nothing"), id("/dst/nothing"));
+    assert_eq!(id("/src/"), id("/src/nothing"));
+}
