@@ -778,6 +778,18 @@ impl Trip<'_> {
         matches!(self.client.area_id(&self.opts.src), Err(e) if e.unreachable)
     }
 
+    /// After a transfer failed: true, and the run stops (said once), when
+    /// the source server is gone.
+    fn server_lost(&self, why: &Failure) -> bool {
+        let lost = self.server_gone.load(Ordering::SeqCst)
+            || matches!(why, Failure::Unreachable(_))
+            || self.source_unreachable();
+        if lost {
+            self.stop_server_gone(&why.to_string());
+        }
+        lost
+    }
+
     /// True once the run must start no more transfers.
     fn stopping(&self) -> bool {
         self.disk_full.load(Ordering::SeqCst) || self.server_gone.load(Ordering::SeqCst)
@@ -941,13 +953,7 @@ impl Trip<'_> {
                 self.stop_disk_full();
                 false
             }
-            Err(Failure::Unreachable(why)) => {
-                self.stop_server_gone(&why);
-                self.fails.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-            Err(why) if self.server_gone.load(Ordering::SeqCst) || self.source_unreachable() => {
-                self.stop_server_gone(&why.to_string());
+            Err(why) if self.server_lost(&why) => {
                 self.fails.fetch_add(1, Ordering::Relaxed);
                 false
             }
@@ -991,12 +997,7 @@ impl Trip<'_> {
                     }
                 }
                 Err(Failure::DiskFull) => self.stop_disk_full(),
-                Err(Failure::Unreachable(why)) => {
-                    self.stop_server_gone(&why);
-                    self.fails.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(why) if self.source_unreachable() => {
-                    self.stop_server_gone(&why.to_string());
+                Err(why) if self.server_lost(&why) => {
                     self.fails.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(why) => {

@@ -132,15 +132,7 @@ impl Task {
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
     let (header, mut src) = open_db(&srcdb_path(&opts.srcdb)?)?;
     check_inputs(opts, header.source.is_none())?;
-    if let Some(id) = &header.area_id {
-        if client.area_id(&opts.dest)?.as_ref() == Some(id) {
-            return Err(Error::usage(format!(
-                "'{}' describes the destination area {} itself; give the source's DB (builddb at the source before fetch)",
-                opts.srcdb.display(),
-                opts.dest
-            )));
-        }
-    }
+    check_not_dest(client, opts, &header)?;
     if !opts.srcdb.is_dir() {
         check_against_courier(opts, &header)?;
     }
@@ -165,25 +157,21 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     plan.sum.failed_files += plan.refused.len() as u64;
     let src_skipped = src.end().map_or(0, |e| e.skipped);
     let over_limit = plan.deletions(ui, opts, &courier, src_skipped)?;
-    if opts.dry_run {
-        let dirs = if opts.delete && src_skipped == 0 {
-            let dest_end = listing
-                .end()
-                .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
-            doomed_dirs(&mut plan, src.end().as_ref(), &dest_end)
-        } else {
-            Vec::new()
-        };
-        return Ok(dry_run(ui, plan, &dirs, over_limit));
-    }
-    let (mut sum, outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan)?;
     let dest_end = listing
         .end()
         .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
-    let removed = if sum.server_gone || !opts.delete || src_skipped > 0 {
+    let doomed = if opts.delete && src_skipped == 0 {
+        doomed_dirs(&mut plan, src.end().as_ref(), &dest_end)
+    } else {
+        Vec::new()
+    };
+    if opts.dry_run {
+        return Ok(dry_run(ui, plan, &doomed, over_limit));
+    }
+    let (mut sum, outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan)?;
+    let removed = if sum.server_gone {
         HashSet::new()
     } else {
-        let doomed = doomed_dirs(&mut plan, src.end().as_ref(), &dest_end);
         remove_dirs(client, opts, doomed, &mut sum)
     };
     let made = if sum.server_gone {
@@ -219,15 +207,41 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     })
 }
 
+/// Refuses an SRCDB that describes the destination area itself (the two
+/// DBs swapped), compared by identity, not URL.
+fn check_not_dest(
+    client: &Client,
+    opts: &StoreOpts,
+    header: &crate::wire::manifest::Header,
+) -> Result<()> {
+    let Some(id) = &header.area_id else {
+        return Ok(());
+    };
+    if client.area_id(&opts.dest)?.as_ref() == Some(id) {
+        return Err(Error::usage(format!(
+            "'{}' describes the destination area {} itself; give the source's DB (builddb at the source before fetch)",
+            opts.srcdb.display(),
+            opts.dest
+        )));
+    }
+    Ok(())
+}
+
+/// The source manifest `fetch` left in courier `dir`, if there is one:
+/// read where it is, a regular file in a real `.bitfog` directory.
+fn courier_source(dir: &std::path::Path) -> Result<Option<PathBuf>> {
+    let held = Courier::open_read(dir)?.state_file(SOURCE).is_some();
+    Ok(held.then(|| dir.join(crate::wire::paths::COURIER_STATE).join(SOURCE)))
+}
+
 /// SRCDB itself, or the source manifest `fetch` left when SRCDB is a
 /// courier directory.
 fn srcdb_path(srcdb: &std::path::Path) -> Result<PathBuf> {
     if !srcdb.is_dir() {
         return Ok(srcdb.to_path_buf());
     }
-    // Read where it is: a regular file in a real `.bitfog` directory.
-    if Courier::open_read(srcdb)?.state_file(SOURCE).is_some() {
-        Ok(srcdb.join(crate::wire::paths::COURIER_STATE).join(SOURCE))
+    if let Some(path) = courier_source(srcdb)? {
+        Ok(path)
     } else {
         Err(Error::usage(format!(
             "'{}' is a directory without a source manifest (fetch leaves one in a courier); give a SRCDB made by builddb at the source",
@@ -245,12 +259,7 @@ fn check_against_courier(opts: &StoreOpts, header: &crate::wire::manifest::Heade
     if !opts.courier.is_dir() {
         return Ok(());
     }
-    let courier = Courier::open_read(&opts.courier)?;
-    if courier.state_file(SOURCE).is_some() {
-        let path = opts
-            .courier
-            .join(crate::wire::paths::COURIER_STATE)
-            .join(SOURCE);
+    if let Some(path) = courier_source(&opts.courier)? {
         let (theirs, _) = open_db(&path)?;
         if let (Some(a), Some(b)) = (&theirs.area_id, &header.area_id) {
             if a != b {
@@ -263,7 +272,8 @@ fn check_against_courier(opts: &StoreOpts, header: &crate::wire::manifest::Heade
             }
         }
     }
-    let mut held: std::collections::HashMap<String, crate::courier::Carried> = courier
+    let courier = Courier::open_read(&opts.courier)?;
+    let mut held: HashMap<String, crate::courier::Carried> = courier
         .read_log()
         .into_iter()
         .filter(|(name, c)| {
