@@ -8,6 +8,7 @@
 
 use crate::client::{AreaUrl, Client};
 use crate::cmd::carry::{self, Failure};
+use crate::cmd::preview;
 use crate::courier::CopyInstr;
 use crate::courier::copies::{DestIndex, Instructions, Origin};
 use crate::courier::deltas;
@@ -171,61 +172,17 @@ pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
     }
 }
 
-/// `-v`: each file on stdout as the plan goes, as a line for a person
-/// (`SIZE NAME`) or, with `--json`, as a JSON record
-/// `{"name","size","action"}` before the summary object.
-struct FileList<'a> {
-    out: Option<io::BufWriter<io::StdoutLock<'a>>>,
-    json: bool,
-}
-
-impl FileList<'_> {
-    fn new(ui: &Ui) -> FileList<'static> {
-        let on = ui.verbose && !ui.quiet;
-        FileList {
-            out: on.then(|| io::BufWriter::new(io::stdout().lock())),
-            json: ui.json,
-        }
-    }
-
-    /// The person's line, without `--json`.
-    fn human(&mut self, e: &Entry) {
-        if !self.json {
-            let line = format!("{:>14} {}\n", e.size, crate::ui::escape(&e.name));
-            self.write(line.as_bytes());
-        }
-    }
-
-    /// The JSON record, with `--json`.
-    fn record(&mut self, e: &Entry, action: &str) {
-        if self.json {
-            let rec = serde_json::json!({ "name": e.name, "size": e.size, "action": action });
-            self.write(format!("{rec}\n").as_bytes());
-        }
-    }
-
-    /// Writes; a closed stdout ends the list, not the run.
-    fn write(&mut self, bytes: &[u8]) {
-        if let Some(out) = self.out.as_mut() {
-            if out.write_all(bytes).is_err() {
-                self.out = None;
-            }
-        }
-    }
-}
-
-impl Drop for FileList<'_> {
-    fn drop(&mut self) {
-        if let Some(out) = self.out.as_mut() {
-            let _ = out.flush();
-        }
-    }
-}
-
 #[derive(Serialize)]
 struct PlanSummary {
+    /// Everything still to carry, over all trips.
     remaining_files: u64,
     remaining_bytes: u64,
+    /// The next trip: whole files and deltas (as `fetch --dry-run`'s
+    /// `fetched_files` and `fetched_bytes`), bytes of ranges, deltas.
+    trip_files: u64,
+    trip_bytes: u64,
+    range_bytes: u64,
+    delta_files: u64,
     symlinks: u64,
     refused_files: u64,
     /// With --max-bytes: trips of that size the rest needs, and the files
@@ -234,15 +191,15 @@ struct PlanSummary {
     trips: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     too_big_files: Option<u64>,
-    /// Files the destination has under another name (renames, copies):
-    /// fetch leaves instructions for them, not bytes.
+    /// Files the next trip leaves as instructions (the destination has
+    /// their content under another name, or the trip carries it once).
     instructed_files: u64,
     /// Entries the source's listing left out (unreadable): not carried.
     skipped: u64,
 }
 
-/// `bitfog plan DESTDB SRCURL`. Streams: with `-v` each file is printed
-/// as the merge finds it, so a million-entry plan holds one entry.
+/// `bitfog plan DESTDB SRCURL`: the whole job and the next trip, decided
+/// as `fetch --dry-run` decides it with an empty courier.
 pub(crate) fn plan(
     ui: &Ui,
     client: &Client,
@@ -251,43 +208,23 @@ pub(crate) fn plan(
     max_bytes: Option<u64>,
 ) -> Result<Exit> {
     check_destdb(client, destdb, src)?;
+    let p = preview::preview(ui, client, destdb, src, None, max_bytes)?;
+    p.list(ui);
+    let f = p.figures();
     let mut sum = PlanSummary {
-        remaining_files: 0,
-        remaining_bytes: 0,
-        symlinks: 0,
-        refused_files: 0,
+        remaining_files: f.trip_files + f.later_files,
+        remaining_bytes: f.trip_bytes + f.range_bytes + f.later_bytes,
+        trip_files: f.trip_files,
+        trip_bytes: f.trip_bytes,
+        range_bytes: f.range_bytes,
+        delta_files: f.delta_files,
+        symlinks: p.symlinks,
+        refused_files: p.refused,
         trips: None,
         too_big_files: None,
-        instructed_files: 0,
-        skipped: 0,
+        instructed_files: f.instructed_files,
+        skipped: p.skipped,
     };
-    // Sizes only, for counting trips: 8 bytes a file.
-    let mut sizes = Vec::new();
-    // Content the destination has under another name is not carried.
-    let dest_index = DestIndex::open(&destdb_path(destdb)?);
-    let mut list = FileList::new(ui);
-    sum.skipped = each_need(ui, client, destdb, src, None, |need, _| {
-        match need {
-            Need::Nothing => {}
-            Need::File(e) if dest_index.find(&e).is_some() => {
-                sum.instructed_files += 1;
-                list.record(&e, "copy");
-            }
-            Need::File(e) => {
-                sum.remaining_files += 1;
-                sum.remaining_bytes += e.size;
-                if max_bytes.is_some() {
-                    sizes.push(e.size);
-                }
-                list.human(&e);
-                list.record(&e, "carry");
-            }
-            Need::Link => sum.symlinks += 1,
-            Need::Refused(..) => sum.refused_files += 1,
-        }
-        Ok(())
-    })?;
-    drop(list);
     let mut human = format!(
         "{} to carry\n",
         files_bytes(sum.remaining_files, sum.remaining_bytes)
@@ -300,12 +237,24 @@ pub(crate) fn plan(
     }
     if sum.instructed_files > 0 {
         human.push_str(&format!(
-            "{} the destination has under other names (nothing to carry)\n",
+            "{} made at the destination from content it has or the trip carries (renames, copies; nothing to carry)\n",
             n_files(sum.instructed_files)
         ));
     }
     if let Some(budget) = max_bytes {
-        let (trips, too_big, too_big_bytes) = plan::trips(&sizes, budget);
+        human.push_str(&format!(
+            "the next trip carries {}{}\n",
+            files_bytes(sum.trip_files, sum.trip_bytes),
+            if sum.range_bytes > 0 {
+                format!(
+                    " and {} of a file bigger than a trip",
+                    human_bytes(sum.range_bytes)
+                )
+            } else {
+                String::new()
+            }
+        ));
+        let (trips, too_big, too_big_bytes) = plan::trips(&p.job_sizes(), budget);
         sum.trips = Some(trips);
         sum.too_big_files = Some(too_big);
         human.push_str(&format!(
@@ -373,7 +322,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let courier = Courier::open(&opts.courier, true)?;
     let dest = Dest::read(ui, &opts.destdb)?;
     let mut survey = survey(ui, client, opts, &courier, &dest)?;
-    let dups = survey.instrs.duplicates();
+    let dups = survey.instrs.twins.duplicates();
     let kept_ranges = prune(ui, &courier, &dest, &mut survey)?;
     let trip = Trip {
         ui,
@@ -584,7 +533,7 @@ impl Survey<'_> {
                 .expect("open until pruned")
                 .add(&Carried::of(&e))?;
             let h = self.held_names.push(&e).map_err(spool_err)?;
-            self.instrs.held(&e, h);
+            self.instrs.twins.held(&e, h);
             self.held.files += 1;
             self.held.bytes += e.size;
             return Ok(());
@@ -617,7 +566,7 @@ impl Survey<'_> {
                 self.deltas_held_covers += e.size;
                 // Its duplicates are made from it once patched.
                 let at = self.held_names.push(&e).map_err(spool_err)?;
-                self.instrs.held(&e, at);
+                self.instrs.twins.held(&e, at);
                 return Ok(());
             }
         }
@@ -629,7 +578,7 @@ impl Survey<'_> {
         let i = self.needed.push(&e).map_err(spool_err)?;
         self.sizes.push(e.size);
         self.costs.push(e.alloc.map_or(e.size, |a| a.min(e.size)));
-        self.instrs.needed(&e, i);
+        self.instrs.twins.needed(&e, i);
         if let Some(p) = self.partials.remove(&e.name) {
             match p.meta {
                 Some(meta) if meta.entry.matches(&e) => {
@@ -1303,123 +1252,64 @@ fn report(ui: &Ui, sum: &FetchSummary) {
     ui.summary(sum, &human);
 }
 
-/// `fetch --dry-run`: what a run would fetch and remove, from the record
-/// alone (no file is hashed, created or removed, and no lock is taken).
-/// The missing entries wait in an anonymous spool file, so memory holds
-/// 8 bytes of each however long the listing.
+/// `fetch --dry-run`: what a run would fetch and remove, decided as
+/// `plan` decides it, against what the courier holds (no file is hashed,
+/// created or removed, and no lock is taken).
 fn dry_run(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
     let c = Courier::open_read(&opts.courier)?;
-    let log = c.read_log();
-    let file_len = |name: &str| {
-        c.carried_meta(name)
-            .ok()
-            .flatten()
-            .filter(|m| m.kind == crate::beneath::Kind::File)
-            .map(|m| m.size)
-    };
-    let spool_err = |e: io::Error| crate::error::Error::io("a scratch file for the plan", &e);
-    let mut needed: courier::Spool<Entry> = courier::Spool::anonymous().map_err(spool_err)?;
-    let mut sizes: Vec<u64> = Vec::new();
-    let mut keep: HashSet<String> = HashSet::new();
-    let (mut held_bytes, mut refused) = (0u64, 0u64);
-    let skipped = each_need(ui, client, &opts.destdb, &opts.src, None, |need, _| {
-        match need {
-            Need::File(e) => {
-                let held = log.get(&e.name).is_some_and(|c| c.matches(&e))
-                    && file_len(&e.name) == Some(e.size);
-                if held {
-                    held_bytes += e.size;
-                    keep.insert(e.name);
-                } else {
-                    needed.push(&e).map_err(spool_err)?;
-                    sizes.push(e.size);
-                }
-            }
-            Need::Refused(..) => refused += 1,
-            Need::Link | Need::Nothing => {}
-        }
-        Ok(())
-    })?;
-    needed.finish().map_err(spool_err)?;
-    let mut human = String::new();
-    let mut freed = 0;
-    for c in log.values().filter(|c| !keep.contains(&c.name)) {
-        if file_len(&c.name).is_some() {
-            human.push_str(&format!("would remove '{}' from the courier\n", c.name));
-            freed += c.size;
-        }
-    }
-    let partial: HashMap<String, u64> = c
-        .partials()
-        .into_iter()
-        .filter_map(|p| Some((p.meta?.entry.name, p.len)))
-        .collect();
-    let usage = c.usage().saturating_sub(freed);
-    let budget = opts
-        .max_bytes
-        .map_or(u64::MAX, |max| max.saturating_sub(usage));
-    let have = |i: usize| {
-        needed
-            .get(i)
-            .ok()
-            .and_then(|e| partial.get(&e.name).copied())
-            .unwrap_or(0)
-            .min(sizes[i])
-    };
-    let taken = if partial.is_empty() {
-        plan::fit_largest_first(&sizes, |i| sizes[i], budget)
-    } else {
-        plan::fit_largest_first(&sizes, |i| sizes[i] - have(i), budget)
-    };
-    // The files it would fetch are listed as they are read back, never
-    // gathered in memory.
-    if ui.json && ui.verbose && !ui.quiet {
-        let mut list = FileList::new(ui);
-        for c in log.values().filter(|c| !keep.contains(&c.name)) {
-            if file_len(&c.name).is_some() {
-                let rec = serde_json::json!({ "name": c.name, "size": c.size, "action": "remove" });
-                list.write(format!("{rec}\n").as_bytes());
-            }
-        }
-        for &i in &taken {
-            let e = needed.get(i).map_err(spool_err)?;
-            list.record(&e, "fetch");
-        }
-    } else if !ui.json {
-        crate::ui::print_stdout(&crate::ui::escape_lines(&human));
-        human.clear();
-        let mut out = io::BufWriter::new(io::stdout().lock());
-        for &i in &taken {
-            let e = needed.get(i).map_err(spool_err)?;
-            let line = format!("would fetch '{}' ({})\n", e.name, human_bytes(e.size));
-            if out
-                .write_all(crate::ui::escape_lines(&line).as_bytes())
-                .is_err()
-            {
-                break;
-            }
-        }
-        let _ = out.flush();
-    }
-    let fetched_bytes: u64 = taken.iter().map(|&i| sizes[i]).sum();
+    let p = preview::preview(
+        ui,
+        client,
+        &opts.destdb,
+        &opts.src,
+        Some(&c),
+        opts.max_bytes,
+    )?;
+    p.list(ui);
+    let f = p.figures();
     let sum = FetchSummary {
-        fetched_files: taken.len() as u64,
-        fetched_bytes,
-        courier_files: (keep.len() + taken.len()) as u64,
-        courier_bytes: held_bytes + fetched_bytes,
-        remaining_files: (sizes.len() - taken.len()) as u64,
-        remaining_bytes: sizes.iter().sum::<u64>() - fetched_bytes,
-        failed_files: refused,
-        budget_stop: taken.len() < sizes.len(),
-        skipped,
+        fetched_files: f.trip_files,
+        fetched_bytes: f.trip_bytes,
+        courier_files: f.held_files + f.trip_files,
+        courier_bytes: p.held_bytes + f.trip_bytes,
+        remaining_files: f.later_files,
+        remaining_bytes: f.later_bytes,
+        failed_files: p.refused,
+        instructed_files: f.instructed_files,
+        range_bytes: f.range_bytes,
+        ranged_files: f.ranged_files,
+        delta_files: f.delta_files,
+        budget_stop: f.later_files > 0,
+        skipped: p.skipped,
         dry_run: true,
         ..Default::default()
     };
+    let mut human = String::new();
+    if !p.removed.is_empty() {
+        human.push_str(&format!(
+            "dry run: would remove {} the destination no longer lacks from the courier\n",
+            files_bytes(
+                p.removed.len() as u64,
+                p.removed.iter().map(|(_, n)| n).sum()
+            )
+        ));
+    }
     human.push_str(&format!(
-        "dry run: would fetch {}; {} would be left for the next trip\n",
+        "dry run: would fetch {}{}; {} would be left for the next trip\n",
         files_bytes(sum.fetched_files, sum.fetched_bytes),
+        if sum.range_bytes > 0 {
+            format!(" and {} as ranges", human_bytes(sum.range_bytes))
+        } else {
+            String::new()
+        },
         files_bytes(sum.remaining_files, sum.remaining_bytes)
     ));
+    if sum.instructed_files > 0 {
+        human.push_str(&format!(
+            "dry run: {} would be made at the destination from content it has or the trip carries\n",
+            n_files(sum.instructed_files)
+        ));
+    }
     ui.summary(&sum, &human);
     Ok(if sum.failed_files > 0 {
         Exit::Failed

@@ -5,4 +5,5 @@
 mod carry;
 pub(crate) mod db;
 pub(crate) mod fetch;
+mod preview;
 pub(crate) mod store;

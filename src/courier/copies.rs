@@ -49,20 +49,26 @@ impl DestIndex {
 
 /// Collects the instructions of one `fetch`.
 pub(crate) struct Instructions {
-    /// Each needed file's hash (first 16 bytes; a false match needs a
-    /// 128-bit collision) and spool index: 20 bytes a file, sorted once
-    /// the merge is done to find duplicates.
-    seen: Vec<([u8; 16], u32)>,
+    /// The needed and held files, for `duplicates`.
+    pub(crate) twins: Twins,
     /// Copies from the destination's own files, in name order.
     dir: Dir,
     out: BufWriter<File>,
     pub(crate) from_dest: u64,
 }
 
+/// Finds the files of a trip that share content: each needed file's hash
+/// (first 16 bytes; a false match needs a 128-bit collision) and index, 20
+/// bytes a file, sorted once the merge is done.
+#[derive(Default)]
+pub(crate) struct Twins {
+    seen: Vec<([u8; 16], u32)>,
+}
+
 /// Where the copies from the destination's files wait, in name order.
 const TMP: &str = "copies.jsonl.tmp";
 
-/// Marks a held file's index in `Instructions::seen`.
+/// Marks a held file's index in `Twins::seen`.
 const HELD: u32 = 1 << 31;
 
 /// Where a duplicate's content is: a file the courier holds, or a needed
@@ -81,20 +87,7 @@ fn key128(sha: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-impl Instructions {
-    /// Collects into the courier's state directory `state`.
-    pub(crate) fn new(state: &Dir) -> Result<Instructions> {
-        let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
-        let dir = state.try_clone().map_err(what)?;
-        let file = dir.create_fresh(TMP.as_bytes()).map_err(what)?;
-        Ok(Instructions {
-            seen: Vec::new(),
-            dir,
-            out: BufWriter::new(file),
-            from_dest: 0,
-        })
-    }
-
+impl Twins {
     /// Notes a needed file (spool index `i`) for `duplicates`.
     pub(crate) fn needed(&mut self, e: &Entry, i: usize) {
         self.note(e, i, 0);
@@ -137,6 +130,21 @@ impl Instructions {
         }
         dups.sort_unstable_by_key(|&(d, _)| d);
         dups
+    }
+}
+
+impl Instructions {
+    /// Collects into the courier's state directory `state`.
+    pub(crate) fn new(state: &Dir) -> Result<Instructions> {
+        let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
+        let dir = state.try_clone().map_err(what)?;
+        let file = dir.create_fresh(TMP.as_bytes()).map_err(what)?;
+        Ok(Instructions {
+            twins: Twins::default(),
+            dir,
+            out: BufWriter::new(file),
+            from_dest: 0,
+        })
     }
 
     /// True when the destination has the content of `e` under another
@@ -253,14 +261,14 @@ mod tests {
         let mut ins = Instructions::new(&Dir::open_path(dir.path()).unwrap()).unwrap();
         let orig = file("d1", 9, &c);
         assert!(!ins.at_dest(&orig, &dest).unwrap());
-        ins.needed(&orig, 0);
-        ins.needed(&file("d2", 9, &c), 1);
+        ins.twins.needed(&orig, 0);
+        ins.twins.needed(&file("d2", 9, &c), 1);
         assert!(ins.at_dest(&file("n", 5, &a), &dest).unwrap());
-        ins.needed(&file("other", 9, &b), 2);
-        ins.needed(&file("z", 9, &c), 3);
-        ins.held(&file("held", 5, &b), 0);
+        ins.twins.needed(&file("other", 9, &b), 2);
+        ins.twins.needed(&file("z", 9, &c), 3);
+        ins.twins.held(&file("held", 5, &b), 0);
         assert_eq!(
-            ins.duplicates(),
+            ins.twins.duplicates(),
             [
                 (1, Origin::Needed(0)),
                 (2, Origin::Held(0)),

@@ -200,12 +200,12 @@ fn renames_and_duplicates_travel_as_instructions() {
     write(&src, "new/a", &data(99, 300_000));
     write(&src, "new/b", &data(99, 300_000));
     bitfog(&["builddb", &su, &t.s("src.db")]).ok();
-    // plan sees the renames and the copy of a file the destination has;
-    // the duplicate pair is two files to carry until fetch finds it.
+    // plan sees the renames and the copy of a file the destination has,
+    // and the duplicate pair as one file to carry and an instruction.
     let p = bitfog(&["plan", &courier, &su, "--json"]).ok();
     assert_eq!(
         (p.num("remaining_files"), p.num("instructed_files")),
-        (2, 5),
+        (1, 6),
         "{p}"
     );
     let f = bitfog(&["fetch", &courier, &su, &courier, "--json"]).ok();
@@ -870,4 +870,141 @@ fn delete_removes_directories_the_source_does_not_have_and_keeps_its_own() {
     bitfog(&["store", &t.s("src.db"), &du, &t.s("c"), "--delete"]).ok();
     assert_eq!(dirs(&dst), dirs(&src));
     assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn plan_and_fetch_dry_run_decide_the_same_trip_as_fetch() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    // A rename (the destination has new/x as old/x), a duplicate pair, a
+    // file bigger than the smaller budgets, and files of several sizes.
+    write(&dst, "old/x", &data(1, 300_000));
+    write(&src, "new/x", &data(1, 300_000));
+    write(&src, "big", &data(2, 8_000_000));
+    write(&src, "m1", &data(3, 2_000_000));
+    write(&src, "m2", &data(4, 1_500_000));
+    write(&src, "s1", &data(5, 500_000));
+    write(&src, "s1-copy", &data(5, 500_000));
+    write(&src, "s2", &data(6, 100_000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let su = server.url("src");
+    bitfog(&["builddb", &server.url("dst"), &t.s("dest.db")]).ok();
+    let actions = |r: &Run| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = r
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|j| j.get("action").is_some())
+            .map(|j| {
+                (
+                    j["name"].as_str().unwrap().into(),
+                    j["action"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for (k, budget) in ["1M", "3M", "4M", "6M", "12M", ""].into_iter().enumerate() {
+        let mut max: Vec<&str> = vec![];
+        if !budget.is_empty() {
+            max = vec!["--max-bytes", budget];
+        }
+        let courier = t.s(&format!("courier{k}"));
+        let with = |args: &[&str]| -> Vec<String> {
+            args.iter().chain(&max).map(|s| s.to_string()).collect()
+        };
+        let run = |args: Vec<String>| bitfog(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let p = run(with(&["plan", &t.s("dest.db"), &su, "--json", "-v"])).ok();
+        let d = run(with(&[
+            "fetch",
+            &t.s("dest.db"),
+            &su,
+            &courier,
+            "--dry-run",
+            "--json",
+            "-v",
+        ]))
+        .ok();
+        let f = run(with(&["fetch", &t.s("dest.db"), &su, &courier, "--json"])).ok();
+        let (pj, dj, fj) = (p.last_json(), d.last_json(), f.last_json());
+        let trip = (
+            pj["trip_files"].as_u64(),
+            pj["trip_bytes"].as_u64(),
+            pj["range_bytes"].as_u64(),
+        );
+        assert_eq!(
+            trip,
+            (
+                dj["fetched_files"].as_u64(),
+                dj["fetched_bytes"].as_u64(),
+                dj["range_bytes"].as_u64()
+            ),
+            "budget {budget}: plan and fetch --dry-run\n{p}\n{d}"
+        );
+        assert_eq!(
+            trip,
+            (
+                fj["fetched_files"].as_u64(),
+                fj["fetched_bytes"].as_u64(),
+                fj["range_bytes"].as_u64()
+            ),
+            "budget {budget}: plan and the fetch itself\n{p}\n{f}"
+        );
+        assert_eq!(
+            (
+                pj["instructed_files"].as_u64(),
+                dj["instructed_files"].as_u64()
+            ),
+            (
+                fj["instructed_files"].as_u64(),
+                fj["instructed_files"].as_u64()
+            ),
+            "budget {budget}: instructions\n{p}\n{d}\n{f}"
+        );
+        let (pa, da) = (actions(&p), actions(&d));
+        assert_eq!(pa, da, "budget {budget}: the same action for each file");
+        assert!(pa.contains(&("new/x".into(), "copy".into())), "{p}");
+        // What the trip carries is what the courier then holds.
+        for (name, act) in &pa {
+            let there = t.path(&courier).join(name).exists();
+            assert_eq!(
+                there,
+                act == "carry",
+                "budget {budget}: '{name}' ({act})\n{p}"
+            );
+        }
+    }
+    // At 3M: the largest files that fit go whole, the duplicate is an
+    // instruction, the 8 MB file waits; at 6M what is left starts it.
+    let p = bitfog(&[
+        "plan",
+        &t.s("dest.db"),
+        &su,
+        "--json",
+        "-v",
+        "--max-bytes",
+        "3M",
+    ])
+    .ok();
+    let want: Vec<(String, String)> = [
+        ("big", "later"),
+        ("m1", "carry"),
+        ("m2", "later"),
+        ("new/x", "copy"),
+        ("s1", "carry"),
+        ("s1-copy", "copy"),
+        ("s2", "carry"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(actions(&p), want, "{p}");
+    let p = bitfog(&["plan", &t.s("dest.db"), &su, "-v", "--max-bytes", "6M"]).ok();
+    assert!(
+        p.stdout
+            .lines()
+            .any(|l| l.starts_with("range ") && l.ends_with(" big")),
+        "{p}"
+    );
 }

@@ -324,7 +324,7 @@ fn json_verbose_plans_are_one_record_per_file_then_the_summary() {
     let v = lines(&f);
     assert!(
         v.iter()
-            .any(|r| r["name"] == "b/c" && r["action"] == "fetch"),
+            .any(|r| r["name"] == "b/c" && r["action"] == "carry"),
         "{f}"
     );
     assert_eq!(v.last().unwrap()["dry_run"], true);

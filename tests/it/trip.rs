@@ -677,10 +677,16 @@ fn fetch_dry_run_changes_nothing() {
         &server.url("src"),
         &t.s("courier"),
         "--dry-run",
+        "-v",
     ])
     .ok();
+    let carried = |name: &str| {
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("carry ") && l.ends_with(&format!(" {name}")))
+    };
     assert!(
-        r.stdout.contains("would fetch 'b'") && r.stdout.contains("would fetch 'a'"),
+        carried("a") && carried("b") && r.stdout.contains("would fetch 2 files"),
         "{r}"
     );
 }

@@ -72,6 +72,12 @@ impl Run {
             .unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{self}"))
     }
 
+    /// The last line of stdout as JSON (after `-v` records).
+    pub fn last_json(&self) -> serde_json::Value {
+        let last = self.stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e})\n{self}"))
+    }
+
     #[track_caller]
     pub fn num(&self, key: &str) -> u64 {
         self.json()[key]
