@@ -30,6 +30,9 @@ pub(super) enum Failure {
     TooBig,
     /// The other end answered with a refusal.
     Refused(String),
+    /// The destination answered 507: its disk is full. The run stops
+    /// starting uploads.
+    DestFull(String),
     /// The server could not be reached or stopped answering: the run
     /// stops starting transfers.
     Unreachable(String),
@@ -38,6 +41,11 @@ pub(super) enum Failure {
 }
 
 impl Failure {
+    /// A 507 from the destination.
+    pub(super) fn dest_full(reason: &str) -> Failure {
+        Failure::DestFull(format!("the destination disk is full ({reason})"))
+    }
+
     /// A client error: one that says the server is gone is `Unreachable`.
     pub(super) fn client(err: crate::error::Error) -> Failure {
         if err.unreachable {
@@ -69,6 +77,7 @@ impl std::fmt::Display for Failure {
             Failure::SourceChanged(why)
             | Failure::Damaged(why)
             | Failure::Refused(why)
+            | Failure::DestFull(why)
             | Failure::Unreachable(why)
             | Failure::Io(why) => f.write_str(why),
         }
@@ -183,6 +192,7 @@ pub(super) fn upload_range(
             "the assembled file did not match its SHA-256 ({}); the destination dropped it and it starts over",
             r.reason
         ))),
+        Err(r) if r.status == 507 => Err(Failure::dest_full(&r.reason)),
         Err(r) => Err(Failure::Refused(r.reason)),
     }
 }

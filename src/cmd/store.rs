@@ -76,6 +76,10 @@ struct StoreSummary {
     /// The destination server stopped answering; the run stopped there.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     server_gone: bool,
+    /// The destination's disk filled up (it answered 507); no upload was
+    /// started after that.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    disk_full: bool,
     /// Files SRCDB has that neither the destination nor the courier holds.
     missing_files: u64,
     missing_bytes: u64,
@@ -174,7 +178,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     } else {
         remove_dirs(client, opts, doomed, &mut sum)
     };
-    let made = if sum.server_gone {
+    let made = if sum.server_gone || sum.disk_full {
         Vec::new()
     } else {
         make_dirs(ui, client, opts, src.end(), &dest_end, &mut sum)
@@ -634,6 +638,9 @@ struct Execution<'a> {
     /// actions are tried, each left counts as failed (so the receipt
     /// leaves its name as the destination had it).
     gone: AtomicBool,
+    /// Set when the destination said its disk is full: no more uploads,
+    /// copies, ranges or patches are tried, each left counts as failed.
+    full: AtomicBool,
 }
 
 impl Execution<'_> {
@@ -668,6 +675,14 @@ impl Execution<'_> {
             Err(why) => {
                 sum.failed_files += 1;
                 drop(sum);
+                if let Failure::DestFull(_) = why {
+                    if !self.full.swap(true, Ordering::SeqCst) {
+                        self.ui.error(format!(
+                            "'{name}': {why}; stopping the uploads: what was stored is kept; free space at the destination and rerun store to continue"
+                        ));
+                    }
+                    return self.progress_one(action);
+                }
                 // Once the server is gone, failures are not named one by one.
                 let gone = self.gone.load(Ordering::SeqCst)
                     || matches!(why, Failure::Unreachable(_))
@@ -681,9 +696,19 @@ impl Execution<'_> {
                 }
             }
         }
+        self.progress_one(action);
+    }
+
+    fn progress_one(&self, action: &Action) {
         if !matches!(action, Action::Delete(_)) {
             self.progress.files.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// True when `action` would write data the full destination has no
+    /// room for (deletions and symlinks still go).
+    fn no_room_for(&self, action: &Action) -> bool {
+        self.full.load(Ordering::SeqCst) && !matches!(action, Action::Delete(_) | Action::Link(_))
     }
 
     /// Runs `work(0..n)` on `--jobs` threads.
@@ -726,6 +751,9 @@ impl Execution<'_> {
         if self.gone.load(Ordering::SeqCst) {
             return self.record(action, Err(Failure::Unreachable("not tried".into())));
         }
+        if self.no_room_for(action) {
+            return self.record(action, Err(Failure::DestFull("not tried".into())));
+        }
         self.record(
             action,
             run(self.client, self.courier, &self.opts.dest, action),
@@ -745,6 +773,12 @@ impl Execution<'_> {
             return self.record(
                 &Action::Ranges(e),
                 Err(Failure::Unreachable("not tried".into())),
+            );
+        }
+        if self.full.load(Ordering::SeqCst) {
+            return self.record(
+                &Action::Ranges(e),
+                Err(Failure::DestFull("not tried".into())),
             );
         }
         match send_ranges(self.client, &self.opts.dest, self.courier, held, &e) {
@@ -800,12 +834,16 @@ fn execute(
         ranged: Mutex::default(),
         unsure: AtomicBool::new(false),
         gone: AtomicBool::new(false),
+        full: AtomicBool::new(false),
     };
     // 1. Copies. One whose source is not there yet (a duplicate of a file
     //    this run uploads) is tried again at the end.
     let again: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     x.phase(spool.len(), &|i| {
         if let Some(Some(a @ Action::Copy(..))) = copy_at[i].then(|| x.spooled(i)) {
+            if x.no_room_for(&a) {
+                return x.record(&a, Err(Failure::DestFull("not tried".into())));
+            }
             match run_copy(client, &opts.dest, &a) {
                 Err(Retry) => again.lock().expect("again").push(i),
                 Ok(outcome) => x.record(&a, outcome),
@@ -832,7 +870,11 @@ fn execute(
         }
     });
     x.progress.finish();
-    x.results.lock().expect("summary").server_gone = x.gone.load(Ordering::SeqCst);
+    {
+        let mut sum = x.results.lock().expect("summary");
+        sum.server_gone = x.gone.load(Ordering::SeqCst);
+        sum.disk_full = x.full.load(Ordering::SeqCst);
+    }
     let outcomes = Outcomes {
         failed: x.failed.into_inner().expect("names"),
         deleted: x.deleted.into_inner().expect("names"),
@@ -982,6 +1024,11 @@ fn report(ui: &Ui, opts: &StoreOpts, sum: &StoreSummary) {
     if sum.server_gone {
         human.push_str(
             "stopped: the destination server stopped answering; rerun store to continue\n",
+        );
+    }
+    if sum.disk_full {
+        human.push_str(
+            "stopped: the destination disk is full; free space there and rerun store to continue\n",
         );
     }
     if sum.failed_files > 0 {
@@ -1238,7 +1285,7 @@ fn copy_refused(from: &str, r: crate::client::Refused) -> Failure {
             "the destination cannot make files from its own copies ({}); carry the file",
             r.reason
         ),
-        507 => format!("the destination disk is full ({})", r.reason),
+        507 => return Failure::dest_full(&r.reason),
         _ => r.reason,
     })
 }
@@ -1271,7 +1318,7 @@ fn run(
 /// The refusal of an upload, in words: a full disk, changed content.
 fn refused(r: crate::client::Refused) -> Failure {
     Failure::Refused(match r.status {
-        507 => format!("the destination disk is full ({})", r.reason),
+        507 => return Failure::dest_full(&r.reason),
         422 => format!(
             "the destination refused the content as changed ({})",
             r.reason

@@ -518,7 +518,8 @@ fn a_full_destination_disk_answers_507_and_keeps_nothing_partial() {
     bitfog(&["emptydb", &t.s("dest.db")]).ok();
     bitfog(&["builddb", &su, &t.s("src.db")]).ok();
     bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("courier")]).ok();
-    // One upload at a time: the large file fails first and frees its space.
+    // One upload at a time: the large file fails first, and the run stops
+    // there: the small one is not tried on a disk that said it is full.
     let s = bitfog(&[
         "store",
         &t.s("src.db"),
@@ -531,17 +532,33 @@ fn a_full_destination_disk_answers_507_and_keeps_nothing_partial() {
     .code(1);
     assert_eq!(
         (s.num("stored_files"), s.num("failed_files")),
-        (1, 1),
+        (0, 2),
         "{s}"
     );
+    assert_eq!(s.json()["disk_full"], true, "{s}");
+    let lines: Vec<&str> = s.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line says it: {s}");
     assert!(
-        s.stderr.contains("'large'") && s.stderr.contains("full"),
+        lines[0].contains("'large'")
+            && lines[0].contains("destination disk is full")
+            && lines[0].contains("rerun store"),
         "{s}"
     );
+    assert!(!server.log_text().contains("PUT /dst/small"), "not tried");
     assert!(server.log_text().contains("\"PUT /dst/large\" 507"));
-    let names: Vec<String> = tree(&dst).into_iter().map(|e| e.0).collect();
-    assert_eq!(names, ["small"], "no partial or temporary file is left");
-    assert_eq!(fs::read_dir(&dst).unwrap().count(), 1);
+    assert_eq!(
+        fs::read_dir(&dst).unwrap().count(),
+        0,
+        "no partial or temporary file is left"
+    );
+    // With room again, a rerun stores both.
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=8M", dst.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    bitfog(&["store", &t.s("src.db"), &du, &t.s("courier")]).ok();
+    assert_same_tree(&src, &dst);
 }
 
 #[test]
