@@ -700,8 +700,13 @@ pub(crate) enum Found<'a> {
         name: &'a [u8],
         kind: Kind,
     },
-    /// A directory that has no names in it at all.
-    Empty { dir: &'a Dir, rel: &'a Path },
+    /// A directory, before what is in it (the root first, as ""):
+    /// `empty` when it has no names in it at all.
+    Dir {
+        dir: &'a Dir,
+        rel: &'a Path,
+        empty: bool,
+    },
     /// A directory that could not be opened, read or found again (a
     /// permission, a swap for a symlink, too many open files, an I/O
     /// error), or a name that could not be looked at: what is there is
@@ -740,6 +745,13 @@ pub(crate) fn walk(
             return;
         }
     };
+    if !visit(Found::Dir {
+        dir: &dir,
+        rel: Path::new(""),
+        empty: names.is_empty(),
+    }) {
+        return;
+    }
     let mut stack = vec![Level {
         rel: PathBuf::new(),
         dir: Some(dir),
@@ -809,13 +821,14 @@ pub(crate) fn walk(
                 continue;
             }
         };
+        if !visit(Found::Dir {
+            dir: &child,
+            rel: &rel,
+            empty: names.is_empty(),
+        }) {
+            return;
+        }
         if names.is_empty() {
-            if !visit(Found::Empty {
-                dir: &child,
-                rel: &rel,
-            }) {
-                return;
-            }
             continue;
         }
         if depth > OPEN_LEVELS {
@@ -873,7 +886,7 @@ mod tests {
                         seen.push(rel.to_path_buf());
                     }
                     Found::Unreadable { rel, .. } => unreadable.push(rel.to_path_buf()),
-                    Found::Empty { .. } => {}
+                    Found::Dir { .. } => {}
                 }
                 true
             },

@@ -178,12 +178,13 @@ impl Client {
     }
 
     /// Streams and validates an area's listing.
-    /// The area's listing, with its empty directories (`?dirs=1`).
+    /// The area's listing, with its directories (`?dirs=1&alldirs=1`:
+    /// every one from a server that knows `alldirs`, else the empty ones).
     pub(crate) fn listing(
         &self,
         area: &AreaUrl,
     ) -> Result<Reader<BufReader<Stall<BodyReader<'static>>>>> {
-        let url = format!("{}?dirs=1", area.as_str());
+        let url = format!("{}?dirs=1&alldirs=1", area.as_str());
         let resp = self
             .auth(self.agent.get(&url))
             .call()

@@ -50,10 +50,17 @@ pub(crate) fn builddb(
     let skipped = end.skipped;
     out.dirs = end.dirs;
     out.dirs_omitted = end.dirs_omitted;
+    out.dirs_meta_omitted = end.dirs_meta_omitted;
     let (files, bytes) = out.commit_with(skipped, end.partials)?;
     if skipped > 0 {
         ui.error(format!(
             "{url}: the server left out {skipped} names it could not list (see its log)"
+        ));
+    }
+    if end.dirs_meta_omitted > 0 {
+        ui.error(format!(
+            "{url}: the listing gives the mode and mtime of only some directories ({} more did not fit in its end record); those keep the destination's",
+            end.dirs_meta_omitted
         ));
     }
     if end.dirs_omitted > 0 {

@@ -91,6 +91,7 @@ pub(crate) fn each_need(
     if let (Some(mut t), Some(end), Some(c)) = (tee, listing.end(), keep) {
         t.dirs = end.dirs.clone();
         t.dirs_omitted = end.dirs_omitted;
+        t.dirs_meta_omitted = end.dirs_meta_omitted;
         let kept = match tee_err {
             Some(e) => Err(e),
             None => t.commit_with(end.skipped, end.partials.clone()).map(drop),

@@ -172,16 +172,27 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     if opts.dry_run {
         return Ok(dry_run(ui, plan, &doomed, over_limit));
     }
-    let (mut sum, outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan)?;
+    let (mut sum, mut outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan)?;
     let removed = if sum.server_gone {
         HashSet::new()
     } else {
         remove_dirs(client, opts, doomed, &mut sum)
     };
+    for d in &removed {
+        outcomes.touched.insert(parent_of(d).to_string());
+    }
     let made = if sum.server_gone || sum.disk_full {
         Vec::new()
     } else {
-        make_dirs(ui, client, opts, src.end(), &dest_end, &mut sum)
+        make_dirs(
+            ui,
+            client,
+            opts,
+            src.end(),
+            &dest_end,
+            &mut outcomes.touched,
+            &mut sum,
+        )
     };
     let receipt = plan.receipt.take().expect("a receipt unless dry run");
     if unsure {
@@ -638,6 +649,9 @@ struct Execution<'a> {
     /// actions are tried, each left counts as failed (so the receipt
     /// leaves its name as the destination had it).
     gone: AtomicBool,
+    /// Directories this run wrote in (whatever the outcome: a failed
+    /// upload may have moved its directory's mtime too).
+    touched: Mutex<HashSet<String>>,
     /// Set when the destination said its disk is full: no more uploads,
     /// copies, ranges or patches are tried, each left counts as failed.
     full: AtomicBool,
@@ -654,6 +668,17 @@ impl Execution<'_> {
             | Action::Patch(e, ..) => &e.name,
             Action::Delete(n) => n,
         };
+        let tried = !matches!(
+            &outcome,
+            Err(Failure::Unreachable(why) | Failure::DestFull(why)) if why == "not tried"
+        );
+        if tried {
+            let parent = parent_of(name);
+            let mut touched = self.touched.lock().expect("names");
+            if !touched.contains(parent) {
+                touched.insert(parent.to_string());
+            }
+        }
         match (action, &outcome) {
             (Action::Delete(_), Ok(())) => {
                 self.deleted.lock().expect("names").insert(name.clone());
@@ -835,6 +860,7 @@ fn execute(
         unsure: AtomicBool::new(false),
         gone: AtomicBool::new(false),
         full: AtomicBool::new(false),
+        touched: Mutex::default(),
     };
     // 1. Copies. One whose source is not there yet (a duplicate of a file
     //    this run uploads) is tried again at the end.
@@ -881,6 +907,7 @@ fn execute(
         progress: x.ranged.into_inner().expect("progress"),
         made: Vec::new(),
         removed: HashSet::new(),
+        touched: x.touched.into_inner().expect("names"),
     };
     Ok((
         x.results.into_inner().expect("summary"),
@@ -923,7 +950,8 @@ fn doomed_dirs(
     let mut doomed: Vec<String> = dst_dirs
         .into_iter()
         .filter(|d| {
-            !src_dirs.contains(d)
+            !d.is_empty()
+                && !src_dirs.contains(d)
                 && !d
                     .split('/')
                     .any(|c| crate::wire::paths::is_reserved(c.as_bytes()))
@@ -954,34 +982,51 @@ fn remove_dirs(
     removed
 }
 
-/// Stage 4: the empty directories of SRCDB the destination does not
-/// have as listed, last, so their mtime stays as SRCDB has it. Returns
-/// those made.
+/// Stage 4: the directories of SRCDB (every one, when its server named
+/// them all; else the empty ones) that the destination does not have as
+/// listed, or that this run wrote in: made if missing, and given SRCDB's
+/// mode and mtime. Deepest first and after every file, so nothing written
+/// later moves an mtime, and a directory is made before its parent's
+/// mtime is set. Returns those made or set.
 fn make_dirs(
     ui: &Ui,
     client: &Client,
     opts: &StoreOpts,
     src_end: Option<crate::wire::manifest::End>,
     dest_end: &crate::wire::manifest::End,
+    touched: &mut HashSet<String>,
     sum: &mut StoreSummary,
 ) -> Vec<crate::wire::manifest::EmptyDir> {
+    let mut dirs = src_end.map(|e| e.dirs).unwrap_or_default();
+    dirs.sort_by(|a, b| {
+        let depth = |s: &str| s.matches('/').count() + usize::from(!s.is_empty());
+        depth(&b.name)
+            .cmp(&depth(&a.name))
+            .then_with(|| b.name.cmp(&a.name))
+    });
+    let there: HashMap<&str, &crate::wire::manifest::EmptyDir> =
+        dest_end.dirs.iter().map(|d| (d.name.as_str(), d)).collect();
     let mut made = Vec::new();
-    for d in src_end.map(|e| e.dirs).unwrap_or_default() {
-        let there = dest_end
-            .dirs
-            .iter()
-            .any(|x| x.name == d.name && x.mode & 0o777 == d.mode & 0o777 && x.mtime == d.mtime);
-        if there {
+    for d in dirs {
+        let listed = there.get(d.name.as_str());
+        let same = listed.is_some_and(|x| x.mode & 0o777 == d.mode & 0o777 && x.mtime == d.mtime);
+        if same && !touched.contains(&d.name) {
             continue;
         }
-        if let Err(why) = check_carried_name(&d.name) {
-            ui.error(format!("refusing directory '{}': {}", d.name, why.reason()));
-            sum.failed_files += 1;
-            continue;
+        if !d.name.is_empty() {
+            if let Err(why) = check_carried_name(&d.name) {
+                ui.error(format!("refusing directory '{}': {}", d.name, why.reason()));
+                sum.failed_files += 1;
+                continue;
+            }
         }
         match client.put_dir(&opts.dest, &d) {
             Ok(Ok(())) => {
                 sum.dirs_made += 1;
+                if listed.is_none() {
+                    // Making it wrote in its parent.
+                    touched.insert(parent_of(&d.name).to_string());
+                }
                 made.push(d);
             }
             Ok(Err(r)) => {
@@ -995,6 +1040,11 @@ fn make_dirs(
         }
     }
     made
+}
+
+/// The directory a name is in ("" for the area's root).
+fn parent_of(name: &str) -> &str {
+    name.rsplit_once('/').map_or("", |(p, _)| p)
 }
 
 /// The summary, as JSON or as lines for a person.
@@ -1047,6 +1097,8 @@ struct Outcomes {
     made: Vec<crate::wire::manifest::EmptyDir>,
     /// Directories removed (`--delete`).
     removed: HashSet<String>,
+    /// Directories this run wrote in (their mtime moved).
+    touched: HashSet<String>,
 }
 
 /// Writes `COURIER/.bitfog/receipt.jsonl`: the destination's manifest
@@ -1064,10 +1116,11 @@ fn write_receipt(
         progress,
         made,
         removed,
+        ..
     } = outcomes;
-    // Empty directories: those listed and not removed and those made,
-    // less any that an entry of the receipt now sits in.
-    let mut dirs: std::collections::BTreeMap<String, crate::wire::manifest::EmptyDir> = listed
+    // Directories: those listed and not removed, and those made or set
+    // (as SRCDB has them).
+    let dirs: std::collections::BTreeMap<String, crate::wire::manifest::EmptyDir> = listed
         .dirs
         .iter()
         .filter(|d| !removed.contains(&d.name))
@@ -1119,11 +1172,6 @@ fn write_receipt(
             Some(line.e)
         };
         if let Some(e) = e {
-            let mut at = e.name.as_str();
-            while let Some((parent, _)) = at.rsplit_once('/') {
-                dirs.remove(parent);
-                at = parent;
-            }
             out.entry(&e)?;
         }
     }
@@ -1131,6 +1179,7 @@ fn write_receipt(
     dirs.sort_by(|a, b| crate::wire::paths::name_cmp(&a.name, &b.name));
     out.dirs = dirs;
     out.dirs_omitted = listed.dirs_omitted;
+    out.dirs_meta_omitted = listed.dirs_meta_omitted;
     out.commit_with(listed.skipped, partials)?;
     Ok(())
 }

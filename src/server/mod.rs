@@ -18,6 +18,7 @@ use crate::digest::{CopyError, Hasher, Writeback, copy_hashing, is_sha256_hex};
 use crate::error::{Error, Result, describe_io, is_disk_full, print_error};
 use crate::http::{self, Body, Request, Response};
 use crate::wire::delta;
+use crate::wire::manifest::EmptyDir;
 use crate::wire::manifest::{End, PartialUpload};
 use crate::wire::paths::{components, has_reserved, is_reserved};
 use crate::wire::protocol::{self, RangeAsk};
@@ -414,8 +415,8 @@ enum FileOp {
 enum Route {
     /// `GET /`.
     Index,
-    /// The listing of the area (`dirs`: with its empty directories).
-    Listing { dirs: bool },
+    /// The listing of the area, with the directories asked for.
+    Listing { dirs: Dirs },
     /// A file of the area, by its checked components, and what to do.
     File(FileOp, Vec<Vec<u8>>),
     /// Answered as it is: a bad target or path, a reserved name, a
@@ -470,10 +471,14 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
         route,
     };
     if file.is_empty() {
+        let writable = config[area].writable;
         return routed(match method {
             "GET" | "HEAD" => Route::Listing {
                 dirs: wants_dirs(target),
             },
+            // Only a directory PUT, which sets the root's mode and mtime.
+            "PUT" if writable => Route::File(FileOp::Put, Vec::new()),
+            _ if writable => Route::Answer(not_allowed("GET, HEAD, PUT")),
             _ => Route::Answer(not_allowed("GET, HEAD")),
         });
     }
@@ -612,13 +617,30 @@ fn index(state: &State) -> Response {
 
 /// Streams the listing: a walker thread produces lines; this side writes
 /// them and sends an empty line whenever the walker is slow (hashing).
-/// True when a listing request asks for empty directories (`?dirs=1`).
-/// Without it the end record is exactly as the SPEC shows it, so scripts
-/// that compare it see no new field.
-fn wants_dirs(target: &str) -> bool {
-    target
-        .split_once('?')
-        .is_some_and(|(_, q)| q.split('&').any(|p| p == "dirs=1"))
+/// Which directories a listing's end record names.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dirs {
+    /// None: the end record is exactly as the SPEC shows it, so scripts
+    /// that compare it see no new field.
+    No,
+    /// `?dirs=1`: the empty ones (the others are implied by their entries).
+    Empty,
+    /// `?dirs=1&alldirs=1`: every directory, the root first as "", so that
+    /// modes and mtimes of directories travel too. (An older server
+    /// ignores `alldirs` and names the empty ones.)
+    All,
+}
+
+fn wants_dirs(target: &str) -> Dirs {
+    let Some((_, q)) = target.split_once('?') else {
+        return Dirs::No;
+    };
+    let has = |p: &str| q.split('&').any(|x| x == p);
+    match (has("dirs=1"), has("alldirs=1")) {
+        (true, true) => Dirs::All,
+        (true, false) => Dirs::Empty,
+        _ => Dirs::No,
+    }
 }
 
 /// The bytes `v` takes in a JSON array (its JSON and a comma).
@@ -626,7 +648,7 @@ fn json_len(v: &impl serde::Serialize) -> usize {
     serde_json::to_vec(v).map_or(usize::MAX / 2, |j| j.len() + 1)
 }
 
-fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool) -> Response {
+fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: Dirs) -> Response {
     let cache = state
         .cache
         .as_ref()
@@ -650,8 +672,9 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
             let mut partials = Vec::new();
-            let mut dirs = Vec::new();
-            let (mut dirs_omitted, mut end_bytes) = (0u64, 0usize);
+            let mut dirs: Vec<Option<EmptyDir>> = Vec::new();
+            let mut evictable: Vec<usize> = Vec::new();
+            let (mut dirs_omitted, mut meta_omitted, mut end_bytes) = (0u64, 0u64, 0usize);
             // Signatures worth keeping: those of the files listed.
             let mut signed = HashSet::new();
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
@@ -687,16 +710,31 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
                             partials.push(p);
                         }
                     }
-                    Item::EmptyDir(d) if with_dirs => {
+                    // Within the budget, an empty directory (which nothing
+                    // else implies) takes the place of one with entries.
+                    Item::Dir(d, empty)
+                        if with_dirs == Dirs::All || (with_dirs == Dirs::Empty && empty) =>
+                    {
                         let n = json_len(&d);
+                        while empty && end_bytes + n > END_RECORD_BUDGET {
+                            let Some(i) = evictable.pop() else { break };
+                            let gone: Option<EmptyDir> = dirs[i].take();
+                            end_bytes -= gone.as_ref().map_or(0, json_len);
+                            meta_omitted += 1;
+                        }
                         if end_bytes + n <= END_RECORD_BUDGET {
                             end_bytes += n;
-                            dirs.push(d);
-                        } else {
+                            if !empty {
+                                evictable.push(dirs.len());
+                            }
+                            dirs.push(Some(d));
+                        } else if empty {
                             dirs_omitted += 1;
+                        } else {
+                            meta_omitted += 1;
                         }
                     }
-                    Item::EmptyDir(_) => {}
+                    Item::Dir(..) => {}
                 }
                 if chunk.len() >= LISTING_CHUNK
                     || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
@@ -713,11 +751,12 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: bool)
             if open {
                 let mut end = End::new(count, bytes, skipped);
                 end.partials = partials;
-                end.dirs = dirs;
+                end.dirs = dirs.into_iter().flatten().collect();
                 end.dirs_omitted = dirs_omitted;
+                end.dirs_meta_omitted = meta_omitted;
                 // Like `dirs`, only for clients that ask for the extended
                 // end record: a plain listing's stays as it always was.
-                if with_dirs {
+                if with_dirs != Dirs::No {
                     end.area_id = Some(id);
                 }
                 let _ = serde_json::to_writer(&mut chunk, &end);
@@ -991,6 +1030,13 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request, sigs: Option<&SigCache>)
     }
     if content_type_is(req, protocol::DIRECTORY_TYPE) {
         return put_dir(root, comps, req);
+    }
+    if comps.is_empty() {
+        return Response::text(
+            405,
+            "only a directory PUT (its mode and mtime) may name the area itself",
+        )
+        .with("Allow", "GET, HEAD, PUT");
     }
     let dir = match parent_dir(root, comps, true) {
         Ok(d) => d,
@@ -1831,7 +1877,7 @@ mod tests {
             let r = route(&config, method, target);
             let what = match &r.route {
                 Route::Index => "index".to_string(),
-                Route::Listing { dirs } => format!("listing dirs={dirs}"),
+                Route::Listing { dirs } => format!("listing dirs={dirs:?}"),
                 Route::File(op, comps) => format!("{op:?} {}", comps.join(&b'/').escape_ascii()),
                 Route::Answer(resp) => resp.status.to_string(),
             };
@@ -1845,9 +1891,17 @@ mod tests {
         assert_eq!(go("GET", "relative"), none("400"));
         assert_eq!(go("GET", "/%zz/"), none("400"));
         assert_eq!(go("GET", "/missing/x"), none("404"));
-        assert_eq!(go("GET", "/ro/"), ro("listing dirs=false"));
-        assert_eq!(go("GET", "/ro/?dirs=1"), ro("listing dirs=true"));
-        assert_eq!(go("PUT", "/rw/"), rw("405"));
+        assert_eq!(go("GET", "/ro/"), ro("listing dirs=No"));
+        assert_eq!(go("GET", "/ro/?dirs=1"), ro("listing dirs=Empty"));
+        assert_eq!(go("GET", "/ro/?dirs=1&alldirs=1"), ro("listing dirs=All"));
+        assert_eq!(go("GET", "/ro/?alldirs=1"), ro("listing dirs=No"));
+        assert_eq!(
+            go("PUT", "/rw/").1.trim(),
+            "Put",
+            "a directory PUT sets the root's meta"
+        );
+        assert_eq!(go("DELETE", "/rw/"), rw("405"));
+        assert_eq!(go("PUT", "/ro/"), ro("405"));
         // A bad path is answered only after the area's token was checked.
         assert_eq!(go("GET", "/ro/a/../b"), ro("400"));
         assert_eq!(go("GET", "/ro/a%2f..%2fb"), ro("400"));

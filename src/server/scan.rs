@@ -21,8 +21,8 @@ pub(super) enum Item {
     Entry(Entry),
     /// A file arriving range by range (its record, with the full name).
     Partial(crate::wire::manifest::PartialUpload),
-    /// A directory with nothing in it.
-    EmptyDir(crate::wire::manifest::EmptyDir),
+    /// A directory (the root as ""), and whether it has nothing in it.
+    Dir(crate::wire::manifest::EmptyDir, bool),
     /// Left out of the listing (not UTF-8, unreadable, vanished): the
     /// reason, for the log; counted in the end record's `skipped`.
     Skipped(String),
@@ -70,9 +70,9 @@ pub(super) fn scan(
                     crate::error::describe_io(&err)
                 ))));
             }
-            Walked::Empty { dir, rel } => {
-                if let Some(e) = empty_dir(dir, rel) {
-                    batch.push(Found::Ready(Item::EmptyDir(e)));
+            Walked::Dir { dir, rel, empty } => {
+                if let Some(e) = dir_record(dir, rel) {
+                    batch.push(Found::Ready(Item::Dir(e, empty)));
                 }
             }
             Walked::Item { kind, .. } if !matches!(kind, Kind::File | Kind::Symlink) => {}
@@ -243,8 +243,8 @@ fn hash_all(items: &[Found], cancel: &AtomicBool) -> Vec<Result<String, String>>
         .collect()
 }
 
-/// An empty directory's name (relative, UTF-8), mode and mtime.
-fn empty_dir(dir: &Dir, rel: &Path) -> Option<crate::wire::manifest::EmptyDir> {
+/// A directory's name (relative, UTF-8), mode and mtime.
+fn dir_record(dir: &Dir, rel: &Path) -> Option<crate::wire::manifest::EmptyDir> {
     let name = rel.to_str()?.to_string();
     let (mode, mtime) = dir.own_meta().ok()?;
     Some(crate::wire::manifest::EmptyDir { name, mode, mtime })

@@ -84,14 +84,19 @@ pub(crate) struct End {
     /// (see `PUT` with `Content-Range`). Not counted in `count`/`bytes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) partials: Vec<PartialUpload>,
-    /// Empty directories (directories with anything in them are implied
-    /// by their entries), in name order. Not counted in `count`.
+    /// Directories, in the walk's order: the empty ones (`?dirs=1`), or
+    /// every one, the root first as "" (`?dirs=1&alldirs=1`), so that
+    /// their modes and mtimes travel. Not counted in `count`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) dirs: Vec<EmptyDir>,
     /// Empty directories the area has but `dirs` leaves out, so that the
     /// record stays well under what clients accept (`MAX_END_LINE`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) dirs_omitted: u64,
+    /// Directories with entries (implied by them) whose mode and mtime
+    /// `dirs` leaves out for the same reason.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) dirs_meta_omitted: u64,
     /// The listed area's identity (the server's `X-Bitfog-Area`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) area_id: Option<String>,
@@ -130,6 +135,7 @@ impl End {
             partials: Vec::new(),
             dirs: Vec::new(),
             dirs_omitted: 0,
+            dirs_meta_omitted: 0,
             area_id: None,
         }
     }
@@ -154,6 +160,8 @@ struct AnyLine {
     dirs: Vec<EmptyDir>,
     #[serde(default)]
     dirs_omitted: u64,
+    #[serde(default)]
+    dirs_meta_omitted: u64,
     area_id: Option<String>,
     alloc: Option<u64>,
 }
@@ -290,6 +298,8 @@ impl<R: BufRead> Reader<R> {
             end.partials = line.partials;
             end.dirs = line.dirs;
             end.dirs_omitted = line.dirs_omitted;
+            end.dirs_meta_omitted = line.dirs_meta_omitted;
+            end.dirs_meta_omitted = line.dirs_meta_omitted;
             end.area_id = line.area_id;
             self.end = Some(end);
             return Ok(None);
@@ -427,6 +437,7 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     end.partials = line.partials;
     end.dirs = line.dirs;
     end.dirs_omitted = line.dirs_omitted;
+    end.dirs_meta_omitted = line.dirs_meta_omitted;
     end.area_id = line.area_id;
     Some(end)
 }
@@ -447,10 +458,11 @@ pub(crate) struct DbWriter {
     out: Option<BufWriter<File>>,
     count: u64,
     bytes: u64,
-    /// Empty directories for the end record, and how many more there
-    /// are that the record leaves out.
+    /// Directories for the end record, and how many more there are that
+    /// the record leaves out (empty ones; others).
     pub(crate) dirs: Vec<EmptyDir>,
     pub(crate) dirs_omitted: u64,
+    pub(crate) dirs_meta_omitted: u64,
 }
 
 impl DbWriter {
@@ -494,6 +506,7 @@ impl DbWriter {
             bytes: 0,
             dirs: Vec::new(),
             dirs_omitted: 0,
+            dirs_meta_omitted: 0,
         };
         let header = Header {
             bitfog: VERSION,
@@ -542,6 +555,7 @@ impl DbWriter {
         end.partials = partials;
         end.dirs = std::mem::take(&mut self.dirs);
         end.dirs_omitted = self.dirs_omitted;
+        end.dirs_meta_omitted = self.dirs_meta_omitted;
         self.line(&end)?;
         let out = self.out.take().expect("commit twice");
         let what = self.what(&self.tmp);

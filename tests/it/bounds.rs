@@ -86,12 +86,29 @@ fn thousands_of_long_empty_directories_never_break_the_listing() {
     assert!(b.stderr.contains("more did not fit"), "{b}");
     let db = fs::read_to_string(t.path("src.db")).unwrap();
     let end: serde_json::Value = serde_json::from_str(db.lines().last().unwrap()).unwrap();
-    let listed = end["dirs"].as_array().unwrap().len() as u64;
+    // Every directory is named or counted; the empty ones (which nothing
+    // else implies) take the room first.
+    let dirs = end["dirs"].as_array().unwrap();
+    let leaves = dirs
+        .iter()
+        .filter(|d| d["name"].as_str().unwrap().ends_with(&tail))
+        .count() as u64;
     let omitted = end["dirs_omitted"].as_u64().unwrap();
+    let meta_omitted = end["dirs_meta_omitted"].as_u64().unwrap();
     assert_eq!(
-        listed + omitted,
+        leaves + omitted,
         4500,
         "every empty directory is accounted for"
+    );
+    assert_eq!(
+        dirs.len() as u64 + omitted + meta_omitted,
+        4500 * 16 + 1,
+        "and every other one"
+    );
+    assert_eq!(
+        leaves,
+        dirs.len() as u64,
+        "no room is left to directories with entries"
     );
     assert!(db.lines().last().unwrap().len() < 16 << 20);
     bitfog(&["emptydb", &t.s("dest.db")]).ok();
