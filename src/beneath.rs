@@ -86,11 +86,26 @@ pub(crate) struct Meta {
     pub(crate) size: u64,
     pub(crate) mode: u32,
     pub(crate) mtime: i64,
+    /// The nanoseconds of the mtime.
+    pub(crate) mtime_ns: u32,
+    /// The owner and group (numeric).
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
     /// Device, inode, mtime and ctime in nanoseconds: what the hash cache
     /// keys on, so that any change to the file misses it.
     pub(crate) identity: [i128; 4],
     /// Bytes allocated on disk (`st_blocks` × 512).
     pub(crate) alloc: u64,
+}
+
+/// A directory's own mode, mtime and owner.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OwnMeta {
+    pub(crate) mode: u32,
+    pub(crate) mtime: i64,
+    pub(crate) mtime_ns: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
 }
 
 /// What `stat` says of a name.
@@ -273,22 +288,33 @@ impl Dir {
     }
 
     /// This directory's own permission bits and mtime.
-    pub(crate) fn own_meta(&self) -> io::Result<(u32, i64)> {
+    pub(crate) fn own_meta(&self) -> io::Result<OwnMeta> {
         // SAFETY: zeroed stat is a valid out-buffer for fstat.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: a descriptor we own and a valid out-buffer.
         check(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
-        Ok((st.st_mode & 0o7777, time(st.st_mtime)))
+        Ok(OwnMeta {
+            mode: st.st_mode & 0o7777,
+            mtime: time(st.st_mtime),
+            mtime_ns: st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        })
     }
 
-    /// Sets this directory's own permission bits and mtime.
-    pub(crate) fn set_own_meta(&self, mode: Option<u32>, mtime: Option<i64>) -> io::Result<()> {
+    /// Sets this directory's own permission bits and mtime (seconds and
+    /// nanoseconds).
+    pub(crate) fn set_own_meta(
+        &self,
+        mode: Option<u32>,
+        mtime: Option<(i64, u32)>,
+    ) -> io::Result<()> {
         let fd = self.fd.as_raw_fd();
         if let Some(m) = mode {
             // SAFETY: a descriptor we own.
             check(unsafe { libc::fchmod(fd, (m & 0o777) as libc::mode_t) })?;
         }
-        if let Some(t) = mtime {
+        if let Some((t, ns)) = mtime {
             let times = [
                 libc::timespec {
                     tv_sec: 0,
@@ -296,13 +322,62 @@ impl Dir {
                 },
                 libc::timespec {
                     tv_sec: to_time(t),
-                    tv_nsec: 0,
+                    tv_nsec: ns.min(999_999_999) as _,
                 },
             ];
             // SAFETY: a descriptor we own and two valid timespecs.
             check(unsafe { libc::futimens(fd, times.as_ptr()) })?;
         }
         Ok(())
+    }
+
+    /// Sets the owner and group of `name` itself (a symlink is not
+    /// followed).
+    pub(crate) fn chown_nofollow(&self, name: &[u8], uid: u32, gid: u32) -> io::Result<()> {
+        let c = cstr(name)?;
+        // SAFETY: a descriptor we own and a NUL-terminated name.
+        check(unsafe {
+            libc::fchownat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                uid,
+                gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Sets the mtime of `name` itself (a symlink is not followed).
+    pub(crate) fn set_mtime_nofollow(&self, name: &[u8], (t, ns): (i64, u32)) -> io::Result<()> {
+        let c = cstr(name)?;
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: to_time(t),
+                tv_nsec: ns.min(999_999_999) as _,
+            },
+        ];
+        // SAFETY: a descriptor we own, a NUL-terminated name and two valid
+        // timespecs.
+        check(unsafe {
+            libc::utimensat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Sets this directory's owner and group.
+    pub(crate) fn set_own_owner(&self, uid: u32, gid: u32) -> io::Result<()> {
+        // SAFETY: a descriptor we own.
+        check(unsafe { libc::fchown(self.fd.as_raw_fd(), uid, gid) }).map(drop)
     }
 
     /// What `name` is, without following it; `None` when absent.
@@ -336,6 +411,9 @@ impl Dir {
                 alloc: st.st_blocks as u64 * 512,
                 mode: st.st_mode & 0o7777,
                 mtime: time(st.st_mtime),
+                mtime_ns: st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+                uid: st.st_uid,
+                gid: st.st_gid,
                 identity: [
                     st.st_dev as i128,
                     st.st_ino as i128,

@@ -28,6 +28,7 @@ mod courier;
 mod digest;
 mod error;
 mod http;
+mod owners;
 mod plan;
 mod server;
 mod ui;

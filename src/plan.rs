@@ -200,6 +200,7 @@ mod tests {
             sha256: Some(sha.to_string().repeat(64)),
             linkdest: None,
             alloc: None,
+            meta: Default::default(),
         }
     }
 
@@ -212,6 +213,7 @@ mod tests {
             sha256: None,
             linkdest: Some(to.into()),
             alloc: None,
+            meta: Default::default(),
         }
     }
 

@@ -77,6 +77,32 @@ impl AreaUrl {
     }
 }
 
+/// The headers of an extended manifest's metadata: the mtime's
+/// nanoseconds, and the owner by id and by name (applied where the
+/// destination area says `"owners": true`).
+fn more_meta<B>(
+    mut req: ureq::RequestBuilder<B>,
+    m: &crate::wire::manifest::MoreMeta,
+) -> ureq::RequestBuilder<B> {
+    if m.mtime_ns != 0 {
+        req = req.header(protocol::HDR_MTIME_NS, m.mtime_ns.to_string());
+    }
+    if let (Some(uid), Some(gid)) = (m.uid, m.gid) {
+        req = req.header(protocol::HDR_OWNER, format!("{uid}:{gid}"));
+        if m.user.is_some() || m.group.is_some() {
+            req = req.header(
+                protocol::HDR_OWNER_NAMES,
+                format!(
+                    "{}:{}",
+                    m.user.as_deref().unwrap_or(""),
+                    m.group.as_deref().unwrap_or("")
+                ),
+            );
+        }
+    }
+    req
+}
+
 impl std::fmt::Display for AreaUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.base)
@@ -179,24 +205,31 @@ impl Client {
 
     /// Streams and validates an area's listing.
     /// The area's listing, with its directories (`?dirs=1&alldirs=1`:
-    /// every one from a server that knows `alldirs`, else the empty ones).
+    /// every one from a server that knows `alldirs`, else the empty ones)
+    /// and the extended metadata (`meta=1`: owners, nanoseconds).
     pub(crate) fn listing(
         &self,
         area: &AreaUrl,
     ) -> Result<Reader<BufReader<Stall<BodyReader<'static>>>>> {
-        let url = format!("{}?dirs=1&alldirs=1", area.as_str());
+        let url = format!("{}?dirs=1&alldirs=1&meta=1", area.as_str());
         let resp = self
             .auth(self.agent.get(&url))
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
         let resp = success(area.as_str(), resp)?;
         let id = area_id_of(&resp);
+        let owners = resp
+            .headers()
+            .get(crate::wire::protocol::OWNERS_HEADER)
+            .map(|v| v.as_bytes() == b"1");
         let body = Stall::lines(resp.into_body().into_reader());
         let mut reader = Reader::new(
             BufReader::with_capacity(256 * 1024, body),
             area.as_str().to_string(),
         );
         reader.area_id = id;
+        reader.extended = owners.is_some();
+        reader.owners = owners == Some(true);
         Ok(reader)
     }
 
@@ -335,7 +368,8 @@ impl Client {
             .header("Content-Type", "application/octet-stream")
             .header(protocol::HDR_SHA256, e.sha256.as_deref().unwrap_or(""))
             .header(protocol::HDR_MODE, (e.mode & 0o777).to_string())
-            .header(protocol::HDR_MTIME, e.mtime.to_string())
+            .header(protocol::HDR_MTIME, e.mtime.to_string());
+        let resp = more_meta(resp, &e.meta)
             .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
                 crate::digest::BUF_SIZE,
                 body.take(len),
@@ -424,6 +458,7 @@ impl Client {
             .header("Content-Type", content_type)
             .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
             .header(protocol::HDR_MTIME, entry.mtime.to_string());
+        req = more_meta(req, &entry.meta);
         if let Some(h) = &entry.sha256 {
             req = req.header(protocol::HDR_SHA256, h.as_str());
         }
@@ -455,7 +490,8 @@ impl Client {
                 entry.sha256.as_deref().unwrap_or_default(),
             )
             .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
-            .header(protocol::HDR_MTIME, entry.mtime.to_string())
+            .header(protocol::HDR_MTIME, entry.mtime.to_string());
+        let resp = more_meta(resp, &entry.meta)
             .send(&[][..])
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
@@ -488,7 +524,8 @@ impl Client {
             .header("Content-Type", protocol::DIRECTORY_TYPE)
             .header(protocol::HDR_SHA256, NOT_EMPTY)
             .header(protocol::HDR_MODE, (d.mode & 0o777).to_string())
-            .header(protocol::HDR_MTIME, d.mtime.to_string())
+            .header(protocol::HDR_MTIME, d.mtime.to_string());
+        let resp = more_meta(resp, &d.meta)
             .send(&[][..])
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
@@ -498,13 +535,15 @@ impl Client {
     pub(crate) fn put_symlink(
         &self,
         area: &AreaUrl,
-        name: &str,
-        target: &str,
+        e: &Entry,
     ) -> Result<std::result::Result<(), Refused>> {
-        let url = area.file(name);
+        let url = area.file(&e.name);
+        let target = e.linkdest.as_deref().unwrap_or_default();
         let resp = self
             .auth(self.agent.put(&url))
             .header("Content-Type", protocol::SYMLINK_TYPE)
+            .header(protocol::HDR_MTIME, e.mtime.to_string());
+        let resp = more_meta(resp, &e.meta)
             .send(target.as_bytes())
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))

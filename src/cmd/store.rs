@@ -158,6 +158,12 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     for msg in &plan.refused {
         ui.error(msg);
     }
+    if plan.owners_unapplied {
+        ui.log(format!(
+            "{}: owners differ from SRCDB's and are left as they are: the area does not apply owners (it needs \"owners\": true in bitfog.json and a server running as root)",
+            opts.dest
+        ));
+    }
     plan.sum.failed_files += plan.refused.len() as u64;
     let src_skipped = src.end().map_or(0, |e| e.skipped);
     let over_limit = plan.deletions(ui, opts, &courier, src_skipped)?;
@@ -372,6 +378,12 @@ struct Plan {
     /// destination's.
     src_dirs: HashSet<String>,
     dst_dirs: HashSet<String>,
+    /// The destination applies owners (its listing said so), and lists
+    /// nanoseconds and owners.
+    dest_owners: bool,
+    dest_extended: bool,
+    /// SRCDB names owners the destination will not apply.
+    owners_unapplied: bool,
 }
 
 impl Plan {
@@ -395,6 +407,9 @@ impl Plan {
             doomed: Vec::new(),
             src_dirs: HashSet::new(),
             dst_dirs: HashSet::new(),
+            dest_owners: false,
+            dest_extended: false,
+            owners_unapplied: false,
         })
     }
 
@@ -438,6 +453,8 @@ impl Plan {
             ranges: ranges::held(courier),
             deltas: crate::courier::deltas::held(courier),
         };
+        self.dest_owners = listing.owners;
+        self.dest_extended = listing.extended;
         plan::merge(
             src.by_ref().map(|r| r.map_err(as_usage)),
             listing.by_ref(),
@@ -517,7 +534,25 @@ impl Plan {
     fn present(&mut self, s: Entry, d: Entry) -> Result<()> {
         self.sum.skipped_files += 1;
         let hash = s.sha256.clone().or_else(|| d.sha256.clone());
-        let meta_differs = s.mode & 0o777 != d.mode & 0o777 || s.mtime != d.mtime;
+        let owner_differs = !s.meta.same_owner(&d.meta);
+        if owner_differs && !self.dest_owners {
+            self.owners_unapplied = true;
+        }
+        let meta_differs = s.mode & 0o777 != d.mode & 0o777
+            || s.mtime != d.mtime
+            || (self.dest_extended && s.meta.mtime_ns != d.meta.mtime_ns)
+            || (owner_differs && self.dest_owners);
+        if s.is_symlink() && meta_differs && self.dest_extended {
+            // A symlink's mtime and owner are set as it is made again (by a
+            // server that lists them, and so sets them).
+            self.task(Task {
+                e: s.clone(),
+                from: None,
+                ranged: false,
+                delta: None,
+            })?;
+            return self.note(s, true, Some(d));
+        }
         if s.is_symlink() || !meta_differs || hash.is_none() {
             return self.note(d, false, None);
         }
@@ -525,6 +560,7 @@ impl Plan {
             mode: s.mode & 0o777,
             mtime: s.mtime,
             sha256: hash,
+            meta: s.meta.clone(),
             ..d.clone()
         };
         self.task(Task {
@@ -1009,7 +1045,14 @@ fn make_dirs(
     let mut made = Vec::new();
     for d in dirs {
         let listed = there.get(d.name.as_str());
-        let same = listed.is_some_and(|x| x.mode & 0o777 == d.mode & 0o777 && x.mtime == d.mtime);
+        // Nanoseconds and owners count where the destination lists them.
+        let same = listed.is_some_and(|x| {
+            let extended = x.meta.uid.is_some();
+            x.mode & 0o777 == d.mode & 0o777
+                && x.mtime == d.mtime
+                && (!extended || x.meta.mtime_ns == d.meta.mtime_ns)
+                && (!dest_end.owners || d.meta.same_owner(&x.meta))
+        });
         if same && !touched.contains(&d.name) {
             continue;
         }
@@ -1357,7 +1400,7 @@ fn run(
             .map_err(Failure::client)?
             .map_err(refused),
         Action::Link(e) => client
-            .put_symlink(dest, &e.name, e.linkdest.as_deref().unwrap_or_default())
+            .put_symlink(dest, e)
             .map_err(Failure::client)?
             .map_err(refused),
         Action::Upload(e) => upload(client, courier, dest, e),

@@ -227,6 +227,7 @@ mod tests {
             sha256: Some(sha.into()),
             linkdest: None,
             alloc: None,
+            meta: Default::default(),
         }
     }
 

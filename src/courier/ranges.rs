@@ -184,6 +184,7 @@ mod tests {
             sha256: Some("a".repeat(64)),
             linkdest: None,
             alloc: None,
+            meta: Default::default(),
         };
         let have = |n| PartialUpload {
             name: "f".into(),

@@ -57,6 +57,9 @@ struct Area {
     pub(crate) writable: bool,
     pub(crate) checksum: bool,
     pub(crate) token: Option<String>,
+    /// Writes set the owner and group they ask for (`"owners": true`;
+    /// only a server running as root can).
+    pub(crate) owners: bool,
 }
 
 /// The parsed configuration: areas by name, sorted.
@@ -111,6 +114,7 @@ fn load_config(path: &Path) -> Result<Config> {
             writable: false,
             checksum: true,
             token: None,
+            owners: false,
         };
         let mut have_path = false;
         for (key, v) in keys {
@@ -132,6 +136,9 @@ fn load_config(path: &Path) -> Result<Config> {
                 }
                 "checksum" => {
                     area.checksum = v.as_bool().ok_or_else(|| bad("expected true or false"))?
+                }
+                "owners" => {
+                    area.owners = v.as_bool().ok_or_else(|| bad("expected true or false"))?
                 }
                 "token" => {
                     let t = v.as_str().ok_or_else(|| bad("expected a string"))?;
@@ -207,6 +214,15 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
             ));
         }
     }
+    // SAFETY: geteuid has no preconditions.
+    let can_chown = unsafe { libc::geteuid() } == 0;
+    for (name, area) in &config {
+        if area.owners && area.writable && !can_chown {
+            print_error(format!(
+                "area '{name}': \"owners\": true, but only a server running as root may set owners; files get this server's user"
+            ));
+        }
+    }
     if opts.cache.is_none() {
         print_error(format!(
             "the hash cache is off ({}): every listing hashes every file",
@@ -259,6 +275,8 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         cache,
         sigs,
         quiet: opts.quiet,
+        can_chown,
+        names: crate::owners::Names::load(),
     });
     let cleaner = state.clone();
     std::thread::spawn(move || {
@@ -352,6 +370,10 @@ struct State {
     /// Each area's signature cache (none without a cache directory).
     sigs: BTreeMap<String, SigCache>,
     quiet: bool,
+    /// The server runs as root: it may set owners.
+    can_chown: bool,
+    /// This system's user and group names, read at startup.
+    names: crate::owners::Names,
 }
 
 impl State {
@@ -388,11 +410,17 @@ fn handle(state: &State, req: &mut Request) -> Response {
     let sigs = state.sigs.get(&name);
     let id = state.ids.get(&name).cloned().unwrap_or_default();
     let resp = match route {
-        Route::Listing { dirs } => listing(state, &name, area, root, dirs),
+        Route::Listing { dirs, meta } => listing(state, &name, area, root, (dirs, meta)),
         Route::File(FileOp::Get, _) => get_file(root, &comps, req),
         Route::File(FileOp::Extents, _) => extents(root, &comps),
         Route::File(FileOp::Signature, _) => signature(root, &comps, sigs.cloned()),
-        Route::File(FileOp::Put, _) => put(root, &comps, req, sigs),
+        Route::File(FileOp::Put, _) => put(
+            root,
+            &comps,
+            req,
+            sigs,
+            (area.owners && state.can_chown).then_some(&state.names),
+        ),
         Route::File(FileOp::Delete, _) => delete(root, &comps),
         Route::Answer(resp) => resp,
         Route::Index => index(state),
@@ -415,8 +443,9 @@ enum FileOp {
 enum Route {
     /// `GET /`.
     Index,
-    /// The listing of the area, with the directories asked for.
-    Listing { dirs: Dirs },
+    /// The listing of the area, with the directories asked for, and
+    /// (`meta`) owners and nanoseconds.
+    Listing { dirs: Dirs, meta: bool },
     /// A file of the area, by its checked components, and what to do.
     File(FileOp, Vec<Vec<u8>>),
     /// Answered as it is: a bad target or path, a reserved name, a
@@ -475,6 +504,7 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
         return routed(match method {
             "GET" | "HEAD" => Route::Listing {
                 dirs: wants_dirs(target),
+                meta: wants(target, "meta=1"),
             },
             // Only a directory PUT, which sets the root's mode and mtime.
             "PUT" if writable => Route::File(FileOp::Put, Vec::new()),
@@ -631,6 +661,13 @@ enum Dirs {
     All,
 }
 
+/// True when the query of `target` has `param` (as `name=value`).
+fn wants(target: &str, param: &str) -> bool {
+    target
+        .split_once('?')
+        .is_some_and(|(_, q)| q.split('&').any(|x| x == param))
+}
+
 fn wants_dirs(target: &str) -> Dirs {
     let Some((_, q)) = target.split_once('?') else {
         return Dirs::No;
@@ -648,7 +685,14 @@ fn json_len(v: &impl serde::Serialize) -> usize {
     serde_json::to_vec(v).map_or(usize::MAX / 2, |j| j.len() + 1)
 }
 
-fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: Dirs) -> Response {
+fn listing(
+    state: &State,
+    name: &str,
+    area: &Area,
+    root: &Root,
+    (with_dirs, with_meta): (Dirs, bool),
+) -> Response {
+    let owners_applied = area.owners && area.writable && state.can_chown;
     let cache = state
         .cache
         .as_ref()
@@ -680,7 +724,21 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: Dirs)
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
             let mut since = Instant::now();
             let mut open = true;
-            scan::scan(&root, checksum, cache.as_ref(), &gone, |item| {
+            // Owners travel with their names where this system has them.
+            let names = with_meta.then(crate::owners::Names::load);
+            let more = |m: &mut crate::wire::manifest::MoreMeta| match &names {
+                Some(n) => {
+                    m.user = m.uid.and_then(|u| n.user(u)).map(str::to_string);
+                    m.group = m.gid.and_then(|g| n.group(g)).map(str::to_string);
+                }
+                None => *m = Default::default(),
+            };
+            scan::scan(&root, checksum, cache.as_ref(), &gone, |mut item| {
+                match &mut item {
+                    Item::Entry(e) => more(&mut e.meta),
+                    Item::Dir(d, _) => more(&mut d.meta),
+                    _ => {}
+                }
                 match item {
                     Item::Entry(e) => {
                         count += 1;
@@ -759,6 +817,7 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: Dirs)
                 if with_dirs != Dirs::No {
                     end.area_id = Some(id);
                 }
+                end.owners = with_meta && owners_applied;
                 let _ = serde_json::to_writer(&mut chunk, &end);
                 chunk.push(b'\n');
                 let _ = tx.send(chunk);
@@ -779,7 +838,16 @@ fn listing(state: &State, name: &str, area: &Area, root: &Root, with_dirs: Dirs)
         }
         sent
     };
-    Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", protocol::NDJSON_TYPE)
+    let resp = Response::new(200, Body::Stream(Box::new(produce)))
+        .with("Content-Type", protocol::NDJSON_TYPE);
+    // Said before the entries, for a client that compares owners as it
+    // reads them; its presence says the entries carry the extended
+    // metadata.
+    match (with_meta, owners_applied) {
+        (true, true) => resp.with(protocol::OWNERS_HEADER, "1"),
+        (true, false) => resp.with(protocol::OWNERS_HEADER, "0"),
+        _ => resp,
+    }
 }
 
 /// Opens the directory of a request's last component beneath the area,
@@ -1024,12 +1092,22 @@ fn clean_areas(state: &State) {
     }
 }
 
-fn put(root: &Root, comps: &[&[u8]], req: &mut Request, sigs: Option<&SigCache>) -> Response {
+fn put(
+    root: &Root,
+    comps: &[&[u8]],
+    req: &mut Request,
+    sigs: Option<&SigCache>,
+    owners: Option<&crate::owners::Names>,
+) -> Response {
     if req.header("content-length").is_none() {
         return Response::text(411, "PUT needs Content-Length");
     }
+    let asked = match Want::of(req, owners) {
+        Ok(w) => w,
+        Err(resp) => return resp,
+    };
     if content_type_is(req, protocol::DIRECTORY_TYPE) {
-        return put_dir(root, comps, req);
+        return put_dir(root, comps, req, asked);
     }
     if comps.is_empty() {
         return Response::text(
@@ -1062,7 +1140,7 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request, sigs: Option<&SigCache>)
     let is_link = content_type_is(req, protocol::SYMLINK_TYPE);
     if let Some(range) = req.header("content-range") {
         let range = range.to_string();
-        let resp = match put_range(&dir, last(comps), &range, req) {
+        let resp = match put_range(&dir, last(comps), &range, req, asked) {
             Ok(resp) | Err(resp) => resp,
         };
         dir.sync();
@@ -1070,16 +1148,16 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request, sigs: Option<&SigCache>)
     }
     let sparse = content_type_is(req, protocol::EXTENTS_TYPE);
     let result = if sparse {
-        put_sparse(&dir, last(comps), req)
+        put_sparse(&dir, last(comps), req, asked)
     } else if content_type_is(req, delta::DELTA_TYPE) {
-        put_delta(&dir, comps, req, sigs)
+        put_delta(&dir, comps, req, sigs, asked)
     } else if let Some(from) = req.header(protocol::HDR_FROM) {
         let from = from.to_string();
-        put_copy(root, comps, &dir, &from, req)
+        put_copy(root, comps, &dir, &from, req, asked)
     } else if is_link {
-        put_symlink(&dir, last(comps), req)
+        put_symlink(&dir, last(comps), req, asked)
     } else {
-        put_file(&dir, last(comps), req)
+        put_file(&dir, last(comps), req, asked)
     };
     match result {
         Ok(()) => {
@@ -1090,7 +1168,12 @@ fn put(root: &Root, comps: &[&[u8]], req: &mut Request, sigs: Option<&SigCache>)
     }
 }
 
-fn put_symlink(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<(), Response> {
+fn put_symlink(
+    dir: &Dir,
+    name: &[u8],
+    req: &mut Request,
+    asked: Want,
+) -> std::result::Result<(), Response> {
     let len = req.content_length();
     if len == 0 || len > protocol::MAX_LINK_TARGET {
         return Err(Response::text(
@@ -1113,7 +1196,14 @@ fn put_symlink(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result
         return Err(Response::text(400, "a symlink target cannot contain NUL"));
     }
     let temp = TempFile::symlink(dir, &target).map_err(write_error)?;
-    temp.persist(name).map_err(write_error)
+    temp.persist(name).map_err(write_error)?;
+    if let Some((uid, gid)) = asked.owner {
+        dir.chown_nofollow(name, uid, gid).map_err(write_error)?;
+    }
+    if let Some(t) = asked.mtime {
+        dir.set_mtime_nofollow(name, t).map_err(write_error)?;
+    }
+    Ok(())
 }
 
 /// `PUT` with `X-Bitfog-From`: makes the file at `comps` from another
@@ -1127,13 +1217,12 @@ fn put_copy(
     dir: &Dir,
     from: &str,
     req: &mut Request,
+    asked: Want,
 ) -> std::result::Result<(), Response> {
     if req.content_length() != 0 {
         return Err(Response::text(400, "a PUT with X-Bitfog-From has no body"));
     }
     let want = required_sha(req, "X-Bitfog-From needs a valid X-Bitfog-Sha256")?;
-    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
-    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let bad_from =
         |why: &str| Response::text(400, format!("bad {} header: {why}", protocol::HDR_FROM));
     let decoded = protocol::percent_decode(from).ok_or_else(|| bad_from("bad percent-encoding"))?;
@@ -1159,7 +1248,7 @@ fn put_copy(
         if got != want {
             return Err(mismatch(&got));
         }
-        return set_meta_and_sync(&source, mode, mtime).map_err(write_error);
+        return set_meta_and_sync(&source, asked).map_err(write_error);
     }
     let temp = TempFile::create(dir).map_err(write_error)?;
     let file = temp.file.as_ref().expect("fresh temp file");
@@ -1192,7 +1281,7 @@ fn put_copy(
     if got != want {
         return Err(mismatch(&got));
     }
-    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
+    set_meta_and_sync(file, asked.or_mode(0o644)).map_err(write_error)?;
     temp.persist(last(comps)).map_err(write_error)
 }
 
@@ -1202,12 +1291,15 @@ fn put_copy(
 /// the whole content's hash, holes counted as zeros. The extents are
 /// written at their offsets of a temporary file, so the holes stay holes,
 /// and it is renamed into place only if the hash matches.
-fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<(), Response> {
+fn put_sparse(
+    dir: &Dir,
+    name: &[u8],
+    req: &mut Request,
+    asked: Want,
+) -> std::result::Result<(), Response> {
     let want = required_sha(req, "a sparse upload needs X-Bitfog-Sha256")?;
     let size: u64 = header_num(req, protocol::HDR_SIZE)?
         .ok_or_else(|| Response::text(400, "a sparse upload needs X-Bitfog-Size"))?;
-    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
-    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let mut body_left = req.content_length();
     // Holes are hashed as zeros: their size is bounded by the data sent.
     if !crate::wire::sparse::holes_within_bounds(size, body_left) {
@@ -1267,7 +1359,7 @@ fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<
             format!("sha256 mismatch: body has {got}, header says {want}"),
         ));
     }
-    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
+    set_meta_and_sync(file, asked.or_mode(0o644)).map_err(write_error)?;
     temp.persist(name).map_err(write_error)
 }
 
@@ -1276,17 +1368,10 @@ fn put_sparse(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<
 /// mtime. A file in the way is 409. (Clients send an `X-Bitfog-Sha256`
 /// the empty body cannot match, so an older server refuses with 422
 /// instead of making an empty file.)
-fn put_dir(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
+fn put_dir(root: &Root, comps: &[&[u8]], req: &mut Request, asked: Want) -> Response {
     if req.content_length() != 0 {
         return Response::text(400, "a directory PUT has no body");
     }
-    let (mode, mtime) = match (
-        header_num::<u32>(req, protocol::HDR_MODE),
-        header_num::<i64>(req, protocol::HDR_MTIME),
-    ) {
-        (Ok(m), Ok(t)) => (m, t),
-        (Err(r), _) | (_, Err(r)) => return r,
-    };
     let dir = match root.dir(comps, true) {
         Ok(d) => d,
         Err(e) => {
@@ -1299,7 +1384,12 @@ fn put_dir(root: &Root, comps: &[&[u8]], req: &mut Request) -> Response {
             };
         }
     };
-    match dir.set_own_meta(mode, mtime) {
+    if let Some((uid, gid)) = asked.owner {
+        if let Err(e) = dir.set_own_owner(uid, gid) {
+            return write_error(e);
+        }
+    }
+    match dir.set_own_meta(asked.mode, asked.mtime) {
         Ok(()) => {
             dir.sync();
             Response::new(204, Body::Empty)
@@ -1425,10 +1515,9 @@ fn put_delta(
     comps: &[&[u8]],
     req: &mut Request,
     sigs: Option<&SigCache>,
+    asked: Want,
 ) -> std::result::Result<(), Response> {
     let want = required_sha(req, "a delta upload needs X-Bitfog-Sha256")?;
-    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
-    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let name = last(comps);
     let len = req.content_length();
     let mut body = (&mut req.body).take(len);
@@ -1524,7 +1613,7 @@ fn put_delta(
     if !same_file {
         return Err(changed());
     }
-    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
+    set_meta_and_sync(file, asked.or_mode(0o644)).map_err(write_error)?;
     temp.persist(name).map_err(write_error)?;
     // The rename took the old version's last name; closing it frees its
     // blocks, which for a large file takes a while (0.3 s for 1 GiB on
@@ -1575,6 +1664,7 @@ fn put_range(
     name: &[u8],
     range: &str,
     req: &mut Request,
+    asked: Want,
 ) -> std::result::Result<Response, Response> {
     let (a, b, size) = protocol::parse_content_range(range)
         .filter(|&(a, b, size)| a <= b && b < size)
@@ -1589,8 +1679,6 @@ fn put_range(
         req,
         "a range upload needs X-Bitfog-Sha256 (the whole file's)",
     )?;
-    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
-    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let (part_name, state_name) = part_names(name, size, &want);
     let key = [dir.path.as_os_str().as_bytes(), b"/", &part_name].concat();
     if !busy_parts()
@@ -1685,7 +1773,7 @@ fn put_range(
             ),
         ));
     }
-    set_meta_and_sync(&part, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
+    set_meta_and_sync(&part, asked.or_mode(0o644)).map_err(write_error)?;
     dir.rename(&part_name, name).map_err(write_error)?;
     let _ = dir.unlink(&state_name);
     Ok(Response::new(204, Body::Empty))
@@ -1711,14 +1799,90 @@ fn content_type_is(req: &Request, ty: &str) -> bool {
     })
 }
 
-/// Sets the mode (setuid, setgid and sticky dropped) and mtime a request
-/// asked for, then makes the file durable.
-fn set_meta_and_sync(file: &File, mode: Option<u32>, mtime: Option<i64>) -> io::Result<()> {
-    if let Some(m) = mode {
+/// What a write asks to be set besides its content: the mode, the mtime
+/// (seconds, with `X-Bitfog-Mtime-Ns` its nanoseconds) and, in an area
+/// that applies owners, the owner and group (`X-Bitfog-Owner: UID:GID`,
+/// with `X-Bitfog-Owner-Names: USER:GROUP` a name this system knows
+/// standing for its own id).
+#[derive(Debug, Clone, Copy, Default)]
+struct Want {
+    mode: Option<u32>,
+    mtime: Option<(i64, u32)>,
+    owner: Option<(u32, u32)>,
+}
+
+impl Want {
+    fn of(
+        req: &Request,
+        owners: Option<&crate::owners::Names>,
+    ) -> std::result::Result<Want, Response> {
+        let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
+        let secs: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
+        let ns: Option<u32> = header_num(req, protocol::HDR_MTIME_NS)?;
+        if ns.is_some_and(|n| n > 999_999_999) {
+            return Err(Response::text(
+                400,
+                format!("bad {} header: over a second", protocol::HDR_MTIME_NS),
+            ));
+        }
+        let owner = match owners {
+            Some(names) => owner_of(req, names)?,
+            None => None,
+        };
+        Ok(Want {
+            mode,
+            mtime: secs.map(|t| (t, ns.unwrap_or(0))),
+            owner,
+        })
+    }
+
+    /// With `mode` where the request names none.
+    fn or_mode(self, mode: u32) -> Want {
+        Want {
+            mode: Some(self.mode.unwrap_or(mode)),
+            ..self
+        }
+    }
+}
+
+/// The owner and group a write asks for, by this system's ids.
+fn owner_of(
+    req: &Request,
+    names: &crate::owners::Names,
+) -> std::result::Result<Option<(u32, u32)>, Response> {
+    let bad = |h: &str| Response::text(400, format!("bad {h} header: expected A:B"));
+    let Some(ids) = req.header(protocol::HDR_OWNER) else {
+        return Ok(None);
+    };
+    let (u, g) = ids
+        .split_once(':')
+        .ok_or_else(|| bad(protocol::HDR_OWNER))?;
+    let (mut uid, mut gid): (u32, u32) = match (u.parse(), g.parse()) {
+        (Ok(u), Ok(g)) => (u, g),
+        _ => return Err(bad(protocol::HDR_OWNER)),
+    };
+    if let Some(n) = req.header(protocol::HDR_OWNER_NAMES) {
+        let (user, group) = n
+            .split_once(':')
+            .ok_or_else(|| bad(protocol::HDR_OWNER_NAMES))?;
+        uid = names.uid_of(user).unwrap_or(uid);
+        gid = names.gid_of(group).unwrap_or(gid);
+    }
+    Ok(Some((uid, gid)))
+}
+
+/// Sets the owner, the mode (setuid, setgid and sticky dropped) and the
+/// mtime a request asked for, then makes the file durable. (The owner
+/// goes first: a chown may clear setuid bits, and the mode is set after.)
+fn set_meta_and_sync(file: &File, want: Want) -> io::Result<()> {
+    if let Some((uid, gid)) = want.owner {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+    }
+    if let Some(m) = want.mode {
         file.set_permissions(fs::Permissions::from_mode(m & 0o777))?;
     }
-    if let Some(t) = mtime {
-        file.set_modified(epoch_plus(t))?;
+    if let Some((t, ns)) = want.mtime {
+        file.set_modified(epoch_plus(t) + Duration::from_nanos(u64::from(ns.min(999_999_999))))?;
     }
     file.sync_all()
 }
@@ -1754,7 +1918,12 @@ fn write_error(e: io::Error) -> Response {
     }
 }
 
-fn put_file(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<(), Response> {
+fn put_file(
+    dir: &Dir,
+    name: &[u8],
+    req: &mut Request,
+    asked: Want,
+) -> std::result::Result<(), Response> {
     let want_hash = match req.header(protocol::HDR_SHA256) {
         Some(h) if is_sha256_hex(&h.to_ascii_lowercase()) => Some(h.to_ascii_lowercase()),
         Some(h) => {
@@ -1765,8 +1934,6 @@ fn put_file(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<()
         }
         None => None,
     };
-    let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
-    let mtime: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
     let len = req.content_length();
     let temp = TempFile::create(dir).map_err(write_error)?;
     let mut hasher = Hasher::new();
@@ -1801,7 +1968,7 @@ fn put_file(dir: &Dir, name: &[u8], req: &mut Request) -> std::result::Result<()
         }
     }
     let file = temp.file.as_ref().expect("fresh temp file");
-    set_meta_and_sync(file, Some(mode.unwrap_or(0o644)), mtime).map_err(write_error)?;
+    set_meta_and_sync(file, asked.or_mode(0o644)).map_err(write_error)?;
     temp.persist(name).map_err(write_error)
 }
 
@@ -1866,6 +2033,7 @@ mod tests {
             writable,
             checksum: true,
             token: None,
+            owners: false,
         };
         let config: Config = [
             ("ro".to_string(), area(false)),
@@ -1877,7 +2045,7 @@ mod tests {
             let r = route(&config, method, target);
             let what = match &r.route {
                 Route::Index => "index".to_string(),
-                Route::Listing { dirs } => format!("listing dirs={dirs:?}"),
+                Route::Listing { dirs, .. } => format!("listing dirs={dirs:?}"),
                 Route::File(op, comps) => format!("{op:?} {}", comps.join(&b'/').escape_ascii()),
                 Route::Answer(resp) => resp.status.to_string(),
             };

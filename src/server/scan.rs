@@ -246,8 +246,19 @@ fn hash_all(items: &[Found], cancel: &AtomicBool) -> Vec<Result<String, String>>
 /// A directory's name (relative, UTF-8), mode and mtime.
 fn dir_record(dir: &Dir, rel: &Path) -> Option<crate::wire::manifest::EmptyDir> {
     let name = rel.to_str()?.to_string();
-    let (mode, mtime) = dir.own_meta().ok()?;
-    Some(crate::wire::manifest::EmptyDir { name, mode, mtime })
+    let m = dir.own_meta().ok()?;
+    Some(crate::wire::manifest::EmptyDir {
+        name,
+        mode: m.mode,
+        mtime: m.mtime,
+        meta: crate::wire::manifest::MoreMeta {
+            mtime_ns: m.mtime_ns,
+            uid: Some(m.uid),
+            gid: Some(m.gid),
+            user: None,
+            group: None,
+        },
+    })
 }
 
 /// The record of a partial upload (`.bitfog-part-*.json`, written by the
@@ -296,6 +307,13 @@ fn entry_for(
         sha256: None,
         linkdest: None,
         alloc: (meta.kind == Kind::File && meta.alloc < meta.size).then_some(meta.alloc),
+        meta: crate::wire::manifest::MoreMeta {
+            mtime_ns: meta.mtime_ns,
+            uid: Some(meta.uid),
+            gid: Some(meta.gid),
+            user: None,
+            group: None,
+        },
     };
     match meta.kind {
         Kind::Symlink => {

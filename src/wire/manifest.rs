@@ -47,6 +47,48 @@ pub(crate) struct Entry {
     /// than `size`): its holes are not carried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) alloc: Option<u64>,
+    /// Who owns it, and its mtime to the nanosecond (see `Owner`).
+    #[serde(flatten)]
+    pub(crate) meta: MoreMeta,
+}
+
+/// What an extended listing (`?meta=1`) adds to an entry or directory:
+/// the nanoseconds of its mtime (`mtime` stays whole seconds for older
+/// readers) and its owner and group, numeric and by name where the
+/// source's system names them. All absent from older manifests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MoreMeta {
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub(crate) mtime_ns: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) group: Option<String>,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+impl MoreMeta {
+    /// True when `dest` has the owner this asks for, as far as both say:
+    /// by name where both have one (ids differ between systems), else by
+    /// id.
+    pub(crate) fn same_owner(&self, dest: &MoreMeta) -> bool {
+        let same = |name: (&Option<String>, &Option<String>), id: (Option<u32>, Option<u32>)| match (
+            name, id,
+        ) {
+            ((Some(a), Some(b)), _) => a == b,
+            (_, (Some(a), Some(b))) => a == b,
+            _ => true,
+        };
+        same((&self.user, &dest.user), (self.uid, dest.uid))
+            && same((&self.group, &dest.group), (self.gid, dest.gid))
+    }
 }
 
 impl Entry {
@@ -100,6 +142,10 @@ pub(crate) struct End {
     /// The listed area's identity (the server's `X-Bitfog-Area`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) area_id: Option<String>,
+    /// The area applies the owners a write asks for (`"owners": true`,
+    /// and its server may chown).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) owners: bool,
 }
 
 /// An empty directory of an area.
@@ -108,6 +154,8 @@ pub(crate) struct EmptyDir {
     pub(crate) name: String,
     pub(crate) mode: u32,
     pub(crate) mtime: i64,
+    #[serde(flatten)]
+    pub(crate) meta: MoreMeta,
 }
 
 /// A file bigger than a trip, arriving range by range: `have` bytes of
@@ -137,6 +185,7 @@ impl End {
             dirs_omitted: 0,
             dirs_meta_omitted: 0,
             area_id: None,
+            owners: false,
         }
     }
 }
@@ -163,7 +212,15 @@ struct AnyLine {
     #[serde(default)]
     dirs_meta_omitted: u64,
     area_id: Option<String>,
+    #[serde(default)]
+    owners: bool,
     alloc: Option<u64>,
+    #[serde(default)]
+    mtime_ns: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    user: Option<String>,
+    group: Option<String>,
 }
 
 /// The header line of a DB file.
@@ -190,6 +247,11 @@ pub(crate) struct Reader<R> {
     /// The area's identity, as its server named it when it sent the
     /// listing (`X-Bitfog-Area`); a DB's is in its header.
     pub(crate) area_id: Option<String>,
+    /// The listed area applies owners (the server's `X-Bitfog-Owners`).
+    pub(crate) owners: bool,
+    /// The listing's entries carry the extended metadata (`?meta=1` was
+    /// understood).
+    pub(crate) extended: bool,
 }
 
 impl<R: BufRead> Reader<R> {
@@ -205,6 +267,8 @@ impl<R: BufRead> Reader<R> {
             bytes: 0,
             end: None,
             area_id: None,
+            owners: false,
+            extended: false,
         }
     }
 
@@ -299,7 +363,11 @@ impl<R: BufRead> Reader<R> {
             end.dirs = line.dirs;
             end.dirs_omitted = line.dirs_omitted;
             end.dirs_meta_omitted = line.dirs_meta_omitted;
+            end.owners = line.owners;
+            end.owners = line.owners;
             end.dirs_meta_omitted = line.dirs_meta_omitted;
+            end.owners = line.owners;
+            end.owners = line.owners;
             end.area_id = line.area_id;
             self.end = Some(end);
             return Ok(None);
@@ -313,6 +381,10 @@ impl<R: BufRead> Reader<R> {
             if !is_sha256_hex(h) {
                 return Err(self.bad(format!("bad sha256 for '{name}'")));
             }
+        }
+        let mtime_ns = line.mtime_ns;
+        if mtime_ns > 999_999_999 {
+            return Err(self.bad(format!("bad mtime_ns for '{name}'")));
         }
         if line.linkdest.is_some() && line.sha256.is_some() {
             return Err(self.bad(format!("symlink '{name}' has a sha256")));
@@ -344,8 +416,24 @@ impl<R: BufRead> Reader<R> {
             alloc: line
                 .alloc
                 .filter(|&a| a < size && crate::wire::sparse::holes_within_bounds(size, a)),
+            meta: MoreMeta {
+                mtime_ns,
+                uid: line.uid,
+                gid: line.gid,
+                user: line.user.filter(|n| is_owner_name(n)),
+                group: line.group.filter(|n| is_owner_name(n)),
+            },
         }))
     }
+}
+
+/// A user or group name bitfog passes on: 1 to 64 printable ASCII
+/// characters, none of them a space, a colon or a percent sign (they
+/// travel in a header). Any other is dropped, and the numeric id stands.
+pub(crate) fn is_owner_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b':' && b != b'%')
 }
 
 impl<R: BufRead> Iterator for Reader<R> {
@@ -438,6 +526,7 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     end.dirs = line.dirs;
     end.dirs_omitted = line.dirs_omitted;
     end.dirs_meta_omitted = line.dirs_meta_omitted;
+    end.owners = line.owners;
     end.area_id = line.area_id;
     Some(end)
 }
@@ -681,6 +770,7 @@ mod tests {
                     sha256,
                     linkdest,
                     alloc,
+                    meta: Default::default(),
                 }
             })
     }

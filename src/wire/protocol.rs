@@ -7,6 +7,15 @@ pub(crate) const HDR_SHA256: &str = "x-bitfog-sha256";
 pub(crate) const HDR_MODE: &str = "x-bitfog-mode";
 /// Request header carrying the mtime (seconds since the epoch) on PUT.
 pub(crate) const HDR_MTIME: &str = "x-bitfog-mtime";
+/// The nanoseconds of `X-Bitfog-Mtime` (0 to 999999999); older servers
+/// ignore it and set whole seconds.
+pub(crate) const HDR_MTIME_NS: &str = "x-bitfog-mtime-ns";
+/// `UID:GID` a write asks for, applied where the area says
+/// `"owners": true` and the server runs as root.
+pub(crate) const HDR_OWNER: &str = "x-bitfog-owner";
+/// `USER:GROUP`: names that stand for the destination's own ids where it
+/// knows them (either may be empty).
+pub(crate) const HDR_OWNER_NAMES: &str = "x-bitfog-owner-names";
 /// A PUT with this header and an empty body makes the file from another
 /// file of the same area (named like a request path, percent-encoded,
 /// relative to the area), after checking that file's SHA-256 against
@@ -23,6 +32,9 @@ pub(crate) const HDR_SIZE: &str = "x-bitfog-size";
 pub(crate) const HDR_HAVE_HEADER: &str = "X-Bitfog-Have";
 /// On every answer about an area: the area's identity (see `area_id`).
 pub(crate) const AREA_ID_HEADER: &str = "X-Bitfog-Area";
+/// On an extended listing (`?meta=1`, whose entries carry `mtime_ns` and
+/// owners): `1` when the area applies the owners writes ask for, else `0`.
+pub(crate) const OWNERS_HEADER: &str = "X-Bitfog-Owners";
 /// Content type of a PUT whose body is a symlink target.
 pub(crate) const SYMLINK_TYPE: &str = "application/symlink";
 /// Content type of an area listing.

@@ -8,6 +8,7 @@ mod cli;
 mod delta;
 mod hostile;
 mod identity;
+mod mirror;
 mod proxy;
 mod serve;
 mod trip;
