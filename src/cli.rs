@@ -159,6 +159,18 @@ const OPTIONS: &[Opt] = &[
                KB MB GB TB of 1000: 200G, 1.5T, 512MiB, 2TB)",
     },
     Opt {
+        long: "--exclude",
+        short: None,
+        value: Some("PATTERN"),
+        commands: &["builddb", "plan", "fetch"],
+        needs: None,
+        help: "leave out names PATTERN matches (repeatable; as rsync's:\n\
+               no '/' matches a name at any depth, '*' '?' '[...]',\n\
+               a leading '/' anchors at the area's root, a trailing '/'\n\
+               matches directories); a DB records them, and what they\n\
+               match is never deleted by store",
+    },
+    Opt {
         long: "--delete",
         short: None,
         value: None,
@@ -407,12 +419,16 @@ pub(crate) struct Cli {
     pub(crate) token: Option<String>,
     /// `--cacert` or `BITFOG_CACERT`.
     pub(crate) cacert: Option<PathBuf>,
+    /// `--exclude`.
+    pub(crate) exclude: crate::wire::exclude::Excludes,
     pub(crate) command: Command,
 }
 
 /// Stage 1: raw values, by option, and the positional arguments.
 struct Raw {
     given: HashMap<&'static str, Option<OsString>>,
+    /// `--exclude`, which may be given more than once.
+    excludes: Vec<String>,
     free: Vec<OsString>,
 }
 
@@ -442,7 +458,11 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
     };
     let mut p = pico_args::Arguments::from_vec(args);
     let mut given = HashMap::new();
-    for o in OPTIONS {
+    let excludes: Vec<String> = p.values_from_str("--exclude").map_err(pico)?;
+    if !excludes.is_empty() {
+        given.insert("--exclude", None);
+    }
+    for o in OPTIONS.iter().filter(|o| o.long != "--exclude") {
         let keys: pico_args::Keys = match o.short {
             Some(s) => [s, o.long].into(),
             None => o.long.into(),
@@ -480,7 +500,11 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
         free.push(a);
     }
     free.extend(after);
-    Ok(Raw { given, free })
+    Ok(Raw {
+        given,
+        excludes,
+        free,
+    })
 }
 
 fn count(name: &str, value: &str, max: usize) -> Result<usize> {
@@ -525,11 +549,13 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
     let token = r
         .text("--token")
         .or_else(|| std::env::var("BITFOG_TOKEN").ok().filter(|t| !t.is_empty()));
+    let exclude = crate::wire::exclude::Excludes::new(&r.excludes).map_err(Error::usage)?;
     let cli = |command| {
         Ok(Cli {
             ui,
             token: token.clone(),
             cacert: cacert.clone(),
+            exclude: exclude.clone(),
             command,
         })
     };

@@ -78,7 +78,7 @@ fn run(cli: cli::Cli) -> Result<Exit> {
         }
         _ => None,
     };
-    let client = || Client::new(cli.token.clone(), roots.as_deref());
+    let client = || Client::new(cli.token.clone(), roots.as_deref()).excluding(cli.exclude.clone());
     if matches!(
         cli.command,
         Command::Builddb { .. } | Command::Plan { .. } | Command::Fetch(_) | Command::Store(_)

@@ -14,17 +14,17 @@ _bitfog() {
         --conf) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --cache) COMPREPLY=($(compgen -d -- "$cur") $(compgen -W none -- "$cur")); return ;;
         --cacert) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval)
+        --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval|--exclude)
             return ;;
     esac
     local global="-q --quiet -h --help -V --version"
     local opts
     case $cmd in
         serve) opts="--conf --addr --threads --cache" ;;
-        builddb) opts="--signatures --signature-min --progress-interval --json --token --cacert" ;;
+        builddb) opts="--exclude --signatures --signature-min --progress-interval --json --token --cacert" ;;
         emptydb) opts="--json" ;;
-        plan) opts="--max-bytes -v --verbose --json --token --cacert" ;;
-        fetch) opts="--max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token --cacert" ;;
+        plan) opts="--exclude --max-bytes -v --verbose --json --token --cacert" ;;
+        fetch) opts="--exclude --max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token --cacert" ;;
         store) opts="--delete --max-delete --jobs --dry-run --progress-interval --json --token --cacert" ;;
         *)
             if [[ $cur == -* ]]; then

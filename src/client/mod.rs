@@ -159,6 +159,8 @@ pub(crate) struct Download {
 pub(crate) struct Client {
     agent: ureq::Agent,
     token: Option<String>,
+    /// Names listings leave out (`--exclude`).
+    pub(crate) exclude: crate::wire::exclude::Excludes,
 }
 
 /// How long a connection attempt may take.
@@ -193,7 +195,14 @@ impl Client {
         Client {
             agent: config.into(),
             token,
+            exclude: Default::default(),
         }
+    }
+
+    /// A client whose listings leave out the names `exclude` matches.
+    pub(crate) fn excluding(mut self, exclude: crate::wire::exclude::Excludes) -> Client {
+        self.exclude = exclude;
+        self
     }
 
     fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -229,6 +238,7 @@ impl Client {
         );
         reader.area_id = id;
         reader.extended = owners.is_some();
+        reader.exclude = self.exclude.clone();
         reader.owners = owners == Some(true);
         Ok(reader)
     }

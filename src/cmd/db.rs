@@ -30,7 +30,12 @@ pub(crate) fn builddb(
     signatures: Option<u64>,
 ) -> Result<Exit> {
     let mut listing = client.listing(url)?;
-    let mut out = DbWriter::create(db, Some(url.as_str()), listing.area_id.as_deref())?;
+    let mut out = DbWriter::create(
+        db,
+        Some(url.as_str()),
+        listing.area_id.as_deref(),
+        client.exclude.texts(),
+    )?;
     // The server hashes as it lists: the rate is its hashing.
     let progress = crate::ui::Progress::start(ui, "listing", 0, 0);
     for entry in listing.by_ref() {
@@ -51,6 +56,7 @@ pub(crate) fn builddb(
     out.dirs = end.dirs;
     out.dirs_omitted = end.dirs_omitted;
     out.dirs_meta_omitted = end.dirs_meta_omitted;
+    out.area_exclude = end.exclude;
     let (files, bytes) = out.commit_with(skipped, end.partials)?;
     if skipped > 0 {
         ui.error(format!(
@@ -145,7 +151,7 @@ fn sign(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path, min: u64) -> Result<
 
 /// `bitfog emptydb DB`.
 pub(crate) fn emptydb(ui: &Ui, db: &Path) -> Result<Exit> {
-    DbWriter::create(db, None, None)?.commit(0)?;
+    DbWriter::create(db, None, None, Vec::new())?.commit(0)?;
     ui.summary(
         &DbSummary {
             files: 0,

@@ -65,7 +65,12 @@ pub(crate) fn each_need(
     let (_, dst) = open_db(&destdb_path(destdb)?)?;
     let mut listing = client.listing(src)?;
     let mut tee = match keep {
-        Some(c) => Some(source_writer(c, src, listing.area_id.as_deref())?),
+        Some(c) => Some(source_writer(
+            c,
+            src,
+            listing.area_id.as_deref(),
+            client.exclude.texts(),
+        )?),
         None => None,
     };
     let mut tee_err = None;
@@ -92,6 +97,7 @@ pub(crate) fn each_need(
         t.dirs = end.dirs.clone();
         t.dirs_omitted = end.dirs_omitted;
         t.dirs_meta_omitted = end.dirs_meta_omitted;
+        t.area_exclude = end.exclude.clone();
         let kept = match tee_err {
             Some(e) => Err(e),
             None => t.commit_with(end.skipped, end.partials.clone()).map(drop),
@@ -116,6 +122,7 @@ fn source_writer(
     courier: &Courier,
     src: &AreaUrl,
     area_id: Option<&str>,
+    exclude: Vec<String>,
 ) -> Result<crate::wire::manifest::DbWriter> {
     let state = courier
         .state_dir()?
@@ -126,6 +133,7 @@ fn source_writer(
         crate::courier::SOURCE.as_bytes(),
         Some(src.as_str()),
         area_id,
+        exclude,
     )
 }
 

@@ -165,16 +165,20 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         ));
     }
     plan.sum.failed_files += plan.refused.len() as u64;
+    // What SRCDB left out on purpose is not SRCDB's to delete.
+    let kept = protected(opts, &header, src.end().as_ref())?;
+    plan.doomed.retain(|d| !kept.excludes(&d.name, false));
     let src_skipped = src.end().map_or(0, |e| e.skipped);
     let over_limit = plan.deletions(ui, opts, &courier, src_skipped)?;
     let dest_end = listing
         .end()
         .unwrap_or_else(|| crate::wire::manifest::End::new(0, 0, 0));
-    let doomed = if opts.delete && src_skipped == 0 {
+    let mut doomed = if opts.delete && src_skipped == 0 {
         doomed_dirs(&mut plan, src.end().as_ref(), &dest_end)
     } else {
         Vec::new()
     };
+    doomed.retain(|d| !kept.excludes(d, true));
     if opts.dry_run {
         return Ok(dry_run(ui, plan, &doomed, over_limit));
     }
@@ -331,6 +335,25 @@ fn check_against_courier(opts: &StoreOpts, header: &crate::wire::manifest::Heade
         if names.len() == 1 { "is" } else { "are" },
         shown.join(", ")
     )))
+}
+
+/// The names `--delete` leaves alone: those SRCDB's `--exclude` patterns
+/// (its header) or its area's own (its end record) match.
+fn protected(
+    opts: &StoreOpts,
+    header: &crate::wire::manifest::Header,
+    end: Option<&crate::wire::manifest::End>,
+) -> Result<crate::wire::exclude::Excludes> {
+    let bad = |why: String| {
+        Error::usage(format!(
+            "'{}': {why}; cannot tell what it left out on purpose",
+            opts.srcdb.display()
+        ))
+    };
+    let own = crate::wire::exclude::Excludes::new(&header.exclude).map_err(bad)?;
+    let area = crate::wire::exclude::Excludes::new(end.map_or(&[][..], |e| &e.exclude[..]))
+        .map_err(bad)?;
+    Ok(own.and(&area))
 }
 
 /// Refuses, before anything is touched, a `--delete` by a DB made by
@@ -1198,6 +1221,7 @@ fn write_receipt(
         RECEIPT.as_bytes(),
         Some(dest.as_str()),
         listed.area_id.as_deref(),
+        Vec::new(),
     )?;
     for i in 0..lines.len() {
         let line = lines.get(i).map_err(what)?;
@@ -1223,6 +1247,7 @@ fn write_receipt(
     out.dirs = dirs;
     out.dirs_omitted = listed.dirs_omitted;
     out.dirs_meta_omitted = listed.dirs_meta_omitted;
+    out.area_exclude = listed.exclude;
     out.commit_with(listed.skipped, partials)?;
     Ok(())
 }

@@ -60,6 +60,8 @@ struct Area {
     /// Writes set the owner and group they ask for (`"owners": true`;
     /// only a server running as root can).
     pub(crate) owners: bool,
+    /// Names never listed, served, written or deleted (`"exclude"`).
+    pub(crate) exclude: crate::wire::exclude::Excludes,
 }
 
 /// The parsed configuration: areas by name, sorted.
@@ -115,6 +117,7 @@ fn load_config(path: &Path) -> Result<Config> {
             checksum: true,
             token: None,
             owners: false,
+            exclude: Default::default(),
         };
         let mut have_path = false;
         for (key, v) in keys {
@@ -139,6 +142,20 @@ fn load_config(path: &Path) -> Result<Config> {
                 }
                 "owners" => {
                     area.owners = v.as_bool().ok_or_else(|| bad("expected true or false"))?
+                }
+                "exclude" => {
+                    let list = v
+                        .as_array()
+                        .ok_or_else(|| bad("expected an array of patterns"))?;
+                    let patterns = list
+                        .iter()
+                        .map(|p| {
+                            p.as_str()
+                                .ok_or_else(|| bad("expected an array of patterns"))
+                        })
+                        .collect::<Result<Vec<&str>>>()?;
+                    area.exclude =
+                        crate::wire::exclude::Excludes::new(&patterns).map_err(|why| bad(&why))?;
                 }
                 "token" => {
                     let t = v.as_str().ok_or_else(|| bad("expected a string"))?;
@@ -198,8 +215,13 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     crate::error::stamp_lines(|| protocol::rfc3339(crate::wire::manifest::now_secs()));
     if !opts.quiet {
         for (name, area) in &config {
+            let excludes = match area.exclude.texts() {
+                e if e.is_empty() => "no excludes".to_string(),
+                e if e.len() <= 8 => format!("excludes {}", e.join(" ")),
+                e => format!("excludes {} and {} more", e[..8].join(" "), e.len() - 8),
+            };
             print_error(format!(
-                "area '{name}': '{}' ({}, {})",
+                "area '{name}': '{}' ({}, {}{}, {excludes})",
                 area.root.display(),
                 if area.writable {
                     "writable"
@@ -210,7 +232,12 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
                     "token required"
                 } else {
                     "no token"
-                }
+                },
+                if area.owners && area.writable {
+                    ", owners"
+                } else {
+                    ""
+                },
             ));
         }
     }
@@ -409,6 +436,11 @@ fn handle(state: &State, req: &mut Request) -> Response {
     };
     let sigs = state.sigs.get(&name);
     let id = state.ids.get(&name).cloned().unwrap_or_default();
+    if let Route::File(op, _) = &route {
+        if let Some(resp) = excluded(area, *op, &comps, req) {
+            return resp.with(protocol::AREA_ID_HEADER, id);
+        }
+    }
     let resp = match route {
         Route::Listing { dirs, meta } => listing(state, &name, area, root, (dirs, meta)),
         Route::File(FileOp::Get, _) => get_file(root, &comps, req),
@@ -426,6 +458,44 @@ fn handle(state: &State, req: &mut Request) -> Response {
         Route::Index => index(state),
     };
     resp.with(protocol::AREA_ID_HEADER, id)
+}
+
+/// The answer to a request for a name the area excludes: 404 to read it
+/// (it does not exist as far as the area is concerned), 403 to write or
+/// delete it or to copy from it.
+fn excluded(area: &Area, op: FileOp, comps: &[&[u8]], req: &Request) -> Option<Response> {
+    if area.exclude.is_empty() {
+        return None;
+    }
+    let name = |c: &[&[u8]]| String::from_utf8_lossy(&c.join(&b'/')).into_owned();
+    let path = name(comps);
+    let refused = || Some(Response::text(403, "excluded by the area's configuration"));
+    match op {
+        FileOp::Get | FileOp::Extents | FileOp::Signature => area
+            .exclude
+            .excludes(&path, false)
+            .then(|| Response::text(404, "not found")),
+        FileOp::Delete => {
+            if area.exclude.excludes(&path, false) || area.exclude.excludes(&path, true) {
+                return refused();
+            }
+            None
+        }
+        FileOp::Put => {
+            let dir = content_type_is(req, protocol::DIRECTORY_TYPE);
+            if area.exclude.excludes(&path, dir) {
+                return refused();
+            }
+            let from = req
+                .header(protocol::HDR_FROM)
+                .and_then(protocol::percent_decode)
+                .map(|f| String::from_utf8_lossy(&f).into_owned());
+            if from.is_some_and(|f| area.exclude.excludes(&f, false)) {
+                return refused();
+            }
+            None
+        }
+    }
 }
 
 /// What a request asks of an area's file.
@@ -703,6 +773,7 @@ fn listing(
         Err(e) => return Response::text(500, format!("cannot open the area: {}", describe_io(&e))),
     };
     let checksum = area.checksum;
+    let exclude = area.exclude.clone();
     let quiet = state.quiet;
     let id = state.ids.get(name).cloned().unwrap_or_default();
     let produce = move |out: &mut dyn Write| -> io::Result<()> {
@@ -733,75 +804,82 @@ fn listing(
                 }
                 None => *m = Default::default(),
             };
-            scan::scan(&root, checksum, cache.as_ref(), &gone, |mut item| {
-                match &mut item {
-                    Item::Entry(e) => more(&mut e.meta),
-                    Item::Dir(d, _) => more(&mut d.meta),
-                    _ => {}
-                }
-                match item {
-                    Item::Entry(e) => {
-                        count += 1;
-                        bytes += e.size;
-                        if sigs.is_some() && SigCache::worth(e.size) && e.linkdest.is_none() {
-                            signed.insert(SigCache::key(e.name.as_bytes()));
-                        }
-                        if chunk.is_empty() {
-                            since = Instant::now();
-                        }
-                        let _ = serde_json::to_writer(&mut chunk, &e);
-                        chunk.push(b'\n');
+            scan::scan(
+                &root,
+                checksum,
+                &exclude,
+                cache.as_ref(),
+                &gone,
+                |mut item| {
+                    match &mut item {
+                        Item::Entry(e) => more(&mut e.meta),
+                        Item::Dir(d, _) => more(&mut d.meta),
+                        _ => {}
                     }
-                    Item::Skipped(why) => {
-                        skipped += 1;
-                        if !quiet {
-                            print_error(format!("listing skips {why}"));
-                        }
-                    }
-                    // Kept for the end record, within its budget.
-                    Item::Partial(p) => {
-                        let n = json_len(&p);
-                        if partials.len() < MAX_PARTIALS_LISTED
-                            && end_bytes + n <= END_RECORD_BUDGET
-                        {
-                            end_bytes += n;
-                            partials.push(p);
-                        }
-                    }
-                    // Within the budget, an empty directory (which nothing
-                    // else implies) takes the place of one with entries.
-                    Item::Dir(d, empty)
-                        if with_dirs == Dirs::All || (with_dirs == Dirs::Empty && empty) =>
-                    {
-                        let n = json_len(&d);
-                        while empty && end_bytes + n > END_RECORD_BUDGET {
-                            let Some(i) = evictable.pop() else { break };
-                            let gone: Option<EmptyDir> = dirs[i].take();
-                            end_bytes -= gone.as_ref().map_or(0, json_len);
-                            meta_omitted += 1;
-                        }
-                        if end_bytes + n <= END_RECORD_BUDGET {
-                            end_bytes += n;
-                            if !empty {
-                                evictable.push(dirs.len());
+                    match item {
+                        Item::Entry(e) => {
+                            count += 1;
+                            bytes += e.size;
+                            if sigs.is_some() && SigCache::worth(e.size) && e.linkdest.is_none() {
+                                signed.insert(SigCache::key(e.name.as_bytes()));
                             }
-                            dirs.push(Some(d));
-                        } else if empty {
-                            dirs_omitted += 1;
-                        } else {
-                            meta_omitted += 1;
+                            if chunk.is_empty() {
+                                since = Instant::now();
+                            }
+                            let _ = serde_json::to_writer(&mut chunk, &e);
+                            chunk.push(b'\n');
                         }
+                        Item::Skipped(why) => {
+                            skipped += 1;
+                            if !quiet {
+                                print_error(format!("listing skips {why}"));
+                            }
+                        }
+                        // Kept for the end record, within its budget.
+                        Item::Partial(p) => {
+                            let n = json_len(&p);
+                            if partials.len() < MAX_PARTIALS_LISTED
+                                && end_bytes + n <= END_RECORD_BUDGET
+                            {
+                                end_bytes += n;
+                                partials.push(p);
+                            }
+                        }
+                        // Within the budget, an empty directory (which nothing
+                        // else implies) takes the place of one with entries.
+                        Item::Dir(d, empty)
+                            if with_dirs == Dirs::All || (with_dirs == Dirs::Empty && empty) =>
+                        {
+                            let n = json_len(&d);
+                            while empty && end_bytes + n > END_RECORD_BUDGET {
+                                let Some(i) = evictable.pop() else { break };
+                                let gone: Option<EmptyDir> = dirs[i].take();
+                                end_bytes -= gone.as_ref().map_or(0, json_len);
+                                meta_omitted += 1;
+                            }
+                            if end_bytes + n <= END_RECORD_BUDGET {
+                                end_bytes += n;
+                                if !empty {
+                                    evictable.push(dirs.len());
+                                }
+                                dirs.push(Some(d));
+                            } else if empty {
+                                dirs_omitted += 1;
+                            } else {
+                                meta_omitted += 1;
+                            }
+                        }
+                        Item::Dir(..) => {}
                     }
-                    Item::Dir(..) => {}
-                }
-                if chunk.len() >= LISTING_CHUNK
-                    || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
-                {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(LISTING_CHUNK));
-                    open = tx.send(full).is_ok();
-                }
-                open
-            });
+                    if chunk.len() >= LISTING_CHUNK
+                        || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
+                    {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(LISTING_CHUNK));
+                        open = tx.send(full).is_ok();
+                    }
+                    open
+                },
+            );
             if let (true, 0, Some(sigs)) = (open, skipped, &sigs) {
                 // A complete walk: signatures of files now gone go too.
                 sigs.prune(&signed);
@@ -818,6 +896,9 @@ fn listing(
                     end.area_id = Some(id);
                 }
                 end.owners = with_meta && owners_applied;
+                if with_meta {
+                    end.exclude = exclude.texts();
+                }
                 let _ = serde_json::to_writer(&mut chunk, &end);
                 chunk.push(b'\n');
                 let _ = tx.send(chunk);
@@ -2034,6 +2115,7 @@ mod tests {
             checksum: true,
             token: None,
             owners: false,
+            exclude: Default::default(),
         };
         let config: Config = [
             ("ro".to_string(), area(false)),

@@ -2,12 +2,14 @@
 //!
 //! Regular files and symlinks become entries; directories are implied;
 //! FIFOs, sockets and devices are skipped; names whose last component is
-//! reserved (`.bitfog*`) are never yielded. It never follows a symlink,
+//! reserved (`.bitfog*`) are never yielded, nor are names the area
+//! excludes (an excluded directory is not entered). It never follows a symlink,
 //! never reads outside the area, and never writes.
 
 use crate::beneath::{Dir, Found as Walked, Kind, Root};
 use crate::digest::hash_reader;
 use crate::server::hashcache::{CacheFile, Lookup, Update};
+use crate::wire::exclude::Excludes;
 use crate::wire::manifest::Entry;
 use crate::wire::paths::is_reserved;
 use std::fs::File;
@@ -50,6 +52,7 @@ const BATCH_BYTES: u64 = 256 << 20;
 pub(super) fn scan(
     root: &Root,
     checksum: bool,
+    exclude: &Excludes,
     cache: Option<&CacheFile>,
     cancel: &AtomicBool,
     mut emit: impl FnMut(Item) -> bool,
@@ -58,7 +61,11 @@ pub(super) fn scan(
     let mut update = cache.filter(|_| checksum).and_then(|c| c.writer());
     let mut batch = Batch::default();
     let mut open = true;
-    let enter = |rel: &Path| !rel.file_name().is_some_and(|n| is_reserved(n.as_bytes()));
+    let excluded =
+        |rel: &Path, dir: bool| rel.to_str().is_some_and(|n| exclude.matches_itself(n, dir));
+    let enter = |rel: &Path| {
+        !rel.file_name().is_some_and(|n| is_reserved(n.as_bytes())) && !excluded(rel, true)
+    };
     crate::beneath::walk(root, enter, |found| {
         match found {
             Walked::Unreadable { rel, err } => {
@@ -81,6 +88,7 @@ pub(super) fn scan(
                     batch.push(Found::Ready(Item::Partial(p)));
                 }
             }
+            Walked::Item { rel, .. } if excluded(rel, false) => {}
             Walked::Item { dir, rel, name, .. } => {
                 let found = match entry_for(dir, rel, name, checksum, lookup.as_mut()) {
                     Ok(f) => f,

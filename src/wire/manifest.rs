@@ -146,6 +146,11 @@ pub(crate) struct End {
     /// and its server may chown).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) owners: bool,
+    /// The area's own exclude patterns (`"exclude"` in its bitfog.json),
+    /// in an extended listing: names they match were left out, and
+    /// `store --delete` leaves them alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) exclude: Vec<String>,
 }
 
 /// An empty directory of an area.
@@ -186,6 +191,7 @@ impl End {
             dirs_meta_omitted: 0,
             area_id: None,
             owners: false,
+            exclude: Vec::new(),
         }
     }
 }
@@ -214,6 +220,8 @@ struct AnyLine {
     area_id: Option<String>,
     #[serde(default)]
     owners: bool,
+    #[serde(default)]
+    exclude: Vec<String>,
     alloc: Option<u64>,
     #[serde(default)]
     mtime_ns: u32,
@@ -232,6 +240,10 @@ pub(crate) struct Header {
     /// The identity of the area the DB describes, when its server gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) area_id: Option<String>,
+    /// The `--exclude` patterns the DB was made with: names they match
+    /// were left out, and `store --delete` leaves them alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) exclude: Vec<String>,
 }
 
 /// Streams and validates entries from a listing or a DB body.
@@ -252,6 +264,9 @@ pub(crate) struct Reader<R> {
     /// The listing's entries carry the extended metadata (`?meta=1` was
     /// understood).
     pub(crate) extended: bool,
+    /// Entries (and directories of the end record) these match are passed
+    /// over, after the stream is checked whole (`--exclude`).
+    pub(crate) exclude: crate::wire::exclude::Excludes,
 }
 
 impl<R: BufRead> Reader<R> {
@@ -269,12 +284,18 @@ impl<R: BufRead> Reader<R> {
             area_id: None,
             owners: false,
             extended: false,
+            exclude: Default::default(),
         }
     }
 
-    /// The end record, once `next_entry` has returned `Ok(None)`.
+    /// The end record, once `next_entry` has returned `Ok(None)`
+    /// (without the directories `exclude` matches).
     pub(crate) fn end(&self) -> Option<End> {
-        self.end.clone()
+        let mut end = self.end.clone()?;
+        if !self.exclude.is_empty() {
+            end.dirs.retain(|d| !self.exclude.excludes(&d.name, true));
+        }
+        Some(end)
     }
 
     fn bad(&self, what: impl std::fmt::Display) -> Error {
@@ -364,10 +385,7 @@ impl<R: BufRead> Reader<R> {
             end.dirs_omitted = line.dirs_omitted;
             end.dirs_meta_omitted = line.dirs_meta_omitted;
             end.owners = line.owners;
-            end.owners = line.owners;
-            end.dirs_meta_omitted = line.dirs_meta_omitted;
-            end.owners = line.owners;
-            end.owners = line.owners;
+            end.exclude = line.exclude;
             end.area_id = line.area_id;
             self.end = Some(end);
             return Ok(None);
@@ -439,7 +457,12 @@ pub(crate) fn is_owner_name(n: &str) -> bool {
 impl<R: BufRead> Iterator for Reader<R> {
     type Item = Result<Entry>;
     fn next(&mut self) -> Option<Result<Entry>> {
-        self.next_entry().transpose()
+        loop {
+            match self.next_entry() {
+                Ok(Some(e)) if self.exclude.excludes(&e.name, false) => continue,
+                other => return other.transpose(),
+            }
+        }
     }
 }
 
@@ -527,6 +550,7 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     end.dirs_omitted = line.dirs_omitted;
     end.dirs_meta_omitted = line.dirs_meta_omitted;
     end.owners = line.owners;
+    end.exclude = line.exclude;
     end.area_id = line.area_id;
     Some(end)
 }
@@ -552,6 +576,8 @@ pub(crate) struct DbWriter {
     pub(crate) dirs: Vec<EmptyDir>,
     pub(crate) dirs_omitted: u64,
     pub(crate) dirs_meta_omitted: u64,
+    /// The listed area's own exclude patterns, for the end record.
+    pub(crate) area_exclude: Vec<String>,
 }
 
 impl DbWriter {
@@ -560,6 +586,7 @@ impl DbWriter {
         path: &Path,
         source: Option<&str>,
         area_id: Option<&str>,
+        exclude: Vec<String>,
     ) -> Result<DbWriter> {
         let file_name = path
             .file_name()
@@ -567,7 +594,7 @@ impl DbWriter {
         let parent = parent_dir(path);
         let dir =
             Dir::open_path(parent).map_err(|e| Error::io(format!("'{}'", parent.display()), &e))?;
-        DbWriter::create_in(dir, file_name.as_bytes(), source, area_id)
+        DbWriter::create_in(dir, file_name.as_bytes(), source, area_id, exclude)
     }
 
     /// A DB named `name` in `dir`.
@@ -576,6 +603,7 @@ impl DbWriter {
         name: &[u8],
         source: Option<&str>,
         area_id: Option<&str>,
+        exclude: Vec<String>,
     ) -> Result<DbWriter> {
         let mut tmp = b".".to_vec();
         tmp.extend_from_slice(name);
@@ -596,12 +624,14 @@ impl DbWriter {
             dirs: Vec::new(),
             dirs_omitted: 0,
             dirs_meta_omitted: 0,
+            area_exclude: Vec::new(),
         };
         let header = Header {
             bitfog: VERSION,
             source: source.map(str::to_string),
             created: crate::wire::protocol::rfc3339(now_secs()),
             area_id: area_id.map(str::to_string),
+            exclude,
         };
         w.line(&header)?;
         Ok(w)
@@ -645,6 +675,7 @@ impl DbWriter {
         end.dirs = std::mem::take(&mut self.dirs);
         end.dirs_omitted = self.dirs_omitted;
         end.dirs_meta_omitted = self.dirs_meta_omitted;
+        end.exclude = std::mem::take(&mut self.area_exclude);
         self.line(&end)?;
         let out = self.out.take().expect("commit twice");
         let what = self.what(&self.tmp);
@@ -806,7 +837,7 @@ mod tests {
             entries.dedup_by(|a, b| a.name == b.name);
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("x.db");
-            let mut w = DbWriter::create(&path, Some("http://h/a/"), None).unwrap();
+            let mut w = DbWriter::create(&path, Some("http://h/a/"), None, Vec::new()).unwrap();
             for e in &entries {
                 w.entry(e).unwrap();
             }

@@ -2,9 +2,11 @@
 //! readers and writers they are handed: names and their order (`paths`),
 //! HTTP headers, ranges and dates (`protocol`), manifests and listings
 //! (`manifest`), sparse files' extents (`sparse`), and block signatures
-//! and deltas (`delta`). docs/protocol.md is their contract.
+//! and deltas (`delta`), exclude patterns (`exclude`). docs/protocol.md is
+//! their contract.
 
 pub mod delta;
+pub(crate) mod exclude;
 pub mod manifest;
 pub mod paths;
 pub mod protocol;

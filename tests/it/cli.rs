@@ -67,6 +67,18 @@ fn bad_configs_exit_2_naming_file_area_and_key() {
             format!("{{\"bad/name\":{{\"path\":{a:?}}}}}"),
             "area 'bad/name'",
         ),
+        (
+            format!("{{\"vms\":{{\"path\":{a:?},\"exclude\":\"@eaDir\"}}}}"),
+            "area 'vms': key 'exclude': expected an array of patterns",
+        ),
+        (
+            format!("{{\"vms\":{{\"path\":{a:?},\"exclude\":[\"a//b\"]}}}}"),
+            "area 'vms': key 'exclude': exclude pattern 'a//b'",
+        ),
+        (
+            format!("{{\"vms\":{{\"path\":{a:?},\"owners\":\"yes\"}}}}"),
+            "area 'vms': key 'owners'",
+        ),
     ] {
         fs::write(t.path("bitfog.json"), &text).unwrap();
         let r = bitfog(&[

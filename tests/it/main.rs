@@ -6,6 +6,7 @@ mod bounds;
 mod carry;
 mod cli;
 mod delta;
+mod exclude;
 mod hostile;
 mod identity;
 mod mirror;

@@ -808,7 +808,12 @@ fn the_log_says_when_names_the_areas_and_warns_without_a_hash_cache() {
     use std::io::BufRead;
     let t = Scratch::new();
     let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
-    fs::write(t.path("c.json"), two_areas(&src, &dst)).unwrap();
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?},\"exclude\":[\"@eaDir\",\"._*\"]}},\"dst\":{{\"path\":{:?},\"writable\":true}}}}",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap()
+    );
+    fs::write(t.path("c.json"), conf).unwrap();
     let mut child = cmd(&[
         "serve",
         "--conf",
@@ -849,8 +854,17 @@ fn the_log_says_when_names_the_areas_and_warns_without_a_hash_cache() {
     for l in rest.iter().chain([&request]) {
         assert!(stamped(l), "{l}");
     }
-    assert!(rest[0].contains("area 'dst'") && rest[0].contains("(writable, no token)"));
-    assert!(rest[1].contains("area 'src'") && rest[1].contains("(read-only, no token)"));
+    assert!(
+        rest[0].contains("area 'dst'") && rest[0].contains("(writable, no token, no excludes)"),
+        "{}",
+        rest[0]
+    );
+    assert!(
+        rest[1].contains("area 'src'")
+            && rest[1].contains("(read-only, no token, excludes @eaDir ._*)"),
+        "{}",
+        rest[1]
+    );
     assert!(rest[2].contains("the hash cache is off (--cache none)"));
     assert!(request.contains("\"GET /\" 200"), "{request}");
 }
