@@ -33,6 +33,9 @@ pub(super) enum Failure {
     /// The destination answered 507: its disk is full. The run stops
     /// starting uploads.
     DestFull(String),
+    /// The destination area excludes the name (403): not stored, and not
+    /// a failure of the run.
+    Excluded,
     /// The server could not be reached or stopped answering: the run
     /// stops starting transfers.
     Unreachable(String),
@@ -73,6 +76,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::DiskFull => f.write_str("the disk is full"),
+            Failure::Excluded => f.write_str("the destination area excludes it"),
             Failure::TooBig => f.write_str("the delta would not be smaller than its limit"),
             Failure::SourceChanged(why)
             | Failure::Damaged(why)
@@ -193,6 +197,7 @@ pub(super) fn upload_range(
             r.reason
         ))),
         Err(r) if r.status == 507 => Err(Failure::dest_full(&r.reason)),
+        Err(r) if r.status == 403 => Err(Failure::Excluded),
         Err(r) => Err(Failure::Refused(r.reason)),
     }
 }

@@ -76,6 +76,9 @@ struct StoreSummary {
     /// The destination server stopped answering; the run stopped there.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     server_gone: bool,
+    /// Files the destination area excludes (it answered 403): not stored,
+    /// not failures.
+    excluded_files: u64,
     /// The destination's disk filled up (it answered 507); no upload was
     /// started after that.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -756,6 +759,9 @@ impl Execution<'_> {
                     self.progress.bytes.fetch_add(e.size, Ordering::Relaxed);
                 }
             }
+            Err(Failure::Excluded) => {
+                sum.excluded_files += 1;
+            }
             Err(why) => {
                 sum.failed_files += 1;
                 drop(sum);
@@ -1065,8 +1071,12 @@ fn make_dirs(
     });
     let there: HashMap<&str, &crate::wire::manifest::EmptyDir> =
         dest_end.dirs.iter().map(|d| (d.name.as_str(), d)).collect();
+    let excluded = crate::wire::exclude::Excludes::new(&dest_end.exclude).unwrap_or_default();
     let mut made = Vec::new();
-    for d in dirs {
+    for d in dirs
+        .into_iter()
+        .filter(|d| !excluded.excludes(&d.name, true))
+    {
         let listed = there.get(d.name.as_str());
         // Nanoseconds and owners count where the destination lists them.
         let same = listed.is_some_and(|x| {
@@ -1146,6 +1156,12 @@ fn report(ui: &Ui, opts: &StoreOpts, sum: &StoreSummary) {
         human.push_str(
             "stopped: the destination disk is full; free space there and rerun store to continue\n",
         );
+    }
+    if sum.excluded_files > 0 {
+        human.push_str(&format!(
+            "{} not stored: the destination area excludes them (exclude them at the source too)\n",
+            n_files(sum.excluded_files)
+        ));
     }
     if sum.failed_files > 0 {
         human.push_str(&format!("{} failed\n", n_files(sum.failed_files)));
@@ -1403,6 +1419,7 @@ fn copy_refused(from: &str, r: crate::client::Refused) -> Failure {
             r.reason
         ),
         507 => return Failure::dest_full(&r.reason),
+        403 => return Failure::Excluded,
         _ => r.reason,
     })
 }
@@ -1436,6 +1453,7 @@ fn run(
 fn refused(r: crate::client::Refused) -> Failure {
     Failure::Refused(match r.status {
         507 => return Failure::dest_full(&r.reason),
+        403 => return Failure::Excluded,
         422 => format!(
             "the destination refused the content as changed ({})",
             r.reason

@@ -580,6 +580,27 @@ pub(crate) struct DbWriter {
     pub(crate) area_exclude: Vec<String>,
 }
 
+/// Removes what an interrupted writer of the same DB left (`STEM` and the
+/// PID of a process that is gone); a live one's file stays.
+fn remove_stale_temps(dir: &Dir, stem: &[u8]) {
+    for (n, _) in dir.names().unwrap_or_default() {
+        let Some(pid) = n
+            .strip_prefix(stem)
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|&p| p > 0)
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = dir.unlink(&n);
+        }
+    }
+}
+
 impl DbWriter {
     /// A DB at a path the user named.
     pub(crate) fn create(
@@ -605,9 +626,12 @@ impl DbWriter {
         area_id: Option<&str>,
         exclude: Vec<String>,
     ) -> Result<DbWriter> {
-        let mut tmp = b".".to_vec();
-        tmp.extend_from_slice(name);
-        tmp.extend_from_slice(format!(".bitfog-tmp-{}", std::process::id()).as_bytes());
+        let mut stem = b".".to_vec();
+        stem.extend_from_slice(name);
+        stem.extend_from_slice(b".bitfog-tmp-");
+        remove_stale_temps(&dir, &stem);
+        let mut tmp = stem;
+        tmp.extend_from_slice(std::process::id().to_string().as_bytes());
         let file = dir.create_fresh(&tmp).map_err(|e| {
             Error::io(
                 format!("'{}'", dir.path.join(OsStr::from_bytes(&tmp)).display()),

@@ -203,3 +203,33 @@ fn client_excludes_are_recorded_and_honoured_by_store_delete() {
     assert!(r.stderr.contains("exclude pattern 'a//b'"), "{r}");
     bitfog(&["store", &c, &du, &c, "--exclude", "x"]).code(2);
 }
+
+#[test]
+fn names_only_the_destination_excludes_are_not_stored_and_not_failures() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a.txt", b"a");
+    write(&src, "Thumbs.db", b"the source's clutter");
+    write(&src, "@eaDir/x/thumb", b"the source's clutter");
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true,\"exclude\":{CLUTTER}}}}}",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let c = t.s("courier");
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &c]).ok();
+    let s = bitfog(&["store", &c, &du, &c, "--json"]).ok();
+    assert_eq!(
+        (
+            s.num("stored_files"),
+            s.num("excluded_files"),
+            s.num("failed_files")
+        ),
+        (1, 2, 0),
+        "{s}"
+    );
+    assert!(!dst.join("Thumbs.db").exists() && !dst.join("@eaDir").exists());
+}

@@ -1192,3 +1192,20 @@ fn an_interrupted_fetch_says_what_is_kept_in_one_line() {
     bitfog(&["store", &t.s("c"), &server.url("dst"), &t.s("c")]).ok();
     assert_same_tree(&src, &dst);
 }
+
+#[test]
+fn builddb_removes_what_an_interrupted_builddb_left() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", b"a");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    // A writer killed with -9 (its PID gone), and one still running (ours).
+    let stale = t.path(".src.db.bitfog-tmp-4194303");
+    let live = t.path(&format!(".src.db.bitfog-tmp-{}", std::process::id()));
+    fs::write(&stale, b"half a DB").unwrap();
+    fs::write(&live, b"being written").unwrap();
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    assert!(!stale.exists(), "the stale temporary file is gone");
+    assert!(live.exists(), "a live writer's file stays");
+    assert!(t.path("src.db").exists());
+}
