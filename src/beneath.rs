@@ -290,9 +290,9 @@ impl Dir {
     /// This directory's own permission bits and mtime.
     pub(crate) fn own_meta(&self) -> io::Result<OwnMeta> {
         // SAFETY: zeroed stat is a valid out-buffer for fstat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let mut st: crate::sys::stat = unsafe { std::mem::zeroed() };
         // SAFETY: a descriptor we own and a valid out-buffer.
-        check(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
+        check(unsafe { crate::sys::fstat(self.fd.as_raw_fd(), &mut st) })?;
         Ok(OwnMeta {
             mode: st.st_mode & 0o7777,
             mtime: time(st.st_mtime),
@@ -389,10 +389,10 @@ impl Dir {
     pub(crate) fn stat(&self, name: &[u8]) -> io::Result<Option<Meta>> {
         let c = cstr(name)?;
         // SAFETY: zeroed stat is a valid out-buffer for fstatat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let mut st: crate::sys::stat = unsafe { std::mem::zeroed() };
         // SAFETY: a valid descriptor, NUL-terminated name and out-buffer.
         let rc = unsafe {
-            libc::fstatat(
+            crate::sys::fstatat(
                 self.fd.as_raw_fd(),
                 c.as_ptr(),
                 &mut st,
@@ -612,7 +612,7 @@ impl Dir {
             // through it.
             unsafe { *libc::__errno_location() = 0 };
             // SAFETY: a valid stream.
-            let ent = unsafe { libc::readdir(dirp.0) };
+            let ent = unsafe { crate::sys::readdir(dirp.0) };
             if ent.is_null() {
                 let err = io::Error::last_os_error();
                 if err.raw_os_error().unwrap_or(0) != 0 {
@@ -683,9 +683,9 @@ impl Dir {
     /// The file system's free bytes for unprivileged writers.
     pub(crate) fn free_space(&self) -> Option<u64> {
         // SAFETY: zeroed statvfs is a valid out-buffer.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let mut st: crate::sys::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: a descriptor we own and a valid out-buffer.
-        if unsafe { libc::fstatvfs(self.fd.as_raw_fd(), &mut st) } != 0 {
+        if unsafe { crate::sys::fstatvfs(self.fd.as_raw_fd(), &mut st) } != 0 {
             return None;
         }
         Some(st.f_bavail as u64 * st.f_frsize as u64)

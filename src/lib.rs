@@ -31,6 +31,7 @@ mod http;
 mod owners;
 mod plan;
 mod server;
+mod sys;
 mod ui;
 mod wire;
 

@@ -51,13 +51,22 @@ impl Names {
     }
 }
 
+/// A user or group name bitfog passes on: 1 to 64 printable ASCII
+/// characters, none of them a space, a colon or a percent sign (they
+/// travel in a header). Any other is dropped, and the numeric id stands.
+pub(crate) fn is_owner_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b':' && b != b'%')
+}
+
 /// `name:password:id:...` lines: each usable name with its id.
 fn records(text: &str) -> impl Iterator<Item = (&str, u32)> {
     text.lines().filter_map(|line| {
         let mut f = line.split(':');
         let name = f.next()?;
         let id = f.nth(1)?.parse().ok()?;
-        crate::wire::manifest::is_owner_name(name).then_some((name, id))
+        is_owner_name(name).then_some((name, id))
     })
 }
 

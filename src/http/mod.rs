@@ -1057,14 +1057,15 @@ fn send_file(
     start: u64,
     len: u64,
 ) -> io::Result<u64> {
-    let mut offset = start as libc::off_t;
+    let mut offset = start as crate::sys::off_t;
     let mut sent = 0u64;
     while sent < len {
         let chunk = (len - sent).min(1 << 30) as usize;
         // SAFETY: both descriptors are open for the duration of the call and
         // `offset` is a valid, exclusively borrowed off_t.
-        let n =
-            unsafe { libc::sendfile(out.stream.as_raw_fd(), file.as_raw_fd(), &mut offset, chunk) };
+        let n = unsafe {
+            crate::sys::sendfile(out.stream.as_raw_fd(), file.as_raw_fd(), &mut offset, chunk)
+        };
         if n < 0 {
             let err = io::Error::last_os_error();
             match err.raw_os_error() {

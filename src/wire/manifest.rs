@@ -438,20 +438,11 @@ impl<R: BufRead> Reader<R> {
                 mtime_ns,
                 uid: line.uid,
                 gid: line.gid,
-                user: line.user.filter(|n| is_owner_name(n)),
-                group: line.group.filter(|n| is_owner_name(n)),
+                user: line.user.filter(|n| crate::owners::is_owner_name(n)),
+                group: line.group.filter(|n| crate::owners::is_owner_name(n)),
             },
         }))
     }
-}
-
-/// A user or group name bitfog passes on: 1 to 64 printable ASCII
-/// characters, none of them a space, a colon or a percent sign (they
-/// travel in a header). Any other is dropped, and the numeric id stands.
-pub(crate) fn is_owner_name(n: &str) -> bool {
-    (1..=64).contains(&n.len())
-        && n.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b':' && b != b'%')
 }
 
 impl<R: BufRead> Iterator for Reader<R> {

@@ -47,7 +47,7 @@ pub(crate) fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
     let mut pos = 0u64;
     while pos < size {
         // SAFETY: lseek on a descriptor the borrow keeps open.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let data = unsafe { crate::sys::lseek(fd, pos as crate::sys::off_t, libc::SEEK_DATA) };
         if data < 0 {
             if io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
                 return whole();
@@ -55,7 +55,7 @@ pub(crate) fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
             break;
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = unsafe { crate::sys::lseek(fd, data, libc::SEEK_HOLE) };
         if hole < 0 {
             return whole();
         }

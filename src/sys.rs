@@ -1,0 +1,15 @@
+//! The libc calls whose plain names are 32-bit on 32-bit glibc (armv7):
+//! there `stat`, `readdir`, `lseek` and `sendfile` fail with EOVERFLOW on
+//! a large inode number, size or offset, so the `...64` calls stand in.
+//! Everywhere else (64-bit targets, musl) the plain ones are already
+//! 64-bit.
+
+#[cfg(all(target_env = "gnu", target_pointer_width = "32"))]
+pub(crate) use libc::{
+    fstat64 as fstat, fstatat64 as fstatat, fstatvfs64 as fstatvfs, lseek64 as lseek,
+    off64_t as off_t, readdir64 as readdir, sendfile64 as sendfile, stat64 as stat,
+    statvfs64 as statvfs,
+};
+
+#[cfg(not(all(target_env = "gnu", target_pointer_width = "32")))]
+pub(crate) use libc::{fstat, fstatat, fstatvfs, lseek, off_t, readdir, sendfile, stat, statvfs};
