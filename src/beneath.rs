@@ -91,6 +91,8 @@ pub(crate) struct Meta {
     /// The owner and group (numeric).
     pub(crate) uid: u32,
     pub(crate) gid: u32,
+    /// How many names the file has.
+    pub(crate) nlink: u64,
     /// Device, inode, mtime and ctime in nanoseconds: what the hash cache
     /// keys on, so that any change to the file misses it.
     pub(crate) identity: [i128; 4],
@@ -414,6 +416,7 @@ impl Dir {
                 mtime_ns: st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
                 uid: st.st_uid,
                 gid: st.st_gid,
+                nlink: st.st_nlink as u64,
                 identity: [
                     st.st_dev as i128,
                     st.st_ino as i128,
@@ -450,6 +453,25 @@ impl Dir {
         let (t, n) = (cstr(target)?, cstr(name)?);
         // SAFETY: NUL-terminated strings and a valid descriptor.
         check(unsafe { libc::symlinkat(t.as_ptr(), self.fd.as_raw_fd(), n.as_ptr()) }).map(drop)
+    }
+
+    /// Makes `to` in this directory another name of the file `name` in
+    /// `from` (a hard link; a symlink there is linked as itself, never
+    /// followed).
+    pub(crate) fn link_from(&self, from: &Dir, name: &[u8], to: &[u8]) -> io::Result<()> {
+        let (n, t) = (cstr(name)?, cstr(to)?);
+        // SAFETY: NUL-terminated names and valid descriptors; flags 0
+        // does not follow a symlink.
+        check(unsafe {
+            libc::linkat(
+                from.fd.as_raw_fd(),
+                n.as_ptr(),
+                self.fd.as_raw_fd(),
+                t.as_ptr(),
+                0,
+            )
+        })
+        .map(drop)
     }
 
     /// Renames within this directory; replaces a file or symlink at `to`,

@@ -103,6 +103,9 @@ fn more_meta<B>(
     req
 }
 
+/// A SHA-256 no body of a link request has: an older server refuses it.
+const NO_SUCH_SHA256: &str = "4ee6f18ee3e8a3c4cd5e3e6e4f1a6b7d1b3bbbe5b8e2a5ddcc2d6b57c3b4c1e9";
+
 impl std::fmt::Display for AreaUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.base)
@@ -502,6 +505,29 @@ impl Client {
             .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
             .header(protocol::HDR_MTIME, entry.mtime.to_string());
         let resp = more_meta(resp, &entry.meta)
+            .send(&[][..])
+            .map_err(|e| transport(&url, e))?;
+        Ok(outcome(resp))
+    }
+
+    /// Asks the server to make `entry` another name of its file `from` (a
+    /// hard link, `X-Bitfog-Link`). The hash header is the file's: an
+    /// older server, which would store the empty body, refuses instead.
+    pub(crate) fn put_link(
+        &self,
+        area: &AreaUrl,
+        entry: &Entry,
+        from: &str,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let url = area.file(&entry.name);
+        let resp = self
+            .auth(self.agent.put(&url))
+            .header(protocol::HDR_LINK, protocol::percent_encode_path(from))
+            .header(protocol::HDR_SIZE, entry.size.to_string())
+            .header(
+                protocol::HDR_SHA256,
+                entry.sha256.as_deref().unwrap_or(NO_SUCH_SHA256),
+            )
             .send(&[][..])
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))

@@ -346,7 +346,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     let room = Room::measure(&courier, opts.max_bytes);
     let mut avail = room.trip;
     let mut planned = plan_ranges(&survey, &dest, &kept_ranges, &mut avail);
-    let made = trip.make_deltas(&survey, &dest, &mut avail);
+    let made = trip.make_deltas(&survey, &dest, &dups, &mut avail);
     let picked = select(&trip, &survey, &dups, &made, &room, avail);
     if let Some(next) = next_big_range(&survey, &dups, &made, &picked, &room) {
         planned.push(next);
@@ -768,8 +768,17 @@ impl Trip<'_> {
     /// smaller than the file (or than what is left of the budget) is
     /// dropped, and the file competes whole. Returns the deltas made, by
     /// needed index, with their bytes.
-    fn make_deltas(&self, s: &Survey, dest: &Dest, avail: &mut u64) -> HashMap<usize, u64> {
+    fn make_deltas(
+        &self,
+        s: &Survey,
+        dest: &Dest,
+        dups: &[(usize, Origin)],
+        avail: &mut u64,
+    ) -> HashMap<usize, u64> {
         let mut made = HashMap::new();
+        // Another name of one file (a hard link) is linked at the
+        // destination to the name its content travels under, never patched.
+        let is_dup = |i: usize| dups.binary_search_by_key(&i, |&(d, _)| d).is_ok();
         let mut cands: Vec<&(usize, u64, String)> = s.delta_cands.iter().collect();
         cands.sort_by_key(|&&(i, _, _)| std::cmp::Reverse(s.sizes[i]));
         let total: u64 = cands.iter().map(|&&(i, _, _)| s.sizes[i]).sum();
@@ -779,6 +788,9 @@ impl Trip<'_> {
                 break;
             }
             let Ok(e) = s.needed.get(i) else { continue };
+            if e.meta.hardlink.is_some() && is_dup(i) {
+                continue;
+            }
             let Some((_, sig)) = dest
                 .signatures
                 .as_ref()

@@ -59,6 +59,9 @@ struct StoreSummary {
     kept_files: u64,
     /// Of `stored_files`, those the destination made from its own copies.
     copied_files: u64,
+    /// Of `stored_files`, those made as hard links to another name of the
+    /// same file (as the source has them).
+    linked_files: u64,
     /// Of `stored_files`, those patched from their older version with a
     /// delta, and the delta bytes sent.
     patched_files: u64,
@@ -101,6 +104,9 @@ enum Action {
     /// `.bitfog/deltas/`.
     Patch(Entry, String, u64),
     Delete(String),
+    /// Made at the destination as another name of its file `from` (a hard
+    /// link: the source's names of one file stay one file).
+    HardLink(Entry, String),
 }
 
 /// An upload, link or copy, as kept in the spool.
@@ -114,6 +120,9 @@ struct Task {
     /// The delta that makes this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     delta: Option<(String, u64)>,
+    /// `from` is a name this one is a hard link to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    hard: bool,
 }
 
 impl Task {
@@ -125,6 +134,7 @@ impl Task {
             return Action::Patch(self.e, file, len);
         }
         match self.from {
+            Some(from) if self.hard => Action::HardLink(self.e, from),
             Some(from) => Action::Copy(self.e, from),
             None if self.e.is_symlink() => Action::Link(self.e),
             None => Action::Upload(self.e),
@@ -388,8 +398,14 @@ fn spool_err(e: std::io::Error) -> Error {
 struct Plan {
     actions: Vec<Action>,
     spool: Option<Spool<Task>>,
-    /// Which spooled tasks are copies (they run in phases of their own).
+    /// Which spooled tasks are copies and which hard links (they run in
+    /// phases of their own).
     copy_at: Vec<bool>,
+    hard_at: Vec<bool>,
+    /// Link groups of SRCDB met so far: the first name (the one the others
+    /// are linked to), its SHA-256, the destination's link group of that
+    /// name when it stays as it is, and whether it is missing.
+    leaders: HashMap<u64, Leader>,
     /// The receipt's lines: what the destination holds after this run,
     /// from its listing and the outcome of each action (no second
     /// listing, so nothing just stored is hashed again).
@@ -426,6 +442,8 @@ impl Plan {
             actions: Vec::new(),
             spool,
             copy_at: Vec::new(),
+            hard_at: Vec::new(),
+            leaders: HashMap::new(),
             receipt,
             sum: StoreSummary::default(),
             total_bytes: 0,
@@ -443,7 +461,8 @@ impl Plan {
     fn task(&mut self, t: Task) -> Result<()> {
         match self.spool.as_mut() {
             Some(spool) => {
-                self.copy_at.push(t.from.is_some());
+                self.copy_at.push(t.from.is_some() && !t.hard);
+                self.hard_at.push(t.hard);
                 spool.push(&t).map(drop).map_err(spool_err)
             }
             None => {
@@ -506,6 +525,17 @@ impl Plan {
                 }
             }
         }
+        if let Pair::Src(s) | Pair::Both(s, _) = &pair {
+            if s.meta.hardlink.is_some() {
+                let known = self.leaders.contains_key(&group_of(s));
+                let (s, d) = pair_parts(pair);
+                return if known {
+                    self.link_member((s, d))
+                } else {
+                    self.leader(courier, found, s, d)
+                };
+            }
+        }
         let (s, d) = match pair {
             Pair::Dst(d) => {
                 if opts.delete {
@@ -513,15 +543,100 @@ impl Plan {
                 }
                 return self.note(d, false, None);
             }
+
             Pair::Both(s, d) if s.same_content(&d) => return self.present(s, d),
             Pair::Src(s) => (s, None),
             Pair::Both(s, d) => (s, Some(d)),
         };
+        self.pair_file(courier, found, s, d)
+    }
+
+    /// The first name of a link group: decided like any file, and kept as
+    /// what the group's other names are linked to.
+    fn leader(
+        &mut self,
+        courier: &Courier,
+        found: &mut Found,
+        s: Entry,
+        d: Option<Entry>,
+    ) -> Result<()> {
+        let g = group_of(&s);
+        let stays = d
+            .as_ref()
+            .filter(|d| s.same_content(d))
+            .and_then(|d| d.meta.hardlink);
+        let missing = self.sum.missing_files;
+        let lead = Leader {
+            name: s.name.clone(),
+            sha256: s.sha256.clone(),
+            size: s.size,
+            dest_group: stays,
+            missing: false,
+        };
+        match d {
+            Some(d) if s.same_content(&d) => self.present(s, d)?,
+            d => self.pair_file(courier, found, s, d)?,
+        }
+        self.leaders.insert(
+            g,
+            Leader {
+                missing: self.sum.missing_files > missing,
+                ..lead
+            },
+        );
+        Ok(())
+    }
+
+    /// Another name of a link group whose first name was met: nothing to
+    /// do when the destination has it as a name of the same file, else a
+    /// hard link to the first name, after that is in place.
+    fn link_member(&mut self, (s, d): (Entry, Option<Entry>)) -> Result<()> {
+        let lead = &self.leaders[&group_of(&s)];
+        if lead.sha256 != s.sha256 || lead.size != s.size {
+            // Changed while the source was listed: not one file after all.
+            return self.note_missing(s, d);
+        }
+        if lead.missing {
+            return self.note_missing(s, d);
+        }
+        let linked = d.as_ref().is_some_and(|d| {
+            s.same_content(d) && d.meta.hardlink.is_some() && d.meta.hardlink == lead.dest_group
+        });
+        if linked {
+            return self.note(d.expect("linked"), false, None);
+        }
+        let from = lead.name.clone();
+        self.task(Task {
+            e: s.clone(),
+            from: Some(from),
+            ranged: false,
+            delta: None,
+            hard: true,
+        })?;
+        self.note(s, true, d)
+    }
+
+    /// A name whose content this trip does not bring.
+    fn note_missing(&mut self, s: Entry, d: Option<Entry>) -> Result<()> {
+        self.sum.missing_files += 1;
+        self.sum.missing_bytes += s.size;
+        d.map_or(Ok(()), |d| self.note(d, false, None))
+    }
+
+    /// A name the destination lacks or has with other content.
+    fn pair_file(
+        &mut self,
+        courier: &Courier,
+        found: &mut Found,
+        s: Entry,
+        d: Option<Entry>,
+    ) -> Result<()> {
         let task = |from: Option<String>, ranged: bool, delta: Option<(String, u64)>| Task {
             e: s.clone(),
             from,
             ranged,
             delta,
+            hard: false,
         };
         if let Err(why) = check_carried_name(&s.name) {
             self.refused
@@ -576,6 +691,7 @@ impl Plan {
                 from: None,
                 ranged: false,
                 delta: None,
+                hard: false,
             })?;
             return self.note(s, true, Some(d));
         }
@@ -594,6 +710,7 @@ impl Plan {
             from: Some(now.name.clone()),
             ranged: false,
             delta: None,
+            hard: false,
         })?;
         self.note(now, true, Some(d))
     }
@@ -624,6 +741,27 @@ impl Plan {
 }
 
 /// What the courier holds besides files: instructions, ranges, deltas.
+/// The first name of a link group of SRCDB (see `Plan::leaders`).
+struct Leader {
+    name: String,
+    sha256: Option<String>,
+    size: u64,
+    dest_group: Option<u64>,
+    missing: bool,
+}
+
+fn group_of(e: &Entry) -> u64 {
+    e.meta.hardlink.unwrap_or(0)
+}
+
+fn pair_parts(pair: Pair) -> (Entry, Option<Entry>) {
+    match pair {
+        Pair::Src(s) => (s, None),
+        Pair::Both(s, d) => (s, Some(d)),
+        Pair::Dst(_) => unreachable!("only names SRCDB has"),
+    }
+}
+
 struct Found {
     copies: crate::courier::Copies,
     ranges: Vec<(String, ranges::RangeRecord)>,
@@ -662,6 +800,12 @@ fn dry_run(ui: &Ui, plan: Plan, doomed_dirs: &[String], over_limit: bool) -> Exi
             }
             Action::Copy(e, from) => {
                 format!("would make '{}' from '{from}' at the destination\n", e.name)
+            }
+            Action::HardLink(e, from) => {
+                format!(
+                    "would make '{}' another name of '{from}' (a hard link)\n",
+                    e.name
+                )
             }
             Action::Delete(n) => format!("would delete '{n}'\n"),
         });
@@ -714,6 +858,8 @@ struct Execution<'a> {
     /// Directories this run wrote in (whatever the outcome: a failed
     /// upload may have moved its directory's mtime too).
     touched: Mutex<HashSet<String>>,
+    /// Set once the destination could not make a hard link.
+    no_links: AtomicBool,
     /// Set when the destination said its disk is full: no more uploads,
     /// copies, ranges or patches are tried, each left counts as failed.
     full: AtomicBool,
@@ -726,6 +872,7 @@ impl Execution<'_> {
             Action::Upload(e)
             | Action::Link(e)
             | Action::Copy(e, _)
+            | Action::HardLink(e, _)
             | Action::Ranges(e)
             | Action::Patch(e, ..) => &e.name,
             Action::Delete(n) => n,
@@ -844,10 +991,41 @@ impl Execution<'_> {
         if self.no_room_for(action) {
             return self.record(action, Err(Failure::DestFull("not tried".into())));
         }
+        if let Action::HardLink(e, from) = action {
+            return self.record(action, self.hard_link(e, from));
+        }
         self.record(
             action,
             run(self.client, self.courier, &self.opts.dest, action),
         );
+    }
+
+    /// Makes `e` a hard link to `from` at the destination; where the
+    /// destination cannot link (its file system, or an older server), a
+    /// copy instead, said once.
+    fn hard_link(&self, e: &Entry, from: &str) -> std::result::Result<(), Failure> {
+        let dest = &self.opts.dest;
+        match self.client.put_link(dest, e, from) {
+            Err(err) => Err(Failure::client(err)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(r)) if r.status == 501 || r.status == 422 => {
+                if !self.no_links.swap(true, Ordering::SeqCst) {
+                    self.ui.log(format!(
+                        "{dest}: the destination cannot make hard links ({}); the names of one file arrive as copies",
+                        r.reason
+                    ));
+                }
+                self.client
+                    .put_copy(dest, e, from)
+                    .map_err(Failure::client)?
+                    .map_err(|r| copy_refused(from, r))
+            }
+            Ok(Err(r)) if r.status == 409 => Err(Failure::Refused(format!(
+                "the destination does not have '{from}' to link to ({})",
+                r.reason
+            ))),
+            Ok(Err(r)) => Err(refused(r)),
+        }
     }
 
     /// After an action failed: true when the destination server does not
@@ -911,6 +1089,7 @@ fn execute(
     let held = ranges::held(courier);
     let deletes = std::mem::take(&mut plan.actions);
     let copy_at = &plan.copy_at;
+    let hard_at = &plan.hard_at;
     let x = Execution {
         ui,
         client,
@@ -926,6 +1105,7 @@ fn execute(
         gone: AtomicBool::new(false),
         full: AtomicBool::new(false),
         touched: Mutex::default(),
+        no_links: AtomicBool::new(false),
     };
     // 1. Copies. One whose source is not there yet (a duplicate of a file
     //    this run uploads) is tried again at the end.
@@ -945,7 +1125,7 @@ fn execute(
     x.phase(deletes.len(), &|i| x.run(&deletes[i]));
     // 3. Uploads, links, ranges and patches.
     x.phase(spool.len(), &|i| {
-        if !copy_at[i] {
+        if !copy_at[i] && !hard_at[i] {
             match x.spooled(i) {
                 Some(Action::Ranges(e)) => x.ranges(e, &held),
                 Some(a) => x.run(&a),
@@ -958,6 +1138,14 @@ fn execute(
     x.phase(again.len(), &|k| {
         if let Some(a) = x.spooled(again[k]) {
             x.run(&a);
+        }
+    });
+    // 5. Hard links, once the names they link to are in place.
+    x.phase(spool.len(), &|i| {
+        if hard_at[i] {
+            if let Some(a) = x.spooled(i) {
+                x.run(&a);
+            }
         }
     });
     x.progress.finish();
@@ -1254,7 +1442,10 @@ fn write_receipt(
         } else {
             Some(line.e)
         };
-        if let Some(e) = e {
+        if let Some(mut e) = e {
+            // Link groups are numbered per listing: SRCDB's and the
+            // destination's cannot share one manifest.
+            e.meta.hardlink = None;
             out.entry(&e)?;
         }
     }
@@ -1382,6 +1573,11 @@ fn count(sum: &mut StoreSummary, action: &Action) {
             sum.stored_bytes += e.size;
             sum.copied_files += 1;
         }
+        Action::HardLink(e, _) => {
+            sum.stored_files += 1;
+            sum.stored_bytes += e.size;
+            sum.linked_files += 1;
+        }
         Action::Delete(_) => sum.deleted_files += 1,
     }
 }
@@ -1446,6 +1642,7 @@ fn run(
             .map_err(Failure::client)?
             .map_err(refused),
         Action::Upload(e) => upload(client, courier, dest, e),
+        Action::HardLink(..) => Err(Failure::Io("hard links are made by hard_link".into())),
     }
 }
 

@@ -488,6 +488,7 @@ fn excluded(area: &Area, op: FileOp, comps: &[&[u8]], req: &Request) -> Option<R
             }
             let from = req
                 .header(protocol::HDR_FROM)
+                .or_else(|| req.header(protocol::HDR_LINK))
                 .and_then(protocol::percent_decode)
                 .map(|f| String::from_utf8_lossy(&f).into_owned());
             if from.is_some_and(|f| area.exclude.excludes(&f, false)) {
@@ -1232,6 +1233,9 @@ fn put(
         put_sparse(&dir, last(comps), req, asked)
     } else if content_type_is(req, delta::DELTA_TYPE) {
         put_delta(&dir, comps, req, sigs, asked)
+    } else if let Some(from) = req.header(protocol::HDR_LINK) {
+        let from = from.to_string();
+        put_link(root, comps, &dir, &from, req)
     } else if let Some(from) = req.header(protocol::HDR_FROM) {
         let from = from.to_string();
         put_copy(root, comps, &dir, &from, req, asked)
@@ -1364,6 +1368,66 @@ fn put_copy(
     }
     set_meta_and_sync(file, asked.or_mode(0o644)).map_err(write_error)?;
     temp.persist(last(comps)).map_err(write_error)
+}
+
+/// `PUT` with `X-Bitfog-Link: FROM` (a path of the same area) and an empty
+/// body: PATH becomes another name of the regular file FROM (a hard link,
+/// made at a temporary name and renamed over PATH), which must have the
+/// size `X-Bitfog-Size` says; its content was checked when it was stored
+/// or listed. 409 when FROM is missing, not a regular file or of another
+/// size; 501 when the file system cannot link here (the client copies
+/// instead). An older server stores the empty body, which the
+/// `X-Bitfog-Sha256` clients send does not match: 422, nothing changes.
+fn put_link(
+    root: &Root,
+    comps: &[&[u8]],
+    dir: &Dir,
+    from: &str,
+    req: &mut Request,
+) -> std::result::Result<(), Response> {
+    if req.content_length() != 0 {
+        return Err(Response::text(400, "a PUT with X-Bitfog-Link has no body"));
+    }
+    let size: u64 = header_num(req, protocol::HDR_SIZE)?
+        .ok_or_else(|| Response::text(400, "X-Bitfog-Link needs X-Bitfog-Size"))?;
+    let bad_from =
+        |why: &str| Response::text(400, format!("bad {} header: {why}", protocol::HDR_LINK));
+    let decoded = protocol::percent_decode(from).ok_or_else(|| bad_from("bad percent-encoding"))?;
+    let from_comps = components(&decoded).map_err(|why| bad_from(why.reason()))?;
+    if has_reserved(&from_comps) {
+        return Err(bad_from("names starting with .bitfog are reserved"));
+    }
+    let gone = || Response::text(409, format!("link source '{from}' not found as listed"));
+    let from_dir = parent_dir(root, &from_comps, false).map_err(|_| gone())?;
+    let source = from_dir
+        .stat(last(&from_comps))
+        .ok()
+        .flatten()
+        .filter(|m| m.kind == Kind::File && m.size == size)
+        .ok_or_else(gone)?;
+    let same = |m: crate::beneath::Meta| m.identity[..2] == source.identity[..2];
+    if dir.stat(last(comps)).ok().flatten().is_some_and(same) {
+        return Ok(());
+    }
+    let temp = TempFile::register(dir, TempFile::name(), None);
+    if let Err(e) = dir.link_from(&from_dir, last(&from_comps), &temp.name) {
+        return Err(match e.raw_os_error() {
+            Some(libc::EXDEV | libc::EPERM | libc::EMLINK | libc::EOPNOTSUPP | libc::ENOSYS) => {
+                Response::text(
+                    501,
+                    format!("cannot make a hard link here: {}", describe_io(&e)),
+                )
+            }
+            _ => write_error(e),
+        });
+    }
+    let name = temp.name.clone();
+    temp.persist(last(comps)).map_err(write_error)?;
+    // Renaming a name over another name of the same file does nothing.
+    if dir.stat(&name).ok().flatten().is_some() {
+        let _ = dir.unlink(&name);
+    }
+    Ok(())
 }
 
 /// `PUT` of a sparse file: the body is its data extents, each framed as

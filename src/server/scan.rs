@@ -60,6 +60,8 @@ pub(super) fn scan(
     let mut lookup = cache.filter(|_| checksum).map(|c| c.reader());
     let mut update = cache.filter(|_| checksum).and_then(|c| c.writer());
     let mut batch = Batch::default();
+    // Link groups by device and inode, numbered from 1 as met.
+    let mut groups: std::collections::HashMap<(i128, i128), u64> = Default::default();
     let mut open = true;
     let excluded =
         |rel: &Path, dir: bool| rel.to_str().is_some_and(|n| exclude.matches_itself(n, dir));
@@ -90,10 +92,16 @@ pub(super) fn scan(
             }
             Walked::Item { rel, .. } if excluded(rel, false) => {}
             Walked::Item { dir, rel, name, .. } => {
-                let found = match entry_for(dir, rel, name, checksum, lookup.as_mut()) {
+                let mut found = match entry_for(dir, rel, name, checksum, lookup.as_mut()) {
                     Ok(f) => f,
                     Err(why) => Found::Ready(Item::Skipped(format!("'{}': {why}", shown(rel)))),
                 };
+                if let Found::Hash(e, _, id) | Found::Cached(e, id) = &mut found {
+                    if e.meta.hardlink.is_some() {
+                        let next = groups.len() as u64 + 1;
+                        e.meta.hardlink = Some(*groups.entry((id[0], id[1])).or_insert(next));
+                    }
+                }
                 batch.push(found);
             }
         }
@@ -265,6 +273,7 @@ fn dir_record(dir: &Dir, rel: &Path) -> Option<crate::wire::manifest::EmptyDir> 
             gid: Some(m.gid),
             user: None,
             group: None,
+            hardlink: None,
         },
     })
 }
@@ -321,6 +330,8 @@ fn entry_for(
             gid: Some(meta.gid),
             user: None,
             group: None,
+            // The group is numbered as the walk meets it (see `scan`).
+            hardlink: (meta.kind == Kind::File && meta.nlink > 1).then_some(0),
         },
     };
     match meta.kind {

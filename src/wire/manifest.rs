@@ -68,6 +68,11 @@ pub(crate) struct MoreMeta {
     pub(crate) user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) group: Option<String>,
+    /// A file with more than one name: its link group, the same number
+    /// for every name of one file within one listing (not an inode
+    /// number, and not comparable between listings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) hardlink: Option<u64>,
 }
 
 fn is_zero_u32(n: &u32) -> bool {
@@ -229,6 +234,7 @@ struct AnyLine {
     gid: Option<u32>,
     user: Option<String>,
     group: Option<String>,
+    hardlink: Option<u64>,
 }
 
 /// The header line of a DB file.
@@ -401,6 +407,7 @@ impl<R: BufRead> Reader<R> {
             }
         }
         let mtime_ns = line.mtime_ns;
+        let hardlink = line.hardlink.filter(|_| line.linkdest.is_none());
         if mtime_ns > 999_999_999 {
             return Err(self.bad(format!("bad mtime_ns for '{name}'")));
         }
@@ -440,6 +447,7 @@ impl<R: BufRead> Reader<R> {
                 gid: line.gid,
                 user: line.user.filter(|n| crate::owners::is_owner_name(n)),
                 group: line.group.filter(|n| crate::owners::is_owner_name(n)),
+                hardlink,
             },
         }))
     }

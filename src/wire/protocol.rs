@@ -7,6 +7,9 @@ pub(crate) const HDR_SHA256: &str = "x-bitfog-sha256";
 pub(crate) const HDR_MODE: &str = "x-bitfog-mode";
 /// Request header carrying the mtime (seconds since the epoch) on PUT.
 pub(crate) const HDR_MTIME: &str = "x-bitfog-mtime";
+/// `PUT` with an empty body: make the path another name (a hard link) of
+/// this file of the same area.
+pub(crate) const HDR_LINK: &str = "x-bitfog-link";
 /// The nanoseconds of `X-Bitfog-Mtime` (0 to 999999999); older servers
 /// ignore it and set whole seconds.
 pub(crate) const HDR_MTIME_NS: &str = "x-bitfog-mtime-ns";

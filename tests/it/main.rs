@@ -7,6 +7,7 @@ mod carry;
 mod cli;
 mod delta;
 mod exclude;
+mod hardlinks;
 mod hostile;
 mod identity;
 mod mirror;
