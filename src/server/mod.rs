@@ -9,6 +9,7 @@
 //! never read, create, change or delete anything outside an area.
 
 mod hashcache;
+mod html;
 mod scan;
 
 pub(crate) use hashcache::default_dir;
@@ -417,14 +418,40 @@ fn handle(state: &State, req: &mut Request) -> Response {
     let Some(name) = area else {
         return match route {
             Route::Answer(resp) => resp,
+            _ if html::prefers_html(req.header("accept")) => {
+                html_page(html::areas(state.config.keys()))
+            }
             _ => index(state),
         };
     };
     let (Some(area), Some(root)) = (state.config.get(&name), state.roots.get(&name)) else {
         return Response::text(404, "no such area");
     };
-    if let Some(refused) = authorize(area, req) {
+    if let Some(refused) = authorize(&name, area, req) {
         return refused;
+    }
+    let wants_page = html::prefers_html(req.header("accept"));
+    let id = state.ids.get(&name).cloned().unwrap_or_default();
+    match &route {
+        Route::Listing { .. } if wants_page => {
+            let resp = match root.dir(&[], false) {
+                Ok(d) => html_page(html::directory(&name, "", &d, &area.exclude)),
+                Err(e) => Response::text(500, format!("cannot open the area: {}", describe_io(&e))),
+            };
+            return resp.with(protocol::AREA_ID_HEADER, id);
+        }
+        Route::Page { comps, .. } if wants_page => {
+            let c: Vec<&[u8]> = comps.iter().map(Vec::as_slice).collect();
+            let rel = String::from_utf8_lossy(&c.join(&b'/')).into_owned();
+            let resp = match root.dir(&c, false) {
+                Ok(d) if !area.exclude.excludes(&rel, true) => {
+                    html_page(html::directory(&name, &rel, &d, &area.exclude))
+                }
+                _ => Response::text(404, "not found"),
+            };
+            return resp.with(protocol::AREA_ID_HEADER, id);
+        }
+        _ => {}
     }
     let owned;
     let comps: Vec<&[u8]> = match &route {
@@ -435,7 +462,6 @@ fn handle(state: &State, req: &mut Request) -> Response {
         _ => Vec::new(),
     };
     let sigs = state.sigs.get(&name);
-    let id = state.ids.get(&name).cloned().unwrap_or_default();
     if let Route::File(op, _) = &route {
         if let Some(resp) = excluded(area, *op, &comps, req) {
             return resp.with(protocol::AREA_ID_HEADER, id);
@@ -454,7 +480,10 @@ fn handle(state: &State, req: &mut Request) -> Response {
             (area.owners && state.can_chown).then_some(&state.names),
         ),
         Route::File(FileOp::Delete, _) => delete(root, &comps),
-        Route::Answer(resp) => resp,
+        Route::Answer(resp)
+        | Route::Page {
+            otherwise: resp, ..
+        } => resp,
         Route::Index => index(state),
     };
     resp.with(protocol::AREA_ID_HEADER, id)
@@ -519,6 +548,12 @@ enum Route {
     Listing { dirs: Dirs, meta: bool },
     /// A file of the area, by its checked components, and what to do.
     File(FileOp, Vec<Vec<u8>>),
+    /// A directory of the area (a path ending in `/`): a page for a
+    /// browser, else `otherwise` (what such a path always got).
+    Page {
+        comps: Vec<Vec<u8>>,
+        otherwise: Response,
+    },
     /// Answered as it is: a bad target or path, a reserved name, a
     /// method the area does not allow.
     Answer(Response),
@@ -586,10 +621,18 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
     let comps = match components(file) {
         Ok(c) => c,
         Err(why) => {
-            return routed(Route::Answer(Response::text(
-                400,
-                format!("refused path: {}", why.reason()),
-            )));
+            let refused = Response::text(400, format!("refused path: {}", why.reason()));
+            // A directory's page, for a browser that asks for one.
+            let dir = file.strip_suffix(b"/").map(components);
+            if let (Some(Ok(c)), "GET" | "HEAD") = (dir, method) {
+                if !has_reserved(&c) {
+                    return routed(Route::Page {
+                        comps: c.iter().map(|x| x.to_vec()).collect(),
+                        otherwise: refused,
+                    });
+                }
+            }
+            return routed(Route::Answer(refused));
         }
     };
     let reserved = has_reserved(&comps);
@@ -619,7 +662,7 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
 
 /// The token check of an area that has one: `None` when the request may
 /// go on, else the answer (429 while its address must wait, 401).
-fn authorize(area: &Area, req: &Request) -> Option<Response> {
+fn authorize(name: &str, area: &Area, req: &Request) -> Option<Response> {
     let token = area.token.as_ref()?;
     if let Some(wait) = auth_backoff(&req.peer_ip) {
         return Some(
@@ -627,13 +670,68 @@ fn authorize(area: &Area, req: &Request) -> Option<Response> {
                 .with("Retry-After", wait.to_string()),
         );
     }
-    let given = req.header("authorization").and_then(bearer).unwrap_or("");
-    let ok = token_matches(given, token);
+    let header = req.header("authorization").unwrap_or("");
+    let given = match bearer(header) {
+        Some(t) => t.to_string(),
+        None => basic_password(header).unwrap_or_default(),
+    };
+    let ok = token_matches(&given, token);
     auth_outcome(&req.peer_ip, ok);
     (!ok).then(|| {
-        Response::text(401, "this area needs a valid Authorization: Bearer token")
-            .with("WWW-Authenticate", "Bearer")
+        // A browser asks for the token (as the password) when challenged
+        // with Basic; everything else is told about the bearer token.
+        if html::prefers_html(req.header("accept")) {
+            Response::text(401, "this area needs its token (as the password)")
+                .with("WWW-Authenticate", format!("Basic realm=\"bitfog {name}\""))
+        } else {
+            Response::text(401, "this area needs a valid Authorization: Bearer token")
+                .with("WWW-Authenticate", "Bearer")
+        }
     })
+}
+
+/// The password of `Basic BASE64(USER:PASSWORD)` (any user name).
+fn basic_password(value: &str) -> Option<String> {
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64_decode(rest.trim())?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split_once(':')?.1.to_string())
+}
+
+/// Standard base64 (RFC 4648), padding optional; `None` for anything else.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    if s.len() > 4096 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// A page for a browser.
+fn html_page(body: Vec<u8>) -> Response {
+    Response::new(200, Body::Bytes(body)).with("Content-Type", "text/html; charset=utf-8")
 }
 
 fn not_allowed(allow: &str) -> Response {
@@ -2194,6 +2292,11 @@ mod tests {
                 Route::Listing { dirs, .. } => format!("listing dirs={dirs:?}"),
                 Route::File(op, comps) => format!("{op:?} {}", comps.join(&b'/').escape_ascii()),
                 Route::Answer(resp) => resp.status.to_string(),
+                Route::Page { comps, otherwise } => format!(
+                    "page {} or {}",
+                    comps.join(&b'/').escape_ascii(),
+                    otherwise.status
+                ),
             };
             (r.area, what)
         };
@@ -2218,6 +2321,11 @@ mod tests {
         assert_eq!(go("PUT", "/ro/"), ro("405"));
         // A bad path is answered only after the area's token was checked.
         assert_eq!(go("GET", "/ro/a/../b"), ro("400"));
+        assert_eq!(go("GET", "/ro/a/b/"), ro("page a/b or 400"));
+        assert_eq!(go("HEAD", "/ro/a%20b/"), ro("page a b or 400"));
+        assert_eq!(go("PUT", "/rw/a/"), rw("400"));
+        assert_eq!(go("GET", "/ro/.bitfog-x/"), ro("400"));
+        assert_eq!(go("GET", "/ro/a//"), ro("400"));
         assert_eq!(go("GET", "/ro/a%2f..%2fb"), ro("400"));
         assert_eq!(go("GET", "/ro/a/b?extents"), ro("Extents a/b"));
         assert_eq!(go("GET", "/ro/a/b?signature"), ro("Signature a/b"));

@@ -3,6 +3,7 @@
 //! its own scratch directory.
 
 mod bounds;
+mod browse;
 mod carry;
 mod cli;
 mod delta;
