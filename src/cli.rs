@@ -78,6 +78,15 @@ const COMMANDS: &[Cmd] = &[
                 COURIER/.bitfog/receipt.jsonl. SRCDB may be the courier itself: the\n\
                 source listing fetch left there is used.",
     },
+    Cmd {
+        name: "status",
+        args: "COURIER|DB",
+        summary: "say what a courier or a DB holds (no network)",
+        about: "Says what COURIER holds (where it was filled from and for, when, its\n\
+                files, ranges, deltas, instructions and partial downloads, and what is\n\
+                left for later trips), or what DB describes (its area, when it was made,\n\
+                files, bytes, the largest files, signatures). Reads the disk alone.",
+    },
 ];
 
 /// An option: its names, the name of its value (none for a flag), the
@@ -92,7 +101,9 @@ struct Opt {
     help: &'static str,
 }
 
-const ALL: &[&str] = &["serve", "builddb", "emptydb", "plan", "fetch", "store"];
+const ALL: &[&str] = &[
+    "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+];
 const CLIENTS: &[&str] = &["builddb", "plan", "fetch", "store"];
 
 /// Every option. Those of one command come before the global ones, in the
@@ -190,6 +201,16 @@ const OPTIONS: &[Opt] = &[
         help: "delete at most N files (exit 1 when more were due)",
     },
     Opt {
+        long: "--verify",
+        short: None,
+        value: None,
+        commands: &["status"],
+        needs: None,
+        help: "re-read and hash everything COURIER carries against its records;\n\
+               name and mark what is damaged (the next fetch replaces it); exit 1\n\
+               if anything is",
+    },
+    Opt {
         long: "--jobs",
         short: None,
         value: Some("N"),
@@ -274,7 +295,7 @@ const OPTIONS: &[Opt] = &[
     },
 ];
 
-const CLIENTS_AND_EMPTYDB: &[&str] = &["builddb", "emptydb", "plan", "fetch", "store"];
+const CLIENTS_AND_EMPTYDB: &[&str] = &["builddb", "emptydb", "plan", "fetch", "store", "status"];
 
 /// The options shown as global, in `bitfog --help` and after each
 /// command's own.
@@ -411,6 +432,10 @@ pub(crate) enum Command {
     },
     Fetch(FetchOpts),
     Store(StoreOpts),
+    Status {
+        path: PathBuf,
+        verify: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -700,6 +725,10 @@ fn command(
                 jobs,
             })
         }
+        "status" => Command::Status {
+            path: want(1)?.remove(0),
+            verify: r.flag("--verify"),
+        },
         _ => unreachable!("COMMANDS names every command"),
     })
 }

@@ -110,6 +110,7 @@ fn run(cli: cli::Cli) -> Result<Exit> {
         } => cmd::fetch::plan(ui, &client(), destdb, src, *max_bytes),
         Command::Fetch(opts) => cmd::fetch::fetch(ui, &client(), opts),
         Command::Store(opts) => cmd::store::store(ui, &client(), opts),
+        Command::Status { path, verify } => cmd::status::status(ui, path, *verify),
     }
 }
 

@@ -7,7 +7,7 @@ _bitfog() {
     cmd=
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-            serve|builddb|emptydb|plan|fetch|store) cmd=${COMP_WORDS[i]}; break ;;
+            serve|builddb|emptydb|plan|fetch|store|status) cmd=${COMP_WORDS[i]}; break ;;
         esac
     done
     case $prev in
@@ -25,12 +25,13 @@ _bitfog() {
         emptydb) opts="--json" ;;
         plan) opts="--exclude --max-bytes -v --verbose --json --token --cacert" ;;
         fetch) opts="--exclude --max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token --cacert" ;;
+        status) opts="--verify --json" ;;
         store) opts="--delete --max-delete --jobs --dry-run --progress-interval --json --token --cacert" ;;
         *)
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W "$global" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "serve builddb emptydb plan fetch store" -- "$cur"))
+                COMPREPLY=($(compgen -W "serve builddb emptydb plan fetch store status" -- "$cur"))
             fi
             return ;;
     esac

@@ -6,4 +6,5 @@ mod carry;
 pub(crate) mod db;
 pub(crate) mod fetch;
 mod preview;
+pub(crate) mod status;
 pub(crate) mod store;

@@ -96,6 +96,18 @@ pub(crate) fn usage(courier: &Courier) -> u64 {
 
 /// Removes what is not a complete range in `keep` (by data file name):
 /// data cut short, stray records, anything planted.
+/// True when the range data file `data` holds the bytes `rec` describes
+/// (its length and SHA-256).
+pub(crate) fn verify(courier: &Courier, data: &str, rec: &RangeRecord) -> bool {
+    let Ok(Some(dir)) = courier.sub(DIR, false) else {
+        return false;
+    };
+    let Ok(Some(f)) = dir.open_file(data.as_bytes()) else {
+        return false;
+    };
+    crate::digest::hash_reader(f).is_ok_and(|(h, n)| n == rec.len && h == rec.range_sha256)
+}
+
 pub(crate) fn clean(courier: &Courier, keep: &[(String, RangeRecord)]) {
     let Ok(Some(dir)) = courier.sub(DIR, false) else {
         return;

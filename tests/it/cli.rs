@@ -34,7 +34,9 @@ fn usage_errors_exit_2_with_one_line() {
             .stdout
             .contains("usage: bitfog fetch")
     );
-    for c in ["serve", "builddb", "emptydb", "plan", "fetch", "store"] {
+    for c in [
+        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+    ] {
         assert!(
             bitfog(&[c, "--help"])
                 .ok()
@@ -209,7 +211,9 @@ fn options_in(text: &str) -> BTreeSet<String> {
 #[test]
 fn help_and_man_page_name_the_same_options() {
     let mut help = options_in(&bitfog(&["--help"]).stdout);
-    for c in ["serve", "builddb", "emptydb", "plan", "fetch", "store"] {
+    for c in [
+        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+    ] {
         help.extend(options_in(&bitfog(&[c, "--help"]).stdout));
     }
     let man = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/bitfog.1")).unwrap();
@@ -387,6 +391,8 @@ fn json_output_in_the_man_page_names_every_key() {
             "--dry-run",
         ]),
         bitfog(&["store", &t.s("src.db"), &du, &t.s("c"), "--json"]),
+        bitfog(&["status", &t.s("c"), "--json", "--verify"]),
+        bitfog(&["status", &t.s("src.db"), "--json"]),
     ];
     for r in runs {
         let r = r.ok();
@@ -404,7 +410,9 @@ fn the_completions_offer_every_option_of_every_command() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/completions/");
     let bash = fs::read_to_string(format!("{dir}bitfog.bash")).unwrap();
     let zsh = fs::read_to_string(format!("{dir}_bitfog")).unwrap();
-    for c in ["serve", "builddb", "emptydb", "plan", "fetch", "store"] {
+    for c in [
+        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+    ] {
         let help = bitfog(&[c, "--help"]).ok().stdout;
         // The bash line for this command, and the zsh function.
         let line = bash

@@ -14,5 +14,6 @@ mod identity;
 mod mirror;
 mod proxy;
 mod serve;
+mod status;
 mod trip;
 mod util;
