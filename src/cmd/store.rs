@@ -1260,10 +1260,13 @@ fn make_dirs(
     let there: HashMap<&str, &crate::wire::manifest::EmptyDir> =
         dest_end.dirs.iter().map(|d| (d.name.as_str(), d)).collect();
     let excluded = crate::wire::exclude::Excludes::new(&dest_end.exclude).unwrap_or_default();
+    // The area's root only where the destination names it (a server that
+    // lists every directory, and so sets the root's with a PUT to it).
+    let root_known = dest_end.dirs.iter().any(|d| d.name.is_empty());
     let mut made = Vec::new();
     for d in dirs
         .into_iter()
-        .filter(|d| !excluded.excludes(&d.name, true))
+        .filter(|d| !excluded.excludes(&d.name, true) && (root_known || !d.name.is_empty()))
     {
         let listed = there.get(d.name.as_str());
         // Nanoseconds and owners count where the destination lists them.
