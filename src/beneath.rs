@@ -498,6 +498,13 @@ impl Dir {
             .map(drop)
     }
 
+    /// Makes everything written to this directory's file system durable
+    /// (`syncfs`): one call for many files.
+    pub(crate) fn sync_fs(&self) -> io::Result<()> {
+        // SAFETY: syncfs on a descriptor we own.
+        check(unsafe { libc::syncfs(self.fd.as_raw_fd()) }).map(drop)
+    }
+
     /// Makes renames and unlinks in this directory durable.
     pub(crate) fn sync(&self) {
         // SAFETY: fsync on a descriptor we own.

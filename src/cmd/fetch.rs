@@ -34,6 +34,13 @@ use std::time::{Duration, UNIX_EPOCH};
 /// resume; smaller ones start over.
 const RESUME_MIN: u64 = 1 << 20;
 
+/// Small files are made durable in groups of this many files or bytes:
+/// one `syncfs` for the group, then each is renamed into place and
+/// recorded (see `Group`).
+const GROUP_FILES: usize = 256;
+const GROUP_BYTES: u64 = 64 << 20;
+const GROUP_WAIT: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Clone)]
 pub(crate) struct FetchOpts {
     pub(crate) destdb: PathBuf,
@@ -454,6 +461,10 @@ struct Survey<'c> {
     log: courier::LogIndex,
     new_log: Option<courier::LogWriter<'c>>,
     partials: HashMap<String, courier::Partial>,
+    /// Small verified downloads a killed run had not placed (by partial
+    /// id, with their length), and those adopted (id, name).
+    unplaced: HashMap<String, u64>,
+    adopted: Vec<(String, String)>,
 }
 
 fn spool_err(e: io::Error) -> crate::error::Error {
@@ -472,10 +483,16 @@ fn survey<'c>(
     dest: &Dest,
 ) -> Result<Survey<'c>> {
     let mut partials = HashMap::new();
+    // Small files a killed run had verified but not yet placed (see
+    // `Group`): adopted below when their bytes still hash right.
+    let mut unplaced = HashMap::new();
     for p in courier.partials() {
         match &p.meta {
             Some(m) => {
                 partials.insert(m.entry.name.clone(), p);
+            }
+            None if p.len <= RESUME_MIN => {
+                unplaced.insert(p.id, p.len);
             }
             None => courier.discard_partial(&p.id),
         }
@@ -498,6 +515,8 @@ fn survey<'c>(
         log: courier.load_log(),
         new_log: Some(courier.new_log()?),
         partials,
+        unplaced,
+        adopted: Vec::new(),
     };
     let held_ranges = ranges::held(courier);
     let held_deltas = deltas::held(courier);
@@ -518,6 +537,7 @@ fn survey<'c>(
     )?;
     s.needed.finish().map_err(spool_err)?;
     s.held_names.finish().map_err(spool_err)?;
+    s.place_adopted(ui, courier);
     Ok(s)
 }
 
@@ -535,7 +555,7 @@ impl Survey<'_> {
         if self.instrs.at_dest(&e, &dest.index)? {
             return Ok(());
         }
-        if is_held(ui, courier, &self.log, &e) {
+        if is_held(ui, courier, &self.log, &e) || self.adopt(courier, &e) {
             self.log.forget(&e.name);
             self.new_log
                 .as_mut()
@@ -601,6 +621,50 @@ impl Survey<'_> {
             self.delta_cands.push((i, size, sha));
         }
         Ok(())
+    }
+
+    /// True when a killed run left `e` verified in `.bitfog/partial/` and
+    /// its bytes still hash right: it is placed with the others after the
+    /// survey (`place_adopted`), not downloaded again.
+    fn adopt(&mut self, courier: &Courier, e: &Entry) -> bool {
+        let id = Courier::partial_id(&e.name);
+        let Some(len) = self.unplaced.remove(&id) else {
+            return false;
+        };
+        let sound = len == e.size
+            && e.sha256.as_ref().is_some_and(|want| {
+                courier.open_partial(&id, true).is_ok_and(|f| {
+                    prepare(e, &f).is_ok()
+                        && crate::digest::hash_reader(&f).is_ok_and(|(h, n)| &h == want && n == len)
+                })
+            });
+        if sound {
+            self.adopted.push((id, e.name.clone()));
+        } else {
+            courier.discard_partial(&id);
+        }
+        sound
+    }
+
+    /// Makes the adopted files durable together and puts them in place;
+    /// drops the unplaced partial downloads nothing needed.
+    fn place_adopted(&mut self, ui: &Ui, courier: &Courier) {
+        for (id, _) in self.unplaced.drain() {
+            courier.discard_partial(&id);
+        }
+        if self.adopted.is_empty() {
+            return;
+        }
+        let synced = courier.sync_fs();
+        for (id, name) in self.adopted.drain(..) {
+            let placed = synced.is_ok() && courier.place(&id, &name).is_ok();
+            if !placed {
+                courier.discard_partial(&id);
+                ui.error(format!(
+                    "'{name}': cannot keep what the last run fetched; the next run fetches it again"
+                ));
+            }
+        }
     }
 
     /// Bytes a needed file still needs in the courier (less what a
@@ -864,6 +928,7 @@ impl Trip<'_> {
             Progress::start(self.ui, "fetching", picked.files.len() as u64, picked.bytes);
         let next = AtomicUsize::new(0);
         let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        let group = Group::new(self.courier);
         std::thread::scope(|scope| {
             for _ in 0..self.opts.jobs.clamp(1, 64) {
                 scope.spawn(|| {
@@ -872,19 +937,23 @@ impl Trip<'_> {
                         let Some(&i) = picked.files.get(k) else {
                             return;
                         };
-                        if self.download_one(s, i, &progress) {
+                        if self.download_one(s, i, &progress, &group) {
                             done.lock().expect("done list").push(i);
                         }
                     }
                 });
             }
         });
+        group.commit_rest(self);
         progress.finish();
-        done.into_inner().expect("done list")
+        let mut done = done.into_inner().expect("done list");
+        done.extend(group.placed.into_inner().expect("placed list"));
+        done
     }
 
-    /// Downloads needed file `i`; true when it is in place.
-    fn download_one(&self, s: &Survey, i: usize, progress: &Progress) -> bool {
+    /// Downloads needed file `i`; true when it is in place (false when it
+    /// failed, or waits in `group` to be made durable with others).
+    fn download_one(&self, s: &Survey, i: usize, progress: &Progress, group: &Group) -> bool {
         let e = match s.needed.get(i) {
             Ok(e) => e,
             Err(err) => {
@@ -903,21 +972,24 @@ impl Trip<'_> {
             self.courier,
             &e,
             resume,
-            &self.wire,
-            &progress.bytes,
+            (&self.wire, &progress.bytes),
+            (group, i),
         );
         if outcome.is_err() && e.size <= RESUME_MIN {
             // A small file's partial cannot resume: drop it.
             self.courier.discard_partial(&Courier::partial_id(&e.name));
         }
         match outcome {
-            Ok(()) => {
+            Ok(placed) => {
                 if self.ui.verbose {
                     self.ui
                         .log(format!("fetched '{}' ({})", e.name, human_bytes(e.size)));
                 }
                 progress.files.fetch_add(1, Ordering::Relaxed);
-                true
+                if !placed {
+                    group.commit_if_full(self);
+                }
+                placed
             }
             Err(Failure::DiskFull) => {
                 self.stop_disk_full();
@@ -1364,18 +1436,20 @@ fn is_held(ui: &Ui, courier: &Courier, log: &courier::LogIndex, e: &Entry) -> bo
     false
 }
 
-/// Downloads one file into the courier (resuming a partial one).
+/// Downloads one file into the courier (resuming a partial one). True
+/// when it is in place; false when, verified, it waits in `group` to be
+/// made durable and placed with others (a small file).
 fn download(
     client: &Client,
     src: &AreaUrl,
     courier: &Courier,
     e: &Entry,
     resume: Option<&PartialMeta>,
-    wire: &AtomicU64,
-    shown: &AtomicU64,
-) -> std::result::Result<(), Failure> {
+    (wire, shown): (&AtomicU64, &AtomicU64),
+    (group, index): (&Group, usize),
+) -> std::result::Result<bool, Failure> {
     if e.alloc.is_some_and(|a| a < e.size) && e.sha256.is_some() {
-        return download_sparse(client, src, courier, e, wire, shown);
+        return download_sparse(client, src, courier, e, wire, shown).map(|()| true);
     }
     let id = Courier::partial_id(&e.name);
     let mut meta = resume.cloned().unwrap_or(PartialMeta {
@@ -1496,12 +1570,131 @@ fn download(
             None => "modified at the source since the listing; not kept".into(),
         }));
     }
-    finish(courier, e, part, &id)
+    if e.size <= RESUME_MIN {
+        group.add(e, part, id, index)?;
+        return Ok(false);
+    }
+    finish(courier, e, part, &id).map(|()| true)
 }
 
-/// Puts a verified partial file in place: mode, mtime, fsync, rename, and
-/// the record of what the courier carries.
-fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Result<(), Failure> {
+/// A verified small file waiting: its needed index, entry and partial id.
+type Waiting = (usize, Entry, String);
+
+/// Small files waiting to be made durable together. Each is complete and
+/// verified in `.bitfog/partial/`; a group is made durable with one
+/// `syncfs` (instead of an fsync each, which the file system's journal
+/// serialises), then each is renamed into place and recorded. A run
+/// killed before that leaves them as partial downloads, which the next
+/// run discards: only a durable, verified file ever appears at its final
+/// path, and only such a file is recorded.
+struct Group<'c> {
+    courier: &'c Courier,
+    /// (needed index, entry, partial id), their bytes, and since when the
+    /// first has waited.
+    pending: Mutex<(Vec<Waiting>, u64)>,
+    since: Mutex<Option<std::time::Instant>>,
+    /// Needed indexes placed.
+    placed: Mutex<Vec<usize>>,
+}
+
+impl<'c> Group<'c> {
+    fn new(courier: &'c Courier) -> Group<'c> {
+        Group {
+            courier,
+            pending: Mutex::new((Vec::new(), 0)),
+            since: Mutex::new(None),
+            placed: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sets the file's mode and mtime and queues it.
+    fn add(
+        &self,
+        e: &Entry,
+        part: File,
+        id: String,
+        index: usize,
+    ) -> std::result::Result<(), Failure> {
+        prepare(e, &part)?;
+        drop(part);
+        let mut p = self.pending.lock().expect("pending files");
+        p.0.push((index, e.clone(), id));
+        p.1 += e.size;
+        self.since
+            .lock()
+            .expect("pending since")
+            .get_or_insert_with(std::time::Instant::now);
+        Ok(())
+    }
+
+    /// Commits the queue when it is full, or its first file has waited
+    /// `GROUP_WAIT` (a slow link places files as they come).
+    fn commit_if_full(&self, trip: &Trip) {
+        let batch = {
+            let mut p = self.pending.lock().expect("pending files");
+            let mut since = self.since.lock().expect("pending since");
+            let waited = since.is_some_and(|t| t.elapsed() >= GROUP_WAIT);
+            if p.0.len() < GROUP_FILES && p.1 < GROUP_BYTES && !waited {
+                return;
+            }
+            *since = None;
+            std::mem::take(&mut *p).0
+        };
+        self.commit(trip, batch);
+    }
+
+    /// Commits whatever waits (the end of the downloads).
+    fn commit_rest(&self, trip: &Trip) {
+        let batch = std::mem::take(&mut *self.pending.lock().expect("pending files")).0;
+        self.commit(trip, batch);
+    }
+
+    fn commit(&self, trip: &Trip, batch: Vec<Waiting>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(err) = self.courier.sync_fs() {
+            let why = Failure::io("cannot sync the courier", &err);
+            if matches!(why, Failure::DiskFull) {
+                trip.stop_disk_full();
+            } else {
+                trip.ui.error(format!(
+                    "{why}; {} files are fetched again by the next run",
+                    batch.len()
+                ));
+            }
+            trip.fails.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for (_, _, id) in &batch {
+                self.courier.discard_partial(id);
+            }
+            return;
+        }
+        let mut placed = Vec::with_capacity(batch.len());
+        for (i, e, id) in batch {
+            let done = self
+                .courier
+                .place(&id, &e.name)
+                .map_err(|err| Failure::io("cannot move into place", &err))
+                .and_then(|()| {
+                    self.courier
+                        .append_log(&Carried::of(&e))
+                        .map_err(|err| Failure::io("cannot record carried file", &err))
+                });
+            match done {
+                Ok(()) => placed.push(i),
+                Err(why) => {
+                    trip.ui.error(format!("'{}': {why}", e.name));
+                    trip.fails.fetch_add(1, Ordering::Relaxed);
+                    self.courier.discard_partial(&id);
+                }
+            }
+        }
+        self.placed.lock().expect("placed list").extend(placed);
+    }
+}
+
+/// Gives a verified courier file its mode and mtime.
+fn prepare(e: &Entry, part: &File) -> std::result::Result<(), Failure> {
     part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600))
         .map_err(|err| Failure::io("cannot set mode", &err))?;
     let mtime = if e.mtime >= 0 {
@@ -1510,6 +1703,13 @@ fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Re
         UNIX_EPOCH - Duration::from_secs(e.mtime.unsigned_abs())
     };
     let _ = part.set_modified(mtime);
+    Ok(())
+}
+
+/// Puts a verified partial file in place: mode, mtime, fsync, rename, and
+/// the record of what the courier carries.
+fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Result<(), Failure> {
+    prepare(e, &part)?;
     part.sync_all()
         .map_err(|err| Failure::io("cannot sync courier file", &err))?;
     drop(part);

@@ -215,6 +215,11 @@ impl Courier {
     }
 
     /// `.bitfog/` of a courier opened to change it.
+    /// Makes every file written to the courier's disk durable at once.
+    pub(crate) fn sync_fs(&self) -> io::Result<()> {
+        self.state_rw()?.sync_fs()
+    }
+
     pub(crate) fn state_dir(&self) -> Result<&Dir> {
         self.state_rw()
             .map_err(|e| Error::io("the courier's state directory", &e))

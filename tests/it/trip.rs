@@ -1209,3 +1209,53 @@ fn builddb_removes_what_an_interrupted_builddb_left() {
     assert!(live.exists(), "a live writer's file stays");
     assert!(t.path("src.db").exists());
 }
+
+#[test]
+fn small_files_a_killed_fetch_verified_are_kept_not_fetched_again() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for n in ["a", "b", "c"] {
+        write(&src, n, &data(n.as_bytes()[0] as u64, 50_000));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    // What a run killed between verifying small files and placing them
+    // leaves: complete downloads in .bitfog/partial/, no record. One of
+    // them was damaged since.
+    let partial = t.path("c/.bitfog/partial");
+    fs::create_dir_all(&partial).unwrap();
+    let id = |name: &str| sha256_hex(name.as_bytes())[..32].to_string();
+    fs::write(
+        partial.join(format!("{}.part", id("a"))),
+        fs::read(src.join("a")).unwrap(),
+    )
+    .unwrap();
+    let mut damaged = fs::read(src.join("b")).unwrap();
+    damaged[100] ^= 1;
+    fs::write(partial.join(format!("{}.part", id("b"))), damaged).unwrap();
+    let f = bitfog(&[
+        "fetch",
+        &t.s("e.db"),
+        &server.url("src"),
+        &t.s("c"),
+        "--json",
+    ])
+    .ok();
+    assert_eq!(
+        f.num("downloaded_bytes"),
+        100_000,
+        "a was kept, b and c fetched: {f}"
+    );
+    assert_eq!(f.num("courier_files"), 3, "{f}");
+    for n in ["a", "b", "c"] {
+        assert_eq!(
+            fs::read(t.path("c").join(n)).unwrap(),
+            fs::read(src.join(n)).unwrap()
+        );
+    }
+    assert_eq!(
+        fs::read_dir(&partial).unwrap().count(),
+        0,
+        "nothing left half-kept"
+    );
+}
