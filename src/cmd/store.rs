@@ -179,7 +179,11 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     }
     plan.sum.failed_files += plan.refused.len() as u64;
     // What SRCDB left out on purpose is not SRCDB's to delete.
-    let kept = protected(opts, &header, src.end().as_ref())?;
+    let kept = if opts.delete {
+        protected(opts, &header, src.end().as_ref())?
+    } else {
+        Default::default()
+    };
     plan.doomed.retain(|d| !kept.excludes(&d.name, false));
     let src_skipped = src.end().map_or(0, |e| e.skipped);
     let over_limit = plan.deletions(ui, opts, &courier, src_skipped)?;
@@ -527,12 +531,21 @@ impl Plan {
         }
         if let Pair::Src(s) | Pair::Both(s, _) = &pair {
             if s.meta.hardlink.is_some() {
-                let known = self.leaders.contains_key(&group_of(s));
+                // Another name of a file met before links to it; a name
+                // whose content differs (a listing that changed as it was
+                // made, or one that lies) is stored as any file.
+                let member = self
+                    .leaders
+                    .get(&group_of(s))
+                    .map(|l| l.sha256 == s.sha256 && l.size == s.size);
                 let (s, d) = pair_parts(pair);
-                return if known {
-                    self.link_member((s, d))
-                } else {
-                    self.leader(courier, found, s, d)
+                return match member {
+                    Some(true) => self.link_member((s, d)),
+                    Some(false) => match d {
+                        Some(d) if s.same_content(&d) => self.present(s, d),
+                        d => self.pair_file(courier, found, s, d),
+                    },
+                    None => self.leader(courier, found, s, d),
                 };
             }
         }
@@ -592,10 +605,6 @@ impl Plan {
     /// hard link to the first name, after that is in place.
     fn link_member(&mut self, (s, d): (Entry, Option<Entry>)) -> Result<()> {
         let lead = &self.leaders[&group_of(&s)];
-        if lead.sha256 != s.sha256 || lead.size != s.size {
-            // Changed while the source was listed: not one file after all.
-            return self.note_missing(s, d);
-        }
         if lead.missing {
             return self.note_missing(s, d);
         }

@@ -276,3 +276,39 @@ fn where_the_destination_cannot_link_the_names_arrive_as_copies() {
     assert_eq!(s.num("failed_files"), 0, "{s}");
     assert_same_tree(&src, &dst);
 }
+
+#[test]
+fn a_listing_that_calls_different_files_one_file_gets_each_stored_as_itself() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", &data(1, 10_000));
+    write(&src, "b", &data(2, 20_000));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du_) = (server.url("src"), server.url("dst"));
+    let c = t.s("courier");
+    bitfog(&["emptydb", &t.s("empty.db")]).ok();
+    bitfog(&["fetch", &t.s("empty.db"), &su, &c]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    // The DB now claims a and b are names of one file.
+    let db = fs::read_to_string(t.path("src.db")).unwrap();
+    let lying: String = db
+        .lines()
+        .map(|l| {
+            if l.starts_with("{\"name\":\"a\"") || l.starts_with("{\"name\":\"b\"") {
+                format!("{},\"hardlink\":1}}\n", l.trim_end_matches('}'))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert_eq!(lying.matches("\"hardlink\":1").count(), 2, "{lying}");
+    fs::write(t.path("src.db"), lying).unwrap();
+    let s = bitfog(&["store", &t.s("src.db"), &du_, &c, "--json"]).ok();
+    assert_eq!(
+        (s.num("stored_files"), s.num("linked_files")),
+        (2, 0),
+        "{s}"
+    );
+    assert_same_tree(&src, &dst);
+    assert_eq!(link_counts(&dst), ["a 1", "b 1"]);
+}
