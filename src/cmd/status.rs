@@ -10,7 +10,7 @@ use crate::digest::hash_reader;
 use crate::error::{Error, Exit, Result, describe_io};
 use crate::plan::{self, Need};
 use crate::ui::{Ui, files_bytes, human_bytes, n_files};
-use crate::wire::manifest::{Entry, Header, Reader};
+use crate::wire::manifest::{Header, Reader};
 use serde::Serialize;
 use std::fs::File;
 use std::io::BufReader;
@@ -167,39 +167,68 @@ fn courier_status(ui: &Ui, path: &Path, verify: bool) -> Result<Exit> {
         st.verified = true;
         verify_all(ui, &c, &present, &range_list, &delta_list, &mut st);
     }
-    // What is left for later trips.
     if let (Some((_, src)), Some((_, dst))) = (source, receipt.or(snapshot)) {
-        let copies = std::cell::RefCell::new(courier::Copies::open(&c));
-        let recs: Vec<RangeRecord> = range_list.iter().map(|(_, r)| r.clone()).collect();
-        // Bytes of `e` neither the destination nor the courier has.
-        let lacks = |e: &Entry| -> u64 {
-            if log.get(&e.name).is_some_and(|r| r.matches(e))
-                || delta_list.get(&e.name).is_some_and(|d| d.makes(e))
-                || copies.borrow_mut().find(e).is_some()
-            {
-                0
-            } else {
-                e.size - ranges::next_start(e, None, &recs).min(e.size)
-            }
+        let held = Holdings {
+            courier: &c,
+            log: &log,
+            ranges: &range_list,
+            deltas: &delta_list,
         };
-        let merged = plan::merge(
-            src.map(|r| r.map_err(crate::wire::manifest::as_usage)),
-            dst.map(|r| r.map_err(crate::wire::manifest::as_usage)),
-            |pair| {
-                if let Need::File(e) = plan::need(pair) {
-                    let left = lacks(&e);
-                    if left > 0 || (e.size == 0 && !log.contains_key(&e.name)) {
-                        st.left_files += 1;
-                        st.left_bytes += left;
-                    }
-                }
-                Ok(())
-            },
-        );
-        if let Err(e) = merged {
+        if let Err(e) = left_for_later(&held, src, dst, &mut st) {
             ui.error(format!("cannot tell what is left: {e}"));
         }
     }
+    let human = courier_lines(path, &st, snapshot_empty, verify);
+    let bad = verify && st.damaged_files + st.missing_files > 0;
+    ui.summary(&st, &human);
+    Ok(if bad { Exit::Failed } else { Exit::Done })
+}
+
+/// What a courier holds, by kind.
+struct Holdings<'a> {
+    courier: &'a Courier,
+    log: &'a std::collections::HashMap<String, Carried>,
+    ranges: &'a [(String, RangeRecord)],
+    deltas: &'a std::collections::HashMap<String, deltas::Held>,
+}
+
+/// Counts what the source manifest `src` lists that neither the
+/// destination (`dst`: the receipt, else the snapshot) nor the courier
+/// has: a ranged file by the bytes its ranges lack.
+fn left_for_later(
+    held: &Holdings,
+    src: Reader<BufReader<File>>,
+    dst: Reader<BufReader<File>>,
+    st: &mut CourierStatus,
+) -> Result<()> {
+    let mut copies = courier::Copies::open(held.courier);
+    let recs: Vec<RangeRecord> = held.ranges.iter().map(|(_, r)| r.clone()).collect();
+    plan::merge(
+        src.map(|r| r.map_err(crate::wire::manifest::as_usage)),
+        dst.map(|r| r.map_err(crate::wire::manifest::as_usage)),
+        |pair| {
+            let Need::File(e) = plan::need(pair) else {
+                return Ok(());
+            };
+            let whole = held.log.get(&e.name).is_some_and(|r| r.matches(&e))
+                || held.deltas.get(&e.name).is_some_and(|d| d.makes(&e))
+                || copies.find(&e).is_some();
+            let left = if whole {
+                0
+            } else {
+                e.size - ranges::next_start(&e, None, &recs).min(e.size)
+            };
+            if left > 0 || (e.size == 0 && !whole) {
+                st.left_files += 1;
+                st.left_bytes += left;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// The lines for a person.
+fn courier_lines(path: &Path, st: &CourierStatus, snapshot_empty: bool, verify: bool) -> String {
     let mut human = format!("courier '{}'\n", path.display());
     match (&st.source, &st.filled) {
         (Some(s), Some(when)) => human.push_str(&format!("  filled from {s} on {when}\n")),
@@ -241,9 +270,7 @@ fn courier_status(ui: &Ui, path: &Path, verify: bool) -> Result<Exit> {
             )
         });
     }
-    let bad = verify && st.damaged_files + st.missing_files > 0;
-    ui.summary(&st, &human);
-    Ok(if bad { Exit::Failed } else { Exit::Done })
+    human
 }
 
 fn plural(n: u64, what: &str) -> String {

@@ -237,6 +237,23 @@ struct AnyLine {
     hardlink: Option<u64>,
 }
 
+impl AnyLine {
+    /// The end record this line is (its `count` and `bytes` checked by
+    /// the caller).
+    fn into_end(self, count: u64, bytes: u64) -> End {
+        End {
+            partials: self.partials,
+            dirs: self.dirs,
+            dirs_omitted: self.dirs_omitted,
+            dirs_meta_omitted: self.dirs_meta_omitted,
+            owners: self.owners,
+            exclude: self.exclude,
+            area_id: self.area_id,
+            ..End::new(count, bytes, self.skipped.unwrap_or(0))
+        }
+    }
+}
+
 /// The header line of a DB file.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Header {
@@ -385,15 +402,7 @@ impl<R: BufRead> Reader<R> {
             if self.next_line()? {
                 return Err(self.bad("data after the end record"));
             }
-            let mut end = End::new(count, bytes, line.skipped.unwrap_or(0));
-            end.partials = line.partials;
-            end.dirs = line.dirs;
-            end.dirs_omitted = line.dirs_omitted;
-            end.dirs_meta_omitted = line.dirs_meta_omitted;
-            end.owners = line.owners;
-            end.exclude = line.exclude;
-            end.area_id = line.area_id;
-            self.end = Some(end);
+            self.end = Some(line.into_end(count, bytes));
             return Ok(None);
         }
         let (Some(name), Some(size), Some(mode), Some(mtime)) =
@@ -543,15 +552,8 @@ pub(crate) fn read_end(path: &Path) -> Option<End> {
     if line.end != Some(true) {
         return None;
     }
-    let mut end = End::new(line.count?, line.bytes?, line.skipped.unwrap_or(0));
-    end.partials = line.partials;
-    end.dirs = line.dirs;
-    end.dirs_omitted = line.dirs_omitted;
-    end.dirs_meta_omitted = line.dirs_meta_omitted;
-    end.owners = line.owners;
-    end.exclude = line.exclude;
-    end.area_id = line.area_id;
-    Some(end)
+    let (count, bytes) = (line.count?, line.bytes?);
+    Some(line.into_end(count, bytes))
 }
 
 /// A DB error is unusable input: exit 2.
