@@ -1200,6 +1200,7 @@ fn instructions(
             out.files += 1;
             out.bytes += e.size;
             copies.push(CopyInstr {
+                link: e.meta.hardlink.is_some() && e.meta.hardlink == o.meta.hardlink,
                 name: e.name,
                 from: o.name,
                 size: e.size,

@@ -166,6 +166,7 @@ impl Instructions {
             from,
             size: e.size,
             sha256: e.sha256.clone().unwrap_or_default(),
+            link: false,
         };
         let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
         serde_json::to_writer(&mut self.out, &rec).map_err(|e| what(e.into()))?;
@@ -281,6 +282,7 @@ mod tests {
             from: "d1".into(),
             size: 9,
             sha256: c.clone(),
+            link: false,
         };
         ins.finish(vec![dup("d2"), dup("z")]).unwrap();
         let text = fs::read_to_string(dir.path().join(COPIES)).unwrap();

@@ -889,6 +889,10 @@ pub(crate) struct CopyInstr {
     pub(crate) from: String,
     pub(crate) size: u64,
     pub(crate) sha256: String,
+    /// `name` and `from` are names of one file at the source (one link
+    /// group): the destination makes `name` a hard link, not a copy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) link: bool,
 }
 
 /// How many instructions the courier holds.

@@ -101,6 +101,8 @@ fn linked_snapshots_arrive_linked_and_a_new_one_carries_only_its_new_content() {
     assert_eq!(f.num("fetched_bytes"), once, "{f}");
     assert_eq!(p.num("trip_bytes"), once, "{p}");
     assert_eq!(f.num("instructed_files"), 6 + 3 + 1, "{f}");
+    let copies = fs::read_to_string(t.path("courier/.bitfog/copies.jsonl")).unwrap();
+    assert_eq!(copies.matches("\"link\":true").count(), 10, "{copies}");
     let s = bitfog(&["store", &c, &du_, &c, "--json"]).ok();
     assert_eq!(s.num("linked_files"), 10, "{s}");
     assert_linked_alike(&src, &dst);
