@@ -128,11 +128,12 @@ pub(crate) fn fit_largest_first(
     need: impl Fn(usize) -> u64,
     budget: u64,
 ) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..sizes.len()).collect();
-    order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
+    // 4 bytes an index (a listing holds at most 100,000,000 entries).
+    let mut order: Vec<u32> = (0..sizes.len() as u32).collect();
+    order.sort_by(|&a, &b| sizes[b as usize].cmp(&sizes[a as usize]).then(a.cmp(&b)));
     let mut left = budget;
     let mut taken = Vec::new();
-    for i in order {
+    for i in order.into_iter().map(|i| i as usize) {
         let n = need(i);
         // u64::MAX says "not this trip", even against an unlimited budget.
         if n < u64::MAX && n <= left {

@@ -270,7 +270,7 @@ pub(crate) fn plan(
                 String::new()
             }
         ));
-        let (trips, too_big, too_big_bytes) = plan::trips(&p.job_sizes(), budget);
+        let (trips, too_big, too_big_bytes) = plan::trips(&p.into_job_sizes(), budget);
         sum.trips = Some(trips);
         sum.too_big_files = Some(too_big);
         human.push_str(&format!(

@@ -413,12 +413,18 @@ impl Preview {
 
     /// Sizes of every file still to carry over the whole job, duplicates
     /// and renames left out (they are instructions on whichever trip
-    /// carries their original): for counting trips.
-    pub(crate) fn job_sizes(&self) -> Vec<u64> {
-        (0..self.acts.len())
-            .filter(|&i| !matches!(self.acts[i], Act::Copy | Act::Held) && !self.is_dup(i))
-            .map(|i| self.sizes[i])
-            .collect()
+    /// carries their original): for counting trips. Made in place, so a
+    /// plan of millions of entries holds the sizes once.
+    pub(crate) fn into_job_sizes(mut self) -> Vec<u64> {
+        let (acts, dups) = (&self.acts, &self.dups);
+        let mut i = 0;
+        self.sizes.retain(|_| {
+            let dup = dups.binary_search_by_key(&i, |&(d, _)| d).is_ok();
+            let keep = !matches!(acts[i], Act::Copy | Act::Held) && !dup;
+            i += 1;
+            keep
+        });
+        std::mem::take(&mut self.sizes)
     }
 
     /// Each file with what the trip does with it, in name order: `-v`.

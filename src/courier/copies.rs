@@ -59,10 +59,31 @@ pub(crate) struct Instructions {
 
 /// Finds the files of a trip that share content: each needed file's hash
 /// (first 16 bytes; a false match needs a 128-bit collision) and index, 20
-/// bytes a file, sorted once the merge is done.
-#[derive(Default)]
+/// bytes a file, sorted once the merge is done. Past `RUN` of them, each
+/// batch is sorted and written to an anonymous scratch file and the
+/// batches are merged at the end, so memory holds one batch (20 MiB)
+/// however many files a tree has. The scratch file goes to the system's
+/// temporary directory (never into a courier, which is reached only
+/// through descriptors); where none can be made, the keys stay in memory.
 pub(crate) struct Twins {
-    seen: Vec<([u8; 16], u32)>,
+    seen: Vec<Key>,
+    /// The sorted batches on disk, as (first record, records).
+    spill: Option<(File, Vec<(u64, u64)>)>,
+    /// Where the scratch file is made.
+    spill_dir: std::path::PathBuf,
+    run: usize,
+}
+
+/// A hash prefix and an index (`HELD` marks a held file's).
+type Key = ([u8; 16], u32);
+
+/// Keys in memory before a batch goes to disk.
+const RUN: usize = 1 << 20;
+
+impl Default for Twins {
+    fn default() -> Twins {
+        Twins::spilling_to(std::env::temp_dir(), RUN)
+    }
 }
 
 /// Where the copies from the destination's files wait, in name order.
@@ -88,6 +109,16 @@ fn key128(sha: &str) -> Option<[u8; 16]> {
 }
 
 impl Twins {
+    /// Spills batches of `run` keys into an anonymous file in `dir`.
+    pub(crate) fn spilling_to(dir: std::path::PathBuf, run: usize) -> Twins {
+        Twins {
+            seen: Vec::new(),
+            spill: None,
+            spill_dir: dir,
+            run: run.max(1),
+        }
+    }
+
     /// Notes a needed file (spool index `i`) for `duplicates`.
     pub(crate) fn needed(&mut self, e: &Entry, i: usize) {
         self.note(e, i, 0);
@@ -103,7 +134,81 @@ impl Twins {
         let i = u32::try_from(i).ok().filter(|i| i & HELD == 0);
         if let (Some(k), Some(i)) = (e.sha256.as_deref().and_then(key128), i) {
             self.seen.push((k, i | flag));
+            if self.seen.len() >= self.run {
+                self.write_batch();
+            }
         }
+    }
+
+    /// Sorts the batch in memory and writes it to the scratch file; if
+    /// that cannot be done, the keys stay in memory.
+    fn write_batch(&mut self) {
+        if self.spill.is_none() {
+            match crate::beneath::anonymous_file(&self.spill_dir) {
+                Ok(f) => self.spill = Some((f, Vec::new())),
+                Err(_) => {
+                    self.run = usize::MAX;
+                    return;
+                }
+            }
+        }
+        let Some((file, runs)) = self.spill.as_mut() else {
+            return;
+        };
+        self.seen.sort_unstable();
+        let start = runs.last().map_or(0, |&(s, n)| s + n);
+        let written = (|| -> io::Result<()> {
+            let mut out = BufWriter::new(&*file);
+            out.seek(io::SeekFrom::Start(start * 20))?;
+            for (k, i) in &self.seen {
+                out.write_all(k)?;
+                out.write_all(&i.to_le_bytes())?;
+            }
+            out.flush()
+        })();
+        match written {
+            Ok(()) => {
+                runs.push((start, self.seen.len() as u64));
+                self.seen.clear();
+            }
+            Err(_) => self.run = usize::MAX,
+        }
+    }
+
+    /// Every key, in order: the batches on disk merged with the one in
+    /// memory.
+    fn sorted(&mut self) -> Box<dyn Iterator<Item = Key> + '_> {
+        let mut seen = std::mem::take(&mut self.seen);
+        seen.sort_unstable();
+        let Some((file, runs)) = self.spill.as_ref() else {
+            return Box::new(seen.into_iter());
+        };
+        let mut sources: Vec<Box<dyn Iterator<Item = Key> + '_>> = vec![Box::new(seen.into_iter())];
+        for &(start, len) in runs {
+            // Each batch read at its own offset (pread): the readers share
+            // one file.
+            let (mut at, end) = (start * 20, (start + len) * 20);
+            let mut buf: Vec<u8> = Vec::new();
+            let mut pos = 0;
+            sources.push(Box::new(std::iter::from_fn(move || {
+                if pos == buf.len() {
+                    if at >= end {
+                        return None;
+                    }
+                    let n = (end - at).min(20 * 3276) as usize;
+                    buf.resize(n, 0);
+                    std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, at).ok()?;
+                    at += n as u64;
+                    pos = 0;
+                }
+                let rec = &buf[pos..pos + 20];
+                pos += 20;
+                let mut k = [0u8; 16];
+                k.copy_from_slice(&rec[..16]);
+                Some((k, u32::from_le_bytes([rec[16], rec[17], rec[18], rec[19]])))
+            })));
+        }
+        Box::new(Merge::new(sources))
     }
 
     /// The needed files whose content another file of the trip has, as
@@ -113,23 +218,65 @@ impl Twins {
     /// caller carries the original and leaves an instruction for each
     /// duplicate once the original is in the courier.
     pub(crate) fn duplicates(&mut self) -> Vec<(usize, Origin)> {
-        let mut seen = std::mem::take(&mut self.seen);
-        seen.sort_unstable();
         let mut dups = Vec::new();
-        for run in seen.chunk_by(|a, b| a.0 == b.0) {
-            // Needed indexes sort before held ones (the flag is the top bit).
-            let origin = match run.iter().find(|(_, i)| i & HELD != 0) {
-                Some(&(_, i)) => Origin::Held((i & !HELD) as usize),
-                None => Origin::Needed(run[0].1 as usize),
+        // One content's indexes at a time: needed ones sort before held
+        // ones (the flag is the top bit).
+        let mut key: Option<[u8; 16]> = None;
+        let mut group: Vec<u32> = Vec::new();
+        let flush = |group: &mut Vec<u32>, dups: &mut Vec<(usize, Origin)>| {
+            let origin = match group.iter().find(|&&i| i & HELD != 0) {
+                Some(&i) => Origin::Held((i & !HELD) as usize),
+                None => Origin::Needed(group[0] as usize),
             };
-            for &(_, i) in run.iter().filter(|(_, i)| i & HELD == 0) {
+            for &i in group.iter().filter(|&&i| i & HELD == 0) {
                 if origin != Origin::Needed(i as usize) {
                     dups.push((i as usize, origin));
                 }
             }
+            group.clear();
+        };
+        for (k, i) in self.sorted() {
+            if key != Some(k) && !group.is_empty() {
+                flush(&mut group, &mut dups);
+            }
+            key = Some(k);
+            group.push(i);
         }
+        if !group.is_empty() {
+            flush(&mut group, &mut dups);
+        }
+        self.spill = None;
         dups.sort_unstable_by_key(|&(d, _)| d);
         dups
+    }
+}
+
+/// Merges sorted streams into one sorted stream.
+struct Merge<'a> {
+    sources: Vec<Box<dyn Iterator<Item = Key> + 'a>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Key, usize)>>,
+}
+
+impl<'a> Merge<'a> {
+    fn new(mut sources: Vec<Box<dyn Iterator<Item = Key> + 'a>>) -> Merge<'a> {
+        let mut heap = std::collections::BinaryHeap::new();
+        for (n, s) in sources.iter_mut().enumerate() {
+            if let Some(k) = s.next() {
+                heap.push(std::cmp::Reverse((k, n)));
+            }
+        }
+        Merge { sources, heap }
+    }
+}
+
+impl Iterator for Merge<'_> {
+    type Item = Key;
+    fn next(&mut self) -> Option<Key> {
+        let std::cmp::Reverse((k, n)) = self.heap.pop()?;
+        if let Some(next) = self.sources[n].next() {
+            self.heap.push(std::cmp::Reverse((next, n)));
+        }
+        Some(k)
     }
 }
 
@@ -230,6 +377,45 @@ mod tests {
             alloc: None,
             meta: Default::default(),
         }
+    }
+
+    proptest::proptest! {
+        /// Batches spilled to disk and merged find exactly the duplicates
+        /// one sort in memory finds.
+        #[test]
+        fn spilled_batches_find_the_same_duplicates(
+            files in proptest::collection::vec((0u8..6, proptest::bool::ANY), 0..60),
+            run in 1usize..8,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut small = Twins::spilling_to(dir.path().to_path_buf(), run);
+            let mut whole = Twins::spilling_to(dir.path().to_path_buf(), usize::MAX);
+            for (i, &(content, held)) in files.iter().enumerate() {
+                let e = file(&format!("f{i}"), 1, &format!("{content:x}").repeat(64));
+                if held {
+                    small.held(&e, i);
+                    whole.held(&e, i);
+                } else {
+                    small.needed(&e, i);
+                    whole.needed(&e, i);
+                }
+            }
+            proptest::prop_assert_eq!(small.duplicates(), whole.duplicates());
+        }
+    }
+
+    #[test]
+    fn batches_bigger_than_a_read_merge_whole() {
+        // Batches of 5,000 keys (100,000 bytes: more than one read each).
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Twins::spilling_to(dir.path().to_path_buf(), 5_000);
+        for i in 0..12_000 {
+            let content = format!("{:032x}{:032x}", i % 4_000, 0);
+            t.needed(&file(&format!("f{i}"), 1, &content), i);
+        }
+        let dups = t.duplicates();
+        assert_eq!(dups.len(), 8_000);
+        assert!(dups.iter().all(|&(d, o)| o == Origin::Needed(d % 4_000)));
     }
 
     #[test]
