@@ -126,6 +126,17 @@ struct Task {
 }
 
 impl Task {
+    /// An upload of `e` (or the making of its symlink).
+    fn of(e: &Entry) -> Task {
+        Task {
+            e: e.clone(),
+            from: None,
+            ranged: false,
+            delta: None,
+            hard: false,
+        }
+    }
+
     fn action(self) -> Action {
         if self.ranged {
             return Action::Ranges(self.e);
@@ -541,27 +552,33 @@ impl Plan {
                 let (s, d) = pair_parts(pair);
                 return match member {
                     Some(true) => self.link_member((s, d)),
-                    Some(false) => match d {
-                        Some(d) if s.same_content(&d) => self.present(s, d),
-                        d => self.pair_file(courier, found, s, d),
-                    },
+                    Some(false) => self.src_name(courier, found, s, d),
                     None => self.leader(courier, found, s, d),
                 };
             }
         }
-        let (s, d) = match pair {
-            Pair::Dst(d) => {
-                if opts.delete {
-                    self.doomed.push(d.clone());
-                }
-                return self.note(d, false, None);
+        if let Pair::Dst(d) = pair {
+            if opts.delete {
+                self.doomed.push(d.clone());
             }
+            return self.note(d, false, None);
+        }
+        let (s, d) = pair_parts(pair);
+        self.src_name(courier, found, s, d)
+    }
 
-            Pair::Both(s, d) if s.same_content(&d) => return self.present(s, d),
-            Pair::Src(s) => (s, None),
-            Pair::Both(s, d) => (s, Some(d)),
-        };
-        self.pair_file(courier, found, s, d)
+    /// A name of SRCDB: present at the destination, or a file to bring.
+    fn src_name(
+        &mut self,
+        courier: &Courier,
+        found: &mut Found,
+        s: Entry,
+        d: Option<Entry>,
+    ) -> Result<()> {
+        match d {
+            Some(d) if s.same_content(&d) => self.present(s, d),
+            d => self.pair_file(courier, found, s, d),
+        }
     }
 
     /// The first name of a link group: decided like any file, and kept as
@@ -573,28 +590,22 @@ impl Plan {
         s: Entry,
         d: Option<Entry>,
     ) -> Result<()> {
-        let g = group_of(&s);
-        let stays = d
+        let (g, name, sha256, size) = (group_of(&s), s.name.clone(), s.sha256.clone(), s.size);
+        let dest_group = d
             .as_ref()
             .filter(|d| s.same_content(d))
             .and_then(|d| d.meta.hardlink);
-        let missing = self.sum.missing_files;
-        let lead = Leader {
-            name: s.name.clone(),
-            sha256: s.sha256.clone(),
-            size: s.size,
-            dest_group: stays,
-            missing: false,
-        };
-        match d {
-            Some(d) if s.same_content(&d) => self.present(s, d)?,
-            d => self.pair_file(courier, found, s, d)?,
-        }
+        let missing_before = self.sum.missing_files;
+        self.src_name(courier, found, s, d)?;
+        let missing = self.sum.missing_files > missing_before;
         self.leaders.insert(
             g,
             Leader {
-                missing: self.sum.missing_files > missing,
-                ..lead
+                name,
+                sha256,
+                size,
+                dest_group,
+                missing,
             },
         );
         Ok(())
@@ -616,16 +627,15 @@ impl Plan {
         }
         let from = lead.name.clone();
         self.task(Task {
-            e: s.clone(),
             from: Some(from),
-            ranged: false,
-            delta: None,
             hard: true,
+            ..Task::of(&s)
         })?;
         self.note(s, true, d)
     }
 
-    /// A name whose content this trip does not bring.
+    /// A name whose content this trip does not bring: the destination
+    /// keeps what it had under it.
     fn note_missing(&mut self, s: Entry, d: Option<Entry>) -> Result<()> {
         self.sum.missing_files += 1;
         self.sum.missing_bytes += s.size;
@@ -641,11 +651,10 @@ impl Plan {
         d: Option<Entry>,
     ) -> Result<()> {
         let task = |from: Option<String>, ranged: bool, delta: Option<(String, u64)>| Task {
-            e: s.clone(),
             from,
             ranged,
             delta,
-            hard: false,
+            ..Task::of(&s)
         };
         if let Err(why) = check_carried_name(&s.name) {
             self.refused
@@ -672,8 +681,7 @@ impl Plan {
             }
             self.refused.push(format!("'{}': {BASE_CHANGED}", s.name));
         } else {
-            self.sum.missing_files += 1;
-            self.sum.missing_bytes += s.size;
+            return self.note_missing(s, d);
         }
         // The destination keeps what it had under this name.
         d.map_or(Ok(()), |d| self.note(d, false, None))
@@ -695,13 +703,7 @@ impl Plan {
         if s.is_symlink() && meta_differs && self.dest_extended {
             // A symlink's mtime and owner are set as it is made again (by a
             // server that lists them, and so sets them).
-            self.task(Task {
-                e: s.clone(),
-                from: None,
-                ranged: false,
-                delta: None,
-                hard: false,
-            })?;
+            self.task(Task::of(&s))?;
             return self.note(s, true, Some(d));
         }
         if s.is_symlink() || !meta_differs || hash.is_none() {
@@ -715,11 +717,8 @@ impl Plan {
             ..d.clone()
         };
         self.task(Task {
-            e: now.clone(),
             from: Some(now.name.clone()),
-            ranged: false,
-            delta: None,
-            hard: false,
+            ..Task::of(&now)
         })?;
         self.note(now, true, Some(d))
     }

@@ -838,14 +838,62 @@ fn wants(target: &str, param: &str) -> bool {
 }
 
 fn wants_dirs(target: &str) -> Dirs {
-    let Some((_, q)) = target.split_once('?') else {
-        return Dirs::No;
-    };
-    let has = |p: &str| q.split('&').any(|x| x == p);
-    match (has("dirs=1"), has("alldirs=1")) {
+    match (wants(target, "dirs=1"), wants(target, "alldirs=1")) {
         (true, true) => Dirs::All,
         (true, false) => Dirs::Empty,
         _ => Dirs::No,
+    }
+}
+
+/// What a listing's end record names beyond its counts, within
+/// `END_RECORD_BUDGET`: partial uploads, and directories, an empty one
+/// (which nothing else implies) taking the place of one with entries.
+#[derive(Default)]
+struct EndParts {
+    bytes: usize,
+    partials: Vec<crate::wire::manifest::PartialUpload>,
+    /// Directories in walk order; `None` where one was evicted.
+    dirs: Vec<Option<EmptyDir>>,
+    /// Which of `dirs` have entries (and may be evicted).
+    evictable: Vec<usize>,
+    dirs_omitted: u64,
+    meta_omitted: u64,
+}
+
+impl EndParts {
+    fn partial(&mut self, p: crate::wire::manifest::PartialUpload) {
+        let n = json_len(&p);
+        if self.partials.len() < MAX_PARTIALS_LISTED && self.bytes + n <= END_RECORD_BUDGET {
+            self.bytes += n;
+            self.partials.push(p);
+        }
+    }
+
+    fn dir(&mut self, d: EmptyDir, empty: bool) {
+        let n = json_len(&d);
+        while empty && self.bytes + n > END_RECORD_BUDGET {
+            let Some(i) = self.evictable.pop() else { break };
+            self.bytes -= self.dirs[i].take().as_ref().map_or(0, json_len);
+            self.meta_omitted += 1;
+        }
+        if self.bytes + n <= END_RECORD_BUDGET {
+            self.bytes += n;
+            if !empty {
+                self.evictable.push(self.dirs.len());
+            }
+            self.dirs.push(Some(d));
+        } else if empty {
+            self.dirs_omitted += 1;
+        } else {
+            self.meta_omitted += 1;
+        }
+    }
+
+    fn fill(self, end: &mut End) {
+        end.partials = self.partials;
+        end.dirs = self.dirs.into_iter().flatten().collect();
+        end.dirs_omitted = self.dirs_omitted;
+        end.dirs_meta_omitted = self.meta_omitted;
     }
 }
 
@@ -885,10 +933,7 @@ fn listing(
         let abandon = Arc::clone(&gone);
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
-            let mut partials = Vec::new();
-            let mut dirs: Vec<Option<EmptyDir>> = Vec::new();
-            let mut evictable: Vec<usize> = Vec::new();
-            let (mut dirs_omitted, mut meta_omitted, mut end_bytes) = (0u64, 0u64, 0usize);
+            let mut kept = EndParts::default();
             // Signatures worth keeping: those of the files listed.
             let mut signed = HashSet::new();
             let mut chunk = Vec::with_capacity(LISTING_CHUNK);
@@ -934,39 +979,11 @@ fn listing(
                                 print_error(format!("listing skips {why}"));
                             }
                         }
-                        // Kept for the end record, within its budget.
-                        Item::Partial(p) => {
-                            let n = json_len(&p);
-                            if partials.len() < MAX_PARTIALS_LISTED
-                                && end_bytes + n <= END_RECORD_BUDGET
-                            {
-                                end_bytes += n;
-                                partials.push(p);
-                            }
-                        }
-                        // Within the budget, an empty directory (which nothing
-                        // else implies) takes the place of one with entries.
+                        Item::Partial(p) => kept.partial(p),
                         Item::Dir(d, empty)
                             if with_dirs == Dirs::All || (with_dirs == Dirs::Empty && empty) =>
                         {
-                            let n = json_len(&d);
-                            while empty && end_bytes + n > END_RECORD_BUDGET {
-                                let Some(i) = evictable.pop() else { break };
-                                let gone: Option<EmptyDir> = dirs[i].take();
-                                end_bytes -= gone.as_ref().map_or(0, json_len);
-                                meta_omitted += 1;
-                            }
-                            if end_bytes + n <= END_RECORD_BUDGET {
-                                end_bytes += n;
-                                if !empty {
-                                    evictable.push(dirs.len());
-                                }
-                                dirs.push(Some(d));
-                            } else if empty {
-                                dirs_omitted += 1;
-                            } else {
-                                meta_omitted += 1;
-                            }
+                            kept.dir(d, empty)
                         }
                         Item::Dir(..) => {}
                     }
@@ -985,10 +1002,7 @@ fn listing(
             }
             if open {
                 let mut end = End::new(count, bytes, skipped);
-                end.partials = partials;
-                end.dirs = dirs.into_iter().flatten().collect();
-                end.dirs_omitted = dirs_omitted;
-                end.dirs_meta_omitted = meta_omitted;
+                kept.fill(&mut end);
                 // Like `dirs`, only for clients that ask for the extended
                 // end record: a plain listing's stays as it always was.
                 if with_dirs != Dirs::No {
