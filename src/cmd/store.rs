@@ -71,7 +71,8 @@ struct StoreSummary {
     updated_files: u64,
     /// Files bigger than a trip that got ranges but are not complete yet.
     partial_files: u64,
-    /// Empty directories made at the destination.
+    /// Directories made at the destination or given SRCDB's mode, mtime
+    /// and owner.
     dirs_made: u64,
     /// Directories the source does not have, removed once empty
     /// (`--delete`).
