@@ -126,6 +126,16 @@ const OPTIONS: &[Opt] = &[
         help: ":PORT, HOST:PORT or [V6]:PORT (default: :8675)",
     },
     Opt {
+        long: "--stdio",
+        short: None,
+        value: None,
+        commands: &["serve"],
+        needs: None,
+        help: "serve one connection on stdin and stdout instead of listening\n\
+               (what an ssh:// URL runs at the far end); no startup line;\n\
+               exits 0 at the end of input",
+    },
+    Opt {
         long: "--threads",
         short: None,
         value: Some("N"),
@@ -247,9 +257,10 @@ const OPTIONS: &[Opt] = &[
         long: "--verbose",
         short: Some("-v"),
         value: None,
-        commands: &["plan", "fetch"],
+        commands: &["builddb", "plan", "fetch", "store"],
         needs: None,
-        help: "more detail (plan lists each file, fetch names each file)",
+        help: "more detail (plan lists each file, fetch names each file; over\n\
+               ssh, the far end's log)",
     },
     Opt {
         long: "--json",
@@ -276,6 +287,25 @@ const OPTIONS: &[Opt] = &[
         commands: CLIENTS,
         needs: None,
         help: "send Authorization: Bearer TOKEN (or set BITFOG_TOKEN)",
+    },
+    Opt {
+        long: "--rsh",
+        short: None,
+        value: Some("COMMAND"),
+        commands: CLIENTS,
+        needs: None,
+        help: "run COMMAND, with its own options, instead of 'ssh' to reach\n\
+               ssh:// URLs (or set BITFOG_RSH)",
+    },
+    Opt {
+        long: "--remote-bitfog",
+        short: None,
+        value: Some("COMMAND"),
+        commands: CLIENTS,
+        needs: None,
+        help: "the command ssh runs at the far end: a bitfog serving stdin\n\
+               and stdout (default: bitfog's own, found on the far end's\n\
+               PATH; or set BITFOG_REMOTE)",
     },
     Opt {
         long: "--help",
@@ -446,6 +476,10 @@ pub(crate) struct Cli {
     pub(crate) cacert: Option<PathBuf>,
     /// `--exclude`.
     pub(crate) exclude: crate::wire::exclude::Excludes,
+    /// `--rsh` or `BITFOG_RSH`.
+    pub(crate) rsh: Option<String>,
+    /// `--remote-bitfog` or `BITFOG_REMOTE`.
+    pub(crate) remote: Option<String>,
     pub(crate) command: Command,
 }
 
@@ -575,12 +609,17 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
         .text("--token")
         .or_else(|| std::env::var("BITFOG_TOKEN").ok().filter(|t| !t.is_empty()));
     let exclude = crate::wire::exclude::Excludes::new(&r.excludes).map_err(Error::usage)?;
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let rsh = r.text("--rsh").or_else(|| env("BITFOG_RSH"));
+    let remote = r.text("--remote-bitfog").or_else(|| env("BITFOG_REMOTE"));
     let cli = |command| {
         Ok(Cli {
             ui,
             token: token.clone(),
             cacert: cacert.clone(),
             exclude: exclude.clone(),
+            rsh: rsh.clone(),
+            remote: remote.clone(),
             command,
         })
     };
@@ -654,6 +693,11 @@ fn command(
     Ok(match name {
         "serve" => {
             want(0)?;
+            if r.flag("--stdio") && r.flag("--addr") {
+                return Err(Error::usage(
+                    "--stdio serves stdin and stdout: it takes no --addr",
+                ));
+            }
             Command::Serve(ServeOpts {
                 conf: r
                     .os("--conf")
@@ -672,6 +716,7 @@ fn command(
                     None => "neither XDG_CACHE_HOME nor HOME is set; give --cache DIR",
                 },
                 quiet: ui.quiet,
+                stdio: r.flag("--stdio"),
             })
         }
         "builddb" => {
@@ -823,7 +868,12 @@ mod tests {
             &["emptydb", "a.db", "--token", "x"],
             &["store", "s.db", "http://h/a/", "c", "--max-delete", "3"],
             &["builddb", "http://h/a/", "d.db", "--signature-min", "1M"],
-            &["store", "s.db", "http://h/a/", "c", "-v"],
+            &["status", "c", "-v"],
+            &["serve", "--stdio", "--addr", ":1"],
+            &["serve", "--rsh", "ssh"],
+            &["emptydb", "a.db", "--remote-bitfog", "x"],
+            &["builddb", "ssh://-x/a/", "d.db"],
+            &["builddb", "ssh://h:99999/a/", "d.db"],
         ] {
             let err = parse_str(args).unwrap_err();
             assert_eq!(err.exit, crate::error::Exit::Usage, "{args:?}");

@@ -79,7 +79,17 @@ fn run(cli: cli::Cli) -> Result<Exit> {
         }
         _ => None,
     };
-    let client = || Client::new(cli.token.clone(), roots.as_deref()).excluding(cli.exclude.clone());
+    let ssh = if matches!(
+        cli.command,
+        Command::Builddb { .. } | Command::Plan { .. } | Command::Fetch(_) | Command::Store(_)
+    ) {
+        client::SshOptions::new(cli.rsh.clone(), cli.remote.clone(), ui.verbose)?
+    } else {
+        client::SshOptions::default()
+    };
+    let client = || {
+        Client::new(cli.token.clone(), roots.as_deref(), ssh.clone()).excluding(cli.exclude.clone())
+    };
     if matches!(
         cli.command,
         Command::Builddb { .. } | Command::Plan { .. } | Command::Fetch(_) | Command::Store(_)

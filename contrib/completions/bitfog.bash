@@ -14,19 +14,19 @@ _bitfog() {
         --conf) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --cache) COMPREPLY=($(compgen -d -- "$cur") $(compgen -W none -- "$cur")); return ;;
         --cacert) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval|--exclude)
+        --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval|--exclude|--rsh|--remote-bitfog)
             return ;;
     esac
     local global="-q --quiet -h --help -V --version"
     local opts
     case $cmd in
-        serve) opts="--conf --addr --threads --cache" ;;
-        builddb) opts="--exclude --signatures --signature-min --progress-interval --json --token --cacert" ;;
+        serve) opts="--conf --addr --threads --cache --stdio" ;;
+        builddb) opts="--exclude --signatures --signature-min --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         emptydb) opts="--json" ;;
-        plan) opts="--exclude --max-bytes -v --verbose --json --token --cacert" ;;
-        fetch) opts="--exclude --max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token --cacert" ;;
+        plan) opts="--exclude --max-bytes -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        fetch) opts="--exclude --max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         status) opts="--verify --json" ;;
-        store) opts="--delete --max-delete --jobs --dry-run --progress-interval --json --token --cacert" ;;
+        store) opts="--delete --max-delete --jobs --dry-run --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         *)
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W "$global" -- "$cur"))

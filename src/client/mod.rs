@@ -5,6 +5,10 @@
 //! through the validating manifest reader. HTTP failures become errors
 //! that name the URL and the server's one-line reason.
 
+mod ssh;
+
+pub(crate) use ssh::Options as SshOptions;
+
 use crate::error::{Error, Result};
 use crate::wire::manifest::{Entry, Reader};
 use crate::wire::protocol::{self, percent_encode_path};
@@ -12,12 +16,15 @@ use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 use ureq::BodyReader;
 
-/// A URL that names an area: `http://host:port/AREA/`, or behind a
-/// reverse proxy under a path prefix, `https://host/PREFIX/AREA/` (the
-/// last component is the area).
+/// A URL that names an area: `http://host:port/AREA/`, behind a reverse
+/// proxy under a path prefix, `https://host/PREFIX/AREA/` (the last
+/// component is the area), or over ssh, `ssh://[user@]host[:port]/AREA/`.
 #[derive(Debug, Clone)]
 pub(crate) struct AreaUrl {
+    /// As messages and DBs show it.
     base: String,
+    /// Where requests go: `base`, or an ssh area's stand-in (see `ssh`).
+    request: String,
 }
 
 impl AreaUrl {
@@ -25,17 +32,24 @@ impl AreaUrl {
     pub(crate) fn parse(s: &str) -> Result<AreaUrl> {
         let bad = |why: &str| {
             Error::usage(format!(
-                "'{s}': not an area URL ({why}); expected http://HOST:PORT/AREA/"
+                "'{s}': not an area URL ({why}); expected http://HOST:PORT/AREA/ or ssh://[USER@]HOST[:PORT]/AREA/"
             ))
         };
         let rest = s
             .strip_prefix("http://")
             .or_else(|| s.strip_prefix("https://"))
-            .ok_or_else(|| bad("scheme must be http or https"))?;
+            .or_else(|| s.strip_prefix("ssh://"))
+            .ok_or_else(|| bad("scheme must be http, https or ssh"))?;
+        let is_ssh = s.starts_with("ssh://");
         let (host, path) = rest.split_once('/').ok_or_else(|| bad("no area"))?;
-        if host.is_empty() || host.contains(['@', '?', '#']) {
-            return Err(bad("bad host"));
-        }
+        let stand_in = if is_ssh {
+            Some(ssh::register(host).map_err(bad)?)
+        } else {
+            if host.is_empty() || host.contains(['@', '?', '#']) {
+                return Err(bad("bad host"));
+            }
+            None
+        };
         let path = path.strip_suffix('/').unwrap_or(path);
         let (prefix, area) = match path.rsplit_once('/') {
             Some(("", _)) => return Err(bad("empty path component")),
@@ -63,17 +77,34 @@ impl AreaUrl {
         } else {
             format!("{prefix}/")
         };
-        Ok(AreaUrl {
-            base: format!("{scheme}{host}/{prefix}{area}/"),
+        Ok(match stand_in {
+            Some((stand_in, shown)) => AreaUrl {
+                base: format!("{shown}/{prefix}{area}/"),
+                request: format!("http://{stand_in}/{prefix}{area}/"),
+            },
+            None => {
+                let base = format!("{scheme}{host}/{prefix}{area}/");
+                AreaUrl {
+                    request: base.clone(),
+                    base,
+                }
+            }
         })
     }
 
+    /// The URL as the user gave it (normalised), for messages and DBs.
     pub(crate) fn as_str(&self) -> &str {
         &self.base
     }
 
+    /// Where the area's requests go.
+    fn request(&self) -> &str {
+        &self.request
+    }
+
+    /// The URL a file's requests go to.
     pub(crate) fn file(&self, name: &str) -> String {
-        format!("{}{}", self.base, percent_encode_path(name))
+        format!("{}{}", self.request, percent_encode_path(name))
     }
 }
 
@@ -160,7 +191,10 @@ pub(crate) struct Download {
 }
 
 pub(crate) struct Client {
-    agent: ureq::Agent,
+    /// For http:// and https:// areas.
+    http: ureq::Agent,
+    /// For ssh:// areas (see `ssh`).
+    ssh: ureq::Agent,
     token: Option<String>,
     /// Names listings leave out (`--exclude`).
     pub(crate) exclude: crate::wire::exclude::Excludes,
@@ -180,23 +214,27 @@ impl Client {
     pub(crate) fn new(
         token: Option<String>,
         roots: Option<&[ureq::tls::Certificate<'static>]>,
+        ssh: ssh::Options,
     ) -> Client {
         let mut tls = ureq::tls::TlsConfig::builder();
         if let Some(certs) = roots {
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(certs));
         }
-        let config = ureq::Agent::config_builder()
-            .tls_config(tls.build())
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(IO_TIMEOUT))
-            .timeout_per_write(Some(IO_TIMEOUT))
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .user_agent(concat!("bitfog/", env!("CARGO_PKG_VERSION")))
-            .max_idle_connections_per_host(32)
-            .build();
+        let tls = tls.build();
+        let config = || {
+            ureq::Agent::config_builder()
+                .tls_config(tls.clone())
+                .timeout_connect(Some(CONNECT_TIMEOUT))
+                .timeout_per_read(Some(IO_TIMEOUT))
+                .timeout_per_write(Some(IO_TIMEOUT))
+                .max_redirects(0)
+                .http_status_as_error(false)
+                .user_agent(concat!("bitfog/", env!("CARGO_PKG_VERSION")))
+                .max_idle_connections_per_host(32)
+        };
         Client {
-            agent: config.into(),
+            ssh: ssh::agent(config(), ssh),
+            http: config().build().into(),
             token,
             exclude: Default::default(),
         }
@@ -206,6 +244,15 @@ impl Client {
     pub(crate) fn excluding(mut self, exclude: crate::wire::exclude::Excludes) -> Client {
         self.exclude = exclude;
         self
+    }
+
+    /// The agent that reaches `url`.
+    fn agent(&self, url: &str) -> &ureq::Agent {
+        if ssh::is_stand_in(url) {
+            &self.ssh
+        } else {
+            &self.http
+        }
     }
 
     fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -223,9 +270,9 @@ impl Client {
         &self,
         area: &AreaUrl,
     ) -> Result<Reader<BufReader<Stall<BodyReader<'static>>>>> {
-        let url = format!("{}?dirs=1&alldirs=1&meta=1", area.as_str());
+        let url = format!("{}?dirs=1&alldirs=1&meta=1", area.request());
         let resp = self
-            .auth(self.agent.get(&url))
+            .auth(self.agent(&url).get(&url))
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
         let resp = success(area.as_str(), resp)?;
@@ -250,7 +297,7 @@ impl Client {
     /// lists nothing); `None` from a server too old to give one.
     pub(crate) fn area_id(&self, area: &AreaUrl) -> Result<Option<String>> {
         let resp = self
-            .auth(self.agent.head(area.as_str()))
+            .auth(self.agent(area.request()).head(area.request()))
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
         let resp = success(area.as_str(), resp)?;
@@ -266,7 +313,7 @@ impl Client {
         }
         let url = format!("{}?extents", area.file(name));
         let resp = self
-            .auth(self.agent.get(&url))
+            .auth(self.agent(&url).get(&url))
             .call()
             .map_err(|e| transport(&url, e))?;
         let resp = success(&url, resp)?;
@@ -275,9 +322,9 @@ impl Client {
             .into_reader()
             .take(16 << 20)
             .read_to_string(&mut text)
-            .map_err(|e| Error::failed(format!("{url}: {e}")))?;
+            .map_err(|e| Error::failed(format!("{}: {e}", ssh::shown(&url))))?;
         let x: Extents = serde_json::from_str(&text)
-            .map_err(|e| Error::failed(format!("{url}: bad extent list: {e}")))?;
+            .map_err(|e| Error::failed(format!("{}: bad extent list: {e}", ssh::shown(&url))))?;
         Ok((x.size, x.extents))
     }
 
@@ -291,7 +338,7 @@ impl Client {
         use crate::wire::delta::{MAX_HEADER, SIGNATURE_TYPE, SigHeader};
         let url = format!("{}?signature", area.file(name));
         let resp = self
-            .auth(self.agent.get(&url))
+            .auth(self.agent(&url).get(&url))
             .call()
             .map_err(|e| transport(&url, e))?;
         let resp = success(&url, resp)?;
@@ -305,7 +352,7 @@ impl Client {
                 "{url}: the server does not make signatures (bitfog too old?)"
             )));
         }
-        let fail = |why: String| Error::failed(format!("{url}: {why}"));
+        let fail = |why: String| Error::failed(format!("{}: {why}", ssh::shown(&url)));
         let mut r = BufReader::new(Stall::bytes(resp.into_body().into_reader()));
         let mut line = Vec::new();
         let read_line = |r: &mut BufReader<Stall<BodyReader<'static>>>, line: &mut Vec<u8>| {
@@ -354,7 +401,7 @@ impl Client {
     ) -> Result<Download> {
         let url = area.file(name);
         let req = self
-            .auth(self.agent.get(&url))
+            .auth(self.agent(&url).get(&url))
             .header("Range", format!("bytes={start}-{end}"));
         let resp = req.call().map_err(|e| transport(&url, e))?;
         let resp = success(&url, resp)?;
@@ -372,7 +419,7 @@ impl Client {
     ) -> Result<std::result::Result<(u16, u64), Refused>> {
         let url = area.file(&e.name);
         let resp = self
-            .auth(self.agent.put(&url))
+            .auth(self.agent(&url).put(&url))
             .header("Content-Length", len.to_string())
             .header(
                 "Content-Range",
@@ -410,7 +457,7 @@ impl Client {
         if_range: Option<&str>,
     ) -> Result<Download> {
         let url = area.file(name);
-        let mut req = self.auth(self.agent.get(&url));
+        let mut req = self.auth(self.agent(&url).get(&url));
         if from > 0 {
             req = req.header("Range", format!("bytes={from}-"));
             if let Some(tag) = if_range {
@@ -466,7 +513,7 @@ impl Client {
     ) -> Result<std::result::Result<(), Refused>> {
         let url = area.file(&entry.name);
         let mut req = self
-            .auth(self.agent.put(&url))
+            .auth(self.agent(&url).put(&url))
             .header("Content-Length", len.to_string())
             .header("Content-Type", content_type)
             .header(protocol::HDR_MODE, (entry.mode & 0o777).to_string())
@@ -496,7 +543,7 @@ impl Client {
     ) -> Result<std::result::Result<(), Refused>> {
         let url = area.file(&entry.name);
         let resp = self
-            .auth(self.agent.put(&url))
+            .auth(self.agent(&url).put(&url))
             .header(protocol::HDR_FROM, protocol::percent_encode_path(from))
             .header(
                 protocol::HDR_SHA256,
@@ -521,7 +568,7 @@ impl Client {
     ) -> Result<std::result::Result<(), Refused>> {
         let url = area.file(&entry.name);
         let resp = self
-            .auth(self.agent.put(&url))
+            .auth(self.agent(&url).put(&url))
             .header(protocol::HDR_LINK, protocol::percent_encode_path(from))
             .header(protocol::HDR_SIZE, entry.size.to_string())
             .header(
@@ -556,7 +603,7 @@ impl Client {
         const NOT_EMPTY: &str = "4ee6f18ee3e8a3c4cd5e3e6e4f1a6b7d1b3bbbe5b8e2a5ddcc2d6b57c3b4c1e9";
         let url = area.file(&d.name);
         let resp = self
-            .auth(self.agent.put(&url))
+            .auth(self.agent(&url).put(&url))
             .header("Content-Type", protocol::DIRECTORY_TYPE)
             .header(protocol::HDR_SHA256, NOT_EMPTY)
             .header(protocol::HDR_MODE, (d.mode & 0o777).to_string())
@@ -576,7 +623,7 @@ impl Client {
         let url = area.file(&e.name);
         let target = e.linkdest.as_deref().unwrap_or_default();
         let resp = self
-            .auth(self.agent.put(&url))
+            .auth(self.agent(&url).put(&url))
             .header("Content-Type", protocol::SYMLINK_TYPE)
             .header(protocol::HDR_MTIME, e.mtime.to_string());
         let resp = more_meta(resp, &e.meta)
@@ -592,7 +639,7 @@ impl Client {
     ) -> Result<std::result::Result<(), Refused>> {
         let url = area.file(name);
         let resp = self
-            .auth(self.agent.delete(&url))
+            .auth(self.agent(&url).delete(&url))
             .call()
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
@@ -687,15 +734,36 @@ impl<R: Read> Read for Stall<R> {
 }
 
 fn transport(url: &str, e: ureq::Error) -> Error {
+    let hint = match &e {
+        ureq::Error::Protocol(_) if url.starts_with("ssh://") || ssh::is_stand_in(url) => {
+            "; the far end did not answer HTTP: is --remote-bitfog bitfog's 'serve --stdio'?"
+        }
+        _ => "",
+    };
+    let is_ssh = url.starts_with("ssh://") || ssh::is_stand_in(url);
+    let url = ssh::shown(url);
+    // An ssh session's failure is its own sentence (see `ssh`).
+    let e = match e {
+        ureq::Error::Io(io) if is_ssh => return ssh_failure(url, io),
+        e => e,
+    };
     let lost = match &e {
         ureq::Error::Io(io) => crate::error::is_connection_lost(io),
         ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed => true,
         _ => false,
     };
     if lost {
-        Error::unreachable(format!("{url}: {e}"))
+        Error::unreachable(format!("{url}: {e}{hint}"))
     } else {
-        Error::failed(format!("{url}: {e}"))
+        Error::failed(format!("{url}: {e}{hint}"))
+    }
+}
+
+fn ssh_failure(url: String, io: std::io::Error) -> Error {
+    if crate::error::is_connection_lost(&io) {
+        Error::unreachable(format!("{url}: {io}"))
+    } else {
+        Error::failed(format!("{url}: {io}"))
     }
 }
 
@@ -726,7 +794,11 @@ fn success(
     if resp.status().is_success() {
         Ok(resp)
     } else {
-        Err(Error::failed(format!("{url}: {}", reason(resp).reason)))
+        Err(Error::failed(format!(
+            "{}: {}",
+            ssh::shown(url),
+            reason(resp).reason
+        )))
     }
 }
 

@@ -427,20 +427,34 @@ struct Shared<H> {
     waiting: AtomicUsize,
 }
 
-/// Serves `listener` until SIGINT or SIGTERM. In-flight requests get
-/// `grace` to finish; then it returns.
-pub(crate) fn run<H>(
-    listener: TcpListener,
-    limits: Limits,
-    handler: H,
-    grace: Duration,
-) -> io::Result<()>
+/// Where connections come from.
+pub(crate) enum Source {
+    /// Accepted from a listening socket, until SIGINT or SIGTERM.
+    Listen(TcpListener),
+    /// One connection made elsewhere (`serve --stdio`: a socket pair whose
+    /// other end carries stdin and stdout); serving ends when it closes.
+    /// It is a `TcpStream` only by type: every call made on a connection
+    /// (read, write, `O_NONBLOCK`, `SO_RCVTIMEO`, `SO_SNDTIMEO`,
+    /// `shutdown`, `sendfile`) is a socket call a Unix stream socket
+    /// answers the same way, and none is TCP's own.
+    One(TcpStream),
+}
+
+/// Serves `source` until SIGINT or SIGTERM (or, for one connection, until
+/// it closes). In-flight requests get `grace` to finish; then it returns.
+pub(crate) fn run<H>(source: Source, limits: Limits, handler: H, grace: Duration) -> io::Result<()>
 where
     H: Fn(&mut Request) -> Response + Send + Sync + 'static,
 {
     let waker = Arc::new(Waker::new()?);
     WAKE_FD.store(waker.w, Ordering::SeqCst);
-    listener.set_nonblocking(true)?;
+    let (listener, one) = match source {
+        Source::Listen(l) => (Some(l), None),
+        Source::One(s) => (None, Some(s)),
+    };
+    if let Some(l) = &listener {
+        l.set_nonblocking(true)?;
+    }
     let shared = Arc::new(Shared {
         handler,
         limits: limits.clone(),
@@ -477,7 +491,24 @@ where
         accept_pause: None,
         read_buf: vec![0u8; 8192],
     };
-    while !STOP.load(Ordering::SeqCst) {
+    if let Some(stream) = one {
+        stream.set_nonblocking(true)?;
+        ev.open.fetch_add(1, Ordering::SeqCst);
+        ev.pending.push(Pending {
+            conn: Conn {
+                stream,
+                buf: Vec::new(),
+                pos: 0,
+                peer: "stdio".to_string(),
+                _slot: Slot(ev.open.clone()),
+            },
+            deadline: Instant::now() + ev.limits.idle_timeout,
+            idle: true,
+        });
+    }
+    // With one connection, serving ends when it is closed.
+    let done = |ev: &EventLoop<H>| ev.listener.is_none() && ev.open.load(Ordering::SeqCst) == 0;
+    while !STOP.load(Ordering::SeqCst) && !done(&ev) {
         let Some(ready) = ev.poll()? else { continue };
         ev.read_heads(&ready.conns);
         if ready.woken {
@@ -512,7 +543,7 @@ where
 /// without blocking, holds idle keep-alive connections, and hands each
 /// complete head to a worker; workers hand kept-alive connections back.
 struct EventLoop<H> {
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     limits: Limits,
     waker: Arc<Waker>,
     /// What the workers share (the count of heads waiting for one).
@@ -544,7 +575,7 @@ impl<H> EventLoop<H> {
         if self.accept_pause.is_some_and(|t| now >= t) {
             self.accept_pause = None;
         }
-        let accepting = self.accept_pause.is_none();
+        let accepting = self.accept_pause.is_none() && self.listener.is_some();
         let mut fds = Vec::with_capacity(self.pending.len() + 2);
         fds.push(libc::pollfd {
             fd: self.waker.r,
@@ -552,10 +583,9 @@ impl<H> EventLoop<H> {
             revents: 0,
         });
         fds.push(libc::pollfd {
-            fd: if accepting {
-                self.listener.as_raw_fd()
-            } else {
-                -1
+            fd: match &self.listener {
+                Some(l) if accepting => l.as_raw_fd(),
+                _ => -1,
             },
             events: libc::POLLIN,
             revents: 0,
@@ -677,8 +707,11 @@ impl<H> EventLoop<H> {
     /// accept failure (out of descriptors) pauses accepting instead of
     /// spinning.
     fn accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
         loop {
-            match self.listener.accept() {
+            match listener.accept() {
                 Ok((stream, addr)) => {
                     if self.open.load(Ordering::SeqCst) >= self.limits.max_conns {
                         let _ = stream.set_nonblocking(true);
@@ -769,8 +802,9 @@ fn worker<H>(
             if back.send(conn).is_err() {
                 return;
             }
-            waker.wake();
         }
+        // Also for a closed connection: the last one ends `Source::One`.
+        waker.wake();
     }
 }
 

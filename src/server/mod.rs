@@ -11,6 +11,7 @@
 mod hashcache;
 mod html;
 mod scan;
+mod stdio;
 
 pub(crate) use hashcache::default_dir;
 
@@ -49,6 +50,8 @@ pub(crate) struct ServeOpts {
     /// Why `cache` is `None`, for the log.
     pub(crate) cache_off: &'static str,
     pub(crate) quiet: bool,
+    /// `--stdio`: one connection on stdin and stdout, no listening socket.
+    pub(crate) stdio: bool,
 }
 
 /// One area of the configuration.
@@ -204,17 +207,25 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     // (a background job inherits SIGINT ignored; this overrides that too).
     http::install_signal_handlers();
     let config = load_config(&opts.conf)?;
-    let addr = parse_addr(&opts.addr)?;
-    let listener = TcpListener::bind(addr)
-        .map_err(|e| Error::failed(format!("cannot listen on {addr}: {}", describe_io(&e))))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::io("listener", &e))?;
-    // One write, so a script reading the log never sees half a line.
-    print_error(format!("listening on http://{local}/"));
-    // Every later line of the log says when.
-    crate::error::stamp_lines(|| protocol::rfc3339(crate::wire::manifest::now_secs()));
-    if !opts.quiet {
+    let source = if opts.stdio {
+        // stdout is the protocol: no startup line, and the log (stderr)
+        // goes back to the client, which shows it on failure or with -v.
+        crate::error::stamp_lines(|| protocol::rfc3339(crate::wire::manifest::now_secs()));
+        None
+    } else {
+        let addr = parse_addr(&opts.addr)?;
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| Error::failed(format!("cannot listen on {addr}: {}", describe_io(&e))))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("listener", &e))?;
+        // One write, so a script reading the log never sees half a line.
+        print_error(format!("listening on http://{local}/"));
+        // Every later line of the log says when.
+        crate::error::stamp_lines(|| protocol::rfc3339(crate::wire::manifest::now_secs()));
+        Some(listener)
+    };
+    if !opts.quiet && !opts.stdio {
         for (name, area) in &config {
             let excludes = match area.exclude.texts() {
                 e if e.is_empty() => "no excludes".to_string(),
@@ -320,12 +331,24 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         ..Default::default()
     };
     let handler_state = state.clone();
-    let result = http::run(
-        listener,
-        limits,
-        move |req| handle(&handler_state, req),
-        SHUTDOWN_GRACE,
-    );
+    let handler = move |req: &mut http::Request| handle(&handler_state, req);
+    let result = match source {
+        Some(listener) => http::run(
+            http::Source::Listen(listener),
+            limits,
+            handler,
+            SHUTDOWN_GRACE,
+        ),
+        None => stdio::serve(|conn| {
+            let limits = http::Limits {
+                // One connection: its requests come one after another.
+                threads: 1,
+                max_conns: 1,
+                ..limits
+            };
+            http::run(http::Source::One(conn), limits, handler, SHUTDOWN_GRACE)
+        }),
+    };
     remove_live_temps();
     result.map_err(|e| Error::io("server", &e))
 }
@@ -1154,8 +1177,27 @@ fn session_tag() -> &'static str {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff)
+        format!("{:x}_{:x}", std::process::id(), nanos & 0xffff_ffff)
     })
+}
+
+/// Whether a temporary name is another live server's: several servers
+/// may share an area (a daemon and `serve --stdio` sessions, one per
+/// ssh connection), and none may remove what another is writing. A name
+/// whose process is gone (or older, without a process id) is stale.
+fn live_elsewhere(name: &[u8]) -> bool {
+    let Some(pid) = name
+        .strip_prefix(TEMP_PREFIX.as_bytes())
+        .and_then(|rest| rest.split(|&b| b == b'_').next())
+        .and_then(|hex| std::str::from_utf8(hex).ok())
+        .and_then(|hex| i32::from_str_radix(hex, 16).ok())
+        .filter(|&pid| pid > 0 && name.contains(&b'_'))
+    else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 const TEMP_PREFIX: &str = ".bitfog-tmp-";
@@ -1259,6 +1301,7 @@ fn clean_areas(state: &State) {
                 };
                 if name.starts_with(TEMP_PREFIX.as_bytes())
                     && !name.starts_with(mine.as_bytes())
+                    && !live_elsewhere(name)
                     && dir.unlink(name).is_ok()
                 {
                     state.log(format!(

@@ -427,7 +427,8 @@ fn the_completions_offer_every_option_of_every_command() {
             }
             assert!(line.contains(&opt), "bash completion of {c} lacks {opt}");
             let zsh_has = func.contains(&opt)
-                || (["--json", "--token", "--cacert"].contains(&opt.as_str())
+                || (["--json", "--token", "--cacert", "--rsh", "--remote-bitfog"]
+                    .contains(&opt.as_str())
                     && func.contains("$client"));
             assert!(zsh_has, "zsh completion of {c} lacks {opt}");
         }

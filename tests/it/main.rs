@@ -14,6 +14,7 @@ mod identity;
 mod mirror;
 mod proxy;
 mod serve;
+mod ssh;
 mod status;
 mod trip;
 mod util;
