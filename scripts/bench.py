@@ -26,7 +26,8 @@ import time
 BIN = sys.argv[1]
 QUICK = "--quick" in sys.argv
 RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
-# --only delta: just the delta section.
+# --only delta: just the delta section; --only ssh: just ssh:// against
+# rsync -e ssh.
 ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
 # The delta workload: a file of DELTA_SIZE with 1 % overwritten in six
 # places, 4 KiB inserted near the end and 4 KiB deleted after that.
@@ -39,6 +40,9 @@ MILLION = 100000 if QUICK else 1000000
 # A sparse image: SPARSE bytes long, SPARSE_DATA of them data.
 SPARSE = (1 << 30) if QUICK else (8 << 30)
 SPARSE_DATA = (64 << 20) if QUICK else (512 << 20)
+# Over ssh: one SSH_BIG file, SSH_SMALL files of 1-64 KiB.
+SSH_BIG = (128 << 20) if QUICK else (1 << 30)
+SSH_SMALL = 1000 if QUICK else 5000
 
 work = tempfile.mkdtemp(prefix="bitfog-bench-", dir=os.environ.get("BENCH_DIR"))
 os.chmod(work, 0o755)
@@ -386,12 +390,70 @@ def delta_section():
     shutil.rmtree(root)
 
 
+def ssh_section():
+    """ssh:// URLs against rsync -e ssh, both through a private sshd on
+    127.0.0.1 (its own host key and authorized key; nothing of the
+    machine's ssh setup is used), with the same ssh options and cipher."""
+    import pwd
+    root = tempfile.mkdtemp(prefix="ssh-", dir=work)
+    big, small, out = (os.path.join(root, n) for n in ("big", "small", "out"))
+    os.makedirs(big)
+    sh("openssl enc -aes-128-ctr -K 0123456789abcdef0123456789abcdef -iv 0 -in /dev/zero 2>/dev/null"
+       " | head -c %d > %s/image.bin" % (SSH_BIG, big))
+    r = random.Random(3)
+    for i in range(SSH_SMALL):
+        d = os.path.join(small, "d%02d" % (i % 20))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%05d" % i), "wb") as f:
+            f.write(r.randbytes(r.randint(1024, 65536)))
+    keys = os.path.join(root, "keys")
+    os.makedirs(keys)
+    for k in ("host", "id"):
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(keys, k)])
+    shutil.copy(os.path.join(keys, "id.pub"), os.path.join(keys, "authorized_keys"))
+    with open(os.path.join(keys, "known_hosts"), "w") as f:
+        f.write("bench " + open(os.path.join(keys, "host.pub")).read())
+    port = free_port()
+    with open(os.path.join(keys, "sshd_config"), "w") as f:
+        f.write("Port %d\nListenAddress 127.0.0.1\nHostKey %s/host\nAuthorizedKeysFile %s/authorized_keys\n"
+                "PidFile %s/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+                "PermitRootLogin prohibit-password\nMaxStartups 100\nMaxSessions 100\n" % (port, keys, keys, keys))
+    os.makedirs("/run/sshd", exist_ok=True)
+    start(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(keys, "sshd_config")])
+    wait_port(port)
+    rsh = ("ssh -F /dev/null -i %s/id -o IdentitiesOnly=yes -o BatchMode=yes -o HostKeyAlias=bench"
+           " -o UserKnownHostsFile=%s/known_hosts -o GlobalKnownHostsFile=/dev/null -o LogLevel=ERROR" % (keys, keys))
+    conf = os.path.join(root, "bitfog.json")
+    with open(conf, "w") as f:
+        f.write('{"big":{"path":"%s"},"small":{"path":"%s"}}' % (big, small))
+    env = "BITFOG_RSH='%s' BITFOG_REMOTE='%s serve --stdio -q --conf %s --cache %s/cache'" % (rsh, BIN, conf, root)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    url = "ssh://%s@127.0.0.1:%d/" % (user, port)
+    edb = os.path.join(root, "empty.db")
+    sh([BIN, "emptydb", edb, "-q"])
+    cipher = sh("%s -v -p %d %s@127.0.0.1 true 2>&1 | grep -m1 'cipher:' || true"
+                % (rsh, port, user), capture_output=True, text=True).stdout.strip()
+    print("ssh: %s" % (cipher.split("debug1: ")[-1] or "cipher not reported"), flush=True)
+    for area in ("big", "small"):
+        # The far end's hash cache is warm, as a site's is.
+        sh("%s %s builddb %s%s/ %s/warm.db -q" % (env, BIN, url, area, root))
+    for area, n in (("big", "one %d MiB file" % (SSH_BIG >> 20)), ("small", "%d files of 1-64 KiB" % SSH_SMALL)):
+        print("over ssh, fetch %s" % n, flush=True)
+        compare("ssh fetch " + area, [
+            ("bitfog", "%s %s fetch %s %s%s/ %s -q" % (env, BIN, edb, url, area, out), rm(out)),
+            ("rsync -e ssh", "rsync -a -e '%s -p %d' %s@127.0.0.1:%s/ %s/" % (rsh, port, user, os.path.join(root, area), out), rm(out)),
+        ], {"rsync -e ssh": 1.0}, check=(out, tree_bytes(os.path.join(root, area))))
+    rm(out)()
+
+
 rows = []
 memory = []
 sizes = []
 try:
     if ONLY in (None, "delta"):
         delta_section()
+    if ONLY in (None, "ssh"):
+        ssh_section()
     if ONLY is None:
         make_data()
         urls = bitfog_servers()

@@ -4,13 +4,14 @@
 #   scripts/bench.sh            # full size: 2 GiB, 50,000, 300,000 and 1,000,000 files
 #   scripts/bench.sh --quick    # small data, to check the script
 #   scripts/bench.sh --only delta   # just deltas against rdiff and rsync batches
+#   scripts/bench.sh --only ssh     # just ssh:// URLs against rsync -e ssh (a private sshd)
 #   BENCH_SLOW=1 scripts/bench.sh   # also rclone webdav for the small-file store
 # Needs about 8 GB of free disk (BENCH_DIR picks where); traffic stays on
 # 127.0.0.1; every server is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
-for tool in nginx:nginx-light rsync:rsync rclone:rclone curl:curl openssl:openssl rdiff:rdiff; do
+for tool in nginx:nginx-light rsync:rsync rclone:rclone curl:curl openssl:openssl rdiff:rdiff ssh:openssh-client /usr/sbin/sshd:openssh-server; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
