@@ -12,7 +12,7 @@ pub(crate) use ssh::Options as SshOptions;
 use crate::error::{Error, Result};
 use crate::wire::manifest::{Entry, Reader};
 use crate::wire::protocol::{self, percent_encode_path};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::time::Duration;
 use ureq::BodyReader;
 
@@ -469,6 +469,45 @@ impl Client {
         Ok(download(resp))
     }
 
+    /// Asks for many files in one answer (`POST /AREA/?files`); `None`
+    /// from a server that does not know it (an older one answers 405),
+    /// for the caller to GET each.
+    pub(crate) fn get_files(&self, area: &AreaUrl, names: &[&str]) -> Result<Option<Files>> {
+        let url = format!("{}?files", area.request());
+        let mut body = String::new();
+        for n in names {
+            body.push_str(&percent_encode_path(n));
+            body.push('\n');
+        }
+        let resp = self
+            .auth(self.agent(&url).post(&url))
+            .header("Content-Type", "text/plain")
+            .send(body)
+            .map_err(|e| transport(&url, e))?;
+        let is_files = resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes() == protocol::FILES_TYPE.as_bytes());
+        match resp.status().as_u16() {
+            200 if is_files => {}
+            // An older server: it does not route the request, or answers
+            // it as something else.
+            200..=299 | 400 | 404 | 405 | 501 => return Ok(None),
+            _ => {
+                return Err(success(&url, resp)
+                    .err()
+                    .unwrap_or_else(|| Error::failed("")));
+            }
+        }
+        Ok(Some(Files {
+            body: BufReader::with_capacity(
+                256 * 1024,
+                Stall::bytes(resp.into_body().into_reader()),
+            ),
+            area: area.clone(),
+        }))
+    }
+
     /// PUTs a regular file with its hash, mode and mtime; `file` is
     /// read from its current position.
     pub(crate) fn put_file(
@@ -643,6 +682,77 @@ impl Client {
             .call()
             .map_err(|e| transport(&url, e))?;
         Ok(outcome(resp))
+    }
+}
+
+/// An answer of many files (`Client::get_files`), read item by item.
+pub(crate) struct Files {
+    body: BufReader<Stall<BodyReader<'static>>>,
+    area: AreaUrl,
+}
+
+/// One item of an answer of many files.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FilesItem {
+    /// The file follows: `size` bytes (read them with `Files::body`).
+    File { name: String, size: u64, mtime: i64 },
+    /// Refused as a GET of it would be: `URL: HTTP STATUS: REASON`.
+    Refused { name: String, why: String },
+    /// The answer is complete.
+    End,
+}
+
+impl Files {
+    /// The next item's head. An error when the answer is cut short or
+    /// is not one.
+    pub(crate) fn next_item(&mut self) -> std::io::Result<FilesItem> {
+        let mut line = Vec::new();
+        (&mut self.body)
+            .take(64 * 1024)
+            .read_until(b'\n', &mut line)?;
+        if !line.ends_with(b"\n") {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the answer was cut short",
+            ));
+        }
+        let bad =
+            || std::io::Error::new(std::io::ErrorKind::InvalidData, "a bad item in the answer");
+        let v: serde_json::Value = serde_json::from_slice(&line).map_err(|_| bad())?;
+        if v.get("end").and_then(|e| e.as_bool()) == Some(true) {
+            return Ok(FilesItem::End);
+        }
+        let encoded = v.get("name").and_then(|n| n.as_str()).ok_or_else(bad)?;
+        let name = protocol::percent_decode(encoded)
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(bad)?;
+        match v.get("status").and_then(|s| s.as_u64()).ok_or_else(bad)? {
+            200 => Ok(FilesItem::File {
+                size: v.get("size").and_then(|s| s.as_u64()).ok_or_else(bad)?,
+                mtime: v.get("mtime").and_then(|s| s.as_i64()).ok_or_else(bad)?,
+                name,
+            }),
+            status => {
+                let reason = v.get("reason").and_then(|r| r.as_str()).unwrap_or("");
+                let why = format!(
+                    "{}: HTTP {status}: {reason}",
+                    ssh::shown(&self.area.file(&name))
+                );
+                Ok(FilesItem::Refused { name, why })
+            }
+        }
+    }
+
+    /// Reads what is left of a complete answer (the chunked end), so
+    /// that its connection can serve the next request: over ssh a
+    /// connection dropped unread is a session to start again.
+    pub(crate) fn finish(mut self) {
+        let _ = io::copy(&mut (&mut self.body).take(64 * 1024), &mut io::sink());
+    }
+
+    /// The body of the item just read: exactly its `size` bytes.
+    pub(crate) fn body(&mut self, size: u64) -> impl Read + '_ {
+        (&mut self.body).take(size)
     }
 }
 

@@ -6,7 +6,7 @@
 //! the listing. An interrupted download continues with a Range request
 //! after re-hashing the bytes already on disk.
 
-use crate::client::{AreaUrl, Client};
+use crate::client::{AreaUrl, Client, Files, FilesItem};
 use crate::cmd::carry::{self, Failure};
 use crate::cmd::preview;
 use crate::courier::CopyInstr;
@@ -27,7 +27,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// Files larger than this keep a sidecar so an interrupted download can
@@ -40,6 +40,10 @@ const RESUME_MIN: u64 = 1 << 20;
 const GROUP_FILES: usize = 256;
 const GROUP_BYTES: u64 = 64 << 20;
 const GROUP_WAIT: Duration = Duration::from_millis(250);
+/// Small files (up to `RESUME_MIN`) travel many to a request
+/// (`POST /AREA/?files`): at most this many, and this many bytes.
+const BATCH_FILES: usize = 128;
+const BATCH_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone)]
 pub(crate) struct FetchOpts {
@@ -926,20 +930,51 @@ impl Trip<'_> {
     fn download_all(&self, s: &Survey, picked: &Picked) -> Vec<usize> {
         let progress =
             Progress::start(self.ui, "fetching", picked.files.len() as u64, picked.bytes);
-        let next = AtomicUsize::new(0);
+        let next = Mutex::new(0usize);
+        // Until the server turns out not to know `?files`.
+        let batches = AtomicBool::new(true);
+        // The next file to fetch, or the next run of small files.
+        let claim = || {
+            let mut k = next.lock().expect("next file");
+            let mut run = Vec::new();
+            let mut bytes = 0;
+            while let Some(&i) = picked.files.get(*k) {
+                let small = batches.load(Ordering::Relaxed)
+                    && s.sizes[i] <= RESUME_MIN
+                    && s.costs[i] == s.sizes[i]
+                    && !s.resume.contains_key(&i);
+                if !run.is_empty()
+                    && (!small || run.len() == BATCH_FILES || bytes + s.sizes[i] > BATCH_BYTES)
+                {
+                    break;
+                }
+                run.push(i);
+                bytes += s.sizes[i];
+                *k += 1;
+                if !small {
+                    break;
+                }
+            }
+            run
+        };
         let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
         let group = Group::new(self.courier);
         std::thread::scope(|scope| {
             for _ in 0..self.opts.jobs.clamp(1, 64) {
                 scope.spawn(|| {
                     while !self.stopping() {
-                        let k = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(&i) = picked.files.get(k) else {
-                            return;
+                        let placed = match claim().as_slice() {
+                            [] => return,
+                            &[i] => {
+                                if self.download_one(s, i, &progress, &group) {
+                                    vec![i]
+                                } else {
+                                    vec![]
+                                }
+                            }
+                            run => self.download_many(s, run, &progress, &group, &batches),
                         };
-                        if self.download_one(s, i, &progress, &group) {
-                            done.lock().expect("done list").push(i);
-                        }
+                        done.lock().expect("done list").extend(placed);
                     }
                 });
             }
@@ -975,6 +1010,178 @@ impl Trip<'_> {
             (&self.wire, &progress.bytes),
             (group, i),
         );
+        self.settle(&e, outcome, progress, group)
+    }
+
+    /// Small files, many to a request; each alone when the server does
+    /// not know `?files` (and from then on), for those a cut answer left,
+    /// and when the request fails for another reason than a server gone.
+    /// Returns the needed indexes placed.
+    fn download_many(
+        &self,
+        s: &Survey,
+        run: &[usize],
+        progress: &Progress,
+        group: &Group,
+        batches: &AtomicBool,
+    ) -> Vec<usize> {
+        let alone = |from: &[usize]| {
+            from.iter()
+                .take_while(|_| !self.stopping())
+                .filter(|&&i| self.download_one(s, i, progress, group))
+                .copied()
+                .collect::<Vec<usize>>()
+        };
+        let Ok(entries) = run
+            .iter()
+            .map(|&i| s.needed.get(i))
+            .collect::<io::Result<Vec<Entry>>>()
+        else {
+            return alone(run);
+        };
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        let mut answer = match self.client.get_files(&self.opts.src, &names) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                batches.store(false, Ordering::Relaxed);
+                return alone(run);
+            }
+            Err(err) => {
+                let why = Failure::client(err);
+                if self.server_lost(&why) {
+                    self.fails.fetch_add(run.len() as u64, Ordering::Relaxed);
+                    return Vec::new();
+                }
+                return alone(run);
+            }
+        };
+        let mut placed = Vec::new();
+        for (k, (&i, e)) in run.iter().zip(&entries).enumerate() {
+            let (outcome, intact) = match answer.next_item() {
+                Ok(FilesItem::File { name, size, mtime }) if name == e.name => {
+                    self.receive(&mut answer, e, size, mtime, progress, group, i)
+                }
+                Ok(FilesItem::Refused { name, why }) if name == e.name => {
+                    (Err(Failure::Io(why)), true)
+                }
+                // Cut short, or not what was asked: the rest alone.
+                _ => (Err(Failure::Io(String::new())), false),
+            };
+            if !intact {
+                // A cut answer: this file and the rest alone, unless the
+                // server is gone or the courier disk failed.
+                match outcome {
+                    Err(why @ (Failure::Unreachable(_) | Failure::DiskFull)) => {
+                        self.settle(e, Err(why), progress, group);
+                        placed.extend(alone(&run[k + 1..]));
+                    }
+                    _ => placed.extend(alone(&run[k..])),
+                }
+                return placed;
+            }
+            if self.settle(e, outcome, progress, group) {
+                placed.push(i);
+            }
+        }
+        if matches!(answer.next_item(), Ok(FilesItem::End)) {
+            answer.finish();
+        }
+        placed
+    }
+
+    /// Receives one file of an answer of many into the courier, verified,
+    /// to wait in `group`. Also says whether the answer can still be read
+    /// (the file's bytes were all read, whatever became of them).
+    #[allow(clippy::too_many_arguments)]
+    fn receive(
+        &self,
+        answer: &mut Files,
+        e: &Entry,
+        size: u64,
+        mtime: i64,
+        progress: &Progress,
+        group: &Group,
+        index: usize,
+    ) -> (std::result::Result<bool, Failure>, bool) {
+        let skip = |answer: &mut Files| {
+            io::copy(&mut answer.body(size), &mut io::sink()).is_ok_and(|n| n == size)
+        };
+        if size != e.size {
+            let intact = skip(answer);
+            return (
+                Err(Failure::SourceChanged(
+                    "size changed at the source since the listing".into(),
+                )),
+                intact,
+            );
+        }
+        let id = Courier::partial_id(&e.name);
+        let part = match self.courier.open_partial(&id, false) {
+            Ok(p) => p,
+            Err(err) => {
+                let intact = skip(answer);
+                return (Err(Failure::io("cannot open partial file", &err)), intact);
+            }
+        };
+        let mut hasher = Hasher::new();
+        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, 0));
+        let copied = copy_hashing(&mut answer.body(size), &mut out, &mut hasher, size, |n| {
+            self.wire.fetch_add(n, Ordering::Relaxed);
+            progress.bytes.fetch_add(n, Ordering::Relaxed);
+        });
+        let flushed = out.flush();
+        drop(out);
+        let failed = match copied {
+            Ok(n) if n == size => flushed
+                .err()
+                .map(|err| (Failure::io("cannot write courier file", &err), true)),
+            Ok(n) => Some((
+                Failure::Io(format!("download cut short after {n} of {size} bytes")),
+                false,
+            )),
+            Err(CopyError::Write(err)) => {
+                Some((Failure::io("cannot write courier file", &err), false))
+            }
+            Err(CopyError::Read(err)) if crate::error::is_connection_lost(&err) => Some((
+                Failure::Unreachable(format!("download failed: {}", describe_io(&err))),
+                false,
+            )),
+            Err(CopyError::Read(err)) => Some((
+                Failure::Io(format!("download failed: {}", describe_io(&err))),
+                false,
+            )),
+        };
+        if let Some((why, intact)) = failed {
+            self.courier.discard_partial(&id);
+            return (Err(why), intact);
+        }
+        let got = hasher.hex();
+        let verified = match &e.sha256 {
+            Some(want) => *want == got,
+            None => mtime == e.mtime,
+        };
+        if !verified {
+            self.courier.discard_partial(&id);
+            let why = match &e.sha256 {
+                Some(want) => format!(
+                    "sha256 mismatch: got {got}, listed {want} (changed at the source?); not kept"
+                ),
+                None => "modified at the source since the listing; not kept".into(),
+            };
+            return (Err(Failure::SourceChanged(why)), true);
+        }
+        (group.add(e, part, id, index).map(|()| false), true)
+    }
+
+    /// Counts and reports how one download ended; true when the file is
+    /// in place (false when it failed, or waits in `group`).
+    fn settle(
+        &self,
+        e: &Entry,
+        outcome: std::result::Result<bool, Failure>,
+        progress: &Progress,
+        group: &Group,
+    ) -> bool {
         if outcome.is_err() && e.size <= RESUME_MIN {
             // A small file's partial cannot resume: drop it.
             self.courier.discard_partial(&Courier::partial_id(&e.name));

@@ -214,6 +214,14 @@ impl Response {
             .with("Content-Type", "text/plain; charset=utf-8")
     }
 
+    /// The text of a `text` answer (empty for any other body).
+    pub(crate) fn text_body(&self) -> String {
+        match &self.body {
+            Body::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        }
+    }
+
     pub(crate) fn with(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.headers.push((name, value.into()));
         self

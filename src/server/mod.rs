@@ -503,6 +503,7 @@ fn handle(state: &State, req: &mut Request) -> Response {
             (area.owners && state.can_chown).then_some(&state.names),
         ),
         Route::File(FileOp::Delete, _) => delete(root, &comps),
+        Route::Files => files(root, area, req),
         Route::Answer(resp)
         | Route::Page {
             otherwise: resp, ..
@@ -571,6 +572,8 @@ enum Route {
     Listing { dirs: Dirs, meta: bool },
     /// A file of the area, by its checked components, and what to do.
     File(FileOp, Vec<Vec<u8>>),
+    /// `POST /AREA/?files`: many files in one answer.
+    Files,
     /// A directory of the area (a path ending in `/`): a page for a
     /// browser, else `otherwise` (what such a path always got).
     Page {
@@ -635,6 +638,7 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
                 dirs: wants_dirs(target),
                 meta: wants(target, "meta=1"),
             },
+            "POST" if target.split_once('?').map(|(_, q)| q) == Some("files") => Route::Files,
             // Only a directory PUT, which sets the root's mode and mtime.
             "PUT" if writable => Route::File(FileOp::Put, Vec::new()),
             _ if writable => Route::Answer(not_allowed("GET, HEAD, PUT")),
@@ -1090,6 +1094,117 @@ fn parent_dir(root: &Root, comps: &[&[u8]], create: bool) -> std::result::Result
 
 fn last<'a>(comps: &[&'a [u8]]) -> &'a [u8] {
     comps[comps.len() - 1]
+}
+
+/// Opens a file to read whole: the file and its metadata, or the status
+/// and reason a GET of it would get.
+fn open_whole(root: &Root, comps: &[&[u8]]) -> std::result::Result<(File, fs::Metadata), Response> {
+    let dir = parent_dir(root, comps, false)?;
+    let file = match dir.open_read(last(comps)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(Response::text(403, "permission denied"));
+        }
+        Err(_) => return Err(Response::text(404, "not found")),
+    };
+    match file.metadata() {
+        Ok(m) if m.file_type().is_file() => Ok((file, m)),
+        Ok(_) => Err(Response::text(404, "not a regular file")),
+        Err(e) => Err(Response::text(500, describe_io(&e))),
+    }
+}
+
+/// A file opened to be sent whole, or the status and reason of a GET of it.
+type Opened = std::result::Result<(File, fs::Metadata), (u16, String)>;
+
+/// `POST /AREA/?files`: the files named in the body (one percent-encoded
+/// name per line, as in a request path), one after another in one
+/// answer, so that many small files cost one round trip. Each name gets
+/// what a GET of it would: the file's bytes, or its status and reason
+/// (a bad, reserved, excluded, missing or unreadable name is answered
+/// for itself and the rest go on). Every file is opened before the
+/// answer starts; each is sent at the size it had then, and a file that
+/// shrinks meanwhile breaks the answer (no end line), as a GET's would.
+fn files(root: &Root, area: &Area, req: &mut Request) -> Response {
+    let len = req.content_length();
+    if len > protocol::FILES_BODY_MAX {
+        return Response::text(
+            413,
+            format!("at most {} bytes of names", protocol::FILES_BODY_MAX),
+        );
+    }
+    let mut body = Vec::with_capacity(len as usize);
+    if io::Read::read_to_end(&mut req.body, &mut body).is_err() {
+        return Response::text(400, "the request body was cut short");
+    }
+    let Ok(text) = String::from_utf8(body) else {
+        return Response::text(400, "names must be percent-encoded ASCII");
+    };
+    let names: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    if names.len() > protocol::FILES_MAX {
+        return Response::text(
+            413,
+            format!("at most {} names in one request", protocol::FILES_MAX),
+        );
+    }
+    let refusal = |r: Response| {
+        let status = r.status;
+        (status, r.text_body().trim().to_string())
+    };
+    let opened: Vec<(String, Opened)> = names
+        .iter()
+        .map(|&name| {
+            let got = (|| {
+                let decoded = protocol::percent_decode(name)
+                    .ok_or_else(|| (400, "bad percent-encoding in path".to_string()))?;
+                let comps = crate::wire::paths::components(&decoded)
+                    .map_err(|why| (400, format!("refused path: {}", why.reason())))?;
+                if crate::wire::paths::has_reserved(&comps) {
+                    return Err((404, "not found".to_string()));
+                }
+                if let Some(resp) = excluded(area, FileOp::Get, &comps, req) {
+                    return Err(refusal(resp));
+                }
+                open_whole(root, &comps).map_err(refusal)
+            })();
+            (name.to_string(), got)
+        })
+        .collect();
+    let produce = move |out: &mut dyn Write| -> io::Result<()> {
+        let mut out = io::BufWriter::with_capacity(256 * 1024, out);
+        let mut sent = 0usize;
+        for (name, got) in opened {
+            match got {
+                Ok((file, meta)) => {
+                    let head = serde_json::json!({
+                        "name": name,
+                        "status": 200,
+                        "size": meta.len(),
+                        "mtime": meta.mtime(),
+                    });
+                    writeln!(out, "{head}")?;
+                    let n = io::copy(&mut (&file).take(meta.len()), &mut out)?;
+                    if n != meta.len() {
+                        return Err(io::Error::other(format!(
+                            "'{name}' shrank while it was sent"
+                        )));
+                    }
+                }
+                Err((status, reason)) => {
+                    let head = serde_json::json!({
+                        "name": name,
+                        "status": status,
+                        "reason": reason,
+                    });
+                    writeln!(out, "{head}")?;
+                }
+            }
+            sent += 1;
+        }
+        writeln!(out, "{}", serde_json::json!({"end": true, "files": sent}))?;
+        out.flush()
+    };
+    Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", protocol::FILES_TYPE)
 }
 
 fn get_file(root: &Root, comps: &[&[u8]], req: &Request) -> Response {
@@ -2349,6 +2464,7 @@ mod tests {
                 Route::Listing { dirs, .. } => format!("listing dirs={dirs:?}"),
                 Route::File(op, comps) => format!("{op:?} {}", comps.join(&b'/').escape_ascii()),
                 Route::Answer(resp) => resp.status.to_string(),
+                Route::Files => "files".to_string(),
                 Route::Page { comps, otherwise } => format!(
                     "page {} or {}",
                     comps.join(&b'/').escape_ascii(),
@@ -2396,6 +2512,10 @@ mod tests {
         assert_eq!(go("PUT", "/rw/x"), rw("Put x"));
         assert_eq!(go("DELETE", "/rw/d/x"), rw("Delete d/x"));
         assert_eq!(go("POST", "/rw/x"), rw("405"));
+        assert_eq!(go("POST", "/ro/?files"), ro("files"));
+        assert_eq!(go("POST", "/ro/"), ro("405"));
+        assert_eq!(go("POST", "/ro/x?files"), ro("405"));
+        assert_eq!(go("POST", "/missing/?files"), none("404"));
     }
 
     #[test]

@@ -42,6 +42,14 @@ pub(crate) const OWNERS_HEADER: &str = "X-Bitfog-Owners";
 pub(crate) const SYMLINK_TYPE: &str = "application/symlink";
 /// Content type of an area listing.
 pub(crate) const NDJSON_TYPE: &str = "application/x-ndjson";
+/// The answer to `POST /AREA/?files`: for each name asked, a JSON line,
+/// then (when its status is 200) exactly `size` bytes of the file; then
+/// an end line.
+pub(crate) const FILES_TYPE: &str = "application/x-bitfog-files";
+/// Names one `POST /AREA/?files` may ask for.
+pub(crate) const FILES_MAX: usize = 1024;
+/// Bytes of the names in one `POST /AREA/?files`.
+pub(crate) const FILES_BODY_MAX: u64 = 1 << 20;
 /// The longest symlink target a server accepts.
 pub(crate) const MAX_LINK_TARGET: u64 = 4096;
 

@@ -2,6 +2,7 @@
 //! executable against real `bitfog serve` processes on 127.0.0.1:0, each in
 //! its own scratch directory.
 
+mod batch;
 mod bounds;
 mod browse;
 mod carry;
