@@ -71,6 +71,9 @@ impl AreaUrl {
         if !prefix_ok {
             return Err(bad("bad path prefix"));
         }
+        if is_ssh && !prefix.is_empty() {
+            return Err(bad("over ssh the area comes right after the host"));
+        }
         let scheme = &s[..s.len() - rest.len()];
         let prefix = if prefix.is_empty() {
             String::new()
@@ -968,6 +971,23 @@ mod tests {
             every: Duration::from_millis(5),
         };
         assert!(drain(Stall::bytes(steady), 100).is_ok());
+    }
+
+    #[test]
+    fn ssh_area_urls() {
+        let u = AreaUrl::parse("ssh://me@nas:2222/vms").unwrap();
+        assert_eq!(u.as_str(), "ssh://me@nas:2222/vms/");
+        assert!(u.file("a b").ends_with(".ssh.bitfog.invalid/vms/a%20b"));
+        assert!(ssh::is_stand_in(&u.file("a")));
+        assert_eq!(ssh::shown(&u.file("a b")), "ssh://me@nas:2222/vms/a%20b");
+        for bad in [
+            "ssh://nas/p/vms/",
+            "ssh://nas/",
+            "ssh://-x/vms/",
+            "ssh:///vms/",
+        ] {
+            assert!(AreaUrl::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

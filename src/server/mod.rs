@@ -318,9 +318,14 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         names: crate::owners::Names::load(),
     });
     let cleaner = state.clone();
+    let stdio = opts.stdio;
     std::thread::spawn(move || {
         loop {
-            clean_areas(&cleaner);
+            // Every ssh session starts a `serve --stdio`: they walk the
+            // areas for leftovers once a day between them, not each.
+            if !stdio || clean_due(&cleaner) {
+                clean_areas(&cleaner);
+            }
             std::thread::sleep(CLEAN_EVERY);
         }
     });
@@ -1393,6 +1398,24 @@ fn remove_live_temps() {
 const PART_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
 /// The cleaning of writable areas runs at startup and then this often.
 const CLEAN_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether `serve --stdio` should clean the areas now: when the stamp in
+/// the cache directory (`clean.stamp`) is older than `CLEAN_EVERY` (then
+/// it is renewed), or there is no cache directory to keep one in.
+fn clean_due(state: &State) -> bool {
+    let Some(dir) = &state.cache else {
+        return true;
+    };
+    let stamp = dir.join("clean.stamp");
+    let fresh = fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < CLEAN_EVERY));
+    if fresh {
+        return false;
+    }
+    let _ = fs::write(&stamp, b"");
+    true
+}
 
 /// Cleans the writable areas: removes temporary files left by a crashed
 /// server and partial uploads older than `PART_MAX_AGE`; each is unlinked

@@ -47,37 +47,32 @@ pub(super) fn serve(run: impl FnOnce(TcpStream) -> io::Result<()>) -> io::Result
 }
 
 fn copy_in(mut stdin: File, mut sock: UnixStream) {
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match stdin.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if sock.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
+    if let Err(e) = pump(&mut stdin, &mut sock) {
+        crate::error::print_error(format!("stdin: {}", crate::error::describe_io(&e)));
     }
     let _ = sock.shutdown(Shutdown::Write);
 }
 
 fn copy_out(mut sock: UnixStream, mut stdout: File) {
+    if let Err(e) = pump(&mut sock, &mut stdout) {
+        crate::error::print_error(format!("stdout: {}", crate::error::describe_io(&e)));
+        // Nobody reads the answers any more (or the server's end broke):
+        // the server's next write fails and it closes the connection.
+        let _ = sock.shutdown(Shutdown::Both);
+    }
+}
+
+/// Copies `from` to `to` until the end of `from`. (`splice` would save
+/// a copy where one end is a pipe, but from a Unix socket it stalled
+/// answers here until the connection's idle timeout.)
+fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if stdout.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
+        match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => to.write_all(&buf[..n])?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+            Err(e) => return Err(e),
         }
     }
-    // Nobody reads the answers any more: the server's next write fails
-    // and it closes the connection.
-    let _ = sock.shutdown(Shutdown::Both);
 }

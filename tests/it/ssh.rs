@@ -556,6 +556,26 @@ fn serve_stdio_answers_on_stdout_and_exits_at_the_end_of_input() {
         .collect();
     assert_eq!(left, ["new.txt"], "no partial upload kept");
 
+    // Files rather than pipes for stdin and stdout (no splice): the same.
+    fs::write(t.path("requests"), requests).unwrap();
+    let status = cmd(&[
+        "serve",
+        "--stdio",
+        "--conf",
+        &conf.to_string_lossy(),
+        "--cache",
+        "none",
+        "-q",
+    ])
+    .stdin(fs::File::open(t.path("requests")).unwrap())
+    .stdout(fs::File::create(t.path("answers")).unwrap())
+    .status()
+    .unwrap();
+    assert!(status.success());
+    let answers = fs::read_to_string(t.path("answers")).unwrap();
+    assert_eq!(answers.matches("HTTP/1.1 ").count(), 3, "{answers}");
+    assert!(answers.contains("\r\n\r\nhello\n"), "{answers}");
+
     let r = bitfog(&["serve", "--stdio", "--addr", ":0"]).code(2);
     assert!(r.stderr.contains("--stdio"), "{r}");
 }
