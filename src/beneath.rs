@@ -588,9 +588,15 @@ impl Dir {
     }
 
     /// Creates `name` afresh for reading and writing (mode 0600): whatever
-    /// was there (a file, a symlink, a FIFO) is unlinked first, never
-    /// followed or opened. A directory in the way is an error.
+    /// was there (a file, a symlink, a FIFO) is unlinked and replaced,
+    /// never followed or opened. A directory in the way is an error.
     pub(crate) fn create_fresh(&self, name: &[u8]) -> io::Result<File> {
+        // Creating first: an unlink of nothing still takes the directory's
+        // lock, which parallel downloads into one directory queue on.
+        match self.create_excl(name, libc::O_RDWR) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            made => return made,
+        }
         match self.unlink(name) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
