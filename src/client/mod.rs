@@ -137,6 +137,84 @@ fn more_meta<B>(
     req
 }
 
+/// The headers of `MoreMeta`, as `more_meta` sends them.
+fn meta_headers(m: &crate::wire::manifest::MoreMeta) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if m.mtime_ns != 0 {
+        out.push((protocol::HDR_MTIME_NS, m.mtime_ns.to_string()));
+    }
+    if let (Some(uid), Some(gid)) = (m.uid, m.gid) {
+        out.push((protocol::HDR_OWNER, format!("{uid}:{gid}")));
+        if m.user.is_some() || m.group.is_some() {
+            out.push((
+                protocol::HDR_OWNER_NAMES,
+                format!(
+                    "{}:{}",
+                    m.user.as_deref().unwrap_or(""),
+                    m.group.as_deref().unwrap_or("")
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// What became of one file of `POST /AREA/?put`: its name and outcome.
+pub(crate) type Stored = (String, std::result::Result<(), Refused>);
+
+/// A piece of a `POST /AREA/?put` body.
+enum PutPart {
+    Bytes(Vec<u8>),
+    /// A file and the bytes of it to send.
+    File(std::fs::File, u64),
+}
+
+/// The body of `POST /AREA/?put`: heads and files, one after another. A
+/// file shorter than said ends the body early (the server refuses it all).
+struct PutBody {
+    parts: std::collections::VecDeque<PutPart>,
+}
+
+impl Read for PutBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(part) = self.parts.front_mut() else {
+                return Ok(0);
+            };
+            let n = match part {
+                PutPart::Bytes(b) => {
+                    let n = b.len().min(buf.len());
+                    buf[..n].copy_from_slice(&b[..n]);
+                    b.drain(..n);
+                    n
+                }
+                PutPart::File(f, left) => {
+                    let want = (*left).min(buf.len() as u64) as usize;
+                    let n = f.read(&mut buf[..want])?;
+                    if n == 0 && want > 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "a courier file shrank while it was sent",
+                        ));
+                    }
+                    *left -= n as u64;
+                    n
+                }
+            };
+            let empty = match part {
+                PutPart::Bytes(b) => b.is_empty(),
+                PutPart::File(_, left) => *left == 0,
+            };
+            if empty {
+                self.parts.pop_front();
+            }
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+    }
+}
+
 /// A SHA-256 no body of a link request has: an older server refuses it.
 const NO_SUCH_SHA256: &str = "4ee6f18ee3e8a3c4cd5e3e6e4f1a6b7d1b3bbbe5b8e2a5ddcc2d6b57c3b4c1e9";
 
@@ -509,6 +587,128 @@ impl Client {
             ),
             area: area.clone(),
         }))
+    }
+
+    /// Uploads many small regular files in one request (`POST
+    /// /AREA/?put`), each with the headers its PUT would carry; every
+    /// file must hold exactly its entry's size. The outcome of each, in
+    /// order; `None` from a server that does not know the request (an
+    /// older one answers 405), for the caller to PUT each.
+    pub(crate) fn put_files(
+        &self,
+        area: &AreaUrl,
+        files: Vec<(Entry, std::fs::File)>,
+    ) -> Result<Option<Vec<Stored>>> {
+        let url = format!("{}?put", area.request());
+        let mut parts: Vec<PutPart> = Vec::new();
+        let mut len = 0u64;
+        let names: Vec<String> = files.iter().map(|(e, _)| e.name.clone()).collect();
+        for (e, f) in files {
+            let mut headers = serde_json::Map::new();
+            let mut h = |k: &str, v: String| {
+                headers.insert(k.to_string(), serde_json::Value::from(v));
+            };
+            h(protocol::HDR_MODE, (e.mode & 0o777).to_string());
+            h(protocol::HDR_MTIME, e.mtime.to_string());
+            if let Some(sha) = &e.sha256 {
+                h(protocol::HDR_SHA256, sha.clone());
+            }
+            for (k, v) in meta_headers(&e.meta) {
+                h(k, v);
+            }
+            let head = serde_json::json!({
+                "name": percent_encode_path(&e.name),
+                "size": e.size,
+                "headers": headers,
+            });
+            let head = format!("{head}\n").into_bytes();
+            len += head.len() as u64 + e.size;
+            parts.push(PutPart::Bytes(head));
+            parts.push(PutPart::File(f, e.size));
+        }
+        let end = b"{\"end\":true}\n".to_vec();
+        len += end.len() as u64;
+        parts.push(PutPart::Bytes(end));
+        let body = PutBody {
+            parts: parts.into(),
+        };
+        let resp = self
+            .auth(self.agent(&url).post(&url))
+            .header("Content-Length", len.to_string())
+            .header("Content-Type", "application/x-bitfog-put")
+            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
+                crate::digest::BUF_SIZE,
+                body.take(len),
+            )))
+            .map_err(|e| transport(&url, e))?;
+        match resp.status().as_u16() {
+            200 => {}
+            // An older server does not route it.
+            404 | 405 | 501 => return Ok(None),
+            _ => {
+                // The request as a whole was refused (a full disk, a
+                // token): each file shares the reason.
+                let r = reason(resp);
+                return Ok(Some(
+                    names
+                        .into_iter()
+                        .map(|n| {
+                            (
+                                n,
+                                Err(Refused {
+                                    status: r.status,
+                                    reason: r.reason.clone(),
+                                }),
+                            )
+                        })
+                        .collect(),
+                ));
+            }
+        }
+        let mut text = String::new();
+        resp.into_body()
+            .into_reader()
+            .take(16 << 20)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::failed(format!("{}: {e}", ssh::shown(&url))))?;
+        let mut out = Vec::new();
+        let mut ended = false;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|_| Error::failed(format!("{}: a bad answer line", ssh::shown(&url))))?;
+            if v.get("end").and_then(|e| e.as_bool()) == Some(true) {
+                ended = true;
+                break;
+            }
+            let name = v
+                .get("name")
+                .and_then(|n| n.as_str())
+                .and_then(protocol::percent_decode)
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_default();
+            let status = v.get("status").and_then(|s| s.as_u64()).unwrap_or(0) as u16;
+            let outcome = if (200..300).contains(&status) {
+                Ok(())
+            } else {
+                let why = v.get("reason").and_then(|r| r.as_str()).unwrap_or("");
+                Err(Refused {
+                    status,
+                    reason: if why.is_empty() {
+                        format!("HTTP {status}")
+                    } else {
+                        format!("HTTP {status}: {why}")
+                    },
+                })
+            };
+            out.push((name, outcome));
+        }
+        if !ended {
+            return Err(Error::unreachable(format!(
+                "{}: the answer was cut short",
+                ssh::shown(&url)
+            )));
+        }
+        Ok(Some(out))
     }
 
     /// PUTs a regular file with its hash, mode and mtime; `file` is

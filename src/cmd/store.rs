@@ -110,6 +110,16 @@ enum Action {
     HardLink(Entry, String),
 }
 
+impl Action {
+    /// The name an upload stores.
+    fn upload_name(&self) -> Option<&str> {
+        match self {
+            Action::Upload(e) => Some(&e.name),
+            _ => None,
+        }
+    }
+}
+
 /// An upload, link or copy, as kept in the spool.
 #[derive(Serialize, serde::Deserialize)]
 struct Task {
@@ -1009,6 +1019,58 @@ impl Execution<'_> {
         );
     }
 
+    /// Uploads small files many to a request; each alone when the server
+    /// does not know `POST ?put` (and from then on), or when the request
+    /// fails for another reason than a server gone.
+    fn upload_many(&self, run: Vec<Action>, batches: &AtomicBool) {
+        if self.gone.load(Ordering::SeqCst) || self.full.load(Ordering::SeqCst) {
+            return run.iter().for_each(|a| self.run(a));
+        }
+        let mut sent = Vec::new();
+        let mut files = Vec::new();
+        for a in run {
+            let Action::Upload(e) = &a else {
+                self.run(&a);
+                continue;
+            };
+            match checked_small(self.courier, e) {
+                Ok(Some(f)) => {
+                    files.push((e.clone(), f));
+                    sent.push(a);
+                }
+                // Sparse: alone, as its data.
+                Ok(None) => self.run(&a),
+                Err(why) => self.record(&a, Err(why)),
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        match self.client.put_files(&self.opts.dest, files) {
+            Ok(Some(outcomes)) => {
+                let mut outcomes: HashMap<String, _> = outcomes.into_iter().collect();
+                for a in &sent {
+                    let outcome = match a.upload_name().and_then(|n| outcomes.remove(n)) {
+                        Some(o) => o.map_err(refused),
+                        None => Err(Failure::Io("the destination did not answer for it".into())),
+                    };
+                    self.record(a, outcome);
+                }
+            }
+            Ok(None) => {
+                batches.store(false, Ordering::Relaxed);
+                sent.iter().for_each(|a| self.run(a));
+            }
+            Err(err) if err.unreachable => {
+                let why = Failure::client(err);
+                for a in &sent {
+                    self.record(a, Err(Failure::Unreachable(why.to_string())));
+                }
+            }
+            Err(_) => sent.iter().for_each(|a| self.run(a)),
+        }
+    }
+
     /// Makes `e` a hard link to `from` at the destination; where the
     /// destination cannot link (its file system, or an older server), a
     /// copy instead, said once.
@@ -1132,14 +1194,73 @@ fn execute(
     });
     // 2. Deletions (only with --delete).
     x.phase(deletes.len(), &|i| x.run(&deletes[i]));
-    // 3. Uploads, links, ranges and patches.
-    x.phase(spool.len(), &|i| {
-        if !copy_at[i] && !hard_at[i] {
-            match x.spooled(i) {
-                Some(Action::Ranges(e)) => x.ranges(e, &held),
-                Some(a) => x.run(&a),
-                None => {}
+    // 3. Uploads (small ones many to a request), links, ranges and
+    //    patches.
+    let batches = AtomicBool::new(true);
+    // The next index, and an action read but left for the next claim.
+    let next: Mutex<(usize, Option<Action>)> = Mutex::new((0, None));
+    let claim = || {
+        let mut guard = next.lock().expect("next action");
+        let (k, peeked) = &mut *guard;
+        let mut run: Vec<Action> = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let a = match peeked.take() {
+                Some(a) => a,
+                None => {
+                    let i = *k;
+                    if i >= spool.len() {
+                        break;
+                    }
+                    *k += 1;
+                    if copy_at[i] || hard_at[i] {
+                        continue;
+                    }
+                    match x.spooled(i) {
+                        Some(a) => a,
+                        None => continue,
+                    }
+                }
+            };
+            let small = match &a {
+                Action::Upload(e) if batches.load(Ordering::Relaxed) => {
+                    e.size <= BATCH_FILE_MAX && e.sha256.is_some()
+                }
+                _ => false,
+            };
+            let size = if let Action::Upload(e) = &a {
+                e.size
+            } else {
+                0
+            };
+            if !run.is_empty() && (!small || run.len() == BATCH_FILES || bytes + size > BATCH_BYTES)
+            {
+                *peeked = Some(a);
+                break;
             }
+            bytes += size;
+            run.push(a);
+            if !small {
+                break;
+            }
+        }
+        run
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.clamp(1, 64) {
+            scope.spawn(|| {
+                loop {
+                    let mut run = claim();
+                    match run.len() {
+                        0 => return,
+                        1 => match run.pop().expect("one action") {
+                            Action::Ranges(e) => x.ranges(e, &held),
+                            a => x.run(&a),
+                        },
+                        _ => x.upload_many(run, &batches),
+                    }
+                }
+            });
         }
     });
     // 4. Copies whose source has arrived since.
@@ -1719,6 +1840,56 @@ fn patch(
 /// it is sent when small, while it is sent when large (the server checks
 /// the same hash before anything appears); a sparse file as its data
 /// extents. A damaged copy is marked for the next fetch.
+/// Small files go many to a request: up to this size each, this many
+/// files and this many bytes.
+const BATCH_FILE_MAX: u64 = 1 << 20;
+const BATCH_FILES: usize = 128;
+const BATCH_BYTES: u64 = 8 << 20;
+
+/// A small courier copy, open, checked against SRCDB (size and SHA-256,
+/// marked damaged otherwise) and ready to send from its start; `None`
+/// when it is sparse (it travels alone, as its data).
+fn checked_small(
+    courier: &Courier,
+    e: &Entry,
+) -> std::result::Result<Option<std::fs::File>, Failure> {
+    let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
+    let mut file = courier
+        .open_carried(&e.name)
+        .map_err(open_err)?
+        .ok_or(Failure::Damaged("courier copy vanished".into()))?;
+    let meta = file.metadata().map_err(open_err)?;
+    let damaged = |why: String| {
+        let mark = Carried {
+            damaged: true,
+            ..Carried::of(e)
+        };
+        let _ = courier.append_log(&mark);
+        Err(Failure::Damaged(format!(
+            "{why}; not uploaded (the next fetch replaces it)"
+        )))
+    };
+    if meta.len() != e.size {
+        return damaged(format!(
+            "courier copy has {} bytes, SRCDB lists {}",
+            meta.len(),
+            e.size
+        ));
+    }
+    if std::os::unix::fs::MetadataExt::blocks(&meta) * 512 + (1 << 20) <= meta.len() {
+        return Ok(None);
+    }
+    let (got, _) = hash_reader(&mut file).map_err(open_err)?;
+    if Some(&got) != e.sha256.as_ref() {
+        return damaged(format!(
+            "courier copy is damaged: sha256 {got}, SRCDB lists {}",
+            e.sha256.as_deref().unwrap_or("none")
+        ));
+    }
+    file.seek(SeekFrom::Start(0)).map_err(open_err)?;
+    Ok(Some(file))
+}
+
 fn upload(
     client: &Client,
     courier: &Courier,

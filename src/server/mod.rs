@@ -509,6 +509,12 @@ fn handle(state: &State, req: &mut Request) -> Response {
         ),
         Route::File(FileOp::Delete, _) => delete(root, &comps),
         Route::Files => files(root, area, req),
+        Route::Puts => puts(
+            root,
+            area,
+            req,
+            (area.owners && state.can_chown).then_some(&state.names),
+        ),
         Route::Answer(resp)
         | Route::Page {
             otherwise: resp, ..
@@ -579,6 +585,8 @@ enum Route {
     File(FileOp, Vec<Vec<u8>>),
     /// `POST /AREA/?files`: many files in one answer.
     Files,
+    /// `POST /AREA/?put`: many small files in one request.
+    Puts,
     /// A directory of the area (a path ending in `/`): a page for a
     /// browser, else `otherwise` (what such a path always got).
     Page {
@@ -644,6 +652,9 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
                 meta: wants(target, "meta=1"),
             },
             "POST" if target.split_once('?').map(|(_, q)| q) == Some("files") => Route::Files,
+            "POST" if writable && target.split_once('?').map(|(_, q)| q) == Some("put") => {
+                Route::Puts
+            }
             // Only a directory PUT, which sets the root's mode and mtime.
             "PUT" if writable => Route::File(FileOp::Put, Vec::new()),
             _ if writable => Route::Answer(not_allowed("GET, HEAD, PUT")),
@@ -1210,6 +1221,226 @@ fn files(root: &Root, area: &Area, req: &mut Request) -> Response {
         out.flush()
     };
     Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", protocol::FILES_TYPE)
+}
+
+/// A temporary file of `POST /AREA/?put`, with the directory it is in;
+/// removed on drop unless renamed into place.
+struct Staged {
+    dir: Dir,
+    temp: Vec<u8>,
+    to: Vec<u8>,
+    /// The item's name as asked, for the answer.
+    name: String,
+    done: bool,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.dir.unlink(&self.temp);
+        }
+        let path = self.dir.path.join(OsStr::from_bytes(&self.temp));
+        live_temps().lock().map(|mut s| s.remove(&path)).ok();
+    }
+}
+
+/// `POST /AREA/?put`: many regular files in one request, each as a PUT
+/// of it would be stored (its `X-Bitfog-*` headers in its head line),
+/// all made durable together: each is written to a temporary file and
+/// checked against its SHA-256, then one `syncfs` makes them all
+/// durable, then each is renamed into place and its directory synced.
+/// Only a complete, verified, durable file appears at its path; a body
+/// cut short stores nothing (400).
+fn puts(
+    root: &Root,
+    area: &Area,
+    req: &mut Request,
+    owners: Option<&crate::owners::Names>,
+) -> Response {
+    if req.header("content-length").is_none() {
+        return Response::text(411, "POST needs Content-Length");
+    }
+    let len = req.content_length();
+    if len > protocol::PUTS_BODY_MAX {
+        return Response::text(
+            413,
+            format!("at most {} bytes in one request", protocol::PUTS_BODY_MAX),
+        );
+    }
+    if let Some(free) = root
+        .dir(&[], false)
+        .ok()
+        .and_then(|d| d.free_space())
+        .filter(|&f| len > f)
+    {
+        if len <= DRAIN_LIMIT {
+            let _ = io::copy(&mut req.body, &mut io::sink());
+        }
+        return Response::text(
+            507,
+            format!("the destination disk is full: {len} bytes to write, {free} free"),
+        );
+    }
+    let mut body = io::BufReader::with_capacity(256 * 1024, &mut req.body);
+    let mut staged: Vec<Staged> = Vec::new();
+    let mut answers: Vec<(String, u16, String)> = Vec::new();
+    let cut = || Response::text(400, "request body cut short");
+    loop {
+        let mut line = Vec::new();
+        if io::BufRead::read_until(&mut (&mut body).take(64 * 1024), b'\n', &mut line).is_err()
+            || !line.ends_with(b"\n")
+        {
+            return cut();
+        }
+        let Ok(head) = serde_json::from_slice::<serde_json::Value>(&line) else {
+            return Response::text(400, "a bad item head");
+        };
+        if head.get("end").and_then(|v| v.as_bool()) == Some(true) {
+            break;
+        }
+        if staged.len() + answers.len() >= protocol::FILES_MAX {
+            return Response::text(
+                413,
+                format!("at most {} files in one request", protocol::FILES_MAX),
+            );
+        }
+        let (Some(name), Some(size)) = (
+            head.get("name").and_then(|v| v.as_str()),
+            head.get("size").and_then(|v| v.as_u64()),
+        ) else {
+            return Response::text(400, "an item head needs name and size");
+        };
+        let headers = head.get("headers").and_then(|h| h.as_object());
+        let get = |n: &str| {
+            headers.and_then(|h| {
+                h.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                    .and_then(|(_, v)| v.as_str())
+            })
+        };
+        let name = name.to_string();
+        let mut item = (&mut body).take(size);
+        match stage(root, area, &name, size, &get, owners, &mut item) {
+            Ok(s) => staged.push(s),
+            Err(resp) => answers.push((name, resp.status, resp.text_body().trim().to_string())),
+        }
+        // What an item refused before its bytes were read is skipped.
+        if io::copy(&mut item, &mut io::sink()).is_err() || item.limit() > 0 {
+            return cut();
+        }
+    }
+    // Durable together: the data, then the names.
+    let synced = root.dir(&[], false).and_then(|d| d.sync_fs());
+    let mut dirs: Vec<Dir> = Vec::new();
+    for mut s in staged {
+        let done = match &synced {
+            Err(e) => Err(write_error(io::Error::new(e.kind(), e.to_string()))),
+            Ok(()) => s.dir.rename(&s.temp, &s.to).map_err(write_error),
+        };
+        match done {
+            Ok(()) => {
+                s.done = true;
+                answers.push((std::mem::take(&mut s.name), 204, String::new()));
+                if let Ok(d) = s.dir.try_clone() {
+                    dirs.push(d);
+                }
+            }
+            Err(resp) => answers.push((
+                std::mem::take(&mut s.name),
+                resp.status,
+                resp.text_body().trim().to_string(),
+            )),
+        }
+    }
+    for d in &dirs {
+        d.sync();
+    }
+    let mut out = String::new();
+    for (name, status, reason) in answers {
+        let mut line = serde_json::json!({"name": name, "status": status});
+        if !reason.is_empty() {
+            line["reason"] = serde_json::Value::from(reason);
+        }
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out.push_str("{\"end\":true}\n");
+    Response::new(200, Body::Bytes(out.into_bytes())).with("Content-Type", protocol::NDJSON_TYPE)
+}
+
+/// One item of `POST /AREA/?put`, written and checked in a temporary
+/// file beside its target, with its mode, mtime and owner (not yet
+/// synced or renamed). The refusal a PUT of it would get otherwise.
+fn stage<'h>(
+    root: &Root,
+    area: &Area,
+    name: &str,
+    size: u64,
+    get: &dyn Fn(&str) -> Option<&'h str>,
+    owners: Option<&crate::owners::Names>,
+    body: &mut dyn Read,
+) -> std::result::Result<Staged, Response> {
+    let decoded = protocol::percent_decode(name)
+        .ok_or_else(|| Response::text(400, "bad percent-encoding in path"))?;
+    let comps = crate::wire::paths::components(&decoded)
+        .map_err(|why| Response::text(400, format!("refused path: {}", why.reason())))?;
+    if crate::wire::paths::has_reserved(&comps) {
+        return Err(Response::text(
+            400,
+            "names starting with .bitfog are reserved",
+        ));
+    }
+    if !area.exclude.is_empty() {
+        let path = String::from_utf8_lossy(&decoded).into_owned();
+        if area.exclude.excludes(&path, false) {
+            return Err(Response::text(403, "excluded by the area's configuration"));
+        }
+    }
+    let asked = Want::of_headers(get, owners)?;
+    let want_hash = match get(protocol::HDR_SHA256) {
+        Some(h) if is_sha256_hex(&h.to_ascii_lowercase()) => h.to_ascii_lowercase(),
+        _ => {
+            return Err(Response::text(
+                400,
+                format!("each file needs a valid {}", protocol::HDR_SHA256),
+            ));
+        }
+    };
+    let dir = parent_dir(root, &comps, true)?;
+    let to = last(&comps).to_vec();
+    if dir.kind(&to).ok().flatten() == Some(Kind::Dir) {
+        return Err(Response::text(409, "a directory exists at this path"));
+    }
+    let temp = TempFile::name();
+    let file = dir.create_new(&temp).map_err(write_error)?;
+    live_temps()
+        .lock()
+        .map(|mut s| s.insert(dir.path.join(OsStr::from_bytes(&temp))))
+        .ok();
+    let staged = Staged {
+        dir,
+        temp,
+        to,
+        name: name.to_string(),
+        done: false,
+    };
+    let mut hasher = Hasher::new();
+    match copy_hashing(body, &mut (&file), &mut hasher, size, |_| {}) {
+        Ok(n) if n == size => {}
+        Ok(_) | Err(CopyError::Read(_)) => {
+            return Err(Response::text(400, "request body cut short"));
+        }
+        Err(CopyError::Write(e)) => return Err(write_error(e)),
+    }
+    let got = hasher.hex();
+    if got != want_hash {
+        return Err(Response::text(
+            422,
+            format!("sha256 mismatch: body has {got}, header says {want_hash}"),
+        ));
+    }
+    set_meta(&file, asked.or_mode(0o644)).map_err(write_error)?;
+    Ok(staged)
 }
 
 fn get_file(root: &Root, comps: &[&[u8]], req: &Request) -> Response {
@@ -2254,9 +2485,18 @@ impl Want {
         req: &Request,
         owners: Option<&crate::owners::Names>,
     ) -> std::result::Result<Want, Response> {
-        let mode: Option<u32> = header_num(req, protocol::HDR_MODE)?;
-        let secs: Option<i64> = header_num(req, protocol::HDR_MTIME)?;
-        let ns: Option<u32> = header_num(req, protocol::HDR_MTIME_NS)?;
+        Want::of_headers(&|n| req.header(n), owners)
+    }
+
+    /// From headers as `get` gives them: a request's, or an item's of
+    /// `POST /AREA/?put`.
+    fn of_headers<'h>(
+        get: &dyn Fn(&str) -> Option<&'h str>,
+        owners: Option<&crate::owners::Names>,
+    ) -> std::result::Result<Want, Response> {
+        let mode: Option<u32> = num_of(get, protocol::HDR_MODE)?;
+        let secs: Option<i64> = num_of(get, protocol::HDR_MTIME)?;
+        let ns: Option<u32> = num_of(get, protocol::HDR_MTIME_NS)?;
         if ns.is_some_and(|n| n > 999_999_999) {
             return Err(Response::text(
                 400,
@@ -2264,7 +2504,7 @@ impl Want {
             ));
         }
         let owner = match owners {
-            Some(names) => owner_of(req, names)?,
+            Some(names) => owner_of(get, names)?,
             None => None,
         };
         Ok(Want {
@@ -2284,12 +2524,12 @@ impl Want {
 }
 
 /// The owner and group a write asks for, by this system's ids.
-fn owner_of(
-    req: &Request,
+fn owner_of<'h>(
+    get: &dyn Fn(&str) -> Option<&'h str>,
     names: &crate::owners::Names,
 ) -> std::result::Result<Option<(u32, u32)>, Response> {
     let bad = |h: &str| Response::text(400, format!("bad {h} header: expected A:B"));
-    let Some(ids) = req.header(protocol::HDR_OWNER) else {
+    let Some(ids) = get(protocol::HDR_OWNER) else {
         return Ok(None);
     };
     let (u, g) = ids
@@ -2299,7 +2539,7 @@ fn owner_of(
         (Ok(u), Ok(g)) => (u, g),
         _ => return Err(bad(protocol::HDR_OWNER)),
     };
-    if let Some(n) = req.header(protocol::HDR_OWNER_NAMES) {
+    if let Some(n) = get(protocol::HDR_OWNER_NAMES) {
         let (user, group) = n
             .split_once(':')
             .ok_or_else(|| bad(protocol::HDR_OWNER_NAMES))?;
@@ -2313,6 +2553,12 @@ fn owner_of(
 /// mtime a request asked for, then makes the file durable. (The owner
 /// goes first: a chown may clear setuid bits, and the mode is set after.)
 fn set_meta_and_sync(file: &File, want: Want) -> io::Result<()> {
+    set_meta(file, want)?;
+    file.sync_all()
+}
+
+/// Sets the owner, the mode and the mtime a request asked for.
+fn set_meta(file: &File, want: Want) -> io::Result<()> {
     if let Some((uid, gid)) = want.owner {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
@@ -2322,7 +2568,7 @@ fn set_meta_and_sync(file: &File, want: Want) -> io::Result<()> {
     if let Some((t, ns)) = want.mtime {
         file.set_modified(epoch_plus(t) + Duration::from_nanos(u64::from(ns.min(999_999_999))))?;
     }
-    file.sync_all()
+    Ok(())
 }
 
 fn epoch_plus(t: i64) -> SystemTime {
@@ -2337,7 +2583,14 @@ fn header_num<T: std::str::FromStr>(
     req: &Request,
     name: &str,
 ) -> std::result::Result<Option<T>, Response> {
-    match req.header(name) {
+    num_of(&|n| req.header(n), name)
+}
+
+fn num_of<'h, T: std::str::FromStr>(
+    get: &dyn Fn(&str) -> Option<&'h str>,
+    name: &str,
+) -> std::result::Result<Option<T>, Response> {
+    match get(name) {
         None => Ok(None),
         Some(v) => v
             .parse()
@@ -2488,6 +2741,7 @@ mod tests {
                 Route::File(op, comps) => format!("{op:?} {}", comps.join(&b'/').escape_ascii()),
                 Route::Answer(resp) => resp.status.to_string(),
                 Route::Files => "files".to_string(),
+                Route::Puts => "puts".to_string(),
                 Route::Page { comps, otherwise } => format!(
                     "page {} or {}",
                     comps.join(&b'/').escape_ascii(),
@@ -2539,6 +2793,8 @@ mod tests {
         assert_eq!(go("POST", "/ro/"), ro("405"));
         assert_eq!(go("POST", "/ro/x?files"), ro("405"));
         assert_eq!(go("POST", "/missing/?files"), none("404"));
+        assert_eq!(go("POST", "/rw/?put"), rw("puts"));
+        assert_eq!(go("POST", "/ro/?put"), ro("405"));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub(crate) const NDJSON_TYPE: &str = "application/x-ndjson";
 pub(crate) const FILES_TYPE: &str = "application/x-bitfog-files";
 /// Names one `POST /AREA/?files` may ask for.
 pub(crate) const FILES_MAX: usize = 1024;
+/// Bytes of one `POST /AREA/?put` (heads and files).
+pub(crate) const PUTS_BODY_MAX: u64 = 64 << 20;
 /// Bytes of the names in one `POST /AREA/?files`.
 pub(crate) const FILES_BODY_MAX: u64 = 1 << 20;
 /// The longest symlink target a server accepts.

@@ -393,3 +393,195 @@ fn fetch_does_without_post_files_against_an_older_server() {
         assert_eq!(&fs::read(t.path("courier").join(n)).unwrap(), b);
     }
 }
+
+/// An item of a `POST /AREA/?put` body.
+fn put_item(name: &str, body: &[u8], sha: &str) -> Vec<u8> {
+    let mut v = format!(
+        "{{\"name\":\"{name}\",\"size\":{},\"headers\":{{\"X-Bitfog-Sha256\":\"{sha}\",\"X-Bitfog-Mode\":\"384\",\"X-Bitfog-Mtime\":\"1700000000\"}}}}\n",
+        body.len()
+    )
+    .into_bytes();
+    v.extend_from_slice(body);
+    v
+}
+
+#[test]
+fn post_put_stores_each_file_as_a_put_would() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    fs::create_dir_all(dst.join("dir/in-the-way")).unwrap();
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true,\"exclude\":[\"*.tmp\"]}}}}",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let a = data(1, 5000);
+    let mut body = put_item("new/a%20b.bin", &a, &sha256_hex(&a));
+    body.extend(put_item("bad-hash", b"xyz", &sha256_hex(b"other")));
+    body.extend(put_item(".bitfog-x", b"r", &sha256_hex(b"r")));
+    body.extend(put_item("skip.tmp", b"e", &sha256_hex(b"e")));
+    body.extend(put_item("dir/in-the-way", b"d", &sha256_hex(b"d")));
+    body.extend(put_item("a/../b", b"p", &sha256_hex(b"p")));
+    body.extend(put_item("empty", b"", &sha256_hex(b"")));
+    body.extend(b"{\"end\":true}\n");
+    let r = http(server.addr, "POST", "/dst/?put", &[], &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let lines: Vec<serde_json::Value> = String::from_utf8(r.body.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let status = |n: &str| {
+        lines
+            .iter()
+            .find(|l| l["name"] == n)
+            .unwrap_or_else(|| panic!("{n} answered: {lines:?}"))["status"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(status("new/a%20b.bin"), 204);
+    assert_eq!(status("bad-hash"), 422);
+    assert_eq!(status(".bitfog-x"), 400);
+    assert_eq!(status("skip.tmp"), 403);
+    assert_eq!(status("dir/in-the-way"), 409);
+    assert_eq!(status("a/../b"), 400);
+    assert_eq!(status("empty"), 204);
+    assert_eq!(lines.last().unwrap(), &serde_json::json!({"end": true}));
+    assert_eq!(fs::read(dst.join("new/a b.bin")).unwrap(), a);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = fs::metadata(dst.join("new/a b.bin")).unwrap();
+    assert_eq!(
+        (m.permissions().mode() & 0o777, m.mtime()),
+        (0o600, 1_700_000_000)
+    );
+    assert!(!dst.join("bad-hash").exists() && !dst.join("skip.tmp").exists());
+    let mut left = Vec::new();
+    for e in walk(&dst) {
+        if e.contains(".bitfog") {
+            left.push(e);
+        }
+    }
+    assert!(left.is_empty(), "no temporary file left: {left:?}");
+
+    // A body cut short stores nothing.
+    let mut cut = put_item("c1", b"one", &sha256_hex(b"one"));
+    cut.extend(&put_item("c2", b"two", &sha256_hex(b"two"))[..20]);
+    let r = http(server.addr, "POST", "/dst/?put", &[], &cut);
+    assert_eq!(r.status, 400);
+    assert!(
+        !dst.join("c1").exists(),
+        "nothing of a cut request is stored"
+    );
+    // Read-only areas take none.
+    assert_eq!(
+        http(server.addr, "POST", "/src/?put", &[], &body).status,
+        405
+    );
+}
+
+fn walk(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(root).unwrap().flatten() {
+        let p = e.path();
+        out.push(p.to_string_lossy().into_owned());
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
+
+#[test]
+fn store_sends_small_files_many_to_a_request() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..300 {
+        write(
+            &src,
+            &format!("d{}/f{i:03}", i % 7),
+            &data(i, (i as usize * 41) % 6000),
+        );
+    }
+    write(&src, "big.bin", &data(9, 3 << 20));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &server.url("src"), &t.s("c")]).ok();
+    let before = server.log_text().len();
+    let s = bitfog(&["store", &t.s("c"), &server.url("dst"), &t.s("c"), "--json"]).ok();
+    assert_eq!((s.num("stored_files"), s.num("failed_files")), (301, 0));
+    assert_same_tree(&src, &dst);
+    let log = server.log_text()[before..].to_string();
+    let posts = log.matches("\"POST /dst/?put\" 200").count();
+    let puts = log.matches("\"PUT /dst/").count();
+    assert!((3..=10).contains(&posts), "{posts} POSTs\n{log}");
+    assert!(
+        puts <= 25,
+        "the big file and the directories alone: {puts} PUTs\n{log}"
+    );
+}
+
+#[test]
+fn store_does_without_post_put_against_an_older_server() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+    let t = Scratch::new();
+    let src = t.mkdir("src");
+    for i in 0..5 {
+        write(&src, &format!("f{i}"), &data(i, 100));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &t.mkdir("dst")));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &server.url("src"), &t.s("c")]).ok();
+    // An older destination: an empty listing, PUTs stored, POST unknown.
+    let puts = Arc::new(Mutex::new(Vec::<String>::new()));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = puts.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            let mut len = 0usize;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                line.clear();
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            let resp: &[u8] = if first.starts_with("POST") {
+                b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD, PUT\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            } else if first.starts_with("PUT") {
+                seen.lock().unwrap().push(first.clone());
+                b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: 33\r\nConnection: close\r\n\r\n{\"end\":true,\"count\":0,\"bytes\":0}\n"
+            };
+            let _ = conn.write_all(resp);
+        }
+    });
+    let s = bitfog(&[
+        "store",
+        &t.s("c"),
+        &format!("http://{addr}/dst/"),
+        &t.s("c"),
+        "--json",
+    ])
+    .ok();
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (5, 0),
+        "{s}"
+    );
+    let puts = puts.lock().unwrap();
+    assert_eq!(
+        puts.iter().filter(|l| l.starts_with("PUT /dst/f")).count(),
+        5,
+        "each file PUT alone: {puts:?}"
+    );
+}

@@ -1132,12 +1132,13 @@ fn a_destination_server_killed_mid_store_is_one_line_and_an_honest_receipt() {
     // The receipt claims only what was stored: the way back plans the rest.
     let server = Server::start(&t, "site2", &conf);
     let p = bitfog(&["plan", &t.s("c"), &server.url("src"), "--json"]).ok();
-    // It never claims a file the destination lacks. The one upload in
-    // flight (--jobs 1) may have landed as the server died, unseen by
-    // store: that one is planned again, which costs a copy, not a file.
+    // It never claims a file the destination lacks. The request in
+    // flight (--jobs 1: one upload, or one request of up to 128 small
+    // files) may have landed as the server died, unseen by store: those
+    // are planned again, which costs carrying them again, never a file.
     let left = p.num("remaining_files");
     let missing = (n as usize - kept) as u64;
-    assert!(left == missing || left == missing + 1, "{missing}: {p}");
+    assert!(left >= missing && left <= missing + 128, "{missing}: {p}");
     bitfog(&["store", &t.s("c"), &server.url("dst"), &t.s("c")]).ok();
     assert_same_tree(&src, &dst);
 }
