@@ -118,26 +118,14 @@ fn more_meta<B>(
     mut req: ureq::RequestBuilder<B>,
     m: &crate::wire::manifest::MoreMeta,
 ) -> ureq::RequestBuilder<B> {
-    if m.mtime_ns != 0 {
-        req = req.header(protocol::HDR_MTIME_NS, m.mtime_ns.to_string());
-    }
-    if let (Some(uid), Some(gid)) = (m.uid, m.gid) {
-        req = req.header(protocol::HDR_OWNER, format!("{uid}:{gid}"));
-        if m.user.is_some() || m.group.is_some() {
-            req = req.header(
-                protocol::HDR_OWNER_NAMES,
-                format!(
-                    "{}:{}",
-                    m.user.as_deref().unwrap_or(""),
-                    m.group.as_deref().unwrap_or("")
-                ),
-            );
-        }
+    for (name, value) in meta_headers(m) {
+        req = req.header(name, value);
     }
     req
 }
 
-/// The headers of `MoreMeta`, as `more_meta` sends them.
+/// The headers of `MoreMeta`: the mtime's nanoseconds, and the owner by
+/// id and by name.
 fn meta_headers(m: &crate::wire::manifest::MoreMeta) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     if m.mtime_ns != 0 {

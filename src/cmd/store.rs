@@ -1846,6 +1846,25 @@ const BATCH_FILE_MAX: u64 = 1 << 20;
 const BATCH_FILES: usize = 128;
 const BATCH_BYTES: u64 = 8 << 20;
 
+/// The courier's copy of `e`, open for reading.
+fn open_copy(courier: &Courier, e: &Entry) -> std::result::Result<std::fs::File, Failure> {
+    courier
+        .open_carried(&e.name)
+        .map_err(|err| Failure::io("cannot read courier copy", &err))?
+        .ok_or(Failure::Damaged("courier copy vanished".into()))
+}
+
+/// Records the courier's copy of `e` as damaged (the next fetch replaces
+/// it) and says why it is not uploaded.
+fn mark_damaged(courier: &Courier, e: &Entry, why: &str) -> Failure {
+    let mark = Carried {
+        damaged: true,
+        ..Carried::of(e)
+    };
+    let _ = courier.append_log(&mark);
+    Failure::Damaged(format!("{why}; not uploaded (the next fetch replaces it)"))
+}
+
 /// A small courier copy, open, checked against SRCDB (size and SHA-256,
 /// marked damaged otherwise) and ready to send from its start; `None`
 /// when it is sparse (it travels alone, as its data).
@@ -1854,21 +1873,9 @@ fn checked_small(
     e: &Entry,
 ) -> std::result::Result<Option<std::fs::File>, Failure> {
     let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
-    let mut file = courier
-        .open_carried(&e.name)
-        .map_err(open_err)?
-        .ok_or(Failure::Damaged("courier copy vanished".into()))?;
+    let mut file = open_copy(courier, e)?;
     let meta = file.metadata().map_err(open_err)?;
-    let damaged = |why: String| {
-        let mark = Carried {
-            damaged: true,
-            ..Carried::of(e)
-        };
-        let _ = courier.append_log(&mark);
-        Err(Failure::Damaged(format!(
-            "{why}; not uploaded (the next fetch replaces it)"
-        )))
-    };
+    let damaged = |why: String| Err(mark_damaged(courier, e, &why));
     if meta.len() != e.size {
         return damaged(format!(
             "courier copy has {} bytes, SRCDB lists {}",
@@ -1897,21 +1904,9 @@ fn upload(
     e: &Entry,
 ) -> std::result::Result<(), Failure> {
     let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
-    let mut file = courier
-        .open_carried(&e.name)
-        .map_err(open_err)?
-        .ok_or(Failure::Damaged("courier copy vanished".into()))?;
+    let mut file = open_copy(courier, e)?;
     let len = file.metadata().map_err(open_err)?.len();
-    let damaged = |why: String| {
-        let mark = Carried {
-            damaged: true,
-            ..Carried::of(e)
-        };
-        let _ = courier.append_log(&mark);
-        Err(Failure::Damaged(format!(
-            "{why}; not uploaded (the next fetch replaces it)"
-        )))
-    };
+    let damaged = |why: String| Err(mark_damaged(courier, e, &why));
     if len != e.size {
         return damaged(format!(
             "courier copy has {len} bytes, SRCDB lists {}",

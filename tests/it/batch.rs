@@ -169,6 +169,25 @@ fn fetch_carries_small_files_many_to_a_request() {
     assert_same_tree(&src, &dst);
 }
 
+/// One request: its first line and its body.
+fn read_request(conn: &std::net::TcpStream) -> (String, Vec<u8>) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut reader = BufReader::new(conn);
+    let mut first = String::new();
+    let _ = reader.read_line(&mut first);
+    let mut len = 0usize;
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+        line.clear();
+    }
+    let mut body = vec![0; len];
+    let _ = reader.read_exact(&mut body);
+    (first, body)
+}
+
 /// A server that answers the listing, `POST ?files` with what `answer`
 /// makes of the names asked (raw body bytes) and GETs of `files`.
 fn fake(
@@ -176,25 +195,13 @@ fn fake(
     answer: impl Fn(&[&str]) -> Vec<u8> + Send + 'static,
     files: Vec<(String, Vec<u8>)>,
 ) -> std::net::SocketAddr {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut first = String::new();
-            let _ = reader.read_line(&mut first);
-            let mut len = 0usize;
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-                line.clear();
-            }
-            let mut body = vec![0; len];
-            let _ = reader.read_exact(&mut body);
+            let (first, body) = read_request(&conn);
             let target = first.split_whitespace().nth(1).unwrap_or("").to_string();
             let (ctype, bytes) = if first.starts_with("POST") {
                 let text = String::from_utf8(body).unwrap();
@@ -523,7 +530,7 @@ fn store_sends_small_files_many_to_a_request() {
 
 #[test]
 fn store_does_without_post_put_against_an_older_server() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::Write;
     use std::sync::{Arc, Mutex};
     let t = Scratch::new();
     let src = t.mkdir("src");
@@ -541,19 +548,7 @@ fn store_does_without_post_put_against_an_older_server() {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut first = String::new();
-            let _ = reader.read_line(&mut first);
-            let mut len = 0usize;
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-                line.clear();
-            }
-            let mut body = vec![0; len];
-            let _ = reader.read_exact(&mut body);
+            let (first, _) = read_request(&conn);
             let resp: &[u8] = if first.starts_with("POST") {
                 b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD, PUT\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             } else if first.starts_with("PUT") {

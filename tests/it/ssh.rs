@@ -294,17 +294,6 @@ fn ssh_children(pid: u32) -> Vec<u32> {
     out
 }
 
-fn partial_bytes(courier: &Path) -> u64 {
-    fs::read_dir(courier.join(".bitfog/partial"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
-                .map(|e| e.metadata().unwrap().len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 #[ignore = "needs sshd (openssh-server)"]
 fn a_fetch_whose_ssh_session_is_killed_resumes_on_rerun() {

@@ -160,18 +160,6 @@ fn largest_first_then_smaller_ones_that_fit() {
     assert_eq!(f.num("remaining_files"), 1);
 }
 
-/// Bytes of the file that are on disk in the courier's partial area.
-fn partial_bytes(courier: &std::path::Path) -> u64 {
-    fs::read_dir(courier.join(".bitfog/partial"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
-                .map(|e| e.metadata().unwrap().len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn kill_9_mid_file_then_resume_without_downloading_again() {
     let t = Scratch::new();

@@ -748,3 +748,15 @@ pub fn require_strace() {
         "this test needs strace (apt-get install strace; .ci/run does)"
     );
 }
+
+/// Bytes of the file that are on disk in the courier's partial area.
+pub fn partial_bytes(courier: &std::path::Path) -> u64 {
+    fs::read_dir(courier.join(".bitfog/partial"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
