@@ -35,7 +35,8 @@ const COMMANDS: &[Cmd] = &[
         name: "serve",
         args: "",
         summary: "run the HTTP server",
-        about: "Serves the areas of the configuration over HTTP until SIGINT or SIGTERM.",
+        about: "Serves the areas of the configuration over HTTP until SIGINT or SIGTERM;\n\
+                with --stdio, one connection on stdin and stdout until its end.",
     },
     Cmd {
         name: "builddb",
@@ -417,6 +418,10 @@ fn general_help() -> String {
     out.push_str("\nglobal options:\n");
     let global: Vec<&Opt> = OPTIONS.iter().filter(|o| o.global()).collect();
     out.push_str(&option_lines(&global));
+    out.push_str(
+        "\nURL, SRCURL, DESTURL: http://HOST:PORT/AREA/, https://HOST/[PREFIX/]AREA/\n\
+         or ssh://[USER@]HOST[:PORT]/AREA/ (ssh runs 'bitfog serve' at the far end)\n",
+    );
     out.push_str("\n'bitfog <command> --help' for a command.\n");
     out.push_str("exit status: 0 done, 1 something failed, 2 bad usage or unusable input\n");
     out
