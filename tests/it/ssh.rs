@@ -294,9 +294,18 @@ fn ssh_children(pid: u32) -> Vec<u32> {
     out
 }
 
-#[test]
-#[ignore = "needs sshd (openssh-server)"]
-fn a_fetch_whose_ssh_session_is_killed_resumes_on_rerun() {
+/// Which end of an ssh session dies mid-file.
+#[derive(Clone, Copy, Debug)]
+enum Dies {
+    /// The client's `ssh`.
+    Ssh,
+    /// The far end's `serve --stdio`.
+    FarEnd,
+}
+
+/// A fetch whose session dies mid-file exits 1 naming the file, keeps
+/// the partial and nothing unverified; the rerun resumes from it.
+fn killed_mid_file_resumes(dies: Dies) {
     let t = Scratch::new();
     let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     let size = 8 << 20;
@@ -317,18 +326,21 @@ fn a_fetch_whose_ssh_session_is_killed_resumes_on_rerun() {
     let child = c.spawn().unwrap();
     let pid = child.id();
     wait_until("a partial file grows", || partial_bytes(&courier) > 1 << 20);
-    let killed = ssh_children(pid);
-    assert!(!killed.is_empty(), "fetch runs ssh");
+    let killed = match dies {
+        Dies::Ssh => ssh_children(pid),
+        Dies::FarEnd => stdio_servers(&conf),
+    };
+    assert!(!killed.is_empty(), "{dies:?}: something to kill");
     for p in killed {
         unsafe_kill(p, 9);
     }
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("big.img"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{dies:?}: {stderr}");
+    assert!(stderr.contains("big.img"), "{dies:?}: {stderr}");
     assert!(!courier.join("big.img").exists(), "nothing unverified kept");
     let held = partial_bytes(&courier);
-    assert!(held > 1 << 20, "the partial is kept: {held}");
+    assert!(held > 1 << 20, "{dies:?}: the partial is kept: {held}");
 
     let f = via(
         &sshd,
@@ -346,9 +358,21 @@ fn a_fetch_whose_ssh_session_is_killed_resumes_on_rerun() {
     assert_eq!(fs::read(courier.join("big.img")).unwrap(), data(7, size));
     assert!(
         f.num("downloaded_bytes") <= (size as u64 - held) + (64 << 10),
-        "resumed from the partial: {} downloaded, {held} were held\n{f}",
+        "{dies:?}: resumed from the partial: {} downloaded, {held} were held\n{f}",
         f.num("downloaded_bytes")
     );
+}
+
+#[test]
+#[ignore = "needs sshd (openssh-server)"]
+fn a_fetch_whose_ssh_is_killed_resumes_on_rerun() {
+    killed_mid_file_resumes(Dies::Ssh);
+}
+
+#[test]
+#[ignore = "needs sshd (openssh-server)"]
+fn a_fetch_whose_far_end_dies_resumes_on_rerun() {
+    killed_mid_file_resumes(Dies::FarEnd);
 }
 
 #[test]
