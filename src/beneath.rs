@@ -759,7 +759,7 @@ pub(crate) fn anonymous_file(dir: &Path) -> io::Result<File> {
 
 /// A `time_t` as seconds: 64 bits on most targets, 32 on older 32-bit
 /// ones (armv7 glibc).
-#[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+#[allow(clippy::unnecessary_cast, clippy::useless_conversion, deprecated)]
 fn time(t: libc::time_t) -> i64 {
     t as i64
 }
