@@ -425,7 +425,9 @@ def ssh_section():
            " -o UserKnownHostsFile=%s/known_hosts -o GlobalKnownHostsFile=/dev/null -o LogLevel=ERROR" % (keys, keys))
     conf = os.path.join(root, "bitfog.json")
     with open(conf, "w") as f:
-        f.write('{"big":{"path":"%s"},"small":{"path":"%s"}}' % (big, small))
+        f.write('{"big":{"path":"%s"},"small":{"path":"%s"},"dest":{"path":"%s/dest","writable":true}}'
+                % (big, small, root))
+    os.makedirs(os.path.join(root, "dest"))
     env = "BITFOG_RSH='%s' BITFOG_REMOTE='%s serve --stdio -q --conf %s --cache %s/cache'" % (rsh, BIN, conf, root)
     user = pwd.getpwuid(os.getuid()).pw_name
     url = "ssh://%s@127.0.0.1:%d/" % (user, port)
@@ -444,6 +446,24 @@ def ssh_section():
             ("rsync -e ssh", "rsync -a -e '%s -p %d' %s@127.0.0.1:%s/ %s/" % (rsh, port, user, os.path.join(root, area), out), rm(out)),
         ], {"rsync -e ssh": 1.0}, check=(out, tree_bytes(os.path.join(root, area))))
     rm(out)()
+    # store: a courier filled once, emptied into the far end's area each
+    # run, against rsync -e ssh pushing the same files.
+    dest_dir = os.path.join(root, "dest")
+
+    def empty_ssh_dest():
+        for n in os.listdir(dest_dir):
+            p = os.path.join(dest_dir, n)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    for area in ("big", "small"):
+        courier = os.path.join(root, "courier-" + area)
+        sh("%s %s fetch %s %s%s/ %s -q" % (env, BIN, edb, url, area, courier))
+        print("over ssh, store %s" % area, flush=True)
+        compare("ssh store " + area, [
+            ("bitfog", "%s %s store %s %sdest/ %s -q" % (env, BIN, courier, url, courier), empty_ssh_dest),
+            ("rsync -e ssh push", "rsync -a --exclude=.bitfog -e '%s -p %d' %s/ %s@127.0.0.1:%s/"
+             % (rsh, port, courier, user, dest_dir), empty_ssh_dest),
+        ], {"rsync -e ssh push": 1.0}, check=(dest_dir, tree_bytes(os.path.join(root, area))))
+        shutil.rmtree(courier)
 
 
 rows = []
