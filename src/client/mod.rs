@@ -242,10 +242,25 @@ fn area_id_of<B>(resp: &ureq::http::Response<B>) -> Option<String> {
 }
 
 /// An HTTP answer that was not a success: status and the server's reason.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Refused {
     pub(crate) status: u16,
     pub(crate) reason: String,
+}
+
+impl Refused {
+    /// `HTTP STATUS: TEXT` (the server's one-line reason), or `HTTP STATUS`.
+    fn of(status: u16, text: &str) -> Refused {
+        let line = text.lines().next().unwrap_or("").trim();
+        Refused {
+            status,
+            reason: if line.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!("HTTP {status}: {line}")
+            },
+        }
+    }
 }
 
 /// A download in progress.
@@ -418,7 +433,8 @@ impl Client {
             .unwrap_or("");
         if !ty.eq_ignore_ascii_case(SIGNATURE_TYPE) {
             return Err(Error::failed(format!(
-                "{url}: the server does not make signatures (bitfog too old?)"
+                "{}: the server does not make signatures (bitfog too old?)",
+                ssh::shown(&url)
             )));
         }
         let fail = |why: String| Error::failed(format!("{}: {why}", ssh::shown(&url)));
@@ -579,9 +595,10 @@ impl Client {
 
     /// Uploads many small regular files in one request (`POST
     /// /AREA/?put`), each with the headers its PUT would carry; every
-    /// file must hold exactly its entry's size. The outcome of each, in
-    /// order; `None` from a server that does not know the request (an
-    /// older one answers 405), for the caller to PUT each.
+    /// file must hold exactly its entry's size. The outcome of each, by
+    /// name (the server answers in any order); `None` from a server that
+    /// does not know the request (an older one answers 405), for the
+    /// caller to PUT each.
     pub(crate) fn put_files(
         &self,
         area: &AreaUrl,
@@ -638,18 +655,7 @@ impl Client {
                 // token): each file shares the reason.
                 let r = reason(resp);
                 return Ok(Some(
-                    names
-                        .into_iter()
-                        .map(|n| {
-                            (
-                                n,
-                                Err(Refused {
-                                    status: r.status,
-                                    reason: r.reason.clone(),
-                                }),
-                            )
-                        })
-                        .collect(),
+                    names.into_iter().map(|n| (n, Err(r.clone()))).collect(),
                 ));
             }
         }
@@ -679,14 +685,7 @@ impl Client {
                 Ok(())
             } else {
                 let why = v.get("reason").and_then(|r| r.as_str()).unwrap_or("");
-                Err(Refused {
-                    status,
-                    reason: if why.is_empty() {
-                        format!("HTTP {status}")
-                    } else {
-                        format!("HTTP {status}: {why}")
-                    },
-                })
+                Err(Refused::of(status, why))
             };
             out.push((name, outcome));
         }
@@ -926,8 +925,9 @@ impl Files {
             status => {
                 let reason = v.get("reason").and_then(|r| r.as_str()).unwrap_or("");
                 let why = format!(
-                    "{}: HTTP {status}: {reason}",
-                    ssh::shown(&self.area.file(&name))
+                    "{}: {}",
+                    ssh::shown(&self.area.file(&name)),
+                    Refused::of(status as u16, reason).reason
                 );
                 Ok(FilesItem::Refused { name, why })
             }
@@ -1035,36 +1035,25 @@ impl<R: Read> Read for Stall<R> {
 }
 
 fn transport(url: &str, e: ureq::Error) -> Error {
-    let hint = match &e {
-        ureq::Error::Protocol(_) if url.starts_with("ssh://") || ssh::is_stand_in(url) => {
-            "; the far end did not answer HTTP: is --remote-bitfog bitfog's 'serve --stdio'?"
-        }
-        _ => "",
-    };
     let is_ssh = url.starts_with("ssh://") || ssh::is_stand_in(url);
     let url = ssh::shown(url);
-    // An ssh session's failure is its own sentence (see `ssh`).
-    let e = match e {
-        ureq::Error::Io(io) if is_ssh => return ssh_failure(url, io),
-        e => e,
-    };
     let lost = match &e {
         ureq::Error::Io(io) => crate::error::is_connection_lost(io),
         ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed => true,
         _ => false,
     };
+    let what = match &e {
+        // An ssh session's failure is its own sentence (see `ssh`).
+        ureq::Error::Io(io) if is_ssh => io.to_string(),
+        ureq::Error::Protocol(_) if is_ssh => format!(
+            "{e}; the far end did not answer HTTP: is --remote-bitfog bitfog's 'serve --stdio'?"
+        ),
+        _ => e.to_string(),
+    };
     if lost {
-        Error::unreachable(format!("{url}: {e}{hint}"))
+        Error::unreachable(format!("{url}: {what}"))
     } else {
-        Error::failed(format!("{url}: {e}{hint}"))
-    }
-}
-
-fn ssh_failure(url: String, io: std::io::Error) -> Error {
-    if crate::error::is_connection_lost(&io) {
-        Error::unreachable(format!("{url}: {io}"))
-    } else {
-        Error::failed(format!("{url}: {io}"))
+        Error::failed(format!("{url}: {what}"))
     }
 }
 
@@ -1077,15 +1066,7 @@ fn reason(resp: ureq::http::Response<ureq::Body>) -> Refused {
         .into_reader()
         .take(1024)
         .read_to_string(&mut text);
-    let line = text.lines().next().unwrap_or("").trim().to_string();
-    Refused {
-        status,
-        reason: if line.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            format!("HTTP {status}: {line}")
-        },
-    }
+    Refused::of(status, &text)
 }
 
 fn success(

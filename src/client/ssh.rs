@@ -311,8 +311,7 @@ impl Resolver for NoLookup {
         _config: &ureq::config::Config,
         _timeout: NextTimeout,
     ) -> std::result::Result<ResolvedSocketAddrs, ureq::Error> {
-        let mut addrs = ResolvedSocketAddrs::from_fn(|_| ([0, 0, 0, 0], 0).into());
-        addrs.truncate(0);
+        let mut addrs = self.empty();
         addrs.push(([0, 0, 0, 0], 0).into());
         Ok(addrs)
     }
@@ -443,66 +442,53 @@ impl Session {
             .ended_cv
             .wait_timeout_while(guard, EXIT_WAIT, |e| e.is_none())
             .ok()?;
-        let last = |e: &Ended| {
-            e.lines
-                .iter()
-                .rev()
-                .find(|l| !l.starts_with("Warning: Permanently added"))
-                .cloned()
-                .unwrap_or_default()
-        };
         let remote = &self.remote;
-        let (kind, msg) = match guard.as_ref() {
-            None => (
+        let Some(e) = guard.as_ref() else {
+            return Some(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "the ssh session closed".to_string(),
-            ),
-            Some(e) if e.status.success() && answered => return None,
-            Some(e) if e.status.success() => (
+                "the ssh session closed",
+            ));
+        };
+        // ssh's (or the far end's) last word, else the exit status.
+        let said = e
+            .lines
+            .iter()
+            .rev()
+            .find(|l| !l.starts_with("Warning: Permanently added"))
+            .cloned()
+            .unwrap_or_else(|| format!("ssh {}", e.status));
+        let (kind, msg) = match e.status.code() {
+            Some(0) if answered => return None,
+            Some(0) => (
                 io::ErrorKind::InvalidData,
                 format!(
                     "'{remote}' at the far end ended without answering: is it bitfog's 'serve --stdio'? (see --remote-bitfog)"
                 ),
             ),
-            Some(e) => match e.status.code() {
-                Some(255) => (
-                    io::ErrorKind::ConnectionAborted,
-                    format!("ssh failed: {}", or_exit(&last(e), e.status)),
+            Some(255) => (
+                io::ErrorKind::ConnectionAborted,
+                format!("ssh failed: {said}"),
+            ),
+            Some(126 | 127) => (
+                io::ErrorKind::NotFound,
+                format!(
+                    "'{remote}' cannot run at the far end ({said}): name bitfog there with --remote-bitfog or BITFOG_REMOTE"
                 ),
-                Some(126 | 127) => (
-                    io::ErrorKind::NotFound,
-                    format!(
-                        "'{remote}' cannot run at the far end ({}): name bitfog there with --remote-bitfog or BITFOG_REMOTE",
-                        or_exit(&last(e), e.status)
-                    ),
-                ),
-                Some(_) if answered => (
-                    io::ErrorKind::ConnectionAborted,
-                    format!("the far end stopped: {}", or_exit(&last(e), e.status)),
-                ),
-                Some(_) => (
-                    io::ErrorKind::Other,
-                    format!(
-                        "'{remote}' at the far end failed: {} (see --remote-bitfog)",
-                        or_exit(&last(e), e.status)
-                    ),
-                ),
-                None => (
-                    io::ErrorKind::ConnectionAborted,
-                    format!("ssh ended: {}", or_exit(&last(e), e.status)),
-                ),
-            },
+            ),
+            Some(_) if answered => (
+                io::ErrorKind::ConnectionAborted,
+                format!("the far end stopped: {said}"),
+            ),
+            Some(_) => (
+                io::ErrorKind::Other,
+                format!("'{remote}' at the far end failed: {said} (see --remote-bitfog)"),
+            ),
+            None => (
+                io::ErrorKind::ConnectionAborted,
+                format!("ssh ended: {said}"),
+            ),
         };
         Some(io::Error::new(kind, msg))
-    }
-}
-
-/// ssh's last line, else its exit status.
-fn or_exit(line: &str, status: ExitStatus) -> String {
-    if line.is_empty() {
-        format!("ssh {status}")
-    } else {
-        line.to_string()
     }
 }
 

@@ -1142,33 +1142,15 @@ impl Trip<'_> {
             Err(CopyError::Write(err)) => {
                 Some((Failure::io("cannot write courier file", &err), false))
             }
-            Err(CopyError::Read(err)) if crate::error::is_connection_lost(&err) => Some((
-                Failure::Unreachable(format!("download failed: {}", describe_io(&err))),
-                false,
-            )),
-            Err(CopyError::Read(err)) => Some((
-                Failure::Io(format!("download failed: {}", describe_io(&err))),
-                false,
-            )),
+            Err(CopyError::Read(err)) => Some((read_failure(&err), false)),
         };
         if let Some((why, intact)) = failed {
             self.courier.discard_partial(&id);
             return (Err(why), intact);
         }
-        let got = hasher.hex();
-        let verified = match &e.sha256 {
-            Some(want) => *want == got,
-            None => mtime == e.mtime,
-        };
-        if !verified {
+        if let Err(why) = listed_version(e, &hasher.hex(), Some(mtime)) {
             self.courier.discard_partial(&id);
-            let why = match &e.sha256 {
-                Some(want) => format!(
-                    "sha256 mismatch: got {got}, listed {want} (changed at the source?); not kept"
-                ),
-                None => "modified at the source since the listing; not kept".into(),
-            };
-            return (Err(Failure::SourceChanged(why)), true);
+            return (Err(why), true);
         }
         (group.add(e, part, id, index).map(|()| false), true)
     }
@@ -1741,18 +1723,7 @@ fn download(
             Err(CopyError::Write(err)) => {
                 return Err(Failure::io("cannot write courier file", &err));
             }
-            Err(CopyError::Read(err)) if crate::error::is_connection_lost(&err) => {
-                return Err(Failure::Unreachable(format!(
-                    "download failed: {}",
-                    describe_io(&err)
-                )));
-            }
-            Err(CopyError::Read(err)) => {
-                return Err(Failure::Io(format!(
-                    "download failed: {}; rerun to resume",
-                    describe_io(&err)
-                )));
-            }
+            Err(CopyError::Read(err)) => return Err(read_failure(&err)),
         }
         flushed.map_err(|err| Failure::io("cannot write courier file", &err))?;
         let mut extra = [0u8; 1];
@@ -1764,25 +1735,43 @@ fn download(
         }
     }
 
-    let got = hasher.hex();
-    let verified = match &e.sha256 {
-        Some(want) => *want == got,
-        None => last_modified.is_none_or(|t| t == e.mtime),
-    };
-    if !verified {
+    if let Err(why) = listed_version(e, &hasher.hex(), last_modified) {
         courier.discard_partial(&id);
-        return Err(Failure::SourceChanged(match &e.sha256 {
-            Some(want) => format!(
-                "sha256 mismatch: got {got}, listed {want} (changed at the source?); not kept"
-            ),
-            None => "modified at the source since the listing; not kept".into(),
-        }));
+        return Err(why);
     }
     if e.size <= RESUME_MIN {
         group.add(e, part, id, index)?;
         return Ok(false);
     }
     finish(courier, e, part, &id).map(|()| true)
+}
+
+/// A download that stopped reading: the server gone, or another failure
+/// a rerun resumes from.
+fn read_failure(err: &io::Error) -> Failure {
+    if crate::error::is_connection_lost(err) {
+        Failure::Unreachable(format!("download failed: {}", describe_io(err)))
+    } else {
+        Failure::Io(format!(
+            "download failed: {}; rerun to resume",
+            describe_io(err)
+        ))
+    }
+}
+
+/// Whether the bytes received (their SHA-256, and the mtime the server
+/// gave) are the listed version of `e`: by hash, or for an area that
+/// lists none, by mtime.
+fn listed_version(e: &Entry, got: &str, mtime: Option<i64>) -> std::result::Result<(), Failure> {
+    let why = match &e.sha256 {
+        Some(want) if want == got => return Ok(()),
+        Some(want) => {
+            format!("sha256 mismatch: got {got}, listed {want} (changed at the source?); not kept")
+        }
+        None if mtime.is_none_or(|t| t == e.mtime) => return Ok(()),
+        None => "modified at the source since the listing; not kept".into(),
+    };
+    Err(Failure::SourceChanged(why))
 }
 
 /// A verified small file waiting: its needed index, entry and partial id.

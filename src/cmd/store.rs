@@ -1846,6 +1846,12 @@ const BATCH_FILE_MAX: u64 = 1 << 20;
 const BATCH_FILES: usize = 128;
 const BATCH_BYTES: u64 = 8 << 20;
 
+/// Whether a courier copy keeps at least 1 MiB of holes: it then travels
+/// as its data extents.
+fn looks_sparse(meta: &std::fs::Metadata) -> bool {
+    std::os::unix::fs::MetadataExt::blocks(meta) * 512 + (1 << 20) <= meta.len()
+}
+
 /// The courier's copy of `e`, open for reading.
 fn open_copy(courier: &Courier, e: &Entry) -> std::result::Result<std::fs::File, Failure> {
     courier
@@ -1883,7 +1889,7 @@ fn checked_small(
             e.size
         ));
     }
-    if std::os::unix::fs::MetadataExt::blocks(&meta) * 512 + (1 << 20) <= meta.len() {
+    if looks_sparse(&meta) {
         return Ok(None);
     }
     let (got, _) = hash_reader(&mut file).map_err(open_err)?;
@@ -1913,9 +1919,7 @@ fn upload(
             e.size
         ));
     }
-    let sparse = file
-        .metadata()
-        .is_ok_and(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512 + (1 << 20) <= m.len());
+    let sparse = file.metadata().is_ok_and(|m| looks_sparse(&m));
     let extents = match sparse {
         true => crate::wire::sparse::data_extents(&file, e.size),
         false => Vec::new(),

@@ -1223,25 +1223,13 @@ fn files(root: &Root, area: &Area, req: &mut Request) -> Response {
     Response::new(200, Body::Stream(Box::new(produce))).with("Content-Type", protocol::FILES_TYPE)
 }
 
-/// A temporary file of `POST /AREA/?put`, with the directory it is in;
-/// removed on drop unless renamed into place.
+/// A file of `POST /AREA/?put`, written and checked: its temporary file
+/// (holding its directory), the name to rename it to, and the item's name
+/// as asked, for the answer.
 struct Staged {
-    dir: Dir,
-    temp: Vec<u8>,
+    temp: TempFile<Dir>,
     to: Vec<u8>,
-    /// The item's name as asked, for the answer.
     name: String,
-    done: bool,
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = self.dir.unlink(&self.temp);
-        }
-        let path = self.dir.path.join(OsStr::from_bytes(&self.temp));
-        live_temps().lock().map(|mut s| s.remove(&path)).ok();
-    }
 }
 
 /// `POST /AREA/?put`: many regular files in one request, each as a PUT
@@ -1331,28 +1319,24 @@ fn puts(
     }
     // Durable together: the data, then the names.
     let synced = root.dir(&[], false).and_then(|d| d.sync_fs());
-    let mut dirs: Vec<Dir> = Vec::new();
-    for mut s in staged {
+    // Each directory written in, synced once after the renames.
+    let mut dirs: HashMap<PathBuf, Dir> = HashMap::new();
+    for Staged { temp, to, name } in staged {
+        if !dirs.contains_key(&temp.dir().path) {
+            if let Ok(d) = temp.dir().try_clone() {
+                dirs.insert(d.path.clone(), d);
+            }
+        }
         let done = match &synced {
             Err(e) => Err(write_error(io::Error::new(e.kind(), e.to_string()))),
-            Ok(()) => s.dir.rename(&s.temp, &s.to).map_err(write_error),
+            Ok(()) => temp.persist(&to).map_err(write_error),
         };
         match done {
-            Ok(()) => {
-                s.done = true;
-                answers.push((std::mem::take(&mut s.name), 204, String::new()));
-                if let Ok(d) = s.dir.try_clone() {
-                    dirs.push(d);
-                }
-            }
-            Err(resp) => answers.push((
-                std::mem::take(&mut s.name),
-                resp.status,
-                resp.text_body().trim().to_string(),
-            )),
+            Ok(()) => answers.push((name, 204, String::new())),
+            Err(resp) => answers.push((name, resp.status, resp.text_body().trim().to_string())),
         }
     }
-    for d in &dirs {
+    for d in dirs.values() {
         d.sync();
     }
     let mut out = String::new();
@@ -1411,21 +1395,10 @@ fn stage<'h>(
     if dir.kind(&to).ok().flatten() == Some(Kind::Dir) {
         return Err(Response::text(409, "a directory exists at this path"));
     }
-    let temp = TempFile::name();
-    let file = dir.create_new(&temp).map_err(write_error)?;
-    live_temps()
-        .lock()
-        .map(|mut s| s.insert(dir.path.join(OsStr::from_bytes(&temp))))
-        .ok();
-    let staged = Staged {
-        dir,
-        temp,
-        to,
-        name: name.to_string(),
-        done: false,
-    };
+    let temp = TempFile::create(dir).map_err(write_error)?;
+    let file = temp.file.as_ref().expect("fresh temp file");
     let mut hasher = Hasher::new();
-    match copy_hashing(body, &mut (&file), &mut hasher, size, |_| {}) {
+    match copy_hashing(body, &mut (&*file), &mut hasher, size, |_| {}) {
         Ok(n) if n == size => {}
         Ok(_) | Err(CopyError::Read(_)) => {
             return Err(Response::text(400, "request body cut short"));
@@ -1439,8 +1412,12 @@ fn stage<'h>(
             format!("sha256 mismatch: body has {got}, header says {want_hash}"),
         ));
     }
-    set_meta(&file, asked.or_mode(0o644)).map_err(write_error)?;
-    Ok(staged)
+    set_meta(file, asked.or_mode(0o644)).map_err(write_error)?;
+    Ok(Staged {
+        temp,
+        to,
+        name: name.to_string(),
+    })
 }
 
 fn get_file(root: &Root, comps: &[&[u8]], req: &Request) -> Response {
@@ -1553,24 +1530,25 @@ fn live_elsewhere(name: &[u8]) -> bool {
 
 const TEMP_PREFIX: &str = ".bitfog-tmp-";
 
-/// A temporary name in the target's directory; removed on drop unless it
-/// was renamed into place.
-struct TempFile<'a> {
-    dir: &'a Dir,
+/// A fresh temporary name: this process's tag and a counter.
+fn temp_name() -> Vec<u8> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{TEMP_PREFIX}{}-{n}", session_tag()).into_bytes()
+}
+
+/// A temporary name in the target's directory (`D`: the directory, or a
+/// borrow of it); removed on drop unless it was renamed into place.
+struct TempFile<D: std::borrow::Borrow<Dir>> {
+    dir: D,
     name: Vec<u8>,
     file: Option<File>,
     done: bool,
 }
 
-impl<'a> TempFile<'a> {
-    fn name() -> Vec<u8> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        format!("{TEMP_PREFIX}{}-{n}", session_tag()).into_bytes()
-    }
-
-    fn register(dir: &'a Dir, name: Vec<u8>, file: Option<File>) -> TempFile<'a> {
-        let path = dir.path.join(OsStr::from_bytes(&name));
+impl<D: std::borrow::Borrow<Dir>> TempFile<D> {
+    fn register(dir: D, name: Vec<u8>, file: Option<File>) -> TempFile<D> {
+        let path = dir.borrow().path.join(OsStr::from_bytes(&name));
         live_temps().lock().map(|mut s| s.insert(path)).ok();
         TempFile {
             dir,
@@ -1581,36 +1559,43 @@ impl<'a> TempFile<'a> {
     }
 
     /// A new, empty file.
-    fn create(dir: &'a Dir) -> io::Result<TempFile<'a>> {
-        let name = TempFile::name();
-        let file = dir.create_new(&name)?;
+    fn create(dir: D) -> io::Result<TempFile<D>> {
+        let name = temp_name();
+        let file = dir.borrow().create_new(&name)?;
         Ok(TempFile::register(dir, name, Some(file)))
     }
 
     /// A new symlink to `target`.
-    fn symlink(dir: &'a Dir, target: &[u8]) -> io::Result<TempFile<'a>> {
-        let name = TempFile::name();
-        dir.symlink(target, &name)?;
+    fn symlink(dir: D, target: &[u8]) -> io::Result<TempFile<D>> {
+        let name = temp_name();
+        dir.borrow().symlink(target, &name)?;
         Ok(TempFile::register(dir, name, None))
+    }
+
+    /// The directory it is in.
+    fn dir(&self) -> &Dir {
+        self.dir.borrow()
     }
 
     /// Renames into place (replacing a file or symlink, never following
     /// one) and forgets the temporary name.
     fn persist(mut self, to: &[u8]) -> io::Result<()> {
         self.file.take();
-        self.dir.rename(&self.name, to)?;
+        let dir = self.dir.borrow();
+        dir.rename(&self.name, to)?;
         self.done = true;
-        let path = self.dir.path.join(OsStr::from_bytes(&self.name));
+        let path = dir.path.join(OsStr::from_bytes(&self.name));
         live_temps().lock().map(|mut s| s.remove(&path)).ok();
         Ok(())
     }
 }
 
-impl Drop for TempFile<'_> {
+impl<D: std::borrow::Borrow<Dir>> Drop for TempFile<D> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.dir.unlink(&self.name);
-            let path = self.dir.path.join(OsStr::from_bytes(&self.name));
+            let dir = self.dir.borrow();
+            let _ = dir.unlink(&self.name);
+            let path = dir.path.join(OsStr::from_bytes(&self.name));
             live_temps().lock().map(|mut s| s.remove(&path)).ok();
         }
     }
@@ -1933,7 +1918,7 @@ fn put_link(
     if dir.stat(last(comps)).ok().flatten().is_some_and(same) {
         return Ok(());
     }
-    let temp = TempFile::register(dir, TempFile::name(), None);
+    let temp = TempFile::register(dir, temp_name(), None);
     if let Err(e) = dir.link_from(&from_dir, last(&from_comps), &temp.name) {
         return Err(match e.raw_os_error() {
             Some(libc::EXDEV | libc::EPERM | libc::EMLINK | libc::EOPNOTSUPP | libc::ENOSYS) => {
