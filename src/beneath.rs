@@ -715,12 +715,29 @@ impl Dir {
         })
     }
 
+    /// The filesystem's magic number (`statfs`'s `f_type`), if it tells.
+    pub(crate) fn fs_magic(&self) -> Option<u64> {
+        // SAFETY: zeroed statfs is a valid out-buffer.
+        let mut st: crate::sys::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a descriptor we own and a valid out-buffer.
+        if unsafe { crate::sys::fstatfs(self.fd.as_raw_fd(), &mut st) } != 0 {
+            return None;
+        }
+        #[allow(clippy::unnecessary_cast)]
+        Some(st.f_type as u64)
+    }
+
     /// The file system's free bytes for unprivileged writers.
     pub(crate) fn free_space(&self) -> Option<u64> {
         // SAFETY: zeroed statvfs is a valid out-buffer.
         let mut st: crate::sys::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: a descriptor we own and a valid out-buffer.
         if unsafe { crate::sys::fstatvfs(self.fd.as_raw_fd(), &mut st) } != 0 {
+            return None;
+        }
+        // A filesystem that says it has no blocks at all (fusefat) cannot
+        // tell.
+        if st.f_blocks == 0 {
             return None;
         }
         Some(st.f_bavail as u64 * st.f_frsize as u64)

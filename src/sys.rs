@@ -6,10 +6,12 @@
 
 #[cfg(all(target_env = "gnu", target_pointer_width = "32"))]
 pub(crate) use libc::{
-    fstat64 as fstat, fstatat64 as fstatat, fstatvfs64 as fstatvfs, lseek64 as lseek,
-    off64_t as off_t, readdir64 as readdir, sendfile64 as sendfile, stat64 as stat,
-    statvfs64 as statvfs,
+    fstat64 as fstat, fstatat64 as fstatat, fstatfs64 as fstatfs, fstatvfs64 as fstatvfs,
+    lseek64 as lseek, off64_t as off_t, readdir64 as readdir, sendfile64 as sendfile,
+    stat64 as stat, statfs64 as statfs, statvfs64 as statvfs,
 };
 
 #[cfg(not(all(target_env = "gnu", target_pointer_width = "32")))]
-pub(crate) use libc::{fstat, fstatat, fstatvfs, lseek, off_t, readdir, sendfile, stat, statvfs};
+pub(crate) use libc::{
+    fstat, fstatat, fstatfs, fstatvfs, lseek, off_t, readdir, sendfile, stat, statfs, statvfs,
+};

@@ -814,7 +814,7 @@ impl Client {
         &self,
         area: &AreaUrl,
         entry: &Entry,
-        body: crate::wire::sparse::ExtentBody,
+        body: impl std::io::Read + Send + 'static,
         body_len: u64,
     ) -> Result<std::result::Result<(), Refused>> {
         let size = Some(entry.size);

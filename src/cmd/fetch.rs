@@ -24,7 +24,7 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -339,7 +339,12 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     if opts.dry_run {
         return dry_run(ui, client, opts);
     }
-    let courier = Courier::open(&opts.courier, true)?;
+    let mut courier = Courier::open(&opts.courier, true)?;
+    courier.probe()?;
+    if let Some(line) = courier.traits().describe() {
+        ui.log(line);
+    }
+    let courier = courier;
     let dest = Dest::read(ui, &opts.destdb)?;
     let mut survey = survey(ui, client, opts, &courier, &dest)?;
     let dups = survey.instrs.twins.duplicates();
@@ -362,6 +367,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     if let Some(next) = next_big_range(&survey, &dups, &made, &picked, &room) {
         planned.push(next);
     }
+    let planned = in_pieces(planned, piece_len(&courier));
     let done = trip.download_all(&survey, &picked);
     let ranged = trip.carry_ranges(&planned, &survey.range_files);
     courier.sync();
@@ -603,8 +609,12 @@ impl Survey<'_> {
                 return Ok(());
             }
         }
-        // Under way: begun at the destination or held as ranges.
-        if dest.has_begun(&e) || held_ranges.iter().any(|(_, r)| r.of(&e)) {
+        // Under way: begun at the destination or held as ranges; or
+        // bigger than the courier holds in one file (FAT), so in pieces.
+        if dest.has_begun(&e)
+            || held_ranges.iter().any(|(_, r)| r.of(&e))
+            || (e.sha256.is_some() && !fits_one_file(courier, &e))
+        {
             self.range_files.push(e);
             return Ok(());
         }
@@ -696,6 +706,7 @@ fn prune(
     }
     deltas::clean(courier, &s.kept_deltas);
     s.new_log.take().expect("pruned once").commit()?;
+    courier.clean_names();
     if let Err(e) = courier.keep_snapshot(&dest.path) {
         ui.error(format!(
             "cannot keep the destination snapshot in the courier ({}); store --delete will go by SRCDB alone",
@@ -745,6 +756,44 @@ impl Room {
             trip: budget.min(disk),
         }
     }
+}
+
+/// True when the courier holds `e` in one file: no size limit, or a copy
+/// (a sparse file's data where it keeps no holes) within it.
+fn fits_one_file(courier: &Courier, e: &Entry) -> bool {
+    let Some(max) = courier.traits().max_file else {
+        return true;
+    };
+    let sparse = e.alloc.filter(|&a| a < e.size && e.sha256.is_some());
+    match sparse {
+        // The frames take 16 bytes an extent; 1 MiB covers 65,536 of them.
+        Some(data) if !courier.traits().holes => data.saturating_add(1 << 20) <= max,
+        _ => e.size <= max,
+    }
+}
+
+/// The longest range a courier with a largest file of `max` holds: whole
+/// MiB, so ranges stay aligned.
+fn piece_len(courier: &Courier) -> u64 {
+    courier
+        .traits()
+        .max_file
+        .map_or(u64::MAX, |max| (max & !((1 << 20) - 1)).max(1 << 20))
+}
+
+/// Splits ranges longer than the courier holds into pieces that follow
+/// one another.
+fn in_pieces(planned: Vec<PlannedRange>, piece: u64) -> Vec<PlannedRange> {
+    let mut out = Vec::with_capacity(planned.len());
+    for (e, start, len) in planned {
+        let mut at = start;
+        while at < start + len {
+            let n = piece.min(start + len - at);
+            out.push((e.clone(), at, n));
+            at += n;
+        }
+    }
+    out
 }
 
 /// A byte range to carry: the file, where it starts, how long it is.
@@ -1611,12 +1660,14 @@ fn is_held(ui: &Ui, courier: &Courier, log: &courier::LogIndex, e: &Entry) -> bo
     if meta.kind != crate::beneath::Kind::File {
         return false;
     }
-    if meta.size == e.size && log.get(&e.name).is_some_and(|c| c.matches(e)) {
+    // A pack's size is its data's, not the file's.
+    let size_ok = meta.size == e.size || courier.is_pack(&e.name);
+    if size_ok && log.get(&e.name).is_some_and(|c| c.matches(e)) {
         return true;
     }
-    if meta.size == e.size {
-        if let (Some(want), Ok(Some(f))) = (&e.sha256, courier.open_carried(&e.name)) {
-            if crate::digest::hash_reader(f).is_ok_and(|(h, _)| &h == want) {
+    if size_ok {
+        if let (Some(want), Ok(Some(got))) = (&e.sha256, courier.hash_carried(&e.name, e.size)) {
+            if &got == want {
                 return courier.append_log(&Carried::of(e)).is_ok();
             }
         }
@@ -1892,26 +1943,39 @@ impl<'c> Group<'c> {
 
 /// Gives a verified courier file its mode and mtime.
 fn prepare(e: &Entry, part: &File) -> std::result::Result<(), Failure> {
-    part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600))
-        .map_err(|err| Failure::io("cannot set mode", &err))?;
+    // For the person looking only: the mode travels in the records, and
+    // a courier without permission bits (FAT) refuses it.
+    let _ = part.set_permissions(fs::Permissions::from_mode((e.mode & 0o777) | 0o600));
     let mtime = if e.mtime >= 0 {
         UNIX_EPOCH + Duration::from_secs(e.mtime as u64)
     } else {
         UNIX_EPOCH - Duration::from_secs(e.mtime.unsigned_abs())
     };
-    let _ = part.set_modified(mtime);
+    // Both times: exfat-fuse refuses a change of the mtime alone.
+    let _ = part.set_times(fs::FileTimes::new().set_accessed(mtime).set_modified(mtime));
     Ok(())
 }
 
 /// Puts a verified partial file in place: mode, mtime, fsync, rename, and
 /// the record of what the courier carries.
 fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Result<(), Failure> {
+    finish_as(courier, e, part, id, false)
+}
+
+/// `finish`, for a file kept as its framed data extents when `pack`.
+fn finish_as(
+    courier: &Courier,
+    e: &Entry,
+    part: File,
+    id: &str,
+    pack: bool,
+) -> std::result::Result<(), Failure> {
     prepare(e, &part)?;
     part.sync_all()
         .map_err(|err| Failure::io("cannot sync courier file", &err))?;
     drop(part);
     courier
-        .place(id, &e.name)
+        .place_as(id, &e.name, pack)
         .map_err(|err| Failure::io("cannot move into place", &err))?;
     if e.size > RESUME_MIN {
         courier.remove_sidecar(id);
@@ -1925,7 +1989,10 @@ fn finish(courier: &Courier, e: &Entry, part: File, id: &str) -> std::result::Re
 /// Downloads a sparse file: only its data extents travel and are written
 /// at their offsets, so the courier copy keeps the holes; the SHA-256
 /// still covers the whole content (holes hash as zeros). Not resumed: an
-/// interrupted one starts over.
+/// interrupted one starts over. A courier that keeps no holes (exFAT,
+/// FAT) gets the extents framed one after another instead (the body a
+/// sparse `PUT` sends, see `sparse::ExtentBody`), in `.bitfog/names/`:
+/// what it takes is the data, not the file's size.
 fn download_sparse(
     client: &Client,
     src: &AreaUrl,
@@ -1944,10 +2011,14 @@ fn download_sparse(
     let part = courier
         .open_partial(&id, false)
         .map_err(|err| Failure::io("cannot open partial file", &err))?;
-    part.set_len(e.size)
-        .map_err(|err| Failure::io("cannot size partial file", &err))?;
+    let pack = !courier.traits().holes;
+    if !pack {
+        part.set_len(e.size)
+            .map_err(|err| Failure::io("cannot size partial file", &err))?;
+    }
     let mut hasher = Hasher::new();
     let mut pos = 0u64;
+    let mut packed = 0u64;
     for (start, len) in extents {
         if start < pos || len == 0 || start.checked_add(len).is_none_or(|end| end > size) {
             courier.discard_partial(&id);
@@ -1964,10 +2035,21 @@ fn download_sparse(
                 "changed at the source since the listing; not kept".into(),
             ));
         }
+        let at = if pack {
+            let mut head = [0u8; 16];
+            head[..8].copy_from_slice(&start.to_be_bytes());
+            head[8..].copy_from_slice(&len.to_be_bytes());
+            part.write_all_at(&head, packed)
+                .map_err(|err| Failure::io("cannot write courier file", &err))?;
+            packed += 16 + len;
+            packed - len
+        } else {
+            start
+        };
         (&part)
-            .seek(SeekFrom::Start(start))
+            .seek(SeekFrom::Start(at))
             .map_err(|err| Failure::io("cannot seek partial file", &err))?;
-        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, start));
+        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, at));
         let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
             wire.fetch_add(n, Ordering::Relaxed);
             shown.fetch_add(n, Ordering::Relaxed);
@@ -1996,7 +2078,7 @@ fn download_sparse(
             "sha256 mismatch: got {got} (changed at the source?); not kept"
         )));
     }
-    finish(courier, e, part, &id)
+    finish_as(courier, e, part, &id, pack)
 }
 
 /// Hashes the bytes already in a partial file (at most `size`); returns

@@ -133,9 +133,15 @@ impl Held<'_> {
             .map(|m| m.size)
     }
 
+    /// True when the courier's file has the size of `e` (a pack, the
+    /// size of its data).
+    fn sized(&self, e: &Entry) -> bool {
+        self.file_len(&e.name)
+            .is_some_and(|n| n == e.size || self.courier.is_pack(&e.name))
+    }
+
     fn holds(&self, e: &Entry) -> bool {
-        self.log.get(&e.name).is_some_and(|c| c.matches(e))
-            && self.file_len(&e.name) == Some(e.size)
+        self.log.get(&e.name).is_some_and(|c| c.matches(e)) && self.sized(e)
     }
 
     fn holds_delta(&self, e: &Entry, base: Option<&(u64, String)>) -> bool {

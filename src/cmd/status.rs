@@ -137,7 +137,10 @@ fn courier_status(ui: &Ui, path: &Path, verify: bool) -> Result<Exit> {
     let mut present = Vec::new();
     for r in held {
         match c.carried_meta(&r.name) {
-            Ok(Some(m)) if m.kind == crate::beneath::Kind::File && m.size == r.size => {
+            Ok(Some(m))
+                if m.kind == crate::beneath::Kind::File
+                    && (m.size == r.size || c.is_pack(&r.name)) =>
+            {
                 st.files += 1;
                 st.bytes += r.size;
                 present.push(r.clone());
@@ -289,7 +292,13 @@ fn verify_all(
     st: &mut CourierStatus,
 ) {
     for r in files {
-        let got = c.open_carried(&r.name).ok().flatten().map(hash_reader);
+        let got = c.open_carried(&r.name).ok().flatten().map(|f| {
+            if c.is_pack(&r.name) {
+                crate::wire::sparse::hash_pack(f, r.size).map(|h| (h, r.size))
+            } else {
+                hash_reader(f)
+            }
+        });
         let why = match (got, &r.sha256) {
             (Some(Ok((h, n))), Some(want)) if &h == want && n == r.size => None,
             (Some(Ok((_, n))), None) if n == r.size => None,

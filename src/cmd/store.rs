@@ -1879,6 +1879,9 @@ fn checked_small(
     e: &Entry,
 ) -> std::result::Result<Option<std::fs::File>, Failure> {
     let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
+    if courier.is_pack(&e.name) {
+        return Ok(None);
+    }
     let mut file = open_copy(courier, e)?;
     let meta = file.metadata().map_err(open_err)?;
     let damaged = |why: String| Err(mark_damaged(courier, e, &why));
@@ -1910,6 +1913,9 @@ fn upload(
     e: &Entry,
 ) -> std::result::Result<(), Failure> {
     let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
+    if courier.is_pack(&e.name) {
+        return upload_pack(client, courier, dest, e);
+    }
     let mut file = open_copy(courier, e)?;
     let len = file.metadata().map_err(open_err)?.len();
     let damaged = |why: String| Err(mark_damaged(courier, e, &why));
@@ -1981,6 +1987,52 @@ fn upload(
     if read == e.size && &got != want {
         return damaged(format!(
             "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
+        ));
+    }
+    sent.map_err(Failure::client)?.map_err(refused)
+}
+
+/// Sends a sparse file the courier keeps as its framed data extents (a
+/// courier without holes): the pack is the body a sparse `PUT` sends, so
+/// it goes as it is, its frames checked and the content they describe
+/// hashed on the way (and again by the server before anything appears).
+fn upload_pack(
+    client: &Client,
+    courier: &Courier,
+    dest: &AreaUrl,
+    e: &Entry,
+) -> std::result::Result<(), Failure> {
+    let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
+    let file = open_copy(courier, e)?;
+    let len = file.metadata().map_err(open_err)?.len();
+    let Some(want) = &e.sha256 else {
+        return Err(mark_damaged(
+            courier,
+            e,
+            "a sparse copy without a SHA-256 to check",
+        ));
+    };
+    let body = crate::wire::sparse::PackBody::new(
+        std::io::BufReader::with_capacity(1 << 20, file),
+        e.size,
+    );
+    let (hashed, bad) = (Arc::clone(&body.hashed), Arc::clone(&body.bad));
+    let sent = client.put_sparse(dest, e, body, len);
+    if bad.load(Ordering::Relaxed) {
+        return Err(mark_damaged(
+            courier,
+            e,
+            "courier copy is damaged: its extent frames do not describe the file",
+        ));
+    }
+    let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));
+    crate::digest::hash_zeros(&mut h, e.size.saturating_sub(at));
+    let got = h.hex();
+    if sent.is_ok() && &got != want {
+        return Err(mark_damaged(
+            courier,
+            e,
+            &format!("courier copy is damaged: sha256 {got}, SRCDB lists {want}"),
         ));
     }
     sent.map_err(Failure::client)?.map_err(refused)

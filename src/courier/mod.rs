@@ -15,6 +15,7 @@
 
 pub(crate) mod copies;
 pub(crate) mod deltas;
+pub(crate) mod probe;
 pub(crate) mod ranges;
 
 use crate::beneath::{Dir, Kind, Root};
@@ -42,6 +43,12 @@ pub(crate) struct Carried {
     /// `fetch` replaces it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) damaged: bool,
+    /// Where the file is when not at its name: a file of
+    /// `.bitfog/names/` (a name the courier cannot hold, one that clashes
+    /// with another in case, or a sparse file kept as its data extents,
+    /// `.extents`). Set by `Courier` from where it put the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) at: Option<String>,
 }
 
 impl Carried {
@@ -52,6 +59,7 @@ impl Carried {
             mtime: e.mtime,
             sha256: e.sha256.clone(),
             damaged: false,
+            at: None,
         }
     }
 
@@ -93,7 +101,101 @@ pub(crate) struct Courier {
     made: Mutex<HashMap<String, Arc<Dir>>>,
     /// Directories with renames not yet fsynced (see `sync`).
     dirty: Mutex<HashMap<String, Arc<Dir>>>,
+    /// What the courier's filesystem holds (`probe`; a POSIX one until
+    /// probed, but case folding is always found).
+    traits: probe::Traits,
+    /// Names kept in `.bitfog/names/`, and where.
+    held: Mutex<HashMap<String, String>>,
+    /// On a case-insensitive courier, who owns each folded path.
+    fold: Mutex<Option<FoldMap>>,
     _lock: Option<File>,
+}
+
+/// The files of names the courier cannot hold as they are.
+const NAMES: &str = "names";
+/// The key `dirty` keeps `.bitfog/names/` under (no carried directory
+/// has a NUL in its name).
+const NAMES_KEY: &str = "\0names";
+/// A sparse file kept as its framed data extents ends so.
+pub(crate) const PACK_SUFFIX: &str = ".extents";
+
+/// On a case-insensitive courier, the exact path that owns each path as
+/// the filesystem folds it (files and the directories above them), as
+/// 64-bit hashes: a name whose folded path another owns is kept in
+/// `.bitfog/names/` instead of clobbering it.
+#[derive(Default)]
+struct FoldMap(HashMap<u64, u64>);
+
+fn fold_key(path: &str) -> u64 {
+    name_key(&path.to_lowercase())
+}
+
+/// The path and each directory above it.
+fn prefixes(name: &str) -> impl Iterator<Item = &str> {
+    name.match_indices('/')
+        .map(move |(i, _)| &name[..i])
+        .chain(std::iter::once(name))
+}
+
+impl FoldMap {
+    /// Claims `name` and its directories; false (nothing claimed) when
+    /// another path owns one of them.
+    fn claim(&mut self, name: &str) -> bool {
+        let clash =
+            prefixes(name).any(|p| self.0.get(&fold_key(p)).is_some_and(|&o| o != name_key(p)));
+        if !clash {
+            for p in prefixes(name) {
+                self.0.insert(fold_key(p), name_key(p));
+            }
+        }
+        !clash
+    }
+
+    /// True unless another path owns `name`'s folded path.
+    fn owns(&self, name: &str) -> bool {
+        self.0
+            .get(&fold_key(name))
+            .is_none_or(|&o| o == name_key(name))
+    }
+
+    fn release(&mut self, name: &str) {
+        if self.0.get(&fold_key(name)) == Some(&name_key(name)) {
+            self.0.remove(&fold_key(name));
+        }
+    }
+}
+
+/// The file of `.bitfog/names/` a name is kept in: a hash of the name
+/// and, for the person looking, its last component in safe characters.
+pub(crate) fn held_name(name: &str, pack: bool) -> String {
+    let mut h = Hasher::new();
+    h.update(name.as_bytes());
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let mut hint: String = last
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '_',
+        })
+        .take(60)
+        .collect();
+    while hint.ends_with('.') {
+        hint.pop();
+        hint.push('_');
+    }
+    let suffix = if pack { PACK_SUFFIX } else { "" };
+    format!("{}-{hint}{suffix}", &h.hex()[..32])
+}
+
+/// True when a record's `at` is a name bitfog could have written: one
+/// component of safe characters.
+fn sound_at(at: &str) -> bool {
+    !at.is_empty()
+        && at.len() <= 128
+        && !at.starts_with('.')
+        && at
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 const LOG: &str = "carried.jsonl";
@@ -163,15 +265,24 @@ impl Courier {
                 "{what}: another bitfog is using this courier directory"
             )));
         }
-        Ok(Courier {
+        let traits = probe::Traits {
+            case_insensitive: folds_case(&dir),
+            ..probe::Traits::default()
+        };
+        let c = Courier {
             root: Some(top),
             state: Some(state),
             partial: Some(partial),
             log: Mutex::new(None),
             made: Mutex::default(),
             dirty: Mutex::default(),
+            traits,
+            held: Mutex::default(),
+            fold: Mutex::default(),
             _lock: Some(lock),
-        })
+        };
+        c.load_names();
+        Ok(c)
     }
 
     /// Opens COURIER to look at it only (dry runs): no lock, nothing made;
@@ -197,15 +308,141 @@ impl Courier {
         };
         let state = sub(dir.as_ref(), COURIER_STATE)?;
         let partial = sub(state.as_ref(), "partial")?;
-        Ok(Courier {
+        let traits = probe::Traits {
+            case_insensitive: state.is_some() && dir.as_ref().is_some_and(folds_case),
+            ..probe::Traits::default()
+        };
+        let c = Courier {
             root: top,
             state,
             partial,
             log: Mutex::new(None),
             made: Mutex::default(),
             dirty: Mutex::default(),
+            traits,
+            held: Mutex::default(),
+            fold: Mutex::default(),
             _lock: None,
-        })
+        };
+        c.load_names();
+        Ok(c)
+    }
+
+    /// Finds what the courier's filesystem holds (see `probe`), once, by
+    /// trying it; the person is told when it matters.
+    pub(crate) fn probe(&mut self) -> Result<()> {
+        let state = self.state_dir()?;
+        let mut t = probe::probe(state).map_err(|e| {
+            Error::io(
+                format!(
+                    "'{}' (finding what the courier holds)",
+                    state.path.display()
+                ),
+                &e,
+            )
+        })?;
+        t.case_insensitive |= self.traits.case_insensitive;
+        if t.case_insensitive && !self.traits.case_insensitive {
+            self.traits.case_insensitive = true;
+            self.load_names();
+        }
+        self.traits = t;
+        Ok(())
+    }
+
+    /// What the courier's filesystem holds.
+    pub(crate) fn traits(&self) -> &probe::Traits {
+        &self.traits
+    }
+
+    /// Reads from the record which names are kept in `.bitfog/names/`
+    /// and, on a case-insensitive courier, who owns each folded path.
+    fn load_names(&self) {
+        let mut held = HashMap::new();
+        let mut fold = self.traits.case_insensitive.then(FoldMap::default);
+        if let Some(f) = self.state_file(LOG) {
+            let mut r = BufReader::new(f);
+            let mut line = Vec::new();
+            let wanted = |l: &[u8]| l.windows(5).any(|w| w == b"\"at\":");
+            loop {
+                line.clear();
+                match crate::wire::manifest::read_line_capped(
+                    &mut r,
+                    &mut line,
+                    crate::wire::manifest::MAX_LINE,
+                ) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                // Most records are at their names: only those that are not,
+                // or that may end one that was, need parsing.
+                if fold.is_none() && held.is_empty() && !wanted(&line) {
+                    continue;
+                }
+                let Ok(rec) = serde_json::from_slice::<Carried>(&line) else {
+                    continue;
+                };
+                match rec.at.filter(|a| sound_at(a)) {
+                    Some(at) => {
+                        held.insert(rec.name, at);
+                    }
+                    None => {
+                        held.remove(&rec.name);
+                        if let (Some(f), false) = (fold.as_mut(), rec.damaged) {
+                            f.claim(&rec.name);
+                        }
+                    }
+                }
+            }
+        }
+        *self.held.lock().expect("held names") = held;
+        *self.fold.lock().expect("fold map") = fold;
+    }
+
+    /// Where `name` is kept in `.bitfog/names/`, when it is.
+    pub(crate) fn held_at(&self, name: &str) -> Option<String> {
+        self.held.lock().expect("held names").get(name).cloned()
+    }
+
+    /// True when the courier keeps `name` as its framed data extents.
+    pub(crate) fn is_pack(&self, name: &str) -> bool {
+        self.held_at(name).is_some_and(|a| a.ends_with(PACK_SUFFIX))
+    }
+
+    /// `.bitfog/names/`, made when `create`.
+    fn names_dir(&self, create: bool) -> io::Result<Option<Arc<Dir>>> {
+        if let Some(d) = self.made.lock().expect("made dirs").get(NAMES_KEY) {
+            return Ok(Some(d.clone()));
+        }
+        let Some(d) = self.sub(NAMES, create)? else {
+            return Ok(None);
+        };
+        let d = Arc::new(d);
+        self.made
+            .lock()
+            .expect("made dirs")
+            .insert(NAMES_KEY.to_string(), d.clone());
+        Ok(Some(d))
+    }
+
+    /// Removes what `.bitfog/names/` holds that no record names (a run
+    /// killed between placing a file and recording it, a file pruned).
+    pub(crate) fn clean_names(&self) {
+        let Ok(Some(dir)) = self.sub(NAMES, false) else {
+            return;
+        };
+        let held: std::collections::HashSet<String> = self
+            .held
+            .lock()
+            .expect("held names")
+            .values()
+            .cloned()
+            .collect();
+        for (name, _) in dir.names().unwrap_or_default() {
+            if !std::str::from_utf8(&name).is_ok_and(|n| held.contains(n)) {
+                let _ = dir.unlink(&name);
+            }
+        }
     }
 
     fn state_rw(&self) -> io::Result<&Dir> {
@@ -412,16 +649,62 @@ impl Courier {
     /// directories above it are made (never through a symlink), and a
     /// directory in the way is an error.
     pub(crate) fn place(&self, id: &str, name: &str) -> io::Result<()> {
+        self.place_as(id, name, false)
+    }
+
+    /// `place`, for a file that is its framed data extents when `pack`.
+    /// A name the courier cannot hold as it is (see `probe`), one whose
+    /// folded path another name owns on a case-insensitive courier, and a
+    /// pack go to `.bitfog/names/` (`held_name`); the record says where.
+    pub(crate) fn place_as(&self, id: &str, name: &str, pack: bool) -> io::Result<()> {
         let dir = self
             .partial
             .as_ref()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-        let (parent, key, last) = self.parent(name, true)?;
+        check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
+        let plain = !pack
+            && self.traits.holds(name)
+            && self
+                .fold
+                .lock()
+                .expect("fold map")
+                .as_mut()
+                .is_none_or(|f| f.claim(name));
+        let was = self.held_at(name);
+        let at = (!plain).then(|| held_name(name, pack));
+        let (parent, key, last) = match &at {
+            Some(at) => (self.names_dir(true)?, NAMES_KEY.to_string(), at.clone()),
+            None => {
+                self.held.lock().expect("held names").remove(name);
+                self.parent(name, true)?
+            }
+        };
         let parent = parent.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-        if parent.kind(last.as_bytes())? == Some(Kind::Dir) {
-            return Err(io::Error::other("a directory is in the way in the courier"));
+        match parent.stat(last.as_bytes())? {
+            Some(m) if m.kind == Kind::Dir => {
+                return Err(io::Error::other("a directory is in the way in the courier"));
+            }
+            // On a case-insensitive courier what is there may be spelled
+            // otherwise (nobody's, or this name's older copy): it goes, so
+            // the file is seen under its own spelling.
+            Some(_) if plain && self.traits.case_insensitive => {
+                let _ = parent.unlink(last.as_bytes());
+            }
+            _ => {}
         }
         dir.rename_to(format!("{id}.part").as_bytes(), &parent, last.as_bytes())?;
+        if let Some(at) = at {
+            self.held
+                .lock()
+                .expect("held names")
+                .insert(name.to_string(), at);
+        }
+        // The copy it replaces elsewhere is not left behind.
+        if let Some(old) = was.filter(|old| Some(old) != self.held_at(name).as_ref()) {
+            if let Ok(Some(names)) = self.names_dir(false) {
+                let _ = names.unlink(old.as_bytes());
+            }
+        }
         self.dirty.lock().expect("dirty dirs").insert(key, parent);
         Ok(())
     }
@@ -454,8 +737,14 @@ impl Courier {
             .partial
             .as_ref()
             .map_or(0, |d| dir_bytes(d, |n| n.ends_with(b".part")));
+        let held_bytes = self
+            .sub(NAMES, false)
+            .ok()
+            .flatten()
+            .map_or(0, |d| dir_bytes(&d, |_| true));
         total
             + part_bytes
+            + held_bytes
             + crate::courier::ranges::usage(self)
             + crate::courier::deltas::usage(self)
     }
@@ -515,10 +804,19 @@ impl Courier {
         if guard.is_none() {
             *guard = Some(self.state_rw()?.open_append(LOG.as_bytes())?);
         }
-        let mut line = serde_json::to_vec(rec)?;
+        let rec = self.located(rec);
+        let mut line = serde_json::to_vec(&rec)?;
         line.push(b'\n');
         let f = guard.as_mut().expect("opened above");
         f.write_all(&line)
+    }
+
+    /// `rec` saying where the courier keeps the file now.
+    fn located(&self, rec: &Carried) -> Carried {
+        Carried {
+            at: self.held_at(&rec.name),
+            ..rec.clone()
+        }
     }
 
     /// Makes the record and every rename of this run durable.
@@ -537,10 +835,24 @@ impl Courier {
     /// without following a symlink.
     fn parent(&self, name: &str, create: bool) -> io::Result<(Option<Arc<Dir>>, String, String)> {
         let rel = check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
+        if let Some(at) = self.held_at(name) {
+            return Ok((self.names_dir(create)?, NAMES_KEY.to_string(), at));
+        }
         let (dir_name, last) = match name.rsplit_once('/') {
             Some((d, l)) => (d.to_string(), l.to_string()),
             None => (String::new(), name.to_string()),
         };
+        // On a case-insensitive courier, what another name owns is not
+        // this name's, whatever a lookup by this spelling finds.
+        let others = self
+            .fold
+            .lock()
+            .expect("fold map")
+            .as_ref()
+            .is_some_and(|f| !f.owns(name));
+        if others && !create {
+            return Ok((None, dir_name, last));
+        }
         if let Some(d) = self.made.lock().expect("made dirs").get(&dir_name) {
             return Ok((Some(d.clone()), dir_name, last));
         }
@@ -593,12 +905,32 @@ impl Courier {
         }
     }
 
+    /// The SHA-256 of the file a carried name holds (a pack's as the file
+    /// it describes, `size` bytes); `Ok(None)` when it is not there.
+    pub(crate) fn hash_carried(&self, name: &str, size: u64) -> io::Result<Option<String>> {
+        let Some(f) = self.open_carried(name)? else {
+            return Ok(None);
+        };
+        if self.is_pack(name) {
+            return crate::wire::sparse::hash_pack(f, size).map(Some);
+        }
+        crate::digest::hash_reader(f).map(|(h, _)| Some(h))
+    }
+
     /// Removes a carried file (a file, never what a symlink points to) and
     /// the directories it leaves empty.
     pub(crate) fn remove_carried(&self, name: &str) {
         let Ok((Some(dir), mut dir_name, last)) = self.parent(name, false) else {
             return;
         };
+        if let Some(f) = self.fold.lock().expect("fold map").as_mut() {
+            f.release(name);
+        }
+        if dir_name == NAMES_KEY {
+            let _ = dir.unlink(last.as_bytes());
+            self.held.lock().expect("held names").remove(name);
+            return;
+        }
         if !dir
             .stat(last.as_bytes())
             .is_ok_and(|m| m.is_some_and(|m| m.kind == Kind::File))
@@ -626,6 +958,21 @@ impl Courier {
             }
         }
     }
+}
+
+/// True when the filesystem of `root` (which holds `.bitfog`) folds case:
+/// `.BITFOG` is the same directory.
+fn folds_case(root: &Dir) -> bool {
+    let same = |a: Option<crate::beneath::Meta>, b: Option<crate::beneath::Meta>| match (a, b) {
+        (Some(a), Some(b)) => a.identity[..2] == b.identity[..2],
+        _ => false,
+    };
+    same(
+        root.stat(COURIER_STATE.as_bytes()).ok().flatten(),
+        root.stat(COURIER_STATE.to_uppercase().as_bytes())
+            .ok()
+            .flatten(),
+    )
 }
 
 /// Opens (making it if needed) a directory of bitfog's own in `.bitfog/`.
@@ -735,8 +1082,9 @@ pub(crate) struct LogWriter<'a> {
 
 impl LogWriter<'_> {
     pub(crate) fn add(&mut self, rec: &Carried) -> Result<()> {
+        let rec = self.courier.located(rec);
         let out = self.out.as_mut().expect("not committed");
-        serde_json::to_writer(&mut *out, rec).map_err(|e| Error::io(&self.what, &e.into()))?;
+        serde_json::to_writer(&mut *out, &rec).map_err(|e| Error::io(&self.what, &e.into()))?;
         out.write_all(b"\n").map_err(|e| Error::io(&self.what, &e))
     }
 
@@ -1002,9 +1350,18 @@ impl<T: Serialize + serde::de::DeserializeOwned> Spool<T> {
         self.offsets.len() - 1
     }
 
-    /// Ends the writing; `get` works after this.
+    /// Ends the writing; `get` works after this. A named spool is read
+    /// through a descriptor opened anew: fusefat (FAT32) answers reads
+    /// on the descriptor that wrote with zeros past its first page, and
+    /// reads the same bytes right through a fresh one.
     pub(crate) fn finish(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.out.flush()?;
+        if let Some((dir, name)) = &self.named {
+            self.read = dir
+                .open_file(name.as_bytes())?
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        }
+        Ok(())
     }
 
     pub(crate) fn get(&self, i: usize) -> io::Result<T> {
@@ -1039,6 +1396,7 @@ pub(crate) fn dir_bytes(dir: &Dir, count: impl Fn(&[u8]) -> bool) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn log_survives_a_torn_line_and_compacts() {
@@ -1050,6 +1408,7 @@ mod tests {
             mtime: 2,
             sha256: None,
             damaged: false,
+            at: None,
         };
         let mut b = a.clone();
         b.name = "b/c".into();
@@ -1108,5 +1467,144 @@ mod tests {
             "a link is not a carried file"
         );
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn names_the_courier_cannot_hold_go_to_names_and_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Courier::open(dir.path(), true).unwrap();
+        c.traits.refused_chars = vec![':'];
+        c.traits.case_insensitive = true;
+        *c.fold.lock().unwrap() = Some(FoldMap::default());
+        let part = |id: &str, bytes: &[u8]| {
+            c.open_partial(id, false).unwrap().write_all(bytes).unwrap();
+        };
+        part("1", b"colon");
+        c.place("1", "d/a:b.txt").unwrap();
+        part("2", b"upper");
+        c.place("2", "d/Photo.JPG").unwrap();
+        part("3", b"lower");
+        c.place("3", "d/photo.jpg").unwrap();
+        assert!(dir.path().join("d/Photo.JPG").is_file());
+        assert!(!dir.path().join("d/a:b.txt").exists());
+        assert!(!dir.path().join("d/photo.jpg").exists());
+        let at = c.held_at("d/photo.jpg").unwrap();
+        assert!(at.ends_with("-photo.jpg") && sound_at(&at), "{at}");
+        assert!(c.held_at("d/a:b.txt").unwrap().ends_with("-a_b.txt"));
+        let read = |name: &str| {
+            let mut s = String::new();
+            c.open_carried(name)
+                .unwrap()
+                .unwrap()
+                .read_to_string(&mut s)
+                .unwrap();
+            s
+        };
+        assert_eq!(read("d/a:b.txt"), "colon");
+        assert_eq!(read("d/Photo.JPG"), "upper");
+        assert_eq!(read("d/photo.jpg"), "lower");
+        // The record says where; a courier opened again reads it back.
+        for name in ["d/a:b.txt", "d/Photo.JPG", "d/photo.jpg"] {
+            c.append_log(&Carried {
+                name: name.into(),
+                size: 5,
+                mtime: 0,
+                sha256: None,
+                damaged: false,
+                at: None,
+            })
+            .unwrap();
+        }
+        c.sync();
+        drop(c);
+        let c = Courier::open(dir.path(), true).unwrap();
+        assert_eq!(c.held_at("d/photo.jpg").as_deref(), Some(at.as_str()));
+        assert!(c.held_at("d/Photo.JPG").is_none());
+        // An orphan goes; what a record names stays.
+        fs::write(dir.path().join(".bitfog/names/stray"), "x").unwrap();
+        c.clean_names();
+        let left = fs::read_dir(dir.path().join(".bitfog/names"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 2);
+        c.remove_carried("d/photo.jpg");
+        assert!(c.open_carried("d/photo.jpg").unwrap().is_none());
+        assert!(c.open_carried("d/Photo.JPG").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_crafted_record_cannot_point_outside_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "secret").unwrap();
+        fs::create_dir_all(dir.path().join(".bitfog/names")).unwrap();
+        let evil = format!("../../../..{}/secret", outside.path().display());
+        let lines: String = [evil.as_str(), "..", ".hidden", "a/b", ""]
+            .iter()
+            .enumerate()
+            .map(|(i, at)| {
+                format!(
+                    "{{\"name\":\"f{i}\",\"size\":6,\"mtime\":0,\"sha256\":null,\"at\":{at:?}}}\n"
+                )
+            })
+            .collect();
+        fs::write(dir.path().join(".bitfog/carried.jsonl"), lines).unwrap();
+        let c = Courier::open(dir.path(), true).unwrap();
+        for i in 0..5 {
+            let name = format!("f{i}");
+            assert!(c.held_at(&name).is_none(), "{name}");
+            assert!(c.open_carried(&name).unwrap().is_none());
+            c.remove_carried(&name);
+        }
+        assert!(outside.path().join("secret").is_file());
+    }
+
+    proptest::proptest! {
+        /// However names arrive, no two kept at their own names on a
+        /// case-insensitive courier fold to one path, nor a file to a
+        /// directory another spells otherwise.
+        #[test]
+        fn the_fold_map_never_lets_two_spellings_share_a_path(
+            names in proptest::collection::vec("[aAbB]{1,2}(/[aAbB]{1,2}){0,2}", 1..24)
+        ) {
+            let mut f = FoldMap::default();
+            let mut plain: Vec<String> = Vec::new();
+            for n in &names {
+                if f.claim(n) {
+                    plain.push(n.clone());
+                }
+            }
+            for a in &plain {
+                for b in &plain {
+                    for pa in prefixes(a) {
+                        for pb in prefixes(b) {
+                            if pa != pb {
+                                proptest::prop_assert_ne!(pa.to_lowercase(), pb.to_lowercase());
+                            }
+                        }
+                    }
+                }
+            }
+            // The same spelling again is always its own.
+            for n in &plain {
+                proptest::prop_assert!(f.claim(n) && f.owns(n));
+            }
+        }
+
+        /// A held name is a name every courier holds, and one per name.
+        #[test]
+        fn held_names_are_safe_everywhere(name in "\\PC{1,80}(/\\PC{1,20}){0,2}", pack: bool) {
+            let strict = probe::Traits {
+                refused_chars: vec![':', '?', '<', '>', '|', '"', '*', '\\'],
+                controls: true,
+                non_ascii: true,
+                trailing: true,
+                devices: true,
+                ..probe::Traits::default()
+            };
+            let h = held_name(&name, pack);
+            proptest::prop_assert!(strict.holds(&h) && sound_at(&h), "{h:?}");
+            proptest::prop_assert_ne!(h, held_name(&format!("{name}x"), pack));
+        }
     }
 }

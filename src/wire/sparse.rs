@@ -182,6 +182,98 @@ impl Read for ExtentBody {
     }
 }
 
+/// Reads a courier's pack (a sparse file kept as its framed data
+/// extents, the body `ExtentBody` makes, on a courier that keeps no holes)
+/// as it is, checking its frames and hashing the content they describe,
+/// holes as zeros: `hashed` ends as (hash, logical bytes covered). A frame
+/// out of order, empty, past `size` or cut short is an `InvalidData`
+/// error, and `bad` is set: the copy is damaged.
+pub(crate) struct PackBody<R> {
+    inner: R,
+    size: u64,
+    head: [u8; 16],
+    head_got: usize,
+    /// Data bytes left in the current frame.
+    left: u64,
+    pub(crate) hashed: Arc<Mutex<(Hasher, u64)>>,
+    pub(crate) bad: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R: Read> PackBody<R> {
+    pub(crate) fn new(inner: R, size: u64) -> PackBody<R> {
+        PackBody {
+            inner,
+            size,
+            head: [0; 16],
+            head_got: 0,
+            left: 0,
+            hashed: Arc::new(Mutex::new((Hasher::new(), 0))),
+            bad: Arc::default(),
+        }
+    }
+
+    fn damaged(&self, why: &str) -> io::Error {
+        self.bad.store(true, std::sync::atomic::Ordering::Relaxed);
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad extent frame: {why}"),
+        )
+    }
+}
+
+impl<R: Read> Read for PackBody<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let want = (16 - self.head_got).min(buf.len());
+            let n = self.inner.read(&mut buf[..want])?;
+            if n == 0 {
+                if self.head_got == 0 {
+                    return Ok(0);
+                }
+                return Err(self.damaged("cut short"));
+            }
+            self.head[self.head_got..self.head_got + n].copy_from_slice(&buf[..n]);
+            self.head_got += n;
+            if self.head_got == 16 {
+                self.head_got = 0;
+                let start = u64::from_be_bytes(self.head[..8].try_into().expect("8 bytes"));
+                let len = u64::from_be_bytes(self.head[8..].try_into().expect("8 bytes"));
+                let at = self.hashed.lock().expect("hasher").1;
+                if start < at || len == 0 || start.checked_add(len).is_none_or(|e| e > self.size) {
+                    return Err(self.damaged("out of order or past the end"));
+                }
+                let mut h = self.hashed.lock().expect("hasher");
+                hash_zeros(&mut h.0, start - at);
+                h.1 = start;
+                self.left = len;
+            }
+            return Ok(n);
+        }
+        let want = (self.left.min(buf.len() as u64)) as usize;
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(self.damaged("cut short"));
+        }
+        let mut h = self.hashed.lock().expect("hasher");
+        h.0.update(&buf[..n]);
+        h.1 += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The SHA-256 of the file a pack describes (`PackBody`), `size` bytes.
+pub(crate) fn hash_pack(pack: impl Read, size: u64) -> io::Result<String> {
+    let mut body = PackBody::new(io::BufReader::with_capacity(1 << 20, pack), size);
+    io::copy(&mut body, &mut io::sink())?;
+    let (mut h, at) = std::mem::take(&mut *body.hashed.lock().expect("hasher"));
+    hash_zeros(&mut h, size - at);
+    Ok(h.hex())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +306,33 @@ mod tests {
         hash_zeros(&mut h, (8 << 20) - at);
         let whole = std::fs::read(&path).unwrap();
         assert_eq!(h.hex(), crate::digest::hash_reader(&whole[..]).unwrap().0);
+    }
+
+    #[test]
+    fn a_pack_hashes_as_its_file_and_bad_frames_are_damage() {
+        let mut pack = Vec::new();
+        for (start, data) in [(4096u64, &b"hello"[..]), (1 << 20, &b"world!"[..])] {
+            pack.extend_from_slice(&start.to_be_bytes());
+            pack.extend_from_slice(&(data.len() as u64).to_be_bytes());
+            pack.extend_from_slice(data);
+        }
+        let size = 3 << 20;
+        let mut whole = vec![0u8; size as usize];
+        whole[4096..4101].copy_from_slice(b"hello");
+        whole[1 << 20..(1 << 20) + 6].copy_from_slice(b"world!");
+        let want = crate::digest::hash_reader(&whole[..]).unwrap().0;
+        assert_eq!(hash_pack(&pack[..], size).unwrap(), want);
+        // Cut, out of order, past the end: each refused.
+        assert!(hash_pack(&pack[..pack.len() - 1], size).is_err());
+        assert!(hash_pack(&pack[..20], size).is_err());
+        let mut swapped = pack[21..].to_vec();
+        swapped.extend_from_slice(&pack[..21]);
+        assert!(hash_pack(&swapped[..], size).is_err());
+        assert!(hash_pack(&pack[..], 4000).is_err());
+        let body = PackBody::new(&pack[..20], size);
+        let bad = Arc::clone(&body.bad);
+        let mut body = body;
+        assert!(io::copy(&mut body, &mut io::sink()).is_err());
+        assert!(bad.load(std::sync::atomic::Ordering::Relaxed));
     }
 }

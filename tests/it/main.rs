@@ -8,6 +8,7 @@ mod browse;
 mod carry;
 mod cli;
 mod delta;
+mod disks;
 mod exclude;
 mod hardlinks;
 mod hostile;
