@@ -812,11 +812,19 @@ impl Courier {
     }
 
     /// `rec` saying where the courier keeps the file now.
+    /// A file recorded at its own name on a case-insensitive courier (one
+    /// a killed run left unrecorded and `fetch` adopted) owns its folded
+    /// path from now on.
     fn located(&self, rec: &Carried) -> Carried {
-        Carried {
-            at: self.held_at(&rec.name),
-            ..rec.clone()
+        let at = self.held_at(&rec.name);
+        if let (None, false, Some(f)) = (
+            &at,
+            rec.damaged,
+            self.fold.lock().expect("fold map").as_mut(),
+        ) {
+            f.claim(&rec.name);
         }
+        Carried { at, ..rec.clone() }
     }
 
     /// Makes the record and every rename of this run durable.

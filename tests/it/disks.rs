@@ -393,3 +393,69 @@ fn a_file_over_4_gib_crosses_fat32_in_pieces_in_one_trip() {
     };
     assert_eq!(line("src.db"), line("dst.db"));
 }
+
+#[test]
+#[ignore = "needs root, exfatprogs and exfat-fuse"]
+fn on_exfat_a_clash_across_trips_and_a_tampered_pack_lose_nothing() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "pics/photo.jpg", &data(1, 300_000));
+    {
+        let f = fs::File::create(src.join("vm.img")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&data(2, 2 << 20), 16 << 20).unwrap();
+    }
+    let disk = Mounted::new(&t, "exfat", 64);
+    let courier = disk.dir.join("c");
+    let c = courier.to_str().unwrap();
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let f = bitfog(&["fetch", &t.s("dest.db"), &su, c, "--json"]).ok();
+    assert_eq!(f.num("fetched_files"), 2);
+    assert!(courier.join("pics/photo.jpg").is_file());
+    // The other spelling appears at the source before the courier leaves:
+    // the next fetch keeps both.
+    write(&src, "pics/Photo.JPG", &data(3, 200_000));
+    let f = bitfog(&["fetch", &t.s("dest.db"), &su, c, "--json"]).ok();
+    assert_eq!(
+        (f.num("fetched_files"), f.num("remaining_files")),
+        (1, 0),
+        "{}",
+        f.stderr
+    );
+    assert_eq!(
+        fs::read(courier.join("pics/photo.jpg")).unwrap(),
+        data(1, 300_000),
+        "the first spelling is untouched"
+    );
+    let held: Vec<String> = fs::read_dir(courier.join(".bitfog/names"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(held.iter().any(|n| n.ends_with("-Photo.JPG")), "{held:?}");
+    // A byte of the sparse image's pack changes on the way.
+    let pack = fs::read_dir(courier.join(".bitfog/names"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-vm.img.extents"))
+        .expect("the sparse image is kept as its extents");
+    assert!(fs::metadata(&pack).unwrap().len() < 3 << 20);
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[100] ^= 1;
+    fs::write(&pack, &bytes).unwrap();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let s = bitfog(&["store", &t.s("src.db"), &du, c, "--json"]).code(1);
+    assert_eq!((s.num("stored_files"), s.num("failed_files")), (2, 1));
+    assert!(
+        s.stderr.contains("'vm.img'") && s.stderr.contains("damaged"),
+        "{}",
+        s.stderr
+    );
+    assert!(!dst.join("vm.img").exists(), "nothing damaged appears");
+    // The next trip replaces it.
+    let f = bitfog(&["fetch", c, &su, c, "--json"]).ok();
+    assert_eq!(f.num("fetched_files"), 1, "{}", f.stderr);
+    bitfog(&["store", &t.s("src.db"), &du, c, "--json"]).ok();
+    assert_eq!(files(&src), files(&dst));
+}
