@@ -472,9 +472,9 @@ struct Survey<'c> {
     new_log: Option<courier::LogWriter<'c>>,
     partials: HashMap<String, courier::Partial>,
     /// Small verified downloads a killed run had not placed (by partial
-    /// id, with their length), and those adopted (id, name).
+    /// id, with their length), and those adopted (id, record).
     unplaced: HashMap<String, u64>,
-    adopted: Vec<(String, String)>,
+    adopted: Vec<(String, Carried)>,
 }
 
 fn spool_err(e: io::Error) -> crate::error::Error {
@@ -547,7 +547,7 @@ fn survey<'c>(
     )?;
     s.needed.finish().map_err(spool_err)?;
     s.held_names.finish().map_err(spool_err)?;
-    s.place_adopted(ui, courier);
+    s.place_adopted(ui, courier)?;
     Ok(s)
 }
 
@@ -565,12 +565,17 @@ impl Survey<'_> {
         if self.instrs.at_dest(&e, &dest.index)? {
             return Ok(());
         }
-        if is_held(ui, courier, &self.log, &e) || self.adopt(courier, &e) {
+        let held = is_held(ui, courier, &self.log, &e);
+        if held || self.adopt(courier, &e) {
             self.log.forget(&e.name);
-            self.new_log
-                .as_mut()
-                .expect("open until pruned")
-                .add(&Carried::of(&e))?;
+            // An adopted file is recorded once it is in place, where the
+            // courier decides (its name or `.bitfog/names/`).
+            if held {
+                self.new_log
+                    .as_mut()
+                    .expect("open until pruned")
+                    .add(&Carried::of(&e))?;
+            }
             let h = self.held_names.push(&e).map_err(spool_err)?;
             self.instrs.twins.held(&e, h);
             self.held.files += 1;
@@ -653,7 +658,7 @@ impl Survey<'_> {
                 })
             });
         if sound {
-            self.adopted.push((id, e.name.clone()));
+            self.adopted.push((id, Carried::of(e)));
         } else {
             courier.discard_partial(&id);
         }
@@ -662,23 +667,30 @@ impl Survey<'_> {
 
     /// Makes the adopted files durable together and puts them in place;
     /// drops the unplaced partial downloads nothing needed.
-    fn place_adopted(&mut self, ui: &Ui, courier: &Courier) {
+    fn place_adopted(&mut self, ui: &Ui, courier: &Courier) -> Result<()> {
         for (id, _) in self.unplaced.drain() {
             courier.discard_partial(&id);
         }
         if self.adopted.is_empty() {
-            return;
+            return Ok(());
         }
         let synced = courier.sync_fs();
-        for (id, name) in self.adopted.drain(..) {
-            let placed = synced.is_ok() && courier.place(&id, &name).is_ok();
-            if !placed {
+        for (id, rec) in std::mem::take(&mut self.adopted) {
+            let name = &rec.name;
+            let placed = synced.is_ok() && courier.place(&id, name).is_ok();
+            if placed {
+                self.new_log
+                    .as_mut()
+                    .expect("open until pruned")
+                    .add(&rec)?;
+            } else {
                 courier.discard_partial(&id);
                 ui.error(format!(
                     "'{name}': cannot keep what the last run fetched; the next run fetches it again"
                 ));
             }
         }
+        Ok(())
     }
 
     /// Bytes a needed file still needs in the courier (less what a

@@ -266,7 +266,7 @@ impl Courier {
             )));
         }
         let traits = probe::Traits {
-            case_insensitive: folds_case(&dir),
+            case_insensitive: probe::folds_case(&state).unwrap_or_else(|_| folds_case(&dir)),
             ..probe::Traits::default()
         };
         let c = Courier {
@@ -968,19 +968,12 @@ impl Courier {
     }
 }
 
-/// True when the filesystem of `root` (which holds `.bitfog`) folds case:
-/// `.BITFOG` is the same directory.
+/// True when the filesystem of `root` (which holds `.bitfog`) folds case,
+/// looked at without writing: `.BITFOG` is there too. (Inode numbers do
+/// not tell: exfat-fuse gives each spelling its own.)
 fn folds_case(root: &Dir) -> bool {
-    let same = |a: Option<crate::beneath::Meta>, b: Option<crate::beneath::Meta>| match (a, b) {
-        (Some(a), Some(b)) => a.identity[..2] == b.identity[..2],
-        _ => false,
-    };
-    same(
-        root.stat(COURIER_STATE.as_bytes()).ok().flatten(),
-        root.stat(COURIER_STATE.to_uppercase().as_bytes())
-            .ok()
-            .flatten(),
-    )
+    root.stat(COURIER_STATE.to_uppercase().as_bytes())
+        .is_ok_and(|m| m.is_some_and(|m| m.kind == Kind::Dir))
 }
 
 /// Opens (making it if needed) a directory of bitfog's own in `.bitfog/`.

@@ -151,8 +151,12 @@ impl Traits {
             what.push(format!(
                 "files up to {}",
                 match max.checked_add(1) {
-                    Some(n) if n.is_power_of_two() => {
-                        format!("{} - 1 byte", crate::ui::human_bytes(n))
+                    Some(n) if n.is_power_of_two() && n >= 1 << 10 => {
+                        let (unit, shift) = [("GiB", 30), ("MiB", 20), ("KiB", 10)]
+                            .into_iter()
+                            .find(|&(_, s)| n >= 1 << s)
+                            .expect("at least 1 KiB");
+                        format!("{} {unit} - 1 byte", n >> shift)
                     }
                     _ => crate::ui::human_bytes(max),
                 }
@@ -255,12 +259,7 @@ fn try_all(dir: &Dir, state: &Dir) -> io::Result<Traits> {
             .any(|n| !keeps(dir, n)),
         ..Traits::default()
     };
-    t.case_insensitive = {
-        dir.create_fresh(b"Case")?;
-        let folded = dir.stat(b"CASE")?.is_some();
-        dir.unlink(b"Case")?;
-        folded
-    };
+    t.case_insensitive = folds_case(dir)?;
     let f = dir.create_fresh(b"holes")?;
     f.write_all_at(b"x", 1 << 20)?;
     let holes = f.metadata()?.blocks() * 512 < 1 << 20;
@@ -299,6 +298,14 @@ fn try_all(dir: &Dir, state: &Dir) -> io::Result<Traits> {
     drop(f);
     dir.unlink(b"holes")?;
     Ok(t)
+}
+
+/// True when a file made in `dir` as `Case.tmp` is found as `CASE.TMP`.
+pub(crate) fn folds_case(dir: &Dir) -> io::Result<bool> {
+    dir.create_fresh(b"Case.tmp")?;
+    let folded = dir.stat(b"CASE.TMP").map(|m| m.is_some());
+    dir.unlink(b"Case.tmp")?;
+    folded
 }
 
 /// How finely a file's mtime is kept, from one set to 1 s + 123456789 ns

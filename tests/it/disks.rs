@@ -459,3 +459,81 @@ fn on_exfat_a_clash_across_trips_and_a_tampered_pack_lose_nothing() {
     bitfog(&["store", &t.s("src.db"), &du, c, "--json"]).ok();
     assert_eq!(files(&src), files(&dst));
 }
+
+#[test]
+#[ignore = "needs root, exfatprogs and exfat-fuse"]
+fn on_exfat_kill_9_mid_fetch_then_the_rerun_carries_every_name() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let t = Scratch::new();
+    let src = t.mkdir("src");
+    // Names the courier holds, names it cannot, and clashing spellings.
+    for i in 0..60u64 {
+        let name = match i % 3 {
+            0 => format!("d/n:{i}.txt"),
+            1 => format!("d/Same{i}.txt"),
+            _ => format!("d/same{}.txt", i - 1),
+        };
+        write(&src, &name, &data(i, 40_000 + i as usize * 100));
+    }
+    write(&src, "big.bin", &data(99, 3 << 20));
+    let disk = Mounted::new(&t, "exfat", 64);
+    let dsts: Vec<PathBuf> = (1..=4).map(|i| t.mkdir(&format!("dst{i}"))).collect();
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?}}},{}}}",
+        src.to_str().unwrap(),
+        dsts.iter()
+            .enumerate()
+            .map(|(i, d)| format!(
+                "\"dst{}\":{{\"path\":{:?},\"writable\":true}}",
+                i + 1,
+                d.to_str().unwrap()
+            ))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let server = Server::start(&t, "site", &conf);
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    // Killed after 1, 2, 3 and 4 MiB of 5.5: each run catches other
+    // files between download, placing and recording.
+    for mib in 1..=4u64 {
+        let courier = disk.dir.join(format!("c{mib}"));
+        let c = courier.to_str().unwrap();
+        let dst = &dsts[mib as usize - 1];
+        let relay = Relay::start(server.addr, Duration::from_millis(20));
+        let mut child = cmd(&["fetch", &t.s("dest.db"), &relay.url("src"), c])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while relay.down_bytes.load(Ordering::SeqCst) < mib << 20 {
+            assert!(Instant::now() < deadline, "download did not progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let f = bitfog(&["fetch", &t.s("dest.db"), &server.url("src"), c, "--json"]).ok();
+        assert_eq!(
+            (f.num("failed_files"), f.num("remaining_files")),
+            (0, 0),
+            "{}",
+            f.stderr
+        );
+        let s = bitfog(&[
+            "store",
+            &t.s("src.db"),
+            &server.url(&format!("dst{mib}")),
+            c,
+            "--json",
+        ])
+        .ok();
+        assert_eq!((s.num("stored_files"), s.num("failed_files")), (61, 0));
+        assert_eq!(files(&src), files(dst));
+        // Nothing is left in .bitfog/names/ that no record names.
+        let log = fs::read_to_string(courier.join(".bitfog/carried.jsonl")).unwrap();
+        for e in fs::read_dir(courier.join(".bitfog/names")).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(log.contains(&n), "{n} is in no record");
+        }
+    }
+}
