@@ -80,6 +80,14 @@ const COMMANDS: &[Cmd] = &[
                 source listing fetch left there is used.",
     },
     Cmd {
+        name: "keygen",
+        args: "",
+        summary: "make an age key pair",
+        about: "Writes a new age identity (an X25519 secret key, as age-keygen does) to\n\
+                standard output or, with --output, to a new file only its owner reads,\n\
+                and says its recipient (the public key to encrypt to) on stderr.",
+    },
+    Cmd {
         name: "status",
         args: "COURIER|DB",
         summary: "say what a courier or a DB holds (no network)",
@@ -103,7 +111,7 @@ struct Opt {
 }
 
 const ALL: &[&str] = &[
-    "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+    "serve", "builddb", "emptydb", "plan", "fetch", "store", "status", "keygen",
 ];
 const CLIENTS: &[&str] = &["builddb", "plan", "fetch", "store"];
 
@@ -309,6 +317,44 @@ const OPTIONS: &[Opt] = &[
                PATH; or set BITFOG_REMOTE)",
     },
     Opt {
+        long: "--encrypt-to",
+        short: None,
+        value: Some("RECIPIENT"),
+        commands: &["builddb", "emptydb"],
+        needs: None,
+        help: "write the DB (and its signatures) encrypted to this age\n\
+               recipient (age1..., repeatable): an age file, read back\n\
+               with the matching identity",
+    },
+    Opt {
+        long: "--encrypt-to-file",
+        short: None,
+        value: Some("FILE"),
+        commands: &["builddb", "emptydb"],
+        needs: None,
+        help: "the same, for each recipient in FILE (one age1... a line;\n\
+               # comments)",
+    },
+    Opt {
+        long: "--identity",
+        short: Some("-i"),
+        value: Some("FILE"),
+        commands: &["plan", "fetch", "store", "status"],
+        needs: None,
+        help: "age identities (AGE-SECRET-KEY-1... lines, as age-keygen\n\
+               and bitfog keygen write) to read encrypted DBs with\n\
+               (repeatable)",
+    },
+    Opt {
+        long: "--output",
+        short: Some("-o"),
+        value: Some("FILE"),
+        commands: &["keygen"],
+        needs: None,
+        help: "write the identity to FILE (made new, mode 0600) instead\n\
+               of standard output",
+    },
+    Opt {
         long: "--help",
         short: Some("-h"),
         value: None,
@@ -456,9 +502,15 @@ pub(crate) enum Command {
         db: PathBuf,
         /// With `--signatures`: the smallest file to sign.
         signatures: Option<u64>,
+        /// `--encrypt-to`: the DB (and its signatures) encrypted to these.
+        seal: Option<Vec<crate::age::Recipient>>,
     },
     Emptydb {
         db: PathBuf,
+        seal: Option<Vec<crate::age::Recipient>>,
+    },
+    Keygen {
+        out: Option<PathBuf>,
     },
     Plan {
         destdb: PathBuf,
@@ -485,6 +537,8 @@ pub(crate) struct Cli {
     pub(crate) rsh: Option<String>,
     /// `--remote-bitfog` or `BITFOG_REMOTE`.
     pub(crate) remote: Option<String>,
+    /// `--identity`: files of age identities for encrypted inputs.
+    pub(crate) identities: Vec<PathBuf>,
     pub(crate) command: Command,
 }
 
@@ -493,8 +547,18 @@ struct Raw {
     given: HashMap<&'static str, Option<OsString>>,
     /// `--exclude`, which may be given more than once.
     excludes: Vec<String>,
+    /// Every value of each option of `REPEATABLE` given.
+    multi: HashMap<&'static str, Vec<OsString>>,
     free: Vec<OsString>,
 }
+
+/// Options that may be given more than once.
+const REPEATABLE: &[&str] = &[
+    "--exclude",
+    "--encrypt-to",
+    "--encrypt-to-file",
+    "--identity",
+];
 
 impl Raw {
     fn flag(&self, long: &str) -> bool {
@@ -507,6 +571,28 @@ impl Raw {
 
     fn text(&self, long: &str) -> Option<String> {
         self.os(long).map(|v| v.to_string_lossy().into_owned())
+    }
+
+    fn all(&self, long: &str) -> &[OsString] {
+        self.multi.get(long).map_or(&[], Vec::as_slice)
+    }
+
+    /// The recipients of `--encrypt-to` and `--encrypt-to-file`; `None`
+    /// when neither is given.
+    fn recipients(&self) -> Result<Option<Vec<crate::age::Recipient>>> {
+        let mut out = Vec::new();
+        for r in self.all("--encrypt-to") {
+            let r = r.to_string_lossy();
+            out.push(crate::age::Recipient::parse(&r).ok_or_else(|| {
+                Error::usage(format!(
+                    "--encrypt-to takes an age recipient (age1...), not '{r}'"
+                ))
+            })?);
+        }
+        for f in self.all("--encrypt-to-file") {
+            out.extend(crate::age::read_recipients(std::path::Path::new(f)).map_err(Error::usage)?);
+        }
+        Ok((!out.is_empty()).then_some(out))
     }
 }
 
@@ -522,11 +608,29 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
     };
     let mut p = pico_args::Arguments::from_vec(args);
     let mut given = HashMap::new();
-    let excludes: Vec<String> = p.values_from_str("--exclude").map_err(pico)?;
-    if !excludes.is_empty() {
-        given.insert("--exclude", None);
+    let mut multi = HashMap::new();
+    for long in REPEATABLE {
+        let short = OPTIONS
+            .iter()
+            .find(|o| o.long == *long)
+            .and_then(|o| o.short);
+        let keys: pico_args::Keys = match short {
+            Some(s) => [s, *long].into(),
+            None => (*long).into(),
+        };
+        let v: Vec<OsString> = p
+            .values_from_os_str(keys, |s| Ok::<_, String>(s.to_os_string()))
+            .map_err(pico)?;
+        if !v.is_empty() {
+            given.insert(*long, None);
+            multi.insert(*long, v);
+        }
     }
-    for o in OPTIONS.iter().filter(|o| o.long != "--exclude") {
+    let excludes: Vec<String> = multi
+        .get("--exclude")
+        .map(|v: &Vec<OsString>| v.iter().map(|s| s.to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    for o in OPTIONS.iter().filter(|o| !REPEATABLE.contains(&o.long)) {
         let keys: pico_args::Keys = match o.short {
             Some(s) => [s, o.long].into(),
             None => o.long.into(),
@@ -567,6 +671,7 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
     Ok(Raw {
         given,
         excludes,
+        multi,
         free,
     })
 }
@@ -617,6 +722,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let rsh = r.text("--rsh").or_else(|| env("BITFOG_RSH"));
     let remote = r.text("--remote-bitfog").or_else(|| env("BITFOG_REMOTE"));
+    let identities: Vec<PathBuf> = r.all("--identity").iter().map(PathBuf::from).collect();
     let cli = |command| {
         Ok(Cli {
             ui,
@@ -625,6 +731,7 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
             exclude: exclude.clone(),
             rsh: rsh.clone(),
             remote: remote.clone(),
+            identities: identities.clone(),
             command,
         })
     };
@@ -734,11 +841,19 @@ fn command(
                 url: url(&a[0])?,
                 db: a[1].clone(),
                 signatures: r.flag("--signatures").then_some(min),
+                seal: r.recipients()?,
             }
         }
         "emptydb" => Command::Emptydb {
             db: want(1)?.remove(0),
+            seal: r.recipients()?,
         },
+        "keygen" => {
+            want(0)?;
+            Command::Keygen {
+                out: r.os("--output").map(PathBuf::from),
+            }
+        }
         "plan" => {
             let a = want(2)?;
             Command::Plan {

@@ -20,6 +20,7 @@
 //! Beneath them: `beneath` (file operations that never follow a symlink),
 //! `digest` (streaming SHA-256), `error` and `ui`.
 
+mod age;
 mod beneath;
 mod cli;
 mod client;
@@ -96,6 +97,7 @@ fn run(cli: cli::Cli) -> Result<Exit> {
     ) {
         ui::say_what_is_kept_on_interrupt(ui.json);
     }
+    age::set_identities(&cli.identities).map_err(error::Error::usage)?;
     match &cli.command {
         // Plain text even with --json: there is no summary to give.
         Command::Help(text) => {
@@ -111,8 +113,10 @@ fn run(cli: cli::Cli) -> Result<Exit> {
             url,
             db,
             signatures,
-        } => cmd::db::builddb(ui, &client(), url, db, *signatures),
-        Command::Emptydb { db } => cmd::db::emptydb(ui, db),
+            seal,
+        } => cmd::db::builddb(ui, &client(), url, db, *signatures, seal.as_deref()),
+        Command::Emptydb { db, seal } => cmd::db::emptydb(ui, db, seal.as_deref()),
+        Command::Keygen { out } => cmd::db::keygen(ui, out.as_deref()),
         Command::Plan {
             destdb,
             src,

@@ -7,31 +7,32 @@ _bitfog() {
     cmd=
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-            serve|builddb|emptydb|plan|fetch|store|status) cmd=${COMP_WORDS[i]}; break ;;
+            serve|builddb|emptydb|plan|fetch|store|status|keygen) cmd=${COMP_WORDS[i]}; break ;;
         esac
     done
     case $prev in
         --conf) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --cache) COMPREPLY=($(compgen -d -- "$cur") $(compgen -W none -- "$cur")); return ;;
-        --cacert) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval|--exclude|--rsh|--remote-bitfog)
+        --cacert|--encrypt-to-file|-i|--identity|-o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --addr|--threads|--max-bytes|--jobs|--max-delete|--signature-min|--token|--progress-interval|--exclude|--rsh|--remote-bitfog|--encrypt-to)
             return ;;
     esac
     local global="-q --quiet -h --help -V --version"
     local opts
     case $cmd in
         serve) opts="--conf --addr --threads --cache --stdio" ;;
-        builddb) opts="--exclude --signatures --signature-min --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
-        emptydb) opts="--json" ;;
-        plan) opts="--exclude --max-bytes -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
-        fetch) opts="--exclude --max-bytes --jobs --dry-run --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
-        status) opts="--verify --json" ;;
-        store) opts="--delete --max-delete --jobs --dry-run --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        builddb) opts="--exclude --signatures --signature-min --encrypt-to --encrypt-to-file --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        emptydb) opts="--encrypt-to --encrypt-to-file --json" ;;
+        keygen) opts="-o --output" ;;
+        plan) opts="--exclude --max-bytes -i --identity -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        fetch) opts="--exclude --max-bytes --jobs --dry-run -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        status) opts="--verify -i --identity --json" ;;
+        store) opts="--delete --max-delete --jobs --dry-run -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         *)
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W "$global" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "serve builddb emptydb plan fetch store status" -- "$cur"))
+                COMPREPLY=($(compgen -W "serve builddb emptydb plan fetch store status keygen" -- "$cur"))
             fi
             return ;;
     esac

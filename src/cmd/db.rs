@@ -28,6 +28,7 @@ pub(crate) fn builddb(
     url: &AreaUrl,
     db: &Path,
     signatures: Option<u64>,
+    seal: Option<&[crate::age::Recipient]>,
 ) -> Result<Exit> {
     let mut listing = client.listing(url)?;
     let mut out = DbWriter::create(
@@ -35,7 +36,18 @@ pub(crate) fn builddb(
         Some(url.as_str()),
         listing.area_id.as_deref(),
         client.exclude.texts(),
+        seal,
     )?;
+    // An encrypted DB cannot be read back here (no identity): the files
+    // to sign wait in an unnamed scratch file instead.
+    let spool_err = |e: std::io::Error| Error::io("a scratch file of the temporary directory", &e);
+    let mut to_sign = match (signatures, seal) {
+        (Some(_), Some(_)) => Some(
+            crate::courier::Spool::<crate::wire::manifest::Entry>::anonymous()
+                .map_err(spool_err)?,
+        ),
+        _ => None,
+    };
     // The server hashes as it lists: the rate is its hashing.
     let progress = crate::ui::Progress::start(ui, "listing", 0, 0);
     for entry in listing.by_ref() {
@@ -47,6 +59,11 @@ pub(crate) fn builddb(
             .bytes
             .fetch_add(entry.size, std::sync::atomic::Ordering::Relaxed);
         out.entry(&entry)?;
+        if let (Some(spool), Some(min)) = (to_sign.as_mut(), signatures) {
+            if !entry.is_symlink() && entry.size >= min && entry.size > 0 {
+                spool.push(&entry).map_err(spool_err)?;
+            }
+        }
     }
     progress.finish();
     let end = listing
@@ -85,7 +102,7 @@ pub(crate) fn builddb(
     };
     let mut exit = Exit::Done;
     if let Some(min) = signatures {
-        let (signed, sig_bytes, failed) = sign(ui, client, url, db, min)?;
+        let (signed, sig_bytes, failed) = sign(ui, client, url, db, min, seal, to_sign)?;
         human.push_str(&format!(
             "wrote '{}': signatures of {} ({})\n",
             delta::sig_path(db).display(),
@@ -108,15 +125,30 @@ pub(crate) fn builddb(
 /// listing (its signature names another SHA-256) or cannot be signed is
 /// named and left out; fetch then carries it whole. Returns the files
 /// signed, the signature file's size and the failures.
-fn sign(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path, min: u64) -> Result<(u64, u64, u64)> {
+fn sign(
+    ui: &Ui,
+    client: &Client,
+    url: &AreaUrl,
+    db: &Path,
+    min: u64,
+    seal: Option<&[crate::age::Recipient]>,
+    spooled: Option<crate::courier::Spool<crate::wire::manifest::Entry>>,
+) -> Result<(u64, u64, u64)> {
     let io_err = |e: std::io::Error| Error::io(delta::sig_path(db).display().to_string(), &e);
-    let mut out = delta::SigFileWriter::create(db, url.as_str()).map_err(io_err)?;
-    // Read back from the DB just written rather than kept from the
-    // listing: memory stays bounded however low --signature-min goes.
-    let (_, entries) = open_db(db)?;
+    let mut out = delta::SigFileWriter::create(db, url.as_str(), seal).map_err(io_err)?;
+    // Read back from the DB just written (or, encrypted, from the scratch
+    // spool) rather than kept from the listing: memory stays bounded
+    // however low --signature-min goes.
+    let entries: Box<dyn Iterator<Item = Result<crate::wire::manifest::Entry>>> = match spooled {
+        Some(mut spool) => {
+            spool.finish().map_err(io_err)?;
+            Box::new((0..spool.len()).map(move |i| spool.get(i).map_err(io_err)))
+        }
+        None => Box::new(open_db(db)?.1.map(|e| e.map_err(as_usage))),
+    };
     let (mut signed, mut failed) = (0u64, 0u64);
     for e in entries {
-        let e = e.map_err(as_usage)?;
+        let e = e?;
         if e.is_symlink() || e.size < min || e.size == 0 {
             continue;
         }
@@ -150,8 +182,8 @@ fn sign(ui: &Ui, client: &Client, url: &AreaUrl, db: &Path, min: u64) -> Result<
 }
 
 /// `bitfog emptydb DB`.
-pub(crate) fn emptydb(ui: &Ui, db: &Path) -> Result<Exit> {
-    DbWriter::create(db, None, None, Vec::new())?.commit(0)?;
+pub(crate) fn emptydb(ui: &Ui, db: &Path, seal: Option<&[crate::age::Recipient]>) -> Result<Exit> {
+    DbWriter::create(db, None, None, Vec::new(), seal)?.commit(0)?;
     ui.summary(
         &DbSummary {
             files: 0,
@@ -162,5 +194,45 @@ pub(crate) fn emptydb(ui: &Ui, db: &Path) -> Result<Exit> {
         },
         &format!("wrote '{}': empty\n", db.display()),
     );
+    Ok(Exit::Done)
+}
+
+/// `bitfog keygen`: a new age identity, to standard output or a new file
+/// (mode 0600, never over an existing one); its recipient on stderr.
+pub(crate) fn keygen(ui: &Ui, out: Option<&Path>) -> Result<Exit> {
+    let id = crate::age::Identity::generate();
+    let recipient = id.recipient();
+    let text = format!(
+        "# created: {}\n# public key: {recipient}\n{}\n",
+        crate::wire::protocol::rfc3339(crate::wire::manifest::now_secs()),
+        id.encode()
+    );
+    match out {
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let what = format!("'{}'", path.display());
+            let mut f = std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => Error::usage(format!(
+                        "{what}: already exists; keygen never replaces a key"
+                    )),
+                    _ => Error::io(&what, &e),
+                })?;
+            f.write_all(text.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Error::io(&what, &e))?;
+            ui.log(format!("public key: {recipient}"));
+        }
+        None => {
+            crate::ui::print_stdout(&text);
+            ui.log(format!("public key: {recipient}"));
+        }
+    }
     Ok(Exit::Done)
 }

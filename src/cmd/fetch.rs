@@ -145,6 +145,7 @@ fn source_writer(
         Some(src.as_str()),
         area_id,
         exclude,
+        None,
     )
 }
 

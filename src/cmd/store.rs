@@ -1559,6 +1559,7 @@ fn write_receipt(
         Some(dest.as_str()),
         listed.area_id.as_deref(),
         Vec::new(),
+        None,
     )?;
     for i in 0..lines.len() {
         let line = lines.get(i).map_err(what)?;

@@ -813,16 +813,21 @@ const SIG_FILE_VERSION: u32 = 1;
 pub(crate) struct SigFileWriter {
     tmp: PathBuf,
     path: PathBuf,
-    out: Option<io::BufWriter<File>>,
+    out: Option<io::BufWriter<crate::age::Sealed>>,
 }
 
 impl SigFileWriter {
-    pub(crate) fn create(db: &Path, source: &str) -> io::Result<SigFileWriter> {
+    /// With `seal`, encrypted to those recipients, as its DB is.
+    pub(crate) fn create(
+        db: &Path,
+        source: &str,
+        seal: Option<&[crate::age::Recipient]>,
+    ) -> io::Result<SigFileWriter> {
         let path = sig_path(db);
         let mut tmp = path.as_os_str().to_os_string();
         tmp.push(format!(".tmp{}", std::process::id()));
         let tmp = PathBuf::from(tmp);
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        let mut out = io::BufWriter::new(crate::age::Sealed::new(File::create(&tmp)?, seal)?);
         let head = serde_json::json!({ "bitfog_signatures": SIG_FILE_VERSION, "source": source });
         writeln!(out, "{head}")?;
         Ok(SigFileWriter {
@@ -843,6 +848,7 @@ impl SigFileWriter {
         let out = self.out.take().expect("open until commit");
         out.into_inner()
             .map_err(|e| io::Error::other(e.to_string()))?
+            .finish()?
             .sync_all()?;
         std::fs::rename(&self.tmp, &self.path)
     }
@@ -874,7 +880,8 @@ impl SigIndex {
             .custom_flags(libc::O_NONBLOCK)
             .open(&path);
         let file = match opened {
-            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => f,
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => crate::age::open_plain(f)
+                .map_err(|e| format!("'{}': {}", path.display(), crate::error::describe_io(&e)))?,
             Ok(_) => return Err(format!("'{}': not a regular file", path.display())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("'{}': {e}", path.display())),

@@ -507,6 +507,8 @@ pub(crate) fn read_line_capped(
 
 /// Opens a file bitfog reads as input (a DB, a receipt): a FIFO, device
 /// or directory there is refused rather than waited on.
+/// An encrypted DB (an age file) reads as its plain text, decrypted with
+/// `--identity` (see `age::open_plain`).
 pub(crate) fn open_input(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = File::options()
@@ -514,7 +516,7 @@ pub(crate) fn open_input(path: &Path) -> io::Result<File> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
     crate::beneath::regular(&f)?;
-    Ok(f)
+    crate::age::open_plain(f)
 }
 
 /// Opens a DB file and checks its header; exit 2 on anything wrong.
@@ -569,7 +571,7 @@ pub(crate) struct DbWriter {
     dir: Dir,
     name: Vec<u8>,
     tmp: Vec<u8>,
-    out: Option<BufWriter<File>>,
+    out: Option<BufWriter<crate::age::Sealed>>,
     count: u64,
     bytes: u64,
     /// Directories for the end record, and how many more there are that
@@ -604,11 +606,14 @@ fn remove_stale_temps(dir: &Dir, stem: &[u8]) {
 
 impl DbWriter {
     /// A DB at a path the user named.
+    /// With `seal`, the DB is written encrypted to those recipients (an
+    /// age file), never in plain text.
     pub(crate) fn create(
         path: &Path,
         source: Option<&str>,
         area_id: Option<&str>,
         exclude: Vec<String>,
+        seal: Option<&[crate::age::Recipient]>,
     ) -> Result<DbWriter> {
         let file_name = path
             .file_name()
@@ -616,7 +621,7 @@ impl DbWriter {
         let parent = parent_dir(path);
         let dir =
             Dir::open_path(parent).map_err(|e| Error::io(format!("'{}'", parent.display()), &e))?;
-        DbWriter::create_in(dir, file_name.as_bytes(), source, area_id, exclude)
+        DbWriter::create_in(dir, file_name.as_bytes(), source, area_id, exclude, seal)
     }
 
     /// A DB named `name` in `dir`.
@@ -626,6 +631,7 @@ impl DbWriter {
         source: Option<&str>,
         area_id: Option<&str>,
         exclude: Vec<String>,
+        seal: Option<&[crate::age::Recipient]>,
     ) -> Result<DbWriter> {
         let mut stem = b".".to_vec();
         stem.extend_from_slice(name);
@@ -639,11 +645,13 @@ impl DbWriter {
                 &e,
             )
         })?;
+        let what = format!("'{}'", dir.path.join(OsStr::from_bytes(&tmp)).display());
+        let out = crate::age::Sealed::new(file, seal).map_err(|e| Error::io(&what, &e))?;
         let mut w = DbWriter {
             dir,
             name: name.to_vec(),
             tmp,
-            out: Some(BufWriter::new(file)),
+            out: Some(BufWriter::new(out)),
             count: 0,
             bytes: 0,
             dirs: Vec::new(),
@@ -705,6 +713,7 @@ impl DbWriter {
         let out = self.out.take().expect("commit twice");
         let what = self.what(&self.tmp);
         let file = out.into_inner().map_err(|e| Error::io(&what, e.error()))?;
+        let file = file.finish().map_err(|e| Error::io(&what, &e))?;
         file.sync_all().map_err(|e| Error::io(&what, &e))?;
         if let Err(e) = self.dir.rename(&self.tmp, &self.name) {
             let _ = self.dir.unlink(&self.tmp);
@@ -862,7 +871,7 @@ mod tests {
             entries.dedup_by(|a, b| a.name == b.name);
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("x.db");
-            let mut w = DbWriter::create(&path, Some("http://h/a/"), None, Vec::new()).unwrap();
+            let mut w = DbWriter::create(&path, Some("http://h/a/"), None, Vec::new(), None).unwrap();
             for e in &entries {
                 w.entry(e).unwrap();
             }

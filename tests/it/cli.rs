@@ -35,7 +35,7 @@ fn usage_errors_exit_2_with_one_line() {
             .contains("usage: bitfog fetch")
     );
     for c in [
-        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status", "keygen",
     ] {
         assert!(
             bitfog(&[c, "--help"])
@@ -212,7 +212,7 @@ fn options_in(text: &str) -> BTreeSet<String> {
 fn help_and_man_page_name_the_same_options() {
     let mut help = options_in(&bitfog(&["--help"]).stdout);
     for c in [
-        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status", "keygen",
     ] {
         help.extend(options_in(&bitfog(&[c, "--help"]).stdout));
     }
@@ -412,7 +412,7 @@ fn the_completions_offer_every_option_of_every_command() {
     let bash = fs::read_to_string(format!("{dir}bitfog.bash")).unwrap();
     let zsh = fs::read_to_string(format!("{dir}_bitfog")).unwrap();
     for c in [
-        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status",
+        "serve", "builddb", "emptydb", "plan", "fetch", "store", "status", "keygen",
     ] {
         let help = bitfog(&[c, "--help"]).ok().stdout;
         // The bash line for this command, and the zsh function.
@@ -430,7 +430,10 @@ fn the_completions_offer_every_option_of_every_command() {
             let zsh_has = func.contains(&opt)
                 || (["--json", "--token", "--cacert", "--rsh", "--remote-bitfog"]
                     .contains(&opt.as_str())
-                    && func.contains("$client"));
+                    && func.contains("$client"))
+                || (["-i", "--identity"].contains(&opt.as_str()) && func.contains("$identity"))
+                || (["--encrypt-to", "--encrypt-to-file"].contains(&opt.as_str())
+                    && func.contains("$seal"));
             assert!(zsh_has, "zsh completion of {c} lacks {opt}");
         }
     }

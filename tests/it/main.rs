@@ -7,6 +7,7 @@ mod bounds;
 mod browse;
 mod carry;
 mod cli;
+mod crypt;
 mod delta;
 mod disks;
 mod exclude;
