@@ -794,4 +794,31 @@ mod tests {
             prop_assert!(open(&long, &[id]).is_err());
         }
     }
+
+    /// Throughput, by hand: `cargo test --release --lib age_speed --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, by hand"]
+    fn age_speed() {
+        let id = Identity::generate();
+        let block = vec![7u8; 1 << 20];
+        let total = 1024usize;
+        let t = std::time::Instant::now();
+        let mut w = Writer::new(io::sink(), &[id.recipient()]).unwrap();
+        for _ in 0..total {
+            w.write_all(&block).unwrap();
+        }
+        w.finish().unwrap();
+        let enc = t.elapsed().as_secs_f64();
+        let sealed = seal(&vec![7u8; 256 << 20], &[id.recipient()]);
+        let t = std::time::Instant::now();
+        let mut r = Reader::new(&sealed[..], &[id]).unwrap();
+        let n = io::copy(&mut r, &mut io::sink()).unwrap();
+        let dec = t.elapsed().as_secs_f64();
+        eprintln!(
+            "encrypt {:.0} MB/s, decrypt {:.0} MB/s",
+            (total << 20) as f64 / enc / 1e6,
+            n as f64 / dec / 1e6
+        );
+    }
 }

@@ -66,6 +66,8 @@ struct DbStatus {
     largest: Vec<Largest>,
     signatures: bool,
     signature_bytes: u64,
+    /// The DB is an age file (read with --identity).
+    encrypted: bool,
 }
 
 #[derive(Serialize, Clone)]
@@ -355,7 +357,9 @@ fn verify_all(
 
 fn db_status(ui: &Ui, path: &Path) -> Result<Exit> {
     let (h, entries) = crate::wire::manifest::open_db(path)?;
+    let encrypted = std::fs::File::open(path).is_ok_and(|f| crate::age::is_age(&f));
     let mut st = DbStatus {
+        encrypted,
         source: h.source.clone(),
         area_id: h.area_id.clone(),
         created: h.created.clone(),
@@ -403,6 +407,9 @@ fn db_status(ui: &Ui, path: &Path) -> Result<Exit> {
         human.push_str(&format!(" (identity {id})"));
     }
     human.push_str(&format!(", made {}\n", st.created));
+    if st.encrypted {
+        human.push_str("  encrypted (age)\n");
+    }
     human.push_str(&format!(
         "  {}, {}{}\n",
         files_bytes(st.files, st.bytes),

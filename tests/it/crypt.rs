@@ -91,7 +91,17 @@ fn encrypted_dbs_without_the_identity_are_a_clear_error() {
     assert!(missing.stderr.contains("give --identity"), "{missing}");
     let wrong = bitfog(&["status", &t.s("dest.db"), "--identity", &other]).code(2);
     assert!(wrong.stderr.contains("wrong --identity"), "{wrong}");
-    bitfog(&["status", &t.s("dest.db"), "-i", &other, "-i", &key]).ok();
+    let st = bitfog(&[
+        "status",
+        &t.s("dest.db"),
+        "-i",
+        &other,
+        "-i",
+        &key,
+        "--json",
+    ])
+    .ok();
+    assert_eq!(st.json()["encrypted"], true, "{st}");
     // Damaged anywhere, or cut short: refused, exit 2.
     for (what, bytes) in [
         ("changed", {
