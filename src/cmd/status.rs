@@ -94,7 +94,7 @@ pub(crate) fn status(ui: &Ui, path: &Path, verify: bool) -> Result<Exit> {
 
 /// The header of a state file of the courier, and a reader of its entries.
 fn state_db(c: &Courier, name: &str) -> Option<(Header, Reader<BufReader<File>>)> {
-    let f = c.state_file(name)?;
+    let f = crate::age::open_plain(c.state_file(name)?).ok()?;
     let mut r = Reader::new(BufReader::new(f), format!("the courier's {name}"));
     let h = r.header().ok()?;
     Some((h, r))

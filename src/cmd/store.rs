@@ -1624,6 +1624,8 @@ fn choose_deletions(
             "'{}'",
             opts.courier.join(".bitfog").join(SNAPSHOT).display()
         );
+        let snapshot = crate::age::open_plain(snapshot)
+            .map_err(|e| Error::usage(format!("{origin}: {}", crate::error::describe_io(&e))))?;
         let (_, snap) = crate::wire::manifest::open_db_file(snapshot, origin)?;
         for entry in snap {
             let entry = entry.map_err(as_usage)?;

@@ -755,13 +755,14 @@ impl Courier {
     }
 
     /// Keeps a copy of the destination snapshot this trip was planned
-    /// from, for `store --delete`.
+    /// from, for `store --delete`: byte for byte, so an encrypted DESTDB
+    /// stays encrypted on the courier.
     /// On failure no snapshot is left, never a stale one.
     pub(crate) fn keep_snapshot(&self, db: &Path) -> io::Result<()> {
         let state = self.state_rw()?;
         let tmp = b"destdb.jsonl.tmp";
         let copied = (|| {
-            let mut from = crate::wire::manifest::open_input(db)?;
+            let mut from = crate::wire::manifest::open_raw(db)?;
             let mut to = state.create_fresh(tmp)?;
             io::copy(&mut from, &mut to)?;
             to.sync_all()?;

@@ -510,13 +510,18 @@ pub(crate) fn read_line_capped(
 /// An encrypted DB (an age file) reads as its plain text, decrypted with
 /// `--identity` (see `age::open_plain`).
 pub(crate) fn open_input(path: &Path) -> io::Result<File> {
+    crate::age::open_plain(open_raw(path)?)
+}
+
+/// A DB file as it is on disk (a regular file, never waited on).
+pub(crate) fn open_raw(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = File::options()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
     crate::beneath::regular(&f)?;
-    crate::age::open_plain(f)
+    Ok(f)
 }
 
 /// Opens a DB file and checks its header; exit 2 on anything wrong.

@@ -144,6 +144,7 @@ fn a_trip_with_encrypted_dbs_and_the_age_cli_both_ways() {
     new[MIB..MIB + 4096].copy_from_slice(&data(6, 4096));
     write(&src, "vm/disk.img", &new);
     write(&dst, "vm/disk.img", &old);
+    write(&dst, "gone.txt", b"only at the destination\n");
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let (su, du) = (server.url("src"), server.url("dst"));
     let (key, recipient) = keygen(&t, "key.txt");
@@ -195,17 +196,22 @@ fn a_trip_with_encrypted_dbs_and_the_age_cli_both_ways() {
     ])
     .ok();
     assert_eq!(f.num("delta_files"), 1, "the signatures were read: {f}");
+    // The destination's DB went onto the courier as it was: encrypted;
+    // --delete reads it with the identity.
+    let snapshot = fs::read(t.path("courier/.bitfog/destdb.jsonl")).unwrap();
+    assert!(snapshot.starts_with(b"age-encryption.org/v1\n"));
     let s = bitfog(&[
         "store",
         &t.s("src.db"),
         &du,
         &t.s("courier"),
+        "--delete",
         "--json",
         "-i",
         &key,
     ])
     .ok();
-    assert_eq!(s.num("failed_files"), 0);
+    assert_eq!((s.num("failed_files"), s.num("deleted_files")), (0, 1));
     assert_same_tree(&src, &dst);
     // Without the identity nothing starts.
     let r = bitfog(&["store", &t.s("src.db"), &du, &t.s("courier")]).code(2);
