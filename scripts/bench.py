@@ -27,7 +27,8 @@ BIN = sys.argv[1]
 QUICK = "--quick" in sys.argv
 RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
 # --only delta: just the delta section; --only ssh: just ssh:// against
-# rsync -e ssh.
+# rsync -e ssh; --only disks: fetch onto exFAT, FAT32 and NTFS couriers
+# (FUSE, loop devices, root) against cp onto the same filesystem.
 ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
 # The delta workload: a file of DELTA_SIZE with 1 % overwritten in six
 # places, 4 KiB inserted near the end and 4 KiB deleted after that.
@@ -466,10 +467,77 @@ def ssh_section():
         shutil.rmtree(courier)
 
 
+def disks_section():
+    """fetch into a courier on exFAT, FAT32 and NTFS (the FUSE drivers,
+    images on loop devices; root only) and on the bench's own directory,
+    against cp -r of the same files onto the same filesystem: what bitfog
+    adds to what the filesystem costs anyway."""
+    root = tempfile.mkdtemp(prefix="disks-", dir=work)
+    src = os.path.join(root, "src")
+    os.makedirs(os.path.join(src, "small"))
+    size = (64 << 20) if QUICK else (512 << 20)
+    count = 200 if QUICK else 2000
+    sh("openssl enc -aes-128-ctr -K 0123456789abcdef0123456789abcdef -iv 0 -in /dev/zero 2>/dev/null"
+       " | head -c %d > %s/image.bin" % (size, src))
+    r = random.Random(5)
+    for i in range(count):
+        with open(os.path.join(src, "small", "f%05d:%d.txt" % (i, i % 3)), "wb") as f:
+            f.write(r.randbytes(r.randint(1024, 65536)))
+    total = tree_bytes(src)
+    conf = os.path.join(root, "bitfog.json")
+    with open(conf, "w") as f:
+        f.write('{"src":{"path":"%s"}}' % src)
+    port = free_port()
+    start([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:%d" % port, "-q",
+           "--cache", os.path.join(root, "cache")])
+    wait_port(port)
+    url = "http://127.0.0.1:%d/src/" % port
+    edb = os.path.join(root, "empty.db")
+    sh([BIN, "emptydb", edb, "-q"])
+    sh([BIN, "builddb", url, os.path.join(root, "warm.db"), "-q"])
+    mounts = []
+    kinds = [("ext4 (the bench's directory)", None), ("exFAT (exfat-fuse)", "exfat"),
+             ("NTFS (ntfs-3g)", "ntfs"), ("FAT32 (fusefat)", "fat32")]
+    try:
+        for label, kind in kinds:
+            if kind is None:
+                mnt = os.path.join(root, "plain")
+                os.makedirs(mnt)
+            else:
+                img = os.path.join(root, kind + ".img")
+                with open(img, "wb") as f:
+                    f.truncate(total * 3 + (256 << 20))
+                mkfs = {"exfat": ["mkfs.exfat", img], "fat32": ["mkfs.vfat", "-F", "32", img],
+                        "ntfs": ["mkfs.ntfs", "-F", "-Q", img]}[kind]
+                sh(mkfs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                dev = sh(["losetup", "-f", "--show", img], capture_output=True, text=True).stdout.strip()
+                mnt = os.path.join(root, "mnt-" + kind)
+                os.makedirs(mnt)
+                mount = {"exfat": ["mount.exfat-fuse", dev, mnt], "fat32": ["fusefat", "-o", "rw+", dev, mnt],
+                         "ntfs": ["ntfs-3g", dev, mnt]}[kind]
+                sh(mount, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                mounts.append((mnt, dev))
+            courier, copy = os.path.join(mnt, "courier"), os.path.join(mnt, "copy")
+            print("fetch onto %s: one %d MiB file and %d files of 1-64 KiB" % (label, size >> 20, count), flush=True)
+            # cp cannot hold the names with ':' on exFAT and FAT: it copies
+            # them under names the filesystem takes (tar's --transform).
+            compare("fetch onto " + label, [
+                ("bitfog", "%s fetch %s %s %s -q" % (BIN, edb, url, courier), rm(courier)),
+                ("cp", "mkdir -p %s && tar -C %s -cf - . | tar -C %s --transform 's/:/_/g' -xf -"
+                 % (copy, src, copy), rm(copy)),
+            ], {})
+    finally:
+        for mnt, dev in mounts:
+            subprocess.run(["umount", mnt])
+            subprocess.run(["losetup", "-d", dev])
+
+
 rows = []
 memory = []
 sizes = []
 try:
+    if ONLY == "disks":
+        disks_section()
     if ONLY in (None, "delta"):
         delta_section()
     if ONLY in (None, "ssh"):

@@ -5,13 +5,15 @@
 #   scripts/bench.sh --quick    # small data, to check the script
 #   scripts/bench.sh --only delta   # just deltas against rdiff and rsync batches
 #   scripts/bench.sh --only ssh     # just ssh:// fetch and store against rsync -e ssh (a private sshd)
+#   scripts/bench.sh --only disks   # fetch onto exFAT, FAT32 and NTFS couriers (root) against cp
 #   BENCH_SLOW=1 scripts/bench.sh   # also rclone webdav for the small-file store
 # Needs about 8 GB of free disk (BENCH_DIR picks where); traffic stays on
 # 127.0.0.1; every server is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
-for tool in nginx:nginx-light rsync:rsync rclone:rclone curl:curl openssl:openssl rdiff:rdiff ssh:openssh-client /usr/sbin/sshd:openssh-server; do
+for tool in nginx:nginx-light rsync:rsync rclone:rclone curl:curl openssl:openssl rdiff:rdiff ssh:openssh-client /usr/sbin/sshd:openssh-server \
+    mkfs.exfat:exfatprogs mount.exfat-fuse:exfat-fuse mkfs.vfat:dosfstools fusefat:fusefat ntfs-3g:ntfs-3g; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

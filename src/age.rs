@@ -795,11 +795,11 @@ mod tests {
         }
     }
 
-    /// Throughput, by hand: `cargo test --release --lib age_speed --
+    /// Throughput, by hand: `cargo test --release --lib measure_age_speed --
     /// --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement, by hand"]
-    fn age_speed() {
+    fn measure_age_speed() {
         let id = Identity::generate();
         let block = vec![7u8; 1 << 20];
         let total = 1024usize;
