@@ -166,7 +166,10 @@ impl FoldMap {
 }
 
 /// The file of `.bitfog/names/` a name is kept in: a hash of the name
-/// and, for the person looking, its last component in safe characters.
+/// and, for the person looking, its last component in safe characters,
+/// in one of 256 directories by the hash's first two digits (a FAT32
+/// directory holds at most 65,536 entries, a long name taking several,
+/// and FUSE drivers scan a directory for every lookup).
 pub(crate) fn held_name(name: &str, pack: bool) -> String {
     let mut h = Hasher::new();
     h.update(name.as_bytes());
@@ -184,16 +187,25 @@ pub(crate) fn held_name(name: &str, pack: bool) -> String {
         hint.push('_');
     }
     let suffix = if pack { PACK_SUFFIX } else { "" };
-    format!("{}-{hint}{suffix}", &h.hex()[..32])
+    let hex = h.hex();
+    format!("{}/{}-{hint}{suffix}", &hex[..2], &hex[..32])
 }
 
-/// True when a record's `at` is a name bitfog could have written: one
-/// component of safe characters.
+/// True when a record's `at` is a name bitfog could have written: a
+/// directory of two lower-case hex digits and one component of safe
+/// characters in it.
 fn sound_at(at: &str) -> bool {
-    !at.is_empty()
-        && at.len() <= 128
-        && !at.starts_with('.')
-        && at
+    let Some((bucket, file)) = at.split_once('/') else {
+        return false;
+    };
+    bucket.len() == 2
+        && bucket
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && !file.is_empty()
+        && file.len() <= 128
+        && !file.starts_with('.')
+        && file
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
@@ -425,8 +437,43 @@ impl Courier {
         Ok(Some(d))
     }
 
+    /// The directory of `.bitfog/names/` a held file is in (made when
+    /// `create`), the key `dirty` keeps it under, and the file's name.
+    fn held_parent(
+        &self,
+        at: &str,
+        create: bool,
+    ) -> io::Result<(Option<Arc<Dir>>, String, String)> {
+        let (bucket, file) = at.split_once('/').unwrap_or(("", at));
+        let key = format!("{NAMES_KEY}/{bucket}");
+        if let Some(d) = self.made.lock().expect("made dirs").get(&key) {
+            return Ok((Some(d.clone()), key, file.to_string()));
+        }
+        let Some(names) = self.names_dir(create)? else {
+            return Ok((None, key, file.to_string()));
+        };
+        let dir = match (bucket, create) {
+            ("", _) => names,
+            (b, true) => Arc::new(own_dir(&names, b)?),
+            (b, false) => match names.open_dir(b.as_bytes(), false) {
+                Ok(d) => Arc::new(d),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Ok((None, key, file.to_string()));
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let mut made = self.made.lock().expect("made dirs");
+        if made.len() >= OPEN_DIRS {
+            made.clear();
+        }
+        made.insert(key.clone(), dir.clone());
+        Ok((Some(dir), key, file.to_string()))
+    }
+
     /// Removes what `.bitfog/names/` holds that no record names (a run
-    /// killed between placing a file and recording it, a file pruned).
+    /// killed between placing a file and recording it, a file pruned),
+    /// and the directories that leaves empty.
     pub(crate) fn clean_names(&self) {
         let Ok(Some(dir)) = self.sub(NAMES, false) else {
             return;
@@ -438,11 +485,25 @@ impl Courier {
             .values()
             .cloned()
             .collect();
-        for (name, _) in dir.names().unwrap_or_default() {
-            if !std::str::from_utf8(&name).is_ok_and(|n| held.contains(n)) {
-                let _ = dir.unlink(&name);
+        for (bucket, kind) in dir.names().unwrap_or_default() {
+            let b = String::from_utf8_lossy(&bucket).into_owned();
+            let sub = match kind {
+                Some(Kind::Dir) => dir.open_dir(&bucket, false).ok(),
+                _ => None,
+            };
+            let Some(sub) = sub else {
+                let _ = dir.unlink(&bucket);
+                continue;
+            };
+            for (name, _) in sub.names().unwrap_or_default() {
+                let at = format!("{b}/{}", String::from_utf8_lossy(&name));
+                if !held.contains(&at) {
+                    let _ = sub.unlink(&name);
+                }
             }
+            let _ = dir.remove_dir(&bucket);
         }
+        self.made.lock().expect("made dirs").clear();
     }
 
     fn state_rw(&self) -> io::Result<&Dir> {
@@ -673,7 +734,7 @@ impl Courier {
         let was = self.held_at(name);
         let at = (!plain).then(|| held_name(name, pack));
         let (parent, key, last) = match &at {
-            Some(at) => (self.names_dir(true)?, NAMES_KEY.to_string(), at.clone()),
+            Some(at) => self.held_parent(at, true)?,
             None => {
                 self.held.lock().expect("held names").remove(name);
                 self.parent(name, true)?
@@ -701,8 +762,8 @@ impl Courier {
         }
         // The copy it replaces elsewhere is not left behind.
         if let Some(old) = was.filter(|old| Some(old) != self.held_at(name).as_ref()) {
-            if let Ok(Some(names)) = self.names_dir(false) {
-                let _ = names.unlink(old.as_bytes());
+            if let Ok((Some(d), _, file)) = self.held_parent(&old, false) {
+                let _ = d.unlink(file.as_bytes());
             }
         }
         self.dirty.lock().expect("dirty dirs").insert(key, parent);
@@ -737,11 +798,15 @@ impl Courier {
             .partial
             .as_ref()
             .map_or(0, |d| dir_bytes(d, |n| n.ends_with(b".part")));
-        let held_bytes = self
-            .sub(NAMES, false)
-            .ok()
-            .flatten()
-            .map_or(0, |d| dir_bytes(&d, |_| true));
+        let held_bytes = self.sub(NAMES, false).ok().flatten().map_or(0, |d| {
+            d.names()
+                .unwrap_or_default()
+                .iter()
+                .filter(|(_, k)| *k == Some(Kind::Dir))
+                .filter_map(|(b, _)| d.open_dir(b, false).ok())
+                .map(|b| dir_bytes(&b, |_| true))
+                .sum::<u64>()
+        });
         total
             + part_bytes
             + held_bytes
@@ -845,7 +910,7 @@ impl Courier {
     fn parent(&self, name: &str, create: bool) -> io::Result<(Option<Arc<Dir>>, String, String)> {
         let rel = check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
         if let Some(at) = self.held_at(name) {
-            return Ok((self.names_dir(create)?, NAMES_KEY.to_string(), at));
+            return self.held_parent(&at, create);
         }
         let (dir_name, last) = match name.rsplit_once('/') {
             Some((d, l)) => (d.to_string(), l.to_string()),
@@ -935,7 +1000,7 @@ impl Courier {
         if let Some(f) = self.fold.lock().expect("fold map").as_mut() {
             f.release(name);
         }
-        if dir_name == NAMES_KEY {
+        if dir_name.starts_with(NAMES_KEY) {
             let _ = dir.unlink(last.as_bytes());
             self.held.lock().expect("held names").remove(name);
             return;
@@ -1492,6 +1557,7 @@ mod tests {
         assert!(!dir.path().join("d/photo.jpg").exists());
         let at = c.held_at("d/photo.jpg").unwrap();
         assert!(at.ends_with("-photo.jpg") && sound_at(&at), "{at}");
+        assert_eq!(&at[2..3], "/", "in a directory of its own: {at}");
         assert!(c.held_at("d/a:b.txt").unwrap().ends_with("-a_b.txt"));
         let read = |name: &str| {
             let mut s = String::new();
@@ -1524,11 +1590,15 @@ mod tests {
         assert!(c.held_at("d/Photo.JPG").is_none());
         // An orphan goes; what a record names stays.
         fs::write(dir.path().join(".bitfog/names/stray"), "x").unwrap();
+        fs::create_dir(dir.path().join(".bitfog/names/00")).unwrap();
+        fs::write(dir.path().join(".bitfog/names/00/stray"), "x").unwrap();
         c.clean_names();
-        let left = fs::read_dir(dir.path().join(".bitfog/names"))
+        let left: usize = fs::read_dir(dir.path().join(".bitfog/names"))
             .unwrap()
-            .count();
+            .map(|b| fs::read_dir(b.unwrap().path()).unwrap().count())
+            .sum();
         assert_eq!(left, 2);
+        assert!(!dir.path().join(".bitfog/names/00").exists());
         c.remove_carried("d/photo.jpg");
         assert!(c.open_carried("d/photo.jpg").unwrap().is_none());
         assert!(c.open_carried("d/Photo.JPG").unwrap().is_some());
@@ -1541,18 +1611,24 @@ mod tests {
         fs::write(outside.path().join("secret"), "secret").unwrap();
         fs::create_dir_all(dir.path().join(".bitfog/names")).unwrap();
         let evil = format!("../../../..{}/secret", outside.path().display());
-        let lines: String = [evil.as_str(), "..", ".hidden", "a/b", ""]
-            .iter()
-            .enumerate()
-            .map(|(i, at)| {
-                format!(
-                    "{{\"name\":\"f{i}\",\"size\":6,\"mtime\":0,\"sha256\":null,\"at\":{at:?}}}\n"
-                )
-            })
-            .collect();
+        let lines: String = [
+            evil.as_str(),
+            "..",
+            "ab/.hidden",
+            "a/b",
+            "",
+            "ab/../x",
+            "AB/x",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, at)| {
+            format!("{{\"name\":\"f{i}\",\"size\":6,\"mtime\":0,\"sha256\":null,\"at\":{at:?}}}\n")
+        })
+        .collect();
         fs::write(dir.path().join(".bitfog/carried.jsonl"), lines).unwrap();
         let c = Courier::open(dir.path(), true).unwrap();
-        for i in 0..5 {
+        for i in 0..7 {
             let name = format!("f{i}");
             assert!(c.held_at(&name).is_none(), "{name}");
             assert!(c.open_carried(&name).unwrap().is_none());

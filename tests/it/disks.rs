@@ -254,6 +254,22 @@ fn disk_used(dir: &Path) -> u64 {
     total
 }
 
+/// The files of `.bitfog/names/`, as `BUCKET/FILE`.
+fn held_files(courier: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in fs::read_dir(courier.join(".bitfog/names")).unwrap() {
+        let b = b.unwrap();
+        let bucket = b.file_name().to_string_lossy().into_owned();
+        for f in fs::read_dir(b.path()).unwrap() {
+            out.push(format!(
+                "{bucket}/{}",
+                f.unwrap().file_name().to_string_lossy()
+            ));
+        }
+    }
+    out
+}
+
 /// What a person sees at the courier's top level (not bitfog's state).
 fn visible(courier: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(courier)
@@ -276,10 +292,7 @@ fn an_exfat_courier_carries_every_name_and_the_holes_stay_out() {
         "exFAT takes it: {seen:?}"
     );
     assert!(!seen.iter().any(|n| n.contains(':')), "{seen:?}");
-    let held: Vec<String> = fs::read_dir(courier.join(".bitfog/names"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let held = held_files(&courier);
     assert!(held.iter().any(|n| n.ends_with("-a_b.txt")), "{held:?}");
     assert!(
         held.iter().any(|n| n.ends_with("-disk.img.extents")),
@@ -429,16 +442,13 @@ fn on_exfat_a_clash_across_trips_and_a_tampered_pack_lose_nothing() {
         data(1, 300_000),
         "the first spelling is untouched"
     );
-    let held: Vec<String> = fs::read_dir(courier.join(".bitfog/names"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let held = held_files(&courier);
     assert!(held.iter().any(|n| n.ends_with("-Photo.JPG")), "{held:?}");
     // A byte of the sparse image's pack changes on the way.
-    let pack = fs::read_dir(courier.join(".bitfog/names"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with("-vm.img.extents"))
+    let pack = held_files(&courier)
+        .into_iter()
+        .find(|p| p.ends_with("-vm.img.extents"))
+        .map(|p| courier.join(".bitfog/names").join(p))
         .expect("the sparse image is kept as its extents");
     assert!(fs::metadata(&pack).unwrap().len() < 3 << 20);
     let mut bytes = fs::read(&pack).unwrap();
@@ -531,8 +541,7 @@ fn on_exfat_kill_9_mid_fetch_then_the_rerun_carries_every_name() {
         assert_eq!(files(&src), files(dst));
         // Nothing is left in .bitfog/names/ that no record names.
         let log = fs::read_to_string(courier.join(".bitfog/carried.jsonl")).unwrap();
-        for e in fs::read_dir(courier.join(".bitfog/names")).unwrap() {
-            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        for n in held_files(&courier) {
             assert!(log.contains(&n), "{n} is in no record");
         }
     }
