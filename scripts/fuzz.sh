@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(range paths manifest head delta)
+[ ${#targets[@]} -gt 0 ] || targets=(range paths manifest head delta age)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 for t in "${targets[@]}"; do
     log=$(mktemp)

@@ -795,6 +795,24 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The fuzz target's property on short inputs, real age files
+        /// (sealed for the fuzz identity, then changed) among them.
+        #[test]
+        fn the_fuzz_property_holds(garbage in prop::collection::vec(any::<u8>(), 0..300), flip in any::<u16>()) {
+            crate::fuzzing::age(&garbage);
+            let id = Identity::parse(
+                "AGE-SECRET-KEY-1GFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPQ4EGAEX",
+            ).unwrap();
+            let mut file = seal(&garbage, &[id.recipient()]);
+            crate::fuzzing::age(&file);
+            let i = flip as usize % file.len();
+            file[i] ^= 0x80;
+            crate::fuzzing::age(&file);
+        }
+    }
+
     /// Throughput, by hand: `cargo test --release --lib measure_age_speed --
     /// --ignored --nocapture`.
     #[test]

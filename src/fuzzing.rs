@@ -185,6 +185,40 @@ pub fn delta(data: &[u8]) {
     assert_eq!(apply(&d, &f).expect("an honest delta applies"), new);
 }
 
+/// age files: any bytes read as an age file with a fixed identity never
+/// panic and never yield more than they hold; the same bytes sealed for
+/// that identity come back whole, and with one byte changed are refused.
+pub fn age(data: &[u8]) {
+    static ID: OnceLock<crate::age::Identity> = OnceLock::new();
+    let id = ID.get_or_init(|| {
+        crate::age::Identity::parse(
+            "AGE-SECRET-KEY-1GFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPYYSJZGFPQ4EGAEX",
+        )
+        .expect("the spec's identity")
+    });
+    if let Ok(mut r) = crate::age::Reader::new(data, std::slice::from_ref(id)) {
+        let mut out = Vec::new();
+        if r.read_to_end(&mut out).is_ok() {
+            assert!(out.len() <= data.len());
+        }
+    }
+    let mut w = crate::age::Writer::new(Vec::new(), &[id.recipient()]).expect("to memory");
+    w.write_all(data).expect("to memory");
+    let mut sealed = w.finish().expect("to memory");
+    let mut back = Vec::new();
+    crate::age::Reader::new(&sealed[..], std::slice::from_ref(id))
+        .and_then(|mut r| r.read_to_end(&mut back))
+        .expect("a file sealed for the identity opens");
+    assert_eq!(back, data);
+    if let Some(&b) = data.first() {
+        let i = b as usize * 7 % sealed.len();
+        sealed[i] ^= 1;
+        let opened = crate::age::Reader::new(&sealed[..], std::slice::from_ref(id))
+            .and_then(|mut r| r.read_to_end(&mut Vec::new()));
+        assert!(opened.is_err(), "byte {i} changed and still opened");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Each property holds for a few fixed inputs, so that the functions
