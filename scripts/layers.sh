@@ -3,7 +3,7 @@
 # ARCHITECTURE.md). Prints each use that breaks a rule, as FILE:LINE and
 # the use; prints nothing and exits 0 when there is none.
 #
-#   folder    may use (besides the shared beneath, digest, error, ui)
+#   folder    may use (besides the shared age, beneath, digest, error, ui)
 #   wire      -
 #   http      -
 #   plan      wire
