@@ -285,14 +285,15 @@ fn try_all(dir: &Dir, state: &Dir) -> io::Result<Traits> {
         }
     } else {
         // Without holes that would write 4 GiB of zeros (exFAT does):
-        // the volume says instead. The kernel's FAT holds 4 GiB - 1;
-        // anything else that cannot tell gets 2 GiB - 1, the most every
-        // FAT driver writes (fusefat fails past 2 GiB), as pieces cost
-        // little.
+        // the volume says instead. The kernel's FAT holds 4 GiB - 1; a
+        // FAT through FUSE, or a volume that cannot tell, gets 2 GiB - 1,
+        // the most every FAT driver writes (fusefat fails past 2 GiB), as
+        // pieces cost little; the rest have no limit that matters.
         match t.fs.as_deref() {
-            Some(fs) if fs.starts_with("exFAT") || fs.starts_with("NTFS") => None,
             Some("FAT") => Some(FAT_MAX),
-            _ => Some(UNKNOWN_MAX),
+            Some(fs) if fs.starts_with("FAT") || fs.starts_with("a FUSE") => Some(UNKNOWN_MAX),
+            Some(_) => None,
+            None => Some(UNKNOWN_MAX),
         }
     };
     drop(f);
