@@ -28,7 +28,7 @@ QUICK = "--quick" in sys.argv
 RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
 # --only delta: just the delta section; --only ssh: just ssh:// against
 # rsync -e ssh; --only disks: fetch onto exFAT, FAT32 and NTFS couriers
-# (FUSE, loop devices, root) against cp onto the same filesystem.
+# (FUSE, loop devices, root) against a plain copy onto the same filesystem.
 ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
 # The delta workload: a file of DELTA_SIZE with 1 % overwritten in six
 # places, 4 KiB inserted near the end and 4 KiB deleted after that.
@@ -470,8 +470,8 @@ def ssh_section():
 def disks_section():
     """fetch into a courier on exFAT, FAT32 and NTFS (the FUSE drivers,
     images on loop devices; root only) and on the bench's own directory,
-    against cp -r of the same files onto the same filesystem: what bitfog
-    adds to what the filesystem costs anyway."""
+    against a plain copy of the same files onto the same filesystem: what
+    bitfog adds to what the filesystem costs anyway."""
     root = tempfile.mkdtemp(prefix="disks-", dir=work)
     src = os.path.join(root, "src")
     os.makedirs(os.path.join(src, "small"))
@@ -497,6 +497,19 @@ def disks_section():
     edb = os.path.join(root, "empty.db")
     sh([BIN, "emptydb", edb, "-q"])
     sh([BIN, "builddb", url, os.path.join(root, "warm.db"), "-q"])
+    # The peer: the same bytes written onto the same filesystem in 1 MiB
+    # buffers, names made legal (':' to '_'), no metadata (cp and tar
+    # fail on fusefat, which has no chmod).
+    copier = os.path.join(root, "copy.py")
+    with open(copier, "w") as f:
+        f.write("import os, shutil, sys\n"
+                "src, dst = sys.argv[1], sys.argv[2]\n"
+                "for dp, dns, fs in os.walk(src):\n"
+                "    out = os.path.join(dst, os.path.relpath(dp, src).replace(':', '_'))\n"
+                "    os.makedirs(out, exist_ok=True)\n"
+                "    for n in fs:\n"
+                "        with open(os.path.join(dp, n), 'rb') as a, open(os.path.join(out, n.replace(':', '_')), 'wb') as b:\n"
+                "            shutil.copyfileobj(a, b, 1 << 20)\n")
     mounts = []
     kinds = [("ext4 (the bench's directory)", None), ("exFAT (exfat-fuse)", "exfat"),
              ("NTFS (ntfs-3g)", "ntfs"), ("FAT32 (fusefat)", "fat32")]
@@ -521,12 +534,9 @@ def disks_section():
                 mounts.append((mnt, dev))
             courier, copy = os.path.join(mnt, "courier"), os.path.join(mnt, "copy")
             print("fetch onto %s: one %d MiB file and %d files of 1-64 KiB" % (label, size >> 20, count), flush=True)
-            # cp cannot hold the names with ':' on exFAT and FAT: it copies
-            # them under names the filesystem takes (tar's --transform).
             compare("fetch onto " + label, [
                 ("bitfog", "%s fetch %s %s %s -q" % (BIN, edb, url, courier), rm(courier)),
-                ("cp", "mkdir -p %s && tar -C %s -cf - . | tar -C %s --transform 's/:/_/g' -xf -"
-                 % (copy, src, copy), rm(copy)),
+                ("copy", "python3 %s %s %s" % (copier, src, copy), rm(copy)),
             ], {})
     finally:
         for mnt, dev in mounts:
