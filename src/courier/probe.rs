@@ -301,8 +301,16 @@ fn try_all(dir: &Dir, state: &Dir) -> io::Result<Traits> {
     Ok(t)
 }
 
-/// True when a file made in `dir` as `Case.tmp` is found as `CASE.TMP`.
+/// True when a file made in `dir` as `Case.tmp` is found as `CASE.TMP`
+/// (neither spelling left there first: a `CASE.TMP` planted on a
+/// case-sensitive courier must not pass for folding).
 pub(crate) fn folds_case(dir: &Dir) -> io::Result<bool> {
+    for name in [&b"CASE.TMP"[..], b"Case.tmp"] {
+        match dir.unlink(name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
     dir.create_fresh(b"Case.tmp")?;
     let folded = dir.stat(b"CASE.TMP").map(|m| m.is_some());
     dir.unlink(b"Case.tmp")?;
@@ -514,5 +522,18 @@ mod tests {
     fn mountinfo_escapes() {
         assert_eq!(unescape(r"/mnt/my\040disk"), "/mnt/my disk");
         assert_eq!(unescape(r"a\\b"), r"a\\b");
+    }
+
+    #[test]
+    fn a_planted_spelling_does_not_pass_for_folding() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("CASE.TMP"), "planted").unwrap();
+        let dir = Dir::open_path(tmp.path()).unwrap();
+        assert!(!folds_case(&dir).unwrap());
+        std::fs::create_dir(tmp.path().join("CASE.TMP")).unwrap();
+        assert!(
+            folds_case(&dir).is_err(),
+            "a directory in the way is an error, not a yes"
+        );
     }
 }
