@@ -1943,14 +1943,14 @@ fn upload(
         let body = crate::wire::sparse::ExtentBody::new(file, extents);
         let hashed = Arc::clone(&body.hashed);
         let sent = client.put_sparse(dest, e, body, body_len);
-        let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));
-        crate::digest::hash_zeros(&mut h, e.size.saturating_sub(at));
-        let got = h.hex();
+        let at = hashed.lock().expect("hasher").1;
         // Only a copy read to its end can be judged.
-        if at == data_end && &got != want {
-            return damaged(format!(
-                "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
-            ));
+        if let Some(got) = whole_sparse_hash(&hashed, e, at == data_end) {
+            if &got != want {
+                return damaged(format!(
+                    "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
+                ));
+            }
         }
         return sent.map_err(Failure::client)?.map_err(refused);
     }
@@ -2015,11 +2015,16 @@ fn upload_pack(
             "a sparse copy without a SHA-256 to check",
         ));
     };
-    let body = crate::wire::sparse::PackBody::new(
+    let body = crate::wire::sparse::PackBody::with_len(
         std::io::BufReader::with_capacity(1 << 20, file),
         e.size,
+        len,
     );
-    let (hashed, bad) = (Arc::clone(&body.hashed), Arc::clone(&body.bad));
+    let (hashed, bad, whole) = (
+        Arc::clone(&body.hashed),
+        Arc::clone(&body.bad),
+        Arc::clone(&body.read_whole),
+    );
     let sent = client.put_sparse(dest, e, body, len);
     if bad.load(Ordering::Relaxed) {
         return Err(mark_damaged(
@@ -2028,17 +2033,29 @@ fn upload_pack(
             "courier copy is damaged: its extent frames do not describe the file",
         ));
     }
-    let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));
-    crate::digest::hash_zeros(&mut h, e.size.saturating_sub(at));
-    let got = h.hex();
-    if sent.is_ok() && &got != want {
-        return Err(mark_damaged(
-            courier,
-            e,
-            &format!("courier copy is damaged: sha256 {got}, SRCDB lists {want}"),
-        ));
+    // Only a pack read to its end can be judged (a destination that
+    // refuses early reads only some of it).
+    if let Some(got) = whole_sparse_hash(&hashed, e, whole.load(Ordering::Relaxed)) {
+        if &got != want {
+            return Err(mark_damaged(
+                courier,
+                e,
+                &format!("courier copy is damaged: sha256 {got}, SRCDB lists {want}"),
+            ));
+        }
     }
     sent.map_err(Failure::client)?.map_err(refused)
+}
+
+/// The SHA-256 of a sparse upload's content from what its body hashed
+/// (holes after the last extent as zeros), when the body was read whole.
+fn whole_sparse_hash(hashed: &Mutex<(Hasher, u64)>, e: &Entry, read_whole: bool) -> Option<String> {
+    if !read_whole {
+        return None;
+    }
+    let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));
+    crate::digest::hash_zeros(&mut h, e.size.saturating_sub(at));
+    Some(h.hex())
 }
 
 /// Why a delta is not applied when the destination's file is not the

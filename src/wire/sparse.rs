@@ -197,9 +197,34 @@ pub(crate) struct PackBody<R> {
     left: u64,
     pub(crate) hashed: Arc<Mutex<(Hasher, u64)>>,
     pub(crate) bad: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the pack was read to its end (its end of file, or its
+    /// length when that is known: an HTTP body of that length is not read
+    /// past it), whole frames only.
+    pub(crate) read_whole: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes read, and the pack's length when known.
+    consumed: u64,
+    len: Option<u64>,
 }
 
 impl<R: Read> PackBody<R> {
+    /// A pack of `len` bytes, when that is known (`with_len`).
+    pub(crate) fn with_len(inner: R, size: u64, len: u64) -> PackBody<R> {
+        PackBody {
+            len: Some(len),
+            ..PackBody::new(inner, size)
+        }
+    }
+
+    /// Counts `n` bytes read; at the known length, on a frame boundary,
+    /// the pack was read whole.
+    fn count(&mut self, n: usize) {
+        self.consumed += n as u64;
+        if Some(self.consumed) == self.len && self.left == 0 && self.head_got == 0 {
+            self.read_whole
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn new(inner: R, size: u64) -> PackBody<R> {
         PackBody {
             inner,
@@ -209,6 +234,9 @@ impl<R: Read> PackBody<R> {
             left: 0,
             hashed: Arc::new(Mutex::new((Hasher::new(), 0))),
             bad: Arc::default(),
+            read_whole: Arc::default(),
+            consumed: 0,
+            len: None,
         }
     }
 
@@ -231,6 +259,8 @@ impl<R: Read> Read for PackBody<R> {
             let n = self.inner.read(&mut buf[..want])?;
             if n == 0 {
                 if self.head_got == 0 {
+                    self.read_whole
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     return Ok(0);
                 }
                 return Err(self.damaged("cut short"));
@@ -248,8 +278,10 @@ impl<R: Read> Read for PackBody<R> {
                 let mut h = self.hashed.lock().expect("hasher");
                 hash_zeros(&mut h.0, start - at);
                 h.1 = start;
+                drop(h);
                 self.left = len;
             }
+            self.count(n);
             return Ok(n);
         }
         let want = (self.left.min(buf.len() as u64)) as usize;
@@ -257,10 +289,13 @@ impl<R: Read> Read for PackBody<R> {
         if n == 0 {
             return Err(self.damaged("cut short"));
         }
-        let mut h = self.hashed.lock().expect("hasher");
-        h.0.update(&buf[..n]);
-        h.1 += n as u64;
+        {
+            let mut h = self.hashed.lock().expect("hasher");
+            h.0.update(&buf[..n]);
+            h.1 += n as u64;
+        }
         self.left -= n as u64;
+        self.count(n);
         Ok(n)
     }
 }
@@ -329,6 +364,15 @@ mod tests {
         swapped.extend_from_slice(&pack[..21]);
         assert!(hash_pack(&swapped[..], size).is_err());
         assert!(hash_pack(&pack[..], 4000).is_err());
+        // Read whole at its length (an HTTP body is not read past it),
+        // and only then.
+        let mut whole = PackBody::with_len(&pack[..], size, pack.len() as u64);
+        let done = Arc::clone(&whole.read_whole);
+        let mut buf = vec![0u8; pack.len() - 1];
+        whole.read_exact(&mut buf).unwrap();
+        assert!(!done.load(std::sync::atomic::Ordering::Relaxed));
+        whole.read_exact(&mut buf[..1]).unwrap();
+        assert!(done.load(std::sync::atomic::Ordering::Relaxed));
         let body = PackBody::new(&pack[..20], size);
         let bad = Arc::clone(&body.bad);
         let mut body = body;
