@@ -128,7 +128,11 @@ impl Traits {
         if self.case_insensitive {
             what.push("case-insensitive".to_string());
         }
-        let mut refused: Vec<String> = self.refused_chars.iter().map(|c| c.to_string()).collect();
+        let chars: Vec<String> = self.refused_chars.iter().map(|c| c.to_string()).collect();
+        let mut refused: Vec<String> = (!chars.is_empty())
+            .then(|| chars.join(" "))
+            .into_iter()
+            .collect();
         if self.controls {
             refused.push("control characters".into());
         }
@@ -142,7 +146,7 @@ impl Traits {
             refused.push("device names (CON, NUL...)".into());
         }
         if !refused.is_empty() {
-            what.push(format!("no names with {}", refused.join(" ")));
+            what.push(format!("no names with {}", refused.join(", ")));
         }
         if !self.holes {
             what.push("no holes it can report".into());
