@@ -199,6 +199,10 @@ impl Server {
             };
             c.arg("-c").arg(script).arg(BIN).args(&args);
             c.env_remove("BITFOG_TOKEN").stdin(Stdio::null());
+            // A group of its own, so Drop reaches the server under a
+            // wrapper that forks it (strace): a tracer killed lets its
+            // tracee run on.
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
             c
         };
         // Wrapped at once, so Drop kills and waits on every path.
@@ -251,6 +255,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // The whole group where the server was started under a wrapper
+        // (nothing happens otherwise: it leads no group).
+        let _ = Command::new("kill")
+            .args(["-9", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
