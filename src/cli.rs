@@ -545,8 +545,6 @@ pub(crate) struct Cli {
 /// Stage 1: raw values, by option, and the positional arguments.
 struct Raw {
     given: HashMap<&'static str, Option<OsString>>,
-    /// `--exclude`, which may be given more than once.
-    excludes: Vec<String>,
     /// Every value of each option of `REPEATABLE` given.
     multi: HashMap<&'static str, Vec<OsString>>,
     free: Vec<OsString>,
@@ -626,10 +624,6 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
             multi.insert(*long, v);
         }
     }
-    let excludes: Vec<String> = multi
-        .get("--exclude")
-        .map(|v: &Vec<OsString>| v.iter().map(|s| s.to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
     for o in OPTIONS.iter().filter(|o| !REPEATABLE.contains(&o.long)) {
         let keys: pico_args::Keys = match o.short {
             Some(s) => [s, o.long].into(),
@@ -668,12 +662,7 @@ fn raw(args: Vec<OsString>) -> Result<Raw> {
         free.push(a);
     }
     free.extend(after);
-    Ok(Raw {
-        given,
-        excludes,
-        multi,
-        free,
-    })
+    Ok(Raw { given, multi, free })
 }
 
 fn count(name: &str, value: &str, max: usize) -> Result<usize> {
@@ -718,7 +707,12 @@ pub(crate) fn parse(args: Vec<OsString>) -> Result<Cli> {
     let token = r
         .text("--token")
         .or_else(|| std::env::var("BITFOG_TOKEN").ok().filter(|t| !t.is_empty()));
-    let exclude = crate::wire::exclude::Excludes::new(&r.excludes).map_err(Error::usage)?;
+    let excludes: Vec<String> = r
+        .all("--exclude")
+        .iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    let exclude = crate::wire::exclude::Excludes::new(&excludes).map_err(Error::usage)?;
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let rsh = r.text("--rsh").or_else(|| env("BITFOG_RSH"));
     let remote = r.text("--remote-bitfog").or_else(|| env("BITFOG_REMOTE"));

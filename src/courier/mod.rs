@@ -278,7 +278,7 @@ impl Courier {
             )));
         }
         let traits = probe::Traits {
-            case_insensitive: probe::folds_case(&state).unwrap_or_else(|_| folds_case(&dir)),
+            case_insensitive: probe::folds_case(&state).unwrap_or_else(|_| shows_folding(&dir)),
             ..probe::Traits::default()
         };
         let c = Courier {
@@ -321,7 +321,7 @@ impl Courier {
         let state = sub(dir.as_ref(), COURIER_STATE)?;
         let partial = sub(state.as_ref(), "partial")?;
         let traits = probe::Traits {
-            case_insensitive: state.is_some() && dir.as_ref().is_some_and(folds_case),
+            case_insensitive: state.is_some() && dir.as_ref().is_some_and(shows_folding),
             ..probe::Traits::default()
         };
         let c = Courier {
@@ -353,12 +353,13 @@ impl Courier {
                 &e,
             )
         })?;
-        t.case_insensitive |= self.traits.case_insensitive;
-        if t.case_insensitive && !self.traits.case_insensitive {
-            self.traits.case_insensitive = true;
+        let known = self.traits.case_insensitive;
+        t.case_insensitive |= known;
+        self.traits = t;
+        // Folding found only now: who owns each folded path.
+        if self.traits.case_insensitive && !known {
             self.load_names();
         }
-        self.traits = t;
         Ok(())
     }
 
@@ -1037,7 +1038,7 @@ impl Courier {
 /// True when the filesystem of `root` (which holds `.bitfog`) folds case,
 /// looked at without writing: `.BITFOG` is there too. (Inode numbers do
 /// not tell: exfat-fuse gives each spelling its own.)
-fn folds_case(root: &Dir) -> bool {
+fn shows_folding(root: &Dir) -> bool {
     root.stat(COURIER_STATE.to_uppercase().as_bytes())
         .is_ok_and(|m| m.is_some_and(|m| m.kind == Kind::Dir))
 }
