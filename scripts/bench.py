@@ -28,7 +28,8 @@ QUICK = "--quick" in sys.argv
 RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 3
 # --only delta: just the delta section; --only ssh: just ssh:// against
 # rsync -e ssh; --only disks: fetch onto exFAT, FAT32 and NTFS couriers
-# (FUSE, loop devices, root) against a plain copy onto the same filesystem.
+# (FUSE, loop devices, root) against a plain copy onto the same filesystem;
+# --only crypt: an encrypted courier's fetch and store against a plain one.
 ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
 # The delta workload: a file of DELTA_SIZE with 1 % overwritten in six
 # places, 4 KiB inserted near the end and 4 KiB deleted after that.
@@ -544,12 +545,60 @@ def disks_section():
             subprocess.run(["losetup", "-d", dev])
 
 
+def crypt_section():
+    """An encrypted courier (fetch --encrypt-to, store --identity) against
+    a plain one, same file, same servers, alternating: what the
+    encryption costs."""
+    root = tempfile.mkdtemp(prefix="crypt-", dir=work)
+    src, dst = os.path.join(root, "src"), os.path.join(root, "dst")
+    os.makedirs(src)
+    os.makedirs(dst)
+    size = (128 << 20) if QUICK else (1 << 30)
+    sh("openssl enc -aes-128-ctr -K 0123456789abcdef0123456789abcdef -iv 0 -in /dev/zero 2>/dev/null"
+       " | head -c %d > %s/image.bin" % (size, src))
+    conf = os.path.join(root, "bitfog.json")
+    with open(conf, "w") as f:
+        f.write('{"src":{"path":"%s"},"dst":{"path":"%s","writable":true}}' % (src, dst))
+    port = free_port()
+    start([BIN, "serve", "--conf", conf, "--addr", "127.0.0.1:%d" % port, "-q",
+           "--cache", os.path.join(root, "cache")])
+    wait_port(port)
+    su, du = "http://127.0.0.1:%d/src/" % port, "http://127.0.0.1:%d/dst/" % port
+    key = os.path.join(root, "dest.key")
+    out = subprocess.run([BIN, "keygen", "-o", key], check=True, capture_output=True, text=True)
+    recipient = out.stderr.strip().split()[-1]
+    edb = os.path.join(root, "empty.db")
+    sh([BIN, "emptydb", edb, "-q"])
+    sh([BIN, "builddb", su, os.path.join(root, "warm.db"), "-q"])
+    env = "BITFOG_STATE_DIR=%s" % os.path.join(root, "keepers")
+    plain, sealed = os.path.join(root, "plain"), os.path.join(root, "sealed")
+    print("fetch and store, one %d MiB file, encrypted courier against plain" % (size >> 20), flush=True)
+    compare("fetch encrypted", [
+        ("encrypted", "%s %s fetch %s %s %s --encrypt-to %s -q" % (env, BIN, edb, su, sealed, recipient), rm(sealed)),
+        ("plain", "%s fetch %s %s %s -q" % (BIN, edb, su, plain), rm(plain)),
+    ], {"plain": 1.3})
+
+    def empty_dst():
+        for n in os.listdir(dst):
+            os.remove(os.path.join(dst, n))
+    for c, extra in ((sealed, ["--encrypt-to", recipient]), (plain, [])):
+        rm(c)()
+        subprocess.run([BIN, "fetch", edb, su, c, "-q"] + extra, check=True,
+                       env=dict(os.environ, BITFOG_STATE_DIR=os.path.join(root, "keepers")))
+    compare("store encrypted", [
+        ("encrypted", "%s store %s %s %s -i %s -q" % (BIN, sealed, du, sealed, key), empty_dst),
+        ("plain", "%s store %s %s %s -q" % (BIN, plain, du, plain), empty_dst),
+    ], {"plain": 1.3}, check=(dst, size))
+
+
 rows = []
 memory = []
 sizes = []
 try:
     if ONLY == "disks":
         disks_section()
+    if ONLY == "crypt":
+        crypt_section()
     if ONLY in (None, "delta"):
         delta_section()
     if ONLY in (None, "ssh"):

@@ -6,6 +6,7 @@
 #   scripts/bench.sh --only delta   # just deltas against rdiff and rsync batches
 #   scripts/bench.sh --only ssh     # just ssh:// fetch and store against rsync -e ssh (a private sshd)
 #   scripts/bench.sh --only disks   # fetch onto exFAT, FAT32 and NTFS couriers (root) against a plain copy
+#   scripts/bench.sh --only crypt   # an encrypted courier (1 GiB fetch and store) against a plain one
 #   BENCH_SLOW=1 scripts/bench.sh   # also rclone webdav for the small-file store
 # Needs about 8 GB of free disk (BENCH_DIR picks where); traffic stays on
 # 127.0.0.1; every server is stopped at the end.

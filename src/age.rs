@@ -66,7 +66,7 @@ fn invalid(why: impl Into<String>) -> io::Error {
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-fn b64_encode(data: &[u8]) -> String {
+pub(crate) fn b64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
         let n = (u32::from(c[0]) << 16)
@@ -80,7 +80,7 @@ fn b64_encode(data: &[u8]) -> String {
 }
 
 /// Decodes canonical unpadded base64; anything else is `None`.
-fn b64_decode(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn b64_decode(s: &str) -> Option<Vec<u8>> {
     if s.len() % 4 == 1 {
         return None;
     }
@@ -199,6 +199,7 @@ fn bech32_decode(s: &str) -> Option<(String, Vec<u8>)> {
 }
 
 /// An X25519 identity: what decrypts.
+#[derive(Clone)]
 pub(crate) struct Identity(StaticSecret);
 
 /// An X25519 recipient: what encrypts, public.
@@ -335,6 +336,27 @@ fn chunk_nonce(counter: u64, last: bool) -> [u8; 12] {
     n
 }
 
+/// Bytes an age file of `plain` bytes takes after a header of `header`
+/// bytes: the nonce, the data, and a tag for each 64 KiB chunk (at
+/// least one).
+pub(crate) fn sealed_len(header: u64, plain: u64) -> u64 {
+    header + 16 + plain + plain.div_ceil(CHUNK as u64).max(1) * TAG as u64
+}
+
+/// The plain length of an age file of `total` bytes whose header takes
+/// `header`; `None` when no plain length gives that size.
+pub(crate) fn plain_len(header: u64, total: u64) -> Option<u64> {
+    let payload = total.checked_sub(header + 16)?;
+    let chunks = payload.div_ceil((CHUNK + TAG) as u64).max(1);
+    let plain = payload.checked_sub(chunks * TAG as u64)?;
+    (sealed_len(header, plain) == total).then_some(plain)
+}
+
+/// The length of the header `Writer` writes for `recipients`.
+pub(crate) fn header_len(recipients: &[Recipient]) -> u64 {
+    header(&[0; 16], recipients).len() as u64
+}
+
 /// Encrypts what is written to it into `out` as an age file for the
 /// recipients; `finish` seals the last chunk (without it the file is cut
 /// short, and every reader refuses it).
@@ -414,13 +436,14 @@ pub(crate) struct Reader<R: Read> {
     plain: Vec<u8>,
     at: usize,
     done: bool,
+    header_len: u64,
 }
 
 impl<R: Read> Reader<R> {
     /// Reads the header and unwraps the file key with one of `identities`.
     pub(crate) fn new(inner: R, identities: &[Identity]) -> io::Result<Reader<R>> {
         let mut inner = BufReader::with_capacity(CHUNK + TAG + 1, inner);
-        let file_key = read_header(&mut inner, identities)?;
+        let (file_key, header_len) = read_header(&mut inner, identities)?;
         let mut nonce = [0u8; 16];
         inner
             .read_exact(&mut nonce)
@@ -432,7 +455,14 @@ impl<R: Read> Reader<R> {
             plain: Vec::with_capacity(CHUNK + TAG),
             at: 0,
             done: false,
+            header_len,
         })
+    }
+
+    /// The plain length of this file, were it `total` bytes long in all
+    /// (`None` when no plain length makes that size: it is damaged).
+    pub(crate) fn plain_len(&self, total: u64) -> Option<u64> {
+        plain_len(self.header_len, total)
     }
 
     /// Decrypts the next chunk into `plain`.
@@ -505,7 +535,7 @@ fn header_line(r: &mut impl BufRead, seen: &mut Vec<u8>) -> io::Result<String> {
 
 /// Parses a v1 header and returns the file key one of `identities`
 /// unwraps, after checking the header's MAC.
-fn read_header(r: &mut impl BufRead, identities: &[Identity]) -> io::Result<[u8; 16]> {
+fn read_header(r: &mut impl BufRead, identities: &[Identity]) -> io::Result<([u8; 16], u64)> {
     let mut seen = Vec::new();
     if header_line(r, &mut seen)? != "age-encryption.org/v1" {
         return Err(invalid("not an age v1 file"));
@@ -575,7 +605,7 @@ fn read_header(r: &mut impl BufRead, identities: &[Identity]) -> io::Result<[u8;
                 if header_mac(&file_key, &seen[..dashes]) != mac[..] {
                     return Err(invalid("its header was changed (the MAC does not match)"));
                 }
-                return Ok(file_key);
+                return Ok((file_key, seen.len() as u64));
             }
         }
     }
@@ -601,6 +631,11 @@ pub(crate) fn set_identities(files: &[PathBuf]) -> Result<(), String> {
     }
     let _ = IDENTITIES.set((ids, files.to_vec()));
     Ok(())
+}
+
+/// The identities `--identity` gave (none when it was not given).
+pub(crate) fn identities() -> &'static [Identity] {
+    IDENTITIES.get().map_or(&[], |(ids, _)| ids.as_slice())
 }
 
 /// True when `file` starts as an age file does.

@@ -320,17 +320,19 @@ const OPTIONS: &[Opt] = &[
         long: "--encrypt-to",
         short: None,
         value: Some("RECIPIENT"),
-        commands: &["builddb", "emptydb"],
+        commands: &["builddb", "emptydb", "fetch", "store"],
         needs: None,
-        help: "write the DB (and its signatures) encrypted to this age\n\
-               recipient (age1..., repeatable): an age file, read back\n\
-               with the matching identity",
+        help: "encrypt to this age recipient (age1..., repeatable): the DB\n\
+               and its signatures (builddb, emptydb); everything fetch\n\
+               writes in the courier, names included; the receipt store\n\
+               writes in an encrypted courier. Read back with the\n\
+               matching identity",
     },
     Opt {
         long: "--encrypt-to-file",
         short: None,
         value: Some("FILE"),
-        commands: &["builddb", "emptydb"],
+        commands: &["builddb", "emptydb", "fetch", "store"],
         needs: None,
         help: "the same, for each recipient in FILE (one age1... a line;\n\
                # comments)",
@@ -342,8 +344,8 @@ const OPTIONS: &[Opt] = &[
         commands: &["plan", "fetch", "store", "status"],
         needs: None,
         help: "age identities (AGE-SECRET-KEY-1... lines, as age-keygen\n\
-               and bitfog keygen write) to read encrypted DBs with\n\
-               (repeatable)",
+               and bitfog keygen write) to read encrypted DBs and\n\
+               couriers with (repeatable)",
     },
     Opt {
         long: "--output",
@@ -865,6 +867,7 @@ fn command(
                 max_bytes,
                 dry_run: r.flag("--dry-run"),
                 jobs,
+                seal: r.recipients()?,
             })
         }
         "store" => {
@@ -882,6 +885,7 @@ fn command(
                 },
                 dry_run: r.flag("--dry-run"),
                 jobs,
+                seal: r.recipients()?,
             })
         }
         "status" => Command::Status {

@@ -25,9 +25,9 @@ _bitfog() {
         emptydb) opts="--encrypt-to --encrypt-to-file --json" ;;
         keygen) opts="-o --output" ;;
         plan) opts="--exclude --max-bytes -i --identity -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
-        fetch) opts="--exclude --max-bytes --jobs --dry-run -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        fetch) opts="--exclude --max-bytes --jobs --dry-run --encrypt-to --encrypt-to-file -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         status) opts="--verify -i --identity --json" ;;
-        store) opts="--delete --max-delete --jobs --dry-run -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        store) opts="--delete --max-delete --jobs --dry-run --encrypt-to --encrypt-to-file -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         *)
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W "$global" -- "$cur"))

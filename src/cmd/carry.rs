@@ -11,7 +11,7 @@ use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing, hash_r
 use crate::error::{describe_io, is_disk_full};
 use crate::wire::delta::{self, DeltaHeader, Encoder, Signature};
 use crate::wire::manifest::Entry;
-use std::io::{self, Write};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why moving one file, range or delta did not complete, matched by
@@ -123,12 +123,22 @@ pub(super) fn download_range(
     let range = ranges::create(courier, e, &sha, start)
         .map_err(|err| why("cannot create range file", &err))?;
     let mut hasher = Hasher::new();
-    let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(range.file(), 0));
+    let mut out = courier
+        .sink(io::BufWriter::with_capacity(
+            BUF_SIZE,
+            Writeback::new(range.file(), 0),
+        ))
+        .map_err(|err| why("cannot write range file", &err))?;
     let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
         wire.fetch_add(n, Ordering::Relaxed);
     });
-    let flushed = out.flush();
-    drop(out);
+    let flushed = match copied {
+        Ok(n) if n == len => out.finish().map(drop),
+        _ => {
+            drop(out);
+            Ok(())
+        }
+    };
     match copied {
         Ok(n) if n == len => flushed.map_err(|err| why("cannot write range file", &err))?,
         Ok(n) => {
@@ -154,7 +164,7 @@ pub(super) fn download_range(
         len,
         range_sha256: hasher.hex(),
     };
-    ranges::keep(range, &rec).map_err(|err| why("cannot record range", &err))?;
+    ranges::keep(courier, range, &rec).map_err(|err| why("cannot record range", &err))?;
     Ok(rec)
 }
 
@@ -175,10 +185,17 @@ pub(super) fn upload_range(
     (data, rec): (&str, &RangeRecord),
     e: &Entry,
 ) -> Result<Sent, Failure> {
-    let open =
-        || ranges::open(courier, data).map_err(|e| Failure::io("cannot read courier range", &e));
-    let (got, n) =
-        hash_reader(open()?).map_err(|e| Failure::io("cannot read courier range", &e))?;
+    let open = || {
+        ranges::open(courier, data)
+            .map(|(f, _)| f)
+            .map_err(|e| Failure::io("cannot read courier range", &e))
+    };
+    // A sealed range that does not decrypt whole is damaged like one
+    // whose hash is wrong.
+    let (got, n) = match hash_reader(open()?) {
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Default::default(),
+        other => other.map_err(|e| Failure::io("cannot read courier range", &e))?,
+    };
     if n != rec.len || got != rec.range_sha256 {
         return Err(Failure::Damaged(format!(
             "courier range {}-{} is damaged; not uploaded (the next fetch carries it again)",
@@ -242,7 +259,9 @@ pub(super) fn make_delta(
         base_sha256: base_sha.to_string(),
     };
     let made = deltas::create(courier, &e.name, &sha, base_sha).map_err(|err| write_fail(&err))?;
-    let out = io::BufWriter::with_capacity(1 << 20, made.file());
+    let out = courier
+        .sink(io::BufWriter::with_capacity(1 << 20, made.file()))
+        .map_err(|err| write_fail(&err))?;
     let mut enc = Encoder::new(sig, &header, out, limit).map_err(|err| write_fail(&err))?;
     let mut hasher = Hasher::new();
     let n = copy_hashing(&mut dl.body, &mut enc, &mut hasher, e.size, |n| {
@@ -263,9 +282,8 @@ pub(super) fn make_delta(
             "changed at the source while it was read; not kept".into(),
         ));
     }
-    let (mut out, len) = enc.finish().map_err(|err| write_fail(&err))?;
-    out.flush().map_err(|err| write_fail(&err))?;
-    drop(out);
+    let (out, len) = enc.finish().map_err(|err| write_fail(&err))?;
+    out.finish().map_err(|err| write_fail(&err))?;
     made.keep(None).map_err(|err| write_fail(&err))?;
     Ok(len)
 }

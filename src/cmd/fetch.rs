@@ -24,7 +24,7 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,6 +53,8 @@ pub(crate) struct FetchOpts {
     pub(crate) max_bytes: Option<u64>,
     pub(crate) dry_run: bool,
     pub(crate) jobs: usize,
+    /// `--encrypt-to`: seal the courier for these.
+    pub(crate) seal: Option<Vec<crate::age::Recipient>>,
 }
 
 /// The destination's version of a file the source changed: its size and
@@ -145,7 +147,7 @@ fn source_writer(
         Some(src.as_str()),
         area_id,
         exclude,
-        None,
+        courier.state_recipients(),
     )
 }
 
@@ -336,11 +338,15 @@ struct FetchSummary {
 /// measure the room, then carry: ranges of files under way, deltas, whole
 /// files largest first, duplicates as instructions; then the summary.
 pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
+    // The source's side: a courier sealed here without an identity is
+    // read with the keeper key kept here.
+    crate::courier::seal::allow_keeper();
     check_destdb(client, &opts.destdb, &opts.src)?;
     if opts.dry_run {
         return dry_run(ui, client, opts);
     }
     let mut courier = Courier::open(&opts.courier, true)?;
+    seal_courier(ui, &mut courier, opts)?;
     courier.probe()?;
     if let Some(line) = courier.traits().describe() {
         ui.log(line);
@@ -362,10 +368,10 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     };
     let room = Room::measure(&courier, opts.max_bytes);
     let mut avail = room.trip;
-    let mut planned = plan_ranges(&survey, &dest, &kept_ranges, &mut avail);
+    let mut planned = plan_ranges(&courier, &survey, &dest, &kept_ranges, &mut avail);
     let made = trip.make_deltas(&survey, &dest, &dups, &mut avail);
     let picked = select(&trip, &survey, &dups, &made, &room, avail);
-    if let Some(next) = next_big_range(&survey, &dups, &made, &picked, &room) {
+    if let Some(next) = next_big_range(&courier, &survey, &dups, &made, &picked, &room) {
         planned.push(next);
     }
     let planned = in_pieces(planned, piece_len(&courier));
@@ -385,6 +391,42 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     } else {
         Exit::Done
     })
+}
+
+/// Seals a courier that holds no trip yet when `--encrypt-to` is given;
+/// a sealed courier stays sealed, to the same recipients.
+fn seal_courier(ui: &Ui, courier: &mut Courier, opts: &FetchOpts) -> Result<()> {
+    let shown = opts.courier.display();
+    let Some(want) = &opts.seal else {
+        if courier.sealed().is_some() {
+            ui.log(format!(
+                "'{shown}' is an encrypted courier; it stays encrypted"
+            ));
+        }
+        return Ok(());
+    };
+    if let Some(s) = courier.sealed() {
+        let same = want.iter().all(|r| s.recipients.contains(r))
+            && s.recipients.iter().all(|r| want.contains(r));
+        if !same {
+            return Err(crate::error::Error::usage(format!(
+                "'{shown}' is encrypted to other recipients than --encrypt-to gives; store what it carries and empty it to change them"
+            )));
+        }
+        return Ok(());
+    }
+    let holds_trip = !courier.read_log().is_empty()
+        || !ranges::held(courier).is_empty()
+        || !deltas::held(courier).is_empty();
+    if holds_trip {
+        return Err(crate::error::Error::usage(format!(
+            "'{shown}' holds a trip that is not encrypted: store it and empty the courier (or take another) to carry one encrypted"
+        )));
+    }
+    if let Some(kept) = courier.seal_for(want)? {
+        ui.log(crate::courier::seal::said_keeper(&kept));
+    }
+    Ok(())
 }
 
 /// What DESTDB says besides its entries: where it is (itself or a
@@ -520,7 +562,7 @@ fn survey<'c>(
         resume: HashMap::new(),
         delta_cands: Vec::new(),
         range_files: Vec::new(),
-        instrs: Instructions::new(courier.state_dir()?)?,
+        instrs: Instructions::new(courier.state_dir()?, courier.state_recipients())?,
         refused: 0,
         skipped: 0,
         log: courier.load_log(),
@@ -626,7 +668,8 @@ impl Survey<'_> {
         }
         let i = self.needed.push(&e).map_err(spool_err)?;
         self.sizes.push(e.size);
-        self.costs.push(e.alloc.map_or(e.size, |a| a.min(e.size)));
+        self.costs
+            .push(courier.cost(e.alloc.map_or(e.size, |a| a.min(e.size))));
         self.instrs.twins.needed(&e, i);
         if let Some(p) = self.partials.remove(&e.name) {
             match p.meta {
@@ -647,7 +690,7 @@ impl Survey<'_> {
     /// its bytes still hash right: it is placed with the others after the
     /// survey (`place_adopted`), not downloaded again.
     fn adopt(&mut self, courier: &Courier, e: &Entry) -> bool {
-        let id = Courier::partial_id(&e.name);
+        let id = courier.partial_id(&e.name);
         let Some(len) = self.unplaced.remove(&id) else {
             return false;
         };
@@ -815,6 +858,7 @@ type PlannedRange = (Entry, u64, u64);
 /// Stage 3: files under way get the budget first, a range each, from
 /// where the destination and the courier stand.
 fn plan_ranges(
+    courier: &Courier,
     s: &Survey,
     dest: &Dest,
     kept: &[(String, RangeRecord)],
@@ -826,10 +870,10 @@ fn plan_ranges(
     let mut planned = Vec::new();
     for f in &s.range_files {
         let start = ranges::next_start(f, dest.partials.get(&f.name), &kept_recs);
-        let len = (f.size - start).min(*avail);
+        let len = (f.size - start).min(courier.room_for(*avail));
         if len > 0 && (len == f.size - start || len >= min_range) {
             planned.push((f.clone(), start, len));
-            *avail -= len;
+            *avail = avail.saturating_sub(courier.cost(len));
         }
     }
     planned
@@ -928,7 +972,9 @@ impl Trip<'_> {
             else {
                 continue;
             };
-            let limit = (*avail).min(s.costs[i].saturating_sub(1));
+            let limit = self
+                .courier
+                .room_for((*avail).min(s.costs[i].saturating_sub(1)));
             let before = progress.bytes.load(Ordering::Relaxed);
             let outcome = carry::make_delta(
                 self.client,
@@ -946,7 +992,7 @@ impl Trip<'_> {
             progress.files.fetch_add(1, Ordering::Relaxed);
             match outcome {
                 Ok(len) => {
-                    *avail -= len;
+                    *avail = avail.saturating_sub(self.courier.cost(len));
                     made.insert(i, len);
                     if self.ui.verbose {
                         self.ui.log(format!(
@@ -1003,7 +1049,7 @@ impl Trip<'_> {
             while let Some(&i) = picked.files.get(*k) {
                 let small = batches.load(Ordering::Relaxed)
                     && s.sizes[i] <= RESUME_MIN
-                    && s.costs[i] == s.sizes[i]
+                    && s.costs[i] == self.courier.cost(s.sizes[i])
                     && !s.resume.contains_key(&i);
                 if !run.is_empty()
                     && (!small || run.len() == BATCH_FILES || bytes + s.sizes[i] > BATCH_BYTES)
@@ -1177,7 +1223,7 @@ impl Trip<'_> {
                 intact,
             );
         }
-        let id = Courier::partial_id(&e.name);
+        let id = self.courier.partial_id(&e.name);
         let part = match self.courier.open_partial(&id, false) {
             Ok(p) => p,
             Err(err) => {
@@ -1186,13 +1232,28 @@ impl Trip<'_> {
             }
         };
         let mut hasher = Hasher::new();
-        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, 0));
+        let mut out = match self.courier.sink(io::BufWriter::with_capacity(
+            BUF_SIZE,
+            Writeback::new(&part, 0),
+        )) {
+            Ok(out) => out,
+            Err(err) => {
+                let intact = skip(answer);
+                self.courier.discard_partial(&id);
+                return (Err(Failure::io("cannot write courier file", &err)), intact);
+            }
+        };
         let copied = copy_hashing(&mut answer.body(size), &mut out, &mut hasher, size, |n| {
             self.wire.fetch_add(n, Ordering::Relaxed);
             progress.bytes.fetch_add(n, Ordering::Relaxed);
         });
-        let flushed = out.flush();
-        drop(out);
+        let flushed = match copied {
+            Ok(n) if n == size => out.finish().map(drop),
+            _ => {
+                drop(out);
+                Ok(())
+            }
+        };
         let failed = match copied {
             Ok(n) if n == size => flushed
                 .err()
@@ -1228,7 +1289,8 @@ impl Trip<'_> {
     ) -> bool {
         if outcome.is_err() && e.size <= RESUME_MIN {
             // A small file's partial cannot resume: drop it.
-            self.courier.discard_partial(&Courier::partial_id(&e.name));
+            self.courier
+                .discard_partial(&self.courier.partial_id(&e.name));
         }
         match outcome {
             Ok(placed) => {
@@ -1389,6 +1451,7 @@ fn select(
 /// file bigger than a whole trip: it arrives over several trips. A file
 /// that fits a trip waits for one, to travel whole and verified.
 fn next_big_range(
+    courier: &Courier,
     s: &Survey,
     dups: &[(usize, Origin)],
     made: &HashMap<usize, u64>,
@@ -1406,10 +1469,13 @@ fn next_big_range(
         .collect();
     order.sort_by(|&a, &b| s.sizes[b].cmp(&s.sizes[a]));
     let &i = order.first().filter(|&&i| {
-        s.sizes[i] > room.trip && s.costs[i] == s.sizes[i] && !s.resume.contains_key(&i)
+        s.sizes[i] > room.trip
+            && s.costs[i] == courier.cost(s.sizes[i])
+            && !s.resume.contains_key(&i)
     })?;
     let e = s.needed.get(i).ok()?;
-    e.sha256.is_some().then_some((e, 0, left))
+    let len = courier.room_for(left);
+    (e.sha256.is_some() && len > 0).then_some((e, 0, len))
 }
 
 /// Duplicates that became instructions: files and bytes, and how many
@@ -1705,7 +1771,7 @@ fn download(
     if e.alloc.is_some_and(|a| a < e.size) && e.sha256.is_some() {
         return download_sparse(client, src, courier, e, wire, shown).map(|()| true);
     }
-    let id = Courier::partial_id(&e.name);
+    let id = courier.partial_id(&e.name);
     let mut meta = resume.cloned().unwrap_or(PartialMeta {
         entry: Carried::of(e),
         etag: None,
@@ -1769,12 +1835,20 @@ fn download(
                 .map_err(|err| Failure::io("cannot write partial state", &err))?;
         }
         let want = e.size - offset;
-        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, offset));
+        let mut out = courier
+            .sink(io::BufWriter::with_capacity(
+                BUF_SIZE,
+                Writeback::new(&part, offset),
+            ))
+            .map_err(|err| Failure::io("cannot write courier file", &err))?;
         let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, want, |n| {
             wire.fetch_add(n, Ordering::Relaxed);
             shown.fetch_add(n, Ordering::Relaxed);
         });
-        let flushed = out.flush();
+        let flushed = match copied {
+            Ok(n) if n == want => out.finish().map(drop),
+            _ => Ok(()),
+        };
         match copied {
             Ok(n) if n == want => {}
             Ok(n) => {
@@ -1983,7 +2057,10 @@ fn finish_as(
     id: &str,
     pack: bool,
 ) -> std::result::Result<(), Failure> {
-    prepare(e, &part)?;
+    // A sealed courier's files tell nothing of theirs.
+    if courier.sealed().is_none() {
+        prepare(e, &part)?;
+    }
     part.sync_all()
         .map_err(|err| Failure::io("cannot sync courier file", &err))?;
     drop(part);
@@ -2014,7 +2091,7 @@ fn download_sparse(
     wire: &AtomicU64,
     shown: &AtomicU64,
 ) -> std::result::Result<(), Failure> {
-    let id = Courier::partial_id(&e.name);
+    let id = courier.partial_id(&e.name);
     let (size, extents) = client.extents(src, &e.name).map_err(Failure::client)?;
     if size != e.size {
         return Err(Failure::SourceChanged(
@@ -2024,14 +2101,27 @@ fn download_sparse(
     let part = courier
         .open_partial(&id, false)
         .map_err(|err| Failure::io("cannot open partial file", &err))?;
-    let pack = !courier.traits().holes;
+    // A sealed courier keeps every sparse file as its extents, encrypted.
+    let pack = !courier.traits().holes || courier.sealed().is_some();
     if !pack {
         part.set_len(e.size)
             .map_err(|err| Failure::io("cannot size partial file", &err))?;
     }
+    let write_err = |err: io::Error| Failure::io("cannot write courier file", &err);
+    // A pack is written in one stream, frame after frame.
+    let mut packer = match pack {
+        true => Some(
+            courier
+                .sink(io::BufWriter::with_capacity(
+                    BUF_SIZE,
+                    Writeback::new(&part, 0),
+                ))
+                .map_err(write_err)?,
+        ),
+        false => None,
+    };
     let mut hasher = Hasher::new();
     let mut pos = 0u64;
-    let mut packed = 0u64;
     for (start, len) in extents {
         if start < pos || len == 0 || start.checked_add(len).is_none_or(|end| end > size) {
             courier.discard_partial(&id);
@@ -2048,27 +2138,28 @@ fn download_sparse(
                 "changed at the source since the listing; not kept".into(),
             ));
         }
-        let at = if pack {
-            let mut head = [0u8; 16];
-            head[..8].copy_from_slice(&start.to_be_bytes());
-            head[8..].copy_from_slice(&len.to_be_bytes());
-            part.write_all_at(&head, packed)
-                .map_err(|err| Failure::io("cannot write courier file", &err))?;
-            packed += 16 + len;
-            packed - len
-        } else {
-            start
-        };
-        (&part)
-            .seek(SeekFrom::Start(at))
-            .map_err(|err| Failure::io("cannot seek partial file", &err))?;
-        let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, at));
-        let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
+        let count = |n| {
             wire.fetch_add(n, Ordering::Relaxed);
             shown.fetch_add(n, Ordering::Relaxed);
-        });
-        let flushed = out.flush();
-        drop(out);
+        };
+        let (copied, flushed) = match packer.as_mut() {
+            Some(out) => {
+                let mut head = [0u8; 16];
+                head[..8].copy_from_slice(&start.to_be_bytes());
+                head[8..].copy_from_slice(&len.to_be_bytes());
+                out.write_all(&head).map_err(write_err)?;
+                let copied = copy_hashing(&mut dl.body, out, &mut hasher, len, count);
+                (copied, Ok(()))
+            }
+            None => {
+                (&part)
+                    .seek(SeekFrom::Start(start))
+                    .map_err(|err| Failure::io("cannot seek partial file", &err))?;
+                let mut out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(&part, start));
+                let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, count);
+                (copied, out.flush())
+            }
+        };
         match copied {
             Ok(n) if n == len => {
                 flushed.map_err(|err| Failure::io("cannot write courier file", &err))?
@@ -2083,6 +2174,10 @@ fn download_sparse(
         }
         pos = start + len;
     }
+    if let Some(out) = packer.take() {
+        out.finish().map_err(write_err)?;
+    }
+    drop(packer);
     crate::digest::hash_zeros(&mut hasher, size - pos);
     let got = hasher.hex();
     if e.sha256.as_deref() != Some(got.as_str()) {

@@ -49,6 +49,9 @@ struct CourierStatus {
     missing_files: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     verified: bool,
+    /// An encrypted (sealed) courier, read with `--identity`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    encrypted: bool,
 }
 
 /// The summary of a DB.
@@ -115,7 +118,10 @@ fn courier_status(ui: &Ui, path: &Path, verify: bool) -> Result<Exit> {
             )));
         }
     }
-    let mut st = CourierStatus::default();
+    let mut st = CourierStatus {
+        encrypted: c.sealed().is_some(),
+        ..CourierStatus::default()
+    };
     let source = state_db(&c, courier::SOURCE);
     if let Some((h, _)) = &source {
         st.source = h.source.clone();
@@ -235,6 +241,9 @@ fn left_for_later(
 /// The lines for a person.
 fn courier_lines(path: &Path, st: &CourierStatus, snapshot_empty: bool, verify: bool) -> String {
     let mut human = format!("courier '{}'\n", path.display());
+    if st.encrypted {
+        human.push_str("  encrypted (age): names and contents open only with its identity\n");
+    }
     match (&st.source, &st.filled) {
         (Some(s), Some(when)) => human.push_str(&format!("  filled from {s} on {when}\n")),
         _ => human.push_str("  filled from: unknown (no source manifest)\n"),
@@ -294,7 +303,9 @@ fn verify_all(
     st: &mut CourierStatus,
 ) {
     for r in files {
+        // A sealed courier's file is decrypted as it is hashed.
         let got = c.open_carried(&r.name).ok().flatten().map(|f| {
+            let (f, _) = c.plain(f)?;
             if c.is_pack(&r.name) {
                 crate::wire::sparse::hash_pack(f, r.size).map(|h| (h, r.size))
             } else {

@@ -6,7 +6,7 @@
 
 use crate::client::{AreaUrl, Client};
 use crate::courier::ranges;
-use crate::courier::{Carried, Courier, Spool};
+use crate::courier::{Carried, Courier, Plain, Spool};
 use crate::digest::{Hasher, hash_reader};
 use crate::error::{Error, Exit, Result, describe_io};
 use crate::plan::{self, Pair};
@@ -45,6 +45,8 @@ pub(crate) struct StoreOpts {
     pub(crate) max_delete: Option<u64>,
     pub(crate) dry_run: bool,
     pub(crate) jobs: usize,
+    /// `--encrypt-to`: who the receipt of a sealed courier is for.
+    pub(crate) seal: Option<Vec<crate::age::Recipient>>,
 }
 
 #[derive(Serialize, Default)]
@@ -244,13 +246,25 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         )
     };
     let receipt = plan.receipt.take().expect("a receipt unless dry run");
-    if unsure {
+    // An encrypted courier's receipt names the destination's files: it is
+    // encrypted to `--encrypt-to`, or to the courier's recipients when the
+    // source holds one of their identities, or not written.
+    let receipt_to = match (courier.sealed(), &opts.seal) {
+        (_, Some(r)) => Some(Some(r.as_slice())),
+        (Some(s), None) if s.source_reads => Some(Some(s.recipients.as_slice())),
+        (Some(_), None) => None,
+        (None, None) => Some(None),
+    };
+    if receipt_to.is_none() {
+        ui.log("no receipt is left in the encrypted courier: the source holds no identity to read it (give --encrypt-to RECIPIENT for one encrypted to it)");
+        courier.drop_receipt();
+    } else if unsure {
         ui.error("no receipt is left in the courier: an upload's outcome is unknown; run builddb at the destination");
         sum.failed_files += 1;
         courier.drop_receipt();
     } else if let Err(e) = write_receipt(
         &courier,
-        &opts.dest,
+        (&opts.dest, receipt_to.flatten()),
         receipt,
         dest_end,
         Outcomes {
@@ -1508,7 +1522,7 @@ struct Outcomes {
 /// after this run, from its listing at the start and what each action did.
 fn write_receipt(
     courier: &Courier,
-    dest: &AreaUrl,
+    (dest, seal): (&AreaUrl, Option<&[crate::age::Recipient]>),
     mut lines: Spool<ReceiptLine>,
     listed: crate::wire::manifest::End,
     outcomes: Outcomes,
@@ -1559,7 +1573,7 @@ fn write_receipt(
         Some(dest.as_str()),
         listed.area_id.as_deref(),
         Vec::new(),
-        None,
+        seal,
     )?;
     for i in 0..lines.len() {
         let line = lines.get(i).map_err(what)?;
@@ -1804,12 +1818,18 @@ fn patch(
     e: &Entry,
     file: &str,
 ) -> std::result::Result<(), Failure> {
-    let open_err = |err: std::io::Error| Failure::io("cannot read the delta", &err);
+    let open_err = |err: std::io::Error| match err.kind() {
+        std::io::ErrorKind::InvalidData => Failure::Damaged(format!(
+            "damaged delta in the courier ({}); not sent, the next fetch makes a new one",
+            describe_io(&err)
+        )),
+        _ => Failure::io("cannot read the delta", &err),
+    };
     // The whole delta is checked before it leaves: a damaged one
     // is not sent (the destination would refuse it too).
     let header = crate::courier::deltas::open(courier, file)
         .map_err(open_err)
-        .and_then(|f| {
+        .and_then(|(f, _)| {
             crate::wire::delta::verify(std::io::BufReader::new(f)).map_err(|err| {
                 Failure::Damaged(format!(
                     "damaged delta in the courier ({err}); not sent, the next fetch makes a new one"
@@ -1821,8 +1841,7 @@ fn patch(
             "the delta in the courier is for another version; not sent".into(),
         ));
     }
-    let file = crate::courier::deltas::open(courier, file).map_err(open_err)?;
-    let len = file.metadata().map_err(open_err)?.len();
+    let (file, len) = crate::courier::deltas::open(courier, file).map_err(open_err)?;
     match client
         .put_delta(dest, e, file, len)
         .map_err(Failure::client)?
@@ -1874,6 +1893,70 @@ fn mark_damaged(courier: &Courier, e: &Entry, why: &str) -> Failure {
     Failure::Damaged(format!("{why}; not uploaded (the next fetch replaces it)"))
 }
 
+/// The courier copy of `e` as its plain bytes (decrypted as it is read
+/// on a sealed courier) and their length; one that does not decrypt is
+/// marked damaged.
+fn open_contents(courier: &Courier, e: &Entry) -> std::result::Result<(Plain, u64), Failure> {
+    match courier.plain(open_copy(courier, e)?) {
+        Ok(p) => Ok(p),
+        Err(err) if err.kind() == std::io::ErrorKind::InvalidData => Err(mark_damaged(
+            courier,
+            e,
+            &format!("courier copy is damaged: {}", describe_io(&err)),
+        )),
+        Err(err) => Err(Failure::io("cannot read courier copy", &err)),
+    }
+}
+
+/// A small file of a sealed courier, decrypted whole (into an unnamed
+/// file of the temporary directory) and checked.
+fn checked_sealed(
+    courier: &Courier,
+    e: &Entry,
+) -> std::result::Result<Option<std::fs::File>, Failure> {
+    let (mut from, len) = open_contents(courier, e)?;
+    if len != e.size {
+        return Err(mark_damaged(
+            courier,
+            e,
+            &format!("courier copy has {len} bytes, SRCDB lists {}", e.size),
+        ));
+    }
+    let tmp_err =
+        |err: std::io::Error| Failure::io("cannot decrypt into the temporary directory", &err);
+    let mut plain = crate::beneath::anonymous_file(&std::env::temp_dir()).map_err(tmp_err)?;
+    let mut hashed = HashingReader {
+        inner: &mut from,
+        hasher: Arc::new(Mutex::new((Hasher::new(), 0))),
+    };
+    match std::io::copy(&mut hashed, &mut plain) {
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(mark_damaged(
+                courier,
+                e,
+                &format!("courier copy is damaged: {}", describe_io(&err)),
+            ));
+        }
+        Err(err) => return Err(tmp_err(err)),
+    }
+    let got = std::mem::take(&mut *hashed.hasher.lock().expect("hasher"))
+        .0
+        .hex();
+    if Some(&got) != e.sha256.as_ref() {
+        return Err(mark_damaged(
+            courier,
+            e,
+            &format!(
+                "courier copy is damaged: sha256 {got}, SRCDB lists {}",
+                e.sha256.as_deref().unwrap_or("none")
+            ),
+        ));
+    }
+    plain.seek(SeekFrom::Start(0)).map_err(tmp_err)?;
+    Ok(Some(plain))
+}
+
 /// A small courier copy, open, checked against SRCDB (size and SHA-256,
 /// marked damaged otherwise) and ready to send from its start; `None`
 /// when it is sparse (it travels alone, as its data).
@@ -1884,6 +1967,9 @@ fn checked_small(
     let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
     if courier.is_pack(&e.name) {
         return Ok(None);
+    }
+    if courier.sealed().is_some() {
+        return checked_sealed(courier, e);
     }
     let mut file = open_copy(courier, e)?;
     let meta = file.metadata().map_err(open_err)?;
@@ -1918,6 +2004,9 @@ fn upload(
     let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
     if courier.is_pack(&e.name) {
         return upload_pack(client, courier, dest, e);
+    }
+    if courier.sealed().is_some() {
+        return upload_sealed(client, courier, dest, e);
     }
     let mut file = open_copy(courier, e)?;
     let len = file.metadata().map_err(open_err)?.len();
@@ -1995,6 +2084,70 @@ fn upload(
     sent.map_err(Failure::client)?.map_err(refused)
 }
 
+/// Sends a file of a sealed courier, decrypted as it streams: its SHA-256
+/// is checked on the way (and by the server before anything appears), and
+/// a chunk that fails to decrypt cuts the upload short, so the server
+/// stores nothing.
+fn upload_sealed(
+    client: &Client,
+    courier: &Courier,
+    dest: &AreaUrl,
+    e: &Entry,
+) -> std::result::Result<(), Failure> {
+    let (from, len) = open_contents(courier, e)?;
+    if len != e.size {
+        return Err(mark_damaged(
+            courier,
+            e,
+            &format!("courier copy has {len} bytes, SRCDB lists {}", e.size),
+        ));
+    }
+    let bad = Arc::new(AtomicBool::new(false));
+    let hasher = Arc::new(Mutex::new((Hasher::new(), 0u64)));
+    let body = HashingReader {
+        inner: Watched {
+            inner: from,
+            bad: Arc::clone(&bad),
+        },
+        hasher: Arc::clone(&hasher),
+    };
+    let sent = client.put_file(dest, e, body);
+    if bad.load(Ordering::Relaxed) {
+        return Err(mark_damaged(
+            courier,
+            e,
+            "courier copy is damaged: it does not decrypt whole",
+        ));
+    }
+    let (h, read) = std::mem::take(&mut *hasher.lock().expect("hasher"));
+    let got = h.hex();
+    if let Some(want) = e.sha256.as_ref().filter(|w| read == e.size && &got != *w) {
+        return Err(mark_damaged(
+            courier,
+            e,
+            &format!("courier copy is damaged: sha256 {got}, SRCDB lists {want}"),
+        ));
+    }
+    sent.map_err(Failure::client)?.map_err(refused)
+}
+
+/// Notes a read that fails as damaged data (an encrypted file that does
+/// not decrypt), so it is told from a transfer cut short.
+struct Watched<R> {
+    inner: R,
+    bad: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Watched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                self.bad.store(true, Ordering::Relaxed);
+            }
+        })
+    }
+}
+
 /// Sends a sparse file the courier keeps as its framed data extents (a
 /// courier without holes): the pack is the body a sparse `PUT` sends, so
 /// it goes as it is, its frames checked and the content they describe
@@ -2005,9 +2158,12 @@ fn upload_pack(
     dest: &AreaUrl,
     e: &Entry,
 ) -> std::result::Result<(), Failure> {
-    let open_err = |err: std::io::Error| Failure::io("cannot read courier copy", &err);
-    let file = open_copy(courier, e)?;
-    let len = file.metadata().map_err(open_err)?.len();
+    let (file, len) = open_contents(courier, e)?;
+    let sealed_bad = Arc::new(AtomicBool::new(false));
+    let file = Watched {
+        inner: file,
+        bad: Arc::clone(&sealed_bad),
+    };
     let Some(want) = &e.sha256 else {
         return Err(mark_damaged(
             courier,
@@ -2026,7 +2182,7 @@ fn upload_pack(
         Arc::clone(&body.read_whole),
     );
     let sent = client.put_sparse(dest, e, body, len);
-    if bad.load(Ordering::Relaxed) {
+    if bad.load(Ordering::Relaxed) || sealed_bad.load(Ordering::Relaxed) {
         return Err(mark_damaged(
             courier,
             e,

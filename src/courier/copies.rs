@@ -9,6 +9,7 @@
 //! bytes of each hash with the line's offset (about 32 bytes a file), and
 //! instructions go to a file as the merge finds them, in name order.
 
+use crate::age::Recipient;
 use crate::beneath::Dir;
 use crate::courier::{COPIES, CopyInstr, LineIndex};
 use crate::error::{Error, Result};
@@ -55,6 +56,8 @@ pub(crate) struct Instructions {
     dir: Dir,
     out: BufWriter<File>,
     pub(crate) from_dest: u64,
+    /// A sealed courier's readers.
+    seal: Option<Vec<Recipient>>,
 }
 
 /// Finds the files of a trip that share content: each needed file's hash
@@ -282,15 +285,21 @@ impl Iterator for Merge<'_> {
 
 impl Instructions {
     /// Collects into the courier's state directory `state`.
-    pub(crate) fn new(state: &Dir) -> Result<Instructions> {
+    /// On a sealed courier (`seal`: its readers) they are collected in
+    /// the temporary directory and written encrypted.
+    pub(crate) fn new(state: &Dir, seal: Option<&[Recipient]>) -> Result<Instructions> {
         let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
         let dir = state.try_clone().map_err(what)?;
-        let file = dir.create_fresh(TMP.as_bytes()).map_err(what)?;
+        let file = match seal {
+            Some(_) => crate::beneath::anonymous_file(&std::env::temp_dir()).map_err(what)?,
+            None => dir.create_fresh(TMP.as_bytes()).map_err(what)?,
+        };
         Ok(Instructions {
             twins: Twins::default(),
             dir,
             out: BufWriter::new(file),
             from_dest: 0,
+            seal: seal.map(<[Recipient]>::to_vec),
         })
     }
 
@@ -327,7 +336,9 @@ impl Instructions {
         let what = |e: io::Error| Error::io("the courier's copy instructions", &e);
         self.out.flush().map_err(what)?;
         let new = format!("{COPIES}.new");
-        let mut out = BufWriter::new(self.dir.create_fresh(new.as_bytes()).map_err(what)?);
+        let file = self.dir.create_fresh(new.as_bytes()).map_err(what)?;
+        let mut out =
+            BufWriter::new(crate::age::Sealed::new(file, self.seal.as_deref()).map_err(what)?);
         let mut dups = dups.into_iter().peekable();
         let mut written = self.out.get_ref().try_clone().map_err(what)?;
         written.seek(io::SeekFrom::Start(0)).map_err(what)?;
@@ -347,7 +358,7 @@ impl Instructions {
             out.write_all(b"\n").map_err(what)?;
         }
         let file = out.into_inner().map_err(|e| what(e.into_error()))?;
-        file.sync_all().map_err(what)?;
+        file.finish().map_err(what)?.sync_all().map_err(what)?;
         self.dir
             .rename(new.as_bytes(), COPIES.as_bytes())
             .map_err(what)?;
@@ -446,7 +457,7 @@ mod tests {
         );
         assert_eq!(dest.find(&file("same", 5, &b)), None, "not from itself");
 
-        let mut ins = Instructions::new(&Dir::open_path(dir.path()).unwrap()).unwrap();
+        let mut ins = Instructions::new(&Dir::open_path(dir.path()).unwrap(), None).unwrap();
         let orig = file("d1", 9, &c);
         assert!(!ins.at_dest(&orig, &dest).unwrap());
         ins.twins.needed(&orig, 0);

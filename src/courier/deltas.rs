@@ -10,17 +10,19 @@
 //! and sends it to the destination, which patches the old file into a
 //! temporary one and publishes the result only when its SHA-256 matches.
 
-use crate::courier::{Courier, NewFile};
+use crate::courier::{Courier, NewFile, Plain};
 use crate::digest::Hasher;
 use crate::wire::delta::{self, DeltaHeader};
 use crate::wire::manifest::Entry;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, BufReader};
 
 const DIR: &str = "deltas";
 
-fn id(name: &str, sha: &str, base_sha: &str) -> String {
+fn id(courier: &Courier, name: &str, sha: &str, base_sha: &str) -> String {
+    if let Some(s) = courier.sealed() {
+        return s.name_for(&format!("delta\0{name}\0{sha}\0{base_sha}"))[..24].to_string();
+    }
     let mut h = Hasher::new();
     h.update(format!("{name}\0{sha}\0{base_sha}").as_bytes());
     h.hex()[..24].to_string()
@@ -46,7 +48,7 @@ impl Held {
     /// True when the whole delta reads back sound (its end checksum).
     pub(crate) fn verify(&self, courier: &Courier) -> bool {
         open(courier, &self.file)
-            .and_then(|f| delta::verify(BufReader::new(f)))
+            .and_then(|(f, _)| delta::verify(BufReader::new(f)))
             .is_ok_and(|h| h == self.header)
     }
 
@@ -57,13 +59,14 @@ impl Held {
 }
 
 /// Opens the delta `file` of `.bitfog/deltas/` (a regular file, never
-/// through a link).
-pub(crate) fn open(courier: &Courier, file: &str) -> io::Result<File> {
-    courier
+/// through a link), as its plain bytes and their length.
+pub(crate) fn open(courier: &Courier, file: &str) -> io::Result<(Plain, u64)> {
+    let f = courier
         .sub(DIR, false)?
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?
         .open_file(file.as_bytes())?
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    courier.plain(f)
 }
 
 /// The complete deltas in the courier, by file name (their headers only;
@@ -80,10 +83,13 @@ pub(crate) fn held(courier: &Courier) -> HashMap<String, Held> {
         if !file_name.ends_with(".delta") {
             continue;
         }
+        // A sealed delta the keeper cannot read is made again.
         let Ok(Some(file)) = dir.open_file(file_name.as_bytes()) else {
             continue;
         };
-        let len = file.metadata().map_or(0, |m| m.len());
+        let Ok((file, len)) = courier.plain(file) else {
+            continue;
+        };
         if let Ok(header) = delta::read_header(&mut BufReader::new(file), &mut Hasher::new()) {
             let held = Held {
                 file: file_name,
@@ -125,5 +131,9 @@ pub(crate) fn create(
     sha: &str,
     base_sha: &str,
 ) -> io::Result<NewFile> {
-    NewFile::create(courier, DIR, format!("{}.delta", id(name, sha, base_sha)))
+    NewFile::create(
+        courier,
+        DIR,
+        format!("{}.delta", id(courier, name, sha, base_sha)),
+    )
 }

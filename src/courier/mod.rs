@@ -17,6 +17,7 @@ pub(crate) mod copies;
 pub(crate) mod deltas;
 pub(crate) mod probe;
 pub(crate) mod ranges;
+pub(crate) mod seal;
 
 use crate::beneath::{Dir, Kind, Root};
 use crate::digest::Hasher;
@@ -108,6 +109,8 @@ pub(crate) struct Courier {
     held: Mutex<HashMap<String, String>>,
     /// On a case-insensitive courier, who owns each folded path.
     fold: Mutex<Option<FoldMap>>,
+    /// The keys of a sealed courier (see `seal`).
+    seal: Option<seal::Seal>,
     _lock: Option<File>,
 }
 
@@ -281,7 +284,7 @@ impl Courier {
             case_insensitive: probe::folds_case(&state).unwrap_or_else(|_| shows_folding(&dir)),
             ..probe::Traits::default()
         };
-        let c = Courier {
+        let mut c = Courier {
             root: Some(top),
             state: Some(state),
             partial: Some(partial),
@@ -291,8 +294,10 @@ impl Courier {
             traits,
             held: Mutex::default(),
             fold: Mutex::default(),
+            seal: None,
             _lock: Some(lock),
         };
+        c.unseal()?;
         c.load_names();
         Ok(c)
     }
@@ -324,7 +329,7 @@ impl Courier {
             case_insensitive: state.is_some() && dir.as_ref().is_some_and(shows_folding),
             ..probe::Traits::default()
         };
-        let c = Courier {
+        let mut c = Courier {
             root: top,
             state,
             partial,
@@ -334,8 +339,10 @@ impl Courier {
             traits,
             held: Mutex::default(),
             fold: Mutex::default(),
+            seal: None,
             _lock: None,
         };
+        c.unseal()?;
         c.load_names();
         Ok(c)
     }
@@ -366,6 +373,130 @@ impl Courier {
     /// What the courier's filesystem holds.
     pub(crate) fn traits(&self) -> &probe::Traits {
         &self.traits
+    }
+
+    /// A sealed courier is unsealed as it is opened, with `--identity`
+    /// (and for `fetch`, the keeper key kept at the source): a missing or
+    /// wrong identity is a usage error before anything is read or written.
+    fn unseal(&mut self) -> Result<()> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let id = seal::marker(state).map_err(|e| {
+            Error::usage(format!(
+                "'{}': {}; it cannot be read",
+                state.path.display(),
+                describe_io(&e)
+            ))
+        })?;
+        if let Some(id) = id {
+            self.seal = Some(seal::Seal::open(state, &id, seal::keeper_allowed())?);
+        }
+        Ok(())
+    }
+
+    /// The keys of a sealed courier; `None` for a plain one.
+    pub(crate) fn sealed(&self) -> Option<&seal::Seal> {
+        self.seal.as_ref()
+    }
+
+    /// Seals a courier that holds no trip yet for `recipients` (`fetch
+    /// --encrypt-to`); says where a keeper key was kept, if one was made.
+    pub(crate) fn seal_for(
+        &mut self,
+        recipients: &[crate::age::Recipient],
+    ) -> Result<Option<std::path::PathBuf>> {
+        let state = self
+            .state_rw()
+            .map_err(|e| Error::io("the courier's state directory", &e))?;
+        let (seal, kept) = seal::Seal::create(state, recipients)?;
+        self.seal = Some(seal);
+        Ok(kept)
+    }
+
+    /// Who the courier's state files are encrypted to (`None`: plain).
+    pub(crate) fn state_recipients(&self) -> Option<&[crate::age::Recipient]> {
+        self.seal.as_ref().map(|s| s.readers.as_slice())
+    }
+
+    /// What a file of the courier says, as plain bytes, and how many: a
+    /// carried file, range or delta of a sealed courier is decrypted as it
+    /// is read (authenticated chunk by chunk: a changed, cut or foreign
+    /// one is an `InvalidData` error, at open or on the way).
+    pub(crate) fn plain(&self, file: File) -> io::Result<(Plain, u64)> {
+        let total = file.metadata()?.len();
+        let Some(s) = &self.seal else {
+            return Ok((Plain::File(file), total));
+        };
+        let r = s.reader(file).map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not encrypted for this courier (swapped in from elsewhere?)",
+            ),
+            _ => e,
+        })?;
+        let len = r.plain_len(total).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "cut short or extended (its size is not one its contents can have)",
+            )
+        })?;
+        Ok((Plain::Sealed(r), len))
+    }
+
+    /// Where the bytes of a new courier file go: `w`, through the
+    /// recipients' encryption on a sealed courier.
+    pub(crate) fn sink<W: Write>(&self, w: W) -> io::Result<Sink<W>> {
+        Ok(match &self.seal {
+            None => Sink::Plain(w),
+            Some(s) => Sink::Sealed(s.object_writer(w)?),
+        })
+    }
+
+    /// A small record of `.bitfog/` (a range record) as it is written:
+    /// encrypted for the readers on a sealed courier.
+    pub(crate) fn seal_record(&self, json: &[u8]) -> io::Result<Vec<u8>> {
+        let Some(s) = &self.seal else {
+            return Ok(json.to_vec());
+        };
+        let mut w = s.state_writer(Vec::new())?;
+        w.write_all(json)?;
+        w.finish()
+    }
+
+    /// A small JSON record of a state directory (see `read_record`),
+    /// decrypted on a sealed courier.
+    pub(crate) fn read_record<T: serde::de::DeserializeOwned>(
+        &self,
+        dir: &Dir,
+        name: &str,
+    ) -> Option<T> {
+        let Some(s) = &self.seal else {
+            return read_record(dir, name);
+        };
+        use std::io::Read;
+        let f = dir.open_file(name.as_bytes()).ok()??;
+        let mut buf = Vec::new();
+        s.reader(f.take(MAX_RECORD + 1))
+            .ok()?
+            .read_to_end(&mut buf)
+            .ok()?;
+        serde_json::from_slice(&buf).ok()
+    }
+
+    /// Bytes a file of `size` bytes takes in the courier.
+    pub(crate) fn cost(&self, size: u64) -> u64 {
+        self.seal.as_ref().map_or(size, |s| s.object_len(size))
+    }
+
+    /// The most bytes of a file that take at most `room` in the courier.
+    pub(crate) fn room_for(&self, room: u64) -> u64 {
+        match &self.seal {
+            None => room,
+            Some(_) if room >= u64::MAX / 2 => room,
+            // The overhead grows with the size: that of `room` is enough.
+            Some(s) => room.saturating_sub(s.object_len(room) - room),
+        }
     }
 
     /// Reads from the record which names are kept in `.bitfog/names/`
@@ -550,8 +681,16 @@ impl Courier {
 
     /// A regular file of `.bitfog/`, if there is one (a symlink, FIFO or
     /// device there is not read).
+    /// On a sealed courier it is decrypted (into an unnamed temporary
+    /// file); one that does not decrypt, or is not encrypted, is not read.
     pub(crate) fn state_file(&self, name: &str) -> Option<File> {
-        self.state.as_ref()?.open_file(name.as_bytes()).ok()?
+        let f = self.state.as_ref()?.open_file(name.as_bytes()).ok()??;
+        match &self.seal {
+            None => Some(f),
+            Some(s) if name == LOG => s.open_lines(f).ok(),
+            Some(s) if crate::age::is_age(&f) => s.open_state(f).ok(),
+            Some(_) => None,
+        }
     }
 
     /// The record of carried files, read whole (dry runs).
@@ -595,7 +734,13 @@ impl Courier {
     }
 
     /// A new, empty spool for this run, in `.bitfog/NAME.tmp`.
+    /// On a sealed courier it is an unnamed file of the temporary
+    /// directory instead: a spool holds names.
     pub(crate) fn spool<T>(&self, name: &str) -> Result<Spool<T>> {
+        if self.seal.is_some() {
+            return Spool::anonymous()
+                .map_err(|e| Error::io("a spool in the temporary directory", &e));
+        }
         let state = self
             .state_rw()
             .and_then(|s| s.try_clone())
@@ -615,8 +760,15 @@ impl Courier {
         let Some(dir) = &self.partial else {
             return Vec::new();
         };
-        let mut out = Vec::new();
         let names = dir.names().unwrap_or_default();
+        if self.seal.is_some() {
+            // Not resumed: what a killed run left starts over.
+            for (name, _) in &names {
+                let _ = dir.unlink(name);
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::new();
         let has = |n: &str| {
             names
                 .binary_search_by(|(x, _)| x.as_slice().cmp(n.as_bytes()))
@@ -651,8 +803,12 @@ impl Courier {
         out
     }
 
-    /// The id of a name's partial download.
-    pub(crate) fn partial_id(name: &str) -> String {
+    /// The id of a name's partial download (on a sealed courier, one only
+    /// the state key tells).
+    pub(crate) fn partial_id(&self, name: &str) -> String {
+        if let Some(s) = &self.seal {
+            return s.name_for(&format!("partial\0{name}"));
+        }
         let mut h = Hasher::new();
         h.update(name.as_bytes());
         h.hex()[..32].to_string()
@@ -684,7 +840,11 @@ impl Courier {
     }
 
     /// Writes a partial download's sidecar (what it belongs to).
+    /// Not on a sealed courier: its downloads start over.
     pub(crate) fn write_sidecar(&self, id: &str, meta: &PartialMeta) -> io::Result<()> {
+        if self.seal.is_some() {
+            return Ok(());
+        }
         let dir = self
             .partial
             .as_ref()
@@ -725,6 +885,7 @@ impl Courier {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
         let plain = !pack
+            && self.seal.is_none()
             && self.traits.holds(name)
             && self
                 .fold
@@ -733,7 +894,18 @@ impl Courier {
                 .as_mut()
                 .is_none_or(|f| f.claim(name));
         let was = self.held_at(name);
-        let at = (!plain).then(|| held_name(name, pack));
+        let at = (!plain).then(|| match &self.seal {
+            // An opaque name: nothing in it tells the file.
+            Some(_) => {
+                let r = crate::age::random::<16>()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>();
+                let suffix = if pack { PACK_SUFFIX } else { "" };
+                format!("{}/{r}{suffix}", &r[..2])
+            }
+            None => held_name(name, pack),
+        });
         let (parent, key, last) = match &at {
             Some(at) => self.held_parent(at, true)?,
             None => {
@@ -829,9 +1001,16 @@ impl Courier {
         let tmp = b"destdb.jsonl.tmp";
         let copied = (|| {
             let mut from = crate::wire::manifest::open_raw(db)?;
-            let mut to = state.create_fresh(tmp)?;
+            let to = state.create_fresh(tmp)?;
+            // On a sealed courier a plain DB is encrypted; an encrypted
+            // one stays as it is.
+            let sealed = match (&self.seal, crate::age::is_age(&from)) {
+                (Some(s), false) => Some(&s.readers[..]),
+                _ => None,
+            };
+            let mut to = crate::age::Sealed::new(to, sealed)?;
             io::copy(&mut from, &mut to)?;
-            to.sync_all()?;
+            to.finish()?.sync_all()?;
             state.rename(tmp, SNAPSHOT.as_bytes())
         })();
         if copied.is_err() {
@@ -874,6 +1053,9 @@ impl Courier {
         let rec = self.located(rec);
         let mut line = serde_json::to_vec(&rec)?;
         line.push(b'\n');
+        if let Some(s) = &self.seal {
+            line = s.seal_line(&line[..line.len() - 1]);
+        }
         let f = guard.as_mut().expect("opened above");
         f.write_all(&line)
     }
@@ -917,6 +1099,10 @@ impl Courier {
             Some((d, l)) => (d.to_string(), l.to_string()),
             None => (String::new(), name.to_string()),
         };
+        // A sealed courier keeps nothing at a carried name.
+        if self.seal.is_some() {
+            return Ok((None, dir_name, last));
+        }
         // On a case-insensitive courier, what another name owns is not
         // this name's, whatever a lookup by this spelling finds.
         let others = self
@@ -962,11 +1148,20 @@ impl Courier {
 
     /// What the courier holds at a carried name, not following it; `None`
     /// when nothing is there.
+    /// On a sealed courier its size is the plain size (`u64::MAX` when
+    /// no plain size fits what it takes).
     pub(crate) fn carried_meta(&self, name: &str) -> io::Result<Option<crate::beneath::Meta>> {
-        match self.parent(name, false)? {
-            (Some(dir), _, last) => dir.stat(last.as_bytes()),
-            (None, ..) => Ok(None),
-        }
+        let meta = match self.parent(name, false)? {
+            (Some(dir), _, last) => dir.stat(last.as_bytes())?,
+            (None, ..) => None,
+        };
+        Ok(match (meta, &self.seal) {
+            (Some(mut m), Some(s)) => {
+                m.size = s.plain_len(m.size).unwrap_or(u64::MAX);
+                Some(m)
+            }
+            (m, _) => m,
+        })
     }
 
     /// Opens a carried file for reading, refusing symlinks anywhere below
@@ -983,6 +1178,10 @@ impl Courier {
     /// The SHA-256 of the file a carried name holds (a pack's as the file
     /// it describes, `size` bytes); `Ok(None)` when it is not there.
     pub(crate) fn hash_carried(&self, name: &str, size: u64) -> io::Result<Option<String>> {
+        // `fetch` cannot read a sealed courier's files, nor needs to.
+        if self.seal.is_some() {
+            return Ok(None);
+        }
         let Some(f) = self.open_carried(name)? else {
             return Ok(None);
         };
@@ -1118,6 +1317,57 @@ impl Drop for NewFile {
     }
 }
 
+/// Where a new courier file's bytes go: as they are, or encrypted for a
+/// sealed courier's recipients. `finish` ends the file (an encrypted one
+/// is cut short without it, and refused by every reader).
+pub(crate) enum Sink<W: Write> {
+    Plain(W),
+    Sealed(crate::age::Writer<W>),
+}
+
+impl<W: Write> Sink<W> {
+    pub(crate) fn finish(self) -> io::Result<W> {
+        let mut w = match self {
+            Sink::Plain(w) => w,
+            Sink::Sealed(s) => s.finish()?,
+        };
+        w.flush()?;
+        Ok(w)
+    }
+}
+
+impl<W: Write> Write for Sink<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Plain(w) => w.write(buf),
+            Sink::Sealed(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.flush(),
+            Sink::Sealed(s) => s.flush(),
+        }
+    }
+}
+
+/// A courier file's plain bytes: the file itself, or a sealed courier's
+/// file decrypted as it is read.
+pub(crate) enum Plain {
+    File(File),
+    Sealed(crate::age::Reader<File>),
+}
+
+impl io::Read for Plain {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Plain::File(f) => f.read(buf),
+            Plain::Sealed(r) => r.read(buf),
+        }
+    }
+}
+
 /// A partial download in the courier.
 pub(crate) struct Partial {
     pub(crate) id: String,
@@ -1152,8 +1402,13 @@ impl LogWriter<'_> {
     pub(crate) fn add(&mut self, rec: &Carried) -> Result<()> {
         let rec = self.courier.located(rec);
         let out = self.out.as_mut().expect("not committed");
-        serde_json::to_writer(&mut *out, &rec).map_err(|e| Error::io(&self.what, &e.into()))?;
-        out.write_all(b"\n").map_err(|e| Error::io(&self.what, &e))
+        let mut line = serde_json::to_vec(&rec).map_err(|e| Error::io(&self.what, &e.into()))?;
+        if let Some(s) = &self.courier.seal {
+            line = s.seal_line(&line);
+        } else {
+            line.push(b'\n');
+        }
+        out.write_all(&line).map_err(|e| Error::io(&self.what, &e))
     }
 
     pub(crate) fn commit(mut self) -> Result<()> {

@@ -12,7 +12,7 @@
 //! SHA-256 and only then makes it appear.
 
 use crate::beneath::Kind;
-use crate::courier::{Courier, NewFile, read_record};
+use crate::courier::{Courier, NewFile};
 use crate::digest::Hasher;
 use crate::wire::manifest::{Entry, PartialUpload};
 use serde::{Deserialize, Serialize};
@@ -49,7 +49,10 @@ impl RangeRecord {
 
 const DIR: &str = "ranges";
 
-fn id(name: &str, size: u64, sha: &str) -> String {
+fn id(courier: &Courier, name: &str, size: u64, sha: &str) -> String {
+    if let Some(s) = courier.sealed() {
+        return s.name_for(&format!("range\0{name}\0{size}\0{sha}"))[..24].to_string();
+    }
     let mut h = Hasher::new();
     h.update(format!("{name}\0{size}\0{sha}").as_bytes());
     h.hex()[..24].to_string()
@@ -71,14 +74,14 @@ pub(crate) fn held(courier: &Courier) -> Vec<(String, RangeRecord)> {
             continue;
         };
         let data = format!("{base}.range");
-        let Some(rec) = read_record::<RangeRecord>(&dir, &format!("{base}.json")) else {
+        let Some(rec) = courier.read_record::<RangeRecord>(&dir, &format!("{base}.json")) else {
             continue;
         };
         let sound = dir
             .stat(data.as_bytes())
             .ok()
             .flatten()
-            .is_some_and(|m| m.kind == Kind::File && m.size == rec.len);
+            .is_some_and(|m| m.kind == Kind::File && m.size == courier.cost(rec.len));
         if sound {
             out.push((data, rec));
         }
@@ -103,6 +106,9 @@ pub(crate) fn verify(courier: &Courier, data: &str, rec: &RangeRecord) -> bool {
         return false;
     };
     let Ok(Some(f)) = dir.open_file(data.as_bytes()) else {
+        return false;
+    };
+    let Ok((f, _)) = courier.plain(f) else {
         return false;
     };
     crate::digest::hash_reader(f).is_ok_and(|(h, n)| n == rec.len && h == rec.range_sha256)
@@ -150,23 +156,30 @@ pub(crate) fn by_name(partials: Vec<PartialUpload>) -> HashMap<String, PartialUp
 /// A new range of `e` from `start`, to be written and then kept with
 /// its record (see `NewFile::keep`).
 pub(crate) fn create(courier: &Courier, e: &Entry, sha: &str, start: u64) -> io::Result<NewFile> {
-    let base = format!("{}-{start}", id(&e.name, e.size, sha));
+    let base = format!("{}-{start}", id(courier, &e.name, e.size, sha));
     NewFile::create(courier, DIR, format!("{base}.range"))
 }
 
 /// Keeps a range written through `create`, with its record.
-pub(crate) fn keep(range: NewFile, rec: &RangeRecord) -> io::Result<()> {
-    let base = format!("{}-{}", id(&rec.name, rec.size, &rec.sha256), rec.start);
-    range.keep(Some((&format!("{base}.json"), &serde_json::to_vec(rec)?)))
+pub(crate) fn keep(courier: &Courier, range: NewFile, rec: &RangeRecord) -> io::Result<()> {
+    let base = format!(
+        "{}-{}",
+        id(courier, &rec.name, rec.size, &rec.sha256),
+        rec.start
+    );
+    let record = courier.seal_record(&serde_json::to_vec(rec)?)?;
+    range.keep(Some((&format!("{base}.json"), &record)))
 }
 
-/// Opens the range data file `data` (a regular file, never a link).
-pub(crate) fn open(courier: &Courier, data: &str) -> io::Result<std::fs::File> {
-    courier
+/// Opens the range data file `data` (a regular file, never a link), as
+/// its plain bytes and their length.
+pub(crate) fn open(courier: &Courier, data: &str) -> io::Result<(crate::courier::Plain, u64)> {
+    let f = courier
         .sub(DIR, false)?
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?
         .open_file(data.as_bytes())?
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    courier.plain(f)
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ fn help_and_man_page_name_the_same_options() {
     }
     let man = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/bitfog.1")).unwrap();
     // The examples also show other tools' command lines.
-    let others = ["ssh ", "mkfs.", "mount", "ntfs-3g "];
+    let others = ["ssh ", "mkfs.", "mount", "ntfs-3g ", ".B age "];
     let ours: String = man
         .lines()
         .filter(|l| !others.iter().any(|o| l.starts_with(o)))

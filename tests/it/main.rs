@@ -16,6 +16,7 @@ mod hostile;
 mod identity;
 mod mirror;
 mod proxy;
+mod sealed;
 mod serve;
 mod ssh;
 mod status;

@@ -101,7 +101,14 @@ impl std::fmt::Display for Run {
 
 pub fn cmd(args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(args).env_remove("BITFOG_TOKEN").stdin(Stdio::null());
+    c.args(args)
+        .env_remove("BITFOG_TOKEN")
+        // Keeper keys of encrypted couriers, never in the real HOME.
+        .env(
+            "BITFOG_STATE_DIR",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("keepers"),
+        )
+        .stdin(Stdio::null());
     c
 }
 
