@@ -583,7 +583,7 @@ def crypt_section():
             os.remove(os.path.join(dst, n))
     for c, extra in ((sealed, ["--encrypt-to", recipient]), (plain, [])):
         rm(c)()
-        subprocess.run([BIN, "fetch", edb, su, c, "-q"] + extra, check=True,
+        subprocess.run([BIN, "fetch", edb, su, c, "-q"] + extra, check=True, stdout=subprocess.DEVNULL,
                        env=dict(os.environ, BITFOG_STATE_DIR=os.path.join(root, "keepers")))
     compare("store encrypted", [
         ("encrypted", "%s store %s %s %s -i %s -q" % (BIN, sealed, du, sealed, key), empty_dst),

@@ -364,8 +364,15 @@ pub(crate) struct Writer<W: Write> {
     out: W,
     cipher: ChaCha20Poly1305,
     counter: u64,
+    /// Sealed chunks, then the plain text of the chunk being filled (from
+    /// `start`): sealed in place, and written a few chunks at a time, so
+    /// that a buffered writer below passes them on without a copy.
     buf: Vec<u8>,
+    start: usize,
 }
+
+/// Sealed chunks `Writer` gathers before it writes them.
+const WRITE_CHUNKS: usize = 4;
 
 impl<W: Write> Writer<W> {
     pub(crate) fn new(mut out: W, recipients: &[Recipient]) -> io::Result<Writer<W>> {
@@ -378,7 +385,8 @@ impl<W: Write> Writer<W> {
             out,
             cipher: payload_cipher(&file_key, &nonce),
             counter: 0,
-            buf: Vec::with_capacity(CHUNK + TAG),
+            buf: Vec::with_capacity(WRITE_CHUNKS * (CHUNK + TAG)),
+            start: 0,
         })
     }
 
@@ -388,13 +396,16 @@ impl<W: Write> Writer<W> {
             .encrypt_in_place_detached(
                 Nonce::from_slice(&chunk_nonce(self.counter, last)),
                 b"",
-                &mut self.buf,
+                &mut self.buf[self.start..],
             )
             .map_err(|_| io::Error::other("chunk too long to seal"))?;
         self.buf.extend_from_slice(&tag);
-        self.out.write_all(&self.buf)?;
-        self.buf.clear();
         self.counter += 1;
+        if last || self.buf.len() >= WRITE_CHUNKS * (CHUNK + TAG) {
+            self.out.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        self.start = self.buf.len();
         Ok(())
     }
 
@@ -413,15 +424,21 @@ impl<W: Write> Write for Writer<W> {
         }
         // A full chunk is sealed only once more follows: the last chunk
         // is marked as such, and only `finish` knows which it is.
-        if self.buf.len() == CHUNK {
+        if self.buf.len() - self.start == CHUNK {
             self.seal(false)?;
         }
-        let n = data.len().min(CHUNK - self.buf.len());
+        let n = data.len().min(CHUNK - (self.buf.len() - self.start));
         self.buf.extend_from_slice(&data[..n]);
         Ok(n)
     }
 
+    /// Writes the chunks sealed so far (the one being filled waits).
     fn flush(&mut self) -> io::Result<()> {
+        if self.start > 0 {
+            self.out.write_all(&self.buf[..self.start])?;
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.out.flush()
     }
 }

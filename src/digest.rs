@@ -120,8 +120,40 @@ pub(crate) fn copy_hashing(
     progress: impl FnMut(u64),
 ) -> Result<u64, CopyError> {
     if limit >= OVERLAP_MIN {
-        return copy_hashing_overlapped(reader, writer, hasher, limit, progress);
+        return copy_hashing_overlapped(reader, Out::Here(writer), hasher, limit, progress);
     }
+    copy_hashing_small(reader, writer, hasher, limit, progress)
+}
+
+/// `copy_hashing`, with a large copy's writes also on a thread of their
+/// own: for a writer that costs (one that encrypts).
+pub(crate) fn copy_hashing_apart(
+    reader: &mut dyn Read,
+    writer: &mut (dyn Write + Send),
+    hasher: &mut Hasher,
+    limit: u64,
+    progress: impl FnMut(u64),
+) -> Result<u64, CopyError> {
+    if limit >= OVERLAP_MIN {
+        return copy_hashing_overlapped(reader, Out::Apart(writer), hasher, limit, progress);
+    }
+    copy_hashing_small(reader, writer, hasher, limit, progress)
+}
+
+/// Where an overlapped copy writes: on the reading thread, or on a thread
+/// of its own.
+enum Out<'a> {
+    Here(&'a mut dyn Write),
+    Apart(&'a mut (dyn Write + Send)),
+}
+
+fn copy_hashing_small(
+    reader: &mut dyn Read,
+    writer: &mut dyn Write,
+    hasher: &mut Hasher,
+    limit: u64,
+    progress: impl FnMut(u64),
+) -> Result<u64, CopyError> {
     with_buf(|buf| {
         let mut progress = progress;
         let mut total = 0u64;
@@ -149,19 +181,21 @@ fn read_some(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize, CopyError> 
     }
 }
 
-/// `copy_hashing` with the hash on its own thread: this thread fills a
-/// buffer, writes it and passes it on; the hasher hands it back. Four
-/// buffers circulate, so neither side waits while the other has work.
+/// `copy_hashing` with the hash on its own thread, and with `Out::Apart`
+/// the writing on another: this thread fills a buffer and writes it or
+/// passes it to the writer, then to the hasher, which hands it back. Six
+/// buffers circulate, so no stage waits while another has work.
 fn copy_hashing_overlapped(
     reader: &mut dyn Read,
-    writer: &mut dyn Write,
+    out: Out<'_>,
     hasher: &mut Hasher,
     limit: u64,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, CopyError> {
     use std::sync::mpsc;
-    const BUFFERS: usize = 4;
-    let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    const BUFFERS: usize = 6;
+    let (read_tx, read_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (written_tx, written_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
     let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
     for _ in 0..BUFFERS {
         free_tx
@@ -169,9 +203,9 @@ fn copy_hashing_overlapped(
             .expect("room for every buffer");
     }
     let mut h = std::mem::take(hasher);
-    let (result, h) = std::thread::scope(|s| {
+    let (result, written, h) = std::thread::scope(|s| {
         let hashing = s.spawn(move || {
-            for (buf, n) in full_rx {
+            for (buf, n) in written_rx {
                 h.update(&buf[..n]);
                 if free_tx.send(buf).is_err() {
                     break;
@@ -179,12 +213,28 @@ fn copy_hashing_overlapped(
             }
             h
         });
+        // Only what was written is hashed: a write that fails ends both.
+        let (mut here, writing) = match out {
+            Out::Here(w) => (Some((w, written_tx)), None),
+            Out::Apart(writer) => {
+                let writing = s.spawn(move || -> io::Result<()> {
+                    for (buf, n) in read_rx {
+                        writer.write_all(&buf[..n])?;
+                        if written_tx.send((buf, n)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                });
+                (None, Some(writing))
+            }
+        };
         let mut total = 0u64;
         let result = (|| {
             while total < limit {
                 let Ok(mut buf) = free_rx.recv() else { break };
                 // Fill the buffer (a socket yields a few KiB per read), so
-                // the hasher gets large pieces.
+                // the writer and the hasher get large pieces.
                 let want = (limit - total).min(BUF_SIZE as u64) as usize;
                 let mut n = 0;
                 while n < want {
@@ -197,19 +247,31 @@ fn copy_hashing_overlapped(
                 if n == 0 {
                     break;
                 }
-                writer.write_all(&buf[..n]).map_err(CopyError::Write)?;
+                let sent = match here.as_mut() {
+                    Some((w, to_hash)) => {
+                        w.write_all(&buf[..n]).map_err(CopyError::Write)?;
+                        to_hash.send((buf, n)).is_ok()
+                    }
+                    None => read_tx.send((buf, n)).is_ok(),
+                };
+                if !sent {
+                    break;
+                }
                 total += n as u64;
                 progress(n as u64);
-                if full_tx.send((buf, n)).is_err() || n < want {
+                if n < want {
                     break;
                 }
             }
             Ok(total)
         })();
-        drop(full_tx);
-        (result, hashing.join().expect("hasher thread"))
+        drop(read_tx);
+        drop(here);
+        let written = writing.map_or(Ok(()), |w| w.join().expect("writer thread"));
+        (result, written, hashing.join().expect("hasher thread"))
     });
     *hasher = h;
+    written.map_err(CopyError::Write)?;
     result
 }
 
@@ -336,27 +398,31 @@ mod tests {
         let data: Vec<u8> = (0..(OVERLAP_MIN as usize * 2 + 12345))
             .map(|i| (i * 7 % 251) as u8)
             .collect();
-        for limit in [OVERLAP_MIN, data.len() as u64, data.len() as u64 + 10] {
-            let mut out = Vec::new();
+        for apart in [false, true] {
+            for limit in [OVERLAP_MIN, data.len() as u64, data.len() as u64 + 10] {
+                let mut out = Vec::new();
+                let mut h = Hasher::new();
+                // A reader that yields odd-sized pieces, like a socket.
+                let mut src = io::BufReader::with_capacity(4093, &data[..]);
+                let n = match apart {
+                    false => copy_hashing(&mut src, &mut out, &mut h, limit, |_| {}),
+                    true => copy_hashing_apart(&mut src, &mut out, &mut h, limit, |_| {}),
+                }
+                .unwrap();
+                let want = limit.min(data.len() as u64);
+                assert_eq!(n, want);
+                assert_eq!(out, &data[..want as usize]);
+                assert_eq!(h.hex(), hash_reader(&data[..want as usize]).unwrap().0);
+            }
+            // A write error comes back as such.
             let mut h = Hasher::new();
-            // A reader that yields odd-sized pieces, like a socket.
-            let mut src = io::BufReader::with_capacity(4093, &data[..]);
-            let n = copy_hashing(&mut src, &mut out, &mut h, limit, |_| {}).unwrap();
-            let want = limit.min(data.len() as u64);
-            assert_eq!(n, want);
-            assert_eq!(out, &data[..want as usize]);
-            assert_eq!(h.hex(), hash_reader(&data[..want as usize]).unwrap().0);
+            let mut full = [0u8; 1000];
+            let (mut src, len) = (&data[..], data.len() as u64);
+            let r = match apart {
+                false => copy_hashing(&mut src, &mut &mut full[..], &mut h, len, |_| {}),
+                true => copy_hashing_apart(&mut src, &mut &mut full[..], &mut h, len, |_| {}),
+            };
+            assert!(matches!(r, Err(CopyError::Write(_))));
         }
-        // A write error comes back as such.
-        let mut h = Hasher::new();
-        let mut full = [0u8; 1000];
-        let r = copy_hashing(
-            &mut &data[..],
-            &mut &mut full[..],
-            &mut h,
-            data.len() as u64,
-            |_| {},
-        );
-        assert!(matches!(r, Err(CopyError::Write(_))));
     }
 }

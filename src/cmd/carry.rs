@@ -7,7 +7,7 @@
 use crate::client::{AreaUrl, Client};
 use crate::courier::ranges::{self, RangeRecord};
 use crate::courier::{Courier, deltas};
-use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing, hash_reader};
+use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing_apart, hash_reader};
 use crate::error::{describe_io, is_disk_full};
 use crate::wire::delta::{self, DeltaHeader, Encoder, Signature};
 use crate::wire::manifest::Entry;
@@ -129,7 +129,7 @@ pub(super) fn download_range(
             Writeback::new(range.file(), 0),
         ))
         .map_err(|err| why("cannot write range file", &err))?;
-    let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, len, |n| {
+    let copied = copy_hashing_apart(&mut dl.body, &mut out, &mut hasher, len, |n| {
         wire.fetch_add(n, Ordering::Relaxed);
     });
     let flushed = match copied {
@@ -264,7 +264,7 @@ pub(super) fn make_delta(
         .map_err(|err| write_fail(&err))?;
     let mut enc = Encoder::new(sig, &header, out, limit).map_err(|err| write_fail(&err))?;
     let mut hasher = Hasher::new();
-    let n = copy_hashing(&mut dl.body, &mut enc, &mut hasher, e.size, |n| {
+    let n = copy_hashing_apart(&mut dl.body, &mut enc, &mut hasher, e.size, |n| {
         wire.fetch_add(n, Ordering::Relaxed);
     })
     .map_err(|err| match err {

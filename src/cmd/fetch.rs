@@ -14,7 +14,7 @@ use crate::courier::copies::{DestIndex, Instructions, Origin};
 use crate::courier::deltas;
 use crate::courier::ranges::{self, RangeRecord};
 use crate::courier::{self, Carried, Courier, PartialMeta, Spool};
-use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing};
+use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing, copy_hashing_apart};
 use crate::error::{Exit, Result, describe_io};
 use crate::plan::{self, Need};
 use crate::ui::{Progress, Ui, files_bytes, human_bytes, n_files};
@@ -397,24 +397,20 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
 /// a sealed courier stays sealed, to the same recipients.
 fn seal_courier(ui: &Ui, courier: &mut Courier, opts: &FetchOpts) -> Result<()> {
     let shown = opts.courier.display();
-    let Some(want) = &opts.seal else {
-        if courier.sealed().is_some() {
+    if let Some(s) = courier.sealed() {
+        s.vouched(opts.seal.as_deref())
+            .map_err(|why| crate::error::Error::usage(format!("'{shown}': {why}")))?;
+        if opts.seal.is_none() {
             ui.log(format!(
-                "'{shown}' is an encrypted courier; it stays encrypted"
+                "'{shown}' is an encrypted courier; it stays encrypted, to {}",
+                s.recipients_text()
             ));
         }
         return Ok(());
-    };
-    if let Some(s) = courier.sealed() {
-        let same = want.iter().all(|r| s.recipients.contains(r))
-            && s.recipients.iter().all(|r| want.contains(r));
-        if !same {
-            return Err(crate::error::Error::usage(format!(
-                "'{shown}' is encrypted to other recipients than --encrypt-to gives; store what it carries and empty it to change them"
-            )));
-        }
-        return Ok(());
     }
+    let Some(want) = &opts.seal else {
+        return Ok(());
+    };
     let holds_trip = !courier.read_log().is_empty()
         || !ranges::held(courier).is_empty()
         || !deltas::held(courier).is_empty();
@@ -1243,7 +1239,7 @@ impl Trip<'_> {
                 return (Err(Failure::io("cannot write courier file", &err)), intact);
             }
         };
-        let copied = copy_hashing(&mut answer.body(size), &mut out, &mut hasher, size, |n| {
+        let copied = copy_hashing_apart(&mut answer.body(size), &mut out, &mut hasher, size, |n| {
             self.wire.fetch_add(n, Ordering::Relaxed);
             progress.bytes.fetch_add(n, Ordering::Relaxed);
         });
@@ -1841,7 +1837,7 @@ fn download(
                 Writeback::new(&part, offset),
             ))
             .map_err(|err| Failure::io("cannot write courier file", &err))?;
-        let copied = copy_hashing(&mut dl.body, &mut out, &mut hasher, want, |n| {
+        let copied = copy_hashing_apart(&mut dl.body, &mut out, &mut hasher, want, |n| {
             wire.fetch_add(n, Ordering::Relaxed);
             shown.fetch_add(n, Ordering::Relaxed);
         });
@@ -2148,7 +2144,7 @@ fn download_sparse(
                 head[..8].copy_from_slice(&start.to_be_bytes());
                 head[8..].copy_from_slice(&len.to_be_bytes());
                 out.write_all(&head).map_err(write_err)?;
-                let copied = copy_hashing(&mut dl.body, out, &mut hasher, len, count);
+                let copied = copy_hashing_apart(&mut dl.body, out, &mut hasher, len, count);
                 (copied, Ok(()))
             }
             None => {

@@ -441,6 +441,10 @@ impl Courier {
                 "cut short or extended (its size is not one its contents can have)",
             )
         })?;
+        // A large file is decrypted ahead, overlapped with sending it.
+        if len >= 8 << 20 {
+            return Ok((Plain::Ahead(ReadAhead::start(r)), len));
+        }
         Ok((Plain::Sealed(r), len))
     }
 
@@ -1353,10 +1357,12 @@ impl<W: Write> Write for Sink<W> {
 }
 
 /// A courier file's plain bytes: the file itself, or a sealed courier's
-/// file decrypted as it is read.
+/// file decrypted as it is read (a large one ahead, on a thread of its
+/// own, so decrypting overlaps with sending).
 pub(crate) enum Plain {
     File(File),
     Sealed(crate::age::Reader<File>),
+    Ahead(ReadAhead),
 }
 
 impl io::Read for Plain {
@@ -1364,7 +1370,94 @@ impl io::Read for Plain {
         match self {
             Plain::File(f) => f.read(buf),
             Plain::Sealed(r) => r.read(buf),
+            Plain::Ahead(r) => r.read(buf),
         }
+    }
+}
+
+/// Reads `inner` on a thread of its own, a few buffers ahead of the
+/// reader; an error reaches the reader where it happened, with its kind.
+/// Dropped early, the thread stops at its next buffer.
+pub(crate) struct ReadAhead {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl ReadAhead {
+    fn start(mut inner: impl io::Read + Send + 'static) -> ReadAhead {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = vec![0u8; crate::digest::BUF_SIZE];
+                let mut n = 0;
+                let got = loop {
+                    match inner.read(&mut buf[n..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(k) => {
+                            n += k;
+                            if n == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(n);
+                let end = n == 0;
+                let sent = match got {
+                    // What was read before an error is given first.
+                    Err(e) => {
+                        if n > 0 {
+                            let _ = tx.send(Ok(buf));
+                        }
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    Ok(()) => tx.send(Ok(buf)),
+                };
+                if sent.is_err() || end {
+                    return;
+                }
+            }
+        });
+        ReadAhead {
+            rx,
+            buf: Vec::new(),
+            at: 0,
+            done: false,
+        }
+    }
+}
+
+impl io::Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.buf.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    self.done = b.is_empty();
+                    self.buf = b;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(io::Error::other("the reading thread stopped"));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -1714,6 +1807,50 @@ pub(crate) fn dir_bytes(dir: &Dir, count: impl Fn(&[u8]) -> bool) -> u64 {
         .filter(|m| m.kind == Kind::File)
         .map(|m| m.size)
         .sum()
+}
+
+#[cfg(test)]
+mod read_ahead_tests {
+    use super::ReadAhead;
+    use std::io::{self, Read};
+
+    /// Gives `ok` bytes, then fails with `kind`.
+    struct Failing {
+        left: usize,
+        kind: io::ErrorKind,
+    }
+
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::Error::new(self.kind, "failed here"));
+            }
+            let n = buf.len().min(self.left).min(1000);
+            buf[..n].fill(7);
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn gives_every_byte_then_the_error_in_its_place() {
+        for ok in [0, 1, 999, 300_000, 1 << 20] {
+            let mut r = ReadAhead::start(Failing {
+                left: ok,
+                kind: io::ErrorKind::InvalidData,
+            });
+            let mut got = Vec::new();
+            let err = r.read_to_end(&mut got).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert_eq!(got.len(), ok);
+        }
+        let data: Vec<u8> = (0..700_000u32).map(|i| i as u8).collect();
+        let mut got = Vec::new();
+        ReadAhead::start(io::Cursor::new(data.clone()))
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, data);
+    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,9 @@ pub(crate) struct Seal {
     pub(crate) recipients: Vec<Recipient>,
     pub(crate) readers: Vec<Recipient>,
     identities: Vec<Identity>,
+    /// The recipients the keeper key file kept at this site says the
+    /// courier was sealed for (the keeper vouches for them).
+    kept_recipients: Option<Vec<Recipient>>,
     pub(crate) source_reads: bool,
     /// The length of a carried file's age header.
     object_header: u64,
@@ -115,7 +118,7 @@ pub(crate) fn keeper_path(id: &str) -> Option<PathBuf> {
     Some(base.join("couriers").join(format!("{id}.key")))
 }
 
-fn keep_keeper(id: &str, key: &Identity) -> Result<PathBuf> {
+fn keep_keeper(id: &str, key: &Identity, recipients: &[Recipient]) -> Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let path = keeper_path(id).ok_or_else(|| {
         Error::usage("no HOME to keep the courier's key in; set BITFOG_STATE_DIR")
@@ -127,8 +130,13 @@ fn keep_keeper(id: &str, key: &Identity) -> Result<PathBuf> {
         .create(dir)
         .map_err(|e| Error::io(format!("'{}'", dir.display()), &e))?;
     let text = format!(
-        "# bitfog keeper of courier {id}: reads its state, never its files\n# public key: {}\n{}\n",
+        "# bitfog keeper of courier {id}: reads its state, never its files\n# public key: {}\n# recipients: {}\n{}\n",
         key.recipient(),
+        recipients
+            .iter()
+            .map(Recipient::encode)
+            .collect::<Vec<_>>()
+            .join(" "),
         key.encode()
     );
     let written = (|| {
@@ -148,6 +156,13 @@ fn keep_keeper(id: &str, key: &Identity) -> Result<PathBuf> {
 /// not parse is an error: a sealed courier is never taken for a plain one.
 pub(crate) fn marker(state: &Dir) -> io::Result<Option<String>> {
     let Some(f) = state.open_file(MARKER.as_bytes())? else {
+        // Its key file without it: the marker was lost, not the seal.
+        if state.stat(KEYS.as_bytes())?.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("an encrypted courier whose {MARKER} is missing"),
+            ));
+        }
         return Ok(None);
     };
     let mut text = Vec::new();
@@ -179,6 +194,7 @@ impl Seal {
             readers,
             identities,
             source_reads: keys.source_reads,
+            kept_recipients: None,
         })
     }
 
@@ -195,8 +211,14 @@ impl Seal {
             .to_string();
         let mut ids: Vec<Identity> = age::identities().to_vec();
         let kept = keeper_path(id).filter(|p| keeper && p.exists());
+        let mut kept_recipients = None;
         if let Some(p) = &kept {
             ids.extend(age::read_identities(p).map_err(Error::usage)?);
+            kept_recipients = std::fs::read_to_string(p).ok().and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("# recipients: "))
+                    .and_then(|l| l.split(' ').map(Recipient::parse).collect())
+            });
         }
         if ids.is_empty() {
             let hint = if keeper {
@@ -236,6 +258,10 @@ impl Seal {
             .ok()
             .filter(|k| k.courier == id)
             .and_then(|k| Seal::from_keys(k, ids))
+            .map(|s| Seal {
+                kept_recipients,
+                ..s
+            })
             .ok_or_else(|| {
                 Error::usage(format!(
                     "'{courier}': its key file {KEYS} does not describe this courier"
@@ -254,7 +280,7 @@ impl Seal {
         let mut kept = None;
         if ids.is_empty() {
             let keeper = Identity::generate();
-            kept = Some(keep_keeper(&id, &keeper)?);
+            kept = Some(keep_keeper(&id, &keeper, recipients)?);
             ids.push(keeper);
         }
         let mut readers = recipients.to_vec();
@@ -294,6 +320,51 @@ impl Seal {
             .map_err(|e| what(MARKER, e))?;
         let seal = Seal::from_keys(keys, ids).expect("keys just made");
         Ok((seal, kept))
+    }
+
+    /// Whether `fetch` may go on writing into this courier: a key file
+    /// planted by someone else could name their own recipients or readers.
+    /// Readers must be recipients or keys of this site's; recipients must
+    /// be those `--encrypt-to` gives, else those the keeper kept here
+    /// vouches for, else keys this site holds identities of.
+    pub(crate) fn vouched(&self, given: Option<&[Recipient]>) -> std::result::Result<(), String> {
+        let own: Vec<Recipient> = self.identities.iter().map(Identity::recipient).collect();
+        if let Some(r) = self
+            .readers
+            .iter()
+            .find(|r| !self.recipients.contains(r) && !own.contains(r))
+        {
+            return Err(format!(
+                "its key file names a reader ({r}) that is neither a recipient nor a key of this site's (planted?)"
+            ));
+        }
+        let same = |want: &[Recipient]| {
+            want.iter().all(|r| self.recipients.contains(r))
+                && self.recipients.iter().all(|r| want.contains(r))
+        };
+        match (given, &self.kept_recipients) {
+            (Some(want), _) if !same(want) => Err(
+                "it is encrypted to other recipients than --encrypt-to gives; store what it carries and empty it to change them".into(),
+            ),
+            (Some(_), _) => Ok(()),
+            (None, Some(kept)) if same(kept) => Ok(()),
+            (None, Some(_)) => Err(
+                "its key file names other recipients than the keeper kept here says (planted?)".into(),
+            ),
+            (None, None) if self.recipients.iter().all(|r| own.contains(r)) => Ok(()),
+            (None, None) => Err(
+                "nothing here vouches for the recipients it names: give --encrypt-to RECIPIENT".into(),
+            ),
+        }
+    }
+
+    /// Who the courier's files are encrypted to, for the person.
+    pub(crate) fn recipients_text(&self) -> String {
+        self.recipients
+            .iter()
+            .map(Recipient::encode)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// A name for `what` (a path, a range, a delta) that only the holders
