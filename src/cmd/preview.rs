@@ -290,6 +290,10 @@ impl Preview {
     ) {
         let n = found.len();
         let mut avail = self.room;
+        // What a file of n bytes takes in the courier (more, encrypted),
+        // and the most bytes of a file that fit in `room`.
+        let cost = |n: u64| held.map_or(n, |h| h.courier.cost(n));
+        let room_for = |room: u64| held.map_or(room, |h| h.courier.room_for(room));
         self.acts = found
             .iter()
             .map(|f| match f {
@@ -307,13 +311,13 @@ impl Preview {
             let Ok(e) = self.files.get(i) else { continue };
             let start = ranges::next_start(&e, dest_partials.get(&e.name), &held_recs);
             let left = e.size.saturating_sub(start);
-            let len = left.min(avail);
+            let len = left.min(room_for(avail));
             if left == 0 {
                 self.acts[i] = Act::Held;
             } else if len == left || (len > 0 && len >= min_range) {
                 self.acts[i] = Act::Range;
                 self.range_len.insert(i, len);
-                avail -= len;
+                avail = avail.saturating_sub(cost(len));
                 if left > len {
                     self.range_left.insert(i, left - len);
                 }
@@ -327,8 +331,8 @@ impl Preview {
             .collect();
         cands.sort_by_key(|&i| std::cmp::Reverse(self.sizes[i]));
         for i in cands {
-            if self.sizes[i] <= avail {
-                avail -= self.sizes[i];
+            if cost(self.sizes[i]) <= avail {
+                avail -= cost(self.sizes[i]);
                 self.acts[i] = Act::Delta;
             }
         }
@@ -343,7 +347,7 @@ impl Preview {
             &self.sizes,
             |i| {
                 if open(self, i) {
-                    self.sizes[i] - have(i)
+                    cost(self.sizes[i]) - have(i)
                 } else {
                     u64::MAX
                 }
@@ -351,7 +355,7 @@ impl Preview {
             avail,
         );
         for i in taken {
-            avail -= self.sizes[i] - have(i);
+            avail -= cost(self.sizes[i]) - have(i);
             self.acts[i] = Act::Carry;
         }
         // What is left starts the largest file bigger than a whole trip.
@@ -364,10 +368,11 @@ impl Preview {
                     && have(i) == 0
                     && self.files.get(i).is_ok_and(|e| e.sha256.is_some())
             });
-            if let Some(i) = big {
+            if let Some(i) = big.filter(|_| room_for(avail) > 0) {
+                let len = room_for(avail);
                 self.acts[i] = Act::Range;
-                self.range_len.insert(i, avail);
-                self.range_left.insert(i, self.sizes[i] - avail);
+                self.range_len.insert(i, len);
+                self.range_left.insert(i, self.sizes[i] - len);
             }
         }
         // Duplicates are instructions once their original travels.

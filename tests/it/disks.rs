@@ -546,3 +546,43 @@ fn on_exfat_kill_9_mid_fetch_then_the_rerun_carries_every_name() {
         }
     }
 }
+
+/// An encrypted courier on exFAT: every odd name and the sparse image
+/// arrive, and the courier holds only random names and the image's data.
+#[test]
+#[ignore = "needs root, exfatprogs and exfat-fuse"]
+fn an_encrypted_exfat_courier_carries_every_name() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    odd_tree(&src);
+    let disk = Mounted::new(&t, "exfat", 192);
+    let courier = disk.dir.join("trip");
+    let c = courier.to_str().unwrap();
+    let key = t.s("dest.key");
+    let k = bitfog(&["keygen", "-o", &key]).ok();
+    let recipient = k.stderr.trim().rsplit(' ').next().unwrap().to_string();
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let f = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &su,
+        c,
+        "--encrypt-to",
+        &recipient,
+        "--json",
+    ])
+    .ok();
+    assert_eq!(f.num("fetched_files"), ODD.len() as u64 + 1, "{f}");
+    assert!(visible(&courier).is_empty(), "{:?}", visible(&courier));
+    let held = held_files(&courier);
+    assert!(
+        held.iter().all(|n| n.len() <= 3 + 32 + ".extents".len()),
+        "{held:?}"
+    );
+    assert!(disk_used(&courier) < 32 << 20, "the image's data only");
+    let s = bitfog(&["store", c, &du, c, "-i", &key, "--json"]).ok();
+    assert_eq!(s.num("failed_files"), 0, "{s}");
+    assert_eq!(files(&src), files(&dst), "the trees differ");
+}

@@ -672,7 +672,7 @@ fn a_planted_key_file_is_refused() {
     let (me, them) = (format!("\"{recipient}\""), format!("\"{thief}\""));
     plant(&them, &format!("{me},{them}"));
     let f = bitfog(&["fetch", &t.s("dest.db"), &su, &c, "-i", &key]).code(2);
-    assert!(f.stderr.contains("planted?"), "{f}");
+    assert!(f.stderr.contains("nothing here vouches"), "{f}");
     plant(&me, &format!("{me},{them}"));
     let f = bitfog(&["fetch", &t.s("dest.db"), &su, &c, "-i", &key]).code(2);
     assert!(f.stderr.contains("planted?"), "{f}");
@@ -693,4 +693,50 @@ fn a_planted_key_file_is_refused() {
     fs::remove_file(state.join("sealed.json")).unwrap();
     let f = bitfog(&["fetch", &t.s("dest.db"), &su, &c]).code(2);
     assert!(f.stderr.contains("sealed.json is missing"), "{f}");
+}
+
+/// The budget counts what encrypted files take, and a dry run says what
+/// the fetch then does.
+#[test]
+fn the_budget_counts_encrypted_bytes_and_the_dry_run_agrees() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    let (_, recipient) = keygen(&t, "dest.key");
+    for i in 0..20u64 {
+        write(&src, &format!("f{i:02}"), &data(90 + i, 10 * KIB));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let su = server.url("src");
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let c = t.s("courier");
+    let args = |budget: &str, dry: bool| {
+        let mut a = vec![
+            "fetch".to_string(),
+            t.s("dest.db"),
+            su.clone(),
+            c.clone(),
+            "--max-bytes".into(),
+            budget.into(),
+            "--json".into(),
+        ];
+        if dry {
+            a.push("--dry-run".into());
+        }
+        a
+    };
+    let run = |a: Vec<String>| bitfog(&a.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+    // Sealed, with room for nothing yet.
+    let mut first = args("1", false);
+    first.extend(["--encrypt-to".to_string(), recipient.clone()]);
+    assert_eq!(run(first).num("fetched_files"), 0);
+    // 200 KiB holds the 20 files' bytes, not their encryption too.
+    let dry = run(args("200K", true));
+    let real = run(args("200K", false));
+    assert_eq!(real.num("fetched_files"), 19, "{real}");
+    assert_eq!(dry.num("fetched_files"), 19, "{dry}");
+    let on_disk: u64 = objects(&t.path("courier"))
+        .iter()
+        .map(|o| fs::metadata(o).unwrap().len())
+        .sum();
+    assert!(on_disk <= 200 * KIB as u64, "{on_disk}");
 }
