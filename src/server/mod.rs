@@ -2614,7 +2614,9 @@ fn put_file(
     let temp = TempFile::create(dir).map_err(write_error)?;
     let mut hasher = Hasher::new();
     let file = temp.file.as_ref().expect("fresh temp file");
-    match copy_hashing(
+    // Writing on a thread of its own keeps the socket read while the
+    // disk stalls under writeback.
+    match crate::digest::copy_hashing_apart(
         &mut req.body,
         &mut Writeback::new(file, 0),
         &mut hasher,
