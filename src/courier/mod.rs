@@ -766,7 +766,19 @@ impl Courier {
         };
         let names = dir.names().unwrap_or_default();
         if self.seal.is_some() {
-            // Not resumed: what a killed run left starts over.
+            // Not resumed: what a killed run left starts over (a look
+            // that changes nothing only counts them).
+            if self._lock.is_none() {
+                return names
+                    .iter()
+                    .filter_map(|(n, _)| std::str::from_utf8(n).ok()?.strip_suffix(".part"))
+                    .map(|id| Partial {
+                        id: id.to_string(),
+                        meta: None,
+                        len: self.partial_len(id),
+                    })
+                    .collect();
+            }
             for (name, _) in &names {
                 let _ = dir.unlink(name);
             }
