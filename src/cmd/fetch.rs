@@ -396,6 +396,17 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
 /// Seals a courier that holds no trip yet when `--encrypt-to` is given;
 /// a sealed courier stays sealed, to the same recipients.
 fn seal_courier(ui: &Ui, courier: &mut Courier, opts: &FetchOpts) -> Result<()> {
+    if let (true, Some(want)) = (check_seal(ui, courier, opts)?, &opts.seal) {
+        if let Some(kept) = courier.seal_for(want)? {
+            ui.log(crate::courier::seal::said_keeper(&kept));
+        }
+    }
+    Ok(())
+}
+
+/// What `seal_courier` refuses (exit 2), and whether the courier is to be
+/// sealed now; a dry run asks the same.
+fn check_seal(ui: &Ui, courier: &Courier, opts: &FetchOpts) -> Result<bool> {
     let shown = opts.courier.display();
     if let Some(s) = courier.sealed() {
         s.vouched(opts.seal.as_deref())
@@ -406,11 +417,11 @@ fn seal_courier(ui: &Ui, courier: &mut Courier, opts: &FetchOpts) -> Result<()> 
                 s.recipients_text()
             ));
         }
-        return Ok(());
+        return Ok(false);
     }
-    let Some(want) = &opts.seal else {
-        return Ok(());
-    };
+    if opts.seal.is_none() {
+        return Ok(false);
+    }
     let holds_trip = !courier.read_log().is_empty()
         || !ranges::held(courier).is_empty()
         || !deltas::held(courier).is_empty();
@@ -419,10 +430,7 @@ fn seal_courier(ui: &Ui, courier: &mut Courier, opts: &FetchOpts) -> Result<()> 
             "'{shown}' holds a trip that is not encrypted: store it and empty the courier (or take another) to carry one encrypted"
         )));
     }
-    if let Some(kept) = courier.seal_for(want)? {
-        ui.log(crate::courier::seal::said_keeper(&kept));
-    }
-    Ok(())
+    Ok(true)
 }
 
 /// What DESTDB says besides its entries: where it is (itself or a
@@ -1663,7 +1671,10 @@ fn report(ui: &Ui, sum: &FetchSummary) {
 /// `plan` decides it, against what the courier holds (no file is hashed,
 /// created or removed, and no lock is taken).
 fn dry_run(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> {
-    let c = Courier::open_read(&opts.courier)?;
+    let mut c = Courier::open_read(&opts.courier)?;
+    if let (true, Some(r)) = (check_seal(ui, &c, opts)?, &opts.seal) {
+        c.plan_sealed(r);
+    }
     let p = preview::preview(
         ui,
         client,

@@ -111,6 +111,9 @@ pub(crate) struct Courier {
     fold: Mutex<Option<FoldMap>>,
     /// The keys of a sealed courier (see `seal`).
     seal: Option<seal::Seal>,
+    /// For a dry run of `fetch --encrypt-to` on a courier not sealed yet:
+    /// the age header its files will have, so the budget counts them.
+    planned_header: Option<u64>,
     _lock: Option<File>,
 }
 
@@ -295,6 +298,7 @@ impl Courier {
             held: Mutex::default(),
             fold: Mutex::default(),
             seal: None,
+            planned_header: None,
             _lock: Some(lock),
         };
         c.unseal()?;
@@ -340,6 +344,7 @@ impl Courier {
             held: Mutex::default(),
             fold: Mutex::default(),
             seal: None,
+            planned_header: None,
             _lock: None,
         };
         c.unseal()?;
@@ -488,19 +493,30 @@ impl Courier {
         serde_json::from_slice(&buf).ok()
     }
 
+    /// Plans as if the courier were sealed for `recipients` (a dry run
+    /// of the `fetch --encrypt-to` that will seal it).
+    pub(crate) fn plan_sealed(&mut self, recipients: &[crate::age::Recipient]) {
+        if self.seal.is_none() {
+            self.planned_header = Some(crate::age::header_len(recipients));
+        }
+    }
+
     /// Bytes a file of `size` bytes takes in the courier.
     pub(crate) fn cost(&self, size: u64) -> u64 {
-        self.seal.as_ref().map_or(size, |s| s.object_len(size))
+        match (&self.seal, self.planned_header) {
+            (Some(s), _) => s.object_len(size),
+            (None, Some(h)) => crate::age::sealed_len(h, size),
+            (None, None) => size,
+        }
     }
 
     /// The most bytes of a file that take at most `room` in the courier.
     pub(crate) fn room_for(&self, room: u64) -> u64 {
-        match &self.seal {
-            None => room,
-            Some(_) if room >= u64::MAX / 2 => room,
-            // The overhead grows with the size: that of `room` is enough.
-            Some(s) => room.saturating_sub(s.object_len(room) - room),
+        if room >= u64::MAX / 2 {
+            return room;
         }
+        // The overhead grows with the size: that of `room` is enough.
+        room.saturating_sub(self.cost(room) - room)
     }
 
     /// Reads from the record which names are kept in `.bitfog/names/`

@@ -423,6 +423,20 @@ fn wrong_identity_and_mixed_couriers_are_usage_errors() {
     ])
     .code(2);
     assert!(over.stderr.contains("not encrypted"), "{over}");
+    let dry = bitfog(&[
+        "fetch",
+        &t.s("dest.db"),
+        &su,
+        &plain,
+        "--encrypt-to",
+        &recipient,
+        "--dry-run",
+    ])
+    .code(2);
+    assert!(
+        dry.stderr.contains("not encrypted"),
+        "the dry run says so: {dry}"
+    );
     assert!(
         t.path("plain/precious.bin").exists(),
         "the plain trip is kept"
@@ -740,6 +754,11 @@ fn the_budget_counts_encrypted_bytes_and_the_dry_run_agrees() {
         a
     };
     let run = |a: Vec<String>| bitfog(&a.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+    // The dry run of the fetch that seals it counts the same.
+    let mut dry_first = args("200K", true);
+    dry_first.extend(["--encrypt-to".to_string(), recipient.clone()]);
+    assert_eq!(run(dry_first).num("fetched_files"), 19);
+    assert!(!t.path("courier").exists(), "a dry run makes nothing");
     // Sealed, with room for nothing yet.
     let mut first = args("1", false);
     first.extend(["--encrypt-to".to_string(), recipient.clone()]);
