@@ -5,43 +5,8 @@
 use crate::util::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
 
 const MIB: usize = 1 << 20;
-
-/// `bitfog keygen -o FILE`: the identity file and its recipient.
-fn keygen(t: &Scratch, name: &str) -> (String, String) {
-    let path = t.s(name);
-    let r = bitfog(&["keygen", "-o", &path]).ok();
-    let recipient = r.stderr.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(recipient.starts_with("age1"), "{r}");
-    (path, recipient)
-}
-
-fn age(args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
-    let mut child = Command::new("age")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the age CLI (Debian's age package; .ci/run installs it)");
-    if let Some(data) = input {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(data).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "age {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 /// The DB's lines but its header (which says when it was made).
 fn entries(db: &[u8]) -> Vec<String> {
@@ -170,14 +135,14 @@ fn a_trip_with_encrypted_dbs_and_the_age_cli_both_ways() {
     }
     // age opens what bitfog wrote: the same DB a plain builddb writes.
     bitfog(&["builddb", &du, &t.s("plain-dest.db")]).ok();
-    let opened = age(&["-d", "-i", &key, &t.s("dest.db")], None);
+    let opened = age_cli(&["-d", "-i", &key, &t.s("dest.db")], None);
     assert_eq!(
         entries(&opened),
         entries(&fs::read(t.path("plain-dest.db")).unwrap())
     );
     // bitfog opens what age wrote.
     bitfog(&["builddb", &su, &t.s("plain-src.db")]).ok();
-    let sealed = age(
+    let sealed = age_cli(
         &["-e", "-r", &recipient],
         Some(&fs::read(t.path("plain-src.db")).unwrap()),
     );

@@ -777,3 +777,47 @@ pub fn partial_bytes(courier: &std::path::Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// `bitfog keygen -o FILE`: the identity file and its recipient.
+pub fn keygen(t: &Scratch, name: &str) -> (String, String) {
+    let path = t.s(name);
+    let r = bitfog(&["keygen", "-o", &path]).ok();
+    let recipient = r.stderr.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(recipient.starts_with("age1"), "{r}");
+    (path, recipient)
+}
+
+/// Runs the `age` CLI on `input`; its output.
+pub fn age_cli(args: &[&str], input: Option<&[u8]>) -> Vec<u8> {
+    let mut child = Command::new("age")
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the age CLI (Debian's age package; .ci/run installs it)");
+    // Fed from a thread: age writes while it reads, and a pipe holds
+    // only so much.
+    let feeder = input.map(|data| {
+        let mut stdin = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            stdin.write_all(&data).unwrap();
+        })
+    });
+    let out = child.wait_with_output().unwrap();
+    if let Some(f) = feeder {
+        f.join().unwrap();
+    }
+    assert!(
+        out.status.success(),
+        "age {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
