@@ -848,6 +848,35 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Written in any pieces, flushed anywhere between them, a file
+        /// reads back whole, and its length is what `sealed_len` says
+        /// (and `plain_len` inverts it).
+        #[test]
+        fn any_pieces_and_flushes_give_the_same_file(
+            pieces in prop::collection::vec((0usize..100_000, any::<bool>()), 0..12),
+        ) {
+            let id = Identity::generate();
+            let total: usize = pieces.iter().map(|p| p.0).sum();
+            let data: Vec<u8> = (0..total).map(|i| (i * 13 % 251) as u8).collect();
+            let mut w = Writer::new(Vec::new(), &[id.recipient()]).unwrap();
+            let mut at = 0;
+            for (n, flush) in pieces {
+                w.write_all(&data[at..at + n]).unwrap();
+                if flush {
+                    w.flush().unwrap();
+                }
+                at += n;
+            }
+            let file = w.finish().unwrap();
+            let header = header_len(&[id.recipient()]);
+            prop_assert_eq!(file.len() as u64, sealed_len(header, total as u64));
+            prop_assert_eq!(plain_len(header, file.len() as u64), Some(total as u64));
+            prop_assert_eq!(open(&file, &[id]).unwrap(), data);
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// The fuzz target's property on short inputs, real age files
         /// (sealed for the fuzz identity, then changed) among them.
