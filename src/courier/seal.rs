@@ -526,6 +526,21 @@ mod tests {
         assert!(seal().open_line(&line).is_some(), "same key, same courier");
     }
 
+    proptest::proptest! {
+        /// What fits a room, encrypted, never takes more than the room,
+        /// and misses it by a few bytes in 4 MiB.
+        #[test]
+        fn room_for_never_overflows(room in 0u64..(1 << 40)) {
+            let s = seal();
+            let fits = room.saturating_sub(s.object_len(room) - room);
+            if fits > 0 {
+                proptest::prop_assert!(s.object_len(fits) <= room);
+            }
+            let slack = 64 + room / (1 << 22);
+            proptest::prop_assert!(s.object_len(fits + slack) > room || room < s.object_len(0));
+        }
+    }
+
     #[test]
     fn object_lengths_invert() {
         let s = seal();
