@@ -119,14 +119,12 @@ pub(crate) fn copy_hashing(
     limit: u64,
     progress: impl FnMut(u64),
 ) -> Result<u64, CopyError> {
-    if limit >= OVERLAP_MIN {
-        return copy_hashing_overlapped(reader, Out::Here(writer), hasher, limit, progress);
-    }
-    copy_hashing_small(reader, writer, hasher, limit, progress)
+    copy_to(reader, Out::Here(writer), hasher, limit, progress)
 }
 
 /// `copy_hashing`, with a large copy's writes also on a thread of their
-/// own: for a writer that costs (one that encrypts).
+/// own: for a writer that costs (one that encrypts), or that the kernel
+/// may stall under writeback.
 pub(crate) fn copy_hashing_apart(
     reader: &mut dyn Read,
     writer: &mut (dyn Write + Send),
@@ -134,9 +132,23 @@ pub(crate) fn copy_hashing_apart(
     limit: u64,
     progress: impl FnMut(u64),
 ) -> Result<u64, CopyError> {
+    copy_to(reader, Out::Apart(writer), hasher, limit, progress)
+}
+
+fn copy_to(
+    reader: &mut dyn Read,
+    out: Out<'_>,
+    hasher: &mut Hasher,
+    limit: u64,
+    progress: impl FnMut(u64),
+) -> Result<u64, CopyError> {
     if limit >= OVERLAP_MIN {
-        return copy_hashing_overlapped(reader, Out::Apart(writer), hasher, limit, progress);
+        return copy_hashing_overlapped(reader, out, hasher, limit, progress);
     }
+    let writer: &mut dyn Write = match out {
+        Out::Here(w) => w,
+        Out::Apart(w) => w,
+    };
     copy_hashing_small(reader, writer, hasher, limit, progress)
 }
 

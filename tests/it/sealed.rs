@@ -99,6 +99,23 @@ fn assert_nothing_shows(src: &Path, courier: &Path) {
     }
 }
 
+/// One server with a source and a destination area, and an empty DESTDB
+/// (`dest.db`): the server and the two areas' URLs.
+fn sites(t: &Scratch, src: &Path, dst: &Path) -> (Server, String, String) {
+    let server = Server::start(t, "site", &two_areas(src, dst));
+    let urls = (server.url("src"), server.url("dst"));
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    (server, urls.0, urls.1)
+}
+
+/// `fetch dest.db SRC COURIER --encrypt-to RECIPIENT EXTRA...`.
+fn sealed_fetch(t: &Scratch, su: &str, c: &str, recipient: &str, extra: &[&str]) -> Run {
+    let db = t.s("dest.db");
+    let mut args = vec!["fetch", &db, su, c, "--encrypt-to", recipient];
+    args.extend_from_slice(extra);
+    bitfog(&args)
+}
+
 /// Two trips under a budget, with a rename, a delta and a file bigger
 /// than the budget: the destination ends equal to the source, and after
 /// each fetch nothing in the courier shows a name or 32 bytes of a file.
@@ -208,19 +225,9 @@ fn objects_are_age_files_both_ways() {
     let two = data(8, 70 * KIB);
     write(&src, "first.bin", &one);
     write(&src, "second.bin", &two);
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let (_server, su, du) = sites(&t, &src, &dst);
     let c = t.s("courier");
-    bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-    ])
-    .ok();
+    sealed_fetch(&t, &su, &c, &recipient, &[]).ok();
     let objs = objects(&t.path("courier"));
     assert_eq!(objs.len(), 2, "{objs:?}");
     let mut opened: Vec<Vec<u8>> = objs
@@ -256,19 +263,9 @@ fn tampered_truncated_and_swapped_objects_are_refused() {
     for (i, len) in sizes.iter().enumerate() {
         write(&src, &format!("file-{i}.bin"), &data(20 + i as u64, *len));
     }
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let (_server, su, du) = sites(&t, &src, &dst);
     let c = t.s("courier");
-    bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-    ])
-    .ok();
+    sealed_fetch(&t, &su, &c, &recipient, &[]).ok();
     // Which object is which, by size (the sizes show; names do not).
     let mut objs = objects(&t.path("courier"));
     objs.sort_by_key(|o| fs::metadata(o).unwrap().len());
@@ -306,16 +303,7 @@ fn tampered_truncated_and_swapped_objects_are_refused() {
 
     // The next fetch replaces what store marked.
     bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
-    let f = bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-        "--json",
-    ])
-    .ok();
+    let f = sealed_fetch(&t, &su, &c, &recipient, &["--json"]).ok();
     assert_eq!(f.num("fetched_files"), 4, "{f}");
     bitfog(&["store", &c, &du, &c, "-i", &key]).ok();
     assert_same_tree(&src, &dst);
@@ -331,20 +319,10 @@ fn wrong_identity_and_mixed_couriers_are_usage_errors() {
     let (_, recipient) = keygen(&t, "dest.key");
     let (other, other_recipient) = keygen(&t, "other.key");
     write(&src, "precious.bin", &data(30, 100 * KIB));
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let (_server, su, du) = sites(&t, &src, &dst);
     bitfog(&["builddb", &su, &t.s("src.db")]).ok();
     let c = t.s("courier");
-    bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-    ])
-    .ok();
+    sealed_fetch(&t, &su, &c, &recipient, &[]).ok();
 
     let none = bitfog(&["store", &t.s("src.db"), &du, &c]).code(2);
     assert!(none.stderr.contains("give --identity"), "{none}");
@@ -411,9 +389,7 @@ fn killed_encrypted_fetch_resumes() {
     for i in 0..40u64 {
         write(&src, &format!("part-{i:02}.bin"), &data(40 + i, MIB));
     }
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let (_server, su, du) = sites(&t, &src, &dst);
     let c = t.s("courier");
     let mut child = cmd(&[
         "fetch",
@@ -458,23 +434,11 @@ fn the_receipt_goes_only_where_it_can_be_read() {
     let (other, other_recipient) = keygen(&t, "other.key");
     write(&src, "a/first-file.bin", &data(50, 300 * KIB));
     write(&src, "second-file.bin", &data(51, 3 * KIB));
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let (_server, su, du) = sites(&t, &src, &dst);
 
     // The same key at both sites.
     let c = t.s("both");
-    let f = bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-        "-i",
-        &key,
-    ])
-    .ok();
+    let f = sealed_fetch(&t, &su, &c, &recipient, &["-i", &key]).ok();
     assert!(!f.stderr.contains("kept in"), "no keeper is made: {f}");
     bitfog(&["store", &c, &du, &c, "-i", &key]).ok();
     let receipt = t.path("both/.bitfog/receipt.jsonl");
@@ -497,15 +461,7 @@ fn the_receipt_goes_only_where_it_can_be_read() {
     fs::remove_dir_all(dst.join("a")).unwrap();
     fs::remove_file(dst.join("second-file.bin")).unwrap();
     let c = t.s("recipient-only");
-    bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-    ])
-    .ok();
+    sealed_fetch(&t, &su, &c, &recipient, &[]).ok();
     let s = bitfog(&["store", &c, &du, &c, "-i", &key]).ok();
     assert!(s.stderr.contains("no receipt is left"), "{s}");
     assert!(!t.path("recipient-only/.bitfog/receipt.jsonl").exists());
@@ -538,19 +494,9 @@ fn status_verifies_an_encrypted_courier() {
     let (key, recipient) = keygen(&t, "dest.key");
     write(&src, "kept-whole.bin", &data(60, 200 * KIB));
     write(&src, "to-be-changed.bin", &data(61, 90 * KIB));
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let (_server, su, du) = sites(&t, &src, &dst);
     let c = t.s("courier");
-    bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-    ])
-    .ok();
+    sealed_fetch(&t, &su, &c, &recipient, &[]).ok();
     let d = bitfog(&["fetch", &t.s("dest.db"), &su, &c, "--dry-run", "--json"]).ok();
     assert_eq!(d.num("courier_files"), 2, "a dry run reads it too: {d}");
     let st = bitfog(&["status", &c, "-i", &key, "--json"]).ok();
@@ -596,19 +542,9 @@ fn sparse_files_travel_encrypted_as_their_extents() {
         alloc < 16 << 20,
         "this test needs a TMPDIR that keeps holes"
     );
-    let server = Server::start(&t, "site", &two_areas(&src, &dst));
-    let (su, du) = (server.url("src"), server.url("dst"));
-    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    let (_server, su, du) = sites(&t, &src, &dst);
     let c = t.s("courier");
-    bitfog(&[
-        "fetch",
-        &t.s("dest.db"),
-        &su,
-        &c,
-        "--encrypt-to",
-        &recipient,
-    ])
-    .ok();
+    sealed_fetch(&t, &su, &c, &recipient, &[]).ok();
     let objs = objects(&t.path("courier"));
     assert_eq!(objs.len(), 1);
     assert!(objs[0].to_string_lossy().ends_with(".extents"), "{objs:?}");
