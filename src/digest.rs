@@ -44,6 +44,19 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The bytes `N * 2` hex digits spell (either case); `None` for any other
+/// text.
+pub(crate) fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// True for exactly 64 lowercase hex digits.
 pub(crate) fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64

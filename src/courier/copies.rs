@@ -104,11 +104,7 @@ pub(crate) enum Origin {
 }
 
 fn key128(sha: &str) -> Option<[u8; 16]> {
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(sha.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    crate::digest::unhex(sha.get(..32)?)
 }
 
 impl Twins {

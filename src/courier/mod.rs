@@ -929,10 +929,7 @@ impl Courier {
         let at = (!plain).then(|| match &self.seal {
             // An opaque name: nothing in it tells the file.
             Some(_) => {
-                let r = crate::age::random::<16>()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>();
+                let r = crate::digest::hex(&crate::age::random::<16>());
                 let suffix = if pack { PACK_SUFFIX } else { "" };
                 format!("{}/{r}{suffix}", &r[..2])
             }

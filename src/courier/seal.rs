@@ -24,6 +24,7 @@
 
 use crate::age::{self, Identity, Recipient};
 use crate::beneath::Dir;
+use crate::digest::{hex, unhex};
 use crate::error::{Error, Result, describe_io};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
@@ -73,21 +74,6 @@ pub(crate) struct Seal {
     pub(crate) source_reads: bool,
     /// The length of a carried file's age header.
     object_header: u64,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Whether this run may unseal with a keeper key (`fetch` and its dry
