@@ -7,7 +7,7 @@
 use crate::client::{AreaUrl, Client};
 use crate::courier::ranges::{self, RangeRecord};
 use crate::courier::{Courier, deltas};
-use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing_apart, hash_reader};
+use crate::digest::{CopyError, Hasher, copy_hashing_apart, hash_reader};
 use crate::error::{describe_io, is_disk_full};
 use crate::wire::delta::{self, DeltaHeader, Encoder, Signature};
 use crate::wire::manifest::Entry;
@@ -123,22 +123,10 @@ pub(super) fn download_range(
     let range = ranges::create(courier, e, &sha, start)
         .map_err(|err| why("cannot create range file", &err))?;
     let mut hasher = Hasher::new();
-    let mut out = courier
-        .sink(io::BufWriter::with_capacity(
-            BUF_SIZE,
-            Writeback::new(range.file(), 0),
-        ))
-        .map_err(|err| why("cannot write range file", &err))?;
-    let copied = copy_hashing_apart(&mut dl.body, &mut out, &mut hasher, len, |n| {
-        wire.fetch_add(n, Ordering::Relaxed);
-    });
-    let flushed = match copied {
-        Ok(n) if n == len => out.finish().map(drop),
-        _ => {
-            drop(out);
-            Ok(())
-        }
-    };
+    let (copied, flushed) =
+        courier.copy_in(&mut dl.body, (range.file(), 0), &mut hasher, len, |n| {
+            wire.fetch_add(n, Ordering::Relaxed);
+        });
     match copied {
         Ok(n) if n == len => flushed.map_err(|err| why("cannot write range file", &err))?,
         Ok(n) => {

@@ -1236,28 +1236,12 @@ impl Trip<'_> {
             }
         };
         let mut hasher = Hasher::new();
-        let mut out = match self.courier.sink(io::BufWriter::with_capacity(
-            BUF_SIZE,
-            Writeback::new(&part, 0),
-        )) {
-            Ok(out) => out,
-            Err(err) => {
-                let intact = skip(answer);
-                self.courier.discard_partial(&id);
-                return (Err(Failure::io("cannot write courier file", &err)), intact);
-            }
-        };
-        let copied = copy_hashing_apart(&mut answer.body(size), &mut out, &mut hasher, size, |n| {
-            self.wire.fetch_add(n, Ordering::Relaxed);
-            progress.bytes.fetch_add(n, Ordering::Relaxed);
-        });
-        let flushed = match copied {
-            Ok(n) if n == size => out.finish().map(drop),
-            _ => {
-                drop(out);
-                Ok(())
-            }
-        };
+        let (copied, flushed) =
+            self.courier
+                .copy_in(&mut answer.body(size), (&part, 0), &mut hasher, size, |n| {
+                    self.wire.fetch_add(n, Ordering::Relaxed);
+                    progress.bytes.fetch_add(n, Ordering::Relaxed);
+                });
         let failed = match copied {
             Ok(n) if n == size => flushed
                 .err()
@@ -1842,20 +1826,11 @@ fn download(
                 .map_err(|err| Failure::io("cannot write partial state", &err))?;
         }
         let want = e.size - offset;
-        let mut out = courier
-            .sink(io::BufWriter::with_capacity(
-                BUF_SIZE,
-                Writeback::new(&part, offset),
-            ))
-            .map_err(|err| Failure::io("cannot write courier file", &err))?;
-        let copied = copy_hashing_apart(&mut dl.body, &mut out, &mut hasher, want, |n| {
-            wire.fetch_add(n, Ordering::Relaxed);
-            shown.fetch_add(n, Ordering::Relaxed);
-        });
-        let flushed = match copied {
-            Ok(n) if n == want => out.finish().map(drop),
-            _ => Ok(()),
-        };
+        let (copied, flushed) =
+            courier.copy_in(&mut dl.body, (&part, offset), &mut hasher, want, |n| {
+                wire.fetch_add(n, Ordering::Relaxed);
+                shown.fetch_add(n, Ordering::Relaxed);
+            });
         match copied {
             Ok(n) if n == want => {}
             Ok(n) => {

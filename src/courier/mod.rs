@@ -20,7 +20,7 @@ pub(crate) mod ranges;
 pub(crate) mod seal;
 
 use crate::beneath::{Dir, Kind, Root};
-use crate::digest::Hasher;
+use crate::digest::{BUF_SIZE, CopyError, Hasher, Writeback, copy_hashing_apart};
 use crate::error::{Error, Result, describe_io};
 use crate::wire::manifest::Entry;
 use crate::wire::paths::{COURIER_STATE, check_carried_name};
@@ -460,6 +460,32 @@ impl Courier {
             None => Sink::Plain(w),
             Some(s) => Sink::Sealed(s.object_writer(w)?),
         })
+    }
+
+    /// Copies `limit` bytes of `from` into the new courier file `file`
+    /// from `offset` while hashing them (`copy_hashing_apart`), through
+    /// the recipients' encryption on a sealed courier. The file is ended
+    /// (an encrypted one's last chunk sealed) only when all `limit` bytes
+    /// came; the second value is how ending it went.
+    pub(crate) fn copy_in(
+        &self,
+        from: &mut dyn io::Read,
+        (file, offset): (&File, u64),
+        hasher: &mut Hasher,
+        limit: u64,
+        progress: impl FnMut(u64),
+    ) -> (std::result::Result<u64, CopyError>, io::Result<()>) {
+        let out = io::BufWriter::with_capacity(BUF_SIZE, Writeback::new(file, offset));
+        let mut out = match self.sink(out) {
+            Ok(out) => out,
+            Err(e) => return (Err(CopyError::Write(e)), Ok(())),
+        };
+        let copied = copy_hashing_apart(from, &mut out, hasher, limit, progress);
+        let ended = match copied {
+            Ok(n) if n == limit => out.finish().map(drop),
+            _ => Ok(()),
+        };
+        (copied, ended)
     }
 
     /// A small record of `.bitfog/` (a range record) as it is written:
