@@ -1065,7 +1065,10 @@ impl Execution<'_> {
                 let mut outcomes: HashMap<String, _> = outcomes.into_iter().collect();
                 for a in &sent {
                     let outcome = match a.upload_name().and_then(|n| outcomes.remove(n)) {
-                        Some(o) => o.map_err(refused),
+                        Some(o) => match a {
+                            Action::Upload(e) => judged(self.courier, e, o),
+                            _ => o.map_err(refused),
+                        },
                         None => Err(Failure::Io("the destination did not answer for it".into())),
                     };
                     self.record(a, outcome);
@@ -1909,7 +1912,8 @@ fn open_contents(courier: &Courier, e: &Entry) -> std::result::Result<(Plain, u6
 }
 
 /// A small file of a sealed courier, decrypted whole (into an unnamed
-/// file of the temporary directory) and checked.
+/// file of the temporary directory, every chunk authenticated); the
+/// server checks its SHA-256.
 fn checked_sealed(
     courier: &Courier,
     e: &Entry,
@@ -1925,11 +1929,7 @@ fn checked_sealed(
     let tmp_err =
         |err: std::io::Error| Failure::io("cannot decrypt into the temporary directory", &err);
     let mut plain = crate::beneath::anonymous_file(&std::env::temp_dir()).map_err(tmp_err)?;
-    let mut hashed = HashingReader {
-        inner: &mut from,
-        hasher: Arc::new(Mutex::new((Hasher::new(), 0))),
-    };
-    match std::io::copy(&mut hashed, &mut plain) {
+    match std::io::copy(&mut from, &mut plain) {
         Ok(_) => {}
         Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
             return Err(mark_damaged(
@@ -1940,26 +1940,14 @@ fn checked_sealed(
         }
         Err(err) => return Err(tmp_err(err)),
     }
-    let got = std::mem::take(&mut *hashed.hasher.lock().expect("hasher"))
-        .0
-        .hex();
-    if Some(&got) != e.sha256.as_ref() {
-        return Err(mark_damaged(
-            courier,
-            e,
-            &format!(
-                "courier copy is damaged: sha256 {got}, SRCDB lists {}",
-                e.sha256.as_deref().unwrap_or("none")
-            ),
-        ));
-    }
     plain.seek(SeekFrom::Start(0)).map_err(tmp_err)?;
     Ok(Some(plain))
 }
 
-/// A small courier copy, open, checked against SRCDB (size and SHA-256,
-/// marked damaged otherwise) and ready to send from its start; `None`
-/// when it is sparse (it travels alone, as its data).
+/// A small courier copy, open, checked against SRCDB's size (marked
+/// damaged otherwise) and ready to send from its start; `None` when it is
+/// sparse (it travels alone, as its data). Its SHA-256 is checked by the
+/// server, and a refusal of it by [`judged`].
 fn checked_small(
     courier: &Courier,
     e: &Entry,
@@ -1984,14 +1972,14 @@ fn checked_small(
     if looks_sparse(&meta) {
         return Ok(None);
     }
-    let (got, _) = hash_reader(&mut file).map_err(open_err)?;
-    if Some(&got) != e.sha256.as_ref() {
+    if e.sha256.is_none() {
+        // Every file of a batch is checked by the server against its
+        // hash; one without cannot travel there.
+        let (got, _) = hash_reader(&mut file).map_err(open_err)?;
         return damaged(format!(
-            "courier copy is damaged: sha256 {got}, SRCDB lists {}",
-            e.sha256.as_deref().unwrap_or("none")
+            "courier copy is damaged: sha256 {got}, SRCDB lists none"
         ));
     }
-    file.seek(SeekFrom::Start(0)).map_err(open_err)?;
     Ok(Some(file))
 }
 
@@ -2008,7 +1996,7 @@ fn upload(
     if courier.sealed().is_some() {
         return upload_sealed(client, courier, dest, e);
     }
-    let mut file = open_copy(courier, e)?;
+    let file = open_copy(courier, e)?;
     let len = file.metadata().map_err(open_err)?.len();
     let damaged = |why: String| Err(mark_damaged(courier, e, &why));
     if len != e.size {
@@ -2043,45 +2031,48 @@ fn upload(
         }
         return sent.map_err(Failure::client)?.map_err(refused);
     }
-    let Some(want) = &e.sha256 else {
-        return client
-            .put_file(dest, e, file)
-            .map_err(Failure::client)?
-            .map_err(refused);
-    };
-    if e.size < STREAM_CHECK_MIN {
-        let (got, _) = hash_reader(&mut file).map_err(open_err)?;
-        if &got != want {
-            return damaged(format!(
-                "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
-            ));
+    // Sent as it is, without a hash pass here: the server checks the
+    // same hash (it comes as X-Bitfog-Sha256) before anything appears
+    // and refuses a mismatch (422), so a damaged copy is never stored.
+    // Only a refusal makes the copy worth hashing here, to tell a
+    // damaged courier copy from bytes changed on the way.
+    let sent = client.put_file(dest, e, file).map_err(Failure::client)?;
+    judged(courier, e, sent)
+}
+
+/// The outcome of an upload the destination checked against the entry's
+/// SHA-256: a refusal for a mismatch (422) hashes the courier copy, and a
+/// copy that does not match is marked damaged.
+fn judged(
+    courier: &Courier,
+    e: &Entry,
+    sent: std::result::Result<(), crate::client::Refused>,
+) -> std::result::Result<(), Failure> {
+    let Err(r) = sent else { return Ok(()) };
+    if r.status == 422 {
+        if let Some(want) = &e.sha256 {
+            let (mut from, _) = open_contents(courier, e)?;
+            let got = match hash_reader(&mut from) {
+                Ok((got, _)) => got,
+                Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(mark_damaged(
+                        courier,
+                        e,
+                        &format!("courier copy is damaged: {}", describe_io(&err)),
+                    ));
+                }
+                Err(err) => return Err(Failure::io("cannot read courier copy", &err)),
+            };
+            if &got != want {
+                return Err(mark_damaged(
+                    courier,
+                    e,
+                    &format!("courier copy is damaged: sha256 {got}, SRCDB lists {want}"),
+                ));
+            }
         }
-        file.seek(SeekFrom::Start(0)).map_err(open_err)?;
-        return client
-            .put_file(dest, e, file)
-            .map_err(Failure::client)?
-            .map_err(refused);
     }
-    // A large file is checked as it streams, saving a whole read
-    // and hash pass; the server checks the same hash (it comes
-    // as X-Bitfog-Sha256) before anything appears, so a damaged
-    // copy is refused there (422) and never stored.
-    let hasher = Arc::new(Mutex::new((Hasher::new(), 0u64)));
-    let body = HashingReader {
-        inner: file,
-        hasher: Arc::clone(&hasher),
-    };
-    let sent = client.put_file(dest, e, body);
-    let (h, read) = std::mem::take(&mut *hasher.lock().expect("hasher"));
-    let got = h.hex();
-    // Only a copy read to its end can be judged; a transfer cut
-    // short says so below.
-    if read == e.size && &got != want {
-        return damaged(format!(
-            "courier copy is damaged: sha256 {got}, SRCDB lists {want}"
-        ));
-    }
-    sent.map_err(Failure::client)?.map_err(refused)
+    Err(refused(r))
 }
 
 /// Sends a file of a sealed courier, decrypted as it streams: its SHA-256
@@ -2103,13 +2094,9 @@ fn upload_sealed(
         ));
     }
     let bad = Arc::new(AtomicBool::new(false));
-    let hasher = Arc::new(Mutex::new((Hasher::new(), 0u64)));
-    let body = HashingReader {
-        inner: Watched {
-            inner: from,
-            bad: Arc::clone(&bad),
-        },
-        hasher: Arc::clone(&hasher),
+    let body = Watched {
+        inner: from,
+        bad: Arc::clone(&bad),
     };
     let sent = client.put_file(dest, e, body);
     if bad.load(Ordering::Relaxed) {
@@ -2119,16 +2106,9 @@ fn upload_sealed(
             "courier copy is damaged: it does not decrypt whole",
         ));
     }
-    let (h, read) = std::mem::take(&mut *hasher.lock().expect("hasher"));
-    let got = h.hex();
-    if let Some(want) = e.sha256.as_ref().filter(|w| read == e.size && &got != *w) {
-        return Err(mark_damaged(
-            courier,
-            e,
-            &format!("courier copy is damaged: sha256 {got}, SRCDB lists {want}"),
-        ));
-    }
-    sent.map_err(Failure::client)?.map_err(refused)
+    // Decrypting authenticates every chunk; the server checks the
+    // content's SHA-256 (a copy swapped for another file's shows there).
+    judged(courier, e, sent.map_err(Failure::client)?)
 }
 
 /// Notes a read that fails as damaged data (an encrypted file that does
@@ -2218,23 +2198,3 @@ fn whole_sparse_hash(hashed: &Mutex<(Hasher, u64)>, e: &Entry, read_whole: bool)
 /// version it was made against.
 const BASE_CHANGED: &str = "the destination's file changed after its signature was taken; nothing was changed, and the next fetch carries the file whole or as a new delta";
 
-/// Files at least this large are hashed while they are sent instead of
-/// in a pass of their own before.
-const STREAM_CHECK_MIN: u64 = 8 << 20;
-
-/// Hashes what passes through it.
-struct HashingReader<R> {
-    inner: R,
-    /// The hash so far and the bytes it covers.
-    hasher: Arc<Mutex<(Hasher, u64)>>,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let mut h = self.hasher.lock().expect("hasher");
-        h.0.update(&buf[..n]);
-        h.1 += n as u64;
-        Ok(n)
-    }
-}

@@ -293,7 +293,8 @@ fn store_refuses_damaged_courier_files_and_uploads_the_rest() {
     write(&src, "good", b"good content\n");
     write(&src, "flipped", &data(5, 10_000));
     write(&src, "short", &data(6, 10_000));
-    // 9 MiB: checked while it streams rather than before.
+    // 9 MiB; every copy is checked by the destination as it arrives,
+    // and hashed here only when the destination refuses it.
     write(&src, "big-flipped", &data(7, 9 << 20));
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let (su, du) = (server.url("src"), server.url("dst"));
