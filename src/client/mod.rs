@@ -164,21 +164,25 @@ struct PutBody {
 }
 
 impl Read for PutBody {
+    /// Fills `buf` across parts, so that many small files go out in one
+    /// write rather than a write each for every head and file.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
+        let mut filled = 0;
+        while filled < buf.len() {
             let Some(part) = self.parts.front_mut() else {
-                return Ok(0);
+                break;
             };
-            let n = match part {
+            let out = &mut buf[filled..];
+            let (n, empty) = match part {
                 PutPart::Bytes(b) => {
-                    let n = b.len().min(buf.len());
-                    buf[..n].copy_from_slice(&b[..n]);
+                    let n = b.len().min(out.len());
+                    out[..n].copy_from_slice(&b[..n]);
                     b.drain(..n);
-                    n
+                    (n, b.is_empty())
                 }
                 PutPart::File(f, left) => {
-                    let want = (*left).min(buf.len() as u64) as usize;
-                    let n = f.read(&mut buf[..want])?;
+                    let want = (*left).min(out.len() as u64) as usize;
+                    let n = f.read(&mut out[..want])?;
                     if n == 0 && want > 0 {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -186,20 +190,15 @@ impl Read for PutBody {
                         ));
                     }
                     *left -= n as u64;
-                    n
+                    (n, *left == 0)
                 }
-            };
-            let empty = match part {
-                PutPart::Bytes(b) => b.is_empty(),
-                PutPart::File(_, left) => *left == 0,
             };
             if empty {
                 self.parts.pop_front();
             }
-            if n > 0 {
-                return Ok(n);
-            }
+            filled += n;
         }
+        Ok(filled)
     }
 }
 
@@ -515,10 +514,9 @@ impl Client {
             .header(protocol::HDR_MODE, (e.mode & 0o777).to_string())
             .header(protocol::HDR_MTIME, e.mtime.to_string());
         let resp = more_meta(resp, &e.meta)
-            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
-                crate::digest::BUF_SIZE,
-                body.take(len),
-            )))
+            // ureq reads straight into its output buffer, which the body
+            // fills across files.
+            .send(ureq::SendBody::from_owned_reader(body.take(len)))
             .map_err(|e| transport(&url, e))?;
         let status = resp.status().as_u16();
         if status == 202 || status == 204 {
@@ -641,10 +639,9 @@ impl Client {
             .auth(self.agent(&url).post(&url))
             .header("Content-Length", len.to_string())
             .header("Content-Type", "application/x-bitfog-put")
-            .send(ureq::SendBody::from_owned_reader(BufReader::with_capacity(
-                crate::digest::BUF_SIZE,
-                body.take(len),
-            )))
+            // ureq reads straight into its output buffer, which the body
+            // fills across files.
+            .send(ureq::SendBody::from_owned_reader(body.take(len)))
             .map_err(|e| transport(&url, e))?;
         match resp.status().as_u16() {
             200 => {}
