@@ -35,6 +35,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1227,7 +1228,7 @@ fn files(root: &Root, area: &Area, req: &mut Request) -> Response {
 /// (holding its directory), the name to rename it to, and the item's name
 /// as asked, for the answer.
 struct Staged {
-    temp: TempFile<Dir>,
+    temp: TempFile<Rc<Dir>>,
     to: Vec<u8>,
     name: String,
 }
@@ -1272,6 +1273,8 @@ fn puts(
     let mut body = io::BufReader::with_capacity(256 * 1024, &mut req.body);
     let mut staged: Vec<Staged> = Vec::new();
     let mut answers: Vec<(String, u16, String)> = Vec::new();
+    // Each directory written in, opened once (by its path in the area).
+    let mut dirs: HashMap<Vec<u8>, Rc<Dir>> = HashMap::new();
     let cut = || Response::text(400, "request body cut short");
     loop {
         let mut line = Vec::new();
@@ -1308,7 +1311,15 @@ fn puts(
         };
         let name = name.to_string();
         let mut item = (&mut body).take(size);
-        match stage(root, area, &name, size, &get, owners, &mut item) {
+        match stage(
+            root,
+            area,
+            (&name, size),
+            &get,
+            owners,
+            &mut dirs,
+            &mut item,
+        ) {
             Ok(s) => staged.push(s),
             Err(resp) => answers.push((name, resp.status, resp.text_body().trim().to_string())),
         }
@@ -1319,14 +1330,7 @@ fn puts(
     }
     // Durable together: the data, then the names.
     let synced = root.dir(&[], false).and_then(|d| d.sync_fs());
-    // Each directory written in, synced once after the renames.
-    let mut dirs: HashMap<PathBuf, Dir> = HashMap::new();
     for Staged { temp, to, name } in staged {
-        if !dirs.contains_key(&temp.dir().path) {
-            if let Ok(d) = temp.dir().try_clone() {
-                dirs.insert(d.path.clone(), d);
-            }
-        }
         let done = match &synced {
             Err(e) => Err(write_error(io::Error::new(e.kind(), e.to_string()))),
             Ok(()) => temp.persist(&to).map_err(write_error),
@@ -1336,6 +1340,7 @@ fn puts(
             Err(resp) => answers.push((name, resp.status, resp.text_body().trim().to_string())),
         }
     }
+    // Each directory written in, synced once after the renames.
     for d in dirs.values() {
         d.sync();
     }
@@ -1355,13 +1360,14 @@ fn puts(
 /// One item of `POST /AREA/?put`, written and checked in a temporary
 /// file beside its target, with its mode, mtime and owner (not yet
 /// synced or renamed). The refusal a PUT of it would get otherwise.
+/// `dirs`: the request's directories, each opened once.
 fn stage<'h>(
     root: &Root,
     area: &Area,
-    name: &str,
-    size: u64,
+    (name, size): (&str, u64),
     get: &dyn Fn(&str) -> Option<&'h str>,
     owners: Option<&crate::owners::Names>,
+    dirs: &mut HashMap<Vec<u8>, Rc<Dir>>,
     body: &mut dyn Read,
 ) -> std::result::Result<Staged, Response> {
     let decoded = protocol::percent_decode(name)
@@ -1390,11 +1396,17 @@ fn stage<'h>(
             ));
         }
     };
-    let dir = parent_dir(root, &comps, true)?;
+    let parent = comps[..comps.len() - 1].join(&b'/');
+    let dir = match dirs.get(&parent) {
+        Some(d) => Rc::clone(d),
+        None => {
+            let d = Rc::new(parent_dir(root, &comps, true)?);
+            dirs.insert(parent, Rc::clone(&d));
+            d
+        }
+    };
+    // A directory at the path refuses the rename (EISDIR: 409).
     let to = last(&comps).to_vec();
-    if dir.kind(&to).ok().flatten() == Some(Kind::Dir) {
-        return Err(Response::text(409, "a directory exists at this path"));
-    }
     let temp = TempFile::create(dir).map_err(write_error)?;
     let file = temp.file.as_ref().expect("fresh temp file");
     let mut hasher = Hasher::new();
@@ -1570,11 +1582,6 @@ impl<D: std::borrow::Borrow<Dir>> TempFile<D> {
         let name = temp_name();
         dir.borrow().symlink(target, &name)?;
         Ok(TempFile::register(dir, name, None))
-    }
-
-    /// The directory it is in.
-    fn dir(&self) -> &Dir {
-        self.dir.borrow()
     }
 
     /// Renames into place (replacing a file or symlink, never following
