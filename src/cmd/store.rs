@@ -2197,4 +2197,3 @@ fn whole_sparse_hash(hashed: &Mutex<(Hasher, u64)>, e: &Entry, read_whole: bool)
 /// Why a delta is not applied when the destination's file is not the
 /// version it was made against.
 const BASE_CHANGED: &str = "the destination's file changed after its signature was taken; nothing was changed, and the next fetch carries the file whole or as a new delta";
-

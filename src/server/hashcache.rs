@@ -118,9 +118,9 @@ pub(super) struct Lookup {
 }
 
 impl Lookup {
-    /// The cached hash of `name` if its size and identity are unchanged.
-    /// Names must be asked in contract order.
-    pub(super) fn get(&mut self, name: &str, size: u64, id: &[i128; 4]) -> Option<String> {
+    /// The cached record of `name` if its size and identity are
+    /// unchanged. Names must be asked in contract order.
+    pub(super) fn get(&mut self, name: &str, size: u64, id: &[i128; 4]) -> Option<Hit> {
         loop {
             if self.next.is_none() {
                 let mut line = Vec::with_capacity(160);
@@ -141,10 +141,19 @@ impl Lookup {
                 Ordering::Greater => return None,
                 Ordering::Equal => {
                     let rec = self.next.take()?;
-                    return (rec.size == size && rec.id == *id).then(|| rec.sha256().to_string());
+                    return (rec.size == size && rec.id == *id).then_some(Hit(rec));
                 }
             }
         }
+    }
+}
+
+/// A record that matched: its hash, and its line for the next cache.
+pub(super) struct Hit(Record);
+
+impl Hit {
+    pub(super) fn sha256(&self) -> &str {
+        self.0.sha256()
     }
 }
 
@@ -163,6 +172,16 @@ impl Update {
         if let Some(out) = self.out.as_mut() {
             let [dev, ino, mtime, ctime] = id;
             if writeln!(out, "{sha256} {size} {dev} {ino} {mtime} {ctime} {name}").is_err() {
+                self.out = None;
+            }
+        }
+    }
+
+    /// Carries a matched record over as it was read: a warm listing
+    /// formats no number for the cache.
+    pub(super) fn keep(&mut self, hit: &Hit) {
+        if let Some(out) = self.out.as_mut() {
+            if out.write_all(&hit.0.line).is_err() {
                 self.out = None;
             }
         }
@@ -371,6 +390,30 @@ impl SigCache {
 mod tests {
     use super::*;
 
+    impl Lookup {
+        fn sha(&mut self, name: &str, size: u64, id: &[i128; 4]) -> Option<String> {
+            self.get(name, size, id).map(|h| h.sha256().to_string())
+        }
+    }
+
+    #[test]
+    fn a_kept_record_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
+        let h = "c".repeat(64);
+        let mut w = c.writer().unwrap();
+        w.add("a b", 3, &[-5, i128::MAX, 0, 7], &h);
+        w.add("z", 4, &[1, 2, 3, 4], &h);
+        w.commit().unwrap();
+        let before = fs::read(&c.path).unwrap();
+        let mut r = c.reader();
+        let mut w = c.writer().unwrap();
+        w.keep(&r.get("a b", 3, &[-5, i128::MAX, 0, 7]).unwrap());
+        w.keep(&r.get("z", 4, &[1, 2, 3, 4]).unwrap());
+        w.commit().unwrap();
+        assert_eq!(fs::read(&c.path).unwrap(), before);
+    }
+
     #[test]
     fn hits_only_unchanged_files_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -382,16 +425,16 @@ mod tests {
         }
         w.commit().unwrap();
         let mut r = c.reader();
-        assert_eq!(r.get("a", 1, &[1, 2, 3, 4]).as_deref(), Some(h.as_str()));
-        assert_eq!(r.get("a/b", 1, &[1, 2, 3, 5]), None, "ctime changed");
-        assert_eq!(r.get("a.txt", 2, &[1, 2, 3, 4]), None, "size changed");
-        assert_eq!(r.get("aa", 1, &[1, 2, 3, 4]), None, "not cached");
-        assert_eq!(r.get("b", 1, &[1, 2, 3, 4]).as_deref(), Some(h.as_str()));
-        assert_eq!(r.get("c", 1, &[1, 2, 3, 4]), None);
+        assert_eq!(r.sha("a", 1, &[1, 2, 3, 4]).as_deref(), Some(h.as_str()));
+        assert_eq!(r.sha("a/b", 1, &[1, 2, 3, 5]), None, "ctime changed");
+        assert_eq!(r.sha("a.txt", 2, &[1, 2, 3, 4]), None, "size changed");
+        assert_eq!(r.sha("aa", 1, &[1, 2, 3, 4]), None, "not cached");
+        assert_eq!(r.sha("b", 1, &[1, 2, 3, 4]).as_deref(), Some(h.as_str()));
+        assert_eq!(r.sha("c", 1, &[1, 2, 3, 4]), None);
         // An update dropped before commit leaves the old cache alone.
         drop(c.writer().unwrap());
         assert_eq!(
-            c.reader().get("a", 1, &[1, 2, 3, 4]).as_deref(),
+            c.reader().sha("a", 1, &[1, 2, 3, 4]).as_deref(),
             Some(h.as_str())
         );
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -409,16 +452,16 @@ mod tests {
         w.commit().unwrap();
         let mut r = c.reader();
         assert_eq!(
-            r.get("a b  c", 7, &[-1, 2, 3, 4]).as_deref(),
+            r.sha("a b  c", 7, &[-1, 2, 3, 4]).as_deref(),
             Some(h.as_str())
         );
-        assert_eq!(r.get("n\nl", 7, &[-1, 2, 3, 4]), None, "never cached");
-        assert_eq!(r.get("z", 7, &[-1, 2, 3, 4]).as_deref(), Some(h.as_str()));
+        assert_eq!(r.sha("n\nl", 7, &[-1, 2, 3, 4]), None, "never cached");
+        assert_eq!(r.sha("z", 7, &[-1, 2, 3, 4]).as_deref(), Some(h.as_str()));
 
         // A file of the older JSON format reads as empty.
         let old = format!("{{\"name\":\"z\",\"size\":7,\"id\":[-1,2,3,4],\"sha256\":\"{h}\"}}\n");
         fs::write(&c.path, old).unwrap();
-        assert_eq!(c.reader().get("z", 7, &[-1, 2, 3, 4]), None);
+        assert_eq!(c.reader().sha("z", 7, &[-1, 2, 3, 4]), None);
         // A damaged record ends the cache there.
         let text = format!(
             "{}{h} 7 -1 2 3 4 a\n{h} x 1 2 3 4 b\n{h} 7 -1 2 3 4 c\n",
@@ -426,7 +469,7 @@ mod tests {
         );
         fs::write(&c.path, text).unwrap();
         let mut r = c.reader();
-        assert!(r.get("a", 7, &[-1, 2, 3, 4]).is_some());
-        assert_eq!(r.get("c", 7, &[-1, 2, 3, 4]), None);
+        assert!(r.sha("a", 7, &[-1, 2, 3, 4]).is_some());
+        assert_eq!(r.sha("c", 7, &[-1, 2, 3, 4]), None);
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::beneath::{Dir, Found as Walked, Kind, Root};
 use crate::digest::hash_reader;
-use crate::server::hashcache::{CacheFile, Lookup, Update};
+use crate::server::hashcache::{CacheFile, Hit, Lookup, Update};
 use crate::wire::exclude::Excludes;
 use crate::wire::manifest::Entry;
 use crate::wire::paths::is_reserved;
@@ -96,7 +96,7 @@ pub(super) fn scan(
                     Ok(f) => f,
                     Err(why) => Found::Ready(Item::Skipped(format!("'{}': {why}", shown(rel)))),
                 };
-                if let Found::Hash(e, _, id) | Found::Cached(e, id) = &mut found {
+                if let Found::Hash(e, _, id) | Found::Cached(e, id, _) = &mut found {
                     if e.meta.hardlink.is_some() {
                         let next = groups.len() as u64 + 1;
                         e.meta.hardlink = Some(*groups.entry((id[0], id[1])).or_insert(next));
@@ -129,8 +129,8 @@ enum Found {
     /// A file to hash, already open; `id` goes to the cache with its hash.
     /// (A sparse file's entry has `alloc`: its holes are not read.)
     Hash(Entry, File, [i128; 4]),
-    /// A file whose hash came from the cache.
-    Cached(Entry, [i128; 4]),
+    /// A file whose hash came from the cache (its record, to keep).
+    Cached(Entry, [i128; 4], Hit),
 }
 
 #[derive(Default)]
@@ -169,9 +169,9 @@ impl Batch {
         for found in items {
             let item = match found {
                 Found::Ready(item) => item,
-                Found::Cached(e, id) => {
-                    if let (Some(u), Some(h)) = (update.as_mut(), e.sha256.as_deref()) {
-                        u.add(&e.name, e.size, &id, h);
+                Found::Cached(e, _, hit) => {
+                    if let Some(u) = update.as_mut() {
+                        u.keep(&hit);
                     }
                     Item::Entry(e)
                 }
@@ -192,6 +192,13 @@ impl Batch {
         }
         true
     }
+}
+
+/// The cores this process may use, asked once: the standard library
+/// reads the cgroup's files each time.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The SHA-256 of each `Found::Hash` in `items`, in order, computed by
@@ -230,9 +237,7 @@ fn hash_all(items: &[Found], cancel: &AtomicBool) -> Vec<Result<String, String>>
         }
         Ok(hash)
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(files.len());
+    let threads = cores().min(files.len());
     if threads <= 1 {
         return files.into_iter().map(hash_one).collect();
     }
@@ -344,9 +349,9 @@ fn entry_for(
         }
         Kind::File if checksum => {
             match lookup.and_then(|l| l.get(&entry.name, entry.size, &meta.identity)) {
-                Some(h) => {
-                    entry.sha256 = Some(h);
-                    Ok(Found::Cached(entry, meta.identity))
+                Some(hit) => {
+                    entry.sha256 = Some(hit.sha256().to_string());
+                    Ok(Found::Cached(entry, meta.identity, hit))
                 }
                 None => {
                     let file = dir.open_read(file_name).map_err(io)?;
