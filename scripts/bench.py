@@ -29,7 +29,9 @@ RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 
 # --only delta: just the delta section; --only ssh: just ssh:// against
 # rsync -e ssh; --only disks: fetch onto exFAT, FAT32 and NTFS couriers
 # (FUSE, loop devices, root) against a plain copy onto the same filesystem;
-# --only crypt: an encrypted courier's fetch and store against a plain one.
+# --only crypt: an encrypted courier's fetch and store against a plain one;
+# --only goals: the performance issue's goal table against rsync, curl -o
+# from bitfog serve and find (runs on the 16-core machine too).
 ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
 # The delta workload: a file of DELTA_SIZE with 1 % overwritten in six
 # places, 4 KiB inserted near the end and 4 KiB deleted after that.
@@ -591,6 +593,117 @@ def crypt_section():
     ], {"plain": 1.3}, check=(dst, size))
 
 
+def compare_pairs(name, contenders, pairs, check=None):
+    """Like compare, for ratios between any two contenders: pairs is
+    [(label a, label b, goal or None)], each row a's median against b's."""
+    times = {label: [] for label, _, _ in contenders}
+    for _ in range(RUNS):
+        for label, cmd, before in contenders:
+            times[label].append(timed(cmd, before, check))
+    med = {k: (None if None in v else statistics.median(v)) for k, v in times.items()}
+    for a, b, goal in pairs:
+        if med[a] is None or med[b] is None:
+            rows.append(("%s, %s" % (name, a), med[a], b + " (incomplete output)", None, None, "", ""))
+            continue
+        ratio = med[a] / med[b]
+        verdict = "" if goal is None else ("met" if ratio <= goal else "NOT MET")
+        rows.append(("%s, %s" % (name, a), med[a], b, med[b], ratio, "<= %.2fx" % goal if goal else "", verdict))
+    print("  %s: %s" % (name, ", ".join("%s %s" % (k, "incomplete" if v is None else "%.2f s" % v)
+                                         for k, v in med.items())), flush=True)
+    print("    runs: %s" % "; ".join("%s %s" % (k, " ".join("-" if x is None else "%.2f" % x for x in v))
+                                    for k, v in times.items()), flush=True)
+
+
+def goals_section():
+    """The performance issue's goals, against the peers both the 2-core VM
+    and the 16-core machine have: an rsync daemon (pull and push), curl -o
+    from bitfog's own server, find. Needs rsync, curl and openssl only,
+    so it runs from scripts/device-pack.sh's folder where nothing can be
+    installed."""
+    big = (256 << 20) if QUICK else (2 << 30)
+    small = 2000 if QUICK else 20000
+    tiny = 10000 if QUICK else 100000
+    root = os.path.join(work, "goals")
+    gdata, gdest = os.path.join(root, "data"), os.path.join(root, "dest")
+    t = time.time()
+    os.makedirs(os.path.join(gdata, "big"))
+    os.makedirs(gdest)
+    sh("openssl enc -aes-128-ctr -K 0123456789abcdef0123456789abcdef -iv 0 -in /dev/zero 2>/dev/null"
+       " | head -c %d > %s" % (big, os.path.join(gdata, "big", "image.bin")))
+    r = random.Random(3)
+    for i in range(small):
+        d = os.path.join(gdata, "small", "d%02d" % (i % 40))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%05d" % i), "wb") as f:
+            f.write(r.randbytes(r.randint(1024, 65536)))
+    for i in range(tiny):
+        d = os.path.join(gdata, "tiny", "d%04d" % (i % 1000))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "f%06d" % i), "wb") as f:
+            f.write(r.randbytes(r.randint(0, 200)))
+    sh("sync")
+    print("goals data: one %d MiB file, %d files of 1-64 KiB, %d of 0-200 bytes (%.0f s to make)"
+          % (big >> 20, small, tiny, time.time() - t), flush=True)
+    conf = os.path.join(root, "bitfog.json")
+    with open(conf, "w") as f:
+        f.write('{"big":{"path":"%s/big"},"small":{"path":"%s/small"},"tiny":{"path":"%s/tiny"},'
+                '"dest":{"path":"%s","writable":true}}' % (gdata, gdata, gdata, gdest))
+    _, url = serve_bitfog(conf, os.path.join(root, "serve.log"), os.path.join(root, "cache"))
+    port = free_port()
+    rconf = os.path.join(root, "rsyncd.conf")
+    with open(rconf, "w") as f:
+        f.write("use chroot = no\nuid = root\ngid = root\n[data]\npath = %s\nread only = yes\n"
+                "[dest]\npath = %s\nread only = no\n" % (gdata, gdest))
+    start(["rsync", "--daemon", "--no-detach", "--address=127.0.0.1", "--port=%d" % port, "--config=" + rconf])
+    wait_port(port)
+    rsyncd = "rsync://127.0.0.1:%d" % port
+    out = os.path.join(root, "out")
+    edb = os.path.join(root, "empty.db")
+    sh([BIN, "emptydb", edb, "-q"])
+
+    def empty():
+        for n in os.listdir(gdest):
+            q = os.path.join(gdest, n)
+            shutil.rmtree(q) if os.path.isdir(q) and not os.path.islink(q) else os.remove(q)
+
+    print("goals: fetch one %d MiB file" % (big >> 20), flush=True)
+    compare_pairs("fetch one %d MiB file" % (big >> 20), [
+        ("bitfog", "%s fetch %s %sbig/ %s -q" % (BIN, edb, url, out), rm(out)),
+        ("curl -o from bitfog serve", "mkdir -p %s && curl -sf -o %s/image.bin %sbig/image.bin" % (out, out, url), rm(out)),
+        ("rsync", "rsync -a %s/data/big/ %s/" % (rsyncd, out), rm(out)),
+    ], [("bitfog", "curl -o from bitfog serve", 1.05), ("bitfog", "rsync", None)], check=(out, big))
+    print("goals: fetch %d small files" % small, flush=True)
+    small_bytes = tree_bytes(os.path.join(gdata, "small"))
+    compare_pairs("fetch %d files of 1-64 KiB" % small, [
+        ("bitfog", "%s fetch %s %ssmall/ %s -q" % (BIN, edb, url, out), rm(out)),
+        ("bitfog --jobs 4", "%s fetch %s %ssmall/ %s -q --jobs 4" % (BIN, edb, url, out), rm(out)),
+        ("bitfog --jobs 16", "%s fetch %s %ssmall/ %s -q --jobs 16" % (BIN, edb, url, out), rm(out)),
+        ("rsync", "rsync -a %s/data/small/ %s/" % (rsyncd, out), rm(out)),
+    ], [("bitfog", "rsync", 0.8), ("bitfog --jobs 16", "bitfog --jobs 4", 1.0)], check=(out, small_bytes))
+    for which, size in (("big", big), ("small", small_bytes)):
+        print("goals: store %s" % which, flush=True)
+        courier, sdb = os.path.join(root, "courier-" + which), os.path.join(root, which + ".db")
+        sh([BIN, "builddb", url + which + "/", sdb, "-q"])
+        sh([BIN, "fetch", edb, url + which + "/", courier, "-q"])
+        store = "%s store %s %sdest/ %s -q" % (BIN, sdb, url, courier)
+        contenders = [("bitfog", store, empty)]
+        pairs = [("bitfog", "rsync push", 1.0 if which == "big" else 0.8)]
+        if which == "small":
+            contenders.append(("bitfog --jobs 16", store + " --jobs 16", empty))
+            pairs.append(("bitfog --jobs 16", "bitfog", 1.0))
+        contenders.append(("rsync push", "rsync -a --exclude=.bitfog %s/ %s/dest/" % (courier, rsyncd), empty))
+        compare_pairs("store %s" % ("one %d MiB file" % (big >> 20) if which == "big" else "%d files" % small),
+                      contenders, pairs, check=(gdest, size))
+        shutil.rmtree(courier)
+    print("goals: builddb, warm hash cache", flush=True)
+    tdb = os.path.join(root, "tiny.db")
+    sh([BIN, "builddb", url + "tiny/", tdb, "-q"])
+    compare_pairs("builddb %d files, warm hash cache" % tiny, [
+        ("bitfog", "%s builddb %stiny/ %s -q" % (BIN, url, tdb), None),
+        ("find -printf", "find %s/tiny -printf '%%P %%s %%T@\\n' > /dev/null" % gdata, None),
+    ], [("bitfog", "find -printf", 1.5)])
+
+
 rows = []
 memory = []
 sizes = []
@@ -599,6 +712,8 @@ try:
         disks_section()
     if ONLY == "crypt":
         crypt_section()
+    if ONLY == "goals":
+        goals_section()
     if ONLY in (None, "delta"):
         delta_section()
     if ONLY in (None, "ssh"):

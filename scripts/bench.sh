@@ -7,6 +7,8 @@
 #   scripts/bench.sh --only ssh     # just ssh:// fetch and store against rsync -e ssh (a private sshd)
 #   scripts/bench.sh --only disks   # fetch onto exFAT, FAT32 and NTFS couriers (root) against a plain copy
 #   scripts/bench.sh --only crypt   # an encrypted courier (1 GiB fetch and store) against a plain one
+#   scripts/bench.sh --only goals   # the performance goals: rsync, curl -o from bitfog serve, find
+#                                   # (also on a machine where nothing installs: scripts/device-pack.sh)
 #   BENCH_SLOW=1 scripts/bench.sh   # also rclone webdav for the small-file store
 # Needs about 8 GB of free disk (BENCH_DIR picks where); traffic stays on
 # 127.0.0.1; every server is stopped at the end.
