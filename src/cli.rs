@@ -18,6 +18,12 @@ use std::path::PathBuf;
 /// Default `--jobs`: enough parallel transfers to hide per-file latency on
 /// a LAN without thrashing a disk.
 pub(crate) const DEFAULT_JOBS: usize = 4;
+/// Default `--jobs` of `store` over HTTP: its batches of small files wait
+/// on the destination's disk (one `syncfs` each), and more of them in
+/// flight hide that wait; files over the batch size still go
+/// `DEFAULT_JOBS` at a time. Over ssh each job is a session, and sshd
+/// drops new sessions beyond 10 starting at once (`MaxStartups`).
+pub(crate) const STORE_JOBS: usize = 16;
 /// Default `--threads` for `serve`.
 pub(crate) const DEFAULT_THREADS: usize = 16;
 
@@ -235,7 +241,8 @@ const OPTIONS: &[Opt] = &[
         value: Some("N"),
         commands: &["fetch", "store"],
         needs: None,
-        help: "parallel transfers (default: 4)",
+        help: "parallel transfers (default: 4; store over http: 16, at most 4\n\
+               of them files over 1 MiB)",
     },
     Opt {
         long: "--dry-run",
@@ -791,9 +798,11 @@ fn command(
     want: impl Fn(usize) -> Result<Vec<PathBuf>>,
 ) -> Result<Command> {
     let url = |p: &PathBuf| AreaUrl::parse(&p.to_string_lossy());
-    let jobs = r
+    let given_jobs = r
         .text("--jobs")
-        .map_or(Ok(DEFAULT_JOBS), |j| count("--jobs", &j, 64))?;
+        .map(|j| count("--jobs", &j, 64))
+        .transpose()?;
+    let jobs = given_jobs.unwrap_or(DEFAULT_JOBS);
     let max_bytes = r
         .text("--max-bytes")
         .map(|s| size("--max-bytes", &s))
@@ -872,9 +881,17 @@ fn command(
         }
         "store" => {
             let a = want(3)?;
+            let dest = url(&a[1])?;
+            let many = if dest.is_ssh() {
+                DEFAULT_JOBS
+            } else {
+                STORE_JOBS
+            };
             Command::Store(StoreOpts {
                 srcdb: a[0].clone(),
-                dest: url(&a[1])?,
+                jobs: given_jobs.unwrap_or(many),
+                big_jobs: jobs,
+                dest,
                 courier: a[2].clone(),
                 delete: r.flag("--delete"),
                 max_delete: match r.text("--max-delete") {
@@ -884,7 +901,6 @@ fn command(
                     })?),
                 },
                 dry_run: r.flag("--dry-run"),
-                jobs,
                 seal: r.recipients()?,
             })
         }
@@ -936,7 +952,18 @@ mod tests {
             panic!("not store")
         };
         assert!(s.delete);
-        assert_eq!(s.jobs, 2);
+        assert_eq!((s.jobs, s.big_jobs), (2, 2));
+        // store's own default: many batches over HTTP, few large files,
+        // and over ssh a session a job.
+        let store_jobs = |url: &str| {
+            let Command::Store(s) = parse_str(&["store", "s.db", url, "c"]).unwrap().command else {
+                panic!("not store")
+            };
+            (s.jobs, s.big_jobs)
+        };
+        assert_eq!(store_jobs("http://h:1/a/"), (STORE_JOBS, DEFAULT_JOBS));
+        assert_eq!(store_jobs("https://h:1/a/"), (STORE_JOBS, DEFAULT_JOBS));
+        assert_eq!(store_jobs("ssh://h/a/"), (DEFAULT_JOBS, DEFAULT_JOBS));
     }
 
     #[test]

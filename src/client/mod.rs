@@ -28,6 +28,11 @@ pub(crate) struct AreaUrl {
 }
 
 impl AreaUrl {
+    /// Whether requests go over ssh (`ssh://`).
+    pub(crate) fn is_ssh(&self) -> bool {
+        self.base.starts_with("ssh://")
+    }
+
     /// Parses and normalises an area URL (exit 2 when it is not one).
     pub(crate) fn parse(s: &str) -> Result<AreaUrl> {
         let bad = |why: &str| {

@@ -45,6 +45,9 @@ pub(crate) struct StoreOpts {
     pub(crate) max_delete: Option<u64>,
     pub(crate) dry_run: bool,
     pub(crate) jobs: usize,
+    /// How many files over the batch size may be sent at once (a courier
+    /// on a spinning disk reads a few streams faster than many).
+    pub(crate) big_jobs: usize,
     /// `--encrypt-to`: who the receipt of a sealed courier is for.
     pub(crate) seal: Option<Vec<crate::age::Recipient>>,
 }
@@ -1263,6 +1266,9 @@ fn execute(
         }
         run
     };
+    // Files over the batch size read the courier as streams: at most
+    // `big_jobs` of them at once.
+    let big = Gate::new(opts.big_jobs.clamp(1, 64));
     std::thread::scope(|scope| {
         for _ in 0..opts.jobs.clamp(1, 64) {
             scope.spawn(|| {
@@ -1271,7 +1277,18 @@ fn execute(
                     match run.len() {
                         0 => return,
                         1 => match run.pop().expect("one action") {
-                            Action::Ranges(e) => x.ranges(e, &held),
+                            Action::Ranges(e) => {
+                                let _turn = big.enter();
+                                x.ranges(e, &held)
+                            }
+                            a @ Action::Patch(..) => {
+                                let _turn = big.enter();
+                                x.run(&a)
+                            }
+                            Action::Upload(e) if e.size > BATCH_FILE_MAX => {
+                                let _turn = big.enter();
+                                x.run(&Action::Upload(e))
+                            }
                             a => x.run(&a),
                         },
                         _ => x.upload_many(run, &batches),
@@ -2192,6 +2209,40 @@ fn whole_sparse_hash(hashed: &Mutex<(Hasher, u64)>, e: &Entry, read_whole: bool)
     let (mut h, at) = std::mem::take(&mut *hashed.lock().expect("hasher"));
     crate::digest::hash_zeros(&mut h, e.size.saturating_sub(at));
     Some(h.hex())
+}
+
+/// At most so many threads inside at once.
+struct Gate {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn new(n: usize) -> Gate {
+        Gate {
+            free: Mutex::new(n),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits for a place; it is given back when the turn is dropped.
+    fn enter(&self) -> Turn<'_> {
+        let mut free = self.free.lock().expect("gate");
+        while *free == 0 {
+            free = self.freed.wait(free).expect("gate");
+        }
+        *free -= 1;
+        Turn(self)
+    }
+}
+
+struct Turn<'g>(&'g Gate);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("gate") += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// Why a delta is not applied when the destination's file is not the
