@@ -81,8 +81,10 @@ const MAX_PARTIALS_LISTED: usize = 200;
 /// (`manifest::MAX_END_LINE`), whatever the names. Empty directories past
 /// it are counted in `dirs_omitted` instead.
 const END_RECORD_BUDGET: usize = crate::wire::manifest::MAX_END_LINE / 2;
-/// Listing lines are handed to the writer in chunks of about this size...
+/// Listing lines are handed to the writer in chunks of about this size,
+/// and the walk hands its items over this many at a time...
 const LISTING_CHUNK: usize = 64 << 10;
+const LISTING_ITEMS: usize = 256;
 /// ...or after this long, whichever comes first.
 const LISTING_CHUNK_WAIT: Duration = Duration::from_millis(200);
 /// A PUT that fails mid-body (disk full) reads the rest of bodies up to
@@ -975,6 +977,38 @@ fn listing(
         // Set when the client is gone: hashing for it stops.
         let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let abandon = Arc::clone(&gone);
+        // The walk (stat, hash cache, hashing) runs on a thread of its
+        // own, handing its items over in batches; naming owners and
+        // writing JSON happen here, on another core.
+        let (items_tx, items_rx) = mpsc::sync_channel::<Vec<scan::Item>>(8);
+        let cancel = Arc::clone(&gone);
+        let excludes = exclude.clone();
+        std::thread::spawn(move || {
+            let mut items = Vec::with_capacity(LISTING_ITEMS);
+            let mut since = Instant::now();
+            let mut open = true;
+            scan::scan(
+                &root,
+                checksum,
+                &excludes,
+                cache.as_ref(),
+                &cancel,
+                |item| {
+                    if items.is_empty() {
+                        since = Instant::now();
+                    }
+                    items.push(item);
+                    if items.len() >= LISTING_ITEMS || since.elapsed() >= LISTING_CHUNK_WAIT {
+                        let full = std::mem::replace(&mut items, Vec::with_capacity(LISTING_ITEMS));
+                        open = items_tx.send(full).is_ok();
+                    }
+                    open
+                },
+            );
+            if open && !items.is_empty() {
+                let _ = items_tx.send(items);
+            }
+        });
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
             let mut kept = EndParts::default();
@@ -992,54 +1026,49 @@ fn listing(
                 }
                 None => *m = Default::default(),
             };
-            scan::scan(
-                &root,
-                checksum,
-                &exclude,
-                cache.as_ref(),
-                &gone,
-                |mut item| {
-                    match &mut item {
-                        Item::Entry(e) => more(&mut e.meta),
-                        Item::Dir(d, _) => more(&mut d.meta),
-                        _ => {}
+            for mut item in items_rx.iter().flatten() {
+                match &mut item {
+                    Item::Entry(e) => more(&mut e.meta),
+                    Item::Dir(d, _) => more(&mut d.meta),
+                    _ => {}
+                }
+                match item {
+                    Item::Entry(e) => {
+                        count += 1;
+                        bytes += e.size;
+                        if sigs.is_some() && SigCache::worth(e.size) && e.linkdest.is_none() {
+                            signed.insert(SigCache::key(e.name.as_bytes()));
+                        }
+                        if chunk.is_empty() {
+                            since = Instant::now();
+                        }
+                        let _ = serde_json::to_writer(&mut chunk, &e);
+                        chunk.push(b'\n');
                     }
-                    match item {
-                        Item::Entry(e) => {
-                            count += 1;
-                            bytes += e.size;
-                            if sigs.is_some() && SigCache::worth(e.size) && e.linkdest.is_none() {
-                                signed.insert(SigCache::key(e.name.as_bytes()));
-                            }
-                            if chunk.is_empty() {
-                                since = Instant::now();
-                            }
-                            let _ = serde_json::to_writer(&mut chunk, &e);
-                            chunk.push(b'\n');
+                    Item::Skipped(why) => {
+                        skipped += 1;
+                        if !quiet {
+                            print_error(format!("listing skips {why}"));
                         }
-                        Item::Skipped(why) => {
-                            skipped += 1;
-                            if !quiet {
-                                print_error(format!("listing skips {why}"));
-                            }
-                        }
-                        Item::Partial(p) => kept.partial(p),
-                        Item::Dir(d, empty)
-                            if with_dirs == Dirs::All || (with_dirs == Dirs::Empty && empty) =>
-                        {
-                            kept.dir(d, empty)
-                        }
-                        Item::Dir(..) => {}
                     }
-                    if chunk.len() >= LISTING_CHUNK
-                        || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
+                    Item::Partial(p) => kept.partial(p),
+                    Item::Dir(d, empty)
+                        if with_dirs == Dirs::All || (with_dirs == Dirs::Empty && empty) =>
                     {
-                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(LISTING_CHUNK));
-                        open = tx.send(full).is_ok();
+                        kept.dir(d, empty)
                     }
-                    open
-                },
-            );
+                    Item::Dir(..) => {}
+                }
+                if chunk.len() >= LISTING_CHUNK
+                    || (!chunk.is_empty() && since.elapsed() >= LISTING_CHUNK_WAIT)
+                {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(LISTING_CHUNK));
+                    open = tx.send(full).is_ok();
+                }
+                if !open {
+                    break;
+                }
+            }
             if let (true, 0, Some(sigs)) = (open, skipped, &sigs) {
                 // A complete walk: signatures of files now gone go too.
                 sigs.prune(&signed);
