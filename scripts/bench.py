@@ -689,8 +689,9 @@ def goals_section():
         contenders = [("bitfog", store, empty)]
         pairs = [("bitfog", "rsync push", 1.0 if which == "big" else 0.8)]
         if which == "small":
-            contenders.append(("bitfog --jobs 16", store + " --jobs 16", empty))
-            pairs.append(("bitfog --jobs 16", "bitfog", 1.0))
+            # The default is 16 jobs (over HTTP): more is never slower.
+            contenders.append(("bitfog --jobs 4", store + " --jobs 4", empty))
+            pairs.append(("bitfog", "bitfog --jobs 4", 1.0))
         contenders.append(("rsync push", "rsync -a --exclude=.bitfog %s/ %s/dest/" % (courier, rsyncd), empty))
         compare_pairs("store %s" % ("one %d MiB file" % (big >> 20) if which == "big" else "%d files" % small),
                       contenders, pairs, check=(gdest, size))
