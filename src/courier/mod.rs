@@ -7,8 +7,11 @@
 //! - `carried.jsonl`: one JSON line per file that was verified and renamed
 //!   into place (name, size, mtime, sha256); the last line for a name wins
 //!   and a torn last line is ignored;
-//! - `partial/ID.part` and `partial/ID.json`: a download in progress and
-//!   the entry (and ETag) it belongs to, ID being a hash of the name;
+//! - `partial/X/ID.part` and `partial/X/ID.json`: a download in progress
+//!   and the entry (and ETag) it belongs to, ID being a hash of the name
+//!   and X its first character (16 directories, so that parallel
+//!   downloads do not all wait on one directory's lock; a courier of an
+//!   older bitfog, with them in `partial/` itself, is moved over at open);
 //! - `lock`: held (flock) by the one `fetch` or `store` using the courier.
 //!
 //! It never writes outside COURIER and never follows a symlink inside it.
@@ -96,6 +99,9 @@ pub(crate) struct Courier {
     /// `.bitfog/` and `.bitfog/partial/`: None only read-only, when absent.
     state: Option<Dir>,
     partial: Option<Dir>,
+    /// `.bitfog/partial/0` to `f`, where downloads go (empty only
+    /// read-only, when absent: then `partial` itself is looked at).
+    shards: Vec<Dir>,
     log: Mutex<Option<File>>,
     /// Directories above carried names, opened by `parent` in this run
     /// (a bounded cache, by relative name).
@@ -287,10 +293,13 @@ impl Courier {
             case_insensitive: probe::folds_case(&state).unwrap_or_else(|_| shows_folding(&dir)),
             ..probe::Traits::default()
         };
+        let shards =
+            open_shards(&partial).map_err(|e| not_a_dir(&state.path.join("partial"), &e))?;
         let mut c = Courier {
             root: Some(top),
             state: Some(state),
             partial: Some(partial),
+            shards,
             log: Mutex::new(None),
             made: Mutex::default(),
             dirty: Mutex::default(),
@@ -329,6 +338,16 @@ impl Courier {
         };
         let state = sub(dir.as_ref(), COURIER_STATE)?;
         let partial = sub(state.as_ref(), "partial")?;
+        let mut shards = Vec::new();
+        for x in SHARDS {
+            match sub(partial.as_ref(), x)? {
+                Some(d) => shards.push(d),
+                None => break,
+            }
+        }
+        if shards.len() != SHARDS.len() {
+            shards.clear();
+        }
         let traits = probe::Traits {
             case_insensitive: state.is_some() && dir.as_ref().is_some_and(shows_folding),
             ..probe::Traits::default()
@@ -337,6 +356,7 @@ impl Courier {
             root: top,
             state,
             partial,
+            shards,
             log: Mutex::new(None),
             made: Mutex::default(),
             dirty: Mutex::default(),
@@ -803,10 +823,26 @@ impl Courier {
     /// Partial downloads present, each with what it belongs to (None: no
     /// readable sidecar) and how many bytes it holds.
     pub(crate) fn partials(&self) -> Vec<Partial> {
-        let Some(dir) = &self.partial else {
+        let Some(root) = &self.partial else {
             return Vec::new();
         };
-        let names = dir.names().unwrap_or_default();
+        let mut out = Vec::new();
+        // A read-only look at an older courier finds them in `partial/`.
+        out.extend(self.partials_in(root));
+        for dir in &self.shards {
+            out.extend(self.partials_in(dir));
+        }
+        out
+    }
+
+    /// The partial downloads in one directory (see `partials`).
+    fn partials_in(&self, dir: &Dir) -> Vec<Partial> {
+        let names: Vec<_> = dir
+            .names()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, kind)| *kind != Some(Kind::Dir))
+            .collect();
         if self.seal.is_some() {
             // Not resumed: what a killed run left starts over (a look
             // that changes nothing only counts them).
@@ -861,6 +897,15 @@ impl Courier {
         out
     }
 
+    /// The directory of partial download `id`: its shard, or (read-only,
+    /// an older courier) `partial/` itself.
+    fn part_dir(&self, id: &str) -> Option<&Dir> {
+        match id.bytes().next() {
+            Some(b) if !self.shards.is_empty() => self.shards.get(usize::from(b) % SHARDS.len()),
+            _ => self.partial.as_ref(),
+        }
+    }
+
     /// The id of a name's partial download (on a sealed courier, one only
     /// the state key tells).
     pub(crate) fn partial_id(&self, name: &str) -> String {
@@ -874,8 +919,7 @@ impl Courier {
 
     /// Bytes a partial download holds (0 when none, or not a file).
     pub(crate) fn partial_len(&self, id: &str) -> u64 {
-        self.partial
-            .as_ref()
+        self.part_dir(id)
             .and_then(|d| d.stat(format!("{id}.part").as_bytes()).ok().flatten())
             .filter(|m| m.kind == Kind::File)
             .map_or(0, |m| m.size)
@@ -885,8 +929,7 @@ impl Courier {
     /// when `keep` and it is a regular file, else a fresh empty one.
     pub(crate) fn open_partial(&self, id: &str, keep: bool) -> io::Result<File> {
         let dir = self
-            .partial
-            .as_ref()
+            .part_dir(id)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         let name = format!("{id}.part");
         if keep {
@@ -904,22 +947,21 @@ impl Courier {
             return Ok(());
         }
         let dir = self
-            .partial
-            .as_ref()
+            .part_dir(id)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         dir.write_atomic(&format!("{id}.json"), &serde_json::to_vec(meta)?, false)
     }
 
     /// Removes a partial download's sidecar.
     pub(crate) fn remove_sidecar(&self, id: &str) {
-        if let Some(d) = &self.partial {
+        if let Some(d) = self.part_dir(id) {
             let _ = d.unlink(format!("{id}.json").as_bytes());
         }
     }
 
     /// Removes a partial download and its sidecar.
     pub(crate) fn discard_partial(&self, id: &str) {
-        if let Some(d) = &self.partial {
+        if let Some(d) = self.part_dir(id) {
             let _ = d.unlink(format!("{id}.part").as_bytes());
             let _ = d.unlink(format!("{id}.json").as_bytes());
         }
@@ -938,8 +980,7 @@ impl Courier {
     /// pack go to `.bitfog/names/` (`held_name`); the record says where.
     pub(crate) fn place_as(&self, id: &str, name: &str, pack: bool) -> io::Result<()> {
         let dir = self
-            .partial
-            .as_ref()
+            .part_dir(id)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         check_carried_name(name).map_err(|why| io::Error::other(why.reason()))?;
         let plain = !pack
@@ -1024,8 +1065,10 @@ impl Courier {
         );
         let part_bytes = self
             .partial
-            .as_ref()
-            .map_or(0, |d| dir_bytes(d, |n| n.ends_with(b".part")));
+            .iter()
+            .chain(&self.shards)
+            .map(|d| dir_bytes(d, |n| n.ends_with(b".part")))
+            .sum::<u64>();
         let held_bytes = self.sub(NAMES, false).ok().flatten().map_or(0, |d| {
             d.names()
                 .unwrap_or_default()
@@ -1301,6 +1344,43 @@ fn shows_folding(root: &Dir) -> bool {
 /// Whatever else holds its name there (a symlink, a file, a FIFO) was not
 /// put there by bitfog: it is unlinked, never followed, and the directory
 /// made in its place.
+/// The directories of `partial/` downloads are spread over.
+const SHARDS: [&str; 16] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "a", "b", "c", "d", "e", "f",
+];
+
+/// Opens (making them) the 16 directories of `partial/`, and moves what
+/// an older bitfog left in `partial/` itself into them: a regular file
+/// named as a download or its record goes to its shard, anything else is
+/// removed (a courier is a disk from a stranger). Only with the lock.
+fn open_shards(partial: &Dir) -> io::Result<Vec<Dir>> {
+    let shards = SHARDS
+        .iter()
+        .map(|x| own_dir(partial, x))
+        .collect::<io::Result<Vec<Dir>>>()?;
+    for (name, kind) in partial.names()? {
+        if SHARDS.iter().any(|x| x.as_bytes() == name.as_slice()) {
+            continue;
+        }
+        let ours = name.ends_with(b".part") || name.ends_with(b".json");
+        let regular = matches!(partial.stat(&name), Ok(Some(m)) if m.kind == Kind::File);
+        match name.first() {
+            Some(&b) if ours && regular && kind != Some(Kind::Dir) => {
+                let shard = &shards[usize::from(b) % SHARDS.len()];
+                if partial.rename_to(&name, shard, &name).is_err() {
+                    let _ = partial.unlink(&name);
+                }
+            }
+            _ => {
+                if partial.unlink(&name).is_err() {
+                    let _ = partial.remove_dir(&name);
+                }
+            }
+        }
+    }
+    Ok(shards)
+}
+
 fn own_dir(state: &Dir, name: &str) -> io::Result<Dir> {
     match state.open_dir(name.as_bytes(), true) {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {

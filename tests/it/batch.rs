@@ -314,8 +314,12 @@ fn each_file_of_an_answer_is_verified_and_fails_alone() {
     for n in ["f1", "f2", "f3"] {
         assert!(!t.path("courier").join(n).exists(), "{n} not kept");
     }
-    let partials = fs::read_dir(t.path("courier/.bitfog/partial")).map_or(0, |d| d.count());
-    assert_eq!(partials, 0, "nothing half-fetched is left");
+    let partials = partial_files(&t.path("courier"));
+    assert_eq!(
+        partials,
+        Vec::<std::path::PathBuf>::new(),
+        "nothing half-fetched is left"
+    );
 }
 
 #[test]

@@ -766,16 +766,29 @@ pub fn require_strace() {
     );
 }
 
+/// The files in the courier's partial area (`.bitfog/partial/` and the
+/// directories in it).
+pub fn partial_files(courier: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![courier.join(".bitfog/partial")];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type().unwrap().is_dir() {
+                true => dirs.push(e.path()),
+                false => out.push(e.path()),
+            }
+        }
+    }
+    out
+}
+
 /// Bytes of the file that are on disk in the courier's partial area.
 pub fn partial_bytes(courier: &std::path::Path) -> u64 {
-    fs::read_dir(courier.join(".bitfog/partial"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
-                .map(|e| e.metadata().unwrap().len())
-                .sum()
-        })
-        .unwrap_or(0)
+    partial_files(courier)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "part"))
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum()
 }
 
 /// `bitfog keygen -o FILE`: the identity file and its recipient.
