@@ -22,6 +22,12 @@ fn partial_id(name: &str) -> String {
     sha256_hex(name.as_bytes())[..32].to_string()
 }
 
+/// Where a name's partial download lives: `partial/X/ID`.
+fn partial_path(name: &str) -> String {
+    let id = partial_id(name);
+    format!("partial/{}/{id}", &id[..1])
+}
+
 fn append(path: &Path, line: &str) {
     use std::io::Write;
     let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
@@ -76,6 +82,15 @@ fn a_courier_with_planted_symlinks_changes_nothing_outside_it() {
     fs::remove_dir_all(state.join("ranges")).unwrap();
     symlink(&ranges, state.join("ranges")).unwrap();
     symlink(&deltas, state.join("deltas")).unwrap();
+    // A directory of partial downloads, as a symlink.
+    let shard = victim(&t, "victim-shard");
+    let used = [&partial_id("big2")[..1], &partial_id("d/f5")[..1]];
+    let free = ["0", "1", "2"]
+        .into_iter()
+        .find(|x| !used.contains(x))
+        .unwrap();
+    fs::remove_dir_all(state.join("partial").join(free)).unwrap();
+    symlink(&shard, state.join("partial").join(free)).unwrap();
     // Every temporary and state file bitfog writes, as a symlink to a file
     // outside.
     let files = victim(&t, "victim-files");
@@ -88,14 +103,16 @@ fn a_courier_with_planted_symlinks_changes_nothing_outside_it() {
         "copies.jsonl.new".into(),
         "store.tmp".into(),
         "receipt.tmp".into(),
-        format!("partial/{}.json.tmp", partial_id("big2")),
-        format!("partial/{}.part", partial_id("d/f5")),
+        format!("{}.json.tmp", partial_path("big2")),
+        format!("{}.part", partial_path("d/f5")),
+        // Where an older bitfog kept them.
+        format!("partial/{}.part", partial_id("big2")),
     ];
     for (i, name) in planted.iter().enumerate() {
         write(&files, &format!("t{i}"), b"precious target");
         symlink(files.join(format!("t{i}")), state.join(name)).unwrap();
     }
-    let before: Vec<_> = [&sub, &ranges, &deltas, &files]
+    let before: Vec<_> = [&sub, &ranges, &deltas, &shard, &files]
         .iter()
         .map(|v| tree(v))
         .collect();
@@ -121,7 +138,7 @@ fn a_courier_with_planted_symlinks_changes_nothing_outside_it() {
     ])
     .ok();
 
-    let after: Vec<_> = [&sub, &ranges, &deltas, &files]
+    let after: Vec<_> = [&sub, &ranges, &deltas, &shard, &files]
         .iter()
         .map(|v| tree(v))
         .collect();
