@@ -595,10 +595,12 @@ def crypt_section():
 
 def compare_pairs(name, contenders, pairs, check=None):
     """Like compare, for ratios between any two contenders: pairs is
-    [(label a, label b, goal or None)], each row a's median against b's."""
+    [(label a, label b, goal or None)], each row a's median against b's.
+    The order rotates every round: on these VMs the run right after
+    another contender's delete is the slow one, whoever it is."""
     times = {label: [] for label, _, _ in contenders}
-    for _ in range(RUNS):
-        for label, cmd, before in contenders:
+    for r in range(RUNS):
+        for label, cmd, before in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
             times[label].append(timed(cmd, before, check))
     med = {k: (None if None in v else statistics.median(v)) for k, v in times.items()}
     for a, b, goal in pairs:
