@@ -1036,6 +1036,22 @@ impl Execution<'_> {
         );
     }
 
+    /// Does one action of the upload phase; one that reads a large file
+    /// (or a delta, or ranges) from the courier waits for its turn at
+    /// `big`.
+    fn run_one(&self, action: Action, held: &[(String, ranges::RangeRecord)], big: &Gate) {
+        let large = match &action {
+            Action::Ranges(_) | Action::Patch(..) => true,
+            Action::Upload(e) => e.size > BATCH_FILE_MAX,
+            _ => false,
+        };
+        let _turn = large.then(|| big.enter());
+        match action {
+            Action::Ranges(e) => self.ranges(e, held),
+            a => self.run(&a),
+        }
+    }
+
     /// Uploads small files many to a request; each alone when the server
     /// does not know `POST ?put` (and from then on), or when the request
     /// fails for another reason than a server gone.
@@ -1276,21 +1292,7 @@ fn execute(
                     let mut run = claim();
                     match run.len() {
                         0 => return,
-                        1 => match run.pop().expect("one action") {
-                            Action::Ranges(e) => {
-                                let _turn = big.enter();
-                                x.ranges(e, &held)
-                            }
-                            a @ Action::Patch(..) => {
-                                let _turn = big.enter();
-                                x.run(&a)
-                            }
-                            Action::Upload(e) if e.size > BATCH_FILE_MAX => {
-                                let _turn = big.enter();
-                                x.run(&Action::Upload(e))
-                            }
-                            a => x.run(&a),
-                        },
+                        1 => x.run_one(run.pop().expect("one action"), &held, &big),
                         _ => x.upload_many(run, &batches),
                     }
                 }

@@ -977,38 +977,9 @@ fn listing(
         // Set when the client is gone: hashing for it stops.
         let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let abandon = Arc::clone(&gone);
-        // The walk (stat, hash cache, hashing) runs on a thread of its
-        // own, handing its items over in batches; naming owners and
-        // writing JSON happen here, on another core.
-        let (items_tx, items_rx) = mpsc::sync_channel::<Vec<scan::Item>>(8);
-        let cancel = Arc::clone(&gone);
-        let excludes = exclude.clone();
-        std::thread::spawn(move || {
-            let mut items = Vec::with_capacity(LISTING_ITEMS);
-            let mut since = Instant::now();
-            let mut open = true;
-            scan::scan(
-                &root,
-                checksum,
-                &excludes,
-                cache.as_ref(),
-                &cancel,
-                |item| {
-                    if items.is_empty() {
-                        since = Instant::now();
-                    }
-                    items.push(item);
-                    if items.len() >= LISTING_ITEMS || since.elapsed() >= LISTING_CHUNK_WAIT {
-                        let full = std::mem::replace(&mut items, Vec::with_capacity(LISTING_ITEMS));
-                        open = items_tx.send(full).is_ok();
-                    }
-                    open
-                },
-            );
-            if open && !items.is_empty() {
-                let _ = items_tx.send(items);
-            }
-        });
+        // Naming owners and writing JSON happen here, on another core
+        // than the walk's.
+        let items_rx = walk_in_batches(root, checksum, exclude.clone(), cache, Arc::clone(&gone));
         std::thread::spawn(move || {
             let (mut count, mut bytes, mut skipped) = (0u64, 0u64, 0u64);
             let mut kept = EndParts::default();
@@ -1115,6 +1086,40 @@ fn listing(
         (true, false) => resp.with(protocol::OWNERS_HEADER, "0"),
         _ => resp,
     }
+}
+
+/// Walks an area (stat, hash cache, hashing: `scan::scan`) on a thread of
+/// its own, handing its items over `LISTING_ITEMS` at a time (or after
+/// `LISTING_CHUNK_WAIT`). The walk stops when the receiver is dropped or
+/// `cancel` is set.
+fn walk_in_batches(
+    root: Root,
+    checksum: bool,
+    exclude: crate::wire::exclude::Excludes,
+    cache: Option<CacheFile>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+) -> mpsc::Receiver<Vec<scan::Item>> {
+    let (items_tx, items_rx) = mpsc::sync_channel::<Vec<scan::Item>>(8);
+    std::thread::spawn(move || {
+        let mut items = Vec::with_capacity(LISTING_ITEMS);
+        let mut since = Instant::now();
+        let mut open = true;
+        scan::scan(&root, checksum, &exclude, cache.as_ref(), &cancel, |item| {
+            if items.is_empty() {
+                since = Instant::now();
+            }
+            items.push(item);
+            if items.len() >= LISTING_ITEMS || since.elapsed() >= LISTING_CHUNK_WAIT {
+                let full = std::mem::replace(&mut items, Vec::with_capacity(LISTING_ITEMS));
+                open = items_tx.send(full).is_ok();
+            }
+            open
+        });
+        if open && !items.is_empty() {
+            let _ = items_tx.send(items);
+        }
+    });
+    items_rx
 }
 
 /// Opens the directory of a request's last component beneath the area,
