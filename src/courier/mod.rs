@@ -901,7 +901,7 @@ impl Courier {
     /// an older courier) `partial/` itself.
     fn part_dir(&self, id: &str) -> Option<&Dir> {
         match id.bytes().next() {
-            Some(b) if !self.shards.is_empty() => self.shards.get(usize::from(b) % SHARDS.len()),
+            Some(b) if !self.shards.is_empty() => self.shards.get(shard_of(b)),
             _ => self.partial.as_ref(),
         }
     }
@@ -1349,6 +1349,15 @@ const SHARDS: [&str; 16] = [
     "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "a", "b", "c", "d", "e", "f",
 ];
 
+/// The directory (an index into `SHARDS`) of an id starting with `b`: the
+/// one named by that hex digit (an id is hex; anything else still lands
+/// in one).
+fn shard_of(b: u8) -> usize {
+    char::from(b)
+        .to_digit(16)
+        .map_or(usize::from(b) % SHARDS.len(), |d| d as usize)
+}
+
 /// Opens (making them) the 16 directories of `partial/`, and moves what
 /// an older bitfog left in `partial/` itself into them: a regular file
 /// named as a download or its record goes to its shard, anything else is
@@ -1366,7 +1375,7 @@ fn open_shards(partial: &Dir) -> io::Result<Vec<Dir>> {
         let regular = matches!(partial.stat(&name), Ok(Some(m)) if m.kind == Kind::File);
         match name.first() {
             Some(&b) if ours && regular && kind != Some(Kind::Dir) => {
-                let shard = &shards[usize::from(b) % SHARDS.len()];
+                let shard = &shards[shard_of(b)];
                 if partial.rename_to(&name, shard, &name).is_err() {
                     let _ = partial.unlink(&name);
                 }
@@ -1987,6 +1996,20 @@ mod read_ahead_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_download_lives_in_the_directory_of_its_first_digit() {
+        for (b, want) in [
+            (b'0', "0"),
+            (b'9', "9"),
+            (b'a', "a"),
+            (b'f', "f"),
+            (b'F', "f"),
+        ] {
+            assert_eq!(SHARDS[shard_of(b)], want);
+        }
+        assert!(shard_of(b'z') < SHARDS.len() && shard_of(0xff) < SHARDS.len());
+    }
     use std::io::Read;
 
     #[test]
