@@ -1919,14 +1919,21 @@ fn mark_damaged(courier: &Courier, e: &Entry, why: &str) -> Failure {
 /// on a sealed courier) and their length; one that does not decrypt is
 /// marked damaged.
 fn open_contents(courier: &Courier, e: &Entry) -> std::result::Result<(Plain, u64), Failure> {
-    match courier.plain(open_copy(courier, e)?) {
-        Ok(p) => Ok(p),
-        Err(err) if err.kind() == std::io::ErrorKind::InvalidData => Err(mark_damaged(
+    courier
+        .plain(open_copy(courier, e)?)
+        .map_err(|err| read_failure(courier, e, &err))
+}
+
+/// A failed read of the courier copy of `e`: data that does not decrypt
+/// marks it damaged; anything else is an I/O failure.
+fn read_failure(courier: &Courier, e: &Entry, err: &std::io::Error) -> Failure {
+    match err.kind() {
+        std::io::ErrorKind::InvalidData => mark_damaged(
             courier,
             e,
-            &format!("courier copy is damaged: {}", describe_io(&err)),
-        )),
-        Err(err) => Err(Failure::io("cannot read courier copy", &err)),
+            &format!("courier copy is damaged: {}", describe_io(err)),
+        ),
+        _ => Failure::io("cannot read courier copy", err),
     }
 }
 
@@ -2071,17 +2078,7 @@ fn judged(
     if r.status == 422 {
         if let Some(want) = &e.sha256 {
             let (mut from, _) = open_contents(courier, e)?;
-            let got = match hash_reader(&mut from) {
-                Ok((got, _)) => got,
-                Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
-                    return Err(mark_damaged(
-                        courier,
-                        e,
-                        &format!("courier copy is damaged: {}", describe_io(&err)),
-                    ));
-                }
-                Err(err) => return Err(Failure::io("cannot read courier copy", &err)),
-            };
+            let (got, _) = hash_reader(&mut from).map_err(|err| read_failure(courier, e, &err))?;
             if &got != want {
                 return Err(mark_damaged(
                     courier,

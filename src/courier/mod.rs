@@ -1367,14 +1367,14 @@ fn open_shards(partial: &Dir) -> io::Result<Vec<Dir>> {
         .iter()
         .map(|x| own_dir(partial, x))
         .collect::<io::Result<Vec<Dir>>>()?;
-    for (name, kind) in partial.names()? {
+    for (name, _) in partial.names()? {
         if SHARDS.iter().any(|x| x.as_bytes() == name.as_slice()) {
             continue;
         }
         let ours = name.ends_with(b".part") || name.ends_with(b".json");
         let regular = matches!(partial.stat(&name), Ok(Some(m)) if m.kind == Kind::File);
         match name.first() {
-            Some(&b) if ours && regular && kind != Some(Kind::Dir) => {
+            Some(&b) if ours && regular => {
                 let shard = &shards[shard_of(b)];
                 if partial.rename_to(&name, shard, &name).is_err() {
                     let _ = partial.unlink(&name);
