@@ -92,16 +92,10 @@ pub(super) fn scan(
             }
             Walked::Item { rel, .. } if excluded(rel, false) => {}
             Walked::Item { dir, rel, name, .. } => {
-                let mut found = match entry_for(dir, rel, name, checksum, lookup.as_mut()) {
-                    Ok(f) => f,
-                    Err(why) => Found::Ready(Item::Skipped(format!("'{}': {why}", shown(rel)))),
-                };
-                if let Found::Hash(e, _, id) | Found::Cached(e, id, _) = &mut found {
-                    if e.meta.hardlink.is_some() {
-                        let next = groups.len() as u64 + 1;
-                        e.meta.hardlink = Some(*groups.entry((id[0], id[1])).or_insert(next));
-                    }
-                }
+                let found = entry_for(dir, rel, name, checksum, lookup.as_mut(), &mut groups)
+                    .unwrap_or_else(|why| {
+                        Found::Ready(Item::Skipped(format!("'{}': {why}", shown(rel))))
+                    });
                 batch.push(found);
             }
         }
@@ -130,7 +124,7 @@ enum Found {
     /// (A sparse file's entry has `alloc`: its holes are not read.)
     Hash(Entry, File, [i128; 4]),
     /// A file whose hash came from the cache (its record, to keep).
-    Cached(Entry, [i128; 4], Hit),
+    Cached(Entry, Hit),
 }
 
 #[derive(Default)]
@@ -169,7 +163,7 @@ impl Batch {
         for found in items {
             let item = match found {
                 Found::Ready(item) => item,
-                Found::Cached(e, _, hit) => {
+                Found::Cached(e, hit) => {
                     if let Some(u) = update.as_mut() {
                         u.keep(&hit);
                     }
@@ -314,6 +308,7 @@ fn entry_for(
     file_name: &[u8],
     checksum: bool,
     lookup: Option<&mut Lookup>,
+    groups: &mut std::collections::HashMap<(i128, i128), u64>,
 ) -> Result<Found, String> {
     let io = |e: std::io::Error| crate::error::describe_io(&e);
     let name = rel.to_str().ok_or("name is not valid UTF-8")?.to_string();
@@ -335,8 +330,14 @@ fn entry_for(
             gid: Some(meta.gid),
             user: None,
             group: None,
-            // The group is numbered as the walk meets it (see `scan`).
-            hardlink: (meta.kind == Kind::File && meta.nlink > 1).then_some(0),
+            // Groups are numbered from 1 as the walk meets them, whether
+            // or not the area has checksums.
+            hardlink: (meta.kind == Kind::File && meta.nlink > 1).then(|| {
+                let next = groups.len() as u64 + 1;
+                *groups
+                    .entry((meta.identity[0], meta.identity[1]))
+                    .or_insert(next)
+            }),
         },
     };
     match meta.kind {
@@ -351,7 +352,7 @@ fn entry_for(
             match lookup.and_then(|l| l.get(&entry.name, entry.size, &meta.identity)) {
                 Some(hit) => {
                     entry.sha256 = Some(hit.sha256().to_string());
-                    Ok(Found::Cached(entry, meta.identity, hit))
+                    Ok(Found::Cached(entry, hit))
                 }
                 None => {
                     let file = dir.open_read(file_name).map_err(io)?;

@@ -416,7 +416,11 @@ impl<R: BufRead> Reader<R> {
             }
         }
         let mtime_ns = line.mtime_ns;
-        let hardlink = line.hardlink.filter(|_| line.linkdest.is_none());
+        // Groups are numbered from 1; an older server listed every linked
+        // file of an area without checksums as group 0: no group at all.
+        let hardlink = (line.hardlink)
+            .filter(|&g| g > 0)
+            .filter(|_| line.linkdest.is_none());
         if mtime_ns > 999_999_999 {
             return Err(self.bad(format!("bad mtime_ns for '{name}'")));
         }

@@ -314,3 +314,52 @@ fn a_listing_that_calls_different_files_one_file_gets_each_stored_as_itself() {
     assert_same_tree(&src, &dst);
     assert_eq!(link_counts(&dst), ["a 1", "b 1"]);
 }
+
+#[test]
+fn without_checksums_two_linked_files_stay_two_files() {
+    // Two files of one size and mtime, each with two names: with no
+    // SHA-256 in the listing, only the link group tells them apart.
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", &data(1, 4096));
+    write(&src, "b", &data(2, 4096));
+    link(&src, "a", "a2");
+    link(&src, "b", "b2");
+    let mtime = fs::metadata(src.join("a")).unwrap().modified().unwrap();
+    fs::File::options()
+        .write(true)
+        .open(src.join("b"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let conf = two_areas(&src, &dst).replacen("\"}", "\",\"checksum\":false}", 1);
+    assert!(conf.contains("\"checksum\":false"), "{conf}");
+    let server = Server::start(&t, "site", &conf);
+    let listing = String::from_utf8(get(server.addr, "/src/?meta=1").body).unwrap();
+    assert!(!listing.contains("sha256"), "{listing}");
+    assert!(!listing.contains("\"hardlink\":0"), "{listing}");
+    let (su, du_) = (server.url("src"), server.url("dst"));
+    let c = t.s("courier");
+    bitfog(&["emptydb", &t.s("empty.db")]).ok();
+    bitfog(&["fetch", &t.s("empty.db"), &su, &c]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let s = bitfog(&["store", &t.s("src.db"), &du_, &c, "--json"]).ok();
+    assert_eq!(s.num("linked_files"), 2, "{s}");
+    assert_linked_alike(&src, &dst);
+    assert_eq!(link_counts(&dst), ["a 2", "a2 2", "b 2", "b2 2"]);
+
+    // A DB from an older server called all four group 0: they arrive as
+    // four files, each itself.
+    let db = fs::read_to_string(t.path("src.db")).unwrap();
+    let old = db
+        .replace("\"hardlink\":1", "\"hardlink\":0")
+        .replace("\"hardlink\":2", "\"hardlink\":0");
+    assert_eq!(old.matches("\"hardlink\":0").count(), 4, "{old}");
+    fs::write(t.path("old.db"), old).unwrap();
+    for n in ["a", "a2", "b", "b2"] {
+        fs::remove_file(dst.join(n)).unwrap();
+    }
+    let s = bitfog(&["store", &t.s("old.db"), &du_, &c, "--json"]).ok();
+    assert_eq!(s.num("linked_files"), 0, "{s}");
+    assert_same_tree(&src, &dst);
+}
