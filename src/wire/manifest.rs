@@ -687,12 +687,12 @@ impl DbWriter {
     }
 
     fn line(&mut self, value: &impl Serialize) -> Result<()> {
-        let what = self.what(&self.tmp);
         let out = self.out.as_mut().expect("writer used after commit");
         serde_json::to_writer(&mut *out, value)
             .map_err(io::Error::from)
             .and_then(|()| out.write_all(b"\n"))
-            .map_err(|e| Error::io(what, &e))
+            // Named only on failure: a DB has a line per file.
+            .map_err(|e| Error::io(self.what(&self.tmp), &e))
     }
 
     pub(crate) fn entry(&mut self, e: &Entry) -> Result<()> {
