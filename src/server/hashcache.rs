@@ -15,6 +15,7 @@ use std::cmp::Ordering;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 /// The first line of a cache file; a file without it (an older format,
 /// or damage) is treated as empty.
@@ -25,6 +26,8 @@ const HEADER: &[u8] = b"bitfog hash cache 2\n";
 /// a warm listing reads one per file and JSON parsing was a third of it.
 /// Names holding a newline are never cached (they are hashed each time).
 struct Record {
+    /// Where the line starts in its cache file.
+    at: u64,
     line: Vec<u8>,
     size: u64,
     id: [i128; 4],
@@ -33,7 +36,7 @@ struct Record {
 }
 
 impl Record {
-    fn parse(line: Vec<u8>) -> Option<Record> {
+    fn parse(at: u64, line: Vec<u8>) -> Option<Record> {
         let text = std::str::from_utf8(&line).ok()?.strip_suffix('\n')?;
         let mut f = text.splitn(7, ' ');
         let sha = f.next()?;
@@ -48,6 +51,7 @@ impl Record {
         let name = f.next()?;
         let name_at = text.len() - name.len();
         Some(Record {
+            at,
             line,
             size,
             id,
@@ -92,28 +96,38 @@ impl CacheFile {
                 r.read_until(b'\n', &mut first).ok()?;
                 (first == HEADER).then_some(r)
             });
-        Lookup { lines, next: None }
+        Lookup {
+            lines,
+            at: HEADER.len() as u64,
+            next: None,
+        }
     }
 
-    /// Starts the next cache file; `commit` puts it in place.
-    pub(super) fn writer(&self) -> Option<Update> {
-        let tmp = self
-            .path
-            .with_extension(format!("tmp{}", std::process::id()));
-        let file = File::create(&tmp).ok()?;
-        let mut out = BufWriter::new(file);
-        out.write_all(HEADER).ok()?;
-        Some(Update {
-            tmp,
+    /// Starts the next cache, which `commit` puts in place. It shares
+    /// what it can with the file `lookup` reads: while every record is
+    /// kept in order, nothing is written, and a listing that changed
+    /// nothing leaves the cache file as it was.
+    pub(super) fn writer(&self, lookup: &Lookup) -> Update {
+        // Unique within the process too: two listings of one area may
+        // overlap, and must never write the same file.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, AtomicOrdering::Relaxed);
+        Update {
+            tmp: (self.path).with_extension(format!("tmp{}-{n}", std::process::id())),
             path: self.path.clone(),
-            out: Some(out),
-        })
+            old: (lookup.lines.as_ref()).and_then(|r| r.get_ref().try_clone().ok()),
+            same: HEADER.len() as u64,
+            out: None,
+            failed: false,
+        }
     }
 }
 
 /// Looks names up in a cache file, in name order.
 pub(super) struct Lookup {
     lines: Option<BufReader<File>>,
+    /// Where the next line starts.
+    at: u64,
     next: Option<Record>,
 }
 
@@ -124,12 +138,14 @@ impl Lookup {
         loop {
             if self.next.is_none() {
                 let mut line = Vec::with_capacity(160);
-                if self.lines.as_mut()?.read_until(b'\n', &mut line).ok()? == 0 {
+                let n = self.lines.as_mut()?.read_until(b'\n', &mut line).ok()?;
+                if n == 0 {
                     self.lines = None;
                     return None;
                 }
                 // A damaged record ends the cache: what follows is hashed.
-                self.next = Record::parse(line);
+                self.next = Record::parse(self.at, line);
+                self.at += n as u64;
                 if self.next.is_none() {
                     self.lines = None;
                     return None;
@@ -161,7 +177,13 @@ impl Hit {
 pub(super) struct Update {
     tmp: PathBuf,
     path: PathBuf,
+    /// The cache file the listing reads, and how much of it (from the
+    /// start) the new one holds unchanged so far.
+    old: Option<File>,
+    same: u64,
+    /// The new file, once it differs from the old one.
     out: Option<BufWriter<File>>,
+    failed: bool,
 }
 
 impl Update {
@@ -169,29 +191,76 @@ impl Update {
         if name.contains('\n') || !is_sha256_hex(sha256) {
             return;
         }
-        if let Some(out) = self.out.as_mut() {
+        if let Some(out) = self.differ() {
             let [dev, ino, mtime, ctime] = id;
             if writeln!(out, "{sha256} {size} {dev} {ino} {mtime} {ctime} {name}").is_err() {
-                self.out = None;
+                self.failed = true;
             }
         }
     }
 
     /// Carries a matched record over as it was read: a warm listing
-    /// formats no number for the cache.
+    /// formats no number for the cache, and writes nothing while the
+    /// records it keeps follow each other in the old file.
     pub(super) fn keep(&mut self, hit: &Hit) {
-        if let Some(out) = self.out.as_mut() {
-            if out.write_all(&hit.0.line).is_err() {
-                self.out = None;
+        let line = &hit.0.line;
+        if self.out.is_none() && self.old.is_some() && hit.0.at == self.same {
+            self.same += line.len() as u64;
+            return;
+        }
+        if let Some(out) = self.differ() {
+            if out.write_all(line).is_err() {
+                self.failed = true;
             }
         }
     }
 
-    /// Puts the new cache in place (after a complete listing).
+    /// The new file, started (with what it shares with the old one) on
+    /// the first difference; None once a write failed.
+    fn differ(&mut self) -> Option<&mut BufWriter<File>> {
+        if self.out.is_none() && !self.failed {
+            match self.start() {
+                Ok(out) => self.out = Some(out),
+                Err(_) => self.failed = true,
+            }
+        }
+        self.out.as_mut().filter(|_| !self.failed)
+    }
+
+    fn start(&self) -> io::Result<BufWriter<File>> {
+        let mut out = BufWriter::new(File::create(&self.tmp)?);
+        let Some(old) = &self.old else {
+            out.write_all(HEADER)?;
+            return Ok(out);
+        };
+        // Positioned reads: the descriptor shares its offset with the
+        // reader's.
+        let mut buf = vec![0u8; 64 << 10];
+        let mut at = 0;
+        while at < self.same {
+            let want = (self.same - at).min(buf.len() as u64) as usize;
+            let n = std::os::unix::fs::FileExt::read_at(old, &mut buf[..want], at)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            out.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Puts the new cache in place (after a complete listing); a cache
+    /// that holds the old one's records and no more stays as it is.
     pub(super) fn commit(mut self) -> io::Result<()> {
-        let out = self
-            .out
-            .take()
+        let unchanged = self.out.is_none()
+            && (self.old.as_ref())
+                .is_some_and(|f| f.metadata().is_ok_and(|m| m.len() == self.same));
+        if unchanged {
+            return Ok(());
+        }
+        self.differ();
+        let out = (self.out.take())
+            .filter(|_| !self.failed)
             .ok_or_else(|| io::Error::other("cache write failed"))?;
         out.into_inner()
             .map_err(|e| io::Error::other(e.to_string()))?
@@ -401,13 +470,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
         let h = "c".repeat(64);
-        let mut w = c.writer().unwrap();
+        let mut w = c.writer(&c.reader());
         w.add("a b", 3, &[-5, i128::MAX, 0, 7], &h);
         w.add("z", 4, &[1, 2, 3, 4], &h);
         w.commit().unwrap();
         let before = fs::read(&c.path).unwrap();
         let mut r = c.reader();
-        let mut w = c.writer().unwrap();
+        let mut w = c.writer(&r);
         w.keep(&r.get("a b", 3, &[-5, i128::MAX, 0, 7]).unwrap());
         w.keep(&r.get("z", 4, &[1, 2, 3, 4]).unwrap());
         w.commit().unwrap();
@@ -419,7 +488,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
         let h = "a".repeat(64);
-        let mut w = c.writer().unwrap();
+        let mut w = c.writer(&c.reader());
         for name in ["a", "a/b", "a.txt", "b"] {
             w.add(name, 1, &[1, 2, 3, 4], &h);
         }
@@ -432,7 +501,7 @@ mod tests {
         assert_eq!(r.sha("b", 1, &[1, 2, 3, 4]).as_deref(), Some(h.as_str()));
         assert_eq!(r.sha("c", 1, &[1, 2, 3, 4]), None);
         // An update dropped before commit leaves the old cache alone.
-        drop(c.writer().unwrap());
+        drop(c.writer(&c.reader()));
         assert_eq!(
             c.reader().sha("a", 1, &[1, 2, 3, 4]).as_deref(),
             Some(h.as_str())
@@ -445,7 +514,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
         let h = "b".repeat(64);
-        let mut w = c.writer().unwrap();
+        let mut w = c.writer(&c.reader());
         for name in ["a b  c", "n\nl", "z"] {
             w.add(name, 7, &[-1, 2, 3, 4], &h);
         }
@@ -471,5 +540,82 @@ mod tests {
         let mut r = c.reader();
         assert!(r.sha("a", 7, &[-1, 2, 3, 4]).is_some());
         assert_eq!(r.sha("c", 7, &[-1, 2, 3, 4]), None);
+    }
+
+    /// One listing's view of a file: present, and whether its identity
+    /// is the one cached.
+    #[derive(Debug, Clone, Copy)]
+    enum Then {
+        Gone,
+        Same,
+        Changed,
+    }
+
+    proptest::proptest! {
+        /// Whatever a listing keeps, drops, changes or adds, the new
+        /// cache holds exactly its records, in order; one that changed
+        /// nothing leaves the file (its inode) as it was.
+        #[test]
+        fn an_update_holds_exactly_the_listing(
+            old in proptest::collection::btree_set("[a-d]{1,3}", 0..12),
+            then in proptest::collection::vec(0u8..3, 12),
+            added in proptest::collection::btree_set("[a-d]{1,3}", 0..4),
+        ) {
+            use std::os::unix::fs::MetadataExt;
+            let dir = tempfile::tempdir().unwrap();
+            let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
+            let h = "e".repeat(64);
+            let id = |n: &str, v: i128| [1, n.len() as i128, v, 4];
+            let mut w = c.writer(&c.reader());
+            for n in &old {
+                w.add(n, 1, &id(n, 0), &h);
+            }
+            w.commit().unwrap();
+            let ino = fs::metadata(&c.path).unwrap().ino();
+            // The next listing, in name order.
+            let mut now = std::collections::BTreeMap::new();
+            for (n, t) in old.iter().zip(&then) {
+                let t = [Then::Gone, Then::Same, Then::Changed][*t as usize];
+                if !matches!(t, Then::Gone) {
+                    now.insert(n.clone(), t);
+                }
+            }
+            for n in &added {
+                now.entry(n.clone()).or_insert(Then::Changed);
+            }
+            let mut r = c.reader();
+            let mut w = c.writer(&r);
+            let mut want = HEADER.to_vec();
+            for (n, t) in &now {
+                let v = if matches!(t, Then::Same) { 0 } else { 1 };
+                let [d, i, m, ct] = id(n, v);
+                want.extend(format!("{h} 1 {d} {i} {m} {ct} {n}\n").bytes());
+                match r.get(n, 1, &id(n, v)) {
+                    Some(hit) => w.keep(&hit),
+                    None => w.add(n, 1, &id(n, v), &h),
+                }
+            }
+            let unchanged = now.len() == old.len() && now.values().all(|t| matches!(t, Then::Same));
+            w.commit().unwrap();
+            proptest::prop_assert_eq!(fs::read(&c.path).unwrap(), want);
+            proptest::prop_assert_eq!(fs::metadata(&c.path).unwrap().ino() == ino, unchanged);
+            proptest::prop_assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+        }
+    }
+
+    #[test]
+    fn overlapping_listings_write_files_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
+        let (mut one, mut two) = (c.writer(&c.reader()), c.writer(&c.reader()));
+        let h = "f".repeat(64);
+        one.add("x", 1, &[1, 2, 3, 4], &h);
+        two.add("y", 1, &[1, 2, 3, 4], &h);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+        one.commit().unwrap();
+        two.commit().unwrap();
+        let mut r = c.reader();
+        assert!(r.sha("x", 1, &[1, 2, 3, 4]).is_none());
+        assert!(r.sha("y", 1, &[1, 2, 3, 4]).is_some());
     }
 }

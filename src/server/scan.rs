@@ -58,7 +58,7 @@ pub(super) fn scan(
     mut emit: impl FnMut(Item) -> bool,
 ) {
     let mut lookup = cache.filter(|_| checksum).map(|c| c.reader());
-    let mut update = cache.filter(|_| checksum).and_then(|c| c.writer());
+    let mut update = cache.zip(lookup.as_ref()).map(|(c, l)| c.writer(l));
     let mut batch = Batch::default();
     // Link groups by device and inode, numbered from 1 as met.
     let mut groups: std::collections::HashMap<(i128, i128), u64> = Default::default();
