@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set once openat2 answered ENOSYS (a kernel before 5.6) or EPERM (a
@@ -825,7 +826,7 @@ pub(crate) enum Found<'a> {
     /// Anything but a directory: `dir` holds it as `name`; `rel` is its
     /// path relative to the root.
     Item {
-        dir: &'a Dir,
+        dir: &'a Arc<Dir>,
         rel: &'a Path,
         name: &'a [u8],
         kind: Kind,
@@ -833,7 +834,7 @@ pub(crate) enum Found<'a> {
     /// A directory, before what is in it (the root first, as ""):
     /// `empty` when it has no names in it at all.
     Dir {
-        dir: &'a Dir,
+        dir: &'a Arc<Dir>,
         rel: &'a Path,
         empty: bool,
     },
@@ -853,7 +854,9 @@ const OPEN_LEVELS: usize = 32;
 /// directory is opened relative to its parent with O_NOFOLLOW, so a
 /// directory swapped for a symlink is reported as unreadable and never
 /// entered. `enter` decides which directories are walked into; `visit`
-/// returns false to stop.
+/// returns false to stop. A visitor may keep a directory's handle (an
+/// `Arc`) past its visit, to look at its names later; each one kept holds
+/// a descriptor open.
 pub(crate) fn walk(
     root: &Root,
     enter: impl Fn(&Path) -> bool,
@@ -861,10 +864,12 @@ pub(crate) fn walk(
 ) {
     struct Level {
         rel: PathBuf,
-        dir: Option<Dir>,
+        dir: Option<Arc<Dir>>,
         names: std::vec::IntoIter<(Vec<u8>, Option<Kind>)>,
     }
-    let top = root.dir(&[], false).and_then(|d| Ok((d.names()?, d)));
+    let top = root
+        .dir(&[], false)
+        .and_then(|d| Ok((d.names()?, Arc::new(d))));
     let (names, dir) = match top {
         Ok(x) => x,
         Err(err) => {
@@ -899,7 +904,7 @@ pub(crate) fn walk(
         if level.dir.is_none() {
             let comps: Vec<&[u8]> = level.rel.iter().map(|c| c.as_bytes()).collect();
             match root.dir(&comps, false) {
-                Ok(d) => level.dir = Some(d),
+                Ok(d) => level.dir = Some(Arc::new(d)),
                 Err(err) => {
                     let rel = std::mem::take(&mut level.rel);
                     stack.pop();
@@ -940,7 +945,9 @@ pub(crate) fn walk(
         if !enter(&rel) {
             continue;
         }
-        let child = dir.open_dir(&name, false).and_then(|d| Ok((d.names()?, d)));
+        let child = dir
+            .open_dir(&name, false)
+            .and_then(|d| Ok((d.names()?, Arc::new(d))));
         let (names, child) = match child {
             Ok(x) => x,
             Err(err) if err.kind() == io::ErrorKind::NotFound => continue,

@@ -6,17 +6,18 @@
 //! excludes (an excluded directory is not entered). It never follows a symlink,
 //! never reads outside the area, and never writes.
 
-use crate::beneath::{Dir, Found as Walked, Kind, Root};
+use crate::beneath::{Dir, Found as Walked, Kind, Meta, Root};
 use crate::digest::hash_reader;
 use crate::server::hashcache::{CacheFile, Hit, Lookup, Update};
 use crate::wire::exclude::Excludes;
 use crate::wire::manifest::Entry;
 use crate::wire::paths::is_reserved;
 use std::fs::File;
+use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 /// What the walk found at one path.
 pub(super) enum Item {
@@ -34,6 +35,12 @@ pub(super) enum Item {
 const BATCH_ENTRIES: usize = 256;
 /// A batch is hashed once this many bytes wait to be read.
 const BATCH_BYTES: u64 = 256 << 20;
+/// A batch holds at most this many directories open (each name waiting
+/// for its `stat` keeps its directory's descriptor).
+const BATCH_DIRS: usize = 64;
+/// Helpers stat a batch alongside the walking thread from this many names
+/// on; fewer are not worth waking them.
+const STAT_SHARED_FROM: usize = 32;
 
 /// Walks the area, calling `emit` for each item in order until it
 /// returns false. Directories are read through descriptors beneath `root`
@@ -43,8 +50,9 @@ const BATCH_BYTES: u64 = 256 << 20;
 /// error) is an `Item::Skipped`: the listing then says it is incomplete.
 /// Reserved directories (`.bitfog*`) are never entered.
 ///
-/// Files whose hash is not cached are hashed in batches on every core,
-/// then emitted in order.
+/// The walk collects names in batches; a batch's names are looked at
+/// (`fstatat`) on several cores, files whose hash is not cached are
+/// hashed on every core, then the batch is emitted in order.
 ///
 /// With a hash cache, a file whose size and identity are unchanged since
 /// the last complete listing is not read again, and the cache is replaced
@@ -57,11 +65,13 @@ pub(super) fn scan(
     cancel: &AtomicBool,
     mut emit: impl FnMut(Item) -> bool,
 ) {
-    let mut lookup = cache.filter(|_| checksum).map(|c| c.reader());
-    let mut update = cache.zip(lookup.as_ref()).map(|(c, l)| c.writer(l));
-    let mut batch = Batch::default();
-    // Link groups by device and inode, numbered from 1 as met.
-    let mut groups: std::collections::HashMap<(i128, i128), u64> = Default::default();
+    let lookup = cache.filter(|_| checksum).map(|c| c.reader());
+    let mut batch = Batch {
+        update: cache.zip(lookup.as_ref()).map(|(c, l)| c.writer(l)),
+        lookup,
+        checksum,
+        ..Batch::default()
+    };
     let mut open = true;
     let excluded =
         |rel: &Path, dir: bool| rel.to_str().is_some_and(|n| exclude.matches_itself(n, dir));
@@ -72,7 +82,7 @@ pub(super) fn scan(
         match found {
             Walked::Unreadable { rel, err } => {
                 // An incomplete walk must not replace the cache.
-                update = None;
+                batch.update = None;
                 batch.push(Found::Ready(Item::Skipped(format!(
                     "'{}': {}",
                     shown(rel),
@@ -91,23 +101,17 @@ pub(super) fn scan(
                 }
             }
             Walked::Item { rel, .. } if excluded(rel, false) => {}
-            Walked::Item { dir, rel, name, .. } => {
-                let found = entry_for(dir, rel, name, checksum, lookup.as_mut(), &mut groups)
-                    .unwrap_or_else(|why| {
-                        Found::Ready(Item::Skipped(format!("'{}': {why}", shown(rel))))
-                    });
-                batch.push(found);
-            }
+            Walked::Item { dir, rel, .. } => batch.push_name(dir, rel),
         }
         if batch.full() {
-            open = batch.flush(&mut update, cancel, &mut emit);
+            open = batch.flush(cancel, &mut emit);
         }
         open
     });
-    if !open || !batch.flush(&mut update, cancel, &mut emit) {
+    if !open || !batch.flush(cancel, &mut emit) {
         return;
     }
-    if let Some(update) = update {
+    if let Some(update) = batch.update.take() {
         let _ = update.commit();
     }
 }
@@ -120,6 +124,8 @@ fn shown(rel: &Path) -> std::path::Display<'_> {
 /// What the walk found at one path, before hashing.
 enum Found {
     Ready(Item),
+    /// A file or symlink not yet looked at: its place in `Batch::names`.
+    Name(usize),
     /// A file to hash, already open; `id` goes to the cache with its hash.
     /// (A sparse file's entry has `alloc`: its holes are not read.)
     Hash(Entry, File, [i128; 4]),
@@ -127,51 +133,174 @@ enum Found {
     Cached(Entry, Hit),
 }
 
+/// Items found and not yet emitted, with what turns them into entries.
 #[derive(Default)]
 struct Batch {
     items: Vec<Found>,
-    bytes: u64,
+    /// The directory and path of each `Found::Name`.
+    names: Vec<Named>,
+    /// Directories held by `names`, and the last one pushed.
+    dirs: usize,
+    last_dir: Option<Arc<Dir>>,
+    checksum: bool,
+    lookup: Option<Lookup>,
+    update: Option<Update>,
+    /// Link groups by device and inode, numbered from 1 as met.
+    groups: std::collections::HashMap<(i128, i128), u64>,
+    stats: Statters,
 }
 
 impl Batch {
     fn push(&mut self, f: Found) {
-        if let Found::Hash(e, ..) = &f {
-            self.bytes += e.size;
-        }
         self.items.push(f);
     }
 
-    fn full(&self) -> bool {
-        self.items.len() >= BATCH_ENTRIES || self.bytes >= BATCH_BYTES
+    fn push_name(&mut self, dir: &Arc<Dir>, rel: &Path) {
+        if !self.last_dir.as_ref().is_some_and(|d| Arc::ptr_eq(d, dir)) {
+            self.dirs += 1;
+            self.last_dir = Some(Arc::clone(dir));
+        }
+        self.items.push(Found::Name(self.names.len()));
+        self.names.push((Arc::clone(dir), rel.to_path_buf()));
     }
 
-    /// Hashes what waits, on every core, then emits the batch in order
-    /// and records the hashes in the cache update. False when `emit`
-    /// asked to stop.
-    fn flush(
+    fn full(&self) -> bool {
+        self.items.len() >= BATCH_ENTRIES || self.dirs >= BATCH_DIRS
+    }
+
+    /// Looks at the names that wait (on several cores), then hashes what
+    /// is not cached (on every core), emits the batch in order and
+    /// records the hashes in the cache update. False when `emit` asked to
+    /// stop.
+    fn flush(&mut self, cancel: &AtomicBool, emit: &mut impl FnMut(Item) -> bool) -> bool {
+        let mut items = std::mem::take(&mut self.items);
+        let (names, mut metas) = self.stats.stat_all(std::mem::take(&mut self.names));
+        self.dirs = 0;
+        self.last_dir = None;
+        for found in &mut items {
+            if let Found::Name(i) = *found {
+                let (dir, rel) = &names[i];
+                *found = self.entry(dir, rel, metas[i].take()).unwrap_or_else(|why| {
+                    Found::Ready(Item::Skipped(format!("'{}': {why}", shown(rel))))
+                });
+            }
+        }
+        // Files are hashed (and the batch emitted) in parts of at most
+        // BATCH_BYTES, so a listing of large files goes out as they are read.
+        while !items.is_empty() {
+            let mut bytes = 0;
+            let end = (items.iter())
+                .position(|f| {
+                    if let Found::Hash(e, ..) = f {
+                        bytes += e.size;
+                    }
+                    bytes >= BATCH_BYTES
+                })
+                .map_or(items.len(), |i| i + 1);
+            if !self.finish(&mut items, end, cancel, emit) {
+                return false;
+            }
+        }
+        // The next batch reuses both vectors' room.
+        self.items = items;
+        self.names = names;
+        self.names.clear();
+        true
+    }
+
+    /// The entry for a file or symlink (`rel`, in `dir`) and what its
+    /// `fstatat` said; a file whose hash is not cached comes back open,
+    /// to be hashed with its batch.
+    fn entry(&mut self, dir: &Dir, rel: &Path, meta: Looked) -> Result<Found, String> {
+        let io = |e: io::Error| crate::error::describe_io(&e);
+        let file_name = rel.file_name().map_or(&[][..], |n| n.as_bytes());
+        let name = rel.to_str().ok_or("name is not valid UTF-8")?.to_string();
+        if name.len() > crate::wire::paths::MAX_NAME {
+            return Err("name longer than 4096 bytes".into());
+        }
+        let meta = meta
+            .ok_or("not looked at")?
+            .map_err(io)?
+            .ok_or("vanished")?;
+        let mut entry = Entry {
+            name,
+            size: meta.size,
+            mode: meta.mode,
+            mtime: meta.mtime,
+            sha256: None,
+            linkdest: None,
+            alloc: (meta.kind == Kind::File && meta.alloc < meta.size).then_some(meta.alloc),
+            meta: crate::wire::manifest::MoreMeta {
+                mtime_ns: meta.mtime_ns,
+                uid: Some(meta.uid),
+                gid: Some(meta.gid),
+                user: None,
+                group: None,
+                // Link groups are numbered from 1 as the walk meets them.
+                hardlink: (meta.kind == Kind::File && meta.nlink > 1).then(|| {
+                    let next = self.groups.len() as u64 + 1;
+                    *self
+                        .groups
+                        .entry((meta.identity[0], meta.identity[1]))
+                        .or_insert(next)
+                }),
+            },
+        };
+        match meta.kind {
+            Kind::Symlink => {
+                let target = String::from_utf8(dir.read_link(file_name).map_err(io)?)
+                    .map_err(|_| "symlink target is not valid UTF-8")?;
+                entry.size = target.len() as u64;
+                entry.linkdest = Some(target);
+                Ok(Found::Ready(Item::Entry(entry)))
+            }
+            Kind::File if self.checksum => {
+                let hit = self
+                    .lookup
+                    .as_mut()
+                    .and_then(|l| l.get(&entry.name, entry.size, &meta.identity));
+                match hit {
+                    Some(hit) => {
+                        entry.sha256 = Some(hit.sha256().to_string());
+                        Ok(Found::Cached(entry, hit))
+                    }
+                    None => {
+                        let file = dir.open_read(file_name).map_err(io)?;
+                        Ok(Found::Hash(entry, file, meta.identity))
+                    }
+                }
+            }
+            Kind::File => Ok(Found::Ready(Item::Entry(entry))),
+            _ => Err("not a regular file".into()),
+        }
+    }
+
+    /// Hashes what waits in `items[..end]`, on every core, then emits
+    /// and removes them in order and records the hashes in the cache update.
+    fn finish(
         &mut self,
-        update: &mut Option<Update>,
+        items: &mut Vec<Found>,
+        end: usize,
         cancel: &AtomicBool,
         emit: &mut impl FnMut(Item) -> bool,
     ) -> bool {
-        let items = std::mem::take(&mut self.items);
-        self.bytes = 0;
-        let mut hashes = hash_all(&items, cancel).into_iter();
+        let mut hashes = hash_all(&items[..end], cancel).into_iter();
         if cancel.load(Ordering::Relaxed) {
             return false;
         }
-        for found in items {
+        for found in items.drain(..end) {
             let item = match found {
                 Found::Ready(item) => item,
+                Found::Name(..) => unreachable!("looked at before"),
                 Found::Cached(e, hit) => {
-                    if let Some(u) = update.as_mut() {
+                    if let Some(u) = self.update.as_mut() {
                         u.keep(&hit);
                     }
                     Item::Entry(e)
                 }
                 Found::Hash(mut e, _, id) => match hashes.next().expect("one hash per file") {
                     Ok(h) => {
-                        if let Some(u) = update.as_mut() {
+                        if let Some(u) = self.update.as_mut() {
                             u.add(&e.name, e.size, &id, &h);
                         }
                         e.sha256 = Some(h);
@@ -185,6 +314,106 @@ impl Batch {
             }
         }
         true
+    }
+}
+
+/// At most this many threads look at a batch's names (the walking one
+/// and its helpers).
+const MAX_STATTERS: usize = 8;
+
+/// A name waiting to be looked at: its directory and its path in the area.
+type Named = (Arc<Dir>, PathBuf);
+/// What `fstatat` said of a name (None: nobody looked).
+type Looked = Option<io::Result<Option<Meta>>>;
+
+/// Threads that look at a batch's names alongside the walking thread:
+/// `fstatat` is most of a listing whose hashes are cached, and names
+/// can be looked at in any order. Started for the first batch with
+/// enough names, they live as long as the walk.
+#[derive(Default)]
+struct Statters {
+    started: bool,
+    /// Each helper's job queue and its answer that a job is done.
+    helpers: Vec<(mpsc::Sender<Arc<StatJob>>, mpsc::Receiver<()>)>,
+}
+
+/// A batch's names being looked at: each thread takes a few at a time.
+struct StatJob {
+    names: Vec<Named>,
+    next: AtomicUsize,
+    metas: Vec<OnceLock<io::Result<Option<Meta>>>>,
+}
+
+impl StatJob {
+    /// Looks at names until every one is taken.
+    fn work(&self) {
+        const TAKE: usize = 8;
+        loop {
+            let from = self.next.fetch_add(TAKE, Ordering::Relaxed);
+            let Some(names) = self.names.get(from..(from + TAKE).min(self.names.len())) else {
+                return;
+            };
+            for ((dir, rel), meta) in names.iter().zip(&self.metas[from..]) {
+                let name = rel.file_name().map_or(&[][..], |n| n.as_bytes());
+                let _ = meta.set(dir.stat(name));
+            }
+        }
+    }
+}
+
+impl Statters {
+    /// Starts the helpers; where a thread cannot be made, the walk does
+    /// with fewer (or none).
+    fn start(&mut self) {
+        self.started = true;
+        for _ in 1..cores().min(MAX_STATTERS) {
+            let (jobs, take) = mpsc::channel::<Arc<StatJob>>();
+            let (done, answers) = mpsc::channel();
+            let helper = std::thread::Builder::new().spawn(move || {
+                for job in take {
+                    job.work();
+                    // The names go back to the walk once every helper has
+                    // let go of them.
+                    drop(job);
+                    if done.send(()).is_err() {
+                        return;
+                    }
+                }
+            });
+            if helper.is_err() {
+                return;
+            }
+            self.helpers.push((jobs, answers));
+        }
+    }
+
+    /// `names` back, with what `fstatat` said of each (in order).
+    fn stat_all(&mut self, names: Vec<Named>) -> (Vec<Named>, Vec<Looked>) {
+        let shared = names.len() >= STAT_SHARED_FROM;
+        if shared && !self.started {
+            self.start();
+        }
+        let job = Arc::new(StatJob {
+            metas: names.iter().map(|_| OnceLock::new()).collect(),
+            names,
+            next: AtomicUsize::new(0),
+        });
+        let mut sent = Vec::new();
+        if shared {
+            sent = (self.helpers.iter())
+                .filter(|(jobs, _)| jobs.send(Arc::clone(&job)).is_ok())
+                .collect();
+        }
+        job.work();
+        for (_, answers) in sent {
+            // A helper that is gone has let go of the job too.
+            let _ = answers.recv();
+        }
+        let Ok(job) = Arc::try_unwrap(job) else {
+            unreachable!("every helper answered or is gone")
+        };
+        let metas = job.metas.into_iter().map(OnceLock::into_inner).collect();
+        (job.names, metas)
     }
 }
 
@@ -298,69 +527,4 @@ fn partial_record(
         p.name = format!("{parent}/{}", p.name);
     }
     Some(p)
-}
-
-/// Builds the entry for one file or symlink; a file whose hash is not
-/// cached comes back open, to be hashed with its batch.
-fn entry_for(
-    dir: &Dir,
-    rel: &Path,
-    file_name: &[u8],
-    checksum: bool,
-    lookup: Option<&mut Lookup>,
-    groups: &mut std::collections::HashMap<(i128, i128), u64>,
-) -> Result<Found, String> {
-    let io = |e: std::io::Error| crate::error::describe_io(&e);
-    let name = rel.to_str().ok_or("name is not valid UTF-8")?.to_string();
-    if name.len() > crate::wire::paths::MAX_NAME {
-        return Err("name longer than 4096 bytes".into());
-    }
-    let meta = dir.stat(file_name).map_err(io)?.ok_or("vanished")?;
-    let mut entry = Entry {
-        name,
-        size: meta.size,
-        mode: meta.mode,
-        mtime: meta.mtime,
-        sha256: None,
-        linkdest: None,
-        alloc: (meta.kind == Kind::File && meta.alloc < meta.size).then_some(meta.alloc),
-        meta: crate::wire::manifest::MoreMeta {
-            mtime_ns: meta.mtime_ns,
-            uid: Some(meta.uid),
-            gid: Some(meta.gid),
-            user: None,
-            group: None,
-            // Groups are numbered from 1 as the walk meets them, whether
-            // or not the area has checksums.
-            hardlink: (meta.kind == Kind::File && meta.nlink > 1).then(|| {
-                let next = groups.len() as u64 + 1;
-                *groups
-                    .entry((meta.identity[0], meta.identity[1]))
-                    .or_insert(next)
-            }),
-        },
-    };
-    match meta.kind {
-        Kind::Symlink => {
-            let target = String::from_utf8(dir.read_link(file_name).map_err(io)?)
-                .map_err(|_| "symlink target is not valid UTF-8")?;
-            entry.size = target.len() as u64;
-            entry.linkdest = Some(target);
-            Ok(Found::Ready(Item::Entry(entry)))
-        }
-        Kind::File if checksum => {
-            match lookup.and_then(|l| l.get(&entry.name, entry.size, &meta.identity)) {
-                Some(hit) => {
-                    entry.sha256 = Some(hit.sha256().to_string());
-                    Ok(Found::Cached(entry, hit))
-                }
-                None => {
-                    let file = dir.open_read(file_name).map_err(io)?;
-                    Ok(Found::Hash(entry, file, meta.identity))
-                }
-            }
-        }
-        Kind::File => Ok(Found::Ready(Item::Entry(entry))),
-        _ => Err("not a regular file".into()),
-    }
 }
