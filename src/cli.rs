@@ -24,8 +24,19 @@ pub(crate) const DEFAULT_JOBS: usize = 4;
 /// `DEFAULT_JOBS` at a time. Over ssh each job is a session, and sshd
 /// drops new sessions beyond 10 starting at once (`MaxStartups`).
 pub(crate) const STORE_JOBS: usize = 16;
-/// Default `--threads` for `serve`.
+/// Default `--threads` for `serve`, or one per core where there are more:
+/// a worker hashes what it receives, so fewer workers than cores would
+/// leave cores idle while uploads wait.
 pub(crate) const DEFAULT_THREADS: usize = 16;
+
+/// `serve`'s workers when `--threads` is not given.
+fn default_threads() -> usize {
+    threads_for(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn threads_for(cores: usize) -> usize {
+    DEFAULT_THREADS.max(cores).min(1024)
+}
 
 /// A command: its name, positional arguments, one-line summary and what
 /// its `--help` says.
@@ -156,7 +167,7 @@ const OPTIONS: &[Opt] = &[
         value: Some("N"),
         commands: &["serve"],
         needs: None,
-        help: "worker threads (default: 16)",
+        help: "worker threads (default: 16, or one per core where there are more)",
     },
     Opt {
         long: "--cache",
@@ -822,7 +833,7 @@ fn command(
                 addr: r.text("--addr").unwrap_or_else(|| ":8675".to_string()),
                 threads: r
                     .text("--threads")
-                    .map_or(Ok(DEFAULT_THREADS), |t| count("--threads", &t, 1024))?,
+                    .map_or_else(|| Ok(default_threads()), |t| count("--threads", &t, 1024))?,
                 cache: match r.os("--cache") {
                     Some(c) if c == "none" => None,
                     Some(c) => Some(PathBuf::from(c)),
@@ -964,6 +975,13 @@ mod tests {
         assert_eq!(store_jobs("http://h:1/a/"), (STORE_JOBS, DEFAULT_JOBS));
         assert_eq!(store_jobs("https://h:1/a/"), (STORE_JOBS, DEFAULT_JOBS));
         assert_eq!(store_jobs("ssh://h/a/"), (DEFAULT_JOBS, DEFAULT_JOBS));
+        // serve: 16 workers, or one per core where there are more.
+        let Command::Serve(s) = parse_str(&["serve"]).unwrap().command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.threads, default_threads());
+        let counts = [2, 16, 17, 64, 5000].map(threads_for);
+        assert_eq!(counts, [16, 16, 17, 64, 1024]);
     }
 
     #[test]
