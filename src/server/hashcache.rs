@@ -204,7 +204,7 @@ impl Update {
     /// records it keeps follow each other in the old file.
     pub(super) fn keep(&mut self, hit: &Hit) {
         let line = &hit.0.line;
-        if self.out.is_none() && self.old.is_some() && hit.0.at == self.same {
+        if self.out.is_none() && !self.failed && self.old.is_some() && hit.0.at == self.same {
             self.same += line.len() as u64;
             return;
         }
@@ -253,6 +253,7 @@ impl Update {
     /// that holds the old one's records and no more stays as it is.
     pub(super) fn commit(mut self) -> io::Result<()> {
         let unchanged = self.out.is_none()
+            && !self.failed
             && (self.old.as_ref())
                 .is_some_and(|f| f.metadata().is_ok_and(|m| m.len() == self.same));
         if unchanged {
@@ -617,5 +618,24 @@ mod tests {
         let mut r = c.reader();
         assert!(r.sha("x", 1, &[1, 2, 3, 4]).is_none());
         assert!(r.sha("y", 1, &[1, 2, 3, 4]).is_some());
+    }
+
+    #[test]
+    fn an_update_that_could_not_be_written_is_not_taken_for_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CacheFile::for_area(dir.path(), "a", Path::new("/x"));
+        let h = "d".repeat(64);
+        let mut w = c.writer(&c.reader());
+        w.add("b", 1, &[1, 2, 3, 4], &h);
+        w.commit().unwrap();
+        let before = fs::read(&c.path).unwrap();
+        let mut r = c.reader();
+        let mut w = c.writer(&r);
+        // Its temporary file cannot be made: a directory holds the name.
+        fs::create_dir(&w.tmp).unwrap();
+        w.add("a", 1, &[1, 2, 3, 4], &h);
+        w.keep(&r.get("b", 1, &[1, 2, 3, 4]).unwrap());
+        assert!(w.commit().is_err(), "a record went unwritten");
+        assert_eq!(fs::read(&c.path).unwrap(), before);
     }
 }
