@@ -278,6 +278,27 @@ impl Drop for Update {
     }
 }
 
+/// Removes what a killed server left half written in the cache directory:
+/// a temporary cache file (`AREA.HASH.tmpPID-N`, or `AREA.HASH.tmpPID`
+/// from older versions) whose process is gone.
+pub(super) fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = (name.to_str())
+            .and_then(|n| n.rsplit_once(".tmp"))
+            .map(|(_, t)| t.split_once('-').map_or(t, |(pid, _)| pid))
+            .and_then(|pid| pid.parse::<i32>().ok())
+            .filter(|&pid| pid > 0);
+        let Some(pid) = pid else { continue };
+        if e.file_type().is_ok_and(|t| t.is_file()) && crate::sys::process_gone(pid) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// The default cache directory: `$XDG_CACHE_HOME/bitfog`, else
 /// `~/.cache/bitfog`.
 pub(crate) fn default_dir() -> Option<PathBuf> {
@@ -637,5 +658,38 @@ mod tests {
         w.keep(&r.get("b", 1, &[1, 2, 3, 4]).unwrap());
         assert!(w.commit().is_err(), "a record went unwritten");
         assert_eq!(fs::read(&c.path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_killed_servers_temporary_files_go_and_live_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        // A PID no process has (above the kernel's pid_max).
+        let gone = 1 << 30;
+        let me = std::process::id();
+        let names = [
+            format!("a.0123456789abcdef.tmp{gone}-3"),
+            format!("a.0123456789abcdef.tmp{gone}"),
+            format!("a.0123456789abcdef.tmp{me}-0"),
+            "a.0123456789abcdef.hashes".to_string(),
+            "tmp7.0123456789abcdef.hashes".to_string(),
+        ];
+        for n in &names {
+            fs::write(dir.path().join(n), "x").unwrap();
+        }
+        fs::create_dir(dir.path().join(format!("b.tmp{gone}"))).unwrap();
+        remove_stale_temps(dir.path());
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            names[2].clone(),
+            names[3].clone(),
+            names[4].clone(),
+            format!("b.tmp{gone}"),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 }

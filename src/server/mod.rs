@@ -291,7 +291,10 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         let made = fs::create_dir_all(dir)
             .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)));
         match made {
-            Ok(()) => Some(dir.clone()),
+            Ok(()) => {
+                hashcache::remove_stale_temps(dir);
+                Some(dir.clone())
+            }
             Err(e) => {
                 print_error(format!(
                     "hash cache '{}' unusable ({}); hashing every listing in full",
@@ -1569,9 +1572,7 @@ fn live_elsewhere(name: &[u8]) -> bool {
     else {
         return false;
     };
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    !crate::sys::process_gone(pid)
 }
 
 const TEMP_PREFIX: &str = ".bitfog-tmp-";

@@ -604,10 +604,7 @@ fn remove_stale_temps(dir: &Dir, stem: &[u8]) {
         else {
             continue;
         };
-        // SAFETY: signal 0 only asks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        if crate::sys::process_gone(pid) {
             let _ = dir.unlink(&n);
         }
     }
