@@ -137,6 +137,18 @@ impl Root {
         })
     }
 
+    /// Whether the root's path still names the directory this root holds:
+    /// false once it was replaced or a file system was mounted over it.
+    pub(crate) fn still_named(&self) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let named = std::fs::metadata(&self.path)?;
+        // SAFETY: zeroed stat is a valid out-buffer for fstat.
+        let mut st: crate::sys::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a descriptor we own and a valid out-buffer.
+        check(unsafe { crate::sys::fstat(self.fd.as_raw_fd(), &mut st) })?;
+        Ok(named.dev() == st.st_dev as u64 && named.ino() == st.st_ino as u64)
+    }
+
     /// Another handle on the same root (for a thread of its own).
     pub(crate) fn try_clone(&self) -> io::Result<Root> {
         Ok(Root {

@@ -388,8 +388,22 @@ impl Client {
             .auth(self.agent(area.request()).head(area.request()))
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
-        let resp = success(area.as_str(), resp)?;
-        Ok(area_id_of(&resp))
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(area_id_of(&resp));
+        }
+        // A refusal of a HEAD has no body to give its reason: the same
+        // GET is refused the same way, before anything is listed.
+        let why = (self.auth(self.agent(area.request()).get(area.request())))
+            .call()
+            .ok()
+            .filter(|again| again.status() == status)
+            .map_or_else(|| Refused::of(status.as_u16(), ""), reason);
+        Err(Error::failed(format!(
+            "{}: {}",
+            ssh::shown(area.as_str()),
+            why.reason
+        )))
     }
 
     /// Where a sparse file's data is: `(size, [(start, len)])`.

@@ -446,6 +446,26 @@ impl State {
     }
 }
 
+/// 503 while an area's path names another directory than the one the
+/// server opened (a volume mounted over it after the server started, the
+/// directory replaced or removed): serving the one held would list, or
+/// fill, a directory nobody sees at that path.
+fn moved_away(state: &State, name: &str, path: &Path, root: &Root) -> Option<Response> {
+    let why = match root.still_named() {
+        Ok(true) => return None,
+        Ok(false) => "is no longer the directory bitfog serve opened (replaced, or a \
+                      file system mounted over it)"
+            .to_string(),
+        Err(e) => format!("cannot be looked at ({})", describe_io(&e)),
+    };
+    let msg = format!(
+        "area '{name}': '{}' {why}; restart bitfog serve",
+        path.display()
+    );
+    state.log(&msg);
+    Some(Response::text(503, msg))
+}
+
 /// The route: one `match` on method and path.
 fn handle(state: &State, req: &mut Request) -> Response {
     let Routed { area, route } = route(&state.config, &req.method, &req.target);
@@ -461,6 +481,9 @@ fn handle(state: &State, req: &mut Request) -> Response {
     let (Some(area), Some(root)) = (state.config.get(&name), state.roots.get(&name)) else {
         return Response::text(404, "no such area");
     };
+    if let Some(gone) = moved_away(state, &name, &area.root, root) {
+        return gone;
+    }
     if let Some(refused) = authorize(&name, area, req) {
         return refused;
     }

@@ -403,3 +403,43 @@ fn running_out_of_descriptors_is_skipped_and_blocks_deletion() {
     assert!(s.stderr.contains("not deleting anything"), "{s}");
     assert_eq!(fs::read(dst.join("b/y")).unwrap(), b"only copy of y");
 }
+
+#[test]
+fn an_area_replaced_under_a_running_server_is_refused_until_it_is_back() {
+    // A NAS volume mounted over the area's directory after the server
+    // started, or the directory replaced: the server must not go on
+    // listing or filling the one it opened, which nobody sees any more.
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "a", b"a");
+    write(&dst, "kept", b"only copy");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let old = t.path("dst-opened");
+    fs::rename(&dst, &old).unwrap();
+    fs::create_dir(&dst).unwrap();
+    let r = get(server.addr, "/dst/");
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 503, "{body}");
+    assert!(
+        body.contains("area 'dst'") && body.contains("restart bitfog serve"),
+        "{body}"
+    );
+    // Nothing is written to either directory.
+    bitfog(&["emptydb", &t.s("empty.db")]).ok();
+    let c = t.s("courier");
+    bitfog(&["fetch", &t.s("empty.db"), &server.url("src"), &c]).ok();
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    let s = bitfog(&["store", &t.s("src.db"), &server.url("dst"), &c, "--delete"]);
+    assert_ne!(s.code, 0, "{s}");
+    assert!(s.stderr.contains("restart bitfog serve"), "{s}");
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 0);
+    assert_eq!(fs::read(old.join("kept")).unwrap(), b"only copy");
+    assert!(!old.join("a").exists());
+    // The directory it opened back at its path: served again.
+    fs::remove_dir(&dst).unwrap();
+    fs::rename(&old, &dst).unwrap();
+    assert_eq!(get(server.addr, "/dst/").status, 200);
+    bitfog(&["store", &t.s("src.db"), &server.url("dst"), &c]).ok();
+    assert_eq!(fs::read(dst.join("a")).unwrap(), b"a");
+    assert_eq!(fs::read(dst.join("kept")).unwrap(), b"only copy");
+}
