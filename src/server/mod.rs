@@ -481,11 +481,12 @@ fn handle(state: &State, req: &mut Request) -> Response {
     let (Some(area), Some(root)) = (state.config.get(&name), state.roots.get(&name)) else {
         return Response::text(404, "no such area");
     };
-    if let Some(gone) = moved_away(state, &name, &area.root, root) {
-        return gone;
-    }
     if let Some(refused) = authorize(&name, area, req) {
         return refused;
+    }
+    // After the token: the reason names the area's path.
+    if let Some(gone) = moved_away(state, &name, &area.root, root) {
+        return gone;
     }
     let wants_page = html::prefers_html(req.header("accept"));
     let id = state.ids.get(&name).cloned().unwrap_or_default();

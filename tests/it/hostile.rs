@@ -443,3 +443,24 @@ fn an_area_replaced_under_a_running_server_is_refused_until_it_is_back() {
     assert_eq!(fs::read(dst.join("a")).unwrap(), b"a");
     assert_eq!(fs::read(dst.join("kept")).unwrap(), b"only copy");
 }
+
+#[test]
+fn a_replaced_area_with_a_token_names_its_path_only_to_a_client_with_the_token() {
+    let t = Scratch::new();
+    let dst = t.mkdir("dst");
+    let conf = format!(
+        "{{\"dst\":{{\"path\":{:?},\"writable\":true,\"token\":\"s3cret\"}}}}",
+        dst.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    fs::rename(&dst, t.path("dst-opened")).unwrap();
+    fs::create_dir(&dst).unwrap();
+    let path = dst.to_str().unwrap();
+    let anon = http(server.addr, "GET", "/dst/", &[], b"");
+    assert_eq!(anon.status, 401);
+    assert!(!String::from_utf8_lossy(&anon.body).contains(path));
+    let auth = [("Authorization", "Bearer s3cret")];
+    let known = http(server.addr, "GET", "/dst/", &auth, b"");
+    assert_eq!(known.status, 503);
+    assert!(String::from_utf8_lossy(&known.body).contains(path));
+}
