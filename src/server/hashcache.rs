@@ -14,6 +14,7 @@ use crate::wire::paths::name_cmp;
 use std::cmp::Ordering;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
@@ -69,6 +70,35 @@ impl Record {
     }
 }
 
+/// A file changed less than this long before it was looked at is hashed
+/// (or signed) but not cached. A kernel stamps ctime from a clock that
+/// ticks every 4-10 ms (before Linux 6.13's fine-grained timestamps, and
+/// NAS kernels are older; a network file system's server may be coarser
+/// still): a second write within the tick of the one seen, same size,
+/// would leave the identity the caches key on unchanged.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Now, in nanoseconds since the epoch (as identities count).
+pub(super) fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Whether a file of identity `id`, looked at `seen` (`now_ns`), may be
+/// cached: its ctime is older than `SETTLED` then.
+pub(super) fn settled(id: &[i128; 4], seen: i128) -> bool {
+    id[3] < seen - SETTLED.as_nanos() as i128
+}
+
+/// A temporary name beside `path`, unique to this process and call: two
+/// requests may write the same cache entry at once.
+fn unique_tmp(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, AtomicOrdering::Relaxed);
+    path.with_extension(format!("tmp{}-{n}", std::process::id()))
+}
+
 /// Where an area's cache lives.
 #[derive(Debug, Clone)]
 pub(super) struct CacheFile {
@@ -108,12 +138,9 @@ impl CacheFile {
     /// kept in order, nothing is written, and a listing that changed
     /// nothing leaves the cache file as it was.
     pub(super) fn writer(&self, lookup: &Lookup) -> Update {
-        // Unique within the process too: two listings of one area may
-        // overlap, and must never write the same file.
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, AtomicOrdering::Relaxed);
         Update {
-            tmp: (self.path).with_extension(format!("tmp{}-{n}", std::process::id())),
+            // Two listings of one area may overlap.
+            tmp: unique_tmp(&self.path),
             path: self.path.clone(),
             old: (lookup.lines.as_ref()).and_then(|r| r.get_ref().try_clone().ok()),
             same: HEADER.len() as u64,
@@ -280,13 +307,19 @@ impl Drop for Update {
 
 /// Removes what a killed server left half written in the cache directory:
 /// a temporary cache file (`AREA.HASH.tmpPID-N`, or `AREA.HASH.tmpPID`
-/// from older versions) whose process is gone.
+/// from older versions; likewise in each area's signature directory)
+/// whose process is gone.
 pub(super) fn remove_stale_temps(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && name.as_bytes().ends_with(b".sigs") {
+            remove_stale_temps(&e.path());
+            continue;
+        }
         let pid = (name.to_str())
             .and_then(|n| n.rsplit_once(".tmp"))
             .map(|(_, t)| t.split_once('-').map_or(t, |(pid, _)| pid))
@@ -452,7 +485,7 @@ impl SigCache {
         }
         fs::create_dir_all(&self.dir)?;
         let path = self.path(name);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = unique_tmp(&path);
         let c = CachedSig {
             id: id_text(id),
             sha256: sha256.to_string(),
@@ -677,7 +710,15 @@ mod tests {
             fs::write(dir.path().join(n), "x").unwrap();
         }
         fs::create_dir(dir.path().join(format!("b.tmp{gone}"))).unwrap();
+        let sigs = dir.path().join("a.0123456789abcdef.sigs");
+        fs::create_dir(&sigs).unwrap();
+        let key = "0".repeat(32);
+        fs::write(sigs.join(&key), "x").unwrap();
+        fs::write(sigs.join(format!("{key}.tmp{gone}-0")), "x").unwrap();
         remove_stale_temps(dir.path());
+        assert_eq!(fs::read_dir(&sigs).unwrap().count(), 1);
+        assert!(sigs.join(&key).exists());
+        fs::remove_dir_all(&sigs).unwrap();
         let mut left: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

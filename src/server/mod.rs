@@ -2151,6 +2151,7 @@ fn signature(root: &Root, comps: &[&[u8]], sigs: Option<SigCache>) -> Response {
     let Ok(file) = dir.open_read(last(comps)) else {
         return Response::text(404, "not found");
     };
+    let seen = hashcache::now_ns();
     let meta = match file.metadata() {
         Ok(m) if m.is_file() => m,
         _ => return Response::text(404, "not a regular file"),
@@ -2197,7 +2198,7 @@ fn signature(root: &Root, comps: &[&[u8]], sigs: Option<SigCache>) -> Response {
             }
         }
         let sha = hasher.hex();
-        if let Some(c) = &sigs {
+        if let Some(c) = sigs.as_ref().filter(|_| hashcache::settled(&id, seen)) {
             let _ = c.put(&name, &id, &sha, &h, &table);
         }
         trailer(out, &sha)

@@ -42,14 +42,6 @@ const BATCH_DIRS: usize = 64;
 /// on; fewer are not worth waking them.
 const STAT_SHARED_FROM: usize = 32;
 
-/// A file changed less than this long before a listing began is hashed
-/// but its hash is not cached. A kernel stamps ctime from a clock that
-/// ticks every 4-10 ms (before Linux 6.13's fine-grained timestamps, and
-/// NAS kernels are older; a network file system's server may be coarser
-/// still): a second write within the tick of the one the listing saw,
-/// same size, would leave the identity the cache keys on unchanged.
-const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Walks the area, calling `emit` for each item in order until it
 /// returns false. Directories are read through descriptors beneath `root`
 /// (see `beneath::walk`), so a directory swapped for a symlink mid-walk
@@ -74,11 +66,8 @@ pub(super) fn scan(
     mut emit: impl FnMut(Item) -> bool,
 ) {
     let lookup = cache.filter(|_| checksum).map(|c| c.reader());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128);
     let mut batch = Batch {
-        settled_before: now - SETTLED.as_nanos() as i128,
+        began: crate::server::hashcache::now_ns(),
         update: cache.zip(lookup.as_ref()).map(|(c, l)| c.writer(l)),
         lookup,
         checksum,
@@ -157,9 +146,9 @@ struct Batch {
     checksum: bool,
     lookup: Option<Lookup>,
     update: Option<Update>,
-    /// Hashes of files changed (ctime, in ns) from this moment on are not
-    /// cached: see `SETTLED`.
-    settled_before: i128,
+    /// When the listing began: hashes of files changed shortly before
+    /// are not cached (`hashcache::settled`).
+    began: i128,
     /// Link groups by device and inode, numbered from 1 as met.
     groups: std::collections::HashMap<(i128, i128), u64>,
     stats: Statters,
@@ -315,7 +304,7 @@ impl Batch {
                 }
                 Found::Hash(mut e, _, id) => match hashes.next().expect("one hash per file") {
                     Ok(h) => {
-                        let settled = id[3] < self.settled_before;
+                        let settled = crate::server::hashcache::settled(&id, self.began);
                         if let Some(u) = self.update.as_mut().filter(|_| settled) {
                             u.add(&e.name, e.size, &id, &h);
                         }
