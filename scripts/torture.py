@@ -1128,9 +1128,12 @@ def section_unreadable():
         skipped = json.loads(out.stdout)["skipped"]
         counted += skipped
         wrong_count += skipped != len(locked)
-        st = subprocess.run([BIN, "store", db, url + "dst/", os.path.join(work, "courier"), "--delete", "--json", "-q"],
+        courier = os.path.join(work, "courier")
+        os.makedirs(courier, exist_ok=True)
+        st = subprocess.run([BIN, "store", db, url + "dst/", courier, "--delete", "--json", "-q"],
                             capture_output=True, text=True)
-        deleted += json.loads(st.stdout)["deleted_files"] if st.stdout else 0
+        # A refusal (a DB that lists nothing) is a JSON error: nothing deleted.
+        deleted += json.loads(st.stdout).get("deleted_files", 0) if st.stdout else 0
         after = snapshot(dst)
         lost += sum(1 for k in before if k not in after)
         srv.terminate()
