@@ -843,6 +843,7 @@ fn command(
                     Some(_) => "--cache none",
                     None => "neither XDG_CACHE_HOME nor HOME is set; give --cache DIR",
                 },
+                cache_given: r.os("--cache").is_some(),
                 quiet: ui.quiet,
                 stdio: r.flag("--stdio"),
             })

@@ -50,6 +50,8 @@ pub(crate) struct ServeOpts {
     pub(crate) cache: Option<PathBuf>,
     /// Why `cache` is `None`, for the log.
     pub(crate) cache_off: &'static str,
+    /// Whether `--cache` was given (else `cache` is the default).
+    pub(crate) cache_given: bool,
     pub(crate) quiet: bool,
     /// `--stdio`: one connection on stdin and stdout, no listening socket.
     pub(crate) stdio: bool,
@@ -210,6 +212,15 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     // (a background job inherits SIGINT ignored; this overrides that too).
     http::install_signal_handlers();
     let config = load_config(&opts.conf)?;
+    // A cache directory the user named inside an area is a mistake to say
+    // before anything is served (the default one there is only left off).
+    if let Some(dir) = opts.cache.as_ref().filter(|_| opts.cache_given) {
+        if let Some(why) = cache_inside_area(dir, &config) {
+            return Err(Error::usage(format!(
+                "{why}; give --cache a directory outside the areas, or --cache none"
+            )));
+        }
+    }
     let source = if opts.stdio {
         // stdout is the protocol: no startup line, and the log (stderr)
         // goes back to the client, which shows it on failure or with -v.
@@ -287,24 +298,7 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         .iter()
         .map(|(name, area)| (name.clone(), area_id(&area.root)))
         .collect();
-    let cache = opts.cache.as_ref().and_then(|dir| {
-        let made = fs::create_dir_all(dir)
-            .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)));
-        match made {
-            Ok(()) => {
-                hashcache::remove_stale_temps(dir);
-                Some(dir.clone())
-            }
-            Err(e) => {
-                print_error(format!(
-                    "hash cache '{}' unusable ({}); hashing every listing in full",
-                    dir.display(),
-                    describe_io(&e)
-                ));
-                None
-            }
-        }
-    });
+    let cache = opts.cache.as_ref().and_then(|dir| cache_dir(dir, &config));
     // Each area's signature cache, beside its hash cache.
     let sigs = match &cache {
         Some(dir) => config
@@ -444,6 +438,55 @@ impl State {
             print_error(msg);
         }
     }
+}
+
+/// Makes the cache directory; `None` (with a warning) where it cannot be
+/// used, or is inside an area (see `cache_inside_area`).
+fn cache_dir(dir: &Path, config: &Config) -> Option<PathBuf> {
+    if let Some(why) = cache_inside_area(dir, config) {
+        print_error(format!(
+            "{why}; hashing every listing in full (give --cache a directory outside the areas)"
+        ));
+        return None;
+    }
+    let made = fs::create_dir_all(dir)
+        .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)));
+    if let Err(e) = made {
+        print_error(format!(
+            "hash cache '{}' unusable ({}); hashing every listing in full",
+            dir.display(),
+            describe_io(&e)
+        ));
+        return None;
+    }
+    hashcache::remove_stale_temps(dir);
+    Some(dir.to_path_buf())
+}
+
+/// Why the cache directory `dir` cannot be used, when it is inside an
+/// area: its files would be listed and carried, and a writable area's
+/// clients could rewrite the hashes the server lists. Nothing is made to
+/// find out: a part of `dir` that does not exist yet is taken as written.
+fn cache_inside_area(dir: &Path, config: &Config) -> Option<String> {
+    let whole = std::path::absolute(dir).ok()?;
+    let mut canon = None;
+    for base in whole.ancestors() {
+        if let Ok(c) = fs::canonicalize(base) {
+            let rest = whole.strip_prefix(base).unwrap_or(Path::new(""));
+            canon = Some(c.join(rest));
+            break;
+        }
+    }
+    let canon = canon?;
+    let (name, area) = config
+        .iter()
+        .find(|(_, area)| fs::canonicalize(&area.root).is_ok_and(|root| canon.starts_with(root)))?;
+    Some(format!(
+        "hash cache '{}' is inside area '{name}' ('{}'): its files would be listed and \
+         carried, and clients could rewrite them",
+        dir.display(),
+        area.root.display()
+    ))
 }
 
 /// 503 while an area's path names another directory than the one the

@@ -903,3 +903,55 @@ fn delete_removes_an_empty_directory_only_and_answers_name_the_area() {
     assert_ne!(id("/src/nothing"), id("/dst/nothing"));
     assert_eq!(id("/src/"), id("/src/nothing"));
 }
+
+#[test]
+fn a_hash_cache_inside_an_area_is_refused_or_left_off_and_nothing_is_made_there() {
+    use std::io::BufRead;
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "f", b"data");
+    fs::write(t.path("c.json"), two_areas(&src, &dst)).unwrap();
+    // Named with --cache (through a path that is not yet there): exit 2,
+    // before the startup line, and nothing made in the area.
+    let named = dst.join("x/../cache");
+    let r = bitfog(&[
+        "serve",
+        "--conf",
+        &t.s("c.json"),
+        "--addr",
+        "127.0.0.1:0",
+        "--cache",
+        named.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 2, "{r}");
+    assert!(!r.stderr.contains("listening on"), "{r}");
+    assert!(
+        r.stderr.contains("is inside area 'dst'") && r.stderr.contains("--cache none"),
+        "{r}"
+    );
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 0);
+    // The default one (HOME is the source area): served without a cache,
+    // said in the log, and listings hold only the area's own file.
+    let mut child = cmd(&["serve", "--conf", &t.s("c.json"), "--addr", "127.0.0.1:0"])
+        .env_remove("XDG_CACHE_HOME")
+        .env("HOME", &src)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr: std::net::SocketAddr = first
+        .trim_start_matches("bitfog: listening on http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let warned = (0..3)
+        .map(|_| lines.next().unwrap().unwrap())
+        .any(|l| l.contains("is inside area 'src'") && l.contains("hashing every listing in full"));
+    let listing = String::from_utf8(get(addr, "/src/").body).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned, "the log says why the cache is off");
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert_eq!(tree(&src).len(), 1, "nothing made in the area");
+}
