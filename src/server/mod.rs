@@ -1092,6 +1092,13 @@ fn listing(
                             print_error(format!("listing skips {why}"));
                         }
                     }
+                    Item::Courier(at) => {
+                        if !quiet {
+                            print_error(format!(
+                                "listing leaves out '{at}': a courier (it holds .bitfog/)"
+                            ));
+                        }
+                    }
                     Item::Partial(p) => kept.partial(p),
                     Item::Dir(d, empty)
                         if with_dirs == Dirs::All || (with_dirs == Dirs::Empty && empty) =>

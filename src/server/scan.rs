@@ -29,6 +29,9 @@ pub(super) enum Item {
     /// Left out of the listing (not UTF-8, unreadable, vanished): the
     /// reason, for the log; counted in the end record's `skipped`.
     Skipped(String),
+    /// A courier directory inside the area (it holds `.bitfog/`), left
+    /// out on purpose: its path, for the log. Not counted as skipped.
+    Courier(String),
 }
 
 /// At most this many entries wait for their hashes at once.
@@ -79,8 +82,23 @@ pub(super) fn scan(
     let enter = |rel: &Path| {
         !rel.file_name().is_some_and(|n| is_reserved(n.as_bytes())) && !excluded(rel, true)
     };
+    // A courier inside the area, while the walk is beneath it.
+    let mut courier: Option<PathBuf> = None;
     crate::beneath::walk(root, enter, |found| {
+        let rel = match &found {
+            Walked::Unreadable { rel, .. } | Walked::Dir { rel, .. } | Walked::Item { rel, .. } => {
+                *rel
+            }
+        };
+        if courier.as_ref().is_some_and(|c| rel.starts_with(c)) {
+            return true;
+        }
+        courier = None;
         match found {
+            Walked::Dir { dir, rel, .. } if holds_courier_state(dir, rel) => {
+                batch.push(Found::Ready(Item::Courier(shown(rel).to_string())));
+                courier = Some(rel.to_path_buf());
+            }
             Walked::Unreadable { rel, err } => {
                 // An incomplete walk must not replace the cache.
                 batch.update = None;
@@ -115,6 +133,18 @@ pub(super) fn scan(
     if let Some(update) = batch.update.take() {
         let _ = update.commit();
     }
+}
+
+/// Whether the directory `rel` (not the area's root) is a courier: it
+/// holds `.bitfog/`, which no area's own data may hold. A courier disk
+/// mounted inside a source area would otherwise be listed, and its files
+/// carried into itself on every trip.
+fn holds_courier_state(dir: &Dir, rel: &Path) -> bool {
+    !rel.as_os_str().is_empty()
+        && matches!(
+            dir.kind(crate::wire::paths::COURIER_STATE.as_bytes()),
+            Ok(Some(Kind::Dir))
+        )
 }
 
 /// A relative path for the log (which escapes control characters).

@@ -464,3 +464,44 @@ fn a_replaced_area_with_a_token_names_its_path_only_to_a_client_with_the_token()
     assert_eq!(known.status, 503);
     assert!(String::from_utf8_lossy(&known.body).contains(path));
 }
+
+#[test]
+fn a_courier_inside_the_source_area_is_left_out_not_carried_into_itself() {
+    // The courier disk plugged into the source NAS, mounted inside the
+    // area being served: each trip would otherwise carry the courier's
+    // own files into it again, one level deeper.
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "photos/a.jpg", &data(1, 50_000));
+    write(&src, "b.txt", b"b");
+    let courier = src.join("usb/courier");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let c = courier.to_str().unwrap();
+    bitfog(&["emptydb", &t.s("empty.db")]).ok();
+    for _ in 0..2 {
+        bitfog(&["fetch", &t.s("empty.db"), &server.url("src"), c]).ok();
+    }
+    let listing = String::from_utf8(get(server.addr, "/src/").body).unwrap();
+    assert!(!listing.contains("usb/courier"), "{listing}");
+    assert!(listing.contains("\"photos/a.jpg\"") && listing.contains("\"b.txt\""));
+    assert!(!courier.join("usb").exists(), "nothing carried into itself");
+    assert_eq!(
+        fs::read(courier.join("photos/a.jpg")).unwrap(),
+        data(1, 50_000)
+    );
+    assert!(
+        server
+            .log_text()
+            .contains("listing leaves out 'usb/courier': a courier"),
+        "{}",
+        server.log_text()
+    );
+    // The courier is not a part of the area that is missing: a store with
+    // --delete goes ahead, and the destination ends as the source's data.
+    bitfog(&["builddb", &server.url("src"), &t.s("src.db")]).ok();
+    bitfog(&["store", &t.s("src.db"), &server.url("dst"), c, "--delete"]).ok();
+    assert_eq!(fs::read(dst.join("photos/a.jpg")).unwrap(), data(1, 50_000));
+    assert_eq!(fs::read(dst.join("b.txt")).unwrap(), b"b");
+    // `usb` is a directory of the source's; the courier in it is not.
+    assert!(!dst.join("usb/courier").exists());
+}
