@@ -844,11 +844,7 @@ fn the_log_says_when_names_the_areas_and_warns_without_a_hash_cache() {
         first.starts_with("bitfog: listening on http://127.0.0.1:"),
         "{first}"
     );
-    let addr: std::net::SocketAddr = first
-        .trim_start_matches("bitfog: listening on http://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
+    let addr = listening_addr(&first);
     let rest = [next(), next(), next()];
     let _ = get(addr, "/");
     let request = next();
@@ -940,11 +936,7 @@ fn a_hash_cache_inside_an_area_is_refused_or_left_off_and_nothing_is_made_there(
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
-    let addr: std::net::SocketAddr = first
-        .trim_start_matches("bitfog: listening on http://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
+    let addr = listening_addr(&first);
     let warned = (0..3)
         .map(|_| lines.next().unwrap().unwrap())
         .any(|l| l.contains("is inside area 'src'") && l.contains("hashing every listing in full"));
@@ -954,4 +946,13 @@ fn a_hash_cache_inside_an_area_is_refused_or_left_off_and_nothing_is_made_there(
     assert!(warned, "the log says why the cache is off");
     assert_eq!(listing.lines().count(), 2, "{listing}");
     assert_eq!(tree(&src).len(), 1, "nothing made in the area");
+}
+
+/// The address in a server's startup line.
+fn listening_addr(first: &str) -> std::net::SocketAddr {
+    first
+        .trim_start_matches("bitfog: listening on http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
 }
