@@ -262,14 +262,12 @@ impl Update {
         };
         // Positioned reads: the descriptor shares its offset with the
         // reader's.
+        use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; 64 << 10];
         let mut at = 0;
         while at < self.same {
-            let want = (self.same - at).min(buf.len() as u64) as usize;
-            let n = std::os::unix::fs::FileExt::read_at(old, &mut buf[..want], at)?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
+            let n = (self.same - at).min(buf.len() as u64) as usize;
+            old.read_exact_at(&mut buf[..n], at)?;
             out.write_all(&buf[..n])?;
             at += n as u64;
         }
@@ -315,8 +313,8 @@ pub(super) fn remove_stale_temps(dir: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir && name.as_bytes().ends_with(b".sigs") {
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() && name.as_bytes().ends_with(b".sigs") {
             remove_stale_temps(&e.path());
             continue;
         }
@@ -326,7 +324,7 @@ pub(super) fn remove_stale_temps(dir: &Path) {
             .and_then(|pid| pid.parse::<i32>().ok())
             .filter(|&pid| pid > 0);
         let Some(pid) = pid else { continue };
-        if e.file_type().is_ok_and(|t| t.is_file()) && crate::sys::process_gone(pid) {
+        if kind.is_file() && crate::sys::process_gone(pid) {
             let _ = fs::remove_file(e.path());
         }
     }

@@ -213,13 +213,12 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     http::install_signal_handlers();
     let config = load_config(&opts.conf)?;
     // A cache directory the user named inside an area is a mistake to say
-    // before anything is served (the default one there is only left off).
-    if let Some(dir) = opts.cache.as_ref().filter(|_| opts.cache_given) {
-        if let Some(why) = cache_inside_area(dir, &config) {
-            return Err(Error::usage(format!(
-                "{why}; give --cache a directory outside the areas, or --cache none"
-            )));
-        }
+    // before anything is served; the default one there is only left off.
+    let cache_inside = (opts.cache.as_ref()).and_then(|dir| cache_inside_area(dir, &config));
+    if let Some(why) = cache_inside.as_ref().filter(|_| opts.cache_given) {
+        return Err(Error::usage(format!(
+            "{why}; give --cache a directory outside the areas, or --cache none"
+        )));
     }
     let source = if opts.stdio {
         // stdout is the protocol: no startup line, and the log (stderr)
@@ -298,7 +297,7 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         .iter()
         .map(|(name, area)| (name.clone(), area_id(&area.root)))
         .collect();
-    let cache = opts.cache.as_ref().and_then(|dir| cache_dir(dir, &config));
+    let cache = (opts.cache.as_deref()).and_then(|dir| cache_dir(dir, cache_inside));
     // Each area's signature cache, beside its hash cache.
     let sigs = match &cache {
         Some(dir) => config
@@ -441,9 +440,9 @@ impl State {
 }
 
 /// Makes the cache directory; `None` (with a warning) where it cannot be
-/// used, or is inside an area (see `cache_inside_area`).
-fn cache_dir(dir: &Path, config: &Config) -> Option<PathBuf> {
-    if let Some(why) = cache_inside_area(dir, config) {
+/// used, or is inside an area (`inside`: why, from `cache_inside_area`).
+fn cache_dir(dir: &Path, inside: Option<String>) -> Option<PathBuf> {
+    if let Some(why) = inside {
         print_error(format!(
             "{why}; hashing every listing in full (give --cache a directory outside the areas)"
         ));

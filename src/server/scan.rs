@@ -433,12 +433,9 @@ impl Statters {
             names,
             next: AtomicUsize::new(0),
         });
-        let mut sent = Vec::new();
-        if shared {
-            sent = (self.helpers.iter())
-                .filter(|(jobs, _)| jobs.send(Arc::clone(&job)).is_ok())
-                .collect();
-        }
+        let sent: Vec<_> = (self.helpers.iter())
+            .filter(|(jobs, _)| shared && jobs.send(Arc::clone(&job)).is_ok())
+            .collect();
         job.work();
         for (_, answers) in sent {
             // A helper that is gone has let go of the job too.
