@@ -136,15 +136,17 @@ pub(super) fn scan(
 }
 
 /// Whether the directory `rel` (not the area's root) is a courier: it
-/// holds `.bitfog/`, which no area's own data may hold. A courier disk
-/// mounted inside a source area would otherwise be listed, and its files
-/// carried into itself on every trip.
+/// holds `.bitfog/carried.jsonl`, the record `fetch` keeps of what it
+/// carried. A courier disk mounted inside a source area would otherwise
+/// be listed, and its files carried into itself on every trip. A bare
+/// `.bitfog` entry is only a reserved name, left out by itself.
 fn holds_courier_state(dir: &Dir, rel: &Path) -> bool {
+    let state = crate::wire::paths::COURIER_STATE.as_bytes();
     !rel.as_os_str().is_empty()
-        && matches!(
-            dir.kind(crate::wire::paths::COURIER_STATE.as_bytes()),
-            Ok(Some(Kind::Dir))
-        )
+        && matches!(dir.kind(state), Ok(Some(Kind::Dir)))
+        && dir
+            .open_dir(state, false)
+            .is_ok_and(|s| matches!(s.kind(b"carried.jsonl"), Ok(Some(Kind::File))))
 }
 
 /// A relative path for the log (which escapes control characters).

@@ -474,6 +474,9 @@ fn a_courier_inside_the_source_area_is_left_out_not_carried_into_itself() {
     let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
     write(&src, "photos/a.jpg", &data(1, 50_000));
     write(&src, "b.txt", b"b");
+    // A bare reserved name is not a courier: its directory is listed.
+    fs::create_dir_all(src.join("keep/.bitfog")).unwrap();
+    write(&src, "keep/y", b"y");
     let courier = src.join("usb/courier");
     let server = Server::start(&t, "site", &two_areas(&src, &dst));
     let c = courier.to_str().unwrap();
@@ -484,6 +487,7 @@ fn a_courier_inside_the_source_area_is_left_out_not_carried_into_itself() {
     let listing = String::from_utf8(get(server.addr, "/src/").body).unwrap();
     assert!(!listing.contains("usb/courier"), "{listing}");
     assert!(listing.contains("\"photos/a.jpg\"") && listing.contains("\"b.txt\""));
+    assert!(listing.contains("\"keep/y\""), "{listing}");
     assert!(!courier.join("usb").exists(), "nothing carried into itself");
     assert_eq!(
         fs::read(courier.join("photos/a.jpg")).unwrap(),
