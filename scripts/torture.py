@@ -27,6 +27,7 @@ to 127.0.0.1 and a temporary directory. Sections:
 Usage: torture.py BITFOG [requests|fetch|put|delta ...] [--rounds N]
 """
 
+import atexit
 import hashlib
 import itertools
 import os
@@ -52,6 +53,35 @@ SECTIONS = ARGS or ["requests", "fetch", "put", "disk", "inject", "load", "delta
                     "unreadable", "record", "cpu"]
 SECRET = b"TOPSECRET-OUTSIDE-THE-AREA"
 rng = random.Random(20261126)
+
+# Every process a section starts, so that one stopped by an exception or a
+# signal leaves no server or client running behind it.
+STARTED = []
+
+
+def popen(*args, **kwargs):
+    p = subprocess.Popen(*args, **kwargs)
+    STARTED.append(p)
+    return p
+
+
+def stop_started():
+    for p in STARTED:
+        if p.poll() is None:
+            try:
+                # A process leading its own group (strace) takes its
+                # traced children with it.
+                if os.getpgid(p.pid) == p.pid:
+                    os.killpg(p.pid, signal.SIGKILL)
+                else:
+                    p.kill()
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+atexit.register(stop_started)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def write(path, data):
@@ -84,7 +114,7 @@ class Server:
     def start(self):
         self.logf = open(self.log, "ab")
         start = self.logf.tell()
-        self.proc = subprocess.Popen(
+        self.proc = popen(
             [BIN, "serve", "--conf", self.conf, "--addr", "127.0.0.1:0", "--threads", str(self.threads),
              "--cache", self.log + ".hashcache"],
             stdout=subprocess.DEVNULL, stderr=self.logf)
@@ -487,7 +517,7 @@ def section_fetch():
     for i in range(ROUNDS):
         held_before = courier_bytes(courier) if os.path.exists(courier) else 0
         served_before = served_file_bytes(log, "src")
-        p = subprocess.Popen([BIN, "fetch", dest_db, srv.url("src"), courier, "-q"], stdout=subprocess.DEVNULL)
+        p = popen([BIN, "fetch", dest_db, srv.url("src"), courier, "-q"], stdout=subprocess.DEVNULL)
         time.sleep(rng.uniform(0, full * 0.6))
         if p.poll() is None:
             p.kill()
@@ -538,7 +568,7 @@ def section_put():
         os.makedirs(dst)
         srv.stop()
         srv.start()
-        p = subprocess.Popen([BIN, "store", db("src.db"), srv.url("dst"), courier, "-q"],
+        p = popen([BIN, "store", db("src.db"), srv.url("dst"), courier, "-q"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0, full))
         srv.kill9()
@@ -639,7 +669,7 @@ def section_load():
                     counts["errors"] += 1
 
     rss, threads_max = 0, 0
-    workers = [threading.Thread(target=client, args=(k,)) for k in range(64)]
+    workers = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(64)]
     for w in workers:
         w.start()
     while time.time() < stop:
@@ -731,7 +761,7 @@ def section_inject():
             os.makedirs(dst)
             logf = open(log, "ab")
             start = logf.tell()
-            proc = subprocess.Popen(["strace", "-f", "-o", "/dev/null", "-e", "trace=" + call,
+            proc = popen(["strace", "-f", "-o", "/dev/null", "-e", "trace=" + call,
                                      "-e", "inject=%s:error=EIO:when=%s" % (call, shift(call, when)), BIN, "serve", "--conf", conf,
                                      "--addr", "127.0.0.1:0", "--cache", "none"], stdout=subprocess.DEVNULL, stderr=logf,
                                     start_new_session=True)
@@ -890,7 +920,7 @@ def section_delta():
     kills = unsound = complete = 0
     for _ in range(ROUNDS):
         shutil.rmtree(courier, ignore_errors=True)
-        p = subprocess.Popen(fetch, **quiet)
+        p = popen(fetch, **quiet)
         time.sleep(rng.uniform(0, full_fetch * 1.3))
         if p.poll() is None:
             p.kill()
@@ -919,7 +949,7 @@ def section_delta():
         write(os.path.join(dst, "vm.img"), old)
         srv.stop()
         srv.start()
-        p = subprocess.Popen(store(), **quiet)
+        p = popen(store(), **quiet)
         time.sleep(rng.uniform(0, full_store * 1.5))
         srv.kill9()
         p.wait()
@@ -954,7 +984,7 @@ def section_delta():
 def run_bounded(args, timeout=60):
     """Runs bitfog; returns (exit code, hung). A run past `timeout` is
     killed and counts as hung."""
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _, err = p.communicate(timeout=timeout)
         return p.returncode, False, err.decode(errors="replace")
@@ -1117,7 +1147,7 @@ def section_unreadable():
             os.chmod(d, 0)
         made += len(locked)
         before = snapshot(dst)
-        srv = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", BIN, "serve",
+        srv = popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", BIN, "serve",
                                 "--conf", conf, "--addr", "127.0.0.1:0"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = srv.stderr.readline().decode()
