@@ -28,7 +28,7 @@ use crate::error::{Error, Result, describe_io};
 use crate::wire::manifest::Entry;
 use crate::wire::paths::{COURIER_STATE, check_carried_name};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -106,6 +106,11 @@ pub(crate) struct Courier {
     /// Directories above carried names, opened by `parent` in this run
     /// (a bounded cache, by relative name).
     made: Mutex<HashMap<String, Arc<Dir>>>,
+    /// Directories above carried names found absent in this run (a
+    /// bounded cache, by relative name), and how many times `parent` has
+    /// made directories: a lookup that began before one was made is not
+    /// remembered as absent.
+    absent: Mutex<(u64, HashSet<String>)>,
     /// Directories with renames not yet fsynced (see `sync`).
     dirty: Mutex<HashMap<String, Arc<Dir>>>,
     /// What the courier's filesystem holds (`probe`; a POSIX one until
@@ -234,6 +239,9 @@ pub(crate) const RECEIPT: &str = "receipt.jsonl";
 pub(crate) const SOURCE: &str = "source.jsonl";
 /// Directories above carried names kept open at once.
 const OPEN_DIRS: usize = 256;
+
+/// How many absent directories `parent` remembers.
+const ABSENT_DIRS: usize = 65_536;
 /// The longest record file bitfog reads back from the courier (a
 /// partial download's sidecar, a range record).
 const MAX_RECORD: u64 = 1 << 16;
@@ -302,6 +310,7 @@ impl Courier {
             shards,
             log: Mutex::new(None),
             made: Mutex::default(),
+            absent: Mutex::default(),
             dirty: Mutex::default(),
             traits,
             held: Mutex::default(),
@@ -359,6 +368,7 @@ impl Courier {
             shards,
             log: Mutex::new(None),
             made: Mutex::default(),
+            absent: Mutex::default(),
             dirty: Mutex::default(),
             traits,
             held: Mutex::default(),
@@ -676,7 +686,7 @@ impl Courier {
         let Ok(Some(dir)) = self.sub(NAMES, false) else {
             return;
         };
-        let held: std::collections::HashSet<String> = self
+        let held: HashSet<String> = self
             .held
             .lock()
             .expect("held names")
@@ -1218,15 +1228,37 @@ impl Courier {
         let Some(root) = &self.root else {
             return Ok((None, dir_name, last));
         };
+        // A survey into an empty courier asks for every file's directory:
+        // one failing lookup each is enough.
+        let made_before = {
+            let absent = self.absent.lock().expect("absent dirs");
+            if !create && absent.1.contains(&dir_name) {
+                return Ok((None, dir_name, last));
+            }
+            absent.0
+        };
         let comps: Vec<&[u8]> = rel
             .parent()
             .into_iter()
             .flat_map(|p| p.iter())
             .map(|c| c.as_bytes())
             .collect();
-        let dir = match root.dir(&comps, create) {
+        let found = root.dir(&comps, create);
+        if create {
+            let mut absent = self.absent.lock().expect("absent dirs");
+            absent.0 += 1;
+            absent.1.clear();
+        }
+        let dir = match found {
             Ok(d) => Arc::new(d),
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => {
+                let mut absent = self.absent.lock().expect("absent dirs");
+                if absent.0 == made_before {
+                    if absent.1.len() >= ABSENT_DIRS {
+                        absent.1.clear();
+                    }
+                    absent.1.insert(dir_name.clone());
+                }
                 return Ok((None, dir_name, last));
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
@@ -2081,6 +2113,28 @@ mod tests {
             "a link is not a carried file"
         );
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_directory_found_absent_is_found_once_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Courier::open(dir.path(), true).unwrap();
+        // More directories than stay open, so that most are looked up
+        // again after they were made.
+        let names: Vec<String> = (0..OPEN_DIRS + 44).map(|i| format!("d{i}/e/a")).collect();
+        for name in &names {
+            assert!(c.carried_meta(name).unwrap().is_none());
+        }
+        for (i, name) in names.iter().enumerate() {
+            let id = format!("{i:x}");
+            c.open_partial(&id, false).unwrap();
+            c.place(&id, name).unwrap();
+        }
+        for name in &names {
+            assert!(c.carried_meta(name).unwrap().is_some(), "{name}");
+        }
+        assert!(c.carried_meta("d0/e/b").unwrap().is_none());
+        assert!(c.carried_meta("x/a").unwrap().is_none());
     }
 
     #[test]
