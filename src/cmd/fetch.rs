@@ -1987,24 +1987,32 @@ impl<'c> Group<'c> {
             return;
         }
         let mut placed = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
         for (i, e, id) in batch {
-            let done = self
-                .courier
-                .place(&id, &e.name)
-                .map_err(|err| Failure::io("cannot move into place", &err))
-                .and_then(|()| {
-                    self.courier
-                        .append_log(&Carried::of(&e))
-                        .map_err(|err| Failure::io("cannot record carried file", &err))
-                });
-            match done {
-                Ok(()) => placed.push(i),
-                Err(why) => {
+            match self.courier.place(&id, &e.name) {
+                Ok(()) => {
+                    placed.push(i);
+                    records.push(Carried::of(&e));
+                }
+                Err(err) => {
+                    let why = Failure::io("cannot move into place", &err);
                     trip.ui.error(format!("'{}': {why}", e.name));
                     trip.fails.fetch_add(1, Ordering::Relaxed);
                     self.courier.discard_partial(&id);
                 }
             }
+        }
+        // One write for the group's records. Files placed but not
+        // recorded are adopted by the next run once their hashes check.
+        if let Err(err) = self.courier.append_logs(&records) {
+            let why = Failure::io("cannot record carried files", &err);
+            trip.ui.error(format!(
+                "{why}; {} files are checked again by the next run",
+                records.len()
+            ));
+            trip.fails
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            return;
         }
         self.placed.lock().expect("placed list").extend(placed);
     }

@@ -1020,19 +1020,25 @@ impl Courier {
             }
         };
         let parent = parent.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-        match parent.stat(last.as_bytes())? {
-            Some(m) if m.kind == Kind::Dir => {
-                return Err(io::Error::other("a directory is in the way in the courier"));
+        let in_the_way = || io::Error::other("a directory is in the way in the courier");
+        // On a case-insensitive courier what is there may be spelled
+        // otherwise (nobody's, or this name's older copy): it goes, so
+        // the file is seen under its own spelling.
+        if plain && self.traits.case_insensitive {
+            match parent.stat(last.as_bytes())? {
+                Some(m) if m.kind == Kind::Dir => return Err(in_the_way()),
+                Some(_) => {
+                    let _ = parent.unlink(last.as_bytes());
+                }
+                None => {}
             }
-            // On a case-insensitive courier what is there may be spelled
-            // otherwise (nobody's, or this name's older copy): it goes, so
-            // the file is seen under its own spelling.
-            Some(_) if plain && self.traits.case_insensitive => {
-                let _ = parent.unlink(last.as_bytes());
-            }
-            _ => {}
         }
-        dir.rename_to(format!("{id}.part").as_bytes(), &parent, last.as_bytes())?;
+        // A file is never renamed over a directory (EISDIR).
+        dir.rename_to(format!("{id}.part").as_bytes(), &parent, last.as_bytes())
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EISDIR) => in_the_way(),
+                _ => e,
+            })?;
         if let Some(at) = at {
             self.held
                 .lock()
@@ -1154,18 +1160,32 @@ impl Courier {
     /// costs a re-hash, as `fetch` adopts an unrecorded file whose hash
     /// matches; a record whose rename was lost finds no file and refetches.
     pub(crate) fn append_log(&self, rec: &Carried) -> io::Result<()> {
+        self.append_logs(std::slice::from_ref(rec))
+    }
+
+    /// Records many carried files in one write (a torn last line is
+    /// dropped when the record is read).
+    pub(crate) fn append_logs(&self, recs: &[Carried]) -> io::Result<()> {
+        if recs.is_empty() {
+            return Ok(());
+        }
         let mut guard = self.log.lock().expect("log lock");
         if guard.is_none() {
             *guard = Some(self.state_rw()?.open_append(LOG.as_bytes())?);
         }
-        let rec = self.located(rec);
-        let mut line = serde_json::to_vec(&rec)?;
-        line.push(b'\n');
-        if let Some(s) = &self.seal {
-            line = s.seal_line(&line[..line.len() - 1]);
+        let mut lines = Vec::new();
+        for rec in recs {
+            let mut line = serde_json::to_vec(&self.located(rec))?;
+            match &self.seal {
+                Some(s) => lines.extend(s.seal_line(&line)),
+                None => {
+                    line.push(b'\n');
+                    lines.extend(line);
+                }
+            }
         }
         let f = guard.as_mut().expect("opened above");
-        f.write_all(&line)
+        f.write_all(&lines)
     }
 
     /// `rec` saying where the courier keeps the file now.
@@ -2116,7 +2136,7 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_found_absent_is_found_once_made() {
+    fn a_directory_found_absent_is_found_once_made_and_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let c = Courier::open(dir.path(), true).unwrap();
         // More directories than stay open, so that most are looked up
@@ -2134,6 +2154,14 @@ mod tests {
             assert!(c.carried_meta(name).unwrap().is_some(), "{name}");
         }
         assert!(c.carried_meta("d0/e/b").unwrap().is_none());
+        fs::create_dir(dir.path().join("d0/e/b")).unwrap();
+        c.open_partial("b", false).unwrap();
+        let err = c.place("b", "d0/e/b").unwrap_err();
+        assert!(
+            err.to_string().contains("a directory is in the way"),
+            "{err}"
+        );
+        assert!(dir.path().join("d0/e/b").is_dir());
         assert!(c.carried_meta("x/a").unwrap().is_none());
     }
 

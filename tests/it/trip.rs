@@ -1250,3 +1250,53 @@ fn small_files_a_killed_fetch_verified_are_kept_not_fetched_again() {
         "nothing left half-kept"
     );
 }
+
+/// What a run killed after placing a group of small files and before
+/// recording them leaves: files at their names, no record. Each is kept
+/// when its hash checks and fetched again when not.
+#[test]
+fn small_files_placed_but_not_recorded_are_kept_when_they_check() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for n in ["a", "b", "d/c"] {
+        write(
+            &src,
+            n,
+            &data(n.len() as u64 + n.as_bytes()[0] as u64, 50_000),
+        );
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    let fetch = || {
+        bitfog(&[
+            "fetch",
+            &t.s("e.db"),
+            &server.url("src"),
+            &t.s("c"),
+            "--json",
+        ])
+        .ok()
+    };
+    assert_eq!(fetch().num("fetched_files"), 3);
+    fs::write(t.path("c/.bitfog/carried.jsonl"), "").unwrap();
+    let mut damaged = fs::read(t.path("c/b")).unwrap();
+    damaged[100] ^= 1;
+    fs::write(t.path("c/b"), damaged).unwrap();
+    let f = fetch();
+    assert_eq!(f.num("downloaded_bytes"), 50_000, "only b again: {f}");
+    assert_eq!(f.num("courier_files"), 3, "{f}");
+    let log = fs::read_to_string(t.path("c/.bitfog/carried.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3, "all three recorded: {log}");
+    for n in ["a", "b", "d/c"] {
+        assert_eq!(
+            fs::read(t.path("c").join(n)).unwrap(),
+            fs::read(src.join(n)).unwrap()
+        );
+    }
+    let s = bitfog(&["store", &t.s("c"), &server.url("dst"), &t.s("c"), "--json"]).ok();
+    assert_eq!(s.num("stored_files"), 3, "{s}");
+    assert_eq!(
+        fs::read(dst.join("b")).unwrap(),
+        fs::read(src.join("b")).unwrap()
+    );
+}
