@@ -226,15 +226,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     if opts.dry_run {
         return Ok(dry_run(ui, plan, &doomed, over_limit));
     }
-    let (mut sum, mut outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan)?;
-    let removed = if sum.server_gone {
-        HashSet::new()
-    } else {
-        remove_dirs(client, opts, doomed, &mut sum)
-    };
-    for d in &removed {
-        outcomes.touched.insert(parent_of(d).to_string());
-    }
+    let (mut sum, mut outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan, doomed)?;
     let made = if sum.server_gone || sum.disk_full {
         Vec::new()
     } else {
@@ -270,11 +262,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         (&opts.dest, receipt_to.flatten()),
         receipt,
         dest_end,
-        Outcomes {
-            made,
-            removed,
-            ..outcomes
-        },
+        Outcomes { made, ..outcomes },
     ) {
         ui.error(format!("cannot leave the receipt in the courier: {e}"));
         sum.failed_files += 1;
@@ -1179,17 +1167,18 @@ impl Execution<'_> {
 }
 
 /// Stage 3: runs the plan in phases, each on `--jobs` threads: copies
-/// (a renamed file's old name may be deleted next), deletions (so a name
-/// can change from file to directory), uploads, links, ranges and
-/// patches, then the copies whose source has arrived since. Returns the
-/// summary, what happened to each name, and whether an outcome is
-/// unknown.
+/// (a renamed file's old name may be deleted next), deletions and then
+/// the `doomed` directories emptied by them (so a name can change from
+/// file to directory and back), uploads, links, ranges and patches, then
+/// the copies whose source has arrived since. Returns the summary, what
+/// happened to each name, and whether an outcome is unknown.
 fn execute(
     ui: &Ui,
     client: &Client,
     opts: &StoreOpts,
     courier: &Courier,
     plan: &mut Plan,
+    doomed: Vec<String>,
 ) -> Result<(StoreSummary, Outcomes, bool)> {
     let mut spool = plan.spool.take().expect("a spool unless dry run");
     spool.finish().map_err(spool_err)?;
@@ -1228,8 +1217,24 @@ fn execute(
             }
         }
     });
-    // 2. Deletions (only with --delete).
+    // 2. Deletions (only with --delete), then the directories SRCDB
+    //    does not have, where empty by now: nothing this run writes goes
+    //    into one, and one may stand where SRCDB has a file.
     x.phase(deletes.len(), &|i| x.run(&deletes[i]));
+    let removed = if x.gone.load(Ordering::SeqCst) {
+        HashSet::new()
+    } else {
+        remove_dirs(
+            client,
+            opts,
+            doomed,
+            &mut x.results.lock().expect("summary"),
+        )
+    };
+    x.touched
+        .lock()
+        .expect("names")
+        .extend(removed.iter().map(|d| parent_of(d).to_string()));
     // 3. Uploads (small ones many to a request), links, ranges and
     //    patches.
     let batches = AtomicBool::new(true);
@@ -1325,7 +1330,7 @@ fn execute(
         deleted: x.deleted.into_inner().expect("names"),
         progress: x.ranged.into_inner().expect("progress"),
         made: Vec::new(),
-        removed: HashSet::new(),
+        removed,
         touched: x.touched.into_inner().expect("names"),
     };
     Ok((

@@ -884,6 +884,53 @@ fn delete_removes_directories_the_source_does_not_have_and_keeps_its_own() {
     assert_same_tree(&src, &dst);
 }
 
+/// A name that is a directory at the destination and a file or a symlink
+/// at the source, or the other way round, is mirrored by one `store
+/// --delete`: the directory is emptied and removed before the file
+/// arrives. Without `--delete` the directory stays and the file fails.
+#[test]
+fn a_name_that_changed_between_file_and_directory_is_mirrored_in_one_run() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "x", b"now a file");
+    write(&dst, "x/inner", b"old");
+    write(&dst, "x/sub/deeper", b"old too");
+    fs::create_dir_all(dst.join("x/empty")).unwrap();
+    std::os::unix::fs::symlink("x", src.join("l")).unwrap();
+    write(&dst, "l/f", b"old");
+    write(&src, "y/f", b"now in a directory");
+    write(&dst, "y", b"was a file");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("c")]).ok();
+    let kept = bitfog(&["store", &t.s("src.db"), &du, &t.s("c"), "--json"]).code(1);
+    // x, l, y/f and the directory y.
+    assert_eq!(kept.num("failed_files"), 4, "{kept}");
+    assert!(dst.join("x/inner").is_file() && dst.join("l/f").is_file());
+    let s = bitfog(&[
+        "store",
+        &t.s("src.db"),
+        &du,
+        &t.s("c"),
+        "--delete",
+        "--json",
+    ])
+    .ok();
+    assert_eq!(s.num("failed_files"), 0, "{s}");
+    // x/empty, x/sub, x and l.
+    assert_eq!(s.num("dirs_removed"), 4, "{s}");
+    assert_same_tree(&src, &dst);
+    assert_eq!(
+        fs::read_link(dst.join("l")).unwrap(),
+        std::path::Path::new("x")
+    );
+    // The receipt agrees: the way back plans nothing.
+    let p = bitfog(&["plan", &t.s("c"), &su, "--json"]).ok();
+    assert_eq!(p.num("remaining_files"), 0, "{p}");
+}
+
 #[test]
 fn plan_and_fetch_dry_run_decide_the_same_trip_as_fetch() {
     let t = Scratch::new();
