@@ -237,6 +237,16 @@ const OPTIONS: &[Opt] = &[
         help: "delete at most N files (exit 1 when more were due)",
     },
     Opt {
+        long: "--other-dest",
+        short: None,
+        value: None,
+        commands: &["store"],
+        needs: None,
+        help: "store although DESTURL is not the area the courier's trip was\n\
+               planned for (it moved to another disk or machine); refused\n\
+               otherwise, before anything is touched",
+    },
+    Opt {
         long: "--verify",
         short: None,
         value: None,
@@ -913,6 +923,7 @@ fn command(
                     })?),
                 },
                 dry_run: r.flag("--dry-run"),
+                other_dest: r.flag("--other-dest"),
                 seal: r.recipients()?,
             })
         }

@@ -27,7 +27,7 @@ _bitfog() {
         plan) opts="--exclude --max-bytes -i --identity -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         fetch) opts="--exclude --max-bytes --jobs --dry-run --encrypt-to --encrypt-to-file -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         status) opts="--verify -i --identity --json" ;;
-        store) opts="--delete --max-delete --jobs --dry-run --encrypt-to --encrypt-to-file -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
+        store) opts="--delete --max-delete --other-dest --jobs --dry-run --encrypt-to --encrypt-to-file -i --identity --progress-interval -v --verbose --json --token --cacert --rsh --remote-bitfog" ;;
         *)
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W "$global" -- "$cur"))

@@ -44,6 +44,8 @@ pub(crate) struct StoreOpts {
     /// Stop after this many deletions.
     pub(crate) max_delete: Option<u64>,
     pub(crate) dry_run: bool,
+    /// `--other-dest`: DESTURL may be another area than the trip's.
+    pub(crate) other_dest: bool,
     pub(crate) jobs: usize,
     /// How many files over the batch size may be sent at once (a courier
     /// on a spinning disk reads a few streams faster than many).
@@ -186,6 +188,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     } else {
         Courier::open(&opts.courier, false)?
     };
+    check_planned_dest(ui, client, opts, &courier)?;
     let mut listing = client.listing(&opts.dest)?;
     let mut plan = Plan::new(opts, &courier)?;
     plan.classify(opts, &courier, &mut src, &mut listing)?;
@@ -294,6 +297,60 @@ fn check_not_dest(
         )));
     }
     Ok(())
+}
+
+/// Refuses a DESTURL that is another area than the one the courier's
+/// trip was planned for (its destination snapshot names that area's
+/// identity): a mistyped area would get files of the same names
+/// replaced, and deletions judged by another area's snapshot.
+/// `--other-dest` lets a destination that moved (a new disk or machine
+/// gives it a new identity) take the courier.
+fn check_planned_dest(ui: &Ui, client: &Client, opts: &StoreOpts, courier: &Courier) -> Result<()> {
+    let Some((planned, _)) = snapshot(opts, courier)? else {
+        return Ok(());
+    };
+    let Some(planned_id) = &planned.area_id else {
+        return Ok(());
+    };
+    match client.area_id(&opts.dest)? {
+        Some(id) if &id != planned_id => {
+            let was = planned.source.as_deref().unwrap_or("unknown");
+            if opts.other_dest {
+                ui.log(format!(
+                    "{}: not the area the courier's trip was planned for ({was}); storing there as --other-dest asks",
+                    opts.dest
+                ));
+                return Ok(());
+            }
+            Err(Error::usage(format!(
+                "{}: not the area the courier's trip was planned for ({was}); give that area's URL, or --other-dest if this is it after a move",
+                opts.dest
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The destination snapshot `fetch` kept in the courier, opened.
+fn snapshot(
+    opts: &StoreOpts,
+    courier: &Courier,
+) -> Result<
+    Option<(
+        crate::wire::manifest::Header,
+        crate::wire::manifest::Reader<std::io::BufReader<std::fs::File>>,
+    )>,
+> {
+    let Some(snapshot) = courier.state_file(SNAPSHOT) else {
+        return Ok(None);
+    };
+    let origin = format!(
+        "'{}'",
+        opts.courier.join(".bitfog").join(SNAPSHOT).display()
+    );
+    let snapshot = crate::age::open_plain(snapshot)
+        .map_err(|e| Error::usage(format!("{origin}: {}", crate::error::describe_io(&e))))?;
+    crate::wire::manifest::open_db_file(snapshot, origin).map(Some)
 }
 
 /// The source manifest `fetch` left in courier `dir`, if there is one:
@@ -1656,18 +1713,10 @@ fn choose_deletions(
     if doomed.is_empty() {
         return Ok(false);
     }
-    let snapshot = courier.state_file(SNAPSHOT);
-    let mut allowed: Vec<Entry> = if let Some(snapshot) = snapshot {
+    let mut allowed: Vec<Entry> = if let Some((_, snap)) = snapshot(opts, courier)? {
         let mut known: HashMap<String, Entry> =
             doomed.into_iter().map(|e| (e.name.clone(), e)).collect();
         let mut keep = Vec::new();
-        let origin = format!(
-            "'{}'",
-            opts.courier.join(".bitfog").join(SNAPSHOT).display()
-        );
-        let snapshot = crate::age::open_plain(snapshot)
-            .map_err(|e| Error::usage(format!("{origin}: {}", crate::error::describe_io(&e))))?;
-        let (_, snap) = crate::wire::manifest::open_db_file(snapshot, origin)?;
         for entry in snap {
             let entry = entry.map_err(as_usage)?;
             if let Some(now) = known.remove(&entry.name) {

@@ -101,6 +101,58 @@ fn dbs_without_an_identity_still_work() {
     assert_eq!(fs::read(dst.join("f")).unwrap(), data(3, 4_000));
 }
 
+/// A courier stored into another area than its trip was planned for (a
+/// mistyped area name) is refused before anything is touched: files of
+/// the same names there would be replaced. `--other-dest` takes an area
+/// that moved, and its deletions still keep what the snapshot never saw.
+#[test]
+fn a_courier_stored_into_another_area_than_planned_is_refused() {
+    let t = Scratch::new();
+    let (src, dst, dst2) = (t.mkdir("src"), t.mkdir("dst"), t.mkdir("dst2"));
+    write(&src, "IMG_0001.jpg", &data(1, 6_000));
+    write(&dst, "gone", &data(2, 100));
+    write(&dst2, "IMG_0001.jpg", &data(3, 6_000));
+    write(&dst2, "precious", &data(4, 100));
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"dst2\":{{\"path\":{:?},\"writable\":true}}}}",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        dst2.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let (su, du, du2) = (server.url("src"), server.url("dst"), server.url("dst2"));
+    let c = t.s("courier");
+    bitfog(&["builddb", &du, &t.s("dst.db")]).ok();
+    bitfog(&["fetch", &t.s("dst.db"), &su, &c]).ok();
+    let before = (tree(&dst2), tree(&t.path("courier")));
+    for extra in [&[][..], &["--delete"][..], &["--dry-run"][..]] {
+        let mut cmd = vec!["store", &c, &du2, &c];
+        cmd.extend_from_slice(extra);
+        let r = bitfog(&cmd).code(2);
+        assert!(
+            r.stderr
+                .contains("not the area the courier's trip was planned for")
+                && r.stderr.contains(&du)
+                && r.stderr.contains("--other-dest"),
+            "{r}"
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    }
+    assert_eq!((tree(&dst2), tree(&t.path("courier"))), before);
+    // The same area under another name is the planned one.
+    let other = du.replace("127.0.0.1", "localhost");
+    bitfog(&["store", &c, &other, &c, "--dry-run"]).ok();
+    // Told so, the other area takes it; what the snapshot never saw stays.
+    let s = bitfog(&["store", &c, &du2, &c, "--other-dest", "--delete", "--json"]).ok();
+    assert_eq!(s.num("kept_files"), 1, "{s}");
+    assert!(s.stderr.contains("as --other-dest asks"), "{s}");
+    assert_eq!(fs::read(dst2.join("IMG_0001.jpg")).unwrap(), data(1, 6_000));
+    assert_eq!(fs::read(dst2.join("precious")).unwrap(), data(4, 100));
+    // The planned area, as ever.
+    bitfog(&["store", &c, &du, &c, "--delete"]).ok();
+    assert_same_tree(&src, &dst);
+}
+
 #[test]
 fn the_courier_carries_its_own_source_manifest() {
     let t = Scratch::new();
