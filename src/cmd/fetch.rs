@@ -172,6 +172,42 @@ pub(crate) fn check_destdb(client: &Client, destdb: &Path, src: &AreaUrl) -> Res
     Ok(())
 }
 
+/// Refuses, before the courier is touched, a fetch from another source
+/// area than the one whose trip the courier holds, while that trip is not
+/// stored (no receipt at least as new as the source manifest): its files
+/// are not in this area's listing and would be pruned from the courier.
+/// Areas are compared by identity; a courier without one passes.
+pub(crate) fn check_courier_source(client: &Client, courier: &Path, src: &AreaUrl) -> Result<()> {
+    // What the courier's own opening repairs or refuses is its to say.
+    let Ok(c) = Courier::open_read(courier) else {
+        return Ok(());
+    };
+    let header = |name: &str| {
+        let f = c.state_file(name)?;
+        crate::wire::manifest::open_db_file(f, name.to_string())
+            .ok()
+            .map(|(h, _)| h)
+    };
+    let Some(held) = header(courier::SOURCE) else {
+        return Ok(());
+    };
+    let Some(held_id) = &held.area_id else {
+        return Ok(());
+    };
+    let stored = header(courier::RECEIPT).is_some_and(|r| r.created >= held.created);
+    if stored || c.read_log().is_empty() {
+        return Ok(());
+    }
+    match client.area_id(src)? {
+        Some(id) if &id != held_id => Err(crate::error::Error::usage(format!(
+            "'{}' holds a trip from another source area ({}) that is not stored yet; store it first, or give this area's trip a directory of its own",
+            courier.display(),
+            held.source.as_deref().unwrap_or("unknown")
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// DESTDB itself, or the receipt `store` left when DESTDB is a courier
 /// directory.
 pub(crate) fn destdb_path(destdb: &Path) -> Result<PathBuf> {
@@ -342,6 +378,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     // read with the keeper key kept here.
     crate::courier::seal::allow_keeper();
     check_destdb(client, &opts.destdb, &opts.src)?;
+    check_courier_source(client, &opts.courier, &opts.src)?;
     if opts.dry_run {
         return dry_run(ui, client, opts);
     }

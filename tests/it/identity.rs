@@ -153,6 +153,50 @@ fn a_courier_stored_into_another_area_than_planned_is_refused() {
     assert_same_tree(&src, &dst);
 }
 
+/// A courier holding one area's trip, not stored yet, is not refilled
+/// from another area (its files would be pruned as not needed there);
+/// once stored, it is.
+#[test]
+fn a_courier_holding_another_areas_trip_is_not_refilled_until_stored() {
+    let t = Scratch::new();
+    let (a, b, dst) = (t.mkdir("a"), t.mkdir("b"), t.mkdir("dst"));
+    write(&a, "from-a", &data(1, 7_000));
+    write(&b, "from-b", &data(2, 7_000));
+    let conf = format!(
+        "{{\"a\":{{\"path\":{:?}}},\"b\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}}}}",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        dst.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let (ua, ub, du) = (server.url("a"), server.url("b"), server.url("dst"));
+    let c = t.s("courier");
+    bitfog(&["builddb", &du, &t.s("dst.db")]).ok();
+    bitfog(&["fetch", &t.s("dst.db"), &ua, &c]).ok();
+    let before = tree(&t.path("courier"));
+    let dst_db = t.s("dst.db");
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut cmd = vec!["fetch", &dst_db, &ub, &c];
+        cmd.extend_from_slice(extra);
+        let r = bitfog(&cmd).code(2);
+        assert!(
+            r.stderr.contains("holds a trip from another source area")
+                && r.stderr.contains(&ua)
+                && r.stderr.contains("store it first"),
+            "{r}"
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    }
+    assert_eq!(tree(&t.path("courier")), before, "nothing pruned");
+    // The same area again is its next trip.
+    bitfog(&["fetch", &t.s("dst.db"), &ua, &c]).ok();
+    bitfog(&["store", &c, &du, &c]).ok();
+    assert_eq!(fs::read(dst.join("from-a")).unwrap(), data(1, 7_000));
+    // Stored: the directory may carry the other area's trip now.
+    bitfog(&["fetch", &t.s("dst.db"), &ub, &c]).ok();
+    assert_eq!(fs::read(t.path("courier/from-b")).unwrap(), data(2, 7_000));
+}
+
 #[test]
 fn the_courier_carries_its_own_source_manifest() {
     let t = Scratch::new();
