@@ -30,6 +30,8 @@ pub(crate) fn builddb(
     signatures: Option<u64>,
     seal: Option<&[crate::age::Recipient]>,
 ) -> Result<Exit> {
+    // Before the server walks the area.
+    crate::wire::manifest::check_replaceable(db)?;
     let mut listing = client.listing(url)?;
     let mut out = DbWriter::create(
         db,

@@ -610,8 +610,65 @@ fn remove_stale_temps(dir: &Dir, stem: &[u8]) {
     }
 }
 
+/// Refuses to replace what `path` names unless it is a DB (plain or
+/// encrypted), an empty file or a symlink (the link is replaced, never
+/// what it points at): a DB path mistyped onto a document, a FIFO or a
+/// device would be lost.
+pub(crate) fn check_replaceable(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        // Nothing there, or nothing to look at: writing says what fails.
+        Err(_) => return Ok(()),
+    };
+    let shown = path.display();
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        return Err(Error::usage(format!(
+            "'{shown}' is a directory; give the DB a file name"
+        )));
+    }
+    if !meta.is_file() {
+        return Err(Error::usage(format!(
+            "'{shown}': not a regular file; a DB is not written in its place"
+        )));
+    }
+    let mut head = [0u8; 64];
+    let n = File::open(path)
+        .and_then(|mut f| read_up_to(&mut f, &mut head))
+        .unwrap_or(0);
+    let head = &head[..n];
+    let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let json_db = first.starts_with(b"{")
+        && String::from_utf8_lossy(&first[1..])
+            .trim_start()
+            .starts_with("\"bitfog\"");
+    if meta.len() == 0 || json_db || head.starts_with(b"age-encryption.org/") {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "'{shown}' exists and is not a bitfog DB; it is not replaced (give another path, or remove it first)"
+    )))
+}
+
+/// Reads until `buf` is full or the end of `r`.
+fn read_up_to(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 impl DbWriter {
-    /// A DB at a path the user named.
+    /// A DB at a path the user named; refused where something else than
+    /// a DB is there (`check_replaceable`).
     /// With `seal`, the DB is written encrypted to those recipients (an
     /// age file), never in plain text.
     pub(crate) fn create(
@@ -621,6 +678,7 @@ impl DbWriter {
         exclude: Vec<String>,
         seal: Option<&[crate::age::Recipient]>,
     ) -> Result<DbWriter> {
+        check_replaceable(path)?;
         let file_name = path
             .file_name()
             .ok_or_else(|| Error::usage(format!("'{}': not a file name", path.display())))?;

@@ -3,6 +3,7 @@
 use crate::util::*;
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::FileTypeExt;
 
 #[test]
 fn usage_errors_exit_2_with_one_line() {
@@ -105,6 +106,62 @@ fn bad_configs_exit_2_naming_file_area_and_key() {
     ])
     .code(2);
     assert!(r.stderr.contains("missing.json"), "{r}");
+}
+
+/// A DB path that names something else than a DB (a document, a FIFO, a
+/// directory) is refused before the server is asked, and left as it was;
+/// a DB, an empty file and a symlink (not what it points at) are replaced.
+#[test]
+fn a_db_path_naming_something_else_is_never_replaced() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "f", b"x");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let url = server.url("src");
+    fs::write(t.path("thesis.txt"), "years of work\n").unwrap();
+    let fifo = t.path("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    t.mkdir("dir");
+    for (path, says) in [
+        ("thesis.txt", "is not a bitfog DB"),
+        ("fifo", "not a regular file"),
+        ("dir", "is a directory"),
+    ] {
+        for cmd in [
+            vec!["builddb", &url, &t.s(path)],
+            vec!["emptydb", &t.s(path)],
+        ] {
+            let r = bitfog(&cmd).code(2);
+            assert!(r.stderr.contains(says), "{r}");
+            assert_eq!(r.stderr.lines().count(), 1, "{r}");
+        }
+    }
+    assert_eq!(
+        fs::read_to_string(t.path("thesis.txt")).unwrap(),
+        "years of work\n"
+    );
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    fs::write(t.path("empty.db"), "").unwrap();
+    std::os::unix::fs::symlink(t.path("thesis.txt"), t.path("link.db")).unwrap();
+    for path in ["empty.db", "link.db"] {
+        bitfog(&["builddb", &url, &t.s(path)]).ok();
+        bitfog(&["emptydb", &t.s(path)]).ok();
+        assert!(
+            fs::read_to_string(t.path(path))
+                .unwrap()
+                .starts_with("{\"bitfog\":")
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(t.path("thesis.txt")).unwrap(),
+        "years of work\n"
+    );
 }
 
 #[test]
