@@ -1158,8 +1158,9 @@ def section_unreadable():
         skipped = json.loads(out.stdout)["skipped"]
         counted += skipped
         wrong_count += skipped != len(locked)
+        # An empty courier: nothing to upload, only deletions to judge.
         courier = os.path.join(work, "courier")
-        os.makedirs(courier, exist_ok=True)
+        os.makedirs(os.path.join(courier, ".bitfog"), exist_ok=True)
         st = subprocess.run([BIN, "store", db, url + "dst/", courier, "--delete", "--json", "-q"],
                             capture_output=True, text=True)
         # A refusal (a DB that lists nothing) is a JSON error: nothing deleted.

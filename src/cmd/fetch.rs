@@ -379,6 +379,7 @@ pub(crate) fn fetch(ui: &Ui, client: &Client, opts: &FetchOpts) -> Result<Exit> 
     crate::courier::seal::allow_keeper();
     check_destdb(client, &opts.destdb, &opts.src)?;
     check_courier_source(client, &opts.courier, &opts.src)?;
+    crate::courier::check_new(&opts.courier)?;
     if opts.dry_run {
         return dry_run(ui, client, opts);
     }

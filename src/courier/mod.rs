@@ -262,6 +262,48 @@ fn not_a_dir(path: &Path, err: &io::Error) -> Error {
     Error::usage(format!("'{}': {why}", path.display()))
 }
 
+/// What filesystems and desktops put on a fresh disk: a directory holding
+/// only these may become a courier.
+fn furniture(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"lost+found"
+            | b"System Volume Information"
+            | b"$RECYCLE.BIN"
+            | b".Trashes"
+            | b".DS_Store"
+            | b".Spotlight-V100"
+            | b".fseventsd"
+            | b".TemporaryItems"
+    ) || name.starts_with(b".Trash-")
+}
+
+/// Refuses to make a courier of a directory that holds anything else than
+/// `furniture`: `fetch` replaces what it finds at the names it carries and
+/// removes what the destination no longer needs, so a mistyped COURIER (a
+/// home directory, an area) would lose files. A courier (`.bitfog/`
+/// there), an empty directory and one not there yet pass.
+pub(crate) fn check_new(root: &Path) -> Result<()> {
+    if fs::symlink_metadata(root.join(COURIER_STATE)).is_ok() {
+        return Ok(());
+    }
+    let Ok(entries) = fs::read_dir(root) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !furniture(name.as_bytes()) {
+            return Err(Error::usage(format!(
+                "'{}' holds files and is not a courier (no .bitfog/; found '{}'): give an empty directory, such as '{}'",
+                root.display(),
+                name.to_string_lossy(),
+                root.join("bitfog").display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Courier {
     /// Opens (with `create`, creates) COURIER for a run that changes it,
     /// and takes its lock. COURIER itself is the path the user gave (it
@@ -279,6 +321,13 @@ impl Courier {
         let top =
             Root::open(root).map_err(|e| Error::usage(format!("{what}: {}", describe_io(&e))))?;
         let dir = top.dir(&[], false).map_err(|e| Error::io(&what, &e))?;
+        if create {
+            check_new(root)?;
+        } else if matches!(dir.stat(COURIER_STATE.as_bytes()), Ok(None)) {
+            return Err(Error::usage(format!(
+                "{what} is not a courier: fetch has not filled it (no .bitfog/)"
+            )));
+        }
         let state = dir
             .open_dir(COURIER_STATE.as_bytes(), true)
             .map_err(|e| not_a_dir(&root.join(COURIER_STATE), &e))?;

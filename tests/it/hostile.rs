@@ -146,6 +146,58 @@ fn a_courier_with_planted_symlinks_changes_nothing_outside_it() {
     assert_same_tree(&src, &dst);
 }
 
+/// A COURIER mistyped as a directory of someone's files (a home
+/// directory, the source area itself) is refused before anything is
+/// written: fetch would replace the files at the names it carries, and
+/// prune files it adopted once the destination had them. store and
+/// status --verify refuse a directory fetch never filled.
+#[test]
+fn a_directory_of_files_is_never_taken_for_a_courier() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "report.doc", b"the source's report");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let su = server.url("src");
+    bitfog(&["emptydb", &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let home = t.mkdir("home");
+    write(&home, "report.doc", b"my own report, another version");
+    write(&home, "notes/today", b"notes");
+    let before = (tree(&home), tree(&src));
+    for dir in [&home, &src] {
+        for extra in [&[][..], &["--dry-run"][..]] {
+            let mut cmd = vec!["fetch", "--json"];
+            let (db, d) = (t.s("dest.db"), dir.to_str().unwrap().to_string());
+            cmd.extend([db.as_str(), su.as_str(), d.as_str()]);
+            cmd.extend_from_slice(extra);
+            let r = bitfog(&cmd).code(2);
+            assert!(r.stderr.contains("holds files and is not a courier"), "{r}");
+        }
+    }
+    assert_eq!((tree(&home), tree(&src)), before, "nothing written");
+    for cmd in [
+        vec![
+            "store",
+            &t.s("src.db"),
+            &server.url("dst"),
+            home.to_str().unwrap(),
+        ],
+        vec!["status", home.to_str().unwrap(), "--verify"],
+    ] {
+        let r = bitfog(&cmd).code(2);
+        assert!(r.stderr.contains("is not a courier"), "{r}");
+    }
+    assert_eq!(tree(&home), before.0, "no .bitfog/ made");
+    // A fresh disk's furniture is no obstacle.
+    let disk = t.mkdir("disk/lost+found").parent().unwrap().to_path_buf();
+    fs::create_dir(disk.join("System Volume Information")).unwrap();
+    bitfog(&["fetch", &t.s("dest.db"), &su, disk.to_str().unwrap()]).ok();
+    assert_eq!(
+        fs::read(disk.join("report.doc")).unwrap(),
+        b"the source's report"
+    );
+}
+
 #[test]
 fn fifos_in_a_courier_never_make_fetch_or_store_wait() {
     let t = Scratch::new();
@@ -390,7 +442,7 @@ fn running_out_of_descriptors_is_skipped_and_blocks_deletion() {
         "--dry-run",
     ]);
     assert_eq!(s.code, 2, "no courier: {s}");
-    fs::create_dir(t.path("courier")).unwrap();
+    fs::create_dir_all(t.path("courier/.bitfog")).unwrap();
     let s = bitfog(&[
         "store",
         &t.s("src.db"),

@@ -876,7 +876,8 @@ fn a_hostile_srcdb_never_uploads_from_outside_the_courier() {
     let t = Scratch::new();
     let (dst, outside) = (t.mkdir("dst"), t.mkdir("outside"));
     write(&outside, "secret", b"SECRET");
-    let courier = t.mkdir("courier");
+    // A courier someone else prepared: it has a state directory.
+    let courier = t.mkdir("courier/.bitfog").parent().unwrap().to_path_buf();
     std::os::unix::fs::symlink(&outside, courier.join("linked")).unwrap();
     std::os::unix::fs::symlink(outside.join("secret"), courier.join("direct")).unwrap();
     let server = Server::start(
