@@ -1064,6 +1064,14 @@ fn transport(url: &str, e: ureq::Error) -> Error {
         ureq::Error::Protocol(_) if is_ssh => format!(
             "{e}; the far end did not answer HTTP: is --remote-bitfog bitfog's 'serve --stdio'?"
         ),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "cannot connect: connection refused (is bitfog serve running there, on that port?)"
+                .to_string()
+        }
+        // rustls meeting a plain HTTP answer to its hello.
+        _ if url.starts_with("https://") && e.to_string().contains("InvalidContentType") => {
+            format!("{e}: the server answers plain HTTP there; use http://")
+        }
         _ => e.to_string(),
     };
     if lost {

@@ -710,7 +710,7 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
         .ok()
         .filter(|n| config.contains_key(*n))
     else {
-        return none(Route::Answer(Response::text(404, "no such area")));
+        return none(Route::Answer(no_such_area(config)));
     };
     let routed = |route| Routed {
         area: Some(area.to_string()),
@@ -741,9 +741,16 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
             let dir = file.strip_suffix(b"/").map(components);
             if let (Some(Ok(c)), "GET" | "HEAD") = (dir, method) {
                 if !has_reserved(&c) {
+                    // A client given a directory's URL for an area's.
+                    let whole = Response::text(
+                        400,
+                        format!(
+                            "refused path: a listing is of a whole area; its URL ends at the area's name (/{area}/)"
+                        ),
+                    );
                     return routed(Route::Page {
                         comps: c.iter().map(|x| x.to_vec()).collect(),
-                        otherwise: refused,
+                        otherwise: whole,
                     });
                 }
             }
@@ -773,6 +780,20 @@ fn route(config: &Config, method: &str, target: &str) -> Routed {
         "DELETE" => Route::File(FileOp::Delete, owned()),
         _ => Route::Answer(not_allowed(allow)),
     })
+}
+
+/// 404 for an area name the configuration lacks, naming those it has
+/// (the index, `GET /`, names them too): a mistyped URL is told the
+/// right one.
+fn no_such_area(config: &Config) -> Response {
+    let mut names: Vec<&str> = config.keys().map(String::as_str).take(20).collect();
+    if config.len() > names.len() {
+        names.push("...");
+    }
+    Response::text(
+        404,
+        format!("no such area (this server has: {})", names.join(", ")),
+    )
 }
 
 /// The token check of an area that has one: `None` when the request may

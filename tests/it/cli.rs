@@ -164,6 +164,43 @@ fn a_db_path_naming_something_else_is_never_replaced() {
     );
 }
 
+/// A mistyped URL gets a line that says what to type instead.
+#[test]
+fn a_mistyped_url_is_told_what_is_there() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    write(&src, "sub/f", b"x");
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let base = format!("http://{}/", server.addr);
+    let free_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    for (url, says) in [
+        (
+            format!("{base}sr/"),
+            "no such area (this server has: dst, src)".to_string(),
+        ),
+        (
+            format!("{base}src/sub/"),
+            "a listing is of a whole area; its URL ends at the area's name (/src/)".into(),
+        ),
+        (
+            format!("http://127.0.0.1:{free_port}/src/"),
+            "connection refused (is bitfog serve running there".into(),
+        ),
+        (
+            format!("https://{}/src/", server.addr),
+            "the server answers plain HTTP there; use http://".into(),
+        ),
+    ] {
+        let r = bitfog(&["builddb", &url, &t.s("x.db")]).code(1);
+        assert!(r.stderr.contains(&says), "{r}");
+        assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    }
+    assert!(!t.path("x.db").exists());
+}
+
 #[test]
 fn bad_dbs_exit_2() {
     let t = Scratch::new();
