@@ -384,13 +384,29 @@ impl Client {
     /// The area's identity, asked with a `HEAD` of its listing (which
     /// lists nothing); `None` from a server too old to give one.
     pub(crate) fn area_id(&self, area: &AreaUrl) -> Result<Option<String>> {
+        self.area_head(area).map(|(id, _)| id)
+    }
+
+    /// Whether the area's filesystem folds case (a server too old to say
+    /// is taken as one that does not).
+    pub(crate) fn folds_case(&self, area: &AreaUrl) -> Result<bool> {
+        self.area_head(area).map(|(_, folds)| folds)
+    }
+
+    /// The area's identity and whether it folds case, from a `HEAD` of
+    /// its listing.
+    fn area_head(&self, area: &AreaUrl) -> Result<(Option<String>, bool)> {
         let resp = self
             .auth(self.agent(area.request()).head(area.request()))
             .call()
             .map_err(|e| transport(area.as_str(), e))?;
         let status = resp.status();
         if status.is_success() {
-            return Ok(area_id_of(&resp));
+            let folds = resp
+                .headers()
+                .get(crate::wire::protocol::FOLDS_CASE_HEADER)
+                .is_some_and(|v| v.as_bytes() == b"1");
+            return Ok((area_id_of(&resp), folds));
         }
         // A refusal of a HEAD has no body to give its reason: the same
         // GET is refused the same way, before anything is listed.

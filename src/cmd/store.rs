@@ -189,8 +189,10 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         Courier::open(&opts.courier, false)?
     };
     check_planned_dest(ui, client, opts, &courier)?;
+    let folds = client.folds_case(&opts.dest)?;
     let mut listing = client.listing(&opts.dest)?;
     let mut plan = Plan::new(opts, &courier)?;
+    plan.folds = folds.then(Folds::default);
     plan.classify(opts, &courier, &mut src, &mut listing)?;
     if opts.delete && src.end().is_some_and(|e| e.count == 0) {
         return Err(Error::usage(format!(
@@ -514,6 +516,75 @@ struct Plan {
     dest_extended: bool,
     /// SRCDB names owners the destination will not apply.
     owners_unapplied: bool,
+    /// On a destination whose filesystem folds case: who owns each
+    /// folded path.
+    folds: Option<Folds>,
+}
+
+/// Why a name is not stored on a destination that folds case: a name
+/// there, and one of SRCDB.
+const FOLDED: &str = "not stored: the destination's filesystem folds case, and it has a name the source does not that differs from this one (or a directory above it) only in case; store --delete removes that name, and the next run stores this one";
+const FOLDED_TWICE: &str = "not stored: the destination's filesystem folds case, and SRCDB has another name that differs from this one (or a directory above it) only in case; one file there cannot be both";
+
+/// On a destination whose filesystem folds case, the exact path that
+/// owns each folded path (names and the directories above them), as
+/// hashes, and whether that owner is a name only SRCDB has. A name SRCDB
+/// alone has is stored only where it owns its folded path and every one
+/// above it: two names one file there would leave one of them holding
+/// the other's content, or none.
+#[derive(Default)]
+struct Folds {
+    owners: HashMap<u64, (u64, bool)>,
+    /// Folded paths a destination name met later took from a name SRCDB
+    /// alone has: that name is not stored (`lost`).
+    taken: HashSet<u64>,
+}
+
+impl Folds {
+    /// A name the destination has.
+    fn there(&mut self, name: &str) {
+        use crate::courier::{fold_key, name_key, prefixes};
+        for p in prefixes(name) {
+            let (k, n) = (fold_key(p), name_key(p));
+            if let Some((o, true)) = self.owners.insert(k, (n, false)) {
+                if o != n {
+                    self.taken.insert(k);
+                }
+            }
+        }
+    }
+
+    /// A name SRCDB alone has; where another path owns its folded path
+    /// or one above it, nothing is claimed and the reason is returned.
+    fn new_name(&mut self, name: &str) -> Option<&'static str> {
+        use crate::courier::{fold_key, name_key, prefixes};
+        let clash = prefixes(name).find_map(|p| {
+            self.owners
+                .get(&fold_key(p))
+                .filter(|&&(o, _)| o != name_key(p))
+                .map(|&(_, src)| if src { FOLDED_TWICE } else { FOLDED })
+        });
+        if clash.is_none() {
+            for p in prefixes(name) {
+                self.owners
+                    .entry(fold_key(p))
+                    .or_insert((name_key(p), true));
+            }
+        }
+        clash
+    }
+
+    /// True when a destination name met after `name` took its folded
+    /// path or one above it.
+    fn lost(&self, name: &str) -> bool {
+        use crate::courier::{fold_key, name_key, prefixes};
+        !self.taken.is_empty()
+            && prefixes(name).any(|p| {
+                let k = fold_key(p);
+                self.taken.contains(&k)
+                    && self.owners.get(&k).is_some_and(|&(o, _)| o != name_key(p))
+            })
+    }
 }
 
 impl Plan {
@@ -542,6 +613,7 @@ impl Plan {
             dest_owners: false,
             dest_extended: false,
             owners_unapplied: false,
+            folds: None,
         })
     }
 
@@ -603,6 +675,18 @@ impl Plan {
         found: &mut Found,
         pair: Pair,
     ) -> Result<()> {
+        if let Some(folds) = self.folds.as_mut() {
+            match &pair {
+                Pair::Both(s, _) => folds.there(&s.name),
+                Pair::Dst(d) => folds.there(&d.name),
+                Pair::Src(s) => {
+                    if let Some(why) = folds.new_name(&s.name) {
+                        self.refused.push(format!("'{}': {why}", s.name));
+                        return Ok(());
+                    }
+                }
+            }
+        }
         if opts.delete {
             match &pair {
                 Pair::Dst(d) => add_parents(&mut self.dst_dirs, &d.name),
@@ -859,6 +943,22 @@ fn dry_run(ui: &Ui, plan: Plan, doomed_dirs: &[String], over_limit: bool) -> Exi
     let mut sum = plan.sum;
     let mut human = String::new();
     for a in &plan.actions {
+        let stores = match a {
+            Action::Delete(_) => None,
+            Action::Upload(e)
+            | Action::Link(e)
+            | Action::Copy(e, _)
+            | Action::HardLink(e, _)
+            | Action::Ranges(e)
+            | Action::Patch(e, ..) => Some(&e.name),
+        };
+        if let (Some(f), Some(name)) = (&plan.folds, stores) {
+            if f.lost(name) {
+                ui.error(format!("'{name}': {FOLDED}"));
+                sum.failed_files += 1;
+                continue;
+            }
+        }
         human.push_str(&match a {
             Action::Upload(e) => format!("would upload '{}' ({})\n", e.name, human_bytes(e.size)),
             Action::Link(e) => format!(
@@ -944,6 +1044,8 @@ struct Execution<'a> {
     /// Set when the destination said its disk is full: no more uploads,
     /// copies, ranges or patches are tried, each left counts as failed.
     full: AtomicBool,
+    /// On a destination that folds case (see `Folds`).
+    folds: Option<&'a Folds>,
 }
 
 impl Execution<'_> {
@@ -1051,6 +1153,10 @@ impl Execution<'_> {
     /// be read back.
     fn spooled(&self, i: usize) -> Option<Action> {
         match self.spool.get(i) {
+            Ok(t) if self.folds.is_some_and(|f| f.lost(&t.e.name)) => {
+                self.record(&t.action(), Err(Failure::Refused(FOLDED.into())));
+                None
+            }
             Ok(t) => Some(t.action()),
             Err(err) => {
                 self.ui.error(format!(
@@ -1259,6 +1365,7 @@ fn execute(
         full: AtomicBool::new(false),
         touched: Mutex::default(),
         no_links: AtomicBool::new(false),
+        folds: plan.folds.as_ref(),
     };
     // 1. Copies. One whose source is not there yet (a duplicate of a file
     //    this run uploads) is tried again at the end.
@@ -2301,3 +2408,94 @@ impl Drop for Turn<'_> {
 /// Why a delta is not applied when the destination's file is not the
 /// version it was made against.
 const BASE_CHANGED: &str = "the destination's file changed after its signature was taken; nothing was changed, and the next fetch carries the file whole or as a new delta";
+
+#[cfg(test)]
+mod tests {
+    use super::Folds;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// Where a name is: at the destination only, in SRCDB only, or both.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Side {
+        Dst,
+        Src,
+        Both,
+    }
+
+    fn paths(names: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = names
+            .iter()
+            .flat_map(|n| crate::courier::prefixes(n).map(str::to_string))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// No two different paths (names and the directories above them)
+    /// are one path where case folds.
+    fn one_spelling_each(names: &[&str]) -> bool {
+        let mut seen = BTreeMap::new();
+        paths(names).into_iter().all(|p| {
+            seen.insert(p.to_lowercase(), p.clone())
+                .is_none_or(|q| q == p)
+        })
+    }
+
+    proptest! {
+        /// Whatever the names, what the destination ends with (its names,
+        /// and SRCDB's names stored) holds one spelling of each folded
+        /// path: no name is stored over another.
+        #[test]
+        fn no_two_names_become_one_file(
+            raw in proptest::collection::vec(("[aAb]{1,2}(/[aAb]{1,2}){0,2}", 0..3u8), 1..12)
+        ) {
+            let mut by_name = BTreeMap::new();
+            for (n, s) in raw {
+                let side = [Side::Dst, Side::Src, Side::Both][s as usize];
+                by_name.entry(n).or_insert(side);
+            }
+            // What a folding destination can hold: one spelling each.
+            let mut there: Vec<&str> = Vec::new();
+            let mut names: Vec<(String, Side)> = Vec::new();
+            for (n, side) in &by_name {
+                if *side != Side::Src {
+                    let mut with = there.clone();
+                    with.push(n);
+                    if !one_spelling_each(&with) {
+                        continue;
+                    }
+                    there.push(n);
+                }
+                names.push((n.clone(), *side));
+            }
+            names.sort_by(|a, b| crate::wire::paths::name_cmp(&a.0, &b.0));
+            let mut f = Folds::default();
+            let mut claimed = Vec::new();
+            for (n, side) in &names {
+                match side {
+                    Side::Src => {
+                        if f.new_name(n).is_none() {
+                            claimed.push(n.clone());
+                        }
+                    }
+                    _ => f.there(n),
+                }
+            }
+            let stored: Vec<&String> = claimed.iter().filter(|n| !f.lost(n)).collect();
+            let mut all: Vec<&str> = there.clone();
+            all.extend(stored.iter().map(|s| s.as_str()));
+            prop_assert!(one_spelling_each(&all), "{:?} -> {:?}", names, all);
+            // A SRCDB name with no other spelling around is always stored.
+            for (n, side) in &names {
+                let alone = names.iter().all(|(m, _)| {
+                    m == n || one_spelling_each(&[m.as_str(), n.as_str()])
+                });
+                if *side == Side::Src && alone {
+                    prop_assert!(stored.contains(&n), "{n} was refused alone");
+                }
+            }
+        }
+    }
+}

@@ -143,12 +143,12 @@ pub(crate) const PACK_SUFFIX: &str = ".extents";
 #[derive(Default)]
 struct FoldMap(HashMap<u64, u64>);
 
-fn fold_key(path: &str) -> u64 {
+pub(crate) fn fold_key(path: &str) -> u64 {
     name_key(&path.to_lowercase())
 }
 
 /// The path and each directory above it.
-fn prefixes(name: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn prefixes(name: &str) -> impl Iterator<Item = &str> {
     name.match_indices('/')
         .map(move |(i, _)| &name[..i])
         .chain(std::iter::once(name))
@@ -1878,7 +1878,7 @@ impl LogIndex {
     }
 }
 
-fn name_key(name: &str) -> u64 {
+pub(crate) fn name_key(name: &str) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     BuildHasherDefault::<DefaultHasher>::default().hash_one(name)
 }

@@ -26,7 +26,7 @@ use crate::wire::paths::{components, has_reserved, is_reserved};
 use crate::wire::protocol::{self, RangeAsk};
 use hashcache::{CacheFile, SigCache};
 use scan::Item;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
@@ -297,6 +297,11 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         .iter()
         .map(|(name, area)| (name.clone(), area_id(&area.root)))
         .collect();
+    let folds = config
+        .iter()
+        .filter(|(name, area)| area.writable && roots.get(*name).is_some_and(folds_case))
+        .map(|(name, _)| name.clone())
+        .collect();
     let cache = (opts.cache.as_deref()).and_then(|dir| cache_dir(dir, cache_inside));
     // Each area's signature cache, beside its hash cache.
     let sigs = match &cache {
@@ -310,6 +315,7 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
         config,
         roots,
         ids,
+        folds,
         cache,
         sigs,
         quiet: opts.quiet,
@@ -420,6 +426,8 @@ struct State {
     roots: BTreeMap<String, Root>,
     /// Each area's identity (`area_id`).
     ids: BTreeMap<String, String>,
+    /// The writable areas whose filesystem folds case (`folds_case`).
+    folds: BTreeSet<String>,
     /// The hash cache directory, if any.
     cache: Option<PathBuf>,
     /// Each area's signature cache (none without a cache directory).
@@ -593,7 +601,28 @@ fn handle(state: &State, req: &mut Request) -> Response {
         } => resp,
         Route::Index => index(state),
     };
-    resp.with(protocol::AREA_ID_HEADER, id)
+    let resp = resp.with(protocol::AREA_ID_HEADER, id);
+    if state.folds.contains(&name) {
+        resp.with(protocol::FOLDS_CASE_HEADER, "1")
+    } else {
+        resp
+    }
+}
+
+/// True when the filesystem of `root` takes a name and the same name in
+/// another case for one (exFAT, FAT, NTFS for Windows, ext4 casefold):
+/// tried with a temporary file, removed at once.
+fn folds_case(root: &Root) -> bool {
+    let Ok(dir) = root.dir(&[], false) else {
+        return false;
+    };
+    let name = |c: &str| format!("{TEMP_PREFIX}{}-case{c}", session_tag()).into_bytes();
+    if dir.create_new(&name("A")).is_err() {
+        return false;
+    }
+    let folds = matches!(dir.stat(&name("a")), Ok(Some(_)));
+    let _ = dir.unlink(&name("A"));
+    folds
 }
 
 /// The answer to a request for a name the area excludes: 404 to read it

@@ -35,6 +35,9 @@ pub(crate) const HDR_SIZE: &str = "x-bitfog-size";
 pub(crate) const HDR_HAVE_HEADER: &str = "X-Bitfog-Have";
 /// On every answer about an area: the area's identity (see `area_id`).
 pub(crate) const AREA_ID_HEADER: &str = "X-Bitfog-Area";
+/// On answers about a writable area whose filesystem folds case (two
+/// names differing only in case are one file there): `1`.
+pub(crate) const FOLDS_CASE_HEADER: &str = "X-Bitfog-Folds-Case";
 /// On an extended listing (`?meta=1`, whose entries carry `mtime_ns` and
 /// owners): `1` when the area applies the owners writes ask for, else `0`.
 pub(crate) const OWNERS_HEADER: &str = "X-Bitfog-Owners";

@@ -586,3 +586,77 @@ fn an_encrypted_exfat_courier_carries_every_name() {
     assert_eq!(s.num("failed_files"), 0, "{s}");
     assert_eq!(files(&src), files(&dst), "the trees differ");
 }
+
+/// A destination area on a filesystem that folds case (exFAT here): two
+/// names that differ only in case would be one file there, one of them
+/// holding the other's content. Each name that would clash is refused
+/// with its reason, never stored over another, and the receipt says it
+/// is still missing; `--delete` clears a destination name the source
+/// does not have, and the next run stores the source's.
+#[test]
+#[ignore = "needs root, exfatprogs and exfat-fuse"]
+fn a_destination_that_folds_case_never_makes_two_names_one_file() {
+    let t = Scratch::new();
+    let src = t.mkdir("src");
+    let disk = Mounted::new(&t, "exfat", 64);
+    let dst = disk.dir.join("dst");
+    fs::create_dir(&dst).unwrap();
+    write(&src, "Photo.JPG", &data(1, 3_000));
+    write(&src, "photo.jpg", &data(2, 4_000));
+    write(&src, "dir/x", &data(3, 500));
+    write(&dst, "DIR/y", &data(4, 700));
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    let head = |area: &str| get(server.addr, &format!("/{area}/"));
+    assert_eq!(
+        head("dst").header("x-bitfog-folds-case").as_deref(),
+        Some("1")
+    );
+    assert_eq!(head("src").header("x-bitfog-folds-case"), None);
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["builddb", &su, &t.s("src.db")]).ok();
+    let c = t.s("courier");
+    bitfog(&["fetch", &t.s("dest.db"), &su, &c]).ok();
+    let store = |delete: bool| {
+        let mut cmd = vec!["store", "--json"];
+        let db = t.s("src.db");
+        cmd.extend([db.as_str(), du.as_str(), c.as_str()]);
+        if delete {
+            cmd.push("--delete");
+        }
+        bitfog(&cmd)
+    };
+    let s = store(false).code(1);
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (1, 2),
+        "{s}"
+    );
+    assert!(
+        s.stderr.contains("'photo.jpg': not stored: the destination's filesystem folds case, and SRCDB has another name")
+            && s.stderr.contains("'dir/x': not stored: the destination's filesystem folds case, and it has a name the source does not"),
+        "{s}"
+    );
+    assert_eq!(fs::read(dst.join("Photo.JPG")).unwrap(), data(1, 3_000));
+    assert_eq!(fs::read(dst.join("DIR/y")).unwrap(), data(4, 700));
+    // The receipt is honest: the way back carries both again.
+    let p = bitfog(&["plan", &c, &su, "--json"]).ok();
+    assert_eq!(p.num("remaining_files"), 2, "{p}");
+    let s = store(true).code(1);
+    assert_eq!(s.num("deleted_files"), 1, "{s}");
+    let s = store(true).code(1);
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (1, 1),
+        "{s}"
+    );
+    assert_eq!(fs::read(dst.join("dir/x")).unwrap(), data(3, 500));
+    assert_eq!(fs::read(dst.join("Photo.JPG")).unwrap(), data(1, 3_000));
+    let names: Vec<String> = fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(names, ["Photo.JPG", "dir"]);
+}
