@@ -225,8 +225,9 @@ const OPTIONS: &[Opt] = &[
         needs: None,
         help: "remove from DESTURL the files SRCDB does not have, if they are as\n\
                the destination snapshot fetch saw (refused when SRCDB lists\n\
-               nothing or was made by emptydb; nothing is deleted when SRCDB's\n\
-               listing skipped entries)",
+               nothing or was made by emptydb, or, without --max-delete, would\n\
+               remove more than half of DESTURL's files; nothing is deleted\n\
+               when SRCDB's listing skipped entries)",
     },
     Opt {
         long: "--max-delete",

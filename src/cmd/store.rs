@@ -228,6 +228,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         Vec::new()
     };
     doomed.retain(|d| !kept.excludes(d, true));
+    check_mass_delete(opts, &plan, &dest_end, src.end().map_or(0, |e| e.count))?;
     if opts.dry_run {
         return Ok(dry_run(ui, plan, &doomed, over_limit));
     }
@@ -279,6 +280,36 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     } else {
         Exit::Done
     })
+}
+
+/// Deletions past which `--delete` wants `--max-delete` (see
+/// `check_mass_delete`).
+const MASS_DELETE_MIN: u64 = 100;
+
+/// Refuses, before anything is touched, a `--delete` that would remove
+/// more than half of the destination's files (and more than
+/// `MASS_DELETE_MIN`) without `--max-delete`: a source volume that was not
+/// mounted, or the wrong SRCDB, lists almost nothing, and the destination
+/// copy would go with it.
+fn check_mass_delete(
+    opts: &StoreOpts,
+    plan: &Plan,
+    dest: &crate::wire::manifest::End,
+    src_count: u64,
+) -> Result<()> {
+    let deleting = plan
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::Delete(_)))
+        .count() as u64;
+    if opts.max_delete.is_some() || deleting <= MASS_DELETE_MIN || deleting * 2 <= dest.count {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "--delete would remove {deleting} of the destination's {} files, more than half ('{}' lists {src_count}): is the source's volume mounted, is this the right SRCDB? Nothing was touched; give --max-delete {deleting} to delete them",
+        dest.count,
+        opts.srcdb.display()
+    )))
 }
 
 /// Refuses an SRCDB that describes the destination area itself (the two

@@ -884,6 +884,55 @@ fn delete_removes_directories_the_source_does_not_have_and_keeps_its_own() {
     assert_same_tree(&src, &dst);
 }
 
+/// A `--delete` that would remove most of the destination (a source
+/// volume that was not mounted lists almost nothing) is refused before
+/// anything is touched, unless `--max-delete` says how many may go.
+#[test]
+fn a_delete_that_would_remove_most_of_the_destination_needs_max_delete() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..150 {
+        write(&dst, &format!("d{}/f{i}", i % 7), &data(i, 100));
+    }
+    for i in 0..10 {
+        write(&src, &format!("d{}/f{i}", i % 7), &data(i, 100));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("c")]).ok();
+    let before = tree(&dst);
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut cmd = vec!["store", "--delete"];
+        let c = t.s("c");
+        cmd.extend([c.as_str(), du.as_str(), c.as_str()]);
+        cmd.extend_from_slice(extra);
+        let r = bitfog(&cmd).code(2);
+        assert!(
+            r.stderr
+                .contains("--delete would remove 140 of the destination's 150 files")
+                && r.stderr.contains("--max-delete 140"),
+            "{r}"
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    }
+    assert_eq!(tree(&dst), before, "nothing touched");
+    let c = t.s("c");
+    let s = bitfog(&[
+        "store",
+        &c,
+        &du,
+        &c,
+        "--delete",
+        "--max-delete",
+        "140",
+        "--json",
+    ])
+    .ok();
+    assert_eq!(s.num("deleted_files"), 140, "{s}");
+    assert_same_tree(&src, &dst);
+}
+
 /// A name that is a directory at the destination and a file or a symlink
 /// at the source, or the other way round, is mirrored by one `store
 /// --delete`: the directory is emptied and removed before the file
