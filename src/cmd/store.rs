@@ -339,7 +339,9 @@ fn check_not_dest(
 /// `--other-dest` lets a destination that moved (a new disk or machine
 /// gives it a new identity) take the courier.
 fn check_planned_dest(ui: &Ui, client: &Client, opts: &StoreOpts, courier: &Courier) -> Result<()> {
-    let Some((planned, _)) = snapshot(opts, courier)? else {
+    // A snapshot this run cannot read (an encrypted DESTDB's copy, no
+    // --identity) says nothing here; --delete needs it and says so.
+    let Ok(Some((planned, _))) = snapshot(opts, courier) else {
         return Ok(());
     };
     let Some(planned_id) = &planned.area_id else {

@@ -98,6 +98,36 @@ fn encrypted_dbs_without_the_identity_are_a_clear_error() {
     assert!(!t.path("x.db").exists());
 }
 
+/// A trip planned from an encrypted DESTDB keeps it encrypted in the
+/// courier: `store` without the identity still stores (it cannot read the
+/// snapshot to check the area), and with it refuses another area.
+#[test]
+fn an_encrypted_destdb_in_the_courier_needs_no_identity_to_store() {
+    let t = Scratch::new();
+    let (src, dst, other) = (t.mkdir("src"), t.mkdir("dst"), t.mkdir("other"));
+    write(&src, "f", &data(1, 5_000));
+    let conf = format!(
+        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"other\":{{\"path\":{:?},\"writable\":true}}}}",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        other.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    let (su, du, ou) = (server.url("src"), server.url("dst"), server.url("other"));
+    let (key, recipient) = keygen(&t, "key.txt");
+    bitfog(&["builddb", &du, &t.s("dest.db"), "--encrypt-to", &recipient]).ok();
+    let c = t.s("c");
+    bitfog(&["fetch", &t.s("dest.db"), &su, &c, "-i", &key]).ok();
+    let r = bitfog(&["store", &c, &ou, &c, "-i", &key]).code(2);
+    assert!(
+        r.stderr
+            .contains("not the area the courier's trip was planned for"),
+        "{r}"
+    );
+    bitfog(&["store", &c, &du, &c]).ok();
+    assert_eq!(fs::read(dst.join("f")).unwrap(), data(1, 5_000));
+}
+
 #[test]
 #[ignore = "needs the age CLI"]
 fn a_trip_with_encrypted_dbs_and_the_age_cli_both_ways() {
