@@ -387,15 +387,10 @@ impl Client {
         self.area_head(area).map(|(id, _)| id)
     }
 
-    /// Whether the area's filesystem folds case (a server too old to say
-    /// is taken as one that does not).
-    pub(crate) fn folds_case(&self, area: &AreaUrl) -> Result<bool> {
-        self.area_head(area).map(|(_, folds)| folds)
-    }
-
-    /// The area's identity and whether it folds case, from a `HEAD` of
-    /// its listing.
-    fn area_head(&self, area: &AreaUrl) -> Result<(Option<String>, bool)> {
+    /// The area's identity and whether its filesystem folds case (a
+    /// server too old to say is taken as one that does not), from a
+    /// `HEAD` of its listing.
+    pub(crate) fn area_head(&self, area: &AreaUrl) -> Result<(Option<String>, bool)> {
         let resp = self
             .auth(self.agent(area.request()).head(area.request()))
             .call()

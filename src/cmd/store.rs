@@ -178,7 +178,10 @@ impl Task {
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
     let (header, mut src) = open_db(&srcdb_path(&opts.srcdb)?)?;
     check_inputs(opts, header.source.is_none())?;
-    check_not_dest(client, opts, &header)?;
+    // What the destination area is: its identity, and whether its
+    // filesystem folds case (one HEAD).
+    let (dest_id, folds) = client.area_head(&opts.dest)?;
+    check_not_dest(opts, &header, dest_id.as_deref())?;
     if !opts.srcdb.is_dir() {
         check_against_courier(opts, &header)?;
     }
@@ -188,8 +191,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     } else {
         Courier::open(&opts.courier, false)?
     };
-    check_planned_dest(ui, client, opts, &courier)?;
-    let folds = client.folds_case(&opts.dest)?;
+    check_planned_dest(ui, opts, &courier, dest_id.as_deref())?;
     let mut listing = client.listing(&opts.dest)?;
     let mut plan = Plan::new(opts, &courier)?;
     plan.folds = folds.then(Folds::default);
@@ -315,14 +317,14 @@ fn check_mass_delete(
 /// Refuses an SRCDB that describes the destination area itself (the two
 /// DBs swapped), compared by identity, not URL.
 fn check_not_dest(
-    client: &Client,
     opts: &StoreOpts,
     header: &crate::wire::manifest::Header,
+    dest_id: Option<&str>,
 ) -> Result<()> {
     let Some(id) = &header.area_id else {
         return Ok(());
     };
-    if client.area_id(&opts.dest)?.as_ref() == Some(id) {
+    if dest_id == Some(id.as_str()) {
         return Err(Error::usage(format!(
             "'{}' describes the destination area {} itself; give the source's DB (builddb at the source before fetch)",
             opts.srcdb.display(),
@@ -338,7 +340,12 @@ fn check_not_dest(
 /// replaced, and deletions judged by another area's snapshot.
 /// `--other-dest` lets a destination that moved (a new disk or machine
 /// gives it a new identity) take the courier.
-fn check_planned_dest(ui: &Ui, client: &Client, opts: &StoreOpts, courier: &Courier) -> Result<()> {
+fn check_planned_dest(
+    ui: &Ui,
+    opts: &StoreOpts,
+    courier: &Courier,
+    dest_id: Option<&str>,
+) -> Result<()> {
     // A snapshot this run cannot read (an encrypted DESTDB's copy, no
     // --identity) says nothing here; --delete needs it and says so.
     let Ok(Some((planned, _))) = snapshot(opts, courier) else {
@@ -347,8 +354,8 @@ fn check_planned_dest(ui: &Ui, client: &Client, opts: &StoreOpts, courier: &Cour
     let Some(planned_id) = &planned.area_id else {
         return Ok(());
     };
-    match client.area_id(&opts.dest)? {
-        Some(id) if &id != planned_id => {
+    match dest_id {
+        Some(id) if id != planned_id => {
             let was = planned.source.as_deref().unwrap_or("unknown");
             if opts.other_dest {
                 ui.log(format!(
