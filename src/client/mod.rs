@@ -384,13 +384,14 @@ impl Client {
     /// The area's identity, asked with a `HEAD` of its listing (which
     /// lists nothing); `None` from a server too old to give one.
     pub(crate) fn area_id(&self, area: &AreaUrl) -> Result<Option<String>> {
-        self.area_head(area).map(|(id, _)| id)
+        self.area_head(area).map(|(id, ..)| id)
     }
 
-    /// The area's identity and whether its filesystem folds case (a
-    /// server too old to say is taken as one that does not), from a
-    /// `HEAD` of its listing.
-    pub(crate) fn area_head(&self, area: &AreaUrl) -> Result<(Option<String>, bool)> {
+    /// The area's identity, whether its filesystem folds case (a server
+    /// too old to say is taken as one that does not) and whether it takes
+    /// writes (`None` from a server too old to say), from a `HEAD` of its
+    /// listing.
+    pub(crate) fn area_head(&self, area: &AreaUrl) -> Result<(Option<String>, bool, Option<bool>)> {
         let resp = self
             .auth(self.agent(area.request()).head(area.request()))
             .call()
@@ -401,7 +402,12 @@ impl Client {
                 .headers()
                 .get(crate::wire::protocol::FOLDS_CASE_HEADER)
                 .is_some_and(|v| v.as_bytes() == b"1");
-            return Ok((area_id_of(&resp), folds));
+            let writable = resp
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(',').any(|m| m.trim() == "PUT"));
+            return Ok((area_id_of(&resp), folds, writable));
         }
         // A refusal of a HEAD has no body to give its reason: the same
         // GET is refused the same way, before anything is listed.

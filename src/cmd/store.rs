@@ -178,9 +178,15 @@ impl Task {
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
     let (header, mut src) = open_db(&srcdb_path(&opts.srcdb)?)?;
     check_inputs(opts, header.source.is_none())?;
-    // What the destination area is: its identity, and whether its
-    // filesystem folds case (one HEAD).
-    let (dest_id, folds) = client.area_head(&opts.dest)?;
+    // What the destination area is: its identity, whether its
+    // filesystem folds case and whether it takes writes (one HEAD).
+    let (dest_id, folds, writable) = client.area_head(&opts.dest)?;
+    if writable == Some(false) {
+        return Err(Error::usage(format!(
+            "{}: a read-only area (its bitfog.json does not say \"writable\": true); store writes only into a writable area",
+            opts.dest
+        )));
+    }
     check_not_dest(opts, &header, dest_id.as_deref())?;
     if !opts.srcdb.is_dir() {
         check_against_courier(opts, &header)?;

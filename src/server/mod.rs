@@ -576,7 +576,16 @@ fn handle(state: &State, req: &mut Request) -> Response {
         }
     }
     let resp = match route {
-        Route::Listing { dirs, meta } => listing(state, &name, area, root, (dirs, meta)),
+        // What the area takes, so that a client can tell a read-only
+        // area before it sends anything.
+        Route::Listing { dirs, meta } => listing(state, &name, area, root, (dirs, meta)).with(
+            "Allow",
+            if area.writable {
+                "GET, HEAD, POST, PUT"
+            } else {
+                "GET, HEAD, POST"
+            },
+        ),
         Route::File(FileOp::Get, _) => get_file(root, &comps, req),
         Route::File(FileOp::Extents, _) => extents(root, &comps),
         Route::File(FileOp::Signature, _) => signature(root, &comps, sigs.cloned()),

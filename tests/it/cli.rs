@@ -201,6 +201,30 @@ fn a_mistyped_url_is_told_what_is_there() {
     assert!(!t.path("x.db").exists());
 }
 
+/// A store into an area that is not writable is one line and exit 2
+/// before anything is sent, not a refusal per file.
+#[test]
+fn a_store_into_a_read_only_area_is_refused_up_front() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..5 {
+        write(&src, &format!("f{i}"), b"x");
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    bitfog(&["emptydb", &t.s("e.db")]).ok();
+    let c = t.s("c");
+    bitfog(&["fetch", &t.s("e.db"), &server.url("src"), &c]).ok();
+    let r = bitfog(&["store", &c, &server.url("src"), &c]).code(2);
+    assert!(r.stderr.contains("a read-only area"), "{r}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    let head = get(server.addr, "/dst/");
+    assert_eq!(
+        head.header("allow").as_deref(),
+        Some("GET, HEAD, POST, PUT")
+    );
+    bitfog(&["store", &c, &server.url("dst"), &c]).ok();
+}
+
 #[test]
 fn bad_dbs_exit_2() {
     let t = Scratch::new();
