@@ -191,15 +191,29 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
     if !opts.srcdb.is_dir() {
         check_against_courier(opts, &header)?;
     }
-    // A dry run neither locks nor writes anything in the courier.
-    let courier = if opts.dry_run {
+    // A dry run neither locks nor writes anything in the courier, and
+    // nor does a run from a courier on a read-only filesystem.
+    let read_only = !opts.dry_run && crate::courier::read_only_fs(&opts.courier);
+    let courier = if opts.dry_run || read_only {
         Courier::open_read(&opts.courier)?
     } else {
         Courier::open(&opts.courier, false)?
     };
+    if read_only {
+        if courier.state_dir().is_err() {
+            return Err(Error::usage(format!(
+                "'{}' is not a courier: fetch has not filled it (no .bitfog/)",
+                opts.courier.display()
+            )));
+        }
+        ui.log(format!(
+            "'{}' is on a read-only filesystem: storing from it without its lock, and leaving no receipt in it",
+            opts.courier.display()
+        ));
+    }
     check_planned_dest(ui, opts, &courier, dest_id.as_deref())?;
     let mut listing = client.listing(&opts.dest)?;
-    let mut plan = Plan::new(opts, &courier)?;
+    let mut plan = Plan::new(opts, &courier, read_only)?;
     plan.folds = folds.then(Folds::default);
     plan.classify(opts, &courier, &mut src, &mut listing)?;
     if opts.delete && src.end().is_some_and(|e| e.count == 0) {
@@ -264,7 +278,9 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         (Some(_), None) => None,
         (None, None) => Some(None),
     };
-    if receipt_to.is_none() {
+    if read_only {
+        ui.log("no receipt is left in the read-only courier: run builddb at the destination for the next fetch's DESTDB");
+    } else if receipt_to.is_none() {
         ui.log("no receipt is left in the encrypted courier: the source holds no identity to read it (give --encrypt-to RECIPIENT for one encrypted to it)");
         courier.drop_receipt();
     } else if unsure {
@@ -634,9 +650,14 @@ impl Folds {
 }
 
 impl Plan {
-    fn new(opts: &StoreOpts, courier: &Courier) -> Result<Plan> {
+    fn new(opts: &StoreOpts, courier: &Courier, read_only: bool) -> Result<Plan> {
+        fn anonymous<T>() -> Result<Spool<T>> {
+            Spool::anonymous().map_err(|e| Error::io("a spool in the temporary directory", &e))
+        }
         let (spool, receipt) = if opts.dry_run {
             (None, None)
+        } else if read_only {
+            (Some(anonymous()?), Some(anonymous()?))
         } else {
             let spool = courier.spool("store")?;
             // A run that dies leaves no receipt rather than a stale one.

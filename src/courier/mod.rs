@@ -262,6 +262,22 @@ fn not_a_dir(path: &Path, err: &io::Error) -> Error {
     Error::usage(format!("'{}': {why}", path.display()))
 }
 
+/// True when the filesystem COURIER is on is mounted read-only (a disk
+/// unplugged without being ejected, which ntfs-3g then mounts read-only;
+/// write-protected media): `store` can still read it.
+pub(crate) fn read_only_fs(root: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statvfs is a valid out-buffer.
+    let mut st: crate::sys::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-buffer.
+    if unsafe { crate::sys::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_flag & libc::ST_RDONLY != 0
+}
+
 /// What filesystems and desktops put on a fresh disk: a directory holding
 /// only these may become a courier.
 fn furniture(name: &[u8]) -> bool {

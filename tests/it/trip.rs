@@ -442,6 +442,56 @@ impl Drop for Unmount {
     }
 }
 
+/// A courier on a filesystem mounted read-only (an NTFS disk unplugged
+/// without being ejected, write-protected media) is stored from all the
+/// same: no lock, no receipt, a damaged copy named and the rest stored.
+#[test]
+#[ignore = "needs root (a read-only bind mount)"]
+fn a_courier_on_a_read_only_filesystem_is_stored_from() {
+    let t = Scratch::new();
+    let (src, dst) = (t.mkdir("src"), t.mkdir("dst"));
+    for i in 0..4u64 {
+        write(&src, &format!("d/f{i}"), &data(i, 20_000));
+    }
+    let server = Server::start(&t, "site", &two_areas(&src, &dst));
+    let (su, du) = (server.url("src"), server.url("dst"));
+    bitfog(&["builddb", &du, &t.s("dest.db")]).ok();
+    bitfog(&["fetch", &t.s("dest.db"), &su, &t.s("c")]).ok();
+    let mut damaged = fs::read(t.path("c/d/f2")).unwrap();
+    damaged[7] ^= 1;
+    fs::write(t.path("c/d/f2"), damaged).unwrap();
+    let ro = t.mkdir("ro");
+    let mount = |args: &[&str]| {
+        let ok = std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "this test needs root: mount {args:?}");
+    };
+    mount(&["--bind", &t.s("c"), &t.s("ro")]);
+    let _guard = Unmount(ro.clone());
+    mount(&["-o", "remount,bind,ro", &t.s("ro")]);
+    let before = tree(&t.path("c"));
+    let s = bitfog(&["store", &t.s("ro"), &du, &t.s("ro"), "--json"]).code(1);
+    assert_eq!(
+        (s.num("stored_files"), s.num("failed_files")),
+        (3, 1),
+        "{s}"
+    );
+    assert!(
+        s.stderr.contains("read-only filesystem") && s.stderr.contains("'d/f2'"),
+        "{s}"
+    );
+    assert_eq!(tree(&t.path("c")), before, "nothing written in the courier");
+    for i in [0u64, 1, 3] {
+        assert_eq!(
+            fs::read(dst.join(format!("d/f{i}"))).unwrap(),
+            data(i, 20_000)
+        );
+    }
+    assert!(!dst.join("d/f2").exists(), "a damaged copy is never stored");
+}
+
 #[test]
 #[ignore = "needs root (mounts a tmpfs)"]
 fn a_full_courier_disk_stops_fetch_cleanly_and_resumes() {
