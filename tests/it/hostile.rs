@@ -216,6 +216,7 @@ fn fifos_in_a_courier_never_make_fetch_or_store_wait() {
         "copies.jsonl",
         "destdb.jsonl",
         "receipt.jsonl",
+        "source.jsonl",
     ] {
         fifo(state.join(name));
     }
