@@ -178,39 +178,11 @@ impl Task {
 pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> {
     let (header, mut src) = open_db(&srcdb_path(&opts.srcdb)?)?;
     check_inputs(opts, header.source.is_none())?;
-    // What the destination area is: its identity, whether its
-    // filesystem folds case and whether it takes writes (one HEAD).
-    let (dest_id, folds, writable) = client.area_head(&opts.dest)?;
-    if writable == Some(false) {
-        return Err(Error::usage(format!(
-            "{}: a read-only area (its bitfog.json does not say \"writable\": true); store writes only into a writable area",
-            opts.dest
-        )));
-    }
-    check_not_dest(opts, &header, dest_id.as_deref())?;
+    let (dest_id, folds) = check_dest(client, opts, &header)?;
     if !opts.srcdb.is_dir() {
         check_against_courier(opts, &header)?;
     }
-    // A dry run neither locks nor writes anything in the courier, and
-    // nor does a run from a courier on a read-only filesystem.
-    let read_only = !opts.dry_run && crate::courier::read_only_fs(&opts.courier);
-    let courier = if opts.dry_run || read_only {
-        Courier::open_read(&opts.courier)?
-    } else {
-        Courier::open(&opts.courier, false)?
-    };
-    if read_only {
-        if courier.state_dir().is_err() {
-            return Err(Error::usage(format!(
-                "'{}' is not a courier: fetch has not filled it (no .bitfog/)",
-                opts.courier.display()
-            )));
-        }
-        ui.log(format!(
-            "'{}' is on a read-only filesystem: storing from it without its lock, and leaving no receipt in it",
-            opts.courier.display()
-        ));
-    }
+    let (courier, read_only) = open_courier(ui, opts)?;
     check_planned_dest(ui, opts, &courier, dest_id.as_deref())?;
     let mut listing = client.listing(&opts.dest)?;
     let mut plan = Plan::new(opts, &courier, read_only)?;
@@ -255,10 +227,8 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         return Ok(dry_run(ui, plan, &doomed, over_limit));
     }
     let (mut sum, mut outcomes, unsure) = execute(ui, client, opts, &courier, &mut plan, doomed)?;
-    let made = if sum.server_gone || sum.disk_full {
-        Vec::new()
-    } else {
-        make_dirs(
+    if !sum.server_gone && !sum.disk_full {
+        outcomes.made = make_dirs(
             ui,
             client,
             opts,
@@ -266,9 +236,82 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
             &dest_end,
             &mut outcomes.touched,
             &mut sum,
-        )
-    };
+        );
+    }
     let receipt = plan.receipt.take().expect("a receipt unless dry run");
+    if read_only {
+        ui.log("no receipt is left in the read-only courier: run builddb at the destination for the next fetch's DESTDB");
+    } else {
+        leave_receipt(
+            ui,
+            opts,
+            &courier,
+            (receipt, dest_end, outcomes),
+            unsure,
+            &mut sum,
+        );
+    }
+    report(ui, opts, &sum);
+    Ok(if sum.failed_files > 0 || over_limit {
+        Exit::Failed
+    } else {
+        Exit::Done
+    })
+}
+
+/// What the destination area is, from one HEAD: its identity and
+/// whether its filesystem folds case. Refuses (exit 2) a read-only area
+/// and an SRCDB of the destination itself.
+fn check_dest(
+    client: &Client,
+    opts: &StoreOpts,
+    header: &crate::wire::manifest::Header,
+) -> Result<(Option<String>, bool)> {
+    let (dest_id, folds, writable) = client.area_head(&opts.dest)?;
+    if writable == Some(false) {
+        return Err(Error::usage(format!(
+            "{}: a read-only area (its bitfog.json does not say \"writable\": true); store writes only into a writable area",
+            opts.dest
+        )));
+    }
+    check_not_dest(opts, header, dest_id.as_deref())?;
+    Ok((dest_id, folds))
+}
+
+/// Opens COURIER for the run, and says whether it is on a read-only
+/// filesystem. A dry run neither locks nor writes anything in the
+/// courier, and nor does a run from a read-only one.
+fn open_courier(ui: &Ui, opts: &StoreOpts) -> Result<(Courier, bool)> {
+    let read_only = !opts.dry_run && crate::courier::read_only_fs(&opts.courier);
+    if !opts.dry_run && !read_only {
+        return Ok((Courier::open(&opts.courier, false)?, false));
+    }
+    let courier = Courier::open_read(&opts.courier)?;
+    if read_only {
+        if courier.state_dir().is_err() {
+            return Err(Error::usage(format!(
+                "'{}' is not a courier: fetch has not filled it (no .bitfog/)",
+                opts.courier.display()
+            )));
+        }
+        ui.log(format!(
+            "'{}' is on a read-only filesystem: storing from it without its lock, and leaving no receipt in it",
+            opts.courier.display()
+        ));
+    }
+    Ok((courier, read_only))
+}
+
+/// Leaves the receipt in the courier, or says why there is none (and
+/// counts a failure where one was due).
+fn leave_receipt(
+    ui: &Ui,
+    opts: &StoreOpts,
+    courier: &Courier,
+    (receipt, dest_end, outcomes): (Spool<ReceiptLine>, crate::wire::manifest::End, Outcomes),
+    unsure: bool,
+    sum: &mut StoreSummary,
+) {
     // An encrypted courier's receipt names the destination's files: it is
     // encrypted to `--encrypt-to`, or to the courier's recipients when the
     // source holds one of their identities, or not written.
@@ -278,9 +321,7 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         (Some(_), None) => None,
         (None, None) => Some(None),
     };
-    if read_only {
-        ui.log("no receipt is left in the read-only courier: run builddb at the destination for the next fetch's DESTDB");
-    } else if receipt_to.is_none() {
+    if receipt_to.is_none() {
         ui.log("no receipt is left in the encrypted courier: the source holds no identity to read it (give --encrypt-to RECIPIENT for one encrypted to it)");
         courier.drop_receipt();
     } else if unsure {
@@ -288,22 +329,16 @@ pub(crate) fn store(ui: &Ui, client: &Client, opts: &StoreOpts) -> Result<Exit> 
         sum.failed_files += 1;
         courier.drop_receipt();
     } else if let Err(e) = write_receipt(
-        &courier,
+        courier,
         (&opts.dest, receipt_to.flatten()),
         receipt,
         dest_end,
-        Outcomes { made, ..outcomes },
+        outcomes,
     ) {
         ui.error(format!("cannot leave the receipt in the courier: {e}"));
         sum.failed_files += 1;
         courier.drop_receipt();
     }
-    report(ui, opts, &sum);
-    Ok(if sum.failed_files > 0 || over_limit {
-        Exit::Failed
-    } else {
-        Exit::Done
-    })
 }
 
 /// Deletions past which `--delete` wants `--max-delete` (see
