@@ -184,6 +184,34 @@ fn load_config(path: &Path) -> Result<Config> {
     Ok(config)
 }
 
+/// A warning for each two areas where one is the other's directory or
+/// lies inside it and one of them is writable: what is written through
+/// one changes the other's listing, and `store --delete` into the outer
+/// one removes the inner one's files that its SRCDB lacks. (Overlapping
+/// read-only areas, and one directory served read-only and also writable
+/// with a token, are ordinary setups; hence a warning, not a refusal.)
+fn overlaps(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (a, x) in config {
+        for (b, y) in config {
+            let inside = y.root.starts_with(&x.root) && (a < b || x.root != y.root);
+            if a != b && inside && (x.writable || y.writable) {
+                let how = if x.root == y.root {
+                    "is the same directory as"
+                } else {
+                    "lies inside"
+                };
+                out.push(format!(
+                    "area '{b}' ('{}') {how} area '{a}' ('{}'), and one of them is writable: what is written through one changes the other",
+                    y.root.display(),
+                    x.root.display()
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Parses `:PORT`, `HOST:PORT` or `[V6]:PORT`.
 fn parse_addr(addr: &str) -> Result<SocketAddr> {
     let bad = || {
@@ -268,6 +296,9 @@ pub(crate) fn serve(opts: &ServeOpts) -> Result<()> {
     }
     // SAFETY: geteuid has no preconditions.
     let can_chown = unsafe { libc::geteuid() } == 0;
+    for line in overlaps(&config) {
+        print_error(line);
+    }
     for (name, area) in &config {
         if area.owners && area.writable && !can_chown {
             print_error(format!(

@@ -956,3 +956,31 @@ fn listening_addr(first: &str) -> std::net::SocketAddr {
         .parse()
         .unwrap()
 }
+
+/// Two areas where one lies inside the other (or is the same directory)
+/// and one is writable: the log says so at startup, once per pair;
+/// overlapping read-only areas are left alone.
+#[test]
+fn overlapping_areas_with_a_writable_one_are_named_in_the_log() {
+    let t = Scratch::new();
+    let (all, inner) = (t.mkdir("all"), t.mkdir("all/inner"));
+    let other = t.mkdir("other/deep");
+    let conf = format!(
+        "{{\"all\":{{\"path\":{:?}}},\"inner\":{{\"path\":{:?},\"writable\":true}},\"ro\":{{\"path\":{:?}}},\"deep\":{{\"path\":{:?}}}}}",
+        all.to_str().unwrap(),
+        inner.to_str().unwrap(),
+        t.path("other").to_str().unwrap(),
+        other.to_str().unwrap()
+    );
+    let server = Server::start(&t, "site", &conf);
+    wait_until("the startup warnings", || {
+        server.log_text().contains("lies inside")
+    });
+    let log = server.log_text();
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("lies inside")).collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains("area 'inner'") && warned[0].contains("area 'all'"),
+        "{log}"
+    );
+}
