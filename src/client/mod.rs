@@ -256,14 +256,15 @@ impl Refused {
     /// `HTTP STATUS: TEXT` (the server's one-line reason), or `HTTP STATUS`.
     fn of(status: u16, text: &str) -> Refused {
         let line = text.lines().next().unwrap_or("").trim();
-        Refused {
-            status,
-            reason: if line.is_empty() {
-                format!("HTTP {status}")
-            } else {
-                format!("HTTP {status}: {line}")
-            },
+        let mut reason = if line.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {line}")
+        };
+        if status == 401 {
+            reason.push_str(" (give this area's token with --token, or set BITFOG_TOKEN)");
         }
+        Refused { status, reason }
     }
 }
 

@@ -433,7 +433,13 @@ fn token_areas_need_the_bearer_token() {
         .body,
         b"data"
     );
-    bitfog(&["builddb", &server.url("src"), &t.s("a.db")]).code(1);
+    let r = bitfog(&["builddb", &server.url("src"), &t.s("a.db")]).code(1);
+    assert!(
+        r.stderr.contains("HTTP 401")
+            && r.stderr
+                .contains("give this area's token with --token, or set BITFOG_TOKEN"),
+        "{r}"
+    );
     bitfog(&[
         "builddb",
         &server.url("src"),
