@@ -634,11 +634,11 @@ pub(crate) fn check_replaceable(path: &Path) -> Result<()> {
             "'{shown}': not a regular file; a DB is not written in its place"
         )));
     }
-    let mut head = [0u8; 64];
-    let n = File::open(path)
-        .and_then(|mut f| read_up_to(&mut f, &mut head))
-        .unwrap_or(0);
-    let head = &head[..n];
+    let mut head = Vec::new();
+    {
+        use io::Read;
+        let _ = File::open(path).and_then(|f| f.take(64).read_to_end(&mut head));
+    }
     let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let json_db = first.starts_with(b"{")
         && String::from_utf8_lossy(&first[1..])
@@ -650,20 +650,6 @@ pub(crate) fn check_replaceable(path: &Path) -> Result<()> {
     Err(Error::usage(format!(
         "'{shown}' exists and is not a bitfog DB; it is not replaced (give another path, or remove it first)"
     )))
-}
-
-/// Reads until `buf` is full or the end of `r`.
-fn read_up_to(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 impl DbWriter {
