@@ -106,12 +106,11 @@ fn an_encrypted_destdb_in_the_courier_needs_no_identity_to_store() {
     let t = Scratch::new();
     let (src, dst, other) = (t.mkdir("src"), t.mkdir("dst"), t.mkdir("other"));
     write(&src, "f", &data(1, 5_000));
-    let conf = format!(
-        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"other\":{{\"path\":{:?},\"writable\":true}}}}",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-        other.to_str().unwrap()
-    );
+    let conf = areas(&[
+        ("src", &src, false),
+        ("dst", &dst, true),
+        ("other", &other, true),
+    ]);
     let server = Server::start(&t, "site", &conf);
     let (su, du, ou) = (server.url("src"), server.url("dst"), server.url("other"));
     let (key, recipient) = keygen(&t, "key.txt");

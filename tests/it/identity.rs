@@ -113,12 +113,11 @@ fn a_courier_stored_into_another_area_than_planned_is_refused() {
     write(&dst, "gone", &data(2, 100));
     write(&dst2, "IMG_0001.jpg", &data(3, 6_000));
     write(&dst2, "precious", &data(4, 100));
-    let conf = format!(
-        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"dst2\":{{\"path\":{:?},\"writable\":true}}}}",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-        dst2.to_str().unwrap()
-    );
+    let conf = areas(&[
+        ("src", &src, false),
+        ("dst", &dst, true),
+        ("dst2", &dst2, true),
+    ]);
     let server = Server::start(&t, "site", &conf);
     let (su, du, du2) = (server.url("src"), server.url("dst"), server.url("dst2"));
     let c = t.s("courier");
@@ -162,12 +161,7 @@ fn a_courier_holding_another_areas_trip_is_not_refilled_until_stored() {
     let (a, b, dst) = (t.mkdir("a"), t.mkdir("b"), t.mkdir("dst"));
     write(&a, "from-a", &data(1, 7_000));
     write(&b, "from-b", &data(2, 7_000));
-    let conf = format!(
-        "{{\"a\":{{\"path\":{:?}}},\"b\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}}}}",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        dst.to_str().unwrap()
-    );
+    let conf = areas(&[("a", &a, false), ("b", &b, false), ("dst", &dst, true)]);
     let server = Server::start(&t, "site", &conf);
     let (ua, ub, du) = (server.url("a"), server.url("b"), server.url("dst"));
     let c = t.s("courier");
@@ -204,12 +198,11 @@ fn the_courier_carries_its_own_source_manifest() {
     write(&src, "a/one", &data(1, 9_000));
     write(&src, "two", &data(2, 7_000));
     write(&other, "x", &data(3, 100));
-    let conf = format!(
-        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"other\":{{\"path\":{:?}}}}}",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-        other.to_str().unwrap()
-    );
+    let conf = areas(&[
+        ("src", &src, false),
+        ("dst", &dst, true),
+        ("other", &other, false),
+    ]);
     let server = Server::start(&t, "site", &conf);
     let (su, du) = (server.url("src"), server.url("dst"));
     let c = t.s("courier");

@@ -971,13 +971,12 @@ fn overlapping_areas_with_a_writable_one_are_named_in_the_log() {
     let t = Scratch::new();
     let (all, inner) = (t.mkdir("all"), t.mkdir("all/inner"));
     let other = t.mkdir("other/deep");
-    let conf = format!(
-        "{{\"all\":{{\"path\":{:?}}},\"inner\":{{\"path\":{:?},\"writable\":true}},\"ro\":{{\"path\":{:?}}},\"deep\":{{\"path\":{:?}}}}}",
-        all.to_str().unwrap(),
-        inner.to_str().unwrap(),
-        t.path("other").to_str().unwrap(),
-        other.to_str().unwrap()
-    );
+    let conf = areas(&[
+        ("all", &all, false),
+        ("inner", &inner, true),
+        ("ro", &t.path("other"), false),
+        ("deep", &other, false),
+    ]);
     let server = Server::start(&t, "site", &conf);
     wait_until("the startup warnings", || {
         server.log_text().contains("lies inside")

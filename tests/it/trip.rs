@@ -612,12 +612,11 @@ fn delete_is_refused_for_empty_sources_limited_and_kept_for_new_files() {
     for n in ["old1", "old2", "old3", "changed"] {
         write(&dst, n, n.as_bytes());
     }
-    let conf = format!(
-        "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}},\"empty\":{{\"path\":{:?}}}}}",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-        empty.to_str().unwrap()
-    );
+    let conf = areas(&[
+        ("src", &src, false),
+        ("dst", &dst, true),
+        ("empty", &empty, false),
+    ]);
     let server = Server::start(&t, "site", &conf);
     let (su, du) = (server.url("src"), server.url("dst"));
     bitfog(&["builddb", &du, &t.s("dest.db")]).ok();

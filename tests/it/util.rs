@@ -282,6 +282,21 @@ pub fn unsafe_kill(pid: u32, sig: i32) {
 }
 
 /// A config with one read-only source area and one writable destination.
+/// A configuration of the areas given as (name, path, writable).
+pub fn areas(list: &[(&str, &Path, bool)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = list
+        .iter()
+        .map(|(name, path, writable)| {
+            let mut area = serde_json::json!({"path": path.to_str().unwrap()});
+            if *writable {
+                area["writable"] = true.into();
+            }
+            (name.to_string(), area)
+        })
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
 pub fn two_areas(src: &Path, dst: &Path) -> String {
     format!(
         "{{\"src\":{{\"path\":{:?}}},\"dst\":{{\"path\":{:?},\"writable\":true}}}}",
